@@ -1,0 +1,5 @@
+import sys
+
+from ddpo.cli import main
+
+sys.exit(main())

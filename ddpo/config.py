@@ -1,0 +1,335 @@
+"""Typed experiment configuration: the dataclasses below are the single source of truth.
+
+A YAML file in `configs/` fills them section by section; any field can then be overridden on the
+command line as `--<section>.<field> VALUE` (`--loss.gamma 5`). Every field carries a one-line doc
+(`metadata["help"]`) that `ddpo train --help` prints. Unknown keys, wrong types and invalid
+combinations fail at start-up with a message that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, value or combination is invalid; the message names the key and the fix."""
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["llava", "muffin"] = _field("llava", "Architecture: 'llava' (LLaVA-1.5, transformers Llava*) or 'muffin' (BEiT-3 + 64 queries + LLaMA, RLHF-V).")
+    name_or_path: Optional[str] = _field(None, "Checkpoint directory or hub id loaded with from_pretrained; null = random init from `preset`.")
+    preset: Literal["tiny", "small", "bench"] = _field("tiny", "Size of a randomly initialised model when name_or_path is null (models/build.py lists the sizes).")
+    tokenizer: Optional[str] = _field(None, "Tokenizer path/hub id for a random-init model; null = build a word-level tokenizer from the training texts.")
+    muffin_checkpoint: Optional[str] = _field(None, "Original RLHF-V/Muffin checkpoint (a .safetensors/.bin state dict or a directory of them) mapped onto our parameter names.")
+    dtype: Literal["auto", "float32", "bfloat16"] = _field("auto", "Weights/compute dtype: auto = bfloat16 on a GPU that supports it, float32 on CPU.")
+    image_size: Optional[int] = _field(None, "Input image side in pixels for a random-init model; null = the preset's (checkpoints keep their own).")
+    freeze_vision_tower: bool = _field(False, "Freeze the whole vision encoder (no gradients, not in the optimizer).")
+    freeze_projector: bool = _field(False, "Freeze the vision-to-language projector.")
+    freeze_llm: bool = _field(False, "Freeze the language model (decoder and LM head).")
+    freeze_vision_experts: bool = _field(False, "RLHF-V policy for Muffin: learning rate 0 on BEiT-3 vision experts ('A') and the patch embedding; queries and language experts train.")
+    gradient_checkpointing: bool = _field(False, "Recompute decoder-layer activations in the backward pass to save memory.")
+    logps_chunk_size: int = _field(256, "Answer tokens per chunk in the LM-head log-prob pass (bounds the [tokens, vocab] logits held at once).")
+    attn_implementation: Literal["sdpa", "eager"] = _field("sdpa", "Attention kernel of the decoder.")
+    trust_remote_code: bool = _field(False, "Allow a checkpoint's own Python code to run on load. Off: only enable for sources you trust.")
+    lora_r: int = _field(0, "LoRA rank for the language model through peft; 0 = full fine-tuning.")
+    lora_alpha: int = _field(16, "LoRA scaling alpha.")
+    lora_dropout: float = _field(0.05, "LoRA dropout.")
+    lora_target: str = _field("all-linear", "LoRA target modules: 'all-linear' or a comma-separated list of module names.")
+
+
+@dataclass
+class DataConfig:
+    format: Literal["rlhf-v", "rlaif-v", "trl", "jsonl", "synthetic"] = _field("rlhf-v", "Dataset schema: RLHF-V-Dataset, RLAIF-V-Dataset, TRL conversational preference, JSONL + image folder, or the synthetic world.")
+    path: Optional[str] = _field(None, "Local file/directory or hub id of the dataset (unused for 'synthetic').")
+    split: str = _field("train", "Split to train on.")
+    image_dir: Optional[str] = _field(None, "Folder that JSONL `image` paths are relative to (format 'jsonl').")
+    template: Literal["vicuna_v0", "llava_v1", "chat_template"] = _field("vicuna_v0", "Conversation template: Vicuna v0 (### Human/### Assistant, Muffin), LLaVA v1 (USER/ASSISTANT), or the tokenizer's own chat template.")
+    max_length: int = _field(2048, "Longest prompt + image tokens + answer; longer answers are cut from their end (counted), a prompt that cannot fit is an error or a counted skip.")
+    max_samples: Optional[int] = _field(None, "Use only the first N rows (after filtering); null = all.")
+    padding_side: Literal["right", "left"] = _field("right", "Side that batches are padded on.")
+    skip_bad_rows: bool = _field(False, "Skip malformed rows with a counted, logged summary instead of stopping at the first one.")
+    segments: Literal["token_diff", "word_diff", "spans", "none"] = _field("token_diff", "How corrected segments are found: RLHF-V token-id diff, a word-level diff mapped to tokens, explicit character spans in the data, or none (vanilla DPO weights).")
+    min_match: int = _field(3, "Diff matching blocks shorter than this many tokens are absorbed into the surrounding edit (RLHF-V: 3).")
+    include_insertions: bool = _field(False, "Also weigh gaps present on one side only (pure insertions/deletions); RLHF-V weighs replacements only.")
+    synthetic_pairs: int = _field(64, "Number of preference pairs generated when format is 'synthetic'.")
+    num_workers: int = _field(0, "DataLoader worker processes.")
+    length_grouping: bool = _field(False, "Group pairs of similar length into batches to cut padding (changes the data order, seeded).")
+
+
+@dataclass
+class LossConfig:
+    beta: float = _field(0.5, "DPO temperature beta (RLHF-V paper 0.5, released command 0.1).")
+    gamma: float = _field(5.0, "Weight of tokens inside corrected segments; unchanged tokens weigh 1; gamma 1 = vanilla DPO.")
+    normalize: Literal["mean", "sum"] = _field("mean", "Sequence log-prob: 'mean' = weighted mean (paper Eq. 5), 'sum' = weighted sum (released RLHF-V code).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = _field("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge.")
+    label_smoothing: float = _field(0.0, "Conservative DPO epsilon in [0, 0.5) (sigmoid only).")
+    reference_free: bool = _field(False, "Ignore the reference model (its log-ratio is taken as 0).")
+    sft_weight: float = _field(0.0, "Weight alpha of an SFT term: mean negative token log-prob of the chosen answer (RPO-style mixing).")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _field("runs/ddpo", "Directory for checkpoints, metrics.jsonl, the resolved config and the final model.")
+    seed: int = _field(42, "Seed of every random generator (data order, dropout, init).")
+    epochs: float = _field(1.0, "Passes over the data when max_steps is not set.")
+    max_steps: int = _field(-1, "Optimizer steps to run; -1 = derived from epochs.")
+    micro_batch_size: int = _field(1, "Preference pairs per process per forward/backward.")
+    gradient_accumulation_steps: int = _field(1, "Micro-batches accumulated per optimizer step.")
+    learning_rate: float = _field(5e-7, "Peak learning rate of AdamW.")
+    weight_decay: float = _field(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _field(0.9, "AdamW beta1.")
+    adam_beta2: float = _field(0.999, "AdamW beta2.")
+    adam_eps: float = _field(1e-8, "AdamW epsilon.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = _field("cosine", "Decay after the warm-up.")
+    warmup_ratio: float = _field(0.1, "Fraction of the steps spent warming the learning rate up from 0 (paper 10%).")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 = off.")
+    save_steps: int = _field(0, "Write a resumable checkpoint every N optimizer steps; 0 = only at the end.")
+    save_total_limit: int = _field(2, "Keep this many most recent step checkpoints; 0 = keep all.")
+    logging_steps: int = _field(1, "Write metrics every N optimizer steps.")
+    resume: str = _field("none", "'none', 'auto' (latest checkpoint in output_dir, if any) or a checkpoint directory.")
+    reference: Literal["cached", "live"] = _field("cached", "Reference log-probs: 'cached' = precomputed per-token cache, no reference model held; 'live' = a frozen reference model.")
+    reference_cache: Optional[str] = _field(None, "Directory of the reference log-prob cache; null = <output_dir>/reference_cache.")
+    num_threads: int = _field(0, "CPU threads per process (torch.set_num_threads); 0 = leave torch's default.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: Optional[str] = _field(None, "DeepSpeed JSON file (configs/deepspeed/*.json); null = built from the fields below.")
+    zero_stage: int = _field(0, "ZeRO stage 0, 2 or 3 (overrides the JSON's value).")
+    bf16: Literal["auto", "true", "false"] = _field("auto", "bfloat16 training: auto = on where the accelerator supports it, off on CPU.")
+    offload_optimizer: bool = _field(False, "Keep optimizer states on the CPU (ZeRO-2/3).")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["disabled", "offline", "online"] = _field("disabled", "Weights & Biases mode; 'online' needs WANDB_API_KEY in the environment.")
+    project: str = _field("ddpo", "wandb project.")
+    entity: Optional[str] = _field(None, "wandb entity (team); null = your default.")
+    run_name: Optional[str] = _field(None, "Run name; null = the output directory's name.")
+    progress_bar: bool = _field(True, "Show a tqdm progress bar on rank 0.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Cross-field checks; each message names the key(s) and the fix."""
+        m, d, l, t, ds = self.model, self.data, self.loss, self.train, self.deepspeed
+        checks = [
+            (l.beta > 0, "loss.beta must be > 0"),
+            (l.gamma >= 1, "loss.gamma must be >= 1 (1 = vanilla DPO; corrected tokens weigh gamma)"),
+            (0 <= l.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)"),
+            (l.label_smoothing == 0 or l.loss_type == "sigmoid", "loss.label_smoothing is only defined for loss.loss_type 'sigmoid'"),
+            (l.sft_weight >= 0, "loss.sft_weight must be >= 0"),
+            (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+            (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
+            (t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0"),
+            (t.learning_rate >= 0, "train.learning_rate must be >= 0"),
+            (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+            (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping)"),
+            (t.save_steps >= 0 and t.logging_steps >= 1, "train.save_steps must be >= 0 and train.logging_steps >= 1"),
+            (ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}"),
+            (d.max_length >= 16, "data.max_length must be >= 16"),
+            (d.min_match >= 1, "data.min_match must be >= 1"),
+            (d.format == "synthetic" or d.path, f"data.path is required for data.format '{d.format}' (a local path or hub id)"),
+            (d.format != "jsonl" or d.image_dir, "data.image_dir is required for data.format 'jsonl'"),
+            (not (t.reference == "cached" and l.reference_free), "loss.reference_free needs no reference: set train.reference to 'live' or drop reference_free"),
+            (m.logps_chunk_size >= 1, "model.logps_chunk_size must be >= 1"),
+            (m.lora_r >= 0, "model.lora_r must be >= 0 (0 = full fine-tuning)"),
+            (not (m.freeze_vision_tower and m.freeze_projector and m.freeze_llm and m.lora_r == 0),
+             "model.freeze_vision_tower, freeze_projector and freeze_llm are all true: nothing would train"),
+            (not m.freeze_vision_experts or m.arch == "muffin", "model.freeze_vision_experts applies to model.arch 'muffin' only"),
+            (t.resume in ("none", "auto") or Path(t.resume).is_dir(), f"train.resume must be 'none', 'auto' or an existing checkpoint directory, got '{t.resume}'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else eval(f.type) for f in dataclasses.fields(Config)}
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML loading, command-line overrides, type checking
+# ----------------------------------------------------------------------------------------------
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
+    """Check (and, for command-line strings, parse) one value against its annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (from_string and str(value).lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg, from_string)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        candidate = value
+        if from_string and isinstance(value, str):
+            for a in allowed:
+                if str(a) == value:
+                    candidate = a
+        if isinstance(candidate, bool) and not any(isinstance(a, bool) for a in allowed):
+            candidate = str(candidate).lower()  # YAML reads `true` for bf16: "true"
+        if candidate not in allowed:
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        return candidate
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_string and str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
+            return str(value).lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_string:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if from_string or isinstance(value, (int, float)):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - guards new field types
+
+
+def _set(cfg: Config, dotted: str, value: Any, from_string: bool) -> None:
+    section_name, _, field_name = dotted.partition(".")
+    if section_name not in SECTIONS or not field_name:
+        raise ConfigError(f"unknown config key '{dotted}': keys are <section>.<field> with section one of {', '.join(SECTIONS)}")
+    section = getattr(cfg, section_name)
+    types_ = _field_types(type(section))
+    if field_name not in types_:
+        raise ConfigError(f"unknown config key '{dotted}': {section_name} has {', '.join(types_)}")
+    setattr(section, field_name, _coerce(dotted, value, types_[field_name], from_string))
+
+
+def _flatten(mapping: Any, source: str) -> list[tuple[str, Any]]:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    items = []
+    for section, values in mapping.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{section}'; sections are {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of field: value")
+        items += [(f"{section}.{k}", v) for k, v in values.items()]
+    return items
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- `--section.field VALUE` overrides, then validation."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        for key, value in _flatten(data, str(path)):
+            try:
+                _set(cfg, key, value, from_string=False)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for key, value in parse_overrides(overrides or []):
+        _set(cfg, key, value, from_string=True)
+    return cfg.validate()
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """['--loss.gamma', '5', '--train.seed=3'] -> [('loss.gamma', '5'), ('train.seed', '3')]."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --<section>.<field> VALUE (e.g. --loss.gamma 5)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (loads back with load_config)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def fields_help() -> str:
+    """Every field with its type, default and one-line doc, as `ddpo train --help` prints them."""
+    lines = []
+    for section_name, section_cls in SECTIONS.items():
+        lines.append(f"\n{section_name}:")
+        hints = _field_types(section_cls)
+        for f in dataclasses.fields(section_cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{section_name}.{f.name} ({_describe(hints[f.name])}, default {json.dumps(default)})")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Install the three import packages of ddpo: `ddpo` (loss, log-probs, trainer, CLI), `models`, `data`.
+
+Lower bounds only: cluster users bring their own CUDA build of torch. The versions known to work
+together on a CPU machine are pinned in requirements.txt.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ddpo",
+    version="0.1.0",
+    description="Dense Direct Preference Optimization (RLHF-V) for multimodal LLMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ddpo", "ddpo.*", "models", "models.*", "data", "data.*"]),
+    package_data={"ddpo": ["eval/assets/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "datasets>=3.0",
+        "deepspeed>=0.16",
+        "wandb>=0.19",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0"],
+        "lora": ["peft>=0.13"],
+        "bench": ["trl>=1.0"],
+    },
+    entry_points={"console_scripts": ["ddpo=ddpo.cli:main"]},
+)
