@@ -1,0 +1,65 @@
+"""The two data types everything else agrees on: one preference pair, and a collated batch of pairs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class PreferenceRecord:
+    """One preference pair, whatever file format it came from.
+
+    `chosen` is the corrected answer, `rejected` the original one. Reference log-probs, when cached,
+    hold one value per *answer token*, so they do not depend on padding side or batch composition.
+    """
+
+    images: list[Image.Image]
+    prompt: str
+    chosen: str
+    rejected: str
+    row_index: int
+    source: str = ""
+    idx: Optional[str] = None
+    chosen_spans: Optional[list[tuple[int, int]]] = None
+    rejected_spans: Optional[list[tuple[int, int]]] = None
+    ref_chosen_logps: Optional[list[float]] = None
+    ref_rejected_logps: Optional[list[float]] = None
+    meta: dict = field(default_factory=dict)
+
+    def where(self) -> str:
+        """'row 12 of FILE' for error messages."""
+        return f"row {self.row_index}" + (f" of {self.source}" if self.source else "")
+
+
+@dataclass
+class PairBatch:
+    """B preference pairs, collated. Chosen sequences are rows 0..B-1, rejected rows B..2B-1.
+
+    `weights` and `ref_token_logps` are aligned with `labels[:, 1:]` (the next-token log-probs):
+    0 outside the answer, 1 for an unchanged answer token, gamma for a corrected one.
+    """
+
+    pixel_values: Optional[torch.Tensor]  # [B, C, H, W], each pair's image once
+    input_ids: torch.Tensor  # [2B, T] long
+    attention_mask: torch.Tensor  # [2B, T] long
+    labels: torch.Tensor  # [2B, T] long, -100 outside answers
+    weights: torch.Tensor  # [2B, T-1] float
+    ref_token_logps: Optional[torch.Tensor] = None  # [2B, T-1] float
+    row_indices: list[int] = field(default_factory=list)  # [B]
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "PairBatch":
+        """Move tensors to `device`; `dtype` applies to pixel values only (ids and weights keep theirs)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.to(device, dtype=dtype if f.name == "pixel_values" and dtype else None)
+            moved[f.name] = value
+        return PairBatch(**moved)
