@@ -110,7 +110,7 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     config: Optional[str] = _field(None, "DeepSpeed JSON file (configs/deepspeed/*.json); null = built from the fields below.")
-    zero_stage: int = _field(0, "ZeRO stage 0, 2 or 3 (overrides the JSON's value).")
+    zero_stage: Optional[int] = _field(None, "ZeRO stage 0, 1, 2 or 3; null = the JSON's stage (0 without a JSON).")
     bf16: Literal["auto", "true", "false"] = _field("auto", "bfloat16 training: auto = on where the accelerator supports it, off on CPU.")
     offload_optimizer: bool = _field(False, "Keep optimizer states on the CPU (ZeRO-2/3).")
 
@@ -152,7 +152,8 @@ class Config:
             (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
             (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping)"),
             (t.save_steps >= 0 and t.logging_steps >= 1, "train.save_steps must be >= 0 and train.logging_steps >= 1"),
-            (ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}"),
+            (ds.zero_stage in (None, 0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}"),
+            (ds.config is None or Path(ds.config).is_file(), f"deepspeed.config: file not found: {ds.config} (see configs/deepspeed/)"),
             (d.max_length >= 16, "data.max_length must be >= 16"),
             (d.min_match >= 1, "data.min_match must be >= 1"),
             (d.format == "synthetic" or d.path, f"data.path is required for data.format '{d.format}' (a local path or hub id)"),

@@ -1,0 +1,383 @@
+"""The DDPO training recipe: setup -> train -> save, as one readable class.
+
+    ddpo train CONFIG [--section.field VALUE ...]                  one plain process
+    deepspeed --num_gpus N -m ddpo.train CONFIG [...]              N processes (GPUs, or CPUs with gloo)
+
+One optimizer step, top to bottom (see `train`):
+    for each of `gradient_accumulation_steps` micro-batches:
+        chosen, rejected = policy per-token log-probs            [B, T-1] each, image encoded once per pair
+        ref_chosen, ref_rejected = cached (or live) reference    [B, T-1] each
+        loss = DDPO(weighted_logps(...))                          corrected tokens weigh gamma
+        engine.backward(loss)                                     DeepSpeed scales by 1/accumulation
+    engine.step()                                                 clip, AdamW, LR schedule
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ddpo import checkpoint, distributed as dist, reference
+from ddpo.config import Config, save_config
+
+logger = logging.getLogger("ddpo")
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based), HF convention."""
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return fn
+
+
+def deepspeed_config(cfg: Config, bf16: bool) -> dict:
+    """The engine's JSON: the file named by deepspeed.config (if any) with our fields filled in."""
+    ds = {}
+    if cfg.deepspeed.config:
+        with open(cfg.deepspeed.config, encoding="utf-8") as f:
+            ds = json.load(f)
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    zero.setdefault("stage", 0)
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        train_batch_size=cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * dist.world_size(),
+        gradient_clipping=cfg.train.max_grad_norm,
+        steps_per_print=sys.maxsize,
+        zero_allow_untested_optimizer=True,  # torch's AdamW: FusedAdam is CUDA-only
+        wall_clock_breakdown=False,
+    )
+    ds["bf16"] = {"enabled": bf16}
+    ds.pop("fp16", None)
+    return ds
+
+
+class Trainer:
+    """Dense DPO with DeepSpeed. `setup()` builds everything, `train()` runs, `save()` exports."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.train.output_dir)
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------
+    def setup(self, for_reference_cache: bool = False) -> "Trainer":
+        cfg = self.cfg
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        torch.set_flush_denormal(True)  # tiny random models hit denormals on CPU: ~9x slower without this
+        dist.init_distributed()
+        self.is_main = dist.rank() == 0
+        logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+        self._seed_everything(cfg.train.seed)
+        self.device = dist.device()
+        self.bf16 = cfg.deepspeed.bf16 == "true" or (
+            cfg.deepspeed.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        )
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+
+        self._setup_data_and_model()
+        self.reference_cache_dir = Path(cfg.train.reference_cache or self.output_dir / "reference_cache")
+        if for_reference_cache:
+            self._compute_reference_cache()
+            return self
+        self.ref_model = None
+        if cfg.train.reference == "cached" and not cfg.loss.reference_free:
+            self._load_or_compute_reference_cache()
+        elif cfg.train.reference == "live":
+            self.ref_model = self._frozen_reference()
+
+        from ddpo.loss import DDPOLoss
+
+        self.loss_fn = DDPOLoss.from_config(cfg.loss)
+        self._setup_steps()
+        self._setup_engine()
+        self.step, self.micro_batches_done = 0, 0
+        ckpt = checkpoint.find(self.output_dir, cfg.train.resume)
+        if ckpt is not None:
+            state = checkpoint.load(self.engine, ckpt)
+            self.step, self.micro_batches_done = state["step"], state["micro_batches_done"]
+            logger.info("resumed from %s at step %d", ckpt, self.step)
+        return self
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _setup_data_and_model(self) -> None:
+        from data.collator import PairCollator, PairDataset, PairEncoder
+        from data.formats import load_records
+        from models.build import build_model
+
+        cfg = self.cfg
+        self.records = load_records(cfg.data)
+        tokenizer = None
+        if cfg.model.name_or_path is None:
+            tokenizer = self._tokenizer_for_random_init()
+        model = build_model(cfg.model, tokenizer=tokenizer)
+        if self.bf16:
+            model = model.to(torch.bfloat16)
+        self.model = model.to(self.device)
+        self.encoder = PairEncoder(
+            tokenizer=model.tokenizer,
+            template=cfg.data.template,
+            image_placeholder=model.image_placeholder,
+            max_length=cfg.data.max_length,
+            gamma=cfg.loss.gamma,
+            segments=cfg.data.segments,
+            min_match=cfg.data.min_match,
+            include_insertions=cfg.data.include_insertions,
+            skip_bad_rows=cfg.data.skip_bad_rows,
+        )
+        self.dataset = PairDataset(self.records, self.encoder)
+        self.collate = PairCollator(
+            pad_token_id=model.tokenizer.pad_token_id,
+            padding_side=cfg.data.padding_side,
+            image_transform=model.preprocess_images,
+        )
+
+    def _tokenizer_for_random_init(self):
+        from transformers import AutoTokenizer
+
+        if self.cfg.model.tokenizer:
+            return AutoTokenizer.from_pretrained(self.cfg.model.tokenizer, trust_remote_code=self.cfg.model.trust_remote_code)
+        from data.tokenizer import build_word_tokenizer
+
+        return build_word_tokenizer(t for r in self.records for t in (r.prompt, r.chosen, r.rejected))
+
+    # -- reference ------------------------------------------------------------------------------
+    def _compute_reference_cache(self) -> None:
+        fp = reference.fingerprint(self.model, self.records, self.cfg)
+        local = reference.compute_answer_logps(
+            self.model, self.dataset, self.collate, self.cfg.train.micro_batch_size,
+            reference.shard(len(self.dataset)), progress=self.is_main and self.cfg.logging.progress_bar,
+        )
+        merged = reference.gather(local)
+        if self.is_main:
+            reference.write_cache(self.reference_cache_dir, fp, merged)
+            logger.info("wrote reference log-probs of %d pairs to %s", len(merged), self.reference_cache_dir)
+        dist.barrier()
+
+    def _load_or_compute_reference_cache(self) -> None:
+        if not (self.reference_cache_dir / reference.FINGERPRINT_FILE).is_file():
+            logger.info("no reference cache at %s: computing it from the initial policy", self.reference_cache_dir)
+            self._compute_reference_cache()
+        expected = reference.fingerprint(self.model, self.records, self.cfg)
+        cached = reference.read_cache(self.reference_cache_dir, expected)
+        reference.attach(self.records, cached, self.reference_cache_dir)
+
+    def _frozen_reference(self):
+        import deepspeed
+
+        ref = copy.deepcopy(self.model).eval()
+        ref.requires_grad_(False)
+        ds = deepspeed_config(self.cfg, self.bf16)
+        if ds["zero_optimization"]["stage"] == 3:  # shard it like the policy
+            ref, *_ = deepspeed.initialize(model=ref, config=ds)
+        return ref
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict]:
+        """AdamW groups: decay / no decay (biases, norms), and lr 0 where the model says so."""
+        lr, wd = self.cfg.train.learning_rate, self.cfg.train.weight_decay
+        zero_lr = set(self.model.zero_lr_parameter_names()) if hasattr(self.model, "zero_lr_parameter_names") else set()
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = (name in zero_lr, p.ndim < 2)
+            groups.setdefault(key, []).append(p)
+        return [
+            {"params": ps, "lr": 0.0 if frozen else lr, "weight_decay": 0.0 if no_decay else wd}
+            for (frozen, no_decay), ps in sorted(groups.items())
+        ]
+
+    def _setup_steps(self) -> None:
+        from ddpo.sampler import PairOrder
+
+        cfg = self.cfg.train
+        lengths = None
+        if self.cfg.data.length_grouping:
+            lengths = [self.dataset.length(i) for i in range(len(self.dataset))]
+        self.order = PairOrder(
+            len(self.dataset), cfg.micro_batch_size, cfg.seed, dist.rank(), dist.world_size(), lengths=lengths
+        )
+        self.steps_per_epoch = max(1, self.order.batches_per_epoch // cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
+
+    def _setup_engine(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg.train
+        optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+        )
+        # Built on torch's optimizer: ZeRO wraps it and reads the group learning rates from it.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.total_steps, self.warmup_steps, cfg.lr_scheduler)
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=self.scheduler,
+            config=deepspeed_config(self.cfg, self.bf16),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # train
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        """Run to `total_steps`; returns the logged metrics (also in metrics.jsonl)."""
+        if not hasattr(self, "engine"):
+            self.setup()
+        from tqdm import tqdm
+
+        cfg = self.cfg.train
+        accumulation = cfg.gradient_accumulation_steps
+        data = self.order.iterate(self.micro_batches_done)
+        wandb_run = self._start_wandb()
+        metrics_file = self.output_dir / "metrics.jsonl"
+        logged: list[dict] = []
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.is_main and self.cfg.logging.progress_bar))
+        self.engine.train()
+        while self.step < self.total_steps:
+            started = time.perf_counter()
+            step_metrics: dict[str, torch.Tensor] = {}
+            tokens = pairs = 0
+            for micro in range(accumulation):
+                epoch, indices = next(data)
+                batch = self.collate([self.dataset[i] for i in indices]).to(self.device)
+                loss, metrics = self._micro_step(batch, micro)
+                self.engine.backward(loss)
+                self.engine.step()  # a no-op for the optimizer except at the accumulation boundary
+                self.micro_batches_done += 1
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v.detach().float() / accumulation
+                tokens += int(batch.attention_mask.sum())
+                pairs += batch.num_pairs
+            self.step += 1
+            elapsed = time.perf_counter() - started
+            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                record = self._log_record(step_metrics, elapsed, pairs, tokens)
+                logged.append(record)
+                if self.is_main:
+                    with open(metrics_file, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if wandb_run is not None:
+                        wandb_run.log(record, step=self.step)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+            bar.update(1)
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        self.save()
+        if wandb_run is not None:
+            wandb_run.finish()
+        return logged
+
+    def _micro_step(self, batch, micro: int):
+        """Forward one micro-batch of pairs and return (loss, metrics)."""
+        b = batch.num_pairs
+        chosen_logps, rejected_logps = self.engine(batch)  # [B, T-1] each
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = self.ref_model(batch)
+        elif batch.ref_token_logps is not None:
+            ref_chosen, ref_rejected = batch.ref_token_logps[:b], batch.ref_token_logps[b:]
+        else:  # reference_free
+            ref_chosen, ref_rejected = torch.zeros_like(chosen_logps), torch.zeros_like(rejected_logps)
+        loss, metrics = self.loss_fn(
+            chosen_logps, rejected_logps, batch.weights[:b], batch.weights[b:], ref_chosen.float(), ref_rejected.float()
+        )
+        finite = torch.tensor([float(torch.isfinite(loss))], device=loss.device)
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise FloatingPointError(
+                f"non-finite loss at optimizer step {self.step + 1}, micro-batch {micro}; this rank's pairs come from "
+                f"source rows {batch.row_indices}. Lower train.learning_rate, check those rows, or resume from the last checkpoint."
+            )
+        return loss, metrics
+
+    def _log_record(self, step_metrics: dict, elapsed: float, pairs: int, tokens: int) -> dict:
+        names = sorted(step_metrics)
+        reduced = dist.all_reduce_mean(torch.stack([step_metrics[n] for n in names]))
+        record = {"step": self.step, "epoch": round(self.micro_batches_done / self.order.batches_per_epoch, 4),
+                  "lr": self.scheduler.get_last_lr()[-1]}
+        record.update({n: float(v) for n, v in zip(names, reduced)})
+        grad_norm = self.engine.get_global_grad_norm()
+        record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+        world = dist.world_size()
+        record["samples_per_s"] = round(pairs * world / elapsed, 3)
+        record["tokens_per_s"] = round(tokens * world / elapsed, 1)
+        return record
+
+    def _start_wandb(self):
+        mode = self.cfg.logging.wandb
+        if mode == "disabled" or not self.is_main:
+            return None
+        import wandb
+
+        return wandb.init(
+            mode=mode, project=self.cfg.logging.project, entity=self.cfg.logging.entity,
+            name=self.cfg.logging.run_name or self.output_dir.name, config=self.cfg.to_dict(), dir=str(self.output_dir),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # save
+    # ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "micro_batches_done": self.micro_batches_done, "total_steps": self.total_steps}
+        return checkpoint.save(self.engine, self.output_dir, self.step, state, self.cfg.train.save_total_limit)
+
+    def save(self, directory: Optional[str | os.PathLike] = None) -> Path:
+        """Export the policy in Hugging Face format (`models.build.load_model` reloads it)."""
+        import deepspeed
+        import shutil
+
+        directory = Path(directory or self.output_dir / "final")
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        params = list(self.model.parameters())
+        gather = self.engine.zero_optimization_stage() == 3
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.model.save_pretrained(tmp)
+                shutil.rmtree(directory, ignore_errors=True)
+                os.replace(tmp, directory)
+        dist.barrier()
+        return directory
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point for `python -m ddpo.train` / `deepspeed -m ddpo.train CONFIG [...]`."""
+    from ddpo.cli import main as cli_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher appends it
+    return cli_main(["train", *argv])
