@@ -26,6 +26,7 @@ setup(
         "pillow>=10.0",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "lemminflect>=0.2.3",
     ],
     extras_require={
         "dev": ["pytest>=8.0"],

@@ -34,10 +34,11 @@ logger = logging.getLogger("ddpo")
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based), HF convention."""
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based). The warm-up reaches the
+    peak on its last step and never spends a step at learning rate 0."""
     def fn(step: int) -> float:
         if step < warmup_steps:
-            return step / max(1, warmup_steps)
+            return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -135,7 +136,7 @@ class Trainer:
         from models.build import build_model
 
         cfg = self.cfg
-        self.records = load_records(cfg.data)
+        self.records = load_records(cfg.data, seed=cfg.train.seed)
         tokenizer = None
         if cfg.model.name_or_path is None:
             tokenizer = self._tokenizer_for_random_init()
@@ -152,9 +153,8 @@ class Trainer:
             segments=cfg.data.segments,
             min_match=cfg.data.min_match,
             include_insertions=cfg.data.include_insertions,
-            skip_bad_rows=cfg.data.skip_bad_rows,
         )
-        self.dataset = PairDataset(self.records, self.encoder)
+        self.dataset = PairDataset(self.records, self.encoder, skip_bad_rows=cfg.data.skip_bad_rows)
         self.collate = PairCollator(
             pad_token_id=model.tokenizer.pad_token_id,
             padding_side=cfg.data.padding_side,
@@ -223,7 +223,8 @@ class Trainer:
         cfg = self.cfg.train
         lengths = None
         if self.cfg.data.length_grouping:
-            lengths = [self.dataset.length(i) for i in range(len(self.dataset))]
+            # Characters are a cheap, monotone proxy for tokens; image tokens are the same for every pair.
+            lengths = [len(r.prompt) + max(len(r.chosen), len(r.rejected)) for r in self.dataset.records]
         self.order = PairOrder(
             len(self.dataset), cfg.micro_batch_size, cfg.seed, dist.rank(), dist.world_size(), lengths=lengths
         )
@@ -266,6 +267,8 @@ class Trainer:
         self.engine.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[-1]  # the rate this step uses
+            grad_norm = None
             step_metrics: dict[str, torch.Tensor] = {}
             tokens = pairs = 0
             for micro in range(accumulation):
@@ -273,6 +276,8 @@ class Trainer:
                 batch = self.collate([self.dataset[i] for i in indices]).to(self.device)
                 loss, metrics = self._micro_step(batch, micro)
                 self.engine.backward(loss)
+                if micro == accumulation - 1 and self.engine.zero_optimization_stage() == 0:
+                    grad_norm = self._grad_norm()  # ZeRO-0 keeps no norm; ZeRO-1/2/3 report theirs
                 self.engine.step()  # a no-op for the optimizer except at the accumulation boundary
                 self.micro_batches_done += 1
                 for k, v in metrics.items():
@@ -282,7 +287,7 @@ class Trainer:
             self.step += 1
             elapsed = time.perf_counter() - started
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                record = self._log_record(step_metrics, elapsed, pairs, tokens)
+                record = self._log_record(step_metrics, lr, grad_norm, elapsed, pairs, tokens)
                 logged.append(record)
                 if self.is_main:
                     with open(metrics_file, "a", encoding="utf-8") as f:
@@ -306,13 +311,13 @@ class Trainer:
         chosen_logps, rejected_logps = self.engine(batch)  # [B, T-1] each
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_chosen, ref_rejected = self.ref_model(batch)
+                ref_chosen, ref_rejected = (t.float() for t in self.ref_model(batch))
         elif batch.ref_token_logps is not None:
             ref_chosen, ref_rejected = batch.ref_token_logps[:b], batch.ref_token_logps[b:]
-        else:  # reference_free
-            ref_chosen, ref_rejected = torch.zeros_like(chosen_logps), torch.zeros_like(rejected_logps)
+        else:  # loss.reference_free
+            ref_chosen = ref_rejected = None
         loss, metrics = self.loss_fn(
-            chosen_logps, rejected_logps, batch.weights[:b], batch.weights[b:], ref_chosen.float(), ref_rejected.float()
+            chosen_logps, rejected_logps, batch.weights[:b], batch.weights[b:], ref_chosen, ref_rejected
         )
         finite = torch.tensor([float(torch.isfinite(loss))], device=loss.device)
         if dist.world_size() > 1:
@@ -324,13 +329,17 @@ class Trainer:
             )
         return loss, metrics
 
-    def _log_record(self, step_metrics: dict, elapsed: float, pairs: int, tokens: int) -> dict:
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _log_record(self, step_metrics: dict, lr: float, grad_norm, elapsed: float, pairs: int, tokens: int) -> dict:
         names = sorted(step_metrics)
         reduced = dist.all_reduce_mean(torch.stack([step_metrics[n] for n in names]))
-        record = {"step": self.step, "epoch": round(self.micro_batches_done / self.order.batches_per_epoch, 4),
-                  "lr": self.scheduler.get_last_lr()[-1]}
+        record = {"step": self.step, "epoch": round(self.micro_batches_done / self.order.batches_per_epoch, 4), "lr": lr}
         record.update({n: float(v) for n, v in zip(names, reduced)})
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
         world = dist.world_size()
         record["samples_per_s"] = round(pairs * world / elapsed, 3)

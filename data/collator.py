@@ -1,0 +1,211 @@
+"""PreferenceRecord -> EncodedPair (token ids + per-answer-token weights) -> PairBatch (padded tensors).
+
+    encoder = PairEncoder(tokenizer, "vicuna_v0", model.image_placeholder, max_length=2048, gamma=5.0)
+    dataset = PairDataset(records, encoder)                  # encodes lazily, deterministically
+    loader = DataLoader(dataset, batch_size=B, collate_fn=PairCollator(pad_id, "right", model.preprocess_images))
+
+Layout of a PairBatch (docs/ARCHITECTURE.md): rows 0..B-1 are `prompt + chosen`, rows B..2B-1
+`prompt + rejected` of the same pairs. Position t of `weights` / `ref_token_logps` belongs to the
+token at position t+1 (`labels[:, 1:]`), the token whose log-prob the logits at t give. The prompt
+ids are identical in both rows of a pair (tokenized once).
+
+Lengths: `len(prompt) + len(answer) <= max_length`. An answer that does not fit is cut from its end,
+weights and cached reference log-probs cut with it (counted in `PairEncoder.num_truncated` and
+logged); the prompt (with its image tokens) is never cut: if it leaves no room for an answer the
+pair is a `DataError`, or a counted skip in `PairDataset(skip_bad_rows=True)`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from data import segments as seg
+from data.images import DataError
+from data.records import PairBatch, PreferenceRecord
+from data.templates import check_image_tokens, encode_answer, encode_answer_with_offsets, encode_prompt, image_token_ids
+
+logger = logging.getLogger(__name__)
+
+SegmentsMode = Literal["token_diff", "word_diff", "spans", "none"]
+SEGMENT_MODES = ("token_diff", "word_diff", "spans", "none")
+
+
+@dataclass
+class EncodedPair:
+    """One pair as token ids; weights and reference log-probs have one value per answer token."""
+
+    prompt_ids: list[int]  # BOS + system + user turn with image tokens + assistant prefix
+    chosen_ids: list[int]  # labelled answer tokens, end marker included
+    rejected_ids: list[int]
+    chosen_weights: list[float]  # len(chosen_ids): 1 unchanged, gamma corrected
+    rejected_weights: list[float]
+    images: list[Image.Image]
+    row_index: int
+    ref_chosen_logps: Optional[list[float]] = None  # len(chosen_ids) when cached
+    ref_rejected_logps: Optional[list[float]] = None
+    truncated_tokens: int = 0  # answer tokens cut to fit max_length (chosen + rejected)
+
+
+class PairEncoder:
+    """Tokenizes a record with a conversation template and computes its segment weights."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str,
+        image_placeholder: str,
+        max_length: int,
+        gamma: float,
+        segments: SegmentsMode = "token_diff",
+        min_match: int = 3,
+        include_insertions: bool = False,
+    ):
+        if segments not in SEGMENT_MODES:
+            raise ValueError(f"segments must be one of {', '.join(SEGMENT_MODES)}, got '{segments}'")
+        self.tokenizer, self.template, self.image_placeholder = tokenizer, template, image_placeholder
+        self.max_length, self.gamma, self.segments = max_length, gamma, segments
+        self.min_match, self.include_insertions = min_match, include_insertions
+        self.placeholder_ids = image_token_ids(tokenizer, image_placeholder)
+        self.num_truncated = 0  # pairs whose answers were cut, in this process
+
+    @classmethod
+    def from_config(cls, cfg: Any, tokenizer: PreTrainedTokenizerBase, image_placeholder: str) -> "PairEncoder":
+        """From a `ddpo.config.Config` (its `data` section and `loss.gamma`)."""
+        d = cfg.data
+        return cls(tokenizer, d.template, image_placeholder, d.max_length, cfg.loss.gamma, d.segments, d.min_match, d.include_insertions)
+
+    def encode_prompt(self, record: PreferenceRecord) -> list[int]:
+        """Prompt ids, checked: the image tokens exactly once, and room left for at least one answer token."""
+        ids = encode_prompt(self.template, self.tokenizer, record.prompt, self.image_placeholder)
+        check_image_tokens(ids, self.placeholder_ids, where=f"{record.where()}, field 'prompt'")
+        if len(ids) >= self.max_length:
+            raise DataError(f"{record.where()}, field 'prompt': prompt + image tokens take {len(ids)} tokens, leaving no room for an answer within data.max_length {self.max_length}; raise data.max_length or shorten the question")
+        return ids
+
+    def _answer(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if self.segments in ("word_diff", "spans"):
+            return encode_answer_with_offsets(self.template, self.tokenizer, text)
+        return encode_answer(self.template, self.tokenizer, text), []
+
+    def _weights(self, record: PreferenceRecord, chosen: tuple, rejected: tuple) -> tuple[list[float], list[float]]:
+        (chosen_ids, chosen_offsets), (rejected_ids, rejected_offsets) = chosen, rejected
+        if self.segments == "token_diff":
+            return seg.token_weights(chosen_ids, rejected_ids, self.gamma, self.min_match, self.include_insertions)
+        if self.segments == "word_diff":
+            return seg.word_diff_weights(record.chosen, record.rejected, chosen_offsets, rejected_offsets, self.gamma, self.min_match, self.include_insertions)
+        if self.segments == "spans":
+            if record.chosen_spans is None or record.rejected_spans is None:
+                raise DataError(f"{record.where()}, fields 'chosen_spans'/'rejected_spans': data.segments is 'spans' but the row has no span annotations; add them or use data.segments token_diff")
+            return seg.span_weights(chosen_offsets, record.chosen_spans, self.gamma), seg.span_weights(rejected_offsets, record.rejected_spans, self.gamma)
+        return [1.0] * len(chosen_ids), [1.0] * len(rejected_ids)
+
+    def _check_ref(self, record: PreferenceRecord, logps: Optional[list[float]], ids: list[int], field: str) -> None:
+        if logps is not None and len(logps) != len(ids):
+            raise DataError(f"{record.where()}, field '{field}': {len(logps)} cached reference log-probs for {len(ids)} answer tokens; the cache was made with another tokenizer/template/max_length: recompute it")
+
+    def encode(self, record: PreferenceRecord) -> EncodedPair:
+        if len(record.images) != 1:
+            raise DataError(f"{record.where()}, field 'images': {len(record.images)} images; a pair needs exactly one")
+        prompt_ids = self.encode_prompt(record)
+        chosen, rejected = self._answer(record.chosen), self._answer(record.rejected)
+        chosen_weights, rejected_weights = self._weights(record, chosen, rejected)  # on full answers
+        chosen_ids, rejected_ids = chosen[0], rejected[0]
+        self._check_ref(record, record.ref_chosen_logps, chosen_ids, "ref_chosen_logps")
+        self._check_ref(record, record.ref_rejected_logps, rejected_ids, "ref_rejected_logps")
+
+        room = self.max_length - len(prompt_ids)
+        cut = max(len(chosen_ids) - room, 0) + max(len(rejected_ids) - room, 0)
+        if cut:
+            self.num_truncated += 1
+            logger.info("%s: answers cut by %d tokens to fit data.max_length %d (pairs cut so far: %d)", record.where(), cut, self.max_length, self.num_truncated)
+        keep = lambda values: None if values is None else list(values[:room])  # noqa: E731
+        return EncodedPair(
+            prompt_ids=prompt_ids,
+            chosen_ids=keep(chosen_ids), rejected_ids=keep(rejected_ids),
+            chosen_weights=keep(chosen_weights), rejected_weights=keep(rejected_weights),
+            images=list(record.images), row_index=record.row_index,
+            ref_chosen_logps=keep(record.ref_chosen_logps), ref_rejected_logps=keep(record.ref_rejected_logps),
+            truncated_tokens=cut,
+        )
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Records + encoder; `__getitem__` encodes one pair. Prompts are checked up front, so a prompt that
+    cannot fit fails (or, with skip_bad_rows, is skipped and counted in `.skipped`) before training."""
+
+    def __init__(self, records: Sequence[PreferenceRecord], encoder: PairEncoder, skip_bad_rows: bool = False):
+        self.encoder = encoder
+        self.records: list[PreferenceRecord] = []
+        self.skipped: list[str] = []
+        for record in records:
+            try:
+                encoder.encode_prompt(record)
+            except DataError as e:
+                if not skip_bad_rows:
+                    raise
+                self.skipped.append(str(e))
+                continue
+            self.records.append(record)
+        if self.skipped:
+            logger.warning("skipped %d of %d pairs whose prompt cannot fit (data.skip_bad_rows); first: %s", len(self.skipped), len(records), self.skipped[0])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> EncodedPair:
+        return self.encoder.encode(self.records[i])
+
+
+class PairCollator:
+    """EncodedPairs -> PairBatch. `image_transform(list of PIL images) -> [B, C, H, W]` comes from the
+    model (`preprocess_images`); None leaves `pixel_values` None (text-only tests)."""
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        padding_side: Literal["right", "left"] = "right",
+        image_transform: Optional[Callable[[list[Image.Image]], Any]] = None,
+    ):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got '{padding_side}'")
+        self.pad_token_id, self.padding_side, self.image_transform = pad_token_id, padding_side, image_transform
+
+    def __call__(self, pairs: Sequence[EncodedPair]) -> PairBatch:
+        if not pairs:
+            raise ValueError("cannot collate an empty list of pairs")
+        has_ref = [p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs]
+        if any(has_ref) and not all(has_ref):
+            raise ValueError(f"rows {[p.row_index for p, h in zip(pairs, has_ref) if not h]} have no cached reference log-probs while others do; recompute the cache")
+        # (prompt, answer, weights, ref) per row: chosen rows first, then rejected rows.
+        rows = [(p.prompt_ids, p.chosen_ids, p.chosen_weights, p.ref_chosen_logps) for p in pairs]
+        rows += [(p.prompt_ids, p.rejected_ids, p.rejected_weights, p.ref_rejected_logps) for p in pairs]
+        T = max(len(prompt) + len(answer) for prompt, answer, _, _ in rows)
+        n = len(rows)
+        input_ids = torch.full((n, T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, T), dtype=torch.long)
+        labels = torch.full((n, T), -100, dtype=torch.long)
+        weights = torch.zeros((n, T - 1), dtype=torch.float32)
+        ref = torch.zeros((n, T - 1), dtype=torch.float32) if all(has_ref) else None
+        for r, (prompt, answer, w, ref_logps) in enumerate(rows):
+            assert prompt, "a prompt holds at least the image tokens"
+            length = len(prompt) + len(answer)
+            start = 0 if self.padding_side == "right" else T - length
+            a0, a1 = start + len(prompt), start + length  # answer positions in the row
+            input_ids[r, start:a1] = torch.tensor(prompt + answer, dtype=torch.long)
+            attention_mask[r, start:a1] = 1
+            labels[r, a0:a1] = torch.tensor(answer, dtype=torch.long)
+            weights[r, a0 - 1:a1 - 1] = torch.tensor(w, dtype=torch.float32)  # logits at t predict token t+1
+            if ref is not None:
+                ref[r, a0 - 1:a1 - 1] = torch.tensor(ref_logps, dtype=torch.float32)
+        pixel_values = None
+        if self.image_transform is not None:
+            pixel_values = torch.as_tensor(self.image_transform([p.images[0] for p in pairs]))
+        return PairBatch(
+            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+            weights=weights, ref_token_logps=ref, row_indices=[p.row_index for p in pairs],
+        )

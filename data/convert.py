@@ -1,0 +1,119 @@
+"""`ddpo convert`: RLHF-V / RLAIF-V data -> TRL's conversational preference format.
+
+    ddpo convert --format {rlaif-v,rlhf-v} --input PATH --output DIR [--test-size 0.01] [--seed 42]
+                 [--num-proc N] [--split train] [--push-to-hub --repo-id ID]
+
+Each row becomes what TRL's `examples/datasets/rlaif-v.py` produces:
+    prompt   = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    chosen   = [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}]
+    rejected = [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}]
+    images   = [image]                      (cast to a sequence of datasets.Image)
+then a seeded train/test split. DIR is a `save_to_disk` DatasetDict (`datasets.load_from_disk(DIR)`)
+with a short dataset card README.md. The texts of every row are checked as `load_records` checks
+them (a bad row stops the conversion naming the row); image bytes are copied, not re-encoded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import datasets
+
+from data.formats import REQUIRED_COLUMNS, DataError, open_dataset, row_texts
+
+TRL_FEATURES = datasets.Features(
+    {
+        "prompt": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "chosen": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "rejected": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "images": datasets.List(datasets.Image()),
+    }
+)
+
+
+def to_trl_row(row: dict, index: int, fmt: str, source: str) -> dict:
+    """One RLHF-V / RLAIF-V row (image undecoded) -> one TRL conversational preference row."""
+    question, chosen, rejected = row_texts(fmt, row, f"row {index} of {source}")
+    return {
+        "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": question}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
+        "images": [row["image"]],
+    }
+
+
+def convert(fmt: str, input_path: str, split: str = "train", test_size: float = 0.01, seed: int = 42, num_proc: Optional[int] = None) -> datasets.DatasetDict:
+    ds = open_dataset(input_path, split)
+    missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{input_path}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format needs {', '.join(REQUIRED_COLUMNS[fmt])}")
+    if len(ds) < 2:
+        raise DataError(f"{input_path}: {len(ds)} row(s); a train/test split needs at least 2")
+    trl = ds.map(
+        to_trl_row, fn_kwargs={"fmt": fmt, "source": input_path}, with_indices=True, num_proc=num_proc,
+        remove_columns=ds.column_names, features=TRL_FEATURES, desc="to TRL format",
+    )
+    return trl.train_test_split(test_size=test_size, seed=seed)
+
+
+def dataset_card(fmt: str, input_path: str, splits: datasets.DatasetDict, seed: int) -> str:
+    sizes = ", ".join(f"{name}: {len(ds)} rows" for name, ds in splits.items())
+    return f"""---
+tags: [trl, dpo, preference, vision]
+---
+# {fmt} in TRL's conversational preference format
+
+Converted from `{input_path}` ({fmt} schema) by `ddpo convert`. Splits: {sizes} (seeded split, seed {seed}).
+
+Columns, as in TRL's `examples/datasets/rlaif-v.py`:
+- `prompt`: one user message whose content is an image part, then the question as a text part
+- `chosen`: one assistant message, the preferred (corrected) answer
+- `rejected`: one assistant message, the original answer
+- `images`: a list holding the pair's one image (`datasets.Image`)
+
+Load with `datasets.load_from_disk(DIR)`. The license and terms of use are those of the source dataset.
+"""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddpo convert", description="Convert RLHF-V / RLAIF-V data to TRL's conversational preference format.")
+    parser.add_argument("--format", required=True, choices=["rlaif-v", "rlhf-v"], help="schema of the input")
+    parser.add_argument("--input", required=True, help="local parquet file, folder of shards, or hub id")
+    parser.add_argument("--output", required=True, help="output folder (datasets.load_from_disk)")
+    parser.add_argument("--split", default="train", help="split of the input to convert")
+    parser.add_argument("--test-size", type=float, default=0.01, help="fraction (or count, if >= 1) of rows in the test split")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the train/test split")
+    parser.add_argument("--num-proc", type=int, default=None, help="worker processes for the row conversion")
+    parser.add_argument("--push-to-hub", action="store_true", help="also push the result to the Hugging Face Hub")
+    parser.add_argument("--repo-id", default=None, help="hub dataset repo for --push-to-hub")
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.repo_id:
+        parser.error("--push-to-hub needs --repo-id OWNER/NAME")
+    test_size = int(args.test_size) if args.test_size >= 1 else args.test_size
+    try:
+        splits = convert(args.format, args.input, args.split, test_size, args.seed, args.num_proc)
+    except DataError as e:
+        print(f"ddpo convert: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    splits.save_to_disk(str(out))
+    (out / "README.md").write_text(dataset_card(args.format, args.input, splits, args.seed), encoding="utf-8")
+    print(f"ddpo convert: wrote {', '.join(f'{k} ({len(v)} rows)' for k, v in splits.items())} to {out}")
+    if args.push_to_hub:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            print("ddpo convert: --push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it (and log in with `hf auth login`), or upload DIR later", file=sys.stderr)
+            return 2
+        try:
+            splits.push_to_hub(args.repo_id)
+        except Exception as e:  # network, auth, permissions: all mean the same to the user
+            print(f"ddpo convert: could not push to {args.repo_id} ({type(e).__name__}: {str(e)[:200]}); check the network and your login (`hf auth login`); the local copy in {out} is complete", file=sys.stderr)
+            return 2
+        print(f"ddpo convert: pushed to https://huggingface.co/datasets/{args.repo_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Decode one dataset image (inline bytes or a file) into a checked RGB PIL image.
+
+Every reader goes through `decode_image`, so a corrupt, missing or degenerate image fails the same way
+in every format, with the row and field in the message. Non-RGB images (grayscale, palette, RGBA,
+CMYK) are converted to RGB: the vision towers expect three channels, and converting is what the
+original RLHF-V code did (`.convert("RGB")`). Transparency is dropped, not composited.
+
+Images are decoded eagerly and fully (`load()`), so a truncated file is caught at load time rather
+than in the middle of training.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image, UnidentifiedImageError
+
+MIN_IMAGE_SIDE = 2  # a 0- or 1-pixel-wide image is a broken crop/export, not a picture
+
+
+class DataError(ValueError):
+    """A dataset row, field or file is malformed; the message names where and what to do."""
+
+
+def decode_image(
+    data: Optional[bytes] = None, path: Optional[str | Path] = None, *, where: str, field: str = "image"
+) -> Image.Image:
+    """Decode inline `data` (preferred) or the file at `path` into an RGB image.
+
+    `where` ("row 3 of x.parquet") and `field` name the location in error messages.
+    """
+    if data is None and path is None:
+        raise DataError(f"{where}, field '{field}': no image (neither bytes nor a path); every pair needs one image")
+    if data is None:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{where}, field '{field}': image file not found: {path}; check the path or the image folder (data.image_dir)")
+        data = path.read_bytes()
+    if not isinstance(data, (bytes, bytearray)):
+        raise DataError(f"{where}, field '{field}': image bytes must be bytes, got {type(data).__name__}")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now: a truncated or corrupt file fails here, with the row in the message
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}, field '{field}': image could not be decoded ({type(e).__name__}: {e}); re-export the image or drop the row (data.skip_bad_rows)") from None
+    width, height = image.size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise DataError(f"{where}, field '{field}': image is {width}x{height} pixels, each side must be >= {MIN_IMAGE_SIDE}; fix or drop the row (data.skip_bad_rows)")
+    return image if image.mode == "RGB" else image.convert("RGB")

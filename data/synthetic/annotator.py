@@ -1,0 +1,276 @@
+"""The oracle: checks every claim of a text against the scene, and corrects the wrong ones minimally.
+
+Like RLHF-V's human annotators it edits only the hallucinated segments of an answer (which may be a
+model's): a wrong colour, size, position, number or relation word is replaced; a mention of an
+absent shape is renamed to the object really at the position it claims, or, where no such object is
+free, its sentence (or list item) is deleted. Everything else is left byte-for-byte unchanged.
+
+Grounding (which object a noun phrase means). A shape that is not in the scene at all is a
+hallucinated object. Otherwise each instance mention ("a small red circle at the top left") is matched
+to the object of its shape that agrees with the most of its claimed colour, size and position (ties:
+position first, then reading order); indefinite mentions ("a ...") are matched one-to-one first, so
+two sentences are taken to describe two different objects whenever the scene allows it. The claims
+that disagree with the matched object are its errors: the minimal set of words to change.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from data.synthetic.language import CELLS, NUMBERS, OPPOSITE, POSITIONS, RELATIONS, Claim, Mention, Parse, Word, parse, plural, relation_holds
+from data.synthetic.world import Scene, WorldObject
+
+# Claim kind -> correction type, in the paper's categories (relations are its "other").
+CORRECTION_TYPE = {"object": "object", "color": "attribute", "size": "attribute", "position": "position",
+                   "count": "count", "relation": "relation"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    claim: Claim
+    correct: bool
+    truth: Optional[str] = None  # what to write instead when wrong; None = the claim's unit must be deleted
+
+
+@dataclass
+class Grounding:
+    """A parsed text checked against a scene."""
+
+    parse: Parse
+    referents: list[Optional[WorldObject]]  # per mention: the object an instance mention describes (else None)
+    hallucinated: list[bool]  # per mention: names a shape absent from the scene
+    retarget: dict[int, WorldObject]  # hallucinated instance mentions fixable by renaming: the object at their position
+    verdicts: list[Verdict]
+
+    @property
+    def errors(self) -> list[Verdict]:
+        return [v for v in self.verdicts if not v.correct]
+
+    def mentioned_objects(self) -> set[tuple[int, int]]:
+        """Cells of the scene objects described by some non-hallucinated instance mention."""
+        return {o.cell for k, o in enumerate(self.referents) if o is not None and not self.hallucinated[k]}
+
+
+def _match(m: Mention, o: WorldObject) -> tuple[int, bool]:
+    """(number of claimed attributes that agree with `o`, whether the claimed position does)."""
+    at = m.position_name == POSITIONS[o.cell]
+    agree = (m.color is not None and m.color.text == o.color) + (m.size is not None and m.size.text == o.size) + at
+    return int(agree), at
+
+
+def _resolve(scene: Scene, mentions: list[Mention], hallucinated: list[bool]) -> list[Optional[WorldObject]]:
+    referents: list[Optional[WorldObject]] = [None] * len(mentions)
+    order = {o.cell: i for i, o in enumerate(scene.objects)}
+
+    def key(k: int, o: WorldObject) -> tuple:
+        agree, at = _match(mentions[k], o)
+        return -agree, -at, k, order[o.cell]
+
+    instance = [k for k, m in enumerate(mentions) if m.is_instance and not hallucinated[k]]
+    # 1. indefinite mentions, one-to-one, best agreements first
+    pairs = sorted((key(k, o), k, o) for k in instance if mentions[k].det.text != "the"
+                   for o in scene.objects if o.shape == mentions[k].shape_name)
+    used: set[tuple[int, int]] = set()
+    for _, k, o in pairs:
+        if referents[k] is None and o.cell not in used:
+            referents[k] = o
+            used.add(o.cell)
+    # 2. definite mentions and indefinite ones left over: their best object, shared
+    for k in instance:
+        if referents[k] is None:
+            referents[k] = min((o for o in scene.objects if o.shape == mentions[k].shape_name), key=lambda o: key(k, o))
+    return referents
+
+
+def _most_common(values: list[str]) -> str:
+    return Counter(values).most_common(1)[0][0]  # ties: first seen
+
+
+def ground(scene: Scene, parsed: Parse) -> Grounding:
+    """Check every claim of `parsed` against `scene` (see the module doc for how mentions are matched)."""
+    mentions = parsed.mentions
+    present = scene.shapes()
+    hallucinated = [m.shape_name not in present for m in mentions]
+    referents = _resolve(scene, mentions, hallucinated)
+
+    # objects introduced by an indefinite mention ("a ...") are taken; "the ..." only refers back
+    taken = {o.cell for k, o in enumerate(referents) if o is not None and mentions[k].det.text != "the"}
+    retarget: dict[int, WorldObject] = {}
+    for k, m in enumerate(mentions):
+        obj = scene.at(CELLS[m.position_name]) if m.position else None
+        if hallucinated[k] and m.is_instance and m.det.text != "the" and obj is not None and obj.cell not in taken:
+            retarget[k] = obj
+            taken.add(obj.cell)
+
+    # count mentions ("two red circles"): a colour / size no object of that shape has is the error,
+    # then the number is checked for the corrected kind
+    count_filter: dict[int, tuple[Optional[str], Optional[str]]] = {}
+    for k, m in enumerate(mentions):
+        if m.number is not None and not hallucinated[k]:
+            same_shape = [o for o in scene.objects if o.shape == m.shape_name]
+            color = m.color.text if m.color else None
+            if color is not None and color not in {o.color for o in same_shape}:
+                color = _most_common([o.color for o in same_shape])
+            same_kind = [o for o in same_shape if color in (None, o.color)]
+            size = m.size.text if m.size else None
+            if size is not None and size not in {o.size for o in same_kind}:
+                size = _most_common([o.size for o in same_kind])
+            count_filter[k] = (color, size)
+
+    verdicts = []
+    for c in parsed.claims:
+        k = c.mention
+        if c.kind == "object":
+            truth = retarget[k].shape if k in retarget else None
+            verdicts.append(Verdict(c, not hallucinated[k], truth))
+        elif k is None:  # the overview's total
+            verdicts.append(Verdict(c, int(c.value) == len(scene.objects), str(len(scene.objects))))
+        elif hallucinated[k] or (c.target is not None and hallucinated[c.target]):
+            continue  # part of a hallucinated mention: corrected (renamed or deleted) as one object error
+        elif c.kind == "relation":
+            a, b = referents[k].cell, referents[c.target].cell
+            true = [r for r in RELATIONS if relation_holds(r, a, b)]
+            truth = OPPOSITE.get(c.value) if OPPOSITE.get(c.value) in true else true[0]
+            verdicts.append(Verdict(c, c.value in true, truth))
+        elif k in count_filter:
+            color, size = count_filter[k]
+            if c.kind == "count":
+                truth = str(scene.count(mentions[k].shape_name, color, size))
+            else:
+                truth = color if c.kind == "color" else size
+            verdicts.append(Verdict(c, c.value == truth, truth))
+        else:
+            o = referents[k]
+            truth = {"color": o.color, "size": o.size, "position": POSITIONS[o.cell]}[c.kind]
+            verdicts.append(Verdict(c, c.value == truth, truth))
+    return Grounding(parsed, referents, hallucinated, retarget, verdicts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrections
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Correction:
+    type: str  # object | attribute | position | count | relation
+    span: tuple[int, int]  # char span in the original text
+    replacement: str  # "" = deletion
+
+
+@dataclass
+class Annotation:
+    """status: 'hallucinated' (corrected is the fixed text), 'clean' (nothing to fix: no pair),
+    'unparseable' (some sentence fits no rule: not corrected), 'empty' (nothing true would be left)."""
+
+    status: Literal["hallucinated", "clean", "unparseable", "empty"]
+    original: str
+    corrected: Optional[str] = None
+    corrections: list[Correction] = field(default_factory=list)
+    unparsed: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _rewrite(text: str, kind: str, changes: list[tuple[Word, str]]) -> Optional[Correction]:
+    """One correction spanning the changed words, the words between them kept as they are."""
+    changes = sorted(((w, new) for w, new in changes if w.text != new), key=lambda change: change[0].start)
+    if not changes:
+        return None
+    start, end = changes[0][0].start, changes[-1][0].end
+    pieces, cursor = [], start
+    for w, new in changes:
+        pieces += [text[cursor:w.start], new]
+        cursor = w.end
+    pieces.append(text[cursor:end])
+    return Correction(kind, (start, end), "".join(pieces))
+
+
+def _count_changes(parsed: Parse, k: Optional[int], sentence: int, truth: int) -> list[tuple[Word, str]]:
+    """The words a count correction rewrites: the number, and the noun and verb when 1 <-> many."""
+    s = parsed.sentences[sentence]
+    if k is None:  # overview: "the image shows two objects"
+        return [(s.total, NUMBERS[truth]), (s.noun, "object" if truth == 1 else "objects")]
+    m = parsed.mentions[k]
+    changes = [(m.det, NUMBERS[truth]), (m.shape, m.shape_name if truth == 1 else plural(m.shape_name))]
+    if s.verb is not None and s.mentions and s.mentions[0] == k:
+        changes.append((s.verb, "is" if truth == 1 else "are"))
+    return changes
+
+
+def _deletions(text: str, parsed: Parse, doomed: set[int]) -> list[tuple[int, int]]:
+    """Char spans that remove the sentences / list items of the mentions in `doomed`."""
+    sentences, items_out = [], []
+    for s in parsed.sentences:
+        dead = [k for k in s.mentions if k in doomed]
+        if not dead:
+            continue
+        if s.kind != "list" or len(dead) == len(s.mentions):
+            sentences.append((s.start, s.end))
+            continue
+        items = [parsed.mentions[k].span for k in s.mentions]
+        kept = [i for i, k in enumerate(s.mentions) if k not in doomed]
+        if kept[0] > 0:  # leading items go with the "and" after them
+            items_out.append((items[0][0], items[kept[0]][0]))
+        # later items go with the "and" before them
+        items_out += [(items[i - 1][1], items[i][1]) for i, k in enumerate(s.mentions) if k in doomed and i > kept[0]]
+    # consecutive deleted sentences form one block, which takes the space after it (before it, at the end)
+    blocks: list[list[int]] = []
+    for a, b in sorted(sentences):
+        if blocks and not text[blocks[-1][1]:a].strip():
+            blocks[-1][1] = b
+        else:
+            blocks.append([a, b])
+    out = items_out
+    for first, b in blocks:
+        a, rest = first, text[b:]
+        if rest.strip():
+            b += len(rest) - len(rest.lstrip())
+        else:
+            a = len(text[:a].rstrip())
+        # one correction per sentence: cut the block at the starts of its later sentences
+        cuts = [a] + [start for start, _ in sentences if first < start < b] + [b]
+        out += list(zip(cuts[:-1], cuts[1:]))
+    return sorted(out)
+
+
+def correct(scene: Scene, text: str) -> Annotation:
+    """Minimal correction of `text` for `scene`: chosen = `corrected`, rejected = `text`."""
+    parsed = parse(text)
+    if parsed.unparsed:
+        return Annotation("unparseable", text, unparsed=parsed.unparsed)
+    g = ground(scene, parsed)
+    if not g.errors:
+        return Annotation("clean", text, text)
+
+    doomed = {v.claim.mention for v in g.errors if v.claim.kind == "object" and v.truth is None}
+    corrections = [Correction("object", span, "") for span in _deletions(text, parsed, doomed)]
+    for v in g.errors:
+        c, k = v.claim, v.claim.mention
+        if k in doomed or (c.target is not None and c.target in doomed):
+            continue
+        if c.kind == "object":  # rename to the object at the claimed position, with its attributes
+            m, o = parsed.mentions[k], g.retarget[k]
+            changes = [(m.shape, o.shape)] + [(w, new) for w, new in ((m.color, o.color), (m.size, o.size)) if w]
+            fix = _rewrite(text, "object", changes)
+        elif c.kind == "count":
+            fix = _rewrite(text, "count", _count_changes(parsed, k, c.sentence, int(v.truth)))
+        else:
+            fix = Correction(CORRECTION_TYPE[c.kind], c.span, v.truth)
+        if fix is not None:
+            corrections.append(fix)
+    corrections.sort(key=lambda c: c.span)
+    # a deletion swallows any replacement inside it
+    kept: list[Correction] = []
+    for c in corrections:
+        if kept and c.span[0] < kept[-1].span[1]:
+            if kept[-1].replacement == "" and c.span[1] <= kept[-1].span[1]:
+                continue
+            raise AssertionError(f"overlapping corrections {kept[-1]} and {c} in {text!r}")  # a bug, not bad input
+        kept.append(c)
+
+    pieces, cursor = [], 0
+    for c in kept:
+        pieces += [text[cursor:c.span[0]], c.replacement]
+        cursor = c.span[1]
+    corrected = "".join(pieces) + text[cursor:]
+    if not corrected.strip():
+        return Annotation("empty", text, None, kept)
+    return Annotation("hallucinated", text, corrected, kept)

@@ -1,0 +1,120 @@
+"""Training data from the synthetic world: noisy SFT captions, and preference pairs.
+
+Preference pairs come from two places:
+  `synthetic_records`     rejected = a noisy description (>= 1 injected error), chosen = the oracle's
+                          minimal correction of it; no model needed (quick tiny training runs,
+                          `data.format: synthetic`);
+  `records_from_answers`  rejected = a model's sampled answer, chosen = its correction (the demo
+                          pipeline); clean and unreadable answers make no pair and are counted.
+In both, the trainer sees only the two texts: it re-finds the corrected segments by diffing them.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from data.records import PreferenceRecord
+from data.synthetic.annotator import correct
+from data.synthetic.language import PROMPTS, LanguageConfig, n_words
+from data.synthetic.noise import NoiseConfig, noisy_caption
+from data.synthetic.world import Scene, WorldConfig, render, sample_scene
+
+
+@dataclass
+class SyntheticConfig:
+    """The world, how it is described, and the caption noise."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+
+
+@dataclass
+class SFTExample:
+    image: Image.Image
+    prompt: str
+    caption: str  # the noisy target answer
+    scene: Scene
+
+
+def _prompt(rng: np.random.Generator, style: str) -> str:
+    options = PROMPTS[style]
+    return options[int(rng.integers(len(options)))]
+
+
+def sft_examples(n: int, seed: int, cfg: Optional[SyntheticConfig] = None) -> list[SFTExample]:
+    """`n` (image, prompt, noisy caption) triples for supervised fine-tuning; deterministic per seed."""
+    cfg = cfg or SyntheticConfig()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        scene = sample_scene(rng, cfg.world)
+        prompt = _prompt(rng, cfg.language.style)
+        caption = noisy_caption(scene, rng, cfg.world, cfg.language, cfg.noise).text
+        out.append(SFTExample(render(scene, cfg.world), prompt, caption, scene))
+    return out
+
+
+def synthetic_records(n: int, seed: int, cfg: Optional[SyntheticConfig] = None, max_tries: int = 20) -> list[PreferenceRecord]:
+    """`n` preference pairs: rejected = a noisy description with at least one injected error (noise
+    redrawn up to `max_tries` times per scene, then a new scene), chosen = its oracle correction.
+    Deterministic per seed. `meta` holds the scene, the injected errors and the corrections."""
+    cfg = cfg or SyntheticConfig()
+    rng = np.random.default_rng(seed)
+    records: list[PreferenceRecord] = []
+    while len(records) < n:
+        scene = sample_scene(rng, cfg.world)
+        prompt = _prompt(rng, cfg.language.style)
+        for _ in range(max_tries):
+            noisy = noisy_caption(scene, rng, cfg.world, cfg.language, cfg.noise)
+            if noisy.errors:
+                break
+        annotation = correct(scene, noisy.text)
+        if annotation.status != "hallucinated":
+            continue  # no error drawn for this scene (or none left after correction): next scene
+        records.append(PreferenceRecord(
+            images=[render(scene, cfg.world)], prompt=prompt, chosen=annotation.corrected, rejected=noisy.text,
+            row_index=len(records), source=f"synthetic(seed={seed})", idx=f"synthetic-{seed}-{len(records)}",
+            meta={"scene": scene, "errors": noisy.errors, "corrections": annotation.corrections},
+        ))
+    return records
+
+
+def records_from_answers(scenes: Sequence[Scene], images: Sequence[Image.Image], prompts: Sequence[str],
+                         answers: Sequence[str], source: str = "sampled") -> tuple[list[PreferenceRecord], dict]:
+    """Model answers -> preference pairs through the oracle annotator.
+
+    Returns the records (row_index = the answer's index) and stats: counts of answers, pairs, clean,
+    unparseable and empty answers, corrections per type, mean corrections per pair, mean words of the
+    rejected and chosen answers.
+    """
+    if not len(scenes) == len(images) == len(prompts) == len(answers):
+        raise ValueError(f"records_from_answers: got {len(scenes)} scenes, {len(images)} images, {len(prompts)} prompts "
+                         f"and {len(answers)} answers; pass one of each per answer")
+    records: list[PreferenceRecord] = []
+    status: Counter = Counter()
+    types: Counter = Counter()
+    for i, (scene, image, prompt, answer) in enumerate(zip(scenes, images, prompts, answers)):
+        annotation = correct(scene, answer)
+        status[annotation.status] += 1
+        if annotation.status != "hallucinated":
+            continue
+        types.update(c.type for c in annotation.corrections)
+        records.append(PreferenceRecord(
+            images=[image], prompt=prompt, chosen=annotation.corrected, rejected=answer, row_index=i, source=source,
+            idx=f"{source}-{i}", meta={"scene": scene, "corrections": annotation.corrections},
+        ))
+    pairs = max(len(records), 1)
+    stats = {
+        "answers": len(answers), "pairs": len(records), "clean": status["clean"],
+        "unparseable": status["unparseable"], "empty": status["empty"],
+        "corrections": dict(sorted(types.items())),
+        "corrections_per_pair": sum(types.values()) / pairs,
+        "rejected_words": sum(n_words(r.rejected) for r in records) / pairs,
+        "chosen_words": sum(n_words(r.chosen) for r in records) / pairs,
+    }
+    return records, stats

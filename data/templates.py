@@ -1,0 +1,158 @@
+"""Conversation templates: a question + image -> prompt token ids; an answer -> labelled token ids.
+
+Templates (the `data.template` config values):
+  vicuna_v0      Muffin / RLHF-V:  "<s>{system}\\n\\n### Human: {image}\\n{question}\\n### Assistant:" + " {answer}\\n###"
+  llava_v1       LLaVA-1.5:        "<s>{system} USER: {image}\\n{question} ASSISTANT:" + " {answer}" + "</s>"
+  chat_template  the tokenizer's own `apply_chat_template`, the user turn being [image part, text part]
+
+The prompt and the answer are tokenized separately (`add_special_tokens=False`; BOS/EOS are added
+here explicitly), so the prompt ids of a pair's chosen and rejected sequences are identical and the
+answer ids are exactly the labelled tokens. The split sits before the space that starts the answer, so
+byte-level BPE tokenizers (which attach a leading space to the next word) tokenize the two parts as
+they would the whole text.
+
+Difference from the original Muffin code: there, the `### Assistant:` role prefix was labelled too
+(LLaVA-v0 masking); here only the answer and the end marker are.
+
+`image_placeholder` is the model's text for one image, already expanded to its number of image tokens
+(LLaVA: N x "<image>"; Muffin: "<im_start>" + 64 x "<im_patch>" + "<im_end>"). `check_image_tokens`
+verifies that a prompt holds exactly those ids, contiguously.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from data.images import DataError
+
+Span = tuple[int, int]
+
+SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+IMAGE_MARKER = "<image>"  # what a chat template must render for an image content part
+
+
+@dataclass(frozen=True)
+class TextTemplate:
+    prompt: str  # with {system}, {image}, {question}; ends with the assistant role prefix
+    answer: str  # with {answer}: the labelled text
+    append_eos: bool  # end the answer with the tokenizer's EOS id
+
+
+TEXT_TEMPLATES = {
+    "vicuna_v0": TextTemplate("{system}\n\n### Human: {image}\n{question}\n### Assistant:", " {answer}\n###", append_eos=False),
+    "llava_v1": TextTemplate("{system} USER: {image}\n{question} ASSISTANT:", " {answer}", append_eos=True),
+}
+TEMPLATES = (*TEXT_TEMPLATES, "chat_template")
+
+
+def _fill(text: str, **values: str) -> str:
+    # str.replace, not str.format: questions and answers may contain braces.
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def _check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template '{template}'; templates are {', '.join(TEMPLATES)}")
+
+
+def _chat_messages(question: str, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def _render_chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template 'chat_template' needs a tokenizer with a chat template; use vicuna_v0 or llava_v1")
+    return tokenizer.apply_chat_template(_chat_messages(question), tokenize=False, add_generation_prompt=True)
+
+
+def prompt_text(template: str, tokenizer: PreTrainedTokenizerBase, question: str, image_placeholder: str) -> str:
+    """The prompt as text (without BOS for the text templates), the image placeholder inserted."""
+    _check_template(template)
+    if template in TEXT_TEMPLATES:
+        return _fill(TEXT_TEMPLATES[template].prompt, system=SYSTEM_PROMPT, image=image_placeholder, question=question)
+    rendered = _render_chat_prompt(tokenizer, question)
+    if rendered.count(IMAGE_MARKER) != 1:
+        raise ValueError(f"the tokenizer's chat template rendered {rendered.count(IMAGE_MARKER)} '{IMAGE_MARKER}' markers for one image part (need exactly 1); use a multimodal chat template or vicuna_v0/llava_v1")
+    return rendered.replace(IMAGE_MARKER, image_placeholder)
+
+
+def answer_text(template: str, tokenizer: PreTrainedTokenizerBase, answer: str) -> tuple[str, int]:
+    """The labelled text of an answer (separator + answer + text end marker) and where `answer` starts in it."""
+    _check_template(template)
+    if template in TEXT_TEMPLATES:
+        before, _, after = TEXT_TEMPLATES[template].answer.partition("{answer}")
+        return before + answer + after, len(before)
+    question = "Q"  # any question: the answer text is what the full conversation adds to the prompt
+    prompt = _render_chat_prompt(tokenizer, question)
+    full = tokenizer.apply_chat_template(_chat_messages(question, answer), tokenize=False)
+    if not full.startswith(prompt) or answer not in full[len(prompt):]:
+        raise ValueError("the tokenizer's chat template does not render a conversation as prompt (with generation prompt) + answer; use vicuna_v0 or llava_v1")
+    text = full[len(prompt):]
+    return text, text.index(answer)
+
+
+def encode_prompt(template: str, tokenizer: PreTrainedTokenizerBase, question: str, image_placeholder: str) -> list[int]:
+    """BOS + system + user turn (image placeholder, question) + assistant role prefix: the generation prompt."""
+    ids = tokenizer(prompt_text(template, tokenizer, question, image_placeholder), add_special_tokens=False)["input_ids"]
+    if template in TEXT_TEMPLATES and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def encode_answer_with_offsets(
+    template: str, tokenizer: PreTrainedTokenizerBase, answer: str
+) -> tuple[list[int], list[Span]]:
+    """Answer token ids (answer + end marker / EOS) and each token's [start, end) character offsets
+    into `answer` itself (clipped; zero-width for tokens of the separator or the end marker)."""
+    text, start = answer_text(template, tokenizer, answer)
+    if not tokenizer.is_fast:
+        raise ValueError("character offsets need a fast tokenizer (use_fast=True); or use data.segments 'token_diff'")
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    clip = lambda i: min(max(i - start, 0), len(answer))  # noqa: E731
+    offsets = [(clip(s), clip(e)) for s, e in encoding["offset_mapping"]]
+    if template in TEXT_TEMPLATES and TEXT_TEMPLATES[template].append_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"template '{template}' ends answers with EOS, but the tokenizer has no eos_token")
+        ids.append(tokenizer.eos_token_id)
+        offsets.append((len(answer), len(answer)))
+    return ids, offsets
+
+
+def encode_answer(template: str, tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
+    """Answer token ids: the labelled tokens (answer + the template's end marker or EOS)."""
+    if tokenizer.is_fast:
+        return encode_answer_with_offsets(template, tokenizer, answer)[0]
+    ids = tokenizer(answer_text(template, tokenizer, answer)[0], add_special_tokens=False)["input_ids"]
+    if template in TEXT_TEMPLATES and TEXT_TEMPLATES[template].append_eos:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def image_token_ids(tokenizer: PreTrainedTokenizerBase, image_placeholder: str) -> list[int]:
+    """The ids one image occupies in a prompt."""
+    return tokenizer(image_placeholder, add_special_tokens=False)["input_ids"]
+
+
+def check_image_tokens(prompt_ids: Sequence[int], placeholder_ids: Sequence[int], where: str = "prompt") -> None:
+    """Raise DataError unless `prompt_ids` hold the placeholder ids exactly once, contiguously (no other
+    occurrence of any image-token id, e.g. from an '<image>' typed into the question)."""
+    counts = Counter(prompt_ids)
+    expected = Counter(placeholder_ids)
+    wrong = {i: counts[i] for i in expected if counts[i] != expected[i]}
+    # With the counts right, the placeholder can only start at the first occurrence of its first id.
+    start = list(prompt_ids).index(placeholder_ids[0]) if not wrong else 0
+    contiguous = list(prompt_ids[start:start + len(placeholder_ids)]) == list(placeholder_ids)
+    if wrong or not contiguous:
+        raise DataError(f"{where}: the prompt must hold the image tokens exactly once ({dict(expected)} by id), found {wrong or 'them split apart'}; remove image markers such as '<image>' from the question text")

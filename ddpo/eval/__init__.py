@@ -1,0 +1,7 @@
+"""Hallucination benchmarks: Object HalBench (CHAIR), MMHal-Bench, POPE / AMBER yes-no, and generation.
+
+Modules: `chair` (COCO word pipeline + CHAIR metrics), `objhal` (COCO ground truth, rule/LLM extraction),
+`mmhal` (0–6 judge ratings), `yesno` (POPE/AMBER), `judge` (OpenAI-compatible client + cache),
+`generation` (batched answers through `model.generate`), `cli` (`ddpo eval`). Definitions follow the
+RLHF-V evaluation code; see each module's docstring for where and why they differ.
+"""

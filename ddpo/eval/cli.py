@@ -1,0 +1,214 @@
+"""`ddpo eval`: generate answers for a benchmark and score them, or score an existing answers file.
+
+    ddpo eval --benchmark objhal --answers ANSWERS.jsonl --annotations COCO_DIR --output OUT.json
+    ddpo eval --benchmark objhal --model CKPT --questions Q.jsonl --image-dir IMGS --annotations COCO_DIR --output OUT.json
+    ddpo eval --benchmark mmhal  --model CKPT --image-dir MMHAL_IMAGES --output OUT.json   (judge key: $OPENAI_API_KEY)
+    ddpo eval --benchmark pope   --model CKPT --questions coco_pope_random.jsonl --image-dir val2014 --output OUT.json
+    ddpo eval --benchmark amber  --answers A.json --questions query_discriminative.json --annotations annotations.json --output OUT.json
+
+Writes OUT.json (metrics; rates are fractions in [0, 1]), OUT.samples.jsonl (per-answer scoring details)
+and, when generating, OUT.answers.jsonl (the answers, re-scorable with --answers). Judge verdicts are
+cached in OUT.judge_cache.jsonl (or --judge-cache): a re-run only asks for what is not judged yet.
+
+A benchmark is an entry of BENCHMARKS: name -> Benchmark(questions, read_answers, score), three plain
+functions of the parsed arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+from ddpo.eval import mmhal, objhal, yesno
+from ddpo.eval.generation import GenerationConfig, generate_answers
+from ddpo.eval.judge import DEFAULT_BASE_URL, JudgeCache, JudgeClient, JudgeError
+
+Rows = list[dict[str, Any]]
+
+
+class Benchmark(NamedTuple):
+    questions: Callable[[argparse.Namespace], Rows]      # rows with "image" (path) and "question" (prompt)
+    read_answers: Callable[[argparse.Namespace], Rows]   # rows of an answers file, ready for `score`
+    score: Callable[[argparse.Namespace, Rows], tuple[dict[str, Any], Rows]]
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"--benchmark {args.benchmark} needs {', '.join(missing)}")
+
+
+def _image_path(args: argparse.Namespace, name: str) -> str:
+    return str(Path(args.image_dir) / name) if args.image_dir else name
+
+
+def _judge_client(args: argparse.Namespace, default_model: str, temperature: float, max_tokens: Optional[int]) -> JudgeClient:
+    return JudgeClient(model=args.judge_model or default_model, base_url=args.judge_base_url,
+                       api_key_env=args.judge_api_key_env, temperature=temperature, max_tokens=max_tokens,
+                       timeout_s=args.judge_timeout, max_retries=args.judge_retries,
+                       requests_per_minute=args.judge_rpm)
+
+
+def _judge_cache(args: argparse.Namespace) -> JudgeCache:
+    return JudgeCache(args.judge_cache or _sibling(args.output, ".judge_cache.jsonl"))
+
+
+# --- Object HalBench -------------------------------------------------------------------------------
+def _objhal_questions(args: argparse.Namespace) -> Rows:
+    """--questions JSONL: {"image_id", "image"[, "question"]}; a missing question gets prompt i mod 8."""
+    _require(args, "questions", "image_dir")
+    prompts = objhal.description_prompts()
+    rows = []
+    for i, r in enumerate(yesno.read_records(args.questions)):
+        if "image_id" not in r or "image" not in r:
+            raise ValueError(f"{args.questions}: record {i} needs 'image_id' and 'image' (a file in --image-dir)")
+        rows.append({"image_id": r["image_id"], "image": _image_path(args, r["image"]),
+                     "question": r.get("question") or prompts[i % len(prompts)]})
+    return rows
+
+
+def _objhal_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any], Rows]:
+    _require(args, "annotations")
+    extractor = None
+    if args.extractor == "llm":
+        client = _judge_client(args, objhal.LLM_EXTRACTOR_MODEL, objhal.LLM_EXTRACTOR_TEMPERATURE, objhal.LLM_EXTRACTOR_MAX_TOKENS)
+        extractor = (client, _judge_cache(args))
+    return objhal.score_objhal(rows, args.annotations, extractor)
+
+
+# --- MMHal-Bench -----------------------------------------------------------------------------------
+def _mmhal_image(args: argparse.Namespace, record: dict[str, Any]) -> str:
+    """The image of a record in --image-dir: the file name of `image_src`, else `{image_id}.jpg/.png`."""
+    names = [Path(str(record.get("image_src", ""))).name] + [f"{record.get('image_id')}{ext}" for ext in (".jpg", ".png")]
+    for name in filter(None, names):
+        if (Path(args.image_dir) / name).exists():
+            return str(Path(args.image_dir) / name)
+    raise FileNotFoundError(f"no image for MMHal question '{record['question']}' in {args.image_dir} (tried {names})")
+
+
+def _mmhal_questions(args: argparse.Namespace) -> Rows:
+    _require(args, "image_dir")
+    return [{"index": i, "question_type": r["question_type"], "question": r["question"], "image": _mmhal_image(args, r)}
+            for i, r in enumerate(mmhal.load_questions(args.questions))]
+
+
+def _mmhal_read_answers(args: argparse.Namespace) -> Rows:
+    questions = mmhal.load_questions(args.questions)
+    return [{"index": i, "answer": a} for i, a in enumerate(mmhal.read_answers(args.answers, questions))]
+
+
+def _mmhal_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any], Rows]:
+    questions = mmhal.load_questions(args.questions)
+    client = _judge_client(args, mmhal.JUDGE_MODEL, temperature=0.0, max_tokens=None)
+    return mmhal.score_mmhal(questions, [r["answer"] for r in sorted(rows, key=lambda r: r["index"])], client, _judge_cache(args))
+
+
+# --- POPE / AMBER ----------------------------------------------------------------------------------
+def _pope_questions(args: argparse.Namespace) -> Rows:
+    _require(args, "questions")
+    return [{**q, "image": _image_path(args, q["image"])} for q in yesno.load_pope_questions(args.questions)]
+
+
+def _amber_questions(args: argparse.Namespace) -> Rows:
+    _require(args, "questions", "annotations")
+    return [{**q, "image": _image_path(args, q["image"])} for q in yesno.load_amber_questions(args.questions, args.annotations)]
+
+
+def _yesno_read_answers(load_questions: Callable[[argparse.Namespace], Rows]) -> Callable[[argparse.Namespace], Rows]:
+    def read(args: argparse.Namespace) -> Rows:
+        if args.questions is None:  # a file written by `ddpo eval` carries its labels
+            return yesno.read_records(args.answers)
+        return yesno.attach_answers(load_questions(args), args.answers)
+
+    return read
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "objhal": Benchmark(_objhal_questions, lambda a: objhal.read_answers(a.answers), _objhal_score),
+    "mmhal": Benchmark(_mmhal_questions, _mmhal_read_answers, _mmhal_score),
+    "pope": Benchmark(_pope_questions, _yesno_read_answers(_pope_questions), lambda a, rows: yesno.score_yes_no(rows, positive="yes")),
+    "amber": Benchmark(_amber_questions, _yesno_read_answers(_amber_questions), lambda a, rows: yesno.score_yes_no(rows, positive="no")),
+}
+
+
+# --- command line ----------------------------------------------------------------------------------
+def _sibling(output: str, suffix: str) -> Path:
+    out = Path(output)
+    return out.with_name(out.stem + suffix)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory (models.build.load_model) to generate answers with")
+    src.add_argument("--answers", help="score this answers file instead of generating")
+    p.add_argument("--output", required=True, help="metrics JSON; OUT.samples.jsonl / OUT.answers.jsonl go next to it")
+    p.add_argument("--questions", help="objhal: JSONL {image_id, image[, question]}; mmhal: template JSON (default: the shipped 96); pope: JSONL {question_id, image, text, label}; amber: query_discriminative*.json")
+    p.add_argument("--annotations", help="objhal: directory with COCO instances_*.json and captions_*.json; amber: annotations.json")
+    p.add_argument("--image-dir", help="folder that question image names are relative to")
+    p.add_argument("--extractor", choices=["rules", "llm"], default="rules", help="objhal object extraction: rule-based CHAIR (offline) or a chat model")
+    g = p.add_argument_group("judge / LLM extractor (OpenAI-compatible chat completions)")
+    g.add_argument("--judge-model", help=f"default: {mmhal.JUDGE_MODEL} (mmhal), {objhal.LLM_EXTRACTOR_MODEL} (objhal) — the papers' models, since retired")
+    g.add_argument("--judge-base-url", default=DEFAULT_BASE_URL)
+    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--judge-rpm", type=float, default=None, help="at most this many requests per minute")
+    g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request")
+    g.add_argument("--judge-retries", type=int, default=5, help="retries of failed requests (429/5xx/timeouts), with backoff")
+    g.add_argument("--judge-cache", help="JSONL cache of judged items (default OUT.judge_cache.jsonl)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--max-new-tokens", type=int, default=512)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam search")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--num-beams", type=int, default=1, help="RLHF-V evaluates with 3 beams")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--template", default=None, help="conversation template (default: the model's)")
+    gen.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. ' Answer yes or no.'")
+    return p
+
+
+def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
+    from models.build import load_model  # noqa: PLC0415 (torch/transformers only when generating)
+
+    questions = bench.questions(args)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                              top_p=args.top_p, num_beams=args.num_beams, seed=args.seed, stop_strings=args.stop,
+                              template=args.template, batch_size=args.batch_size)
+    model = load_model(args.model)
+    answers_path = _sibling(args.output, ".answers.jsonl")
+    answers_path.parent.mkdir(parents=True, exist_ok=True)
+    with answers_path.open("w", encoding="utf-8") as f:
+        def write(start: int, answers: list[str]) -> None:
+            for q, a in zip(questions[start:start + len(answers)], answers):
+                f.write(json.dumps({**q, "answer": a}, ensure_ascii=False) + "\n")
+            f.flush()
+
+        answers = generate_answers(model, [q["image"] for q in questions],
+                                   [q["question"] + args.prompt_suffix for q in questions], config, on_batch=write)
+    print(f"ddpo eval: wrote {len(answers)} answers to {answers_path}")
+    return [{**q, "answer": a} for q, a in zip(questions, answers)]
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    bench = BENCHMARKS[args.benchmark]
+    try:
+        rows = _generate(args, bench) if args.model else bench.read_answers(args)
+        metrics, details = bench.score(args, rows)
+    except (ValueError, FileNotFoundError, JudgeError) as e:
+        print(f"ddpo eval: error: {e}", file=sys.stderr)
+        return 1
+    metrics = {"benchmark": args.benchmark, **metrics, "source": args.model or args.answers}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    with _sibling(args.output, ".samples.jsonl").open("w", encoding="utf-8") as f:
+        for d in details:
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    return 0

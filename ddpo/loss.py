@@ -1,0 +1,206 @@
+"""The DDPO objective: token-weighted sequence log-probs plugged into a DPO-family preference loss.
+
+DDPO (RLHF-V, Eq. 5) scores a response by a weighted mean of its token log-probs, where tokens inside
+human-corrected segments weigh gamma > 1 and unchanged tokens weigh 1:
+
+    log pi(y|x) = (1/N) [ sum_{unchanged} log p(y_i) + gamma * sum_{corrected} log p(y_i) ],
+    N = |unchanged| + gamma * |corrected|.
+
+The released RLHF-V code drops the 1/N (a weighted sum). Both are `weighted_logps(..., normalize)`.
+The weights arrive precomputed from the collator (0 outside the answer, 1, or gamma), so gamma itself
+never appears in this file. Reference sequence log-probs are rebuilt from per-token reference log-probs
+with the same weights and normalisation, as RLHF-V does.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORMALIZATIONS = ("mean", "sum")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def _rows(mask: Tensor) -> list[int]:
+    return mask.nonzero().flatten().tolist()
+
+
+def weighted_logps(token_logps: Tensor, weights: Tensor, normalize: str) -> Tensor:
+    """Sequence log-prob of each row: token_logps, weights [B, T] float -> [B].
+
+    weights: 0 = not part of the response, 1 = unchanged token, gamma = corrected token.
+    normalize="mean": sum(w * logp) / sum(w) (paper Eq. 5); "sum": sum(w * logp) (released RLHF-V code).
+    Values of token_logps where the weight is 0 are never read (they may be anything, even NaN).
+    """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"weighted_logps: normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if token_logps.dim() != 2 or token_logps.shape != weights.shape:
+        raise ValueError(
+            f"weighted_logps: token_logps and weights must both be [B, T]; got {tuple(token_logps.shape)} "
+            f"and {tuple(weights.shape)} (weights are aligned with labels[:, 1:])"
+        )
+    inside = weights > 0
+    if (weights < 0).any():
+        raise ValueError(
+            f"weighted_logps: negative token weights in rows {_rows((weights < 0).any(1))}; weights are 0, 1 or gamma"
+        )
+    broken = (inside & ~torch.isfinite(token_logps)).any(1)
+    if broken.any():
+        raise ValueError(f"weighted_logps: NaN/inf token log-probs inside the response (weight > 0) in rows {_rows(broken)}")
+    # `where`, not multiplication: 0 * NaN outside the response would still be NaN.
+    total = torch.where(inside, weights * token_logps, torch.zeros_like(token_logps)).sum(dim=1)
+    if normalize == "sum":
+        return total
+    norm = weights.sum(dim=1)
+    if (norm == 0).any():
+        raise ValueError(
+            f"weighted_logps: rows {_rows(norm == 0)} have no response tokens (all weights 0), so their "
+            f"mean log-prob is undefined; drop empty answers or check the label mask"
+        )
+    return total / norm
+
+
+def _check_settings(beta: float, loss_type: str, label_smoothing: float) -> None:
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing > 0 and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing is only defined for loss_type 'sigmoid', got {loss_type!r}")
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Optional[Tensor],
+    ref_rejected: Optional[Tensor],
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair preference loss from sequence log-probs, all [B] -> (losses, chosen_rewards, rejected_rewards).
+
+    h = (pi_c - pi_r) - (ref_c - ref_r), with the reference part 0 when `reference_free` (then the
+    ref arguments may be None).
+      sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps = label_smoothing; DPO at 0)
+      ipo:     (h - 1 / (2 beta))^2
+      hinge:   max(0, 1 - beta h)
+    Rewards are beta * (policy - ref), detached, with ref taken as 0 when reference_free, so that
+    "chosen reward > rejected reward" means the same thing the loss optimises.
+    """
+    _check_settings(beta, loss_type, label_smoothing)
+    if reference_free:
+        ref_chosen = torch.zeros_like(policy_chosen) if ref_chosen is None else torch.zeros_like(ref_chosen)
+        ref_rejected = torch.zeros_like(policy_rejected) if ref_rejected is None else torch.zeros_like(ref_rejected)
+    elif ref_chosen is None or ref_rejected is None:
+        raise ValueError("dpo_loss: reference log-probs are None; pass them or set reference_free=True")
+    shapes = [tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 1:
+        raise ValueError(
+            f"dpo_loss: policy_chosen, policy_rejected, ref_chosen, ref_rejected must all be [B]; got {shapes}"
+        )
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+        if label_smoothing > 0:
+            losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:  # hinge
+        losses = torch.relu(1 - beta * h)
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+class DDPOLoss(nn.Module):
+    """Token log-probs + weights of a batch of pairs -> (scalar loss, metrics), torchtune style.
+
+    loss = mean over pairs of dpo_loss + sft_weight * (mean negative log-prob of all chosen answer
+    tokens in the batch, unweighted). Metrics are detached 0-d tensors (batch means) so that a
+    trainer can all-reduce them before logging.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        normalize: str = "mean",
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference_free: bool = False,
+        sft_weight: float = 0.0,
+    ):
+        super().__init__()
+        _check_settings(beta, loss_type, label_smoothing)
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if not sft_weight >= 0:
+            raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+        self.beta, self.normalize, self.loss_type = beta, normalize, loss_type
+        self.label_smoothing, self.reference_free, self.sft_weight = label_smoothing, reference_free, sft_weight
+
+    @classmethod
+    def from_config(cls, loss_cfg: Any) -> "DDPOLoss":
+        """From a `ddpo.config.LossConfig` (or anything with the same attributes); gamma lives in the weights."""
+        return cls(
+            beta=loss_cfg.beta,
+            normalize=loss_cfg.normalize,
+            loss_type=loss_cfg.loss_type,
+            label_smoothing=loss_cfg.label_smoothing,
+            reference_free=loss_cfg.reference_free,
+            sft_weight=loss_cfg.sft_weight,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, normalize={self.normalize!r}, loss_type={self.loss_type!r}, "
+                f"label_smoothing={self.label_smoothing}, reference_free={self.reference_free}, sft_weight={self.sft_weight}")
+
+    def forward(
+        self,
+        policy_chosen_token_logps: Tensor,
+        policy_rejected_token_logps: Tensor,
+        chosen_weights: Tensor,
+        rejected_weights: Tensor,
+        ref_chosen_token_logps: Optional[Tensor],
+        ref_rejected_token_logps: Optional[Tensor],
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """All inputs [B, T] (aligned with labels[:, 1:]); reference ones may be None when reference_free."""
+        policy_chosen = weighted_logps(policy_chosen_token_logps, chosen_weights, self.normalize)
+        policy_rejected = weighted_logps(policy_rejected_token_logps, rejected_weights, self.normalize)
+        if ref_chosen_token_logps is None or ref_rejected_token_logps is None:
+            if not self.reference_free:
+                raise ValueError("DDPOLoss: reference token log-probs are None; pass them or set reference_free=True")
+            ref_chosen = ref_rejected = None
+        else:  # same weights and normalisation as the policy (RLHF-V)
+            ref_chosen = weighted_logps(ref_chosen_token_logps, chosen_weights, self.normalize)
+            ref_rejected = weighted_logps(ref_rejected_token_logps, rejected_weights, self.normalize)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+            self.beta, self.loss_type, self.label_smoothing, self.reference_free,
+        )
+        loss = losses.mean()
+        if self.sft_weight > 0:
+            answer = chosen_weights > 0
+            nll = -torch.where(answer, policy_chosen_token_logps, torch.zeros_like(policy_chosen_token_logps)).sum()
+            loss = loss + self.sft_weight * nll / answer.sum().clamp(min=1)
+
+        def mean(t: Optional[Tensor]) -> Tensor:
+            return torch.zeros((), device=loss.device) if t is None else t.detach().float().mean()
+
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/chosen": mean(chosen_rewards),
+            "rewards/rejected": mean(rejected_rewards),
+            "rewards/accuracies": mean(chosen_rewards > rejected_rewards),
+            "rewards/margins": mean(chosen_rewards - rejected_rewards),
+            "logps/chosen": mean(policy_chosen),
+            "logps/rejected": mean(policy_rejected),
+            "logps/ref_chosen": mean(ref_chosen),
+            "logps/ref_rejected": mean(ref_rejected),
+        }
+        return loss, metrics

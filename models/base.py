@@ -1,0 +1,274 @@
+"""The one interface every architecture offers to the trainer, the reference cache and evaluation.
+
+A `PreferenceModel` wraps a Hugging Face model (`hf_model`) and its tokenizer. Subclasses say how to
+encode images (vision tower + projector) and how to run the decoder to final hidden states; this
+module holds what is shared:
+
+* `pair_token_logps(batch)`: per-token log-probs of the chosen and rejected rows of a `PairBatch`. Each
+  pair's image is encoded once (B images for 2B rows) and its features are indexed into both rows;
+  log-probs come from the final hidden states through `ddpo.logps.chunked_token_logps`, so no
+  `[2B, T, V]` logits exist. Position ids come from the attention mask (cumsum - 1), so left and right
+  padding give the same log-probs.
+* `generate(images, prompts, ...)`: batched, left-padded generation through the HF model's `generate`.
+* freezing (`ModelConfig.freeze_*`), learning-rate-0 parameters, gradient checkpointing, saving.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from data.records import PairBatch
+from ddpo.logps import chunked_token_logps
+
+IGNORE_INDEX = -100
+DDPO_MODEL_FILE = "ddpo_model.json"
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Deterministic eval transform: RGB, bicubic resize to size x size, scale to [0, 1], normalise."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """list of B PIL images -> [B, 3, size, size] float32."""
+        if len(images) == 0:
+            raise ValueError("preprocess_images: got an empty list of images")
+        arrays = []
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"preprocess_images: image {i} is a {type(image).__name__}, expected a PIL image")
+            resized = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(resized, dtype=np.float32))
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[R, T] 0/1 mask -> [R, T] positions counting real tokens only (pads get 0): padding-side invariant."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def scatter_image_features(
+    inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, row_features: torch.Tensor
+) -> torch.Tensor:
+    """Replace the embeddings at image-token positions with image features, in order.
+
+    inputs_embeds [R, T, D], input_ids [R, T], row_features [R, N, D] (row r's image) -> [R, T, D].
+    Every row must hold exactly N image tokens.
+    """
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(dim=1)
+    expected = row_features.shape[1]
+    bad = (counts != expected).nonzero()
+    if len(bad):
+        row = int(bad[0, 0])
+        raise ValueError(
+            f"row {row} has {int(counts[row])} image tokens (id {image_token_id}) but the model makes "
+            f"{expected} features per image: build prompts with the model's `image_placeholder`"
+        )
+    return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), row_features.to(inputs_embeds.dtype))
+
+
+class StopOnStrings(StoppingCriteria):
+    """Stop a row once its decoded new text contains a stop string.
+
+    transformers' own `stop_strings` needs a tokenizer whose tokens decode with a prefix intact, which
+    word-level tokenizers do not; decoding the (short) answers so far works with any tokenizer.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stop_strings, self.prompt_length = tokenizer, list(stop_strings), prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([any(stop in text for stop in self.stop_strings) for text in texts], device=input_ids.device)
+
+
+class PreferenceModel(nn.Module):
+    """Interface + shared logic; subclasses: `models.llava.LlavaPreferenceModel`, `models.muffin.MuffinPreferenceModel`.
+
+    Subclasses implement `encode_images`, `decoder_hidden_states`, `parameter_parts`, `image_placeholder`
+    and set `arch`, `hf_model`, `tokenizer`, `image_transform`, `image_token_id`, `num_image_tokens`.
+    """
+
+    arch: str = ""
+
+    def __init__(self, hf_model: nn.Module, tokenizer, image_transform: ImageTransform, image_token_id: int,
+                 num_image_tokens: int, logps_chunk_size: int = 256):
+        super().__init__()
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.logps_chunk_size = logps_chunk_size
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to the unk or eos token)")
+
+    # -- what each architecture provides ---------------------------------------------------------
+    @property
+    def image_placeholder(self) -> str:
+        """Text standing for one image, already expanded to `num_image_tokens` image tokens."""
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, N, D_llm]: vision tower + projector."""
+        raise NotImplementedError
+
+    def decoder_hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                              position_ids: torch.Tensor) -> torch.Tensor:
+        """[R, T, D] embeddings -> [R, T, D] final hidden states (after the last norm)."""
+        raise NotImplementedError
+
+    def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part: 'vision_tower', 'projector', 'llm' (decoder, embeddings, LM head)."""
+        raise NotImplementedError
+
+    def zero_lr_parameter_names(self) -> list[str]:
+        """Names (as in `named_parameters()`) the optimizer must give learning rate 0; none by default."""
+        return []
+
+    # -- shared ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.hf_model.get_output_embeddings()
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """list of B PIL images -> [B, C, H, W] float32 (deterministic)."""
+        return self.image_transform(images)
+
+    def sequence_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                             pixel_values: Optional[torch.Tensor], image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token log-probs [R, T-1] (float32) of `labels[:, 1:]`, 0 where the label is -100.
+
+        input_ids / attention_mask / labels [R, T]; pixel_values [B, C, H, W] encoded once; image_index
+        [R] long maps each row to its image (default: row r -> image r).
+        """
+        inputs_embeds = self.hf_model.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            features = self.encode_images(pixel_values.to(self.dtype))  # [B, N, D]
+            if image_index is None:
+                image_index = torch.arange(input_ids.shape[0], device=input_ids.device)
+            # Indexing (not recomputing): autograd sums both rows' gradients into the one encoding.
+            inputs_embeds = scatter_image_features(inputs_embeds, input_ids, self.image_token_id, features[image_index])
+        elif (input_ids == self.image_token_id).any():
+            raise ValueError("input_ids hold image tokens but pixel_values is None")
+        hidden = self.decoder_hidden_states(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask))
+        return chunked_token_logps(hidden, self.lm_head.weight, labels, IGNORE_INDEX, self.logps_chunk_size,
+                                   lm_head_bias=self.lm_head.bias)
+
+    def pair_token_logps(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [B, T-1], rejected [B, T-1]) per-token log-probs; image i serves rows i and B + i."""
+        pairs = batch.num_pairs
+        if batch.pixel_values is not None and batch.pixel_values.shape[0] != pairs:
+            raise ValueError(f"PairBatch has {pairs} pairs but {batch.pixel_values.shape[0]} images: expected one image per pair")
+        image_index = torch.arange(pairs, device=batch.input_ids.device).repeat(2)
+        logps = self.sequence_token_logps(batch.input_ids, batch.attention_mask, batch.labels, batch.pixel_values, image_index)
+        return logps[:pairs], logps[pairs:]
+
+    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same as `pair_token_logps` (what a DeepSpeed engine calls)."""
+        return self.pair_token_logps(batch)
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], template: str = "vicuna_v0",
+                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 num_beams: int = 1, seed: Optional[int] = None, stop_strings: Optional[Sequence[str]] = None,
+                 batch_size: int = 8, repetition_penalty: float = 1.0) -> list[str]:
+        """Answers to `prompts` (one image each), generated in left-padded batches.
+
+        Returns the generated text only: no prompt, cut before the first stop string, no eos/pad, stripped.
+        With `seed`, sampling is reproducible (the global RNG state is restored afterwards).
+        """
+        from data.templates import encode_prompt
+
+        if len(images) != len(prompts):
+            raise ValueError(f"generate: {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        was_training = self.training
+        self.eval()
+        answers: list[str] = []
+        try:
+            for start in range(0, len(prompts), batch_size):
+                ids = [encode_prompt(template, self.tokenizer, p, self.image_placeholder) for p in prompts[start:start + batch_size]]
+                input_ids, attention_mask = self._left_pad(ids)
+                pixel_values = self.preprocess_images(images[start:start + batch_size]).to(self.device, self.dtype)
+                options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                               repetition_penalty=repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
+                               eos_token_id=self.tokenizer.eos_token_id)
+                if do_sample:
+                    options.update(temperature=temperature, top_p=top_p)
+                if stop_strings:
+                    options.update(stopping_criteria=StoppingCriteriaList(
+                        [StopOnStrings(self.tokenizer, stop_strings, input_ids.shape[1])]))
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    if seed is not None:
+                        torch.manual_seed(seed + start)
+                    out = self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                 pixel_values=pixel_values, **options)
+                answers += [self._decode_answer(row, stop_strings) for row in out[:, input_ids.shape[1]:]]
+        finally:
+            self.train(was_training)
+        return answers
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (length - len(s)) + list(s) for s in sequences], device=self.device)
+        mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences], device=self.device)
+        return ids, mask
+
+    def _decode_answer(self, new_tokens: torch.Tensor, stop_strings: Optional[Sequence[str]]) -> str:
+        tokens = new_tokens.tolist()
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos in tokens:
+            tokens = tokens[: tokens.index(eos)]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in stop_strings or ():
+            text = text.split(stop, 1)[0]
+        return text.strip()
+
+    # -- training set-up -------------------------------------------------------------------------
+    def apply_freezing(self, vision_tower: bool = False, projector: bool = False, llm: bool = False) -> None:
+        """requires_grad False on the chosen parts (they then get no gradient and no optimizer state)."""
+        for part, frozen in (("vision_tower", vision_tower), ("projector", projector), ("llm", llm)):
+            for p in self.parameter_parts()[part]:
+                p.requires_grad_(not frozen)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute layer activations (decoder and vision encoder) in the backward pass."""
+        # Non-reentrant checkpointing: correct even when the inputs of a layer need no gradient (frozen embeddings).
+        self.hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """HF model (safetensors) + tokenizer + `ddpo_model.json` (arch, image transform); `models.build.load_model` reloads it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf_model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        info = {"arch": self.arch, "image_transform": asdict(self.image_transform),
+                "logps_chunk_size": self.logps_chunk_size, "format_version": 1}
+        (directory / DDPO_MODEL_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")

@@ -1,0 +1,192 @@
+"""Build a `PreferenceModel` from the `model:` config section, or reload one from a directory.
+
+Random-init presets (`model.preset`, when `model.name_or_path` is null); both architectures share the
+sizes, Muffin's vision tower being BEiT-3 of that width and its image tokens the learnable queries:
+
+| preset | vision width / layers / heads / FFN | image px / patch | LLaVA image tokens | Muffin queries | Llama hidden / layers / heads / FFN |
+|--------|-------------------------------------|------------------|--------------------|----------------|-------------------------------------|
+| tiny   | 64 / 2 / 4 / 256                    | 32 / 8           | 16                 | 8              | 64 / 2 / 4 / 256                    |
+| small  | 128 / 2 / 4 / 512                   | 48 / 8           | 36                 | 16             | 128 / 2 / 4 / 512                   |
+| bench  | 256 / 4 / 4 / 1024                  | 64 / 8           | 64                 | 64             | 256 / 4 / 4 / 1024                  |
+
+The vocabulary is the tokenizer's (`len(tokenizer)`), so a random-init model needs one: the trainer
+passes it (or `model.tokenizer` names one). `bench` with an 8192-word vocabulary is the 11.5 M-parameter
+LLaVA of the benchmarks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from ddpo.config import ConfigError, ModelConfig
+from models.base import DDPO_MODEL_FILE, ImageTransform, PreferenceModel
+from models.llava import IMAGE_TOKEN, LlavaPreferenceModel
+from models.muffin import (IMAGE_PATCH_TOKEN, MuffinConfig, MuffinForCausalLM, MuffinPreferenceModel,
+                           apply_sub_ln_init, load_muffin_checkpoint, muffin_config_from_original)
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(vision_width=64, vision_layers=2, vision_heads=4, image_size=32, patch=8, queries=8,
+                 text_width=64, text_layers=2, text_heads=4),
+    "small": dict(vision_width=128, vision_layers=2, vision_heads=4, image_size=48, patch=8, queries=16,
+                  text_width=128, text_layers=2, text_heads=4),
+    "bench": dict(vision_width=256, vision_layers=4, vision_heads=4, image_size=64, patch=8, queries=64,
+                  text_width=256, text_layers=4, text_heads=4),
+}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' = bfloat16 on a GPU that supports it, float32 otherwise (CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _text_config(preset: dict, tokenizer) -> LlamaConfig:
+    width = preset["text_width"]
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=preset["text_layers"], num_attention_heads=preset["text_heads"],
+        num_key_value_heads=preset["text_heads"], max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def random_llava(preset_name: str, tokenizer, image_size: Optional[int] = None, attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA-1.5-shaped model (CLIP tower, 2-layer GELU projector, Llama) of a preset's size."""
+    p = PRESETS[preset_name]
+    size = image_size or p["image_size"]
+    if size % p["patch"]:
+        raise ConfigError(f"model.image_size {size} must be a multiple of the patch size {p['patch']}")
+    vision = CLIPVisionConfig(hidden_size=p["vision_width"], intermediate_size=4 * p["vision_width"],
+                              num_hidden_layers=p["vision_layers"], num_attention_heads=p["vision_heads"],
+                              image_size=size, patch_size=p["patch"])
+    config = LlavaConfig(vision_config=vision, text_config=_text_config(p, tokenizer),
+                         image_token_index=_token_id(tokenizer, IMAGE_TOKEN),
+                         image_seq_length=(size // p["patch"]) ** 2, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", attn_implementation=attn_implementation)
+    return LlavaForConditionalGeneration(config)
+
+
+def random_muffin(preset_name: str, tokenizer, image_size: Optional[int] = None, attn_implementation: str = "sdpa") -> MuffinForCausalLM:
+    """A randomly initialised Muffin (BEiT-3 + queries + linear projector + Llama) of a preset's size."""
+    p = PRESETS[preset_name]
+    size = image_size or p["image_size"]
+    if size % p["patch"]:
+        raise ConfigError(f"model.image_size {size} must be a multiple of the patch size {p['patch']}")
+    config = MuffinConfig(
+        text_config=_text_config(p, tokenizer), vision_image_size=size, vision_patch_size=p["patch"],
+        vision_hidden_size=p["vision_width"], vision_num_layers=p["vision_layers"], vision_num_heads=p["vision_heads"],
+        vision_ffn_dim=4 * p["vision_width"], num_query=p["queries"], image_token_id=_token_id(tokenizer, IMAGE_PATCH_TOKEN),
+        attn_implementation=attn_implementation,
+    )
+    model = MuffinForCausalLM(config)
+    apply_sub_ln_init(model)
+    return model
+
+
+def _token_id(tokenizer, token: str) -> int:
+    if token not in tokenizer.get_vocab():
+        raise ConfigError(f"the tokenizer has no '{token}' token: add it as a special token (data/tokenizer.py adds the image tokens)")
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def build_model(cfg: ModelConfig, tokenizer=None) -> PreferenceModel:
+    """The model the `model:` section describes: a checkpoint (`name_or_path`), or a random-init preset
+    (optionally filled from an original Muffin checkpoint), with freezing, checkpointing and dtype applied."""
+    if cfg.lora_r:
+        raise ConfigError("model.lora_r > 0: LoRA is not supported by models/build.py yet; set model.lora_r 0")
+    dtype = resolve_dtype(cfg.dtype)
+    if tokenizer is None and cfg.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    if cfg.name_or_path:
+        model = load_model(cfg.name_or_path, tokenizer=tokenizer, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code, logps_chunk_size=cfg.logps_chunk_size,
+                           freeze_vision_experts=cfg.freeze_vision_experts)
+        if model.arch != cfg.arch:
+            raise ConfigError(f"model.arch is '{cfg.arch}' but {cfg.name_or_path} holds a '{model.arch}' model")
+    else:
+        model = _random_init(cfg, tokenizer).to(dtype)
+    model.apply_freezing(cfg.freeze_vision_tower, cfg.freeze_projector, cfg.freeze_llm)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def _random_init(cfg: ModelConfig, tokenizer) -> PreferenceModel:
+    muffin_dir = Path(cfg.muffin_checkpoint) if cfg.muffin_checkpoint else None
+    if muffin_dir is not None and cfg.arch != "muffin":
+        raise ConfigError("model.muffin_checkpoint needs model.arch 'muffin'")
+    if tokenizer is None and muffin_dir is not None and (muffin_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(muffin_dir, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer is None:
+        raise ConfigError(f"a random-init '{cfg.arch}' model (model.name_or_path null) needs a tokenizer: "
+                          "pass one to build_model or set model.tokenizer")
+    if cfg.arch == "llava":
+        return LlavaPreferenceModel(random_llava(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation),
+                                    tokenizer, logps_chunk_size=cfg.logps_chunk_size)
+    if muffin_dir is not None and (muffin_dir / "config.json").is_file():  # a full original checkpoint directory
+        original = json.loads((muffin_dir / "config.json").read_text(encoding="utf-8"))
+        config = muffin_config_from_original(original, _token_id(tokenizer, IMAGE_PATCH_TOKEN))
+        hf = MuffinForCausalLM._from_config(config, attn_implementation=cfg.attn_implementation)
+    else:
+        hf = random_muffin(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation)
+    if muffin_dir is not None:
+        load_muffin_checkpoint(hf, muffin_dir)
+    return MuffinPreferenceModel(hf, tokenizer, logps_chunk_size=cfg.logps_chunk_size,
+                                 freeze_vision_experts=cfg.freeze_vision_experts)
+
+
+def load_model(path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dtype] = None,
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False, logps_chunk_size: Optional[int] = None,
+               freeze_vision_experts: bool = False) -> PreferenceModel:
+    """Reload a `PreferenceModel.save_pretrained` directory, or open an HF LLaVA checkpoint (local dir or hub id)."""
+    path = str(path)
+    info_file = Path(path) / DDPO_MODEL_FILE
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    options = dict(dtype=dtype or torch.float32, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    arch = info.get("arch") or _arch_of_checkpoint(path, trust_remote_code)
+    transform = ImageTransform(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["image_transform"].items()}) \
+        if "image_transform" in info else _hf_image_transform(path)
+    chunk = logps_chunk_size or info.get("logps_chunk_size", 256)
+    if arch == "llava":
+        hf = LlavaForConditionalGeneration.from_pretrained(path, **options)
+        return LlavaPreferenceModel(hf, tokenizer, transform, chunk)
+    if arch == "muffin":
+        hf = MuffinForCausalLM.from_pretrained(path, **options)
+        return MuffinPreferenceModel(hf, tokenizer, transform, chunk, freeze_vision_experts=freeze_vision_experts)
+    raise ConfigError(f"{path}: unsupported model type '{arch}' (expected a LLaVA or a ddpo Muffin checkpoint)")
+
+
+def _arch_of_checkpoint(path: str, trust_remote_code: bool) -> str:
+    from transformers import AutoConfig
+
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    else:
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+    return {"llava": "llava", MuffinConfig.model_type: "muffin"}.get(model_type, model_type)
+
+
+def _hf_image_transform(path: str) -> Optional[ImageTransform]:
+    """Image size/mean/std from an HF `preprocessor_config.json` (llava-hf checkpoints); None = the tower's defaults."""
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(path, "preprocessor_config.json"))
+        except Exception:  # offline or no such file: fall back to the vision tower's defaults
+            return None
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    size = spec.get("crop_size") or spec.get("size") or {}
+    side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+    if not side or "image_mean" not in spec:
+        return None
+    return ImageTransform(int(side), tuple(spec["image_mean"]), tuple(spec["image_std"]))

@@ -1,0 +1,329 @@
+"""Muffin (RLHF-V's base model): BEiT-3 with learnable queries -> one linear projector -> LLaMA.
+
+The text holds `<im_start>` + N x `<im_patch>` + `<im_end>` per image; the N `<im_patch>` embeddings
+are replaced by the projected outputs of the N learnable queries (`model.query`), which BEiT-3 appends
+after the image patches and runs through its language experts (`models/beit3.py`).
+
+`MuffinConfig` / `MuffinForCausalLM` are ordinary HF classes (save_pretrained / from_pretrained with
+safetensors, `generate`), written here so no checkpoint code has to be trusted.
+
+Original checkpoint names (thunlp/Muffin `muffin/model/muffin.py` `Beit3LlavaLlamaForCausalLM`, whose
+vision tower is torchscale's BEiT-3 inside `BEiT3Wrapper`) map onto ours by prefix:
+
+| RLHF-V / Muffin checkpoint                      | this module                                      |
+|-------------------------------------------------|--------------------------------------------------|
+| `model.embed_tokens.*`                          | `model.language_model.embed_tokens.*`            |
+| `model.layers.{i}.*` (HF LLaMA decoder layer)   | `model.language_model.layers.{i}.*`              |
+| `model.norm.weight`                             | `model.language_model.norm.weight`               |
+| `model.vision_tower.beit3.vision_embed.{proj.weight, proj.bias, cls_token}` | same                 |
+| `model.vision_tower.beit3.encoder.embed_positions.{A,B}.weight` | same                             |
+| `model.vision_tower.beit3.encoder.layers.{i}.self_attn.{q,k,v,out}_proj.{A,B}.{weight,bias}` | same |
+| `model.vision_tower.beit3.encoder.layers.{i}.self_attn.inner_attn_ln.{A,B}.{weight,bias}` | same   |
+| `model.vision_tower.beit3.encoder.layers.{i}.{self_attn_layer_norm,final_layer_norm}.{A,B}.*` | same |
+| `model.vision_tower.beit3.encoder.layers.{i}.ffn.{A,B}.{fc1,fc2,ffn_layernorm}.{weight,bias}` | same |
+| `model.vision_tower.beit3.encoder.layer_norm.{A,B}.{weight,bias}` | same                           |
+| `model.query` [num_query, D_vision]             | same                                             |
+| `model.mm_projector.{weight,bias}`              | same                                             |
+| `lm_head.weight`                                | same                                             |
+| `model.vision_tower.beit3.text_embed.weight`, `...vision_embed.mask_token`, `model.layers.{i}.self_attn.rotary_emb.inv_freq` | dropped (unused: Muffin deletes the first two before training; the last is a recomputed buffer) |
+
+RLHF-V freezing policy (`freeze_vision_experts`): learning rate 0 on every BEiT-3 parameter of a
+vision expert (`.A.` in its name, the vision position embedding included) and on the patch embedding
+(`beit3.vision_embed`). The 64 queries, the language experts, the projector and the LLM train.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, LlamaConfig, LlamaModel, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+
+from models.base import ImageTransform, PreferenceModel, scatter_image_features
+from models.beit3 import Beit3QueryEncoder, VisionEmbedding, sub_ln_init_scale
+
+IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN = "<im_patch>", "<im_start>", "<im_end>"
+# Muffin's eval transform normalises with the Inception mean/std.
+MUFFIN_IMAGE_MEAN = MUFFIN_IMAGE_STD = (0.5, 0.5, 0.5)
+
+
+class MuffinConfig(PreTrainedConfig):
+    """BEiT-3 vision settings (defaults: `beit3_large_patch16_448`), query count, and a LLaMA `text_config`."""
+
+    model_type = "ddpo_muffin"
+    sub_configs_defaults = {"text_config": LlamaConfig}
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_image_size: int = 448
+    vision_patch_size: int = 16
+    vision_hidden_size: int = 1024
+    vision_num_layers: int = 24
+    vision_num_heads: int = 16
+    vision_ffn_dim: int = 4096
+    vision_layernorm_eps: float = 1e-5
+    vision_max_source_positions: int = 1024
+    num_query: int = 64
+    image_token_id: int = 32001  # <im_patch>
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+
+class MuffinPreTrainedModel(PreTrainedModel):
+    config: MuffinConfig
+    config_class = MuffinConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "EncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # Linear/Conv normal(0.02), zero bias; LayerNorm 1/0; Embedding normal
+        std = self.config.initializer_range
+        if isinstance(module, MuffinModel):
+            init.trunc_normal_(module.query, std=std)
+        elif isinstance(module, VisionEmbedding):
+            init.trunc_normal_(module.cls_token, std=std)
+
+
+class MuffinModel(MuffinPreTrainedModel):
+    """Vision tower + queries + projector + LLaMA decoder (no LM head)."""
+
+    def __init__(self, config: MuffinConfig):
+        super().__init__(config)
+        self.vision_tower = Beit3QueryEncoder(
+            image_size=config.vision_image_size, patch_size=config.vision_patch_size, dim=config.vision_hidden_size,
+            num_layers=config.vision_num_layers, num_heads=config.vision_num_heads, ffn_dim=config.vision_ffn_dim,
+            eps=config.vision_layernorm_eps, max_source_positions=config.vision_max_source_positions,
+        )
+        if config.num_query > config.vision_max_source_positions - 2:
+            raise ValueError(f"num_query {config.num_query} exceeds BEiT-3's {config.vision_max_source_positions - 2} text positions")
+        self.query = nn.Parameter(torch.zeros(config.num_query, config.vision_hidden_size))
+        self.mm_projector = nn.Linear(config.vision_hidden_size, config.text_config.hidden_size)
+        self.language_model = LlamaModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.embed_tokens = value
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, num_query, D_llm]."""
+        return self.mm_projector(self.vision_tower(pixel_values, self.query))
+
+    def forward(self, input_ids: Optional[torch.LongTensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.LongTensor] = None,
+                cache=None, inputs_embeds: Optional[torch.Tensor] = None, use_cache: Optional[bool] = None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.language_model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids to locate the <im_patch> tokens")
+            features = self.get_image_features(pixel_values.to(inputs_embeds.dtype))
+            inputs_embeds = scatter_image_features(inputs_embeds, input_ids, self.config.image_token_id, features)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, use_cache=use_cache, **kwargs)
+
+
+class MuffinForCausalLM(MuffinPreTrainedModel, GenerationMixin):
+    def __init__(self, config: MuffinConfig):
+        super().__init__(config)
+        self.model = MuffinModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, input_ids: Optional[torch.LongTensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.LongTensor] = None,
+                cache=None, inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
+                use_cache: Optional[bool] = None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                             position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# The interface
+# ------------------------------------------------------------------------------------------------
+class MuffinPreferenceModel(PreferenceModel):
+    arch = "muffin"
+
+    def __init__(self, hf_model: MuffinForCausalLM, tokenizer, image_transform: Optional[ImageTransform] = None,
+                 logps_chunk_size: int = 256, freeze_vision_experts: bool = False):
+        config = hf_model.config
+        patch_id = tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
+        if patch_id != config.image_token_id:
+            raise ValueError(f"tokenizer id of {IMAGE_PATCH_TOKEN} is {patch_id} but the model config says "
+                             f"{config.image_token_id}: use the tokenizer saved with the model")
+        for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN):
+            if token not in tokenizer.get_vocab():
+                raise ValueError(f"the tokenizer lacks {token}: add it as a special token (Muffin's image delimiters)")
+        image_transform = image_transform or ImageTransform(config.vision_image_size, MUFFIN_IMAGE_MEAN, MUFFIN_IMAGE_STD)
+        super().__init__(hf_model, tokenizer, image_transform, config.image_token_id, config.num_query, logps_chunk_size)
+        self.freeze_vision_experts = freeze_vision_experts
+
+    @property
+    def image_placeholder(self) -> str:
+        return IMAGE_START_TOKEN + IMAGE_PATCH_TOKEN * self.num_image_tokens + IMAGE_END_TOKEN
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.hf_model.model.get_image_features(pixel_values)
+
+    def decoder_hidden_states(self, inputs_embeds, attention_mask, position_ids):
+        out = self.hf_model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                 position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
+        inner = self.hf_model.model
+        return {
+            # The queries run inside BEiT-3: they belong to the vision encoder.
+            "vision_tower": [*inner.vision_tower.parameters(), inner.query],
+            "projector": list(inner.mm_projector.parameters()),
+            "llm": [*inner.language_model.parameters(), *self.hf_model.lm_head.parameters()],
+        }
+
+    def zero_lr_parameter_names(self) -> list[str]:
+        """RLHF-V: lr 0 on BEiT-3 vision experts and the patch embedding, when `freeze_vision_experts`.
+
+        These keep requires_grad (as in RLHF-V), so their gradients still count in the global gradient
+        norm that clipping uses; only their updates are zero.
+        """
+        if not self.freeze_vision_experts:
+            return []
+        return [name for name, _ in self.named_parameters() if is_vision_expert_parameter(name)]
+
+
+def is_vision_expert_parameter(name: str) -> bool:
+    """BEiT-3 parameters RLHF-V gives learning rate 0: vision experts ('.A.') and the patch embedding."""
+    return ".beit3." in name and (".A." in name or ".vision_embed." in name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Original RLHF-V / Muffin checkpoints
+# ------------------------------------------------------------------------------------------------
+# (pattern on the original name, replacement) in order; the first match wins. See the module docstring.
+_KEY_RENAMES = [
+    (re.compile(r"^model\.(embed_tokens|layers|norm)\."), r"model.language_model.\1."),
+]
+_DROPPED_KEYS = re.compile(
+    r"(^model\.vision_tower\.beit3\.text_embed\.|^model\.vision_tower\.beit3\.vision_embed\.mask_token$|"
+    r"\.rotary_emb\.inv_freq$)"
+)
+
+
+def map_muffin_key(name: str) -> Optional[str]:
+    """Original checkpoint name -> our name, or None for a parameter we do not use."""
+    if _DROPPED_KEYS.search(name):
+        return None
+    for pattern, replacement in _KEY_RENAMES:
+        if pattern.search(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A `.safetensors` / `.bin` / `.pt` state dict, or a directory of shards (safetensors preferred).
+
+    `.bin` files load with `torch.load(weights_only=True)`: no pickled code runs.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(glob.glob(str(path / "*.safetensors"))) or sorted(glob.glob(str(path / "*.bin")))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files in this directory")
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        raise FileNotFoundError(f"Muffin checkpoint not found: {path}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.endswith(".safetensors"):
+            part = load_file(file)
+        else:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+            part = part.get("model", part) if isinstance(part, dict) and "model" in part and isinstance(part["model"], dict) else part
+        state.update(part)
+    return state
+
+
+def load_muffin_checkpoint(model: MuffinForCausalLM, path_or_state: str | os.PathLike | dict) -> dict[str, list[str]]:
+    """Load an original RLHF-V / Muffin state dict into `model` through the key table above.
+
+    Raises if any of our parameters is not covered, if an original key has no place in our model, or on a
+    shape mismatch; returns {"loaded": [...], "dropped": [...]} (original names).
+    """
+    state = path_or_state if isinstance(path_or_state, dict) else read_state_dict(path_or_state)
+    ours = model.state_dict()
+    mapped, dropped, unexpected = {}, [], []
+    for name, tensor in state.items():
+        target = map_muffin_key(name)
+        if target is None:
+            dropped.append(name)
+        elif target not in ours:
+            unexpected.append(name)
+        elif tuple(ours[target].shape) != tuple(tensor.shape):
+            raise ValueError(f"Muffin checkpoint key {name} (-> {target}) has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(ours[target].shape)}: the model config does not match the checkpoint")
+        else:
+            mapped[target] = tensor
+    missing = sorted(set(ours) - set(mapped))
+    if missing or unexpected:
+        raise ValueError(f"Muffin checkpoint does not match the model: {len(missing)} missing (e.g. {missing[:5]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:5]}); check vision/text sizes and num_query")
+    model.load_state_dict(mapped, strict=True)
+    return {"loaded": sorted(k for k in state if k not in dropped), "dropped": sorted(dropped)}
+
+
+def muffin_config_from_original(original: dict, image_token_id: int) -> MuffinConfig:
+    """MuffinConfig from an original Muffin `config.json` (model_type 'beit3_llava': LLaMA fields +
+    `mm_vision_tower` like 'beit3_large_patch16_448' + `num_query`)."""
+    tower = original.get("mm_vision_tower", "beit3_large_patch16_448")
+    match = re.fullmatch(r"beit3_(base|large)_patch(\d+)_(\d+)", tower)
+    if not match:
+        raise ValueError(f"unsupported mm_vision_tower '{tower}': expected beit3_{{base,large}}_patch<P>_<size>")
+    size, patch, image = match.group(1), int(match.group(2)), int(match.group(3))
+    width, layers, heads = (1024, 24, 16) if size == "large" else (768, 12, 12)
+    # LLaMA fields pass through; the multimodal ones (mm_*, num_query, ...) become harmless extra attributes.
+    text = {k: v for k, v in original.items() if k not in ("architectures", "model_type", "transformers_version")}
+    return MuffinConfig(
+        text_config=LlamaConfig(**text), vision_image_size=image, vision_patch_size=patch, vision_hidden_size=width,
+        vision_num_layers=layers, vision_num_heads=heads, vision_ffn_dim=4 * width,
+        num_query=original.get("num_query", 64), image_token_id=image_token_id,
+    )
+
+
+def apply_sub_ln_init(model: MuffinForCausalLM) -> None:
+    """torchscale scales fc1/fc2/out_proj/v_proj of a sub-LN encoder at init; do the same for random init."""
+    encoder = model.model.vision_tower.beit3.encoder
+    scale = sub_ln_init_scale(len(encoder.layers))
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            if any(k in name for k in ("fc1", "fc2", "out_proj", "v_proj")) and name.endswith("weight"):
+                p.mul_(scale)

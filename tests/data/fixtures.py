@@ -1,0 +1,143 @@
+"""Tiny datasets in the exact public schemas (RLHF-V, RLAIF-V, TRL, JSONL + images), PNG bytes inside.
+
+Rows are plain dicts in each schema, so a test can break one field and write the file.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+import datasets
+from datasets import Features, Image, Value
+from PIL import Image as PILImage
+
+# (question, chosen = corrected, rejected = original) in words the word tokenizer knows
+PAIRS = [
+    ("Describe the image in detail .", "there is a red circle at the top left .", "there is a blue circle at the top left ."),
+    ("What is in the picture ?", "a cat and a dog are in the center .", "a cat and a frisbee are in the center ."),
+    ("How many objects are there ?", "there are two objects : a red square and a green triangle .", "there are three objects : a red square and a green triangle ."),
+    ("Describe the image in detail .", "a small yellow cat is at the bottom right .", "a large yellow dog is at the bottom right ."),
+    ("What is in the picture ?", "a blue square is in the center .", "a blue square and a red circle are in the center ."),
+    ("How many objects are there ?", "there is one object .", "there are four objects ."),
+]
+COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+
+RLHFV_FEATURES = Features(
+    {
+        "ds_name": Value("string"),
+        "image": Image(),
+        "text": Value("string"),
+        "origin_dataset": Value("string"),
+        "origin_split": Value("string"),
+        "idx": Value("int64"),
+        "image_path": Value("string"),
+    }
+)
+RLAIFV_FEATURES = Features(
+    {
+        "ds_name": Value("string"),
+        "image": Image(),
+        "question": Value("string"),
+        "chosen": Value("string"),
+        "rejected": Value("string"),
+        "origin_dataset": Value("string"),
+        "origin_split": Value("string"),
+        "idx": Value("string"),
+        "image_path": Value("string"),
+    }
+)
+
+
+def all_texts() -> list[str]:
+    return [text for pair in PAIRS for text in pair]
+
+
+def png_bytes(color: tuple = (255, 0, 0), size: tuple[int, int] = (8, 6), mode: str = "RGB") -> bytes:
+    image = PILImage.new("RGB", size, color)
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rlhfv_rows(n: int = len(PAIRS)) -> list[dict]:
+    return [
+        {
+            "ds_name": "RLHF-V",
+            "image": {"bytes": png_bytes(COLORS[i % 6]), "path": None},
+            "text": json.dumps({"question": q, "chosen": c, "rejected": r}),
+            "origin_dataset": "fixture",
+            "origin_split": json.dumps({"model": "muffin", "type": "detailed_description"}),
+            "idx": i,
+            "image_path": f"images/{i}.png",
+        }
+        for i, (q, c, r) in enumerate(PAIRS[:n])
+    ]
+
+
+def rlaifv_rows(n: int = len(PAIRS)) -> list[dict]:
+    return [
+        {
+            "ds_name": "RLAIF-V",
+            "image": {"bytes": png_bytes(COLORS[i % 6]), "path": None},
+            "question": q,
+            "chosen": c,
+            "rejected": r,
+            "origin_dataset": "fixture",
+            "origin_split": json.dumps({"generator": "llava15_7b", "type": "question_answering"}),
+            "idx": f"fixture_{i:05d}",
+            "image_path": f"images/{i}.png",
+        }
+        for i, (q, c, r) in enumerate(PAIRS[:n])
+    ]
+
+
+def trl_rows(n: int = len(PAIRS)) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": q}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": c}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r}]}],
+            "images": [{"bytes": png_bytes(COLORS[i % 6]), "path": None}],
+        }
+        for i, (q, c, r) in enumerate(PAIRS[:n])
+    ]
+
+
+def write_rlhfv(path: Path, rows: Optional[list[dict]] = None) -> Path:
+    """RLHF-V-Dataset.parquet: one file."""
+    datasets.Dataset.from_list(rows if rows is not None else rlhfv_rows(), features=RLHFV_FEATURES).to_parquet(str(path))
+    return path
+
+
+def write_rlaifv(folder: Path, rows: Optional[list[dict]] = None, shards: int = 2) -> Path:
+    """RLAIF-V-Dataset_000.parquet, _001, ...: rows split over `shards` files."""
+    rows = rows if rows is not None else rlaifv_rows()
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(rows) // shards)
+    for s in range(shards):
+        part = rows[s * per:(s + 1) * per]
+        datasets.Dataset.from_list(part, features=RLAIFV_FEATURES).to_parquet(str(folder / f"RLAIF-V-Dataset_{s:03d}.parquet"))
+    return folder
+
+
+def write_trl_parquet(path: Path, rows: Optional[list[dict]] = None) -> Path:
+    rows = rows if rows is not None else trl_rows()
+    ds = datasets.Dataset.from_list(rows)
+    ds.cast_column("images", datasets.List(Image())).to_parquet(str(path))
+    return path
+
+
+def write_jsonl(folder: Path, rows: Optional[list[dict]] = None) -> Path:
+    """data.jsonl + images/<i>.png; rows may carry chosen_spans / rejected_spans."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    if rows is None:
+        rows = [{"image": f"images/{i}.png", "question": q, "chosen": c, "rejected": r, "idx": i} for i, (q, c, r) in enumerate(PAIRS)]
+    for i in range(len(PAIRS)):
+        (folder / "images" / f"{i}.png").write_bytes(png_bytes(COLORS[i % 6]))
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path

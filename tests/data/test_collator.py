@@ -1,0 +1,200 @@
+"""Encoding and collation: labels, weights and reference log-probs at exactly the answer positions."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from fixtures import COLORS, PAIRS, all_texts
+from PIL import Image
+
+from data.collator import PairCollator, PairDataset, PairEncoder
+from data.images import DataError
+from data.records import PreferenceRecord
+from data.templates import check_image_tokens
+from data.tokenizer import build_word_tokenizer
+
+G = 5.0
+PLACEHOLDER = "<image>" * 4
+
+
+def resize_normalize(images: list[Image.Image]) -> torch.Tensor:
+    """A model-like image transform: 4x4 resize, [0, 1] scaling, CHW."""
+    arrays = [np.asarray(image.resize((4, 4)), dtype=np.float32) / 255.0 for image in images]
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer(all_texts())
+
+
+def make_records() -> list[PreferenceRecord]:
+    return [
+        PreferenceRecord(images=[Image.new("RGB", (8, 6), COLORS[i])], prompt=q, chosen=c, rejected=r, row_index=10 + i)
+        for i, (q, c, r) in enumerate(PAIRS)
+    ]
+
+
+def encoder(tokenizer, **kw) -> PairEncoder:
+    args = dict(template="vicuna_v0", image_placeholder=PLACEHOLDER, max_length=128, gamma=G)
+    args.update(kw)
+    return PairEncoder(tokenizer, **args)
+
+
+def add_ref(record: PreferenceRecord, enc: PairEncoder) -> PreferenceRecord:
+    """Distinct made-up reference log-probs, one per answer token: -(k+1)/100 chosen, -(k+1)/10 rejected."""
+    pair = enc.encode(record)
+    record.ref_chosen_logps = [-(k + 1) / 100 for k in range(len(pair.chosen_ids))]
+    record.ref_rejected_logps = [-(k + 1) / 10 for k in range(len(pair.rejected_ids))]
+    return record
+
+
+def naive_rows(pair, T, side, pad_id):
+    """Reference layout built token by token: per-position label and weight, then shifted by one."""
+    out = []
+    for answer, w, ref in [(pair.chosen_ids, pair.chosen_weights, pair.ref_chosen_logps), (pair.rejected_ids, pair.rejected_weights, pair.ref_rejected_logps)]:
+        ids = pair.prompt_ids + answer
+        labels = [-100] * len(pair.prompt_ids) + answer
+        weight_at = [0.0] * len(pair.prompt_ids) + w  # weight of the token at each position
+        ref_at = [0.0] * len(pair.prompt_ids) + (ref or [0.0] * len(answer))
+        pad = T - len(ids)
+        if side == "right":
+            ids, labels, weight_at, ref_at = ids + [pad_id] * pad, labels + [-100] * pad, weight_at + [0.0] * pad, ref_at + [0.0] * pad
+        else:
+            ids, labels, weight_at, ref_at = [pad_id] * pad + ids, [-100] * pad + labels, [0.0] * pad + weight_at, [0.0] * pad + ref_at
+        out.append((ids, labels, weight_at[1:], ref_at[1:]))  # weights align with labels[:, 1:]
+    return out
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batch_matches_a_naive_token_by_token_layout(tokenizer, side):
+    enc = encoder(tokenizer)
+    pairs = [enc.encode(add_ref(r, enc)) for r in make_records()[:3]]
+    batch = PairCollator(tokenizer.pad_token_id, side, resize_normalize)(pairs)
+    B, T = 3, batch.input_ids.shape[1]
+    assert T == max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    assert batch.weights.shape == batch.ref_token_logps.shape == (2 * B, T - 1)
+    for b, pair in enumerate(pairs):
+        for row, (ids, labels, weights, ref) in zip((b, B + b), naive_rows(pair, T, side, tokenizer.pad_token_id)):
+            assert batch.input_ids[row].tolist() == ids
+            assert batch.labels[row].tolist() == labels
+            assert batch.weights[row].tolist() == weights
+            assert torch.allclose(batch.ref_token_logps[row], torch.tensor(ref))
+            assert batch.attention_mask[row].sum() == len(pair.prompt_ids) + (len(pair.chosen_ids) if row < B else len(pair.rejected_ids))
+    assert batch.row_indices == [10, 11, 12]
+    assert batch.pixel_values.shape == (3, 3, 4, 4)
+    assert torch.allclose(batch.pixel_values[1, :, 0, 0], torch.tensor(COLORS[1], dtype=torch.float32) / 255)
+
+
+def test_gamma_sits_on_the_corrected_words(tokenizer):
+    # pair 0: "there is a red circle ..." (chosen) vs "there is a blue circle ..." (rejected)
+    batch = PairCollator(tokenizer.pad_token_id)([encoder(tokenizer).encode(make_records()[0])])
+    for row, word in [(0, "red"), (1, "blue")]:
+        corrected = (batch.weights[row] == G).nonzero().flatten().tolist()
+        assert [batch.labels[row, t + 1].item() for t in corrected] == [tokenizer.convert_tokens_to_ids(word)]
+        answer = batch.labels[row] != -100
+        assert (batch.weights[row][answer[1:]] > 0).all() and (batch.weights[row][~answer[1:]] == 0).all()
+
+
+def test_left_and_right_padding_hold_the_same_rows(tokenizer):
+    enc = encoder(tokenizer)
+    pairs = [enc.encode(add_ref(r, enc)) for r in make_records()]
+    right = PairCollator(tokenizer.pad_token_id, "right")(pairs)
+    left = PairCollator(tokenizer.pad_token_id, "left")(pairs)
+    for r in range(right.input_ids.shape[0]):
+        keep_r, keep_l = right.attention_mask[r].bool(), left.attention_mask[r].bool()
+        assert torch.equal(right.input_ids[r][keep_r], left.input_ids[r][keep_l])
+        assert torch.equal(right.labels[r][keep_r], left.labels[r][keep_l])
+        # weights[t] belongs to the token at t+1: compare where both t and t+1 are real tokens
+        pairs_r, pairs_l = keep_r[1:] & keep_r[:-1], keep_l[1:] & keep_l[:-1]
+        assert torch.equal(right.weights[r][pairs_r], left.weights[r][pairs_l])
+        assert torch.equal(right.ref_token_logps[r][pairs_r], left.ref_token_logps[r][pairs_l])
+    assert right.weights.sum() == left.weights.sum() and right.ref_token_logps.sum() == left.ref_token_logps.sum()
+
+
+def test_ref_logps_follow_the_answer_tokens(tokenizer):
+    enc = encoder(tokenizer)
+    record = add_ref(make_records()[1], enc)
+    batch = PairCollator(tokenizer.pad_token_id, "left")([enc.encode(record)])
+    for row, expected in [(0, record.ref_chosen_logps), (1, record.ref_rejected_logps)]:
+        positions = (batch.labels[row, 1:] != -100).nonzero().flatten()
+        assert torch.allclose(batch.ref_token_logps[row, positions], torch.tensor(expected))
+        assert batch.ref_token_logps[row].count_nonzero() == len(expected)
+
+
+def test_no_cache_gives_none_and_a_mixed_batch_is_an_error(tokenizer):
+    enc = encoder(tokenizer)
+    records = make_records()
+    assert PairCollator(0)([enc.encode(r) for r in records[:2]]).ref_token_logps is None
+    mixed = [enc.encode(add_ref(records[0], enc)), enc.encode(records[1])]
+    with pytest.raises(ValueError, match="rows \\[11\\] have no cached reference"):
+        PairCollator(0)(mixed)
+
+
+def test_ref_logps_of_the_wrong_length_are_a_data_error(tokenizer):
+    record = make_records()[0]
+    record.ref_chosen_logps, record.ref_rejected_logps = [-0.1] * 3, [-0.1] * 3
+    with pytest.raises(DataError, match="row 10, field 'ref_chosen_logps': 3 cached reference log-probs for 11 answer tokens"):
+        encoder(tokenizer).encode(record)
+
+
+def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, caplog):
+    full = encoder(tokenizer)
+    record = add_ref(make_records()[2], full)
+    whole = full.encode(record)
+    enc = encoder(tokenizer, max_length=len(whole.prompt_ids) + 4)
+    with caplog.at_level(logging.INFO, logger="data.collator"):
+        cut = enc.encode(record)
+    assert "cut by" in caplog.text and enc.num_truncated == 1
+    assert cut.truncated_tokens == len(whole.chosen_ids) - 4 + len(whole.rejected_ids) - 4
+    assert cut.prompt_ids == whole.prompt_ids
+    for name in ["chosen_ids", "rejected_ids", "chosen_weights", "rejected_weights", "ref_chosen_logps", "ref_rejected_logps"]:
+        assert getattr(cut, name) == getattr(whole, name)[:4]
+    batch = PairCollator(tokenizer.pad_token_id)([cut])
+    assert batch.input_ids.shape[1] == enc.max_length
+    check_image_tokens(batch.input_ids[0].tolist(), enc.placeholder_ids)
+    # Weights come from the whole answers "there are two objects : a red square ..." vs "... three ...":
+    # the long match after "objects" anchors the edit, and the 2-token match "there are" at the start
+    # is shorter than min_match, so it joins the edit. Diffing the 4 kept tokens alone would weigh all 4.
+    assert cut.chosen_weights == [G, G, G, 1]
+
+
+def test_prompt_that_cannot_fit_is_an_error_or_a_counted_skip(tokenizer, caplog):
+    records = make_records()
+    long_question = " ".join(["what"] * 60) + " ?"
+    records[3].prompt = long_question
+    enc = encoder(tokenizer, max_length=64)
+    with pytest.raises(DataError, match="row 13, field 'prompt': prompt \\+ image tokens take \\d+ tokens.*max_length 64"):
+        PairDataset(records, enc)
+    with caplog.at_level(logging.WARNING, logger="data.collator"):
+        dataset = PairDataset(records, enc, skip_bad_rows=True)
+    assert len(dataset) == 5 and len(dataset.skipped) == 1 and "skipped 1 of 6" in caplog.text
+    assert [dataset[i].row_index for i in range(len(dataset))] == [10, 11, 12, 14, 15]
+
+
+def test_dataset_is_lazy_and_deterministic_and_batches_through_a_dataloader(tokenizer):
+    dataset = PairDataset(make_records(), encoder(tokenizer))
+    assert dataset[2] == dataset[2]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=PairCollator(tokenizer.pad_token_id, image_transform=resize_normalize))
+    batches = list(loader)
+    assert [b.num_pairs for b in batches] == [4, 2] and batches[1].row_indices == [14, 15]
+    # both rows of a pair start with the same prompt
+    b = batches[0]
+    n = len(dataset[0].prompt_ids)
+    assert torch.equal(b.input_ids[0, :n], b.input_ids[4, :n])
+
+
+def test_segment_modes(tokenizer):
+    record = make_records()[0]
+    token = encoder(tokenizer, segments="token_diff").encode(record)
+    # the word tokenizer's tokens are words: the word-level diff must find the same segments
+    word = encoder(tokenizer, segments="word_diff").encode(record)
+    assert (word.chosen_weights, word.rejected_weights) == (token.chosen_weights, token.rejected_weights)
+    assert set(encoder(tokenizer, segments="none").encode(record).chosen_weights) == {1.0}
+    record.chosen_spans, record.rejected_spans = [(0, 5)], []  # "there"
+    spans = encoder(tokenizer, segments="spans").encode(record)
+    assert spans.chosen_weights == [G] + [1.0] * (len(spans.chosen_ids) - 1)
+    assert set(spans.rejected_weights) == {1.0}
+    record.chosen_spans = None
+    with pytest.raises(DataError, match="row 10.*no span annotations"):
+        encoder(tokenizer, segments="spans").encode(record)

@@ -1,0 +1,121 @@
+"""Segment weights on hand-worked diffs (ids are small ints; G = gamma)."""
+import pytest
+
+from data.segments import corrected_positions, span_weights, token_weights, word_diff_weights
+
+G = 5.0
+
+
+def test_replaced_word_weighs_gamma_on_both_sides():
+    rejected = [1, 2, 3, 4, 5, 6, 7]
+    chosen = [1, 2, 3, 9, 5, 6, 7]
+    c, r = token_weights(chosen, rejected, G)
+    assert c == [1, 1, 1, G, 1, 1, 1]
+    assert r == [1, 1, 1, G, 1, 1, 1]
+
+
+def test_replacement_of_different_lengths():
+    # "a red circle" -> "two small red squares": gap of 1 rejected token vs 3 chosen tokens
+    rejected = [1, 2, 3, 4, 5, 6, 7]
+    chosen = [1, 2, 3, 8, 9, 10, 5, 6, 7]
+    c, r = token_weights(chosen, rejected, G)
+    assert c == [1, 1, 1, G, G, G, 1, 1, 1]
+    assert r == [1, 1, 1, G, 1, 1, 1]
+
+
+def test_inserted_clause_is_not_weighted_unless_asked():
+    rejected = [1, 2, 3, 4, 5, 6]
+    chosen = [1, 2, 3, 7, 8, 4, 5, 6]
+    assert token_weights(chosen, rejected, G) == ([1.0] * 8, [1.0] * 6)
+    c, r = token_weights(chosen, rejected, G, include_insertions=True)
+    assert c == [1, 1, 1, G, G, 1, 1, 1]
+    assert r == [1.0] * 6
+
+
+def test_deleted_clause_is_not_weighted_unless_asked():
+    rejected = [1, 2, 3, 7, 8, 4, 5, 6]
+    chosen = [1, 2, 3, 4, 5, 6]
+    assert token_weights(chosen, rejected, G) == ([1.0] * 6, [1.0] * 8)
+    c, r = token_weights(chosen, rejected, G, include_insertions=True)
+    assert c == [1.0] * 6
+    assert r == [1, 1, 1, G, G, 1, 1, 1]
+
+
+def test_short_coincidental_match_inside_an_edit_is_absorbed():
+    # rejected: 1 2 3 [10 11 5 12] 7 8 9 ; chosen: 1 2 3 [20 5 21 22] 7 8 9 ; the lone "5" matches
+    rejected = [1, 2, 3, 10, 11, 5, 12, 7, 8, 9]
+    chosen = [1, 2, 3, 20, 5, 21, 22, 7, 8, 9]
+    c, r = token_weights(chosen, rejected, G)  # min_match 3 drops the 1-token match
+    assert c == [1, 1, 1, G, G, G, G, 1, 1, 1]
+    assert r == [1, 1, 1, G, G, G, G, 1, 1, 1]
+    c, r = token_weights(chosen, rejected, G, min_match=1)  # kept: two replacements around "5"
+    assert c == [1, 1, 1, G, 1, G, G, 1, 1, 1]
+    assert r == [1, 1, 1, G, G, 1, G, 1, 1, 1]
+
+
+def test_min_match_decides_whether_a_two_token_match_splits_an_edit():
+    rejected = [1, 2, 3, 10, 5, 6, 11, 7, 8, 9]
+    chosen = [1, 2, 3, 20, 5, 6, 21, 7, 8, 9]
+    assert token_weights(chosen, rejected, G, min_match=3)[0] == [1, 1, 1, G, G, G, G, 1, 1, 1]
+    assert token_weights(chosen, rejected, G, min_match=2)[0] == [1, 1, 1, G, 1, 1, G, 1, 1, 1]
+
+
+def test_edits_at_both_ends():
+    rejected = [1, 2, 3, 4, 5, 6]
+    chosen = [9, 2, 3, 4, 5, 8]
+    c, r = token_weights(chosen, rejected, G)
+    assert c == [G, 1, 1, 1, 1, G]
+    assert r == [G, 1, 1, 1, 1, G]
+
+
+def test_identical_sequences_are_all_ones_even_when_short():
+    assert token_weights([1, 2, 3, 4], [1, 2, 3, 4], G) == ([1.0] * 4, [1.0] * 4)
+    assert token_weights([1, 2], [1, 2], G) == ([1.0] * 2, [1.0] * 2)
+
+
+def test_no_match_at_all_is_one_replacement():
+    assert token_weights([1, 2], [3, 4, 5], G) == ([G, G], [G, G, G])
+
+
+def test_on_real_token_ids(word_tokenizer):
+    ids = lambda s: word_tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    chosen = ids("there is a red circle at the top left .")
+    rejected = ids("there is a blue circle at the top left .")
+    c, r = token_weights(chosen, rejected, G)
+    assert c == r == [1, 1, 1, G, 1, 1, 1, 1, 1, 1]
+
+
+def test_autojunk_is_off():
+    # 300 tokens with a frequent id: difflib's autojunk would refuse to start matches on id 7.
+    rejected = [7] * 150 + [1] + [7] * 149
+    chosen = [7] * 150 + [2] + [7] * 149
+    c, r = token_weights(chosen, rejected, G)
+    assert [i for i, w in enumerate(c) if w == G] == [150]
+    assert [i for i, w in enumerate(r) if w == G] == [150]
+
+
+def test_corrected_positions_rejects_bad_min_match():
+    with pytest.raises(ValueError, match="min_match"):
+        corrected_positions([1], [2], min_match=0)
+
+
+def test_span_weights_overlap_rule():
+    offsets = [(0, 3), (4, 7), (7, 10), (11, 14), (14, 14)]  # last: zero-width end marker
+    assert span_weights(offsets, [(5, 6)], G) == [1, G, 1, 1, 1]
+    assert span_weights(offsets, [(7, 8)], G) == [1, 1, G, 1, 1]  # touching at 7 is not overlapping token 1
+    assert span_weights(offsets, [(0, 14)], G) == [G, G, G, G, 1]
+    assert span_weights(offsets, [], G) == [1.0] * 5
+    with pytest.raises(ValueError, match="start < end"):
+        span_weights(offsets, [(3, 3)], G)
+
+
+def test_word_diff_maps_corrected_words_to_subword_tokens():
+    chosen, rejected = "the redish cat", "the blue cat"
+    chosen_offsets = [(0, 3), (4, 7), (7, 10), (11, 14)]  # the | red ish | cat
+    rejected_offsets = [(0, 3), (4, 8), (9, 12)]
+    c, r = word_diff_weights(chosen, rejected, chosen_offsets, rejected_offsets, G, min_match=1)
+    assert c == [1, G, G, 1]
+    assert r == [1, G, 1]
+    # min_match 3 words: the one-word matches are absorbed, the whole answer is the correction
+    c, r = word_diff_weights(chosen, rejected, chosen_offsets, rejected_offsets, G, min_match=3)
+    assert c == [G, G, G, G] and r == [G, G, G]

@@ -1,0 +1,129 @@
+"""Batched generation through a fake model, and `ddpo eval --model` end to end (POPE, Object HalBench)."""
+import json
+import random
+import sys
+import types
+
+import pytest
+from PIL import Image
+
+from ddpo.eval.cli import main as eval_main
+from ddpo.eval.generation import GenerationConfig, generate_answers, truncate_at_stop
+
+
+class FakeModel:
+    """Answers from the prompt and a seeded RNG, like a sampling model; records every call."""
+
+    def __init__(self, answer_fn=None):
+        self.calls = []
+        self.answer_fn = answer_fn or (lambda prompt, rng: f"{prompt} -> {rng.randint(0, 10**6)}### trailing")
+
+    def generate(self, images, prompts, **kwargs):
+        assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in images)
+        self.calls.append({"n": len(prompts), "sizes": [im.size for im in images], **kwargs})
+        rng = random.Random(kwargs["seed"])
+        return [self.answer_fn(p, rng) for p in prompts]
+
+
+def make_images(dir_, n):
+    paths = []
+    for i in range(n):
+        path = dir_ / f"img{i}.png"
+        Image.new("L" if i % 2 else "RGB", (8 + i, 8)).save(path)  # grey images are converted to RGB
+        paths.append(path)
+    return paths
+
+
+def test_batches_seeds_kwargs_and_stop_strings(tmp_path):
+    paths = make_images(tmp_path, 5)
+    prompts = [f"q{i}" for i in range(5)]
+    config = GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.7, top_p=0.9, num_beams=1, seed=11,
+                              stop_strings=["###"], template="llava_v1", batch_size=2)
+    model = FakeModel()
+    seen = []
+    answers = generate_answers(model, paths, prompts, config, on_batch=lambda start, a: seen.append((start, a)))
+    assert [c["n"] for c in model.calls] == [2, 2, 1]
+    assert [c["seed"] for c in model.calls] == [11, 12, 13]
+    assert [c["sizes"] for c in model.calls][2] == [(12, 8)]
+    assert {k: model.calls[0][k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "num_beams", "stop_strings", "template")} == \
+        {"max_new_tokens": 7, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "num_beams": 1, "stop_strings": ["###"], "template": "llava_v1"}
+    assert all(a.startswith(f"q{i} -> ") and "###" not in a and not a.endswith(" ") for i, a in enumerate(answers))
+    assert [s for s, _ in seen] == [0, 2, 4] and sum((a for _, a in seen), []) == answers
+    assert generate_answers(FakeModel(), paths, prompts, config) == answers  # same seed, same answers
+    assert generate_answers(FakeModel(), paths, prompts, GenerationConfig(**{**config.__dict__, "seed": 12})) != answers
+
+
+def test_template_left_to_model_when_unset_and_bad_configs(tmp_path):
+    model = FakeModel()
+    generate_answers(model, make_images(tmp_path, 1), ["q"], GenerationConfig())
+    assert "template" not in model.calls[0] and model.calls[0]["do_sample"] is False and model.calls[0]["num_beams"] == 1
+    with pytest.raises(ValueError, match="temperature > 0"):
+        GenerationConfig(do_sample=True, temperature=0.0)
+    with pytest.raises(FileNotFoundError, match="cannot open image .*missing.png"):
+        generate_answers(model, [tmp_path / "missing.png"], ["q"], GenerationConfig())
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop("Yes.</s>USER: more", ["USER:", "</s>"]) == "Yes."
+    assert truncate_at_stop(" plain ", []) == "plain"
+
+
+@pytest.fixture
+def fake_models_build(monkeypatch):
+    """`models.build.load_model` returning a FakeModel (the real one belongs to the models package)."""
+    loaded = {}
+
+    def load_model(path):
+        loaded["path"] = path
+        loaded["model"] = FakeModel(lambda prompt, rng: "Yes, there is." if "dog" in prompt else "No, there is not.</s>junk")
+        return loaded["model"]
+
+    module = types.ModuleType("models.build")
+    module.load_model = load_model
+    monkeypatch.setitem(sys.modules, "models.build", module)
+    return loaded
+
+
+def test_pope_generate_then_rescore(tmp_path, fake_models_build):
+    make_images(tmp_path, 2)
+    questions = [{"question_id": 1, "image": "img0.png", "text": "Is there a dog in the image?", "label": "yes", "category": "random"},
+                 {"question_id": 2, "image": "img1.png", "text": "Is there a cat in the image?", "label": "yes", "category": "random"},
+                 {"question_id": 3, "image": "img0.png", "text": "Is there a car in the image?", "label": "no", "category": "adversarial"}]
+    qfile = tmp_path / "pope.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    out = tmp_path / "run" / "pope.json"
+    argv = ["--benchmark", "pope", "--model", "ckpt-dir", "--questions", str(qfile), "--image-dir", str(tmp_path),
+            "--output", str(out), "--batch-size", "2", "--stop", "</s>", "--num-beams", "3", "--seed", "5"]
+    assert eval_main(argv) == 0
+    assert fake_models_build["path"] == "ckpt-dir"
+    assert [c["num_beams"] for c in fake_models_build["model"].calls] == [3, 3]
+    m = json.loads(out.read_text())
+    assert (m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]) == pytest.approx((2 / 3, 1.0, 1 / 2, 1 / 3))
+    assert m["per_category"]["adversarial"]["accuracy"] == 1.0
+    answers = [json.loads(x) for x in (tmp_path / "run" / "pope.answers.jsonl").read_text().splitlines()]
+    assert [a["answer"] for a in answers] == ["Yes, there is.", "No, there is not.", "No, there is not."]
+    # the written answers file scores to the same metrics without a model
+    assert eval_main(["--benchmark", "pope", "--answers", str(tmp_path / "run" / "pope.answers.jsonl"), "--output", str(tmp_path / "re.json")]) == 0
+    assert json.loads((tmp_path / "re.json").read_text())["accuracy"] == m["accuracy"]
+
+
+def test_objhal_generate_assigns_the_eight_prompts(tmp_path, fake_models_build):
+    from ddpo.eval.objhal import description_prompts
+
+    make_images(tmp_path, 1)
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    (coco / "instances_val2014.json").write_text(json.dumps({"categories": [{"id": 18, "name": "dog"}],
+                                                             "annotations": [{"image_id": 7, "category_id": 18}]}))
+    (coco / "captions_val2014.json").write_text(json.dumps({"annotations": [{"image_id": 7, "caption": "A dog on a couch."}]}))
+    qfile = tmp_path / "objhal.jsonl"
+    qfile.write_text("".join(json.dumps({"image_id": 7, "image": "img0.png"}) + "\n" for _ in range(9)))
+    out = tmp_path / "objhal.json"
+    assert eval_main(["--benchmark", "objhal", "--model", "ckpt", "--questions", str(qfile), "--image-dir", str(tmp_path),
+                      "--annotations", str(coco), "--output", str(out), "--prompt-suffix", " (dog)"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "objhal.answers.jsonl").read_text().splitlines()]
+    prompts = description_prompts()
+    assert len(prompts) == 8 and [r["question"] for r in rows] == prompts + prompts[:1]
+    m = json.loads(out.read_text())  # every answer is "Yes, there is." -> no COCO object mentioned
+    assert m["num_answers"] == 9 and m["response_hallucination_rate"] is None and m["chair_s"] == 0.0
+    assert m["recall"] == 0.0 and m["mean_response_words"] == 3.0
