@@ -25,7 +25,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from data import segments as seg
-from data.images import DataError
+from data.images import DataError, as_pil
 from data.records import PairBatch, PreferenceRecord
 from data.templates import check_image_tokens, encode_answer, encode_answer_with_offsets, encode_prompt, image_token_ids
 
@@ -204,7 +204,7 @@ class PairCollator:
                 ref[r, a0 - 1:a1 - 1] = torch.tensor(ref_logps, dtype=torch.float32)
         pixel_values = None
         if self.image_transform is not None:
-            pixel_values = torch.as_tensor(self.image_transform([p.images[0] for p in pairs]))
+            pixel_values = torch.as_tensor(self.image_transform([as_pil(p.images[0]) for p in pairs]))
         return PairBatch(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
             weights=weights, ref_token_logps=ref, row_indices=[p.row_index for p in pairs],

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional
 import datasets
 from datasets import Image as ImageFeature
 
-from data.images import DataError, decode_image
+from data.images import DataError, load_checked_image
 from data.records import PreferenceRecord
 
 __all__ = ["DataError", "LoadedRecords", "load_records", "open_dataset", "parse_pair_texts", "row_texts", "FORMATS", "REQUIRED_COLUMNS"]
@@ -104,11 +104,11 @@ def _image(value: Any, where: str, field: str):
     """Decode an undecoded `datasets.Image` value ({bytes, path}), raw bytes, or a path string."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
-        return decode_image(data, None if data is not None else path, where=where, field=field)
+        return load_checked_image(data, None if data is not None else path, where=where, field=field)
     if isinstance(value, (bytes, bytearray)):
-        return decode_image(value, where=where, field=field)
+        return load_checked_image(value, where=where, field=field)
     if isinstance(value, str):
-        return decode_image(path=value, where=where, field=field)
+        return load_checked_image(path=value, where=where, field=field)
     if value is None:
         raise DataError(f"{where}, field '{field}': missing; every pair needs one image")
     raise DataError(f"{where}, field '{field}': expected image bytes or {{bytes, path}}, got {type(value).__name__}")
@@ -199,7 +199,7 @@ def _jsonl_row(row: Any, i: int, source: str, image_dir: Path) -> PreferenceReco
     image = _text(row.get("image"), where, "image")
     idx = row.get("idx")
     return PreferenceRecord(
-        images=[decode_image(path=image_dir / image, where=where, field="image")], prompt=question,
+        images=[load_checked_image(path=image_dir / image, where=where, field="image")], prompt=question,
         chosen=chosen, rejected=rejected, row_index=i, source=source, idx=None if idx is None else str(idx),
         chosen_spans=_spans(row.get("chosen_spans"), chosen, where, "chosen_spans"),
         rejected_spans=_spans(row.get("rejected_spans"), rejected, where, "rejected_spans"),

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from data.images import EncodedImage
 from ddpo import distributed as dist
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ def dataset_fingerprint(records) -> str:
     def chunks():
         for r in records:
             yield json.dumps([r.row_index, r.prompt, r.chosen, r.rejected]).encode()
-            for image in r.images:
+            for image in r.images:  # compressed bytes when the record keeps them, else the pixels
                 yield f"{image.size}{image.mode}".encode()
-                yield image.tobytes()
+                yield image.data if isinstance(image, EncodedImage) else image.tobytes()
     return _sha(chunks())
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from fixtures import COLORS, PAIRS, png_bytes, rlaifv_rows, rlhfv_rows, trl_rows, write_jsonl, write_rlaifv, write_rlhfv, write_trl_parquet
 
 from data.formats import DataError, load_records
+from data.images import EncodedImage, as_pil
 from ddpo.config import DataConfig
 
 
@@ -27,7 +28,9 @@ def check_all_rows(records, source):
     for i, (record, (q, c, r)) in enumerate(zip(records, PAIRS)):
         assert (record.prompt, record.chosen, record.rejected, record.row_index) == (q, c, r, i)
         assert record.images[0].mode == "RGB" and record.images[0].size == (8, 6)
-        assert pixel(record.images[0]) == COLORS[i]
+        # Kept compressed (PNG bytes, not 8x6x3 pixels) and decoded on use to the original pixels.
+        assert isinstance(record.images[0], EncodedImage) and record.images[0].data[:4] == b"\x89PNG"
+        assert pixel(as_pil(record.images[0])) == COLORS[i]
         assert source in record.source
 
 
@@ -181,7 +184,7 @@ def test_non_rgb_image_is_converted(tmp_path, mode):
     else:
         data = png_bytes((0, 0, 255), mode=mode)
     rows[0]["image"] = {"bytes": data, "path": None}
-    image = load("rlaif-v", write_rlaifv(tmp_path / "r", rows))[0].images[0]
+    image = as_pil(load("rlaif-v", write_rlaifv(tmp_path / "r", rows))[0].images[0])
     assert image.mode == "RGB" and image.size == (8, 6)
     expected = {"L": (29, 29, 29), "RGBA": (0, 0, 255), "P": (0, 0, 255), "CMYK": (0, 0, 255)}[mode]
     assert np.abs(np.subtract(pixel(image), expected)).max() <= 2
