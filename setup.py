@@ -31,6 +31,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8.0"],
         "lora": ["peft>=0.13"],
+        "experiments": ["matplotlib>=3.7"],
         "bench": ["trl>=1.0"],
     },
     entry_points={"console_scripts": ["ddpo=ddpo.cli:main"]},

@@ -1,0 +1,93 @@
+"""Supervised fine-tuning on (image, prompt, answer) triples: the stage before preference learning.
+
+A plain, single-process loop (AdamW, warm-up + cosine, clipping): the synthetic benchmark uses it to
+create the SFT model whose hallucinations DPO and DDPO then correct. Loss = mean negative log-prob of
+the answer tokens, computed through the same `sequence_token_logps` path as preference training.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from data.templates import encode_answer, encode_prompt
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SFTSettings:
+    steps: int = 600
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    template: str = "vicuna_v0"
+    seed: int = 0
+
+
+def encode_examples(model, prompts: Sequence[str], answers: Sequence[str], template: str) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per example; the answer ids are the supervised tokens."""
+    return [
+        (encode_prompt(template, model.tokenizer, p, model.image_placeholder), encode_answer(template, model.tokenizer, a))
+        for p, a in zip(prompts, answers)
+    ]
+
+
+def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 outside answers), each [B, T]."""
+    length = max(len(p) + len(a) for p, a in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for row, (p, a) in enumerate(encoded):
+        n = len(p) + len(a)
+        ids[row, :n] = torch.tensor(p + a)
+        mask[row, :n] = 1
+        labels[row, len(p):n] = torch.tensor(a)
+    return ids, mask, labels
+
+
+def sft(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str], settings: SFTSettings,
+        on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
+    """Fine-tune `model` in place on the triples; returns the loss of every step.
+
+    Batches are drawn from a seeded permutation (reshuffled each epoch); images are preprocessed once.
+    """
+    if not len(images) == len(prompts) == len(answers):
+        raise ValueError(f"sft: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; pass one of each per example")
+    encoded = encode_examples(model, prompts, answers, settings.template)
+    pixels = torch.cat([model.preprocess_images(images[i:i + 256]) for i in range(0, len(images), 256)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    warmup = max(1, math.ceil(settings.warmup_ratio * settings.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, settings.steps - warmup))),
+    )
+    generator = torch.Generator().manual_seed(settings.seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for step in range(settings.steps):
+        if len(order) < settings.batch_size:
+            order += torch.randperm(len(encoded), generator=generator).tolist()
+        batch, order = order[: settings.batch_size], order[settings.batch_size:]
+        ids, mask, labels = collate([encoded[i] for i in batch], model.tokenizer.pad_token_id)
+        logps = model.sequence_token_logps(ids, mask, labels, pixels[batch].to(model.dtype))
+        loss = -logps.sum() / (labels[:, 1:] != IGNORE_INDEX).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, loss.item())
+    model.eval()
+    return losses

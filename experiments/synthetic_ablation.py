@@ -1,0 +1,126 @@
+"""The synthetic benchmark's full ablation: seeds x {DPO, DDPO} x gamma x normalisation x pair count.
+
+    python experiments/synthetic_ablation.py --seeds 0 1 2 --output-dir runs/synthetic_ablation \
+        --results experiments/results/synthetic_ablation
+
+Per seed: one SFT model and one set of corrected pairs (the demo's stages), then every run below from
+that same model on those same pairs (a subset for the pair-count axis), evaluated greedily on the
+seed's validation and test images. Aggregates mean ± std over seeds into RESULTS/results.{md,csv,json}
+and plots hallucination vs gamma and vs pairs. Finished stages and runs are skipped on a re-run.
+
+Runs (the paper's Figure 2 axis is the pair count; gamma 1 is vanilla DPO):
+    dpo_sum, ddpo_sum_g{2,5,10}            released-code normalisation (sum), beta 0.1
+    dpo_mean, ddpo_mean_g{2,5,10}          paper Eq. 5 (weighted mean), beta 2.0 (see README: mean
+                                           log-probs are ~N times smaller, so beta scales up)
+    dpo_sum_p{200,800}, ddpo_sum_g5_p{200,800}   fewer preference pairs
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ddpo.demo import METRICS, DemoSettings, run  # noqa: E402
+
+MEAN_BETA = 2.0
+
+
+def grid() -> dict[str, dict]:
+    runs: dict[str, dict] = {"dpo_sum": {"loss.gamma": 1.0, "loss.normalize": "sum"}}
+    runs.update({f"ddpo_sum_g{g}": {"loss.gamma": float(g), "loss.normalize": "sum"} for g in (2, 5, 10)})
+    runs["dpo_mean"] = {"loss.gamma": 1.0, "loss.normalize": "mean", "loss.beta": MEAN_BETA}
+    runs.update({f"ddpo_mean_g{g}": {"loss.gamma": float(g), "loss.normalize": "mean", "loss.beta": MEAN_BETA} for g in (2, 5, 10)})
+    for pairs in (200, 800):
+        runs[f"dpo_sum_p{pairs}"] = {"loss.gamma": 1.0, "loss.normalize": "sum", "data.max_samples": pairs}
+        runs[f"ddpo_sum_g5_p{pairs}"] = {"loss.gamma": 5.0, "loss.normalize": "sum", "data.max_samples": pairs}
+    return runs
+
+
+def aggregate(per_seed: dict[int, dict], split: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """{method: {metric: (mean, std)}} over seeds (std 0 with one seed)."""
+    methods = next(iter(per_seed.values()))[split].keys()
+    table = {}
+    for method in methods:
+        table[method] = {}
+        for metric in METRICS:
+            values = [r[split][method][metric] for r in per_seed.values()]
+            table[method][metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return table
+
+
+def write_tables(table: dict, seeds: list[int], pairs: dict, results_dir: Path, command: str) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    header = "| method | response hallucination | mention hallucination | object recall | words / answer |"
+    lines = [f"Synthetic ablation, test split, mean ± std over seeds {seeds}. Command:", "", f"    {command}", "",
+             f"Preference pairs per seed: {pairs}", "", header, "|---|---|---|---|---|"]
+    for method, m in table.items():
+        cells = " | ".join(f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k != "mean_response_words" else f"{m[k][0]:.1f} ± {m[k][1]:.1f}" for k in METRICS)
+        lines.append(f"| {method} | {cells} |")
+    (results_dir / "results.md").write_text("\n".join(lines) + "\n")
+    with open(results_dir / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", *[f"{k}_{s}" for k in METRICS for s in ("mean", "std")]])
+        for method, m in table.items():
+            writer.writerow([method, *[f"{v:.5f}" for k in METRICS for v in m[k]]])
+
+
+def plot(table: dict, results_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "response_hallucination_rate"
+    fig, (ax_gamma, ax_pairs) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for norm in ("sum", "mean"):
+        names = [f"dpo_{norm}"] + [f"ddpo_{norm}_g{g}" for g in (2, 5, 10)]
+        means = [table[n][key][0] for n in names]
+        stds = [table[n][key][1] for n in names]
+        ax_gamma.errorbar([1, 2, 5, 10], means, yerr=stds, marker="o", capsize=3, label=f"normalize={norm}")
+    ax_gamma.axhline(table["sft"][key][0], color="gray", ls="--", label="SFT")
+    ax_gamma.set(xscale="log", xlabel="gamma (1 = vanilla DPO)", ylabel="response hallucination (test)", title="vs gamma")
+    ax_gamma.set_xticks([1, 2, 5, 10], ["1", "2", "5", "10"])
+    ax_gamma.legend(fontsize=8)
+    for name, label in (("dpo_sum", "DPO"), ("ddpo_sum_g5", "DDPO gamma 5")):
+        names = [f"{name}_p200", f"{name}_p800", name]
+        xs = [200, 800, 1400]
+        ax_pairs.errorbar(xs, [table[n][key][0] for n in names], yerr=[table[n][key][1] for n in names], marker="o", capsize=3, label=label)
+    ax_pairs.axhline(table["sft"][key][0], color="gray", ls="--", label="SFT")
+    ax_pairs.set(xlabel="preference pairs (1400 = all, capped)", title="vs preference data (paper Fig. 2 axis)")
+    ax_pairs.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(results_dir / "hallucination.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output-dir", default="runs/synthetic_ablation")
+    parser.add_argument("--results", default=str(REPO / "experiments" / "results" / "synthetic_ablation"))
+    args = parser.parse_args(argv)
+    per_seed, pairs = {}, {}
+    for seed in args.seeds:
+        settings = DemoSettings(output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, methods=grid())
+        run(settings)
+        per_seed[seed] = json.loads((Path(settings.output_dir) / "results.json").read_text())
+        pairs[seed] = per_seed[seed]["pairs"]["pairs_used"]
+    results_dir = Path(args.results)
+    command = "python experiments/synthetic_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = aggregate(per_seed, "methods")
+    write_tables(table, args.seeds, pairs, results_dir, command)
+    (results_dir / "validation.json").write_text(json.dumps(aggregate(per_seed, "validation"), indent=2))
+    (results_dir / "per_seed.json").write_text(json.dumps({s: {k: r[k] for k in ("methods", "validation", "pairs", "timings_s")} for s, r in per_seed.items()}, indent=2))
+    plot(table, results_dir)
+    print((results_dir / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
