@@ -43,6 +43,7 @@ class ModelConfig:
     freeze_llm: bool = _field(False, "Freeze the language model (decoder and LM head).")
     freeze_vision_experts: bool = _field(False, "RLHF-V policy for Muffin: learning rate 0 on BEiT-3 vision experts ('A') and the patch embedding; queries and language experts train.")
     gradient_checkpointing: bool = _field(False, "Recompute decoder-layer activations in the backward pass to save memory.")
+    shared_prompt: bool = _field(True, "Run each pair as one packed [prompt | chosen | rejected] row (prompt and image once; exact: same log-probs and gradients as two rows).")
     logps_chunk_size: int = _field(256, "Answer tokens per chunk in the LM-head log-prob pass (bounds the [tokens, vocab] logits held at once).")
     attn_implementation: Literal["sdpa", "eager"] = _field("sdpa", "Attention kernel of the decoder.")
     trust_remote_code: bool = _field(False, "Allow a checkpoint's own Python code to run on load. Off: only enable for sources you trust.")

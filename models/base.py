@@ -8,7 +8,9 @@ module holds what is shared:
   pair's image is encoded once (B images for 2B rows) and its features are indexed into both rows;
   log-probs come from the final hidden states through `ddpo.logps.chunked_token_logps`, so no
   `[2B, T, V]` logits exist. Position ids come from the attention mask (cumsum - 1), so left and right
-  padding give the same log-probs.
+  padding give the same log-probs. With `shared_prompt` (on by default, `model.shared_prompt`), a pair's
+  prompt runs through the decoder once: `models.shared_prompt` packs [prompt | chosen | rejected] into
+  one row with a mask and position ids under which the result equals the two-row computation.
 * `generate(images, prompts, ...)`: batched, left-padded generation through the HF model's `generate`.
 * freezing (`ModelConfig.freeze_*`), learning-rate-0 parameters, gradient checkpointing, saving.
 """
@@ -28,6 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.records import PairBatch
 from ddpo.logps import chunked_token_logps
+from models.shared_prompt import shared_prompt_layout
 
 IGNORE_INDEX = -100
 DDPO_MODEL_FILE = "ddpo_model.json"
@@ -62,6 +65,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
+def check_image_token_counts(input_ids: torch.Tensor, image_token_id: int, expected: int) -> None:
+    """Raise ValueError naming the first row of input_ids [R, T] that does not hold exactly `expected` image tokens."""
+    counts = (input_ids == image_token_id).sum(dim=1)
+    bad = (counts != expected).nonzero()
+    if len(bad):
+        row = int(bad[0, 0])
+        raise ValueError(
+            f"row {row} has {int(counts[row])} image tokens (id {image_token_id}) but the model makes "
+            f"{expected} features per image: build prompts with the model's `image_placeholder`"
+        )
+
+
 def scatter_image_features(
     inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, row_features: torch.Tensor
 ) -> torch.Tensor:
@@ -70,16 +85,8 @@ def scatter_image_features(
     inputs_embeds [R, T, D], input_ids [R, T], row_features [R, N, D] (row r's image) -> [R, T, D].
     Every row must hold exactly N image tokens.
     """
+    check_image_token_counts(input_ids, image_token_id, row_features.shape[1])
     is_image = input_ids == image_token_id
-    counts = is_image.sum(dim=1)
-    expected = row_features.shape[1]
-    bad = (counts != expected).nonzero()
-    if len(bad):
-        row = int(bad[0, 0])
-        raise ValueError(
-            f"row {row} has {int(counts[row])} image tokens (id {image_token_id}) but the model makes "
-            f"{expected} features per image: build prompts with the model's `image_placeholder`"
-        )
     return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), row_features.to(inputs_embeds.dtype))
 
 
@@ -106,6 +113,10 @@ class PreferenceModel(nn.Module):
     """
 
     arch: str = ""
+    # One packed [prompt | chosen | rejected] row per pair (exact; `model.shared_prompt`).
+    shared_prompt: bool = True
+    # Ablation for benchmarks only: False encodes each pair's image twice, once per row, as peers do.
+    image_once_per_pair: bool = True
 
     def __init__(self, hf_model: nn.Module, tokenizer, image_transform: ImageTransform, image_token_id: int,
                  num_image_tokens: int, logps_chunk_size: int = 256):
@@ -159,13 +170,9 @@ class PreferenceModel(nn.Module):
         """list of B PIL images -> [B, C, H, W] float32 (deterministic)."""
         return self.image_transform(images)
 
-    def sequence_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                             pixel_values: Optional[torch.Tensor], image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-token log-probs [R, T-1] (float32) of `labels[:, 1:]`, 0 where the label is -100.
-
-        input_ids / attention_mask / labels [R, T]; pixel_values [B, C, H, W] encoded once; image_index
-        [R] long maps each row to its image (default: row r -> image r).
-        """
+    def _input_embeddings(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                          image_index: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings [R, T, D] with image features at the image tokens; image_index [R] maps rows to images."""
         inputs_embeds = self.hf_model.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             features = self.encode_images(pixel_values.to(self.dtype))  # [B, N, D]
@@ -175,22 +182,58 @@ class PreferenceModel(nn.Module):
             inputs_embeds = scatter_image_features(inputs_embeds, input_ids, self.image_token_id, features[image_index])
         elif (input_ids == self.image_token_id).any():
             raise ValueError("input_ids hold image tokens but pixel_values is None")
-        hidden = self.decoder_hidden_states(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask))
+        return inputs_embeds
+
+    def _answer_logps(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return chunked_token_logps(hidden, self.lm_head.weight, labels, IGNORE_INDEX, self.logps_chunk_size,
                                    lm_head_bias=self.lm_head.bias)
 
-    def pair_token_logps(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen [B, T-1], rejected [B, T-1]) per-token log-probs; image i serves rows i and B + i."""
+    def sequence_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                             pixel_values: Optional[torch.Tensor], image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token log-probs [R, T-1] (float32) of `labels[:, 1:]`, 0 where the label is -100.
+
+        input_ids / attention_mask / labels [R, T]; pixel_values [B, C, H, W] encoded once; image_index
+        [R] long maps each row to its image (default: row r -> image r).
+        """
+        inputs_embeds = self._input_embeddings(input_ids, pixel_values, image_index)
+        hidden = self.decoder_hidden_states(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask))
+        return self._answer_logps(hidden, labels)
+
+    def shared_prompt_token_logps(self, batch: PairBatch) -> torch.Tensor:
+        """Per-token log-probs [2B, T-1] of a pair batch, each pair's prompt (and image) run once.
+
+        Same values and gradients as `sequence_token_logps` on the 2B rows (see `models.shared_prompt`).
+        """
+        if batch.pixel_values is not None:  # check the two-row batch, so errors name its rows
+            check_image_token_counts(batch.input_ids, self.image_token_id, self.num_image_tokens)
+        layout = shared_prompt_layout(batch.input_ids, batch.attention_mask, batch.labels, self.tokenizer.pad_token_id)
+        inputs_embeds = self._input_embeddings(layout.input_ids, batch.pixel_values, None)  # packed row i -> image i
+        hidden = self.decoder_hidden_states(inputs_embeds, layout.attention_bias(inputs_embeds.dtype), layout.position_ids)
+        rows = hidden.reshape(-1, hidden.shape[-1])[layout.source]  # [2B, T, D]: back in the two-row layout
+        return self._answer_logps(rows, batch.labels)
+
+    def pair_token_logps(self, batch: PairBatch, shared_prompt: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [B, T-1], rejected [B, T-1]) per-token log-probs, aligned with `batch.labels[:, 1:]`.
+
+        Image i serves rows i and B + i. `shared_prompt` (default: the model's `shared_prompt`) runs each
+        pair as one packed row; the result is the same either way.
+        """
         pairs = batch.num_pairs
         if batch.pixel_values is not None and batch.pixel_values.shape[0] != pairs:
             raise ValueError(f"PairBatch has {pairs} pairs but {batch.pixel_values.shape[0]} images: expected one image per pair")
-        image_index = torch.arange(pairs, device=batch.input_ids.device).repeat(2)
-        logps = self.sequence_token_logps(batch.input_ids, batch.attention_mask, batch.labels, batch.pixel_values, image_index)
+        if self.shared_prompt if shared_prompt is None else shared_prompt:
+            logps = self.shared_prompt_token_logps(batch)
+        elif self.image_once_per_pair or batch.pixel_values is None:
+            image_index = torch.arange(pairs, device=batch.input_ids.device).repeat(2)
+            logps = self.sequence_token_logps(batch.input_ids, batch.attention_mask, batch.labels, batch.pixel_values, image_index)
+        else:  # benchmark ablation: every row encodes its own copy of its pair's image
+            logps = self.sequence_token_logps(batch.input_ids, batch.attention_mask, batch.labels,
+                                              batch.pixel_values.repeat(2, 1, 1, 1))
         return logps[:pairs], logps[pairs:]
 
-    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: PairBatch, shared_prompt: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as `pair_token_logps` (what a DeepSpeed engine calls)."""
-        return self.pair_token_logps(batch)
+        return self.pair_token_logps(batch, shared_prompt)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -267,7 +310,9 @@ class PreferenceModel(nn.Module):
         """HF model (safetensors) + tokenizer + `ddpo_model.json` (arch, image transform); `models.build.load_model` reloads it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.hf_model.save_pretrained(directory)
+        from models.build import merged_lora_state_dict  # LoRA: adapters folded into the base weights (None without LoRA)
+
+        self.hf_model.save_pretrained(directory, state_dict=merged_lora_state_dict(self.hf_model))
         self.tokenizer.save_pretrained(directory)
         info = {"arch": self.arch, "image_transform": asdict(self.image_transform),
                 "logps_chunk_size": self.logps_chunk_size, "format_version": 1}

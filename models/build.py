@@ -123,6 +123,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> PreferenceModel:
         apply_lora(model, cfg)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    model.shared_prompt = cfg.shared_prompt
     return model
 
 

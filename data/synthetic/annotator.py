@@ -155,6 +155,29 @@ class Correction:
     type: str  # object | attribute | position | count | relation
     span: tuple[int, int]  # char span in the original text
     replacement: str  # "" = deletion
+    # word-level edits (start, end, new text) inside `span`; the text between them is kept
+    edits: tuple[tuple[int, int, str], ...] = field(default=(), compare=False, repr=False)
+
+
+def _splice(text: str, start: int, end: int, edits) -> str:
+    """text[start:end] with `edits` (sorted, disjoint) applied."""
+    pieces, cursor = [], start
+    for a, b, new in edits:
+        pieces += [text[cursor:a], new]
+        cursor = b
+    return "".join(pieces) + text[cursor:end]
+
+
+def _merge(text: str, outer: Correction, inner: Correction) -> Correction:
+    """One correction from two overlapping replacements (e.g. a count fix "are three green squares" ->
+    "is one green square" and a colour fix of "green" inside it). Where both edit the same word, the
+    first one's edit stands."""
+    edits: list[tuple[int, int, str]] = []
+    for edit in sorted([*outer.edits, *inner.edits]):
+        if not edits or edit[0] >= edits[-1][1]:
+            edits.append(edit)
+    start, end = min(outer.span[0], inner.span[0]), max(outer.span[1], inner.span[1])
+    return Correction(outer.type, (start, end), _splice(text, start, end, edits), tuple(edits))
 
 
 @dataclass
@@ -171,16 +194,11 @@ class Annotation:
 
 def _rewrite(text: str, kind: str, changes: list[tuple[Word, str]]) -> Optional[Correction]:
     """One correction spanning the changed words, the words between them kept as they are."""
-    changes = sorted(((w, new) for w, new in changes if w.text != new), key=lambda change: change[0].start)
-    if not changes:
+    edits = tuple(sorted((w.start, w.end, new) for w, new in changes if w.text != new))
+    if not edits:
         return None
-    start, end = changes[0][0].start, changes[-1][0].end
-    pieces, cursor = [], start
-    for w, new in changes:
-        pieces += [text[cursor:w.start], new]
-        cursor = w.end
-    pieces.append(text[cursor:end])
-    return Correction(kind, (start, end), "".join(pieces))
+    start, end = edits[0][0], edits[-1][1]
+    return Correction(kind, (start, end), _splice(text, start, end, edits), edits)
 
 
 def _count_changes(parsed: Parse, k: Optional[int], sentence: int, truth: int) -> list[tuple[Word, str]]:
@@ -253,15 +271,18 @@ def correct(scene: Scene, text: str) -> Annotation:
         elif c.kind == "count":
             fix = _rewrite(text, "count", _count_changes(parsed, k, c.sentence, int(v.truth)))
         else:
-            fix = Correction(CORRECTION_TYPE[c.kind], c.span, v.truth)
+            fix = Correction(CORRECTION_TYPE[c.kind], c.span, v.truth, ((*c.span, v.truth),))
         if fix is not None:
             corrections.append(fix)
     corrections.sort(key=lambda c: c.span)
-    # a deletion swallows any replacement inside it
+    # a deletion swallows any replacement inside it; overlapping replacements become one correction
     kept: list[Correction] = []
     for c in corrections:
         if kept and c.span[0] < kept[-1].span[1]:
             if kept[-1].replacement == "" and c.span[1] <= kept[-1].span[1]:
+                continue
+            if kept[-1].replacement and c.replacement:
+                kept[-1] = _merge(text, kept[-1], c)
                 continue
             raise AssertionError(f"overlapping corrections {kept[-1]} and {c} in {text!r}")  # a bug, not bad input
         kept.append(c)

@@ -129,3 +129,19 @@ def test_model_like_answers_are_graded_without_crashing():
     # other red circle (wrong size and position); the relation to an absent cross is deleted
     assert a.corrected == ("a small red circle is at the top left. a large red circle is at the center. "
                            "there is one blue square.")
+
+
+def test_overlapping_count_and_colour_fixes_merge_into_one_correction():
+    """A model wrote a wrong count and a wrong colour in one phrase: both are fixed, as one correction."""
+    from data.synthetic.annotator import correct
+    from data.synthetic.language import parse
+    from data.synthetic.world import Scene, WorldObject
+
+    scene = Scene((WorldObject("square", "purple", "small", (0, 0)), WorldObject("square", "blue", "large", (1, 1))))
+    text = ("the image shows two objects. there are three green squares. a small purple square is at the top left. "
+            "a large blue square is at the center.")
+    a = correct(scene, text)
+    assert a.status == "hallucinated" and len(a.corrections) == 1
+    assert a.corrected == text.replace("are three green squares", "is one purple square")
+    assert a.corrections[0].span == (35, 58) and a.corrections[0].type == "count"
+    assert correct(scene, a.corrected).status == "clean" and not parse(a.corrected).unparsed

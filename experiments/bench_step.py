@@ -1,0 +1,482 @@
+"""Benchmark: time per optimizer step and peak memory of our DDPO step vs TRL's DPOTrainer, and its ablations.
+
+Same small LLaVA for every mode (the `bench` preset: CLIP 256 / 4 layers / 64-px images / patch 8 -> 64
+image tokens; Llama 256 / 4 layers; vocabulary 8192 from a local word-level tokenizer; random init,
+11.5 M parameters), the same 64 pairs (prompt ~80 tokens of which 64 are image tokens, answers ~48
+tokens, rejected = chosen with some words replaced), batch 4 pairs, AdamW, fp32, one CPU process.
+
+Modes (each a cumulative step of the ladder, except `trl`, `proposed` and `floor`):
+    trl          TRL 1.16 `DPOTrainer`, VLM path, live reference (ref_model = deepcopy(model)), the only
+                 reference mode it allows for images; bf16, checkpointing, eval, logging and saving off
+    live         ours: `ddpo.trainer.Trainer` itself (ZeRO-0 DeepSpeed engine, AdamW, clipping, metrics),
+                 live reference, each pair's image encoded per row, two rows per pair
+    cached       + cached reference log-probs (precomputed once, before timing)
+    image_once   + each pair's image encoded once
+    shared       + shared prompt (one packed [prompt | chosen | rejected] row per pair)
+    grouped      + length-grouped batches (data.length_grouping): all on
+    proposed     all on + two trainer changes not made yet: fused AdamW (TRL's default optimizer too)
+                 and no gradient all-reduce in a world of one (not counted in ratio_vs_trl)
+    floor        forward + backward of the policy alone on the `grouped` mode's batches (collated
+                 beforehand): no reference, no data pipeline, no optimizer
+
+Timing: all modes are set up in one process and then take turns, one optimizer step each, round-robin
+(a baton passes between one thread per mode), so a busy shared machine slows all modes alike; the
+process runs `--repeats` times (mode order reversed every other time); median ms per step over the
+`--steps` steps after `--warmup` of every repeat. Step time = from the turn's start to the end of the
+optimizer step, data loading included (ours: collation; TRL: its collator), for TRL and ours alike.
+Memory: a fresh process per mode; peak = the RSS high-water mark over its steps (reset through
+/proc/self/clear_refs just before them) minus its RSS then (model, reference, data already loaded).
+Also printed: the fraction of padded tokens per epoch with and without length grouping, for two rows
+per pair and for packed rows. The last line is `ratio_vs_trl=<best of ours / TRL>`.
+
+TRL is an optional benchmark dependency (requirements-bench.txt: trl==1.16.0, installed with
+`pip install --no-deps -r requirements-bench.txt` next to requirements.txt).
+
+    .venv/bin/python experiments/bench_step.py [--steps 15] [--warmup 3] [--repeats 2] [--threads 2] [--modes trl,shared,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VOCAB_SIZE, PAIRS, BATCH_PAIRS, IMAGE_SIZE = 8192, 64, 4, 64
+QUESTION_WORDS, ANSWER_WORDS = (10, 16), (36, 60)  # inclusive ranges of words per question / answer
+TEMPLATE = "chat_template"
+# A minimal multimodal chat template (USER: <image>\nquestion ASSISTANT: answer</s>), so prompts are ~80 tokens.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+OURS = ["live", "cached", "image_once", "shared", "grouped"]
+MODES = ["trl", *OURS, "proposed", "floor"]
+# mode -> (train.reference, image once per pair, model.shared_prompt, data.length_grouping)
+LADDER = {
+    "live": ("live", False, False, False),
+    "cached": ("cached", False, False, False),
+    "image_once": ("cached", True, False, False),
+    "shared": ("cached", True, True, False),
+    "grouped": ("cached", True, True, True),
+    "proposed": ("cached", True, True, True),
+    "floor": ("cached", True, True, True),
+}
+TRL_MISSING = ("TRL is not installed: .venv/bin/pip install --no-deps -r requirements-bench.txt (trl==1.16.0), "
+               "or leave 'trl' out of --modes")
+CHILD_ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
+                 TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixture: tokenizer, images, pairs (written once, read by every mode)
+# ------------------------------------------------------------------------------------------------
+def write_fixture(workdir: Path, seed: int = 0) -> None:
+    from PIL import Image
+
+    from data.tokenizer import build_word_tokenizer
+
+    base = len(build_word_tokenizer([]))
+    words = [f"w{i}" for i in range(VOCAB_SIZE - base)]
+    tokenizer = build_word_tokenizer([" ".join(words)])
+    assert len(tokenizer) == VOCAB_SIZE, len(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(workdir / "tokenizer")
+
+    rng = random.Random(seed)
+    (workdir / "images").mkdir(exist_ok=True)
+    with open(workdir / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for i in range(PAIRS):
+            image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), tuple(rng.randrange(256) for _ in range(3)))
+            for _ in range(4):  # a few rectangles, so images differ in more than colour
+                x, y = rng.randrange(IMAGE_SIZE - 8), rng.randrange(IMAGE_SIZE - 8)
+                image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 8, y + 8))
+            image.save(workdir / "images" / f"{i}.png")
+            question = " ".join(rng.choices(words, k=rng.randint(*QUESTION_WORDS)))
+            chosen = rng.choices(words, k=rng.randint(*ANSWER_WORDS))
+            rejected = [rng.choice(words) if rng.random() < 0.15 else w for w in chosen]  # hallucinated words
+            f.write(json.dumps({"image": f"{i}.png", "question": question, "chosen": " ".join(chosen),
+                                "rejected": " ".join(rejected)}) + "\n")
+
+
+def ddpo_config(workdir: Path, mode: str, max_steps: int, threads: int, run_dir: Path):
+    from ddpo.config import Config
+
+    reference, _, shared, grouped = LADDER[mode]
+    cfg = Config()
+    cfg.model.arch, cfg.model.preset, cfg.model.tokenizer = "llava", "bench", str(workdir / "tokenizer")
+    cfg.model.dtype, cfg.model.shared_prompt = "float32", shared
+    cfg.data.format, cfg.data.path, cfg.data.image_dir = "jsonl", str(workdir / "pairs.jsonl"), str(workdir / "images")
+    cfg.data.template, cfg.data.max_length, cfg.data.length_grouping = TEMPLATE, 512, grouped
+    cfg.loss.beta, cfg.loss.gamma = 0.1, 5.0
+    t = cfg.train
+    t.output_dir, t.max_steps, t.micro_batch_size, t.gradient_accumulation_steps = str(run_dir), max_steps, BATCH_PAIRS, 1
+    t.learning_rate, t.warmup_ratio, t.lr_scheduler, t.max_grad_norm = 1e-5, 0.0, "constant", 1.0
+    t.reference, t.reference_cache, t.num_threads = reference, str(workdir / "reference_cache"), threads
+    cfg.deepspeed.config = str(REPO / "configs" / "deepspeed" / "zero0.json")
+    cfg.logging.wandb, cfg.logging.progress_bar = "disabled", False
+    return cfg.validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: RSS high-water mark over the measured steps only
+# ------------------------------------------------------------------------------------------------
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+class PeakMemory:
+    """`start()` resets the RSS high-water mark (Linux clear_refs 5) and notes the RSS; `peak_mb()` is the growth since."""
+
+    def start(self) -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = _status_mb("VmRSS")
+
+    def peak_mb(self) -> float:
+        return _status_mb("VmHWM") - self.base
+
+
+# ------------------------------------------------------------------------------------------------
+# Runners: each mode trains in its own thread; a baton lets one step run at a time, round-robin
+# ------------------------------------------------------------------------------------------------
+class Baton:
+    """Turn-taking between runner threads: exactly one runs a step at a time, modes alternate step by step,
+    so every mode sees the same machine load (this machine is shared and noisy)."""
+
+    def __init__(self, names: list[str]):
+        self.cond = threading.Condition()
+        self.queue = list(names)  # whose turn: queue[0]
+
+    def wait(self, name: str) -> float:
+        with self.cond:
+            self.cond.wait_for(lambda: self.queue[0] == name)
+        return time.perf_counter()
+
+    def pass_on(self, name: str, finished: bool = False) -> None:
+        with self.cond:
+            assert self.queue[0] == name
+            self.queue.pop(0)
+            if not finished:
+                self.queue.append(name)
+            self.cond.notify_all()
+
+
+class Runner:
+    """Times one mode's optimizer steps: `begin_step()` waits for the turn, `end_step()` records and hands it on."""
+
+    def __init__(self, name: str, baton: Optional[Baton], total_steps: int):
+        self.name, self.baton, self.total = name, baton, total_steps
+        self.step_s: list[float] = []
+        self.memory = PeakMemory()
+        self.peak_mb = float("nan")
+        self.error: Optional[BaseException] = None
+        self.losses: list[float] = []
+
+    def begin_step(self) -> None:
+        self.started = self.baton.wait(self.name) if self.baton else time.perf_counter()
+
+    def end_step(self) -> None:
+        self.step_s.append(time.perf_counter() - self.started)
+        if len(self.step_s) == self.total:
+            if self.baton is None:
+                self.peak_mb = self.memory.peak_mb()
+            return  # the thread hands the turn on once train() has returned (its clean-up runs alone)
+        if self.baton:
+            self.baton.pass_on(self.name)
+        self.begin_step()
+
+    def run(self, train: Callable[[], object]) -> None:
+        try:
+            if self.baton is None:
+                self.memory.start()
+            self.begin_step()
+            logged = train()
+            if isinstance(logged, list):  # our Trainer returns its metrics records
+                self.losses = [record["loss"] for record in logged]
+        except BaseException as e:  # reported by the main thread
+            self.error = e
+        finally:
+            if self.baton:
+                self.baton.pass_on(self.name, finished=True)
+
+
+def setup_ours(workdir: Path, mode: str, runner: Runner, threads: int) -> Callable[[], object]:
+    """A `Trainer` for one rung of the ladder, its optimizer steps reported to `runner`."""
+    from ddpo.trainer import Trainer
+
+    run_dir = workdir / "runs" / f"{mode}-{os.getpid()}"
+    trainer = Trainer(ddpo_config(workdir, mode, runner.total, threads, run_dir))
+    if mode == "proposed":  # not yet in the trainer: fused AdamW, and no gradient all-reduce in a world of one
+        import torch
+
+        class FusedAdamW(torch.optim.AdamW):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, fused=True, **kwargs)
+
+        adamw, torch.optim.AdamW = torch.optim.AdamW, FusedAdamW
+        try:
+            trainer.setup()
+        finally:
+            torch.optim.AdamW = adamw
+        trainer.engine.enable_backward_allreduce = False
+    else:
+        trainer.setup()
+    once = LADDER[mode][1]
+    for model in (trainer.model, trainer.ref_model):
+        if model is not None:
+            model.image_once_per_pair = once
+    trainer.save_checkpoint = lambda: None  # the benchmark times steps, not checkpoint writing
+    trainer.save = lambda *args, **kwargs: None
+    engine_step = trainer.engine.step
+
+    def step(*args, **kwargs):
+        engine_step(*args, **kwargs)
+        runner.end_step()  # accumulation 1: every engine.step() is an optimizer step
+
+    trainer.engine.step = step
+    return trainer.train
+
+
+def setup_floor(workdir: Path, runner: Runner, threads: int) -> Callable[[], object]:
+    """Forward + backward of the policy alone on the `grouped` mode's batches, collated beforehand."""
+    from ddpo.trainer import Trainer
+
+    run_dir = workdir / "runs" / f"floor-{os.getpid()}"
+    trainer = Trainer(ddpo_config(workdir, "floor", runner.total, threads, run_dir)).setup()
+    model = trainer.model.train()
+    data = trainer.order.iterate(0)
+    batches = [trainer.collate([trainer.dataset[i] for i in next(data)[1]]) for _ in range(runner.total)]
+
+    def train() -> None:
+        for batch in batches:
+            chosen, rejected = model.pair_token_logps(batch, shared_prompt=True)
+            (chosen.sum() - rejected.sum()).backward()
+            model.zero_grad(set_to_none=True)
+            runner.end_step()
+
+    return train
+
+
+def setup_trl(workdir: Path, runner: Runner, threads: int) -> Callable[[], object]:
+    """TRL's DPOTrainer (VLM path, live reference) on the same model, tokens and images."""
+    import copy
+
+    import torch
+
+    try:
+        from trl import DPOConfig, DPOTrainer
+    except ImportError:
+        raise SystemExit(TRL_MISSING) from None
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor, TrainerCallback
+
+    from data.templates import answer_text, prompt_text
+    from models.build import random_llava
+
+    run_dir = workdir / "runs" / f"trl-{os.getpid()}"
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
+    cfg = ddpo_config(workdir, "live", runner.total, threads, run_dir)
+    lines = [json.loads(line) for line in open(cfg.data.path, encoding="utf-8")]
+    # Exactly our token sequences: our template renders the prompt with one <image>, which the processor
+    # expands to the model's 64 image tokens; the answers carry the template's separator and end marker.
+    rows = {
+        "prompt": [prompt_text(TEMPLATE, tokenizer, r["question"], "<image>") for r in lines],
+        "chosen": [answer_text(TEMPLATE, tokenizer, r["chosen"])[0] for r in lines],
+        "rejected": [answer_text(TEMPLATE, tokenizer, r["rejected"])[0] for r in lines],
+        "images": [[Image.open(Path(cfg.data.image_dir) / r["image"]).convert("RGB")] for r in lines],
+    }
+    torch.manual_seed(cfg.train.seed)
+    model = random_llava("bench", tokenizer)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    args = DPOConfig(
+        output_dir=str(run_dir), per_device_train_batch_size=BATCH_PAIRS, gradient_accumulation_steps=1,
+        max_steps=runner.total, learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+        beta=0.1, bf16=False, gradient_checkpointing=False, max_length=512, use_cpu=True, seed=cfg.train.seed,
+        save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            runner.end_step()
+
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, processing_class=processor,
+                         train_dataset=Dataset.from_dict(rows), callbacks=[StepTimer()])
+    return trainer.train
+
+
+def setup(mode: str, workdir: Path, runner: Runner, threads: int) -> Callable[[], object]:
+    if mode == "trl":
+        return setup_trl(workdir, runner, threads)
+    if mode == "floor":
+        return setup_floor(workdir, runner, threads)
+    return setup_ours(workdir, mode, runner, threads)
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    workdir = Path(args.workdir)
+    total = args.warmup + args.steps
+    if args.child == "prepare":  # the reference cache every cached mode reads (fingerprint-checked)
+        from ddpo.trainer import Trainer
+
+        Trainer(ddpo_config(workdir, "cached", 1, args.threads, workdir / "runs" / "prepare")).setup(for_reference_cache=True)
+        return
+    if args.child == "timing":  # every mode in this process, alternating step by step
+        modes = args.modes.split(",")
+        # TRL first: its Accelerator must see a plain single process, before ours sets RANK/WORLD_SIZE.
+        modes.sort(key=lambda m: m != "trl")
+        baton = Baton(modes)
+        runners = {m: Runner(m, baton, total) for m in modes}
+        trains = {m: setup(m, workdir, runners[m], args.threads) for m in modes}
+        threads = [threading.Thread(target=runners[m].run, args=(trains[m],), name=m) for m in modes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        result = {m: {"step_s": r.step_s[args.warmup:], "losses": r.losses} for m, r in runners.items()}
+    else:  # "memory:<mode>": one mode alone in a fresh process
+        mode = args.child.split(":", 1)[1]
+        runners = {mode: Runner(mode, None, total)}
+        runners[mode].run(setup(mode, workdir, runners[mode], args.threads))
+        result = {mode: {"peak_mb": runners[mode].peak_mb, "step_s": runners[mode].step_s[args.warmup:]}}
+    for m, r in runners.items():
+        if r.error is not None:
+            raise RuntimeError(f"mode '{m}' failed") from r.error
+        if len(r.step_s) != total:
+            raise RuntimeError(f"mode '{m}' ran {len(r.step_s)} optimizer steps, expected {total}")
+    print("RESULT " + json.dumps(result))
+
+
+def spawn(child_name: str, args, workdir: Path, modes: list[str], steps: int, warmup: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CHILD_ENV, OMP_NUM_THREADS=str(args.threads))
+    command = [sys.executable, __file__, "--child", child_name, "--workdir", str(workdir), "--steps", str(steps),
+               "--warmup", str(warmup), "--threads", str(args.threads), "--modes", ",".join(modes)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark child '{child_name}' failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Padding: fraction of padded tokens per epoch, without and with length grouping
+# ------------------------------------------------------------------------------------------------
+def padding_report(workdir: Path) -> dict[str, float]:
+    from data.collator import PairDataset, PairEncoder
+    from data.formats import load_records
+    from ddpo.sampler import PairOrder
+    from transformers import AutoTokenizer
+
+    cfg = ddpo_config(workdir, "grouped", 1, 1, workdir / "runs" / "padding")
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
+    records = load_records(cfg.data, seed=cfg.train.seed)
+    encoder = PairEncoder.from_config(cfg, tokenizer, "<image>" * 64)
+    dataset = PairDataset(records, encoder)
+    pairs = [dataset[i] for i in range(len(dataset))]
+    lengths = [len(r.prompt) + max(len(r.chosen), len(r.rejected)) for r in dataset.records]  # as the trainer does
+    report = {}
+    for grouped in (False, True):
+        order = PairOrder(len(dataset), BATCH_PAIRS, cfg.train.seed, lengths=lengths if grouped else None)
+        real = {"two rows": 0, "packed": 0}
+        total = {"two rows": 0, "packed": 0}
+        for batch in order.epoch_batches(0):
+            ps = [pairs[i] for i in batch]
+            rows = [len(p.prompt_ids) + len(a) for p in ps for a in (p.chosen_ids, p.rejected_ids)]
+            packed = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in ps]
+            for name, lens in (("two rows", rows), ("packed", packed)):
+                real[name] += sum(lens)
+                total[name] += max(lens) * len(lens)
+        for name in real:
+            report[f"{name}, {'grouped' if grouped else 'random order'}"] = (1 - real[name] / total[name], total[name])
+    report["prompt tokens (mean)"] = statistics.mean(len(p.prompt_ids) for p in pairs)
+    report["answer tokens (mean)"] = statistics.mean(len(a) for p in pairs for a in (p.chosen_ids, p.rejected_ids))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory run (after 1 warm-up)")
+    parser.add_argument("--workdir", help="fixture directory (default: a fresh temporary one)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}; modes are {', '.join(MODES)}")
+    if "trl" in modes:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise SystemExit(TRL_MISSING) from None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_step_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_fixture(workdir)
+    padding = padding_report(workdir)
+    print(f"{PAIRS} pairs, batch {BATCH_PAIRS}, prompt {padding.pop('prompt tokens (mean)'):.1f} tokens "
+          f"(64 image), answers {padding.pop('answer tokens (mean)'):.1f} tokens; {args.threads} threads; fixture {workdir}")
+    if any(LADDER.get(m, ("",))[0] == "cached" for m in modes):
+        spawn("prepare", args, workdir, modes, 1, 0)
+
+    step_s: dict[str, list[float]] = {m: [] for m in modes}
+    for repeat in range(args.repeats):  # one process per repeat, all modes alternating step by step inside
+        order = modes if repeat % 2 == 0 else modes[::-1]
+        out = spawn("timing", args, workdir, order, args.steps, args.warmup)
+        for m in modes:
+            step_s[m] += out[m]["step_s"]
+        if repeat == 0:  # same computation check: the cached modes see the same data order until `grouped`
+            print("  final loss: " + ", ".join(f"{m} {out[m]['losses'][-1]:.6f}" for m in modes if out[m]["losses"]))
+        print(f"  timing run {repeat}: " + ", ".join(f"{m} {1e3 * statistics.median(out[m]['step_s']):.0f}" for m in modes)
+              + " ms/step", flush=True)
+    peak_mb = {}
+    for m in modes:  # a fresh process per mode: the RSS high-water mark of its steps alone
+        peak_mb[m] = spawn(f"memory:{m}", args, workdir, [m], args.memory_steps, 1)[m]["peak_mb"]
+
+    ms = {m: 1e3 * statistics.median(v) for m, v in step_s.items()}
+    print("\npadding per epoch (layout, order: padded fraction, tokens through the decoder incl. padding):")
+    for name, (fraction, tokens) in padding.items():
+        print(f"  {name:<26} {fraction:6.1%} {tokens:>8d}")
+    print(f"\n{'mode':<12}{'ms/step':>9}{'IQR ms':>14}{'peak +MB':>10}{'vs TRL':>8}{'vs floor':>10}")
+    for m in modes:
+        q = statistics.quantiles(step_s[m], n=4)
+        vs_trl = f"{ms[m] / ms['trl']:.3f}" if "trl" in ms else "-"
+        vs_floor = f"{ms[m] / ms['floor']:.2f}" if "floor" in ms else "-"
+        print(f"{m:<12}{ms[m]:>9.1f}{f'{1e3 * q[0]:.0f}-{1e3 * q[2]:.0f}':>14}{peak_mb[m]:>10.0f}{vs_trl:>8}{vs_floor:>10}")
+    ours = [m for m in modes if m in OURS]
+    if "trl" in ms and ours:
+        print(f"ratio_vs_trl={min(ms[m] for m in ours) / ms['trl']:.3f}")
+
+if __name__ == "__main__":
+    main()
