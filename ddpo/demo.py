@@ -99,7 +99,7 @@ def _train_config(settings: DemoSettings, *overrides: str):
     return load_config(settings.train_config, list(overrides))
 
 
-def _generation_options(settings: DemoSettings, template: str) -> dict:
+def generation_options(settings: DemoSettings, template: str) -> dict:
     return dict(template=template, max_new_tokens=2 * settings.answer_words + 24, batch_size=128)
 
 
@@ -140,7 +140,7 @@ def stage_sample(settings: DemoSettings, out: Path) -> Path:
     cfg = _train_config(settings)
     scenes, images, prompts, _ = split(settings, "preference", settings.preference_images)
     answers = model.generate(images, prompts, do_sample=True, temperature=settings.sample_temperature,
-                             seed=settings.seed, **_generation_options(settings, cfg.data.template))
+                             seed=settings.seed, **generation_options(settings, cfg.data.template))
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     with open(out / "pairs" / "answers.jsonl", "w", encoding="utf-8") as f:
         for i, (prompt, answer) in enumerate(zip(prompts, answers)):
@@ -201,7 +201,7 @@ def evaluate_model(model, settings: DemoSettings, split_name: str, n: int, templ
     from data.synthetic.metrics import evaluate
 
     scenes, images, prompts, _ = split(settings, split_name, n)
-    answers = model.generate(images, prompts, **_generation_options(settings, template))
+    answers = model.generate(images, prompts, **generation_options(settings, template))
     return evaluate(scenes, answers), answers
 
 

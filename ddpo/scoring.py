@@ -1,0 +1,218 @@
+"""`ddpo score`: the DPO implicit reward of candidate answers, r = beta * (log pi(y|x) - log pi_ref(y|x)).
+
+A policy trained with (dense) DPO defines a reward model for free: DPO's optimum satisfies
+r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + const(x), so comparing this quantity across answers to the
+same prompt ranks them by the reward the policy was trained to follow (RLAIF-V uses it for best-of-N
+selection at inference time; `ddpo.best_of_n`). Three variants over the answer tokens t:
+
+    sum      beta * sum_t (log pi_t - log pi_ref_t)              the sequence log-ratio (DPO's reward)
+    mean     beta * mean_t (log pi_t - log pi_ref_t)             length-normalised (no bonus for length)
+    segment  beta * sum_t w_t (log pi_t - log pi_ref_t)          DDPO-style: w_t = gamma on tokens that
+             differ from a reference answer (data.segments' token diff; replacements only), 1 elsewhere;
+             without a reference answer every w_t is 1 (= sum)
+
+Only differences between answers to the same prompt are meaningful (the const(x) cancels).
+
+    ddpo score --policy RUN/final --reference SFT --answers answers.jsonl --image-dir IMAGES \
+        [--output scored.jsonl] [--beta 0.1] [--variant sum|mean|segment] [--gamma 5] \
+        [--template vicuna_v0] [--batch-size 16]
+
+Answers JSONL, one object per line:
+    image       path of the image, relative to --image-dir
+    question    the prompt (or `prompt`)
+    answer      one candidate answer (a string), or `answers`: a list of candidates
+    reference   optional: a reference answer for the `segment` variant's weights
+The output repeats every row with `reward` (for `answer`) or `rewards` (for `answers`) added; by default
+it is written next to the answers as `<name>.scored.jsonl`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+
+from data.images import DataError, decode_image
+from data.segments import token_weights
+from data.templates import TEMPLATES, encode_answer
+from ddpo.reference import answer_logps
+from ddpo.sft import collate, encode_examples
+
+
+VARIANTS = ("sum", "mean", "segment")
+
+
+@torch.no_grad()
+def answer_token_logps(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str],
+                       template: str, batch_size: int = 16) -> list[torch.Tensor]:
+    """Per-answer-token log-probs under `model`: one float32 tensor [n_answer_tokens] per answer.
+
+    Each (image, prompt, answer) is scored as a "chosen"-like sequence: the template's prompt ids, then
+    the labelled answer ids (answer + end marker), exactly the tokens training puts weights on.
+    """
+    if not len(images) == len(prompts) == len(answers):
+        raise ValueError(f"answer_token_logps: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; pass one of each per answer")
+    encoded = encode_examples(model, prompts, answers, template)
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(encoded), batch_size):
+            ids, mask, labels = collate(encoded[start:start + batch_size], model.tokenizer.pad_token_id)
+            pixels = model.preprocess_images(images[start:start + batch_size]).to(model.device, model.dtype)
+            logps = model.sequence_token_logps(ids.to(model.device), mask.to(model.device), labels.to(model.device), pixels)
+            out += [torch.tensor(row, dtype=torch.float32) for row in answer_logps(logps.cpu(), labels)]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def segment_weights(tokenizer, template: str, answer: str, reference_answer: Optional[str], gamma: float,
+                    min_match: int = 3) -> torch.Tensor:
+    """[n_answer_tokens] weights of `answer`: gamma where its tokens replace tokens of `reference_answer`
+    (RLHF-V's token diff), 1 elsewhere; all ones without a reference answer."""
+    ids = encode_answer(template, tokenizer, answer)
+    if reference_answer is None:
+        return torch.ones(len(ids))
+    weights, _ = token_weights(ids, encode_answer(template, tokenizer, reference_answer), gamma, min_match)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def implicit_rewards(policy, reference, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str],
+                     beta: float, template: str, variant: str = "sum", batch_size: int = 16,
+                     reference_answers: Optional[Sequence[Optional[str]]] = None, gamma: float = 5.0) -> list[float]:
+    """The implicit reward of each answer (module doc): a list of floats, one per answer.
+
+    `policy` and `reference` are `PreferenceModel`s sharing a tokenizer; `reference_answers` (one per
+    answer, entries may be None) only matter for the `segment` variant.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got '{variant}'")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if reference_answers is not None and len(reference_answers) != len(answers):
+        raise ValueError(f"{len(reference_answers)} reference answers for {len(answers)} answers; give one (or None) per answer")
+    policy_logps = answer_token_logps(policy, images, prompts, answers, template, batch_size)
+    reference_logps = answer_token_logps(reference, images, prompts, answers, template, batch_size)
+    rewards = []
+    for i, (p, r) in enumerate(zip(policy_logps, reference_logps)):
+        if p.shape != r.shape:
+            raise ValueError(f"answer {i}: the policy sees {len(p)} answer tokens, the reference {len(r)}; "
+                             "the two models must share a tokenizer (the reference is the policy's starting model)")
+        ratio = p - r
+        if variant == "sum":
+            value = ratio.sum()
+        elif variant == "mean":
+            value = ratio.mean()
+        else:
+            ref_answer = reference_answers[i] if reference_answers is not None else None
+            value = (segment_weights(policy.tokenizer, template, answers[i], ref_answer, gamma) * ratio).sum()
+        rewards.append(beta * float(value))
+    return rewards
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+def read_answers(path: Path, image_dir: Path) -> tuple[list[dict], list[Image.Image]]:
+    """Rows of the answers JSONL (module doc) and their images; a bad row raises DataError naming it."""
+    rows, images = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        where = f"row {i} (line {i + 1}) of {path}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        question = row.get("question", row.get("prompt"))
+        if not isinstance(question, str):
+            raise DataError(f"{where}, field 'question': missing or not a string; give the prompt as `question` (or `prompt`)")
+        has_one, has_many = isinstance(row.get("answer"), str), isinstance(row.get("answers"), list)
+        if has_one == has_many:
+            raise DataError(f"{where}, field 'answer'/'answers': give exactly one of `answer` (a string) or `answers` (a list of strings)")
+        if has_many and not all(isinstance(a, str) for a in row["answers"]):
+            raise DataError(f"{where}, field 'answers': every candidate must be a string")
+        if row.get("reference") is not None and not isinstance(row["reference"], str):
+            raise DataError(f"{where}, field 'reference': must be a string (a reference answer) or absent")
+        if not isinstance(row.get("image"), str):
+            raise DataError(f"{where}, field 'image': missing; give the image path relative to --image-dir")
+        images.append(decode_image(path=image_dir / row["image"], where=where, field="image"))
+        rows.append(row)
+    return rows, images
+
+
+def score_rows(policy, reference, rows: list[dict], images: list[Image.Image], beta: float, template: str,
+               variant: str, batch_size: int, gamma: float) -> list[dict]:
+    """Rows with `reward` / `rewards` added; all candidates of all rows are scored in shared batches."""
+    flat_images, flat_prompts, flat_answers, flat_refs, owners = [], [], [], [], []
+    for k, (row, image) in enumerate(zip(rows, images)):
+        candidates = [row["answer"]] if isinstance(row.get("answer"), str) else row["answers"]
+        for answer in candidates:
+            flat_images.append(image)
+            flat_prompts.append(row.get("question", row.get("prompt")))
+            flat_answers.append(answer)
+            flat_refs.append(row.get("reference"))
+            owners.append(k)
+    rewards = implicit_rewards(policy, reference, flat_images, flat_prompts, flat_answers, beta, template, variant,
+                               batch_size, flat_refs, gamma)
+    per_row: list[list[float]] = [[] for _ in rows]
+    for k, reward in zip(owners, rewards):
+        per_row[k].append(reward)
+    out = []
+    for row, values in zip(rows, per_row):
+        scored = dict(row)
+        if isinstance(row.get("answer"), str):
+            scored["reward"] = values[0]
+        else:
+            scored["rewards"] = values
+        out.append(scored)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddpo score", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--policy", required=True, help="trained policy directory (e.g. RUN/final)")
+    parser.add_argument("--reference", required=True, help="its reference (starting) model directory")
+    parser.add_argument("--answers", required=True, help="answers JSONL (schema below)")
+    parser.add_argument("--image-dir", required=True, help="folder that the rows' `image` paths are relative to")
+    parser.add_argument("--output", default=None, help="scored JSONL (default: <answers>.scored.jsonl next to the answers)")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta the policy was trained with (default 0.1)")
+    parser.add_argument("--variant", choices=VARIANTS, default="sum")
+    parser.add_argument("--gamma", type=float, default=5.0, help="segment variant: weight of tokens that differ from `reference`")
+    parser.add_argument("--template", choices=TEMPLATES, default="vicuna_v0", help="the conversation template the policy was trained with")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    from models.build import load_model
+
+    answers_path = Path(args.answers)
+    output = Path(args.output) if args.output else answers_path.with_name(answers_path.stem + ".scored.jsonl")
+    try:
+        rows, images = read_answers(answers_path, Path(args.image_dir))
+    except (DataError, FileNotFoundError) as e:
+        print(f"ddpo score: {e}", file=sys.stderr)
+        return 2
+    policy, reference = load_model(args.policy), load_model(args.reference)
+    scored = score_rows(policy, reference, rows, images, args.beta, args.template, args.variant, args.batch_size, args.gamma)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        for row in scored:
+            f.write(json.dumps(row) + "\n")
+    print(f"scored {sum(len(r.get('rewards', [0])) for r in scored)} answers of {len(scored)} rows ({args.variant}, beta {args.beta}) -> {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
