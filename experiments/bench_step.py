@@ -5,7 +5,7 @@ image tokens; Llama 256 / 4 layers; vocabulary 8192 from a local word-level toke
 11.5 M parameters), the same 64 pairs (prompt ~80 tokens of which 64 are image tokens, answers ~48
 tokens, rejected = chosen with some words replaced), batch 4 pairs, AdamW, fp32, one CPU process.
 
-Modes (each a cumulative step of the ladder, except `trl`, `proposed` and `floor`):
+Modes (each a cumulative step of the ladder, except `trl` and `floor`):
     trl          TRL 1.16 `DPOTrainer`, VLM path, live reference (ref_model = deepcopy(model)), the only
                  reference mode it allows for images; bf16, checkpointing, eval, logging and saving off
     live         ours: `ddpo.trainer.Trainer` itself (ZeRO-0 DeepSpeed engine, AdamW, clipping, metrics),
@@ -14,8 +14,6 @@ Modes (each a cumulative step of the ladder, except `trl`, `proposed` and `floor
     image_once   + each pair's image encoded once
     shared       + shared prompt (one packed [prompt | chosen | rejected] row per pair)
     grouped      + length-grouped batches (data.length_grouping): all on
-    proposed     all on + two trainer changes not made yet: fused AdamW (TRL's default optimizer too)
-                 and no gradient all-reduce in a world of one (not counted in ratio_vs_trl)
     floor        forward + backward of the policy alone on the `grouped` mode's batches (collated
                  beforehand): no reference, no data pipeline, no optimizer
 
@@ -63,7 +61,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
 OURS = ["live", "cached", "image_once", "shared", "grouped"]
-MODES = ["trl", *OURS, "proposed", "floor"]
+MODES = ["trl", *OURS, "floor"]
 # mode -> (train.reference, image once per pair, model.shared_prompt, data.length_grouping)
 LADDER = {
     "live": ("live", False, False, False),
@@ -71,7 +69,6 @@ LADDER = {
     "image_once": ("cached", True, False, False),
     "shared": ("cached", True, True, False),
     "grouped": ("cached", True, True, True),
-    "proposed": ("cached", True, True, True),
     "floor": ("cached", True, True, True),
 }
 TRL_MISSING = ("TRL is not installed: .venv/bin/pip install --no-deps -r requirements-bench.txt (trl==1.16.0), "
@@ -223,21 +220,7 @@ def setup_ours(workdir: Path, mode: str, runner: Runner, threads: int) -> Callab
 
     run_dir = workdir / "runs" / f"{mode}-{os.getpid()}"
     trainer = Trainer(ddpo_config(workdir, mode, runner.total, threads, run_dir))
-    if mode == "proposed":  # not yet in the trainer: fused AdamW, and no gradient all-reduce in a world of one
-        import torch
-
-        class FusedAdamW(torch.optim.AdamW):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, fused=True, **kwargs)
-
-        adamw, torch.optim.AdamW = torch.optim.AdamW, FusedAdamW
-        try:
-            trainer.setup()
-        finally:
-            torch.optim.AdamW = adamw
-        trainer.engine.enable_backward_allreduce = False
-    else:
-        trainer.setup()
+    trainer.setup()
     once = LADDER[mode][1]
     for model in (trainer.model, trainer.ref_model):
         if model is not None:

@@ -5,6 +5,7 @@
     ddpo eval --benchmark mmhal  --model CKPT --image-dir MMHAL_IMAGES --output OUT.json   (judge key: $OPENAI_API_KEY)
     ddpo eval --benchmark pope   --model CKPT --questions coco_pope_random.jsonl --image-dir val2014 --output OUT.json
     ddpo eval --benchmark amber  --answers A.json --questions query_discriminative.json --annotations annotations.json --output OUT.json
+    ddpo eval --benchmark synthetic --model demo_output/runs/ddpo/final --max-new-tokens 84 --template llava_v1 --output OUT.json
 
 Writes OUT.json (metrics; rates are fractions in [0, 1]), OUT.samples.jsonl (per-answer scoring details)
 and, when generating, OUT.answers.jsonl (the answers, re-scorable with --answers). Judge verdicts are
@@ -125,7 +126,45 @@ def _yesno_read_answers(load_questions: Callable[[argparse.Namespace], Rows]) ->
     return read
 
 
+# --- synthetic world --------------------------------------------------------------------------------
+def _synthetic_split(args: argparse.Namespace):
+    """The `ddpo demo` test split of seed --seed (scenes, images, prompts): same images as the demo's."""
+    from ddpo.demo import DemoSettings, split  # noqa: PLC0415
+
+    scenes, images, prompts, _ = split(DemoSettings(seed=args.seed), "test", args.num_images)
+    return scenes, images, prompts
+
+
+def _synthetic_questions(args: argparse.Namespace) -> Rows:
+    _, images, prompts = _synthetic_split(args)
+    image_dir = _sibling(args.output, ".images")
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        image.save(image_dir / f"{i:05d}.png")
+        rows.append({"index": i, "image": str(image_dir / f"{i:05d}.png"), "question": prompt})
+    return rows
+
+
+def _synthetic_read_answers(args: argparse.Namespace) -> Rows:
+    rows = [json.loads(line) for line in Path(args.answers).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for n, row in enumerate(rows):
+        if not isinstance(row.get("index"), int) or not isinstance(row.get("answer"), str):
+            raise ValueError(f"{args.answers} line {n + 1}: needs an integer 'index' (test image) and a string 'answer'")
+    return rows
+
+
+def _synthetic_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any], Rows]:
+    from data.synthetic.metrics import evaluate  # noqa: PLC0415
+
+    args.num_images = max(args.num_images, 1 + max(r["index"] for r in rows))
+    scenes, _, _ = _synthetic_split(args)
+    metrics = evaluate([scenes[r["index"]] for r in rows], [r["answer"] for r in rows])
+    return metrics, [{"index": r["index"], "answer": r["answer"]} for r in rows]
+
+
 BENCHMARKS: dict[str, Benchmark] = {
+    "synthetic": Benchmark(_synthetic_questions, _synthetic_read_answers, _synthetic_score),
     "objhal": Benchmark(_objhal_questions, lambda a: objhal.read_answers(a.answers), _objhal_score),
     "mmhal": Benchmark(_mmhal_questions, _mmhal_read_answers, _mmhal_score),
     "pope": Benchmark(_pope_questions, _yesno_read_answers(_pope_questions), lambda a, rows: yesno.score_yes_no(rows, positive="yes")),
@@ -149,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", help="objhal: JSONL {image_id, image[, question]}; mmhal: template JSON (default: the shipped 96); pope: JSONL {question_id, image, text, label}; amber: query_discriminative*.json")
     p.add_argument("--annotations", help="objhal: directory with COCO instances_*.json and captions_*.json; amber: annotations.json")
     p.add_argument("--image-dir", help="folder that question image names are relative to")
+    p.add_argument("--num-images", type=int, default=600, help="synthetic: test images of the `ddpo demo` world (seed --seed)")
     p.add_argument("--extractor", choices=["rules", "llm"], default="rules", help="objhal object extraction: rule-based CHAIR (offline) or a chat model")
     g = p.add_argument_group("judge / LLM extractor (OpenAI-compatible chat completions)")
     g.add_argument("--judge-model", help=f"default: {mmhal.JUDGE_MODEL} (mmhal), {objhal.LLM_EXTRACTOR_MODEL} (objhal) — the papers' models, since retired")

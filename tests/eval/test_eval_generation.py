@@ -127,3 +127,26 @@ def test_objhal_generate_assigns_the_eight_prompts(tmp_path, fake_models_build):
     m = json.loads(out.read_text())  # every answer is "Yes, there is." -> no COCO object mentioned
     assert m["num_answers"] == 9 and m["response_hallucination_rate"] is None and m["chair_s"] == 0.0
     assert m["recall"] == 0.0 and m["mean_response_words"] == 3.0
+
+
+def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
+    """Scoring an answers file: the ground truth is regenerated from the demo's test split (seed 0)."""
+    from data.synthetic.language import LanguageConfig, describe
+    from ddpo.demo import DemoSettings, split
+    import numpy as np
+    import json
+
+    scenes, _, _, _ = split(DemoSettings(seed=0), "test", 4)
+    rng = np.random.default_rng(0)
+    answers = [describe(s, rng, LanguageConfig(target_words=30)) for s in scenes]  # the truth
+    answers[1] = "a large red circle is at the top left. a small blue cross is at the bottom right."  # likely wrong
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps({"index": i, "answer": a}) + "\n" for i, a in enumerate(answers)))
+    out = tmp_path / "out.json"
+    assert eval_main(["--benchmark", "synthetic", "--answers", str(path), "--output", str(out), "--num-images", "4"]) == 0
+    metrics = json.loads(out.read_text())
+    from data.synthetic.metrics import evaluate
+    expected = evaluate(scenes, answers)
+    for key in ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words"):
+        assert metrics[key] == expected[key]
+    assert metrics["response_hallucination_rate"] <= 0.25  # only the replaced answer can be wrong
