@@ -17,7 +17,8 @@ so an interrupted demo resumes where it stopped):
             mention-level hallucination, object recall, length                        -> DIR/results.{json,md,png}
 
 Hyper-parameters live in `configs/synthetic/demo.yaml` (a normal `ddpo train` config: model, data,
-loss, train); the demo sets only the paths, gamma and seed. They were chosen on the validation images.
+loss, train); the demo sets only the paths, gamma and seed. Validation metrics are reported next to the
+test ones so that settings can be chosen on them.
 """
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ class DemoSettings:
     train_config: str = str(REPO / "configs" / "synthetic" / "demo.yaml")
     answer_words: int = 30  # target length of the detailed descriptions
     sft_examples: int = 6000
-    sft_steps: int = 700
+    sft_steps: int = 1200
     sft_batch_size: int = 32
     sft_learning_rate: float = 2e-3
     preference_images: int = 1600  # held-out images whose sampled answers get corrected
-    sample_temperature: float = 1.0
+    sample_temperature: float = 0.7  # RLAIF-V samples at 0.7; at 1.0 answers drift far from greedy ones
     max_pairs: int = 1400  # the paper's 1.4k; fewer if fewer sampled answers hallucinate
     val_images: int = 300
     test_images: int = 600
@@ -77,10 +78,16 @@ class DemoSettings:
 # The world's data splits: disjoint seeds per use
 # ------------------------------------------------------------------------------------------------
 def synthetic_config(settings: DemoSettings):
+    """The demo's world: 4 shapes, one size, at most 3 objects. In the full default world (5 shapes x 2
+    sizes, 4 objects) a 1 M-parameter model trained for minutes grounds too poorly (object recall 0.35,
+    positions near chance) for preference learning to mean anything; here it reaches recall ~0.7."""
     from data.synthetic import SyntheticConfig
     from data.synthetic.language import LanguageConfig
+    from data.synthetic.world import WorldConfig
 
-    return SyntheticConfig(language=LanguageConfig(style="detailed", target_words=settings.answer_words))
+    world = WorldConfig(shapes=("circle", "square", "triangle", "diamond"), sizes=("large",), max_objects=3,
+                        partners={"circle": "square", "triangle": "diamond"})
+    return SyntheticConfig(world=world, language=LanguageConfig(style="detailed", target_words=settings.answer_words))
 
 
 def split(settings: DemoSettings, name: str, n: int):

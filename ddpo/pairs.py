@@ -39,11 +39,12 @@ def n_words(text: str) -> int:
 
 def candidate_pairs(answers: Sequence[str], scores: Sequence[float], min_gap: float = 1.0) -> list[tuple[int, int]]:
     """(chosen index, rejected index) for every pair with score[chosen] - score[rejected] >= min_gap and
-    different texts, in index order."""
+    different texts, in index order. Empty answers never pair: an empty answer makes no claim, so it can
+    outscore every real one, and a pair with an empty side is not a usable training row."""
     if len(answers) != len(scores):
         raise ValueError(f"{len(answers)} answers but {len(scores)} scores; give one score per answer")
-    return [(i, j) for i in range(len(answers)) for j in range(len(answers))
-            if scores[i] - scores[j] >= min_gap and answers[i] != answers[j]]
+    usable = [i for i, a in enumerate(answers) if a.strip()]
+    return [(i, j) for i in usable for j in usable if scores[i] - scores[j] >= min_gap and answers[i] != answers[j]]
 
 
 def sample_pairs(prompt_index: int, answers: Sequence[str], scores: Sequence[float], per_prompt: int,

@@ -187,3 +187,10 @@ def test_one_tiny_round_end_to_end(tmp_path):
     table = json.loads((results / "results.json").read_text())["rounds"]
     assert [r["round"] for r in table] == [0, 1]
     assert "python experiments/iterate.py --quick" in (results / "results.md").read_text()
+
+
+def test_empty_answers_never_pair():
+    from ddpo.pairs import candidate_pairs
+
+    # The empty answer has the best score (no claims, none rejected) but must not become "chosen".
+    assert candidate_pairs(["", "a red circle.", "a blue circle."], [0.0, -1.0, -2.0]) == [(1, 2)]
