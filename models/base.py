@@ -108,7 +108,7 @@ class StopOnStrings(StoppingCriteria):
 class PreferenceModel(nn.Module):
     """Interface + shared logic; subclasses: `models.llava.LlavaPreferenceModel`, `models.muffin.MuffinPreferenceModel`.
 
-    Subclasses implement `encode_images`, `decoder_hidden_states`, `parameter_parts`, `image_placeholder`
+    Subclasses implement `encode_images`, `parameter_parts`, `image_placeholder`
     and set `arch`, `hf_model`, `tokenizer`, `image_transform`, `image_token_id`, `num_image_tokens`.
     """
 
@@ -142,8 +142,11 @@ class PreferenceModel(nn.Module):
 
     def decoder_hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                               position_ids: torch.Tensor) -> torch.Tensor:
-        """[R, T, D] embeddings -> [R, T, D] final hidden states (after the last norm)."""
-        raise NotImplementedError
+        """[R, T, D] embeddings -> [R, T, D] final hidden states (after the last norm). Both architectures
+        keep their decoder at `hf_model.model.language_model`; `attention_mask` may be 2-D or a 4-D bias."""
+        out = self.hf_model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                 position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
 
     def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part: 'vision_tower', 'projector', 'llm' (decoder, embeddings, LM head)."""

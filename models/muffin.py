@@ -193,11 +193,6 @@ class MuffinPreferenceModel(PreferenceModel):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.hf_model.model.get_image_features(pixel_values)
 
-    def decoder_hidden_states(self, inputs_embeds, attention_mask, position_ids):
-        out = self.hf_model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                                 position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state
-
     def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
         inner = self.hf_model.model
         return {
