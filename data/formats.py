@@ -24,8 +24,6 @@ A literal "<image>" in a question (LLaVA-style data) is removed: the template in
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import re
@@ -289,12 +287,10 @@ def _jsonl_rows(data_cfg: Any) -> tuple[Iterator[tuple[int, Any]], Callable[[Any
 
 
 def _synthetic(data_cfg: Any, seed: int) -> list[PreferenceRecord]:
-    module = importlib.import_module("data.synthetic") if importlib.util.find_spec("data.synthetic") else None
-    make = getattr(module, "synthetic_records", None)
-    if make is None:
-        raise DataError("data.format 'synthetic' needs data.synthetic.synthetic_records(n, seed), which this checkout does not have")
+    from data.synthetic import synthetic_records  # numpy/PIL world code, only when asked for
+
     n = data_cfg.synthetic_pairs if data_cfg.max_samples is None else min(data_cfg.synthetic_pairs, data_cfg.max_samples)
-    return make(n, seed)
+    return synthetic_records(n, seed)
 
 
 def load_records(data_cfg: Any, seed: int = 0) -> LoadedRecords:
