@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from ddpo.eval import mmhal, objhal, yesno
 from ddpo.eval.generation import GenerationConfig, generate_answers
 from ddpo.eval.judge import DEFAULT_BASE_URL, JudgeCache, JudgeClient, JudgeError
+from ddpo.jsonl import json_objects
 
 Rows = list[dict[str, Any]]
 
@@ -147,10 +148,11 @@ def _synthetic_questions(args: argparse.Namespace) -> Rows:
 
 
 def _synthetic_read_answers(args: argparse.Namespace) -> Rows:
-    rows = [json.loads(line) for line in Path(args.answers).read_text(encoding="utf-8").splitlines() if line.strip()]
-    for n, row in enumerate(rows):
+    rows = []
+    for where, row in json_objects(args.answers):
         if not isinstance(row.get("index"), int) or not isinstance(row.get("answer"), str):
-            raise ValueError(f"{args.answers} line {n + 1}: needs an integer 'index' (test image) and a string 'answer'")
+            raise ValueError(f"{where}: needs an integer 'index' (test image) and a string 'answer'")
+        rows.append(row)
     return rows
 
 

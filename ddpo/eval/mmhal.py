@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 from ddpo.eval.chair import ASSETS
 from ddpo.eval.judge import JudgeCache, JudgeClient, cached_judge
+from ddpo.jsonl import json_objects
 
 QUESTIONS_FILE = ASSETS / "mmhal_bench_questions.json"
 JUDGE_MODEL = "gpt-4-0314"  # RLHF-V's (retired); RLAIF-V used gpt-4-1106-preview
@@ -105,13 +106,10 @@ def read_answers(path: str | Path, questions: Sequence[dict[str, Any]]) -> list[
                 raise ValueError(f"{path}: record {i} asks {r.get('question')!r}, expected {questions[i]['question']!r}; keep the question order")
             answers[i] = r.get("model_answer")
     else:
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for where, row in json_objects(path):
             index = row.get("index")
             if not isinstance(index, int) or not 0 <= index < len(questions):
-                raise ValueError(f"{path}:{line_no}: 'index' must be a question index in [0, {len(questions)}), got {index!r}")
+                raise ValueError(f"{where}: 'index' must be a question index in [0, {len(questions)}), got {index!r}")
             answers[index] = row.get("answer")
     missing = [i for i, a in enumerate(answers) if not isinstance(a, str)]
     if missing:

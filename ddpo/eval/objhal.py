@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from ddpo.eval.chair import ASSETS, ChairSample, CocoVocabulary, chair_metrics, default_vocabulary, names_to_mentions, text_to_mentions
 from ddpo.eval.judge import JudgeCache, JudgeClient, cached_judge
+from ddpo.jsonl import json_objects
 
 LLM_EXTRACTOR_MODEL = "gpt-3.5-turbo-0613"  # RLHF-V's (retired); pass another with --judge-model
 LLM_EXTRACTOR_TEMPERATURE = 0.2
@@ -127,19 +128,7 @@ def extract_with_llm(client: JudgeClient, cache: JudgeCache, question: str, answ
 
 def read_answers(path: str | Path) -> list[dict[str, Any]]:
     """Answers JSONL: one {"image_id": int, "answer": str} per line (optional "question")."""
-    path = Path(path)
-    rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{line_no}: expected a JSON object with 'image_id' and 'answer'")
-        rows.append(normalize_answer_row(row, f"{path}:{line_no}"))
-    return rows
+    return [normalize_answer_row(row, where) for where, row in json_objects(path)]
 
 
 def normalize_answer_row(row: dict[str, Any], where: str) -> dict[str, Any]:

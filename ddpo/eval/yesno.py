@@ -20,6 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ddpo.jsonl import json_objects
+
 _SENTENCE_END = re.compile(r"[.!?\n]")
 _WORD = re.compile(r"[a-z']+")
 
@@ -100,14 +102,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of objects")
         return data
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({e})") from e
-    return rows
+    return [row for _, row in json_objects(path)]
 
 
 def load_pope_questions(path: str | Path) -> list[dict[str, Any]]:
