@@ -38,6 +38,7 @@ class ModelConfig:
     muffin_checkpoint: Optional[str] = _field(None, "Original RLHF-V/Muffin checkpoint (a .safetensors/.bin state dict or a directory of them) mapped onto our parameter names.")
     dtype: Literal["auto", "float32", "bfloat16"] = _field("auto", "Weights/compute dtype: auto = bfloat16 on a GPU that supports it, float32 on CPU.")
     image_size: Optional[int] = _field(None, "Input image side in pixels for a random-init model; null = the preset's (checkpoints keep their own).")
+    patch_size: Optional[int] = _field(None, "Vision patch side in pixels for a random-init model; null = the preset's. image_size must be a multiple of it.")
     freeze_vision_tower: bool = _field(False, "Freeze the whole vision encoder (no gradients, not in the optimizer).")
     freeze_projector: bool = _field(False, "Freeze the vision-to-language projector.")
     freeze_llm: bool = _field(False, "Freeze the language model (decoder and LM head).")

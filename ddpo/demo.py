@@ -85,8 +85,9 @@ def synthetic_config(settings: DemoSettings):
     from data.synthetic.language import LanguageConfig
     from data.synthetic.world import WorldConfig
 
-    world = WorldConfig(shapes=("circle", "square", "triangle", "diamond"), sizes=("large",), max_objects=3,
-                        partners={"circle": "square", "triangle": "diamond"})
+    image_size = _train_config(settings).model.image_size  # rendered at the model's input size: no resize
+    world = WorldConfig(image_size=image_size, shapes=("circle", "square", "triangle", "diamond"), sizes=("large",),
+                        max_objects=3, partners={"circle": "square", "triangle": "diamond"})
     return SyntheticConfig(world=world, language=LanguageConfig(style="detailed", target_words=settings.answer_words))
 
 

@@ -65,30 +65,32 @@ def _text_config(preset: dict, tokenizer) -> LlamaConfig:
     )
 
 
-def random_llava(preset_name: str, tokenizer, image_size: Optional[int] = None, attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
+def random_llava(preset_name: str, tokenizer, image_size: Optional[int] = None, attn_implementation: str = "sdpa",
+                 patch_size: Optional[int] = None) -> LlavaForConditionalGeneration:
     """A randomly initialised LLaVA-1.5-shaped model (CLIP tower, 2-layer GELU projector, Llama) of a preset's size."""
     p = PRESETS[preset_name]
-    size = image_size or p["image_size"]
-    if size % p["patch"]:
-        raise ConfigError(f"model.image_size {size} must be a multiple of the patch size {p['patch']}")
+    size, patch = image_size or p["image_size"], patch_size or p["patch"]
+    if size % patch:
+        raise ConfigError(f"model.image_size {size} must be a multiple of the patch size {patch} (model.patch_size)")
     vision = CLIPVisionConfig(hidden_size=p["vision_width"], intermediate_size=4 * p["vision_width"],
                               num_hidden_layers=p["vision_layers"], num_attention_heads=p["vision_heads"],
-                              image_size=size, patch_size=p["patch"])
+                              image_size=size, patch_size=patch)
     config = LlavaConfig(vision_config=vision, text_config=_text_config(p, tokenizer),
                          image_token_index=_token_id(tokenizer, IMAGE_TOKEN),
-                         image_seq_length=(size // p["patch"]) ** 2, vision_feature_layer=-2,
+                         image_seq_length=(size // patch) ** 2, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", attn_implementation=attn_implementation)
     return LlavaForConditionalGeneration(config)
 
 
-def random_muffin(preset_name: str, tokenizer, image_size: Optional[int] = None, attn_implementation: str = "sdpa") -> MuffinForCausalLM:
+def random_muffin(preset_name: str, tokenizer, image_size: Optional[int] = None, attn_implementation: str = "sdpa",
+                  patch_size: Optional[int] = None) -> MuffinForCausalLM:
     """A randomly initialised Muffin (BEiT-3 + queries + linear projector + Llama) of a preset's size."""
     p = PRESETS[preset_name]
-    size = image_size or p["image_size"]
-    if size % p["patch"]:
-        raise ConfigError(f"model.image_size {size} must be a multiple of the patch size {p['patch']}")
+    size, patch = image_size or p["image_size"], patch_size or p["patch"]
+    if size % patch:
+        raise ConfigError(f"model.image_size {size} must be a multiple of the patch size {patch} (model.patch_size)")
     config = MuffinConfig(
-        text_config=_text_config(p, tokenizer), vision_image_size=size, vision_patch_size=p["patch"],
+        text_config=_text_config(p, tokenizer), vision_image_size=size, vision_patch_size=patch,
         vision_hidden_size=p["vision_width"], vision_num_layers=p["vision_layers"], vision_num_heads=p["vision_heads"],
         vision_ffn_dim=4 * p["vision_width"], num_query=p["queries"], image_token_id=_token_id(tokenizer, IMAGE_PATCH_TOKEN),
         attn_implementation=attn_implementation,
@@ -137,14 +139,14 @@ def _random_init(cfg: ModelConfig, tokenizer) -> PreferenceModel:
         raise ConfigError(f"a random-init '{cfg.arch}' model (model.name_or_path null) needs a tokenizer: "
                           "pass one to build_model or set model.tokenizer")
     if cfg.arch == "llava":
-        return LlavaPreferenceModel(random_llava(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation),
+        return LlavaPreferenceModel(random_llava(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation, cfg.patch_size),
                                     tokenizer, logps_chunk_size=cfg.logps_chunk_size)
     if muffin_dir is not None and (muffin_dir / "config.json").is_file():  # a full original checkpoint directory
         original = json.loads((muffin_dir / "config.json").read_text(encoding="utf-8"))
         config = muffin_config_from_original(original, _token_id(tokenizer, IMAGE_PATCH_TOKEN))
         hf = MuffinForCausalLM._from_config(config, attn_implementation=cfg.attn_implementation)
     else:
-        hf = random_muffin(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation)
+        hf = random_muffin(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation, cfg.patch_size)
     if muffin_dir is not None:
         load_muffin_checkpoint(hf, muffin_dir)
     return MuffinPreferenceModel(hf, tokenizer, logps_chunk_size=cfg.logps_chunk_size,

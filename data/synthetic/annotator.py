@@ -2,15 +2,20 @@
 
 Like RLHF-V's human annotators it edits only the hallucinated segments of an answer (which may be a
 model's): a wrong colour, size, position, number or relation word is replaced; a mention of an
-absent shape is renamed to the object really at the position it claims, or, where no such object is
-free, its sentence (or list item) is deleted. Everything else is left byte-for-byte unchanged.
+absent shape is rewritten into a real object (the one at the position it claims if free, else the
+first object no mention describes), or, where every object is described already, its sentence (or
+list item) is deleted. Everything else is left byte-for-byte unchanged.
 
 Grounding (which object a noun phrase means). A shape that is not in the scene at all is a
 hallucinated object. Otherwise each instance mention ("a small red circle at the top left") is matched
 to the object of its shape that agrees with the most of its claimed colour, size and position (ties:
-position first, then reading order); indefinite mentions ("a ...") are matched one-to-one first, so
-two sentences are taken to describe two different objects whenever the scene allows it. The claims
-that disagree with the matched object are its errors: the minimal set of words to change.
+position first, then reading order). Indefinite mentions ("a ...") introduce objects, so they are
+matched one-to-one: an indefinite mention left without an object of its own (a second "a red circle"
+in a scene with one circle) claims an object that is not there, and is a hallucinated object like an
+absent shape (renamed to a free object at its position, or deleted). Correcting it into a copy of
+another sentence would teach a model to describe one object twice. Definite mentions ("the ...")
+refer back and may share an object. The claims that disagree with the matched object are its errors:
+the minimal set of words to change.
 """
 from __future__ import annotations
 
@@ -60,6 +65,8 @@ def _match(m: Mention, o: WorldObject) -> tuple[int, bool]:
 
 
 def _resolve(scene: Scene, mentions: list[Mention], hallucinated: list[bool]) -> list[Optional[WorldObject]]:
+    """Per mention, the object it describes; None for hallucinated mentions, non-instance mentions and
+    indefinite mentions left without an object of their own (the caller marks those hallucinated)."""
     referents: list[Optional[WorldObject]] = [None] * len(mentions)
     order = {o.cell: i for i, o in enumerate(scene.objects)}
 
@@ -76,9 +83,9 @@ def _resolve(scene: Scene, mentions: list[Mention], hallucinated: list[bool]) ->
         if referents[k] is None and o.cell not in used:
             referents[k] = o
             used.add(o.cell)
-    # 2. definite mentions and indefinite ones left over: their best object, shared
+    # 2. definite mentions: their best object, shared
     for k in instance:
-        if referents[k] is None:
+        if referents[k] is None and mentions[k].det.text == "the":
             referents[k] = min((o for o in scene.objects if o.shape == mentions[k].shape_name), key=lambda o: key(k, o))
     return referents
 
@@ -93,15 +100,28 @@ def ground(scene: Scene, parsed: Parse) -> Grounding:
     present = scene.shapes()
     hallucinated = [m.shape_name not in present for m in mentions]
     referents = _resolve(scene, mentions, hallucinated)
+    # an indefinite instance mention that got no object of its own claims one too many
+    hallucinated = [h or (m.is_instance and referents[k] is None) for k, (h, m) in enumerate(zip(hallucinated, mentions))]
 
     # objects introduced by an indefinite mention ("a ...") are taken; "the ..." only refers back
     taken = {o.cell for k, o in enumerate(referents) if o is not None and mentions[k].det.text != "the"}
     retarget: dict[int, WorldObject] = {}
-    for k, m in enumerate(mentions):
-        obj = scene.at(CELLS[m.position_name]) if m.position else None
-        if hallucinated[k] and m.is_instance and m.det.text != "the" and obj is not None and obj.cell not in taken:
+    renamable = [k for k, m in enumerate(mentions) if hallucinated[k] and m.is_instance and m.det.text != "the"]
+    for k in renamable:  # 1. the free object at the claimed position
+        obj = scene.at(CELLS[mentions[k].position_name]) if mentions[k].position else None
+        if obj is not None and obj.cell not in taken:
             retarget[k] = obj
             taken.add(obj.cell)
+    # 2. an object no mention describes, in reading order, where the mention is in no relation (a new
+    # place would make the relation a second claim to re-check). A human annotator rewrites a wrong
+    # object into one that is there; deleting instead would make every chosen answer shorter than its
+    # rejected one, and DPO learns "say less" from that rather than "say what is there".
+    in_relation = {k for c in parsed.claims if c.kind == "relation" for k in (c.mention, c.target)}
+    unmentioned = [o for o in scene.objects if o.cell not in taken and o not in referents]
+    for k in renamable:
+        if k not in retarget and k not in in_relation and unmentioned:
+            retarget[k] = unmentioned.pop(0)
+            taken.add(retarget[k].cell)
 
     # count mentions ("two red circles"): a colour / size no object of that shape has is the error,
     # then the number is checked for the corrected kind
@@ -267,6 +287,8 @@ def correct(scene: Scene, text: str) -> Annotation:
         if c.kind == "object":  # rename to the object at the claimed position, with its attributes
             m, o = parsed.mentions[k], g.retarget[k]
             changes = [(m.shape, o.shape)] + [(w, new) for w, new in ((m.color, o.color), (m.size, o.size)) if w]
+            if m.position:
+                changes.append((Word(m.position_name, m.position[0].start, m.position[-1].end), POSITIONS[o.cell]))
             fix = _rewrite(text, "object", changes)
         elif c.kind == "count":
             fix = _rewrite(text, "count", _count_changes(parsed, k, c.sentence, int(v.truth)))

@@ -57,9 +57,12 @@ def test_absent_object_is_renamed_when_its_position_holds_a_free_object():
     a = correct(SCENE, text)
     assert a.corrections == [Correction("object", (text.index("yellow"), text.index("diamond") + 7), "blue square")]
     assert a.corrected.endswith("a large blue square at the bottom right.")
-    # at an empty cell there is nothing to rename: the list item goes, with its "and"
+    # at an empty cell: rewritten into the first object no one describes (all its words and its place)
     text = "there is a small green triangle at the top right and a small red circle at the top left."
-    assert correct(SCENE, text).corrected == "there is a small red circle at the top left."
+    assert correct(SCENE, text).corrected == "there is a large red circle at the center and a small red circle at the top left."
+    # every object described already: nothing to rename into, the list item goes, with its "and"
+    rest = " and a small red circle at the top left and a large red circle at the center and a large blue square at the bottom right."
+    assert correct(SCENE, "there is a small green triangle at the top right" + rest).corrected == "there is" + rest[4:]
 
 
 def test_count_corrections_keep_the_sentence_grammatical():
@@ -76,7 +79,7 @@ def test_clean_unparseable_and_empty():
     bad = correct(SCENE, "there is a red red circle.")
     assert bad.status == "unparseable" and bad.corrected is None and bad.unparsed == [(0, 26)]
     assert correct(SCENE, "a small green star.").status == "unparseable"
-    assert correct(SCENE, "a small green cross is at the top right.").status == "empty"
+    assert correct(SCENE, "the green cross is above the blue triangle.").status == "empty"
 
 
 @pytest.mark.parametrize("style,insert_share", [("short", 0.0), ("detailed", 0.0), ("detailed", 0.5), ("short", 1.0)])
@@ -129,6 +132,26 @@ def test_model_like_answers_are_graded_without_crashing():
     # other red circle (wrong size and position); the relation to an absent cross is deleted
     assert a.corrected == ("a small red circle is at the top left. a large red circle is at the center. "
                            "there is one blue square.")
+
+
+def test_a_second_indefinite_mention_of_a_lone_object_is_an_extra_object():
+    # one diamond in the scene, described twice: the second "a ... diamond" claims a diamond that is not
+    # there. It is renamed to the free object at its position, or deleted; never turned into a copy of
+    # the first sentence (which would teach a model to describe one object twice)
+    scene = Scene((WorldObject("diamond", "yellow", "large", (1, 2)), WorldObject("circle", "blue", "large", (1, 0))))
+    text = "a large yellow diamond is at the middle right. a large red diamond is at the middle left."
+    a = correct(scene, text)
+    assert a.corrected == "a large yellow diamond is at the middle right. a large blue circle is at the middle left."
+    assert [c.type for c in a.corrections] == ["object"]
+    text = "a large yellow diamond is at the middle right. a large red diamond is at the top left."
+    assert correct(scene, text).corrected == "a large yellow diamond is at the middle right. a large blue circle is at the middle left."
+    g = ground(scene, parse(text))
+    assert g.hallucinated == [False, True] and g.mentioned_objects() == {(1, 2)}
+    lone = Scene(scene.objects[:1])
+    assert correct(lone, text).corrected == "a large yellow diamond is at the middle right."
+    # a definite mention refers back to an object and may share it
+    text = "a large yellow diamond is at the middle right. the yellow diamond is to the right of the blue circle."
+    assert correct(scene, text).status == "clean"
 
 
 def test_overlapping_count_and_colour_fixes_merge_into_one_correction():

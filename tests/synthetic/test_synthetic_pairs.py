@@ -38,12 +38,12 @@ def test_records_from_answers_counts_every_outcome():
     answers = [
         "there is a small red circle at the top left and a large blue square at the bottom right.",  # clean
         "there is a small red circle at the top left and a large blue square at the center.",  # 1 position error
-        "there is a small red circle at the top left and a small green triangle at the top right.",  # 1 deletion
+        "there is a small red circle at the top left and a small green triangle at the top right.",  # 1 object rewritten
         "circle circle circle",  # unparseable
     ]
     records, stats = records_from_answers([scene] * 4, [image] * 4, ["describe the image in detail."] * 4, answers)
     assert [r.row_index for r in records] == [1, 2]
-    assert records[0].chosen == answers[0] and records[1].chosen == "there is a small red circle at the top left."
+    assert records[0].chosen == answers[0] and records[1].chosen == answers[0]  # the triangle became the undescribed square
     assert stats["answers"] == 4 and stats["pairs"] == 2 and stats["clean"] == 1 and stats["unparseable"] == 1
     assert stats["corrections"] == {"object": 1, "position": 1} and stats["corrections_per_pair"] == 1.0
-    assert stats["rejected_words"] == (18 + 19) / 2 and stats["chosen_words"] == (19 + 10) / 2
+    assert stats["rejected_words"] == (18 + 19) / 2 and stats["chosen_words"] == (19 + 19) / 2
