@@ -9,9 +9,11 @@ seed's validation and test images. Aggregates mean ± std over seeds into RESULT
 and plots hallucination vs gamma and vs pairs. Finished stages and runs are skipped on a re-run.
 
 Runs (the paper's Figure 2 axis is the pair count; gamma 1 is vanilla DPO):
-    dpo_sum, ddpo_sum_g{2,5,10}            released-code normalisation (sum), beta 0.1
-    dpo_mean, ddpo_mean_g{2,5,10}          paper Eq. 5 (weighted mean), beta 2.0 (see README: mean
-                                           log-probs are ~N times smaller, so beta scales up)
+    dpo_sum, ddpo_sum_g{2,5,10}            released-code normalisation (sum), beta 0.5 (the demo's)
+    dpo_mean, ddpo_mean_g{2,5,10}          paper Eq. 5 (weighted mean), beta 16: a mean log-prob is ~N
+                                           times smaller than the sum (N ~ 33 answer tokens), and the
+                                           DPO gradient scales with beta, so 0.5 x 33 starts both at the
+                                           same step size
     dpo_sum_p{200,800}, ddpo_sum_g5_p{200,800}   fewer preference pairs
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from ddpo.demo import METRICS, DemoSettings, run  # noqa: E402
 
-MEAN_BETA = 2.0
+MEAN_BETA = 16.0
+CLAIM_ERRORS = ("attribute_error_rate", "position_error_rate", "count_error_rate")
 
 
 def grid() -> dict[str, dict]:
@@ -48,7 +51,7 @@ def aggregate(per_seed: dict[int, dict], split: str) -> dict[str, dict[str, tupl
     table = {}
     for method in methods:
         table[method] = {}
-        for metric in METRICS:
+        for metric in (*METRICS, *CLAIM_ERRORS):
             values = [r[split][method][metric] for r in per_seed.values()]
             table[method][metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
     return table
@@ -62,6 +65,10 @@ def write_tables(table: dict, seeds: list[int], pairs: dict, results_dir: Path, 
     for method, m in table.items():
         cells = " | ".join(f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k != "mean_response_words" else f"{m[k][0]:.1f} ± {m[k][1]:.1f}" for k in METRICS)
         lines.append(f"| {method} | {cells} |")
+    lines += ["", "Claim errors (wrong claims / claims of the type, about correctly named objects):", "",
+              "| method | attribute | position | count |", "|---|---|---|---|"]
+    for method, m in table.items():
+        lines.append(f"| {method} | " + " | ".join(f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in CLAIM_ERRORS) + " |")
     (results_dir / "results.md").write_text("\n".join(lines) + "\n")
     with open(results_dir / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -104,15 +111,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output-dir", default="runs/synthetic_ablation")
     parser.add_argument("--results", default=str(REPO / "experiments" / "results" / "synthetic_ablation"))
+    parser.add_argument("--aggregate-only", action="store_true", help="tables and plots from the seeds' results.json")
     args = parser.parse_args(argv)
     per_seed, pairs = {}, {}
     for seed in args.seeds:
         settings = DemoSettings(output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, methods=grid())
-        run(settings)
+        if not args.aggregate_only:
+            run(settings)
         per_seed[seed] = json.loads((Path(settings.output_dir) / "results.json").read_text())
         pairs[seed] = per_seed[seed]["pairs"]["pairs_used"]
     results_dir = Path(args.results)
-    command = "python experiments/synthetic_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python experiments/synthetic_ablation.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--aggregate-only")
     table = aggregate(per_seed, "methods")
     write_tables(table, args.seeds, pairs, results_dir, command)
     (results_dir / "validation.json").write_text(json.dumps(aggregate(per_seed, "validation"), indent=2))

@@ -1,21 +1,22 @@
 """The oracle: checks every claim of a text against the scene, and corrects the wrong ones minimally.
 
 Like RLHF-V's human annotators it edits only the hallucinated segments of an answer (which may be a
-model's): a wrong colour, size, position, number or relation word is replaced; a mention of an
-absent shape is rewritten into a real object (the one at the position it claims if free, else the
-first object no mention describes), or, where every object is described already, its sentence (or
-list item) is deleted. Everything else is left byte-for-byte unchanged.
+model's): a wrong colour, size, position, number or relation word is replaced; a misnamed object is
+renamed (with whatever else its phrase gets wrong); a phrase about an object that is not there is
+rewritten into an object nobody described, or, where every object is described already, its sentence
+(or list item) is deleted. Everything else is left byte-for-byte unchanged.
 
-Grounding (which object a noun phrase means). A shape that is not in the scene at all is a
-hallucinated object. Otherwise each instance mention ("a small red circle at the top left") is matched
-to the object of its shape that agrees with the most of its claimed colour, size and position (ties:
-position first, then reading order). Indefinite mentions ("a ...") introduce objects, so they are
-matched one-to-one: an indefinite mention left without an object of its own (a second "a red circle"
-in a scene with one circle) claims an object that is not there, and is a hallucinated object like an
-absent shape (renamed to a free object at its position, or deleted). Correcting it into a copy of
-another sentence would teach a model to describe one object twice. Definite mentions ("the ...")
-refer back and may share an object. The claims that disagree with the matched object are its errors:
-the minimal set of words to change.
+Grounding (which object a noun phrase means) is the minimal-edit reading. Indefinite mentions ("a
+small red circle at the top left") introduce objects, so they are matched one-to-one to the scene's
+objects, best agreement first: the object satisfying most of the phrase's claims -- shape, colour,
+size, position -- (ties: same shape, then same position, then reading order). "a purple triangle at
+the top left" where a purple square sits at the top left and a red triangle elsewhere is the square
+misnamed (one word to change), not the triangle with a wrong colour and place: correcting it the
+other way would push the position and colour words *away* from what the image shows. A mention whose
+object has another shape, or that is left without one (a second "a red circle" in a scene with one
+circle), is a hallucinated object. Definite mentions ("the ...") refer back to the best object of
+their shape and may share it. The claims that disagree with the matched object are its errors: the
+minimal set of words to change.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from data.synthetic.language import CELLS, NUMBERS, OPPOSITE, POSITIONS, RELATIONS, Claim, Mention, Parse, Word, parse, plural, relation_holds
+from data.synthetic.language import NUMBERS, OPPOSITE, POSITIONS, RELATIONS, Claim, Mention, Parse, Word, parse, plural, relation_holds
 from data.synthetic.world import Scene, WorldObject
 
 # Claim kind -> correction type, in the paper's categories (relations are its "other").
@@ -44,8 +45,8 @@ class Grounding:
 
     parse: Parse
     referents: list[Optional[WorldObject]]  # per mention: the object an instance mention describes (else None)
-    hallucinated: list[bool]  # per mention: names a shape absent from the scene
-    retarget: dict[int, WorldObject]  # hallucinated instance mentions fixable by renaming: the object at their position
+    hallucinated: list[bool]  # per mention: names an object that is not there (see the module doc)
+    retarget: dict[int, WorldObject]  # hallucinated instance mentions fixable by renaming: the object they become
     verdicts: list[Verdict]
 
     @property
@@ -57,36 +58,38 @@ class Grounding:
         return {o.cell for k, o in enumerate(self.referents) if o is not None and not self.hallucinated[k]}
 
 
-def _match(m: Mention, o: WorldObject) -> tuple[int, bool]:
-    """(number of claimed attributes that agree with `o`, whether the claimed position does)."""
+def _agreement(m: Mention, o: WorldObject) -> tuple[int, bool, bool]:
+    """(how many of the mention's claims -- shape, colour, size, position -- `o` satisfies, whether its
+    shape does, whether its position does)."""
+    shape = m.shape_name == o.shape
     at = m.position_name == POSITIONS[o.cell]
-    agree = (m.color is not None and m.color.text == o.color) + (m.size is not None and m.size.text == o.size) + at
-    return int(agree), at
+    agree = shape + (m.color is not None and m.color.text == o.color) + (m.size is not None and m.size.text == o.size) + at
+    return int(agree), shape, at
 
 
-def _resolve(scene: Scene, mentions: list[Mention], hallucinated: list[bool]) -> list[Optional[WorldObject]]:
-    """Per mention, the object it describes; None for hallucinated mentions, non-instance mentions and
-    indefinite mentions left without an object of their own (the caller marks those hallucinated)."""
+def _resolve(scene: Scene, mentions: list[Mention]) -> list[Optional[WorldObject]]:
+    """Per mention, the object it describes (None: a count mention, a definite mention of an absent
+    shape, or an indefinite mention left without an object)."""
     referents: list[Optional[WorldObject]] = [None] * len(mentions)
     order = {o.cell: i for i, o in enumerate(scene.objects)}
 
     def key(k: int, o: WorldObject) -> tuple:
-        agree, at = _match(mentions[k], o)
-        return -agree, -at, k, order[o.cell]
+        agree, shape, at = _agreement(mentions[k], o)
+        return -agree, -shape, -at, k, order[o.cell]
 
-    instance = [k for k, m in enumerate(mentions) if m.is_instance and not hallucinated[k]]
-    # 1. indefinite mentions, one-to-one, best agreements first
-    pairs = sorted((key(k, o), k, o) for k in instance if mentions[k].det.text != "the"
-                   for o in scene.objects if o.shape == mentions[k].shape_name)
+    # 1. indefinite mentions introduce objects: one-to-one, best agreements first (ties: same shape,
+    #    then same position, then reading order)
+    indefinite = [k for k, m in enumerate(mentions) if m.is_instance and m.det.text != "the"]
     used: set[tuple[int, int]] = set()
-    for _, k, o in pairs:
+    for _, k, o in sorted((key(k, o), k, o) for k in indefinite for o in scene.objects):
         if referents[k] is None and o.cell not in used:
             referents[k] = o
             used.add(o.cell)
-    # 2. definite mentions: their best object, shared
-    for k in instance:
-        if referents[k] is None and mentions[k].det.text == "the":
-            referents[k] = min((o for o in scene.objects if o.shape == mentions[k].shape_name), key=lambda o: key(k, o))
+    # 2. definite mentions refer back: the best object of their shape, shared
+    for k, m in enumerate(mentions):
+        same_shape = [o for o in scene.objects if o.shape == m.shape_name]
+        if m.is_instance and m.det.text == "the" and same_shape:
+            referents[k] = min(same_shape, key=lambda o: key(k, o))
     return referents
 
 
@@ -97,31 +100,13 @@ def _most_common(values: list[str]) -> str:
 def ground(scene: Scene, parsed: Parse) -> Grounding:
     """Check every claim of `parsed` against `scene` (see the module doc for how mentions are matched)."""
     mentions = parsed.mentions
+    referents = _resolve(scene, mentions)
     present = scene.shapes()
-    hallucinated = [m.shape_name not in present for m in mentions]
-    referents = _resolve(scene, mentions, hallucinated)
-    # an indefinite instance mention that got no object of its own claims one too many
-    hallucinated = [h or (m.is_instance and referents[k] is None) for k, (h, m) in enumerate(zip(hallucinated, mentions))]
-
-    # objects introduced by an indefinite mention ("a ...") are taken; "the ..." only refers back
-    taken = {o.cell for k, o in enumerate(referents) if o is not None and mentions[k].det.text != "the"}
-    retarget: dict[int, WorldObject] = {}
-    renamable = [k for k, m in enumerate(mentions) if hallucinated[k] and m.is_instance and m.det.text != "the"]
-    for k in renamable:  # 1. the free object at the claimed position
-        obj = scene.at(CELLS[mentions[k].position_name]) if mentions[k].position else None
-        if obj is not None and obj.cell not in taken:
-            retarget[k] = obj
-            taken.add(obj.cell)
-    # 2. an object no mention describes, in reading order, where the mention is in no relation (a new
-    # place would make the relation a second claim to re-check). A human annotator rewrites a wrong
-    # object into one that is there; deleting instead would make every chosen answer shorter than its
-    # rejected one, and DPO learns "say less" from that rather than "say what is there".
-    in_relation = {k for c in parsed.claims if c.kind == "relation" for k in (c.mention, c.target)}
-    unmentioned = [o for o in scene.objects if o.cell not in taken and o not in referents]
-    for k in renamable:
-        if k not in retarget and k not in in_relation and unmentioned:
-            retarget[k] = unmentioned.pop(0)
-            taken.add(retarget[k].cell)
+    # hallucinated: an instance mention naming a shape its object does not have (or with no object
+    # left for it), a count mention of an absent shape
+    hallucinated = [(referents[k] is None or referents[k].shape != m.shape_name) if m.is_instance else m.shape_name not in present
+                    for k, m in enumerate(mentions)]
+    retarget = {k: o for k, o in enumerate(referents) if hallucinated[k] and o is not None}
 
     # count mentions ("two red circles"): a colour / size no object of that shape has is the error,
     # then the number is checked for the corrected kind
@@ -146,7 +131,7 @@ def ground(scene: Scene, parsed: Parse) -> Grounding:
             verdicts.append(Verdict(c, not hallucinated[k], truth))
         elif k is None:  # the overview's total
             verdicts.append(Verdict(c, int(c.value) == len(scene.objects), str(len(scene.objects))))
-        elif hallucinated[k] or (c.target is not None and hallucinated[c.target]):
+        elif (hallucinated[k] and c.kind != "relation") or (c.kind == "relation" and None in (referents[k], referents[c.target])):
             continue  # part of a hallucinated mention: corrected (renamed or deleted) as one object error
         elif c.kind == "relation":
             a, b = referents[k].cell, referents[c.target].cell

@@ -199,21 +199,42 @@ def expected_errors(world: WorldConfig, language: LanguageConfig, cfg: NoiseConf
 
 
 def calibrate(errors_per_answer: float, mix: dict[str, float], world: WorldConfig, language: LanguageConfig,
-              base: Optional[NoiseConfig] = None, n: int = 1000, seed: int = 0) -> NoiseConfig:
+              base: Optional[NoiseConfig] = None, n: int = 1000, seed: int = 0, strict: bool = True) -> NoiseConfig:
     """Probabilities for `errors_per_answer` expected errors per caption split by `mix` (shares that
     sum to 1, e.g. PAPER_MIX). Opportunities are measured on `n` scenes; a type whose share needs more
-    than one error per opportunity is capped at probability 1 (the error is raised, naming the type,
-    if it is short by more than 10%)."""
+    than one error per opportunity is capped at probability 1. strict: raise (naming the type) if it
+    is short by more than 10%. Not strict: its shortfall is spread over the other types in proportion
+    to their shares (short answers hold no counts or relations, so their mix is the paper's over the
+    types they have); raises only if the world offers fewer opportunities than errors in total."""
     base = base or NoiseConfig()
     if abs(sum(mix.values()) - 1) > 1e-6 or set(mix) - set(ERROR_TYPES):
         raise ValueError(f"calibrate: mix must give shares of {ERROR_TYPES} summing to 1, got {mix}")
-    probs = {}
-    for t in ERROR_TYPES:
-        want = errors_per_answer * mix.get(t, 0.0)
-        have = expected_errors(world, language, base.only(t, 1.0), n, seed)[t]  # opportunities per caption
-        if want > 1.1 * have:
-            raise ValueError(f"calibrate: {want:.2f} '{t}' errors per answer wanted but the world offers only "
-                             f"{have:.2f} opportunities; lower errors_per_answer, the '{t}' share, or enlarge the world "
-                             f"(more objects, longer answers)")
-        probs[f"{t}_prob"] = min(1.0, want / have) if have else 0.0
+    have = {t: expected_errors(world, language, base.only(t, 1.0), n, seed)[t] for t in ERROR_TYPES}  # opportunities per caption
+    want = {t: errors_per_answer * mix.get(t, 0.0) for t in ERROR_TYPES}
+    if strict:
+        for t in ERROR_TYPES:
+            if want[t] > 1.1 * have[t]:
+                raise ValueError(f"calibrate: {want[t]:.2f} '{t}' errors per answer wanted but the world offers only "
+                                 f"{have[t]:.2f} opportunities; lower errors_per_answer, the '{t}' share, or enlarge the world "
+                                 f"(more objects, longer answers)")
+    else:
+        if errors_per_answer > 1.1 * sum(have.values()):
+            raise ValueError(f"calibrate: {errors_per_answer:.2f} errors per answer wanted but the world offers only "
+                             f"{sum(have.values()):.2f} opportunities in all; lower errors_per_answer or enlarge the world")
+        capped: set[str] = set()
+        while True:  # cap the types that run out and hand their excess to the others, until none runs out
+            over = [t for t in ERROR_TYPES if t not in capped and want[t] > have[t]]
+            if not over:
+                break
+            excess = sum(want[t] - have[t] for t in over)
+            for t in over:
+                want[t] = have[t]
+                capped.add(t)
+            open_share = sum(mix.get(t, 0.0) for t in ERROR_TYPES if t not in capped)
+            if open_share == 0:
+                break
+            for t in ERROR_TYPES:
+                if t not in capped:
+                    want[t] += excess * mix.get(t, 0.0) / open_share
+    probs = {f"{t}_prob": min(1.0, want[t] / have[t]) if have[t] else 0.0 for t in ERROR_TYPES}
     return dataclasses.replace(base, **probs)

@@ -43,11 +43,14 @@ def test_hand_made_corrections():
             "the large red circle is below the blue square.")
     a = correct(SCENE, text)
     assert a.status == "hallucinated"
+    # the triangle is rewritten into the one object nobody described (the blue square), not deleted
     assert a.corrected == ("the image shows three objects. there are two red circles. a small red circle is at the top left. "
-                           "a large red circle is at the center. the large red circle is above the blue square.")
+                           "a large red circle is at the center. a large blue square is at the bottom right. "
+                           "the large red circle is above the blue square.")
     assert [(c.type, text[c.span[0]:c.span[1]], c.replacement) for c in a.corrections] == [
         ("count", "four", "three"), ("attribute", "pink", "red"), ("position", "middle right", "center"),
-        ("object", "a small red triangle is at the bottom left. ", ""), ("relation", "below", "above"),
+        ("object", "small red triangle is at the bottom left", "large blue square is at the bottom right"),
+        ("relation", "below", "above"),
     ]
 
 

@@ -56,3 +56,16 @@ def test_calibrate_reaches_the_paper_mix_in_a_larger_world():
         assert abs(got[t] / got["total"] - PAPER_MIX[t]) < 0.06, (t, got)
     with pytest.raises(ValueError, match="'object' errors per answer wanted"):
         calibrate(2.5, PAPER_MIX, WORLD, LanguageConfig(target_words=30), n=100)
+
+
+def test_calibrate_spreads_a_missing_type_over_the_others_when_not_strict():
+    # 30-word answers hold no relation sentences: their 12% goes to the other types in proportion
+    lang = LanguageConfig(target_words=30)
+    world = WorldConfig(partners={"circle": "square", "square": "triangle", "triangle": "diamond", "diamond": "cross", "cross": "circle"})
+    cfg = calibrate(2.0, PAPER_MIX, world, lang, NoiseConfig(object_insert_share=0.5), n=300, seed=0, strict=False)
+    assert cfg.relation_prob == 0.0
+    got = expected_errors(world, lang, cfg, 500, seed=1)
+    assert 1.6 < got["total"] < 2.3 and got["relation"] == 0.0
+    assert got["position"] / got["total"] == pytest.approx(0.20 / 0.88, abs=0.06)
+    with pytest.raises(ValueError, match="opportunities in all"):
+        calibrate(40.0, PAPER_MIX, world, lang, n=100, strict=False)

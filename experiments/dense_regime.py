@@ -1,0 +1,218 @@
+"""When does dense weighting beat vanilla DPO? A map over answer length, corrected segments,
+normalisation and gamma, on the synthetic world.
+
+    python experiments/dense_regime.py                  # default grid: 2 lengths x 2 segment levels, ~30 min
+    python experiments/dense_regime.py --grid full      # 4 lengths x 3 segment levels x 4 gammas, ~3 h
+    python experiments/dense_regime.py --aggregate-only # tables and plots from the finished points
+
+Design (one seed = one independent replicate; nothing is chosen per seed):
+  per (seed, answer length)       one SFT model: the demo's SFT stage in the study world, whose captions
+                                  carry the world's systematic biases (noise.py);
+  per (.., segments per answer)   one set of preference pairs: captions with that many errors per answer
+                                  on average in RLHF-V's correction-type mix (the types a length cannot
+                                  hold, e.g. relations in short answers, spread over the others), chosen
+                                  = the oracle's minimal correction (renames, rewrites, deleted clauses);
+  per (.., normalisation, gamma)  one `ddpo train` run from that SFT model on those pairs (gamma 1 =
+                                  vanilla DPO), evaluated greedily on the seed's validation and test images.
+
+Every run uses the same fixed budget (configs/synthetic/demo.yaml: 2 epochs, lr 1e-5, beta 0.5 with
+summed log-probs), fixed before any test metric was looked at. With the mean, beta is 0.5 x the
+point's mean answer length in tokens: a mean log-prob is that many times smaller than the sum and
+the DPO gradient scales with beta, so both normalisations start at the same step size. Results: RESULTS/results.md (per point: each run's metrics as
+mean ± std over seeds, and the DDPO - DPO difference with a 95% t-interval over seeds), results.json,
+and gap_vs_length.png / gap_vs_segments.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ddpo.demo import DemoSettings, run  # noqa: E402
+
+# The study world: up to 5 objects and biases on every shape, more colours and every non-centre cell,
+# so that long answers have room for several corrected segments of every type.
+WORLD = {"max_objects": 5, "partners": {"circle": "square", "square": "circle", "triangle": "diamond", "diamond": "triangle"}}
+NOISE = {
+    "color_confusions": {"pink": "red", "purple": "blue", "yellow": "green", "green": "yellow"},
+    "position_bias": {"top center": "center", "middle left": "center", "middle right": "center", "bottom center": "center",
+                      "top left": "top center", "top right": "top center", "bottom left": "bottom center", "bottom right": "bottom center"},
+}
+BETA = 0.5
+GRIDS = {
+    "default": dict(lengths=[15, 60], segments=[1.0, 4.0], gammas=[1.0, 5.0], seeds=[0, 1, 2]),
+    "full": dict(lengths=[15, 30, 60, 120], segments=[1.0, 2.5, 5.0], gammas=[1.0, 2.0, 5.0, 10.0], seeds=[0, 1, 2]),
+}
+NORMALIZATIONS = ("sum", "mean")
+# Sizes per point: smaller than the demo's so that the full grid fits in ~3 hours on 2 CPU cores.
+SIZES = dict(sft_examples=6000, sft_steps=1200, max_pairs=600, val_images=200, test_images=400)
+REPORTED = ("mention_hallucination_rate", "response_hallucination_rate", "object_recall")
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # two-sided t quantiles
+
+
+def method_name(norm: str, gamma: float) -> str:
+    return f"{norm}_g{gamma:g}"
+
+
+def methods(gammas: list[float], answer_tokens: float) -> dict[str, dict]:
+    out = {}
+    for norm in NORMALIZATIONS:
+        for gamma in gammas:
+            beta = BETA if norm == "sum" else round(BETA * answer_tokens, 1)
+            out[method_name(norm, gamma)] = {"loss.gamma": gamma, "loss.normalize": norm, "loss.beta": beta}
+    return out
+
+
+def point_dir(root: Path, seed: int, length: int, segments: float) -> Path:
+    return root / f"seed{seed}" / f"words{length}" / f"segments{segments:g}"
+
+
+def run_point(root: Path, seed: int, length: int, segments: float, gammas: list[float]) -> dict:
+    """Train and evaluate every (normalisation, gamma) of one point; the SFT model is shared by all
+    segment levels of a (seed, length) through a symlink to the first one's."""
+    out = point_dir(root, seed, length, segments)
+    sft_home = root / f"seed{seed}" / f"words{length}" / "sft"
+    settings = DemoSettings(output_dir=str(out), seed=seed, answer_words=length, world=WORLD, noise=NOISE,
+                            pair_errors=segments, **SIZES)
+    if not (sft_home / "ddpo_model.json").is_file():
+        run(DemoSettings(**{**settings.__dict__, "output_dir": str(sft_home.parent)}), ["sft"])
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "sft").exists():
+        (out / "sft").symlink_to(sft_home.resolve(), target_is_directory=True)
+    run(settings, ["annotate"])
+    stats = json.loads((out / "pairs" / "stats.json").read_text())
+    answer_tokens = 1.2 * stats["rejected_words"]  # + punctuation: ~1.2 tokens per word in this grammar
+    settings.methods = methods(gammas, answer_tokens)
+    return run(settings, ["train", "eval"])
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and the 95% t-interval of the mean (a zero-width interval for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def aggregate(root: Path, grid: dict) -> dict:
+    """{point: {"pairs": stats, "runs": {method: {metric: [per-seed values]}}, "gaps": ...}} from the
+    finished points' results.json (a point missing for some seed is reported with the seeds it has)."""
+    table: dict = {}
+    for length in grid["lengths"]:
+        for segments in grid["segments"]:
+            key = f"words{length}_segments{segments:g}"
+            results = [json.loads(p.read_text()) for seed in grid["seeds"]
+                       if (p := point_dir(root, seed, length, segments) / "results.json").is_file()]
+            if not results:
+                continue
+            runs = {m: {k: [r["methods"][m][k] for r in results] for k in (*REPORTED, "mean_response_words")}
+                    for m in results[0]["methods"]}
+            gaps = {}
+            for norm in NORMALIZATIONS:
+                dpo = method_name(norm, 1.0)
+                for gamma in grid["gammas"]:
+                    if gamma == 1.0:
+                        continue
+                    m = method_name(norm, gamma)
+                    gaps[m] = {k: interval([a - b for a, b in zip(runs[m][k], runs[dpo][k])]) for k in REPORTED}
+            pair_stats = [r["pairs"] for r in results]
+            table[key] = {
+                "answer_words_target": length, "segments_target": segments, "seeds": len(results),
+                "rejected_words": statistics.fmean(p["rejected_words"] for p in pair_stats),
+                "corrections_per_pair": statistics.fmean(p["corrections_per_pair"] for p in pair_stats),
+                "corrections": {t: sum(p["corrections"].get(t, 0) for p in pair_stats) for t in
+                                sorted({t for p in pair_stats for t in p["corrections"]})},
+                "runs": runs, "gaps": gaps,
+            }
+    return table
+
+
+def fmt(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def write_results(table: dict, results_dir: Path, command: str, elapsed: float | None) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Dense regime: DDPO vs vanilla DPO over answer length and corrected segments", "",
+             f"Command: `{command}`" + (f" ({elapsed / 60:.0f} min on this machine)" if elapsed else ""), "",
+             "Per point: greedy test answers of every run (mean ± std over seeds), then DDPO - DPO with the same",
+             "normalisation (mean and 95% t-interval over seeds; negative hallucination = DDPO better,",
+             "positive recall = DDPO better).", ""]
+    for key, p in table.items():
+        lines += [f"## {p['answer_words_target']} target words, {p['segments_target']:g} segments per answer "
+                  f"({p['seeds']} seeds; rejected answers {p['rejected_words']:.1f} words, "
+                  f"{p['corrections_per_pair']:.2f} corrections per pair: {p['corrections']})", "",
+                  "| run | mention halluc. | response halluc. | recall | words |", "|---|---|---|---|---|"]
+        for m, v in p["runs"].items():
+            lines.append(f"| {m} | {fmt(v['mention_hallucination_rate'])} | {fmt(v['response_hallucination_rate'])} | "
+                         f"{fmt(v['object_recall'])} | {statistics.fmean(v['mean_response_words']):.1f} |")
+        lines += ["", "| DDPO - DPO | mention halluc. [95% CI] | response halluc. [95% CI] | recall [95% CI] |", "|---|---|---|---|"]
+        for m, g in p["gaps"].items():
+            lines.append(f"| {m} | " + " | ".join(f"{g[k][0]:+.3f} [{g[k][1]:+.3f}, {g[k][2]:+.3f}]" for k in REPORTED) + " |")
+        lines.append("")
+    (results_dir / "results.md").write_text("\n".join(lines))
+    (results_dir / "results.json").write_text(json.dumps(table, indent=2))
+
+
+def plot(table: dict, grid: dict, results_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gamma = max(grid["gammas"])  # the strongest weighting against vanilla DPO
+    for axis, other, name in (("answer_words_target", "segments_target", "length"), ("segments_target", "answer_words_target", "segments")):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, metric in zip(axes, ("mention_hallucination_rate", "object_recall")):
+            for norm, style in zip(NORMALIZATIONS, ("-", "--")):
+                for level in sorted({p[other] for p in table.values()}):
+                    points = sorted((p[axis], p["gaps"][method_name(norm, gamma)][metric]) for p in table.values() if p[other] == level)
+                    xs = [x for x, _ in points]
+                    ax.errorbar(xs, [g[0] for _, g in points], yerr=[[g[0] - g[1] for _, g in points], [g[2] - g[0] for _, g in points]],
+                                ls=style, marker="o", capsize=3, label=f"{norm}, {other.split('_')[0]} {level:g}")
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set(xlabel=axis.replace("_", " "), ylabel=f"DDPO(gamma {gamma:g}) - DPO", title=metric.replace("_", " "))
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(results_dir / f"gap_vs_{name}.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the grid's seeds")
+    parser.add_argument("--output-dir", default=None, help="default runs/dense_regime/<grid>")
+    parser.add_argument("--results", default=None, help="default experiments/results/dense_regime/<grid>")
+    parser.add_argument("--aggregate-only", action="store_true")
+    args = parser.parse_args(argv)
+    grid = dict(GRIDS[args.grid])
+    if args.seeds:
+        grid["seeds"] = args.seeds
+    root = Path(args.output_dir or f"runs/dense_regime/{args.grid}")
+    results_dir = Path(args.results or REPO / "experiments" / "results" / "dense_regime" / args.grid)
+    started = time.perf_counter()
+    if not args.aggregate_only:
+        for seed in grid["seeds"]:
+            for length in grid["lengths"]:
+                for segments in grid["segments"]:
+                    run_point(root, seed, length, segments, grid["gammas"])
+    elapsed = None if args.aggregate_only else time.perf_counter() - started
+    command = "python experiments/dense_regime.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = aggregate(root, grid)
+    write_results(table, results_dir, command.strip(), elapsed)
+    plot(table, grid, results_dir)
+    print((results_dir / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

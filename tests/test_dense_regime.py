@@ -1,0 +1,52 @@
+"""The dense-regime study's pieces: controlled caption pairs, and the aggregation's arithmetic."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+import dense_regime  # noqa: E402
+from data.synthetic.language import n_words  # noqa: E402
+from ddpo.demo import DemoSettings, caption_pairs  # noqa: E402
+
+
+@pytest.mark.parametrize("segments", [1.0, 4.0])
+def test_caption_pairs_carry_the_requested_segments(segments):
+    settings = DemoSettings(answer_words=60, world=dense_regime.WORLD, noise=dense_regime.NOISE, pair_errors=segments, max_pairs=150)
+    records = caption_pairs(settings)
+    assert len(records) == 150 and all(r.chosen != r.rejected for r in records)
+    corrections = [len(r.meta["corrections"]) for r in records]
+    # pairs hold >= 1 error by construction, so the mean sits a little above a small target
+    assert segments * 0.75 <= sum(corrections) / len(corrections) <= max(segments * 1.25, 1.6)
+    assert 45 <= sum(n_words(r.rejected) for r in records) / len(records) <= 75
+    assert [r.rejected for r in caption_pairs(settings)] == [r.rejected for r in records]  # deterministic
+
+
+def test_interval_is_the_t_interval_of_the_mean():
+    mean, low, high = dense_regime.interval([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2)
+    assert high - mean == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert dense_regime.interval([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_aggregate_takes_ddpo_minus_dpo_per_seed(tmp_path):
+    grid = dict(lengths=[15], segments=[1.0], gammas=[1.0, 5.0], seeds=[0, 1])
+    values = {0: {"sum_g1": 0.30, "sum_g5": 0.20, "mean_g1": 0.40, "mean_g5": 0.40},
+              1: {"sum_g1": 0.50, "sum_g5": 0.30, "mean_g1": 0.40, "mean_g5": 0.50}}
+    for seed, by_method in values.items():
+        point = dense_regime.point_dir(tmp_path, seed, 15, 1.0)
+        point.mkdir(parents=True)
+        metrics = {m: {"mention_hallucination_rate": v, "response_hallucination_rate": v, "object_recall": 1 - v,
+                       "mean_response_words": 20.0} for m, v in by_method.items()}
+        pairs = {"rejected_words": 20.0, "corrections_per_pair": 1.0, "corrections": {"object": 3}}
+        (point / "results.json").write_text(json.dumps({"methods": metrics, "pairs": pairs}))
+    table = dense_regime.aggregate(tmp_path, grid)
+    gap = table["words15_segments1"]["gaps"]
+    assert gap["sum_g5"]["mention_hallucination_rate"][0] == pytest.approx(-0.15)  # (-0.1 + -0.2) / 2
+    assert gap["mean_g5"]["object_recall"][0] == pytest.approx(-0.05)
+    assert table["words15_segments1"]["corrections"] == {"object": 6}
+    dense_regime.write_results(table, tmp_path / "results", "cmd", None)
+    assert "| sum_g5 | -0.150" in (tmp_path / "results" / "results.md").read_text()
