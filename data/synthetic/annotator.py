@@ -133,6 +133,8 @@ def ground(scene: Scene, parsed: Parse) -> Grounding:
             verdicts.append(Verdict(c, int(c.value) == len(scene.objects), str(len(scene.objects))))
         elif (hallucinated[k] and c.kind != "relation") or (c.kind == "relation" and None in (referents[k], referents[c.target])):
             continue  # part of a hallucinated mention: corrected (renamed or deleted) as one object error
+        elif c.kind == "relation" and referents[k] is referents[c.target]:
+            continue  # an object related to itself ("a red circle is left of the red circle"): no direction to check
         elif c.kind == "relation":
             a, b = referents[k].cell, referents[c.target].cell
             true = [r for r in RELATIONS if relation_holds(r, a, b)]

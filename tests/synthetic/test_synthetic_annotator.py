@@ -152,6 +152,8 @@ def test_a_second_indefinite_mention_of_a_lone_object_is_an_extra_object():
     assert g.hallucinated == [False, True] and g.mentioned_objects() == {(1, 2)}
     lone = Scene(scene.objects[:1])
     assert correct(lone, text).corrected == "a large yellow diamond is at the middle right."
+    # an object related to itself has no direction to check (and must not crash the oracle)
+    assert correct(lone, "a large yellow diamond is to the left of the yellow diamond.").status in ("clean", "hallucinated")
     # a definite mention refers back to an object and may share it
     text = "a large yellow diamond is at the middle right. the yellow diamond is to the right of the blue circle."
     assert correct(scene, text).status == "clean"
