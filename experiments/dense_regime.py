@@ -25,6 +25,7 @@ and gap_vs_length.png / gap_vs_segments.png.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import statistics
@@ -93,6 +94,18 @@ def run_point(root: Path, seed: int, length: int, segments: float, gammas: list[
     return run(settings, ["train", "eval"])
 
 
+def corrected_share(pairs_file: Path) -> float:
+    """Mean share of the rejected answer's words that a word diff with the chosen one marks as changed:
+    how much of the answer dense weighting up-weights (the trainer diffs tokens; words are close here)."""
+    shares = []
+    for line in pairs_file.read_text().splitlines():
+        row = json.loads(line)
+        rejected, chosen = row["rejected"].split(), row["chosen"].split()
+        ops = difflib.SequenceMatcher(None, rejected, chosen, autojunk=False).get_opcodes()
+        shares.append(sum(i2 - i1 for op, i1, i2, _, _ in ops if op != "equal") / max(len(rejected), 1))
+    return statistics.fmean(shares)
+
+
 def interval(values: list[float]) -> tuple[float, float, float]:
     """Mean and the 95% t-interval of the mean (a zero-width interval for one value)."""
     mean = statistics.fmean(values)
@@ -109,10 +122,11 @@ def aggregate(root: Path, grid: dict) -> dict:
     for length in grid["lengths"]:
         for segments in grid["segments"]:
             key = f"words{length}_segments{segments:g}"
-            results = [json.loads(p.read_text()) for seed in grid["seeds"]
-                       if (p := point_dir(root, seed, length, segments) / "results.json").is_file()]
-            if not results:
+            done = [d for seed in grid["seeds"] if ((d := point_dir(root, seed, length, segments)) / "results.json").is_file()]
+            if not done:
                 continue
+            results = [json.loads((d / "results.json").read_text()) for d in done]
+            shares = [corrected_share(d / "pairs" / "train.jsonl") for d in done if (d / "pairs" / "train.jsonl").is_file()]
             runs = {m: {k: [r["methods"][m][k] for r in results] for k in (*REPORTED, "mean_response_words")}
                     for m in results[0]["methods"]}
             gaps = {}
@@ -128,6 +142,7 @@ def aggregate(root: Path, grid: dict) -> dict:
                 "answer_words_target": length, "segments_target": segments, "seeds": len(results),
                 "rejected_words": statistics.fmean(p["rejected_words"] for p in pair_stats),
                 "corrections_per_pair": statistics.fmean(p["corrections_per_pair"] for p in pair_stats),
+                "corrected_word_share": statistics.fmean(shares) if shares else None,
                 "corrections": {t: sum(p["corrections"].get(t, 0) for p in pair_stats) for t in
                                 sorted({t for p in pair_stats for t in p["corrections"]})},
                 "runs": runs, "gaps": gaps,
@@ -149,7 +164,8 @@ def write_results(table: dict, results_dir: Path, command: str, elapsed: float |
     for key, p in table.items():
         lines += [f"## {p['answer_words_target']} target words, {p['segments_target']:g} segments per answer "
                   f"({p['seeds']} seeds; rejected answers {p['rejected_words']:.1f} words, "
-                  f"{p['corrections_per_pair']:.2f} corrections per pair: {p['corrections']})", "",
+                  f"{p['corrections_per_pair']:.2f} corrections per pair: {p['corrections']}; "
+                  f"{p['corrected_word_share'] or 0:.0%} of the rejected words corrected)", "",
                   "| run | mention halluc. | response halluc. | recall | words |", "|---|---|---|---|---|"]
         for m, v in p["runs"].items():
             lines.append(f"| {m} | {fmt(v['mention_hallucination_rate'])} | {fmt(v['response_hallucination_rate'])} | "
@@ -206,7 +222,7 @@ def main(argv=None) -> int:
                 for segments in grid["segments"]:
                     run_point(root, seed, length, segments, grid["gammas"])
     elapsed = None if args.aggregate_only else time.perf_counter() - started
-    command = "python experiments/dense_regime.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python experiments/dense_regime.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--aggregate-only")
     table = aggregate(root, grid)
     write_results(table, results_dir, command.strip(), elapsed)
     plot(table, grid, results_dir)
