@@ -107,12 +107,13 @@ def results_table(results: dict, command: str) -> str:
         f"{results['images']} {results['split']} images, policy runs/{s['policy']}/final, reference sft, "
         f"samples at temperature {s['temperature']}, seed {s['seed']}.",
         "", "Command:", "", f"    {command}", "",
-        "| method | response hallucination | mention hallucination | object recall | words / answer |",
-        "|---|---|---|---|---|",
+        "| method | response hallucination | mention hallucination | object recall | words / answer | attribute err. | position err. | count err. |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in results["methods"].items():
         lines.append(f"| {name} | {m['response_hallucination_rate']:.3f} | {m['mention_hallucination_rate']:.3f} | "
-                     f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} |")
+                     f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} | {m['attribute_error_rate']:.3f} | "
+                     f"{m['position_error_rate']:.3f} | {m['count_error_rate']:.3f} |")
     lines += ["", f"Implicit reward vs oracle on pairs of samples of one image with different oracle scores: "
                   f"{results['reward_oracle_pair_agreement']:.3f} agreement over {results['pairs_compared']} pairs (0.5 = chance).",
               f"Timings (s): {results['timings_s']}"]

@@ -44,7 +44,8 @@ from ddpo.demo import DemoSettings, generation_options, evaluate_model, run, spl
 from ddpo.trainer import Trainer  # noqa: E402
 
 logger = logging.getLogger("iterate")
-SHOWN = ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words")
+SHOWN = ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words",
+         "attribute_error_rate", "position_error_rate", "count_error_rate")
 
 
 class ExportingTrainer(Trainer):
@@ -185,8 +186,8 @@ def results_table(table: list[dict], args: argparse.Namespace, command: str) -> 
         f"samples per round at temperature {args.temperature}, {args.pairs_per_prompt} pairs per prompt, gamma {args.gamma}, "
         f"{args.epochs if args.max_steps < 0 else args.max_steps} {'epochs' if args.max_steps < 0 else 'steps'} per round; test split, greedy, mean ± std over seeds {args.seeds}. Round 0 = SFT.",
         "", "Command:", "", f"    {command}", "",
-        "| round | pairs | response hallucination | mention hallucination | object recall | words / answer |",
-        "|---|---|---|---|---|---|",
+        "| round | pairs | response hallucination | mention hallucination | object recall | words / answer | attribute err. | position err. | count err. |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         cells = " | ".join(f"{row[m][0]:.3f} ± {row[m][1]:.3f}" if m != "mean_response_words" else f"{row[m][0]:.1f} ± {row[m][1]:.1f}"
