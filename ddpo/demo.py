@@ -186,7 +186,7 @@ def stage_sample(settings: DemoSettings, out: Path) -> Path:
 
 def stage_annotate(settings: DemoSettings, out: Path) -> Path:
     """Oracle corrections -> JSONL + image folder (data.format jsonl), at most `max_pairs` pairs."""
-    from data.synthetic import records_from_answers
+    from data.synthetic.pairs import pair_stats, records_from_answers
 
     if settings.pair_errors is None:
         scenes, images, prompts, _ = split(settings, "preference", settings.preference_images)
@@ -194,8 +194,7 @@ def stage_annotate(settings: DemoSettings, out: Path) -> Path:
         records, stats = records_from_answers(scenes, images, prompts, answers, source="demo")
     else:
         records = caption_pairs(settings)
-        _, stats = records_from_answers([r.meta["scene"] for r in records], [r.images[0] for r in records],
-                                        [r.prompt for r in records], [r.rejected for r in records], source="captions")
+        stats = pair_stats(records)
     records = records[: settings.max_pairs]
     stats["pairs_used"] = len(records)
     image_dir = out / "pairs" / "images"

@@ -97,24 +97,29 @@ def records_from_answers(scenes: Sequence[Scene], images: Sequence[Image.Image],
                          f"and {len(answers)} answers; pass one of each per answer")
     records: list[PreferenceRecord] = []
     status: Counter = Counter()
-    types: Counter = Counter()
     for i, (scene, image, prompt, answer) in enumerate(zip(scenes, images, prompts, answers)):
         annotation = correct(scene, answer)
         status[annotation.status] += 1
         if annotation.status != "hallucinated":
             continue
-        types.update(c.type for c in annotation.corrections)
         records.append(PreferenceRecord(
             images=[image], prompt=prompt, chosen=annotation.corrected, rejected=answer, row_index=i, source=source,
             idx=f"{source}-{i}", meta={"scene": scene, "corrections": annotation.corrections},
         ))
+    return records, pair_stats(records, answers=len(answers), status=status)
+
+
+def pair_stats(records: Sequence[PreferenceRecord], answers: Optional[int] = None, status: Optional[Counter] = None) -> dict:
+    """Counts of answers, pairs, clean, unparseable and empty answers, corrections per type (from each
+    record's meta), mean corrections per pair, mean words of the rejected and chosen answers."""
+    status = status or Counter()
+    types = Counter(c.type for r in records for c in r.meta["corrections"])
     pairs = max(len(records), 1)
-    stats = {
-        "answers": len(answers), "pairs": len(records), "clean": status["clean"],
+    return {
+        "answers": len(records) if answers is None else answers, "pairs": len(records), "clean": status["clean"],
         "unparseable": status["unparseable"], "empty": status["empty"],
         "corrections": dict(sorted(types.items())),
         "corrections_per_pair": sum(types.values()) / pairs,
         "rejected_words": sum(n_words(r.rejected) for r in records) / pairs,
         "chosen_words": sum(n_words(r.chosen) for r in records) / pairs,
     }
-    return records, stats
