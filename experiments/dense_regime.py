@@ -20,7 +20,7 @@ summed log-probs), fixed before any test metric was looked at. With the mean, be
 point's mean answer length in tokens: a mean log-prob is that many times smaller than the sum and
 the DPO gradient scales with beta, so both normalisations start at the same step size. Results: RESULTS/results.md (per point: each run's metrics as
 mean ± std over seeds, and the DDPO - DPO difference with a 95% t-interval over seeds), results.json,
-and gap_vs_length.png / gap_vs_segments.png.
+and gap_vs_length.png / gap_vs_segments.png / gap_vs_corrected_share.png.
 """
 from __future__ import annotations
 
@@ -154,6 +154,24 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
+def strongest_gamma(table: dict) -> float:
+    return max(float(m.split("_g")[1]) for p in table.values() for m in p["gaps"])
+
+
+def map_table(table: dict) -> list[str]:
+    """The whole grid in one table: DDPO at the strongest gamma minus vanilla DPO, per point and normalisation."""
+    gamma = strongest_gamma(table)
+    head = " | ".join(f"{norm}: {k} [95% CI]" for norm in NORMALIZATIONS for k in ("mention", "response"))
+    lines = [f"## Map: DDPO (gamma {gamma:g}) - DPO in hallucination rate", "",
+             f"| words | segments | corrections / pair | corrected words | {head} |", "|---" * 8 + "|"]
+    for p in table.values():
+        cells = [f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]" for norm in NORMALIZATIONS
+                 for g in (p["gaps"][method_name(norm, gamma)][k] for k in REPORTED[:2])]
+        lines.append(f"| {p['answer_words_target']} | {p['segments_target']:g} | {p['corrections_per_pair']:.2f} | "
+                     f"{p['corrected_word_share'] or 0:.1%} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_results(table: dict, results_dir: Path, command: str, elapsed: float | None) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Dense regime: DDPO vs vanilla DPO over answer length and corrected segments", "",
@@ -161,6 +179,7 @@ def write_results(table: dict, results_dir: Path, command: str, elapsed: float |
              "Per point: greedy test answers of every run (mean ± std over seeds), then DDPO - DPO with the same",
              "normalisation (mean and 95% t-interval over seeds; negative hallucination = DDPO better,",
              "positive recall = DDPO better).", ""]
+    lines += [*map_table(table), ""]
     for key, p in table.items():
         lines += [f"## {p['answer_words_target']} target words, {p['segments_target']:g} segments per answer "
                   f"({p['seeds']} seeds; rejected answers {p['rejected_words']:.1f} words, "
@@ -178,13 +197,13 @@ def write_results(table: dict, results_dir: Path, command: str, elapsed: float |
     (results_dir / "results.json").write_text(json.dumps(table, indent=2))
 
 
-def plot(table: dict, grid: dict, results_dir: Path) -> None:
+def plot(table: dict, results_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gamma = max(grid["gammas"])  # the strongest weighting against vanilla DPO
+    gamma = strongest_gamma(table)  # the strongest weighting against vanilla DPO
     for axis, other, name in (("answer_words_target", "segments_target", "length"), ("segments_target", "answer_words_target", "segments")):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         for ax, metric in zip(axes, ("mention_hallucination_rate", "object_recall")):
@@ -200,6 +219,19 @@ def plot(table: dict, grid: dict, results_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(results_dir / f"gap_vs_{name}.png", dpi=120)
         plt.close(fig)
+    # The candidate explanation: how much of the answer the corrections cover.
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric in zip(axes, REPORTED[:2]):
+        for norm, marker in zip(NORMALIZATIONS, ("o", "s")):
+            points = sorted((p["corrected_word_share"] or 0.0, p["gaps"][method_name(norm, gamma)][metric]) for p in table.values())
+            ax.errorbar([100 * x for x, _ in points], [g[0] for _, g in points], fmt=marker, capsize=3, label=norm,
+                        yerr=[[g[0] - g[1] for _, g in points], [g[2] - g[0] for _, g in points]])
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set(xlabel="% of the rejected answer's words corrected", ylabel=f"DDPO(gamma {gamma:g}) - DPO", title=metric.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results_dir / "gap_vs_corrected_share.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -227,7 +259,7 @@ def main(argv=None) -> int:
     command = "python experiments/dense_regime.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--aggregate-only")
     table = aggregate(root, grid)
     write_results(table, results_dir, command.strip(), elapsed)
-    plot(table, grid, results_dir)
+    plot(table, results_dir)
     print((results_dir / "results.md").read_text())
     return 0
 

@@ -49,4 +49,8 @@ def test_aggregate_takes_ddpo_minus_dpo_per_seed(tmp_path):
     assert gap["mean_g5"]["object_recall"][0] == pytest.approx(-0.05)
     assert table["words15_segments1"]["corrections"] == {"object": 6}
     dense_regime.write_results(table, tmp_path / "results", "cmd", None)
-    assert "| sum_g5 | -0.150" in (tmp_path / "results" / "results.md").read_text()
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert "| sum_g5 | -0.150" in text
+    # the map row: per normalisation, mention and response gaps at gamma 5 with 12.706 * 0.0707 / sqrt(2) = 0.635 half-widths
+    assert ("| 15 | 1 | 1.00 | 0.0% | -0.150 [-0.785, +0.485] | -0.150 [-0.785, +0.485] | "
+            "+0.050 [-0.585, +0.685] | +0.050 [-0.585, +0.685] |") in text
