@@ -54,3 +54,23 @@ def test_aggregate_takes_ddpo_minus_dpo_per_seed(tmp_path):
     # the map row: per normalisation, mention and response gaps at gamma 5 with 12.706 * 0.0707 / sqrt(2) = 0.635 half-widths
     assert ("| 15 | 1 | 1.00 | 0.0% | -0.150 [-0.785, +0.485] | -0.150 [-0.785, +0.485] | "
             "+0.050 [-0.585, +0.685] | +0.050 [-0.585, +0.685] |") in text
+
+
+def test_sft_from_links_the_other_grids_model_instead_of_training(tmp_path, monkeypatch):
+    shared = tmp_path / "full" / "seed1" / "words15" / "sft"
+    shared.mkdir(parents=True)
+    (shared / "ddpo_model.json").write_text("{}")
+    stages = []
+
+    def fake_run(settings, names):
+        stages.append(names)
+        if names == ["annotate"]:
+            (Path(settings.output_dir) / "pairs").mkdir(parents=True)
+            (Path(settings.output_dir) / "pairs" / "stats.json").write_text(json.dumps({"rejected_words": 30.0}))
+        return {"methods": settings.methods}
+
+    monkeypatch.setattr(dense_regime, "run", fake_run)
+    result = dense_regime.run_point(tmp_path / "corners", 1, 15, 1.0, [1.0, 5.0], 1400, sft_from=tmp_path / "full")
+    assert stages == [["annotate"], ["train", "eval"]]  # no SFT stage
+    assert (tmp_path / "corners" / "seed1" / "words15" / "sft").resolve() == shared.resolve()
+    assert result["methods"]["mean_g5"]["loss.beta"] == 18.0  # 0.5 x 1.2 tokens per word x 30 words
