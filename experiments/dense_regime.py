@@ -2,9 +2,9 @@
 normalisation and gamma, on the synthetic world.
 
     python experiments/dense_regime.py                  # default grid: 2 lengths x 2 segment levels, ~30 min
-    python experiments/dense_regime.py --grid full      # 4 lengths x 3 segment levels x 4 gammas, ~3 h
+    python experiments/dense_regime.py --grid full      # 4 lengths x 3 segment levels x 4 gammas, ~2 h
     python experiments/dense_regime.py --grid corners --sft-from runs/dense_regime/full
-                                                        # the full grid's corners at 1.4k pairs
+                                                        # the full grid's corners at 1.4k pairs, 30 min
     python experiments/dense_regime.py --aggregate-only # tables and plots from the finished points
 
 Design (one seed = one independent replicate; nothing is chosen per seed):
@@ -58,7 +58,7 @@ GRIDS = {
     "corners": dict(lengths=[15, 120], segments=[1.0, 5.0], gammas=[1.0, 5.0], seeds=[0, 1, 2], max_pairs=1400),
 }
 NORMALIZATIONS = ("sum", "mean")
-# Sizes per point: smaller than the demo's so that the full grid fits in ~3 hours on 2 CPU cores.
+# Sizes per point: smaller than the demo's so that the full grid fits in ~2 hours on 2 CPU cores.
 SIZES = dict(sft_examples=6000, sft_steps=1200, val_images=200, test_images=400)
 REPORTED = ("mention_hallucination_rate", "response_hallucination_rate", "object_recall")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # two-sided t quantiles
