@@ -34,6 +34,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ddpo.progress import progress_bar
+
 logger = logging.getLogger("ddpo.demo")
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("sft", "sample", "annotate", "train", "eval")
@@ -145,7 +147,6 @@ def stage_sft(settings: DemoSettings, out: Path) -> Path:
     from data.synthetic.language import build_tokenizer
     from ddpo.sft import SFTSettings, sft
     from models.build import build_model
-    from tqdm import tqdm
 
     cfg = _train_config(settings)
     torch.manual_seed(settings.seed)
@@ -153,11 +154,11 @@ def stage_sft(settings: DemoSettings, out: Path) -> Path:
     model_cfg = dataclasses.replace(cfg.model, freeze_vision_tower=False, freeze_projector=False, freeze_llm=False)
     model = build_model(model_cfg, tokenizer=build_tokenizer(synthetic_config(settings).world))
     _, images, prompts, captions = split(settings, "sft", settings.sft_examples)
-    bar = tqdm(total=settings.sft_steps, desc="sft")
+    bar = progress_bar(total=settings.sft_steps, desc="sft")
 
     def on_step(step: int, loss: float) -> None:
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     losses = sft(model, images, prompts, captions, SFTSettings(
         steps=settings.sft_steps, batch_size=settings.sft_batch_size, learning_rate=settings.sft_learning_rate,

@@ -29,6 +29,7 @@ from PIL import Image
 
 from data.images import EncodedImage
 from ddpo import distributed as dist
+from ddpo.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +111,12 @@ def answer_logps(token_logps: torch.Tensor, labels: torch.Tensor) -> list[list[f
 @torch.no_grad()
 def compute_answer_logps(model, dataset, collate, micro_batch_size: int, indices: list[int], progress: bool = False):
     """Reference log-probs for `indices` of `dataset`: {row_index: (chosen list, rejected list)}."""
-    from tqdm import tqdm
-
     was_training = model.training
     model.eval()
     out: dict[int, tuple[list[float], list[float]]] = {}
     device = dist.device()
     batches = [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
-    for batch_indices in tqdm(batches, desc="reference log-probs", disable=not progress):
+    for batch_indices in progress_bar(iterable=batches, desc="reference log-probs", disable=not progress):
         batch = collate([dataset[i] for i in batch_indices]).to(device)
         chosen, rejected = model(batch)
         b = batch.num_pairs

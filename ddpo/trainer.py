@@ -29,6 +29,7 @@ import torch
 
 from ddpo import checkpoint, distributed as dist, reference
 from ddpo.config import Config, save_config
+from ddpo.progress import progress_bar
 
 logger = logging.getLogger("ddpo")
 
@@ -260,15 +261,13 @@ class Trainer:
         """Run to `total_steps`; returns the logged metrics (also in metrics.jsonl)."""
         if not hasattr(self, "engine"):
             self.setup()
-        from tqdm import tqdm
-
         cfg = self.cfg.train
         accumulation = cfg.gradient_accumulation_steps
         data = self.order.iterate(self.micro_batches_done)
         wandb_run = self._start_wandb()
         metrics_file = self.output_dir / "metrics.jsonl"
         logged: list[dict] = []
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.is_main and self.cfg.logging.progress_bar))
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", disable=not (self.is_main and self.cfg.logging.progress_bar))
         self.engine.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
@@ -299,7 +298,7 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                     if wandb_run is not None:
                         wandb_run.log(record, step=self.step)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False)
             bar.update(1)
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
