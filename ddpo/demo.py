@@ -211,9 +211,25 @@ def stage_annotate(settings: DemoSettings, out: Path) -> Path:
     return out / "pairs" / "train.jsonl"
 
 
+def train_config(settings: DemoSettings, out: Path, run_dir: Path, overrides: dict):
+    """The `ddpo train` config of one method: the SFT model, the point's pairs, the shared reference
+    cache (its fingerprint ignores gamma and the normalisation: they act on cached tokens), then the
+    method's own `section.field -> value` overrides."""
+    cache = out / "reference_cache" / f"pairs-{overrides.get('data.max_samples', 'all')}"
+    return _train_config(
+        settings,
+        "--model.name_or_path", str(out / "sft"),
+        "--data.format", "jsonl", "--data.path", str(out / "pairs" / "train.jsonl"),
+        "--data.image_dir", str(out / "pairs" / "images"),
+        "--train.output_dir", str(run_dir), "--train.seed", str(settings.seed),
+        "--train.reference_cache", str(cache), "--train.num_threads", str(settings.num_threads),
+        *settings.train_overrides,
+        *[arg for key, value in overrides.items() for arg in (f"--{key}", str(value))],
+    )
+
+
 def stage_train(settings: DemoSettings, out: Path) -> dict[str, Path]:
-    """`ddpo train` once per method, same SFT model, same pairs. Runs on the same pairs share one
-    reference cache (its fingerprint ignores gamma and the normalisation: they act on cached tokens)."""
+    """`ddpo train` once per method, same SFT model, same pairs, in this process."""
     from ddpo.trainer import Trainer
 
     finals = {}
@@ -222,19 +238,8 @@ def stage_train(settings: DemoSettings, out: Path) -> dict[str, Path]:
         finals[method] = run / "final"
         if (run / "final").is_dir():
             continue
-        cache = out / "reference_cache" / f"pairs-{overrides.get('data.max_samples', 'all')}"
-        cfg = _train_config(
-            settings,
-            "--model.name_or_path", str(out / "sft"),
-            "--data.format", "jsonl", "--data.path", str(out / "pairs" / "train.jsonl"),
-            "--data.image_dir", str(out / "pairs" / "images"),
-            "--train.output_dir", str(run), "--train.seed", str(settings.seed),
-            "--train.reference_cache", str(cache), "--train.num_threads", str(settings.num_threads),
-            *settings.train_overrides,
-            *[arg for key, value in overrides.items() for arg in (f"--{key}", str(value))],
-        )
         logger.info("training %s (%s)", method, overrides)
-        Trainer(cfg).train()
+        Trainer(train_config(settings, out, run, overrides)).train()
     return finals
 
 

@@ -15,7 +15,9 @@ Design (one seed = one independent replicate; nothing is chosen per seed):
                                   hold, e.g. relations in short answers, spread over the others), chosen
                                   = the oracle's minimal correction (renames, rewrites, deleted clauses);
   per (.., normalisation, gamma)  one `ddpo train` run from that SFT model on those pairs (gamma 1 =
-                                  vanilla DPO), evaluated greedily on the seed's validation and test images.
+                                  vanilla DPO), launched by the sweep launcher (experiments/sweep.py; its
+                                  resolved config.yaml in runs/<method>/; `--launcher local|deepspeed` for a
+                                  process per run) and evaluated greedily on the seed's validation and test images.
 
 Every run uses the same fixed budget (configs/synthetic/demo.yaml: 2 epochs, lr 1e-5, beta 0.5 with
 summed log-probs), fixed before any test metric was looked at. With the mean, beta is 0.5 x the
@@ -38,7 +40,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ddpo.demo import DemoSettings, run  # noqa: E402
+import sweep  # noqa: E402  (experiments/sweep.py, beside this file)
+from ddpo.config import save_config  # noqa: E402
+from ddpo.demo import DemoSettings, run, train_config  # noqa: E402
 
 # The study world: up to 5 objects and biases on every shape, more colours and every non-centre cell,
 # so that long answers have room for several corrected segments of every type.
@@ -82,7 +86,7 @@ def point_dir(root: Path, seed: int, length: int, segments: float) -> Path:
 
 
 def run_point(root: Path, seed: int, length: int, segments: float, gammas: list[float], max_pairs: int,
-              sft_from: Path | None = None) -> dict:
+              sft_from: Path | None = None, launcher: str = "inline") -> dict:
     """Train and evaluate every (normalisation, gamma) of one point; the SFT model is shared by all
     segment levels of a (seed, length) through a symlink to the first one's, or to `sft_from`'s (another
     grid's output directory: the SFT model depends only on the seed and the length)."""
@@ -103,7 +107,25 @@ def run_point(root: Path, seed: int, length: int, segments: float, gammas: list[
     stats = json.loads((out / "pairs" / "stats.json").read_text())
     answer_tokens = 1.2 * stats["rejected_words"]  # + punctuation: ~1.2 tokens per word in this grammar
     settings.methods = methods(gammas, answer_tokens)
-    return run(settings, ["train", "eval"])
+    train_runs(settings, out, launcher)
+    return run(settings, ["eval"])
+
+
+def train_runs(settings: DemoSettings, out: Path, launcher: str) -> None:
+    """The point's (normalisation, gamma) runs through the sweep launcher: one resolved config.yaml per
+    run under out/runs/<method> (where the eval stage looks), finished runs skipped, interrupted ones
+    resumed; `launcher` as in experiments/sweep.py (inline by default: no start-up cost per run)."""
+    base = out / "runs" / "base.yaml"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    save_config(train_config(settings, out, out / "runs", {}), base)
+    spec = sweep.SweepSpec(base=str(base), output_dir=out / "runs", grid={}, seeds=None, overrides={},
+                           eval_files=[], plot_metrics=[])
+    points = [sweep.Point(m, dict(overrides), out / "runs" / m) for m, overrides in settings.methods.items()]
+    sweep.write_configs(spec, points)
+    failed = sweep.launch(spec, points, lambda p: sweep.command(p, launcher), dry_run=False, world_size=None,
+                          inline=launcher == "inline")
+    if failed:
+        raise RuntimeError(f"{out}: run(s) {', '.join(failed)} failed (see above); rerun the same command to resume")
 
 
 def corrected_share(pairs_file: Path) -> float:
@@ -254,6 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=None, help="default experiments/results/dense_regime/<grid>")
     parser.add_argument("--max-pairs", type=int, default=None, help="pairs per point (default: the grid's)")
     parser.add_argument("--sft-from", default=None, help="reuse the SFT models of another grid's output directory")
+    parser.add_argument("--launcher", choices=sweep.LAUNCHERS, default="inline",
+                        help="how the sweep launcher runs each training (experiments/sweep.py); eval runs here")
     parser.add_argument("--aggregate-only", action="store_true")
     args = parser.parse_args(argv)
     grid = dict(GRIDS[args.grid])
@@ -267,7 +291,7 @@ def main(argv=None) -> int:
             for length in grid["lengths"]:
                 for segments in grid["segments"]:
                     run_point(root, seed, length, segments, grid["gammas"], args.max_pairs or grid["max_pairs"],
-                              Path(args.sft_from) if args.sft_from else None)
+                              Path(args.sft_from) if args.sft_from else None, args.launcher)
     elapsed = None if args.aggregate_only else time.perf_counter() - started
     command = "python experiments/dense_regime.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--aggregate-only")
     table = aggregate(root, grid)

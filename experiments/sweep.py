@@ -14,6 +14,7 @@ A grid spec (YAML; experiments/sweeps/ has the paper's ablations):
     plot_metrics: [loss, rewards/accuracies] # what the plot shows (optional; default loss, accuracies + eval)
 
     python experiments/sweep.py SPEC                                    run the points here, one after another
+    python experiments/sweep.py SPEC --launcher inline                  the same in this one process (small CPU runs)
     python experiments/sweep.py SPEC --launcher deepspeed --hostfile H  one `deepspeed --hostfile H` job per point
     python experiments/sweep.py SPEC --dry-run                          print the commands and run plans only
     python experiments/sweep.py SPEC --aggregate-only                   rebuild the tables and the plot
@@ -37,6 +38,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +50,7 @@ from ddpo.config import ConfigError, load_config, save_config
 SPEC_KEYS = {"base", "output_dir", "grid", "seeds", "overrides", "eval_files", "plot_metrics"}
 DEFAULT_PLOT_METRICS = ["loss", "rewards/accuracies"]
 TABLE_TRAIN_METRICS = ["step", "loss", "rewards/accuracies", "rewards/margins"]
+LAUNCHERS = ("local", "inline", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ def point_status(run_dir: Path) -> str:
 def command(point: Point, launcher: str, hostfile: Optional[str] = None, num_gpus: Optional[int] = None,
             master_port: Optional[int] = None) -> list[str]:
     """The command that trains one point (its config already says where to write and to resume)."""
-    if launcher == "local":
+    if launcher in ("local", "inline"):  # inline runs the same training in the sweep's own process
         return [sys.executable, "-m", "ddpo", "train", str(point.config_path)]
     cmd = ["deepspeed"]
     if hostfile:
@@ -222,7 +225,22 @@ def write_commands(path: Path, commands: list[list[str]]) -> None:
     path.write_text("\n".join([*lines, *map(shlex.join, commands)]) + "\n", encoding="utf-8")
 
 
-def launch(spec: SweepSpec, points: list[Point], cmd_of, dry_run: bool, world_size: Optional[int]) -> list[str]:
+def train_inline(point: Point) -> int:
+    """Train one point in this process (the `inline` launcher) and return an exit status. It saves the
+    interpreter and import start-up of `local` (~4 s a point), which dominates small CPU runs; the runs
+    share one process and its console, so it is for single-process CPU sweeps."""
+    from ddpo.trainer import Trainer
+
+    try:
+        Trainer(load_config(point.config_path)).train()
+    except Exception:  # like a failed subprocess: report it, go on with the other points
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def launch(spec: SweepSpec, points: list[Point], cmd_of, dry_run: bool, world_size: Optional[int],
+           inline: bool = False) -> list[str]:
     """Run (or, dry, print) each unfinished point in turn; returns the names of points that failed."""
     failed = []
     for i, point in enumerate(points, 1):
@@ -234,10 +252,14 @@ def launch(spec: SweepSpec, points: list[Point], cmd_of, dry_run: bool, world_si
             continue
         if status == "done":
             continue
-        with open(point.run_dir / "train.log", "a", encoding="utf-8") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            print(f"    failed (exit {proc.returncode}); see {point.run_dir / 'train.log'}", flush=True)
+        if inline:
+            returncode, where = train_inline(point), "the traceback above"
+        else:
+            with open(point.run_dir / "train.log", "a", encoding="utf-8") as log:
+                returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            where = point.run_dir / "train.log"
+        if returncode != 0:
+            print(f"    failed (exit {returncode}); see {where}", flush=True)
             failed.append(point.name)
     return failed
 
@@ -444,8 +466,9 @@ def point_from_args(spec: SweepSpec, args: list[str]) -> Point:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="grid spec YAML (see experiments/sweeps/)")
-    parser.add_argument("--launcher", choices=["local", "deepspeed"], default="local",
-                        help="local: `python -m ddpo train` per point, in sequence; deepspeed: a `deepspeed` job per point")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                        help="local: `python -m ddpo train` per point, in sequence; inline: the same in this process "
+                             "(no start-up per point; CPU sweeps); deepspeed: a `deepspeed` job per point")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile (lines 'host slots=N') for a multi-node cluster")
     parser.add_argument("--num-gpus", type=int, help="GPUs per node for the deepspeed launcher (default: all)")
     parser.add_argument("--master-port", type=int, help="master port for the deepspeed launcher")
@@ -469,11 +492,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         failed: list[str] = []
         if not args.aggregate_only:
             write_configs(spec, points)
-            world = 1 if args.launcher == "local" else (hostfile_slots(args.hostfile) if args.hostfile else args.num_gpus)
+            world = 1 if args.launcher != "deepspeed" else (hostfile_slots(args.hostfile) if args.hostfile else args.num_gpus)
             cmd_of = lambda p: command(p, args.launcher, args.hostfile, args.num_gpus, args.master_port)  # noqa: E731
             if not args.wandb_point:
                 write_commands(spec.output_dir / "commands.sh", [cmd_of(p) for p in points])
-            failed = launch(spec, points, cmd_of, args.dry_run, world)
+            failed = launch(spec, points, cmd_of, args.dry_run, world, inline=args.launcher == "inline")
             if failed:
                 print(f"{len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
             if args.dry_run or args.wandb_point:

@@ -10,6 +10,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 import dense_regime  # noqa: E402
 from data.synthetic.language import n_words  # noqa: E402
+from ddpo.config import load_config  # noqa: E402
 from ddpo.demo import DemoSettings, caption_pairs  # noqa: E402
 
 
@@ -70,7 +71,37 @@ def test_sft_from_links_the_other_grids_model_instead_of_training(tmp_path, monk
         return {"methods": settings.methods}
 
     monkeypatch.setattr(dense_regime, "run", fake_run)
+    monkeypatch.setattr(dense_regime, "train_runs", lambda settings, out, launcher: stages.append(["train"]))
     result = dense_regime.run_point(tmp_path / "corners", 1, 15, 1.0, [1.0, 5.0], 1400, sft_from=tmp_path / "full")
-    assert stages == [["annotate"], ["train", "eval"]]  # no SFT stage
+    assert stages == [["annotate"], ["train"], ["eval"]]  # no SFT stage
     assert (tmp_path / "corners" / "seed1" / "words15" / "sft").resolve() == shared.resolve()
     assert result["methods"]["mean_g5"]["loss.beta"] == 18.0  # 0.5 x 1.2 tokens per word x 30 words
+
+
+def test_train_runs_go_through_the_sweep_launcher_one_config_per_method(tmp_path, monkeypatch):
+    launched = []
+
+    def fake_train_inline(point):
+        launched.append(point)
+        (point.run_dir / "final").mkdir()
+        return 0
+
+    monkeypatch.setattr(dense_regime.sweep, "train_inline", fake_train_inline)
+    settings = DemoSettings(output_dir=str(tmp_path), seed=2, methods=dense_regime.methods([1.0, 5.0], answer_tokens=30.0))
+    dense_regime.train_runs(settings, tmp_path, "inline")
+    assert [p.name for p in launched] == ["sum_g1", "sum_g5", "mean_g1", "mean_g5"]
+    configs = {p.name: load_config(p.config_path) for p in launched}
+    assert {m: (c.loss.normalize, c.loss.gamma, c.loss.beta) for m, c in configs.items()} == {
+        "sum_g1": ("sum", 1.0, 0.5), "sum_g5": ("sum", 5.0, 0.5), "mean_g1": ("mean", 1.0, 15.0), "mean_g5": ("mean", 5.0, 15.0)}
+    for name, cfg in configs.items():
+        assert cfg.train.output_dir == str(tmp_path / "runs" / name) and cfg.train.resume == "auto"
+        assert cfg.train.seed == 2 and cfg.model.name_or_path == str(tmp_path / "sft")
+    # one reference cache for all four: gamma and the normalisation act on cached per-token log-probs
+    assert len({c.train.reference_cache for c in configs.values()}) == 1
+    dense_regime.train_runs(settings, tmp_path, "inline")  # every run has final/: nothing is trained again
+    assert len(launched) == 4
+
+    monkeypatch.setattr(dense_regime.sweep, "train_inline", lambda point: 1)
+    settings.methods = dense_regime.methods([2.0], answer_tokens=30.0)
+    with pytest.raises(RuntimeError, match="sum_g2, mean_g2 failed"):
+        dense_regime.train_runs(settings, tmp_path, "inline")

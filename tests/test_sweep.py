@@ -177,6 +177,26 @@ def test_four_tiny_points_run_locally_from_one_command(tmp_path):
     assert logs == {r["run"]: (out / r["run"] / "train.log").read_text() for r in rows}
 
 
+def test_inline_launcher_trains_bit_for_bit_like_a_local_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = yaml.safe_load((REPO / "experiments" / "sweeps" / "tiny.yaml").read_text())
+    spec["grid"] = {"loss.gamma": [5.0]}
+    spec["overrides"].update({"train.max_steps": 2, "loss.normalize": "mean"})
+    losses = {}
+    for launcher in ("local", "inline"):
+        spec["output_dir"] = str(tmp_path / launcher)
+        (tmp_path / f"{launcher}.yaml").write_text(yaml.safe_dump(spec))
+        if launcher == "local":
+            run = subprocess.run([sys.executable, "experiments/sweep.py", str(tmp_path / "local.yaml")], cwd=REPO,
+                                 env=_env(), capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        else:
+            assert sweep.main([str(tmp_path / "inline.yaml"), "--launcher", "inline"]) == 0
+        rows = [json.loads(line) for line in (tmp_path / launcher / "gamma=5.0_seed=0" / "metrics.jsonl").read_text().splitlines()]
+        losses[launcher] = [(r["step"], r["loss"], r["grad_norm"], r["rewards/margins"]) for r in rows]
+    assert len(losses["inline"]) == 2 and losses["inline"] == losses["local"]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweep_specs_resolve_every_point(path, monkeypatch):
     monkeypatch.chdir(REPO)
