@@ -5,7 +5,8 @@ normalisation and gamma, on the synthetic world.
     python experiments/dense_regime.py --grid full      # 4 lengths x 3 segment levels x 4 gammas, ~2 h
     python experiments/dense_regime.py --grid corners --sft-from runs/dense_regime/full
                                                         # the full grid's corners at 1.4k pairs, 30 min
-    python experiments/dense_regime.py --aggregate-only # tables and plots from the finished points
+    python experiments/dense_regime.py --aggregate-only # tables and plots from the finished points (or, without
+                                                        # run directories, from the committed results.json)
 
 Design (one seed = one independent replicate; nothing is chosen per seed):
   per (seed, answer length)       one SFT model: the demo's SFT stage in the study world, whose captions
@@ -140,18 +141,19 @@ def corrected_share(pairs_file: Path) -> float:
     return statistics.fmean(shares)
 
 
-def interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and the 95% t-interval of the mean (a zero-width interval for one value)."""
+def interval(values: list[float]) -> tuple[float, float, float, float]:
+    """(mean, low, high, std): the mean, its 95% t-interval and the standard deviation (0 for one value)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return mean, mean, mean
-    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+        return mean, mean, mean, 0.0
+    std = statistics.stdev(values)
+    half = T95.get(len(values) - 1, 1.96) * std / math.sqrt(len(values))
+    return mean, mean - half, mean + half, std
 
 
 def aggregate(root: Path, grid: dict) -> dict:
-    """{point: {"pairs": stats, "runs": {method: {metric: [per-seed values]}}, "gaps": ...}} from the
-    finished points' results.json (a point missing for some seed is reported with the seeds it has)."""
+    """{point: {pair statistics, "runs": {method: {metric: [per-seed values]}}}} from the finished
+    points' results.json (a point missing for some seed is reported with the seeds it has)."""
     table: dict = {}
     for length in grid["lengths"]:
         for segments in grid["segments"]:
@@ -163,14 +165,6 @@ def aggregate(root: Path, grid: dict) -> dict:
             shares = [corrected_share(d / "pairs" / "train.jsonl") for d in done if (d / "pairs" / "train.jsonl").is_file()]
             runs = {m: {k: [r["methods"][m][k] for r in results] for k in (*REPORTED, "mean_response_words")}
                     for m in results[0]["methods"]}
-            gaps = {}
-            for norm in NORMALIZATIONS:
-                dpo = method_name(norm, 1.0)
-                for gamma in grid["gammas"]:
-                    if gamma == 1.0:
-                        continue
-                    m = method_name(norm, gamma)
-                    gaps[m] = {k: interval([a - b for a, b in zip(runs[m][k], runs[dpo][k])]) for k in REPORTED}
             pair_stats = [r["pairs"] for r in results]
             table[key] = {
                 "answer_words_target": length, "segments_target": segments, "seeds": len(results),
@@ -179,8 +173,23 @@ def aggregate(root: Path, grid: dict) -> dict:
                 "corrected_word_share": statistics.fmean(shares) if shares else None,
                 "corrections": {t: sum(p["corrections"].get(t, 0) for p in pair_stats) for t in
                                 sorted({t for p in pair_stats for t in p["corrections"]})},
-                "runs": runs, "gaps": gaps,
+                "runs": runs,
             }
+    return table
+
+
+def add_gaps(table: dict) -> dict:
+    """Per point, DDPO - DPO of every gamma > 1 against gamma 1 with the same normalisation, seed by
+    seed (the runs of a seed share the SFT model and the pairs): {method: {metric: interval(...)}}."""
+    for p in table.values():
+        runs, p["gaps"] = p["runs"], {}
+        for m in runs:
+            if m == "sft":  # the runs' shared starting point, not a DPO variant
+                continue
+            norm, gamma = m.rsplit("_g", 1)
+            if float(gamma) != 1.0:
+                dpo = runs[method_name(norm, 1.0)]
+                p["gaps"][m] = {k: interval([a - b for a, b in zip(runs[m][k], dpo[k])]) for k in REPORTED}
     return table
 
 
@@ -206,12 +215,21 @@ def map_table(table: dict) -> list[str]:
     return lines
 
 
-def write_results(table: dict, results_dir: Path, command: str, elapsed: float | None) -> None:
+def command_line(results_dir: Path, command: str, elapsed: float | None) -> str:
+    """The results' "Command:" line; re-aggregating keeps the line of the run that made the numbers."""
+    previous = results_dir / "results.md"
+    if elapsed is None and previous.is_file():
+        kept = [line for line in previous.read_text().splitlines() if line.startswith("Command:")]
+        if kept:
+            return kept[0]
+    return f"Command: `{command}`" + (f" ({elapsed / 60:.0f} min on this machine)" if elapsed else "")
+
+
+def write_results(table: dict, results_dir: Path, command_line: str) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# Dense regime: DDPO vs vanilla DPO over answer length and corrected segments", "",
-             f"Command: `{command}`" + (f" ({elapsed / 60:.0f} min on this machine)" if elapsed else ""), "",
+    lines = ["# Dense regime: DDPO vs vanilla DPO over answer length and corrected segments", "", command_line, "",
              "Per point: greedy test answers of every run (mean ± std over seeds), then DDPO - DPO with the same",
-             "normalisation (mean and 95% t-interval over seeds; negative hallucination = DDPO better,",
+             "normalisation (mean ± std and 95% t-interval over seeds; negative hallucination = DDPO better,",
              "positive recall = DDPO better).", ""]
     lines += [*map_table(table), ""]
     for key, p in table.items():
@@ -223,9 +241,11 @@ def write_results(table: dict, results_dir: Path, command: str, elapsed: float |
         for m, v in p["runs"].items():
             lines.append(f"| {m} | {fmt(v['mention_hallucination_rate'])} | {fmt(v['response_hallucination_rate'])} | "
                          f"{fmt(v['object_recall'])} | {statistics.fmean(v['mean_response_words']):.1f} |")
-        lines += ["", "| DDPO - DPO | mention halluc. [95% CI] | response halluc. [95% CI] | recall [95% CI] |", "|---|---|---|---|"]
+        lines += ["", "| DDPO - DPO | mention halluc. ± std [95% CI] | response halluc. ± std [95% CI] | recall ± std [95% CI] |",
+                  "|---|---|---|---|"]
         for m, g in p["gaps"].items():
-            lines.append(f"| {m} | " + " | ".join(f"{g[k][0]:+.3f} [{g[k][1]:+.3f}, {g[k][2]:+.3f}]" for k in REPORTED) + " |")
+            lines.append(f"| {m} | " + " | ".join(f"{g[k][0]:+.3f} ± {g[k][3]:.3f} [{g[k][1]:+.3f}, {g[k][2]:+.3f}]"
+                                                  for k in REPORTED) + " |")
         lines.append("")
     (results_dir / "results.md").write_text("\n".join(lines))
     (results_dir / "results.json").write_text(json.dumps(table, indent=2))
@@ -295,7 +315,16 @@ def main(argv=None) -> int:
     elapsed = None if args.aggregate_only else time.perf_counter() - started
     command = "python experiments/dense_regime.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--aggregate-only")
     table = aggregate(root, grid)
-    write_results(table, results_dir, command.strip(), elapsed)
+    if not table and args.aggregate_only and (results_dir / "results.json").is_file():
+        # no run directories here (they are not committed): the committed results.json keeps every
+        # run's per-seed values, enough to recompute the differences, tables and plots
+        print(f"no finished points under {root}: re-aggregating {results_dir / 'results.json'}")
+        table = json.loads((results_dir / "results.json").read_text())
+    if not table:
+        print(f"no finished points under {root} and no {results_dir / 'results.json'}", file=sys.stderr)
+        return 2
+    add_gaps(table)
+    write_results(table, results_dir, command_line(results_dir, command.strip(), elapsed))
     plot(table, results_dir)
     print((results_dir / "results.md").read_text())
     return 0

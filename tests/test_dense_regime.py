@@ -27,16 +27,16 @@ def test_caption_pairs_carry_the_requested_segments(segments):
 
 
 def test_interval_is_the_t_interval_of_the_mean():
-    mean, low, high = dense_regime.interval([0.1, 0.2, 0.3])
-    assert mean == pytest.approx(0.2)
-    assert high - mean == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
-    assert dense_regime.interval([0.5]) == (0.5, 0.5, 0.5)
+    mean, low, high, std = dense_regime.interval([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2) and std == pytest.approx(0.1)
+    assert high - mean == pytest.approx(4.303 * 0.1 / 3 ** 0.5) and mean - low == pytest.approx(high - mean)
+    assert dense_regime.interval([0.5]) == (0.5, 0.5, 0.5, 0.0)
 
 
 def test_aggregate_takes_ddpo_minus_dpo_per_seed(tmp_path):
     grid = dict(lengths=[15], segments=[1.0], gammas=[1.0, 5.0], seeds=[0, 1])
-    values = {0: {"sum_g1": 0.30, "sum_g5": 0.20, "mean_g1": 0.40, "mean_g5": 0.40},
-              1: {"sum_g1": 0.50, "sum_g5": 0.30, "mean_g1": 0.40, "mean_g5": 0.50}}
+    values = {0: {"sft": 0.35, "sum_g1": 0.30, "sum_g5": 0.20, "mean_g1": 0.40, "mean_g5": 0.40},
+              1: {"sft": 0.45, "sum_g1": 0.50, "sum_g5": 0.30, "mean_g1": 0.40, "mean_g5": 0.50}}
     for seed, by_method in values.items():
         point = dense_regime.point_dir(tmp_path, seed, 15, 1.0)
         point.mkdir(parents=True)
@@ -44,15 +44,16 @@ def test_aggregate_takes_ddpo_minus_dpo_per_seed(tmp_path):
                        "mean_response_words": 20.0} for m, v in by_method.items()}
         pairs = {"rejected_words": 20.0, "corrections_per_pair": 1.0, "corrections": {"object": 3}}
         (point / "results.json").write_text(json.dumps({"methods": metrics, "pairs": pairs}))
-    table = dense_regime.aggregate(tmp_path, grid)
+    table = dense_regime.add_gaps(dense_regime.aggregate(tmp_path, grid))
     gap = table["words15_segments1"]["gaps"]
     assert gap["sum_g5"]["mention_hallucination_rate"][0] == pytest.approx(-0.15)  # (-0.1 + -0.2) / 2
     assert gap["mean_g5"]["object_recall"][0] == pytest.approx(-0.05)
     assert table["words15_segments1"]["corrections"] == {"object": 6}
-    dense_regime.write_results(table, tmp_path / "results", "cmd", None)
+    dense_regime.write_results(table, tmp_path / "results", "Command: `cmd`")
     text = (tmp_path / "results" / "results.md").read_text()
-    assert "| sum_g5 | -0.150" in text
-    # the map row: per normalisation, mention and response gaps at gamma 5 with 12.706 * 0.0707 / sqrt(2) = 0.635 half-widths
+    # differences -0.1 and -0.2: std 0.0707, half-width 12.706 * 0.0707 / sqrt(2) = 0.635
+    assert "| sum_g5 | -0.150 ± 0.071 [-0.785, +0.485] |" in text
+    # the map row: per normalisation, mention and response gaps at gamma 5
     assert ("| 15 | 1 | 1.00 | 0.0% | -0.150 [-0.785, +0.485] | -0.150 [-0.785, +0.485] | "
             "+0.050 [-0.585, +0.685] | +0.050 [-0.585, +0.685] |") in text
 
@@ -105,3 +106,15 @@ def test_train_runs_go_through_the_sweep_launcher_one_config_per_method(tmp_path
     settings.methods = dense_regime.methods([2.0], answer_tokens=30.0)
     with pytest.raises(RuntimeError, match="sum_g2, mean_g2 failed"):
         dense_regime.train_runs(settings, tmp_path, "inline")
+
+
+def test_aggregate_only_without_runs_recomputes_from_the_committed_json(tmp_path, capsys):
+    test_aggregate_takes_ddpo_minus_dpo_per_seed(tmp_path / "made")
+    results = tmp_path / "made" / "results"
+    before = json.loads((results / "results.json").read_text())
+    (results / "results.md").write_text("# old\n\nCommand: `the run that made them` (98 min)\n")
+    assert dense_regime.main(["--grid", "default", "--output-dir", str(tmp_path / "no_runs"), "--results", str(results),
+                              "--aggregate-only"]) == 0
+    assert json.loads((results / "results.json").read_text()) == before
+    assert "Command: `the run that made them` (98 min)" in (results / "results.md").read_text()
+    assert dense_regime.main(["--output-dir", str(tmp_path / "no_runs"), "--results", str(tmp_path / "none"), "--aggregate-only"]) == 2
