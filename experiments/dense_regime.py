@@ -129,16 +129,20 @@ def train_runs(settings: DemoSettings, out: Path, launcher: str) -> None:
         raise RuntimeError(f"{out}: run(s) {', '.join(failed)} failed (see above); rerun the same command to resume")
 
 
-def corrected_share(pairs_file: Path) -> float:
-    """Mean share of the rejected answer's words that a word diff with the chosen one marks as changed:
-    how much of the answer dense weighting up-weights (the trainer diffs tokens; words are close here)."""
-    shares = []
+def word_edits(pairs_file: Path) -> tuple[float, dict[str, int]]:
+    """How the chosen answers differ from the rejected ones by a word diff: the mean share of the
+    rejected answer's words changed (what dense weighting up-weights; the trainer diffs tokens, words
+    are close here) and the number of edits of each kind (replace, delete, insert)."""
+    shares, kinds = [], {"replace": 0, "delete": 0, "insert": 0}
     for line in pairs_file.read_text().splitlines():
         row = json.loads(line)
         rejected, chosen = row["rejected"].split(), row["chosen"].split()
-        ops = difflib.SequenceMatcher(None, rejected, chosen, autojunk=False).get_opcodes()
-        shares.append(sum(i2 - i1 for op, i1, i2, _, _ in ops if op != "equal") / max(len(rejected), 1))
-    return statistics.fmean(shares)
+        edits = [(op, i2 - i1) for op, i1, i2, _, _ in difflib.SequenceMatcher(None, rejected, chosen, autojunk=False).get_opcodes()
+                 if op != "equal"]
+        shares.append(sum(n for _, n in edits) / max(len(rejected), 1))
+        for op, _ in edits:
+            kinds[op] += 1
+    return statistics.fmean(shares), kinds
 
 
 def interval(values: list[float]) -> tuple[float, float, float, float]:
@@ -162,7 +166,7 @@ def aggregate(root: Path, grid: dict) -> dict:
             if not done:
                 continue
             results = [json.loads((d / "results.json").read_text()) for d in done]
-            shares = [corrected_share(d / "pairs" / "train.jsonl") for d in done if (d / "pairs" / "train.jsonl").is_file()]
+            edits = [word_edits(d / "pairs" / "train.jsonl") for d in done if (d / "pairs" / "train.jsonl").is_file()]
             runs = {m: {k: [r["methods"][m][k] for r in results] for k in (*REPORTED, "mean_response_words")}
                     for m in results[0]["methods"]}
             pair_stats = [r["pairs"] for r in results]
@@ -170,7 +174,8 @@ def aggregate(root: Path, grid: dict) -> dict:
                 "answer_words_target": length, "segments_target": segments, "seeds": len(results),
                 "rejected_words": statistics.fmean(p["rejected_words"] for p in pair_stats),
                 "corrections_per_pair": statistics.fmean(p["corrections_per_pair"] for p in pair_stats),
-                "corrected_word_share": statistics.fmean(shares) if shares else None,
+                "corrected_word_share": statistics.fmean(share for share, _ in edits) if edits else None,
+                "edits": {k: sum(kinds[k] for _, kinds in edits) for k in ("replace", "delete", "insert")} if edits else None,
                 "corrections": {t: sum(p["corrections"].get(t, 0) for p in pair_stats) for t in
                                 sorted({t for p in pair_stats for t in p["corrections"]})},
                 "runs": runs,
@@ -236,7 +241,8 @@ def write_results(table: dict, results_dir: Path, command_line: str) -> None:
         lines += [f"## {p['answer_words_target']} target words, {p['segments_target']:g} segments per answer "
                   f"({p['seeds']} seeds; rejected answers {p['rejected_words']:.1f} words, "
                   f"{p['corrections_per_pair']:.2f} corrections per pair: {p['corrections']}; "
-                  f"{p['corrected_word_share'] or 0:.0%} of the rejected words corrected)", "",
+                  f"{p['corrected_word_share'] or 0:.0%} of the rejected words corrected"
+                  + (f"; word edits {p['edits']}" if p.get("edits") else "") + ")", "",
                   "| run | mention halluc. | response halluc. | recall | words |", "|---|---|---|---|---|"]
         for m, v in p["runs"].items():
             lines.append(f"| {m} | {fmt(v['mention_hallucination_rate'])} | {fmt(v['response_hallucination_rate'])} | "

@@ -118,3 +118,13 @@ def test_aggregate_only_without_runs_recomputes_from_the_committed_json(tmp_path
     assert json.loads((results / "results.json").read_text()) == before
     assert "Command: `the run that made them` (98 min)" in (results / "results.md").read_text()
     assert dense_regime.main(["--output-dir", str(tmp_path / "no_runs"), "--results", str(tmp_path / "none"), "--aggregate-only"]) == 2
+
+
+def test_word_edits_share_and_kinds_by_hand(tmp_path):
+    rows = [("a red circle is at the top", "a pink circle is at the top"),  # 1 of 7 words replaced
+            ("a b c d", "a b d"),                                            # 1 of 4 deleted
+            ("x y", "x z y")]                                                # an insertion changes no rejected word
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"rejected": r, "chosen": c}) for r, c in rows))
+    share, kinds = dense_regime.word_edits(tmp_path / "train.jsonl")
+    assert share == pytest.approx((1 / 7 + 1 / 4 + 0) / 3)
+    assert kinds == {"replace": 1, "delete": 1, "insert": 1}
