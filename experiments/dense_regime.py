@@ -126,7 +126,7 @@ def train_runs(settings: DemoSettings, out: Path, launcher: str) -> None:
     failed = sweep.launch(spec, points, lambda p: sweep.command(p, launcher), dry_run=False, world_size=None,
                           inline=launcher == "inline")
     if failed:
-        raise RuntimeError(f"{out}: run(s) {', '.join(failed)} failed (see above); rerun the same command to resume")
+        raise RuntimeError(f"{out}: run(s) {', '.join(failed)} failed (see their train.log); rerun the same command to resume")
 
 
 def word_edits(pairs_file: Path) -> tuple[float, dict[str, int]]:

@@ -33,12 +33,12 @@ import argparse
 import csv
 import itertools
 import json
+import logging
 import os
 import shlex
 import statistics
 import subprocess
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -228,14 +228,24 @@ def write_commands(path: Path, commands: list[list[str]]) -> None:
 def train_inline(point: Point) -> int:
     """Train one point in this process (the `inline` launcher) and return an exit status. It saves the
     interpreter and import start-up of `local` (~4 s a point), which dominates small CPU runs; the runs
-    share one process and its console, so it is for single-process CPU sweeps."""
+    share one process, so it is for single-process CPU sweeps. The project's log lines (and a failure's
+    traceback) also go to the point's train.log, as with `local`."""
     from ddpo.trainer import Trainer
 
+    log, level = logging.getLogger("ddpo"), logging.getLogger("ddpo").level
+    handler = logging.FileHandler(point.run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # what `ddpo train` logs, whatever the host process configured
     try:
         Trainer(load_config(point.config_path)).train()
     except Exception:  # like a failed subprocess: report it, go on with the other points
-        traceback.print_exc()
+        log.exception("%s failed", point.name)
         return 1
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
     return 0
 
 
@@ -253,13 +263,12 @@ def launch(spec: SweepSpec, points: list[Point], cmd_of, dry_run: bool, world_si
         if status == "done":
             continue
         if inline:
-            returncode, where = train_inline(point), "the traceback above"
+            returncode = train_inline(point)
         else:
             with open(point.run_dir / "train.log", "a", encoding="utf-8") as log:
                 returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-            where = point.run_dir / "train.log"
         if returncode != 0:
-            print(f"    failed (exit {returncode}); see {where}", flush=True)
+            print(f"    failed (exit {returncode}); see {point.run_dir / 'train.log'}", flush=True)
             failed.append(point.name)
     return failed
 

@@ -195,6 +195,21 @@ def test_inline_launcher_trains_bit_for_bit_like_a_local_process(tmp_path, monke
         rows = [json.loads(line) for line in (tmp_path / launcher / "gamma=5.0_seed=0" / "metrics.jsonl").read_text().splitlines()]
         losses[launcher] = [(r["step"], r["loss"], r["grad_norm"], r["rewards/margins"]) for r in rows]
     assert len(losses["inline"]) == 2 and losses["inline"] == losses["local"]
+    assert "run plan: 16 pairs" in (tmp_path / "inline" / "gamma=5.0_seed=0" / "train.log").read_text()
+
+
+def test_an_inline_point_that_fails_is_logged_and_the_others_still_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = _spec(tmp_path, grid={"loss.gamma": [1.0, 5.0]})
+    points = sweep.expand(spec)
+    sweep.write_configs(spec, points)
+    (points[0].config_path).write_text("loss: {gamma: -1}\n")  # broken after validation: fails inside the run
+    trained = []
+    monkeypatch.setattr("ddpo.trainer.Trainer", lambda cfg: type("T", (), {"train": lambda self: trained.append(cfg.loss.gamma)})())
+    assert sweep.launch(spec, points, lambda p: sweep.command(p, "inline"), False, 1, inline=True) == [points[0].name]
+    assert trained == [5.0]
+    assert "gamma=1.0_seed=0 failed" in (points[0].run_dir / "train.log").read_text()
+    assert "gamma" in (points[0].run_dir / "train.log").read_text().split("failed", 1)[1]  # the error's message
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
