@@ -169,6 +169,7 @@ def aggregate(root: Path, grid: dict) -> dict:
             edits = [word_edits(d / "pairs" / "train.jsonl") for d in done if (d / "pairs" / "train.jsonl").is_file()]
             runs = {m: {k: [r["methods"][m][k] for r in results] for k in (*REPORTED, "mean_response_words")}
                     for m in results[0]["methods"]}
+            validation = {m: {k: [r["validation"][m][k] for r in results] for k in REPORTED} for m in results[0]["validation"]}
             pair_stats = [r["pairs"] for r in results]
             table[key] = {
                 "answer_words_target": length, "segments_target": segments, "seeds": len(results),
@@ -178,24 +179,32 @@ def aggregate(root: Path, grid: dict) -> dict:
                 "edits": {k: sum(kinds[k] for _, kinds in edits) for k in ("replace", "delete", "insert")} if edits else None,
                 "corrections": {t: sum(p["corrections"].get(t, 0) for p in pair_stats) for t in
                                 sorted({t for p in pair_stats for t in p["corrections"]})},
-                "runs": runs,
+                "runs": runs, "validation_runs": validation,
             }
     return table
 
 
 def add_gaps(table: dict) -> dict:
     """Per point, DDPO - DPO of every gamma > 1 against gamma 1 with the same normalisation, seed by
-    seed (the runs of a seed share the SFT model and the pairs): {method: {metric: interval(...)}}."""
+    seed (the runs of a seed share the SFT model and the pairs): {method: {metric: interval(...)}},
+    on the test split ("gaps") and, where the runs' validation metrics were kept, on validation."""
     for p in table.values():
-        runs, p["gaps"] = p["runs"], {}
-        for m in runs:
-            if m == "sft":  # the runs' shared starting point, not a DPO variant
-                continue
-            norm, gamma = m.rsplit("_g", 1)
-            if float(gamma) != 1.0:
-                dpo = runs[method_name(norm, 1.0)]
-                p["gaps"][m] = {k: interval([a - b for a, b in zip(runs[m][k], dpo[k])]) for k in REPORTED}
+        p["gaps"] = differences(p["runs"])
+        if p.get("validation_runs"):
+            p["validation_gaps"] = differences(p["validation_runs"])
     return table
+
+
+def differences(runs: dict) -> dict:
+    gaps = {}
+    for m in runs:
+        if m == "sft":  # the runs' shared starting point, not a DPO variant
+            continue
+        norm, gamma = m.rsplit("_g", 1)
+        if float(gamma) != 1.0:
+            dpo = runs[method_name(norm, 1.0)]
+            gaps[m] = {k: interval([a - b for a, b in zip(runs[m][k], dpo[k])]) for k in REPORTED}
+    return gaps
 
 
 def fmt(values: list[float]) -> str:
@@ -247,11 +256,14 @@ def write_results(table: dict, results_dir: Path, command_line: str) -> None:
         for m, v in p["runs"].items():
             lines.append(f"| {m} | {fmt(v['mention_hallucination_rate'])} | {fmt(v['response_hallucination_rate'])} | "
                          f"{fmt(v['object_recall'])} | {statistics.fmean(v['mean_response_words']):.1f} |")
-        lines += ["", "| DDPO - DPO | mention halluc. ± std [95% CI] | response halluc. ± std [95% CI] | recall ± std [95% CI] |",
-                  "|---|---|---|---|"]
-        for m, g in p["gaps"].items():
-            lines.append(f"| {m} | " + " | ".join(f"{g[k][0]:+.3f} ± {g[k][3]:.3f} [{g[k][1]:+.3f}, {g[k][2]:+.3f}]"
-                                                  for k in REPORTED) + " |")
+        for split, gaps in (("test", p["gaps"]), ("validation", p.get("validation_gaps"))):
+            if not gaps:
+                continue
+            lines += ["", f"| DDPO - DPO ({split}) | mention halluc. ± std [95% CI] | response halluc. ± std [95% CI] | "
+                          "recall ± std [95% CI] |", "|---|---|---|---|"]
+            for m, g in gaps.items():
+                lines.append(f"| {m} | " + " | ".join(f"{g[k][0]:+.3f} ± {g[k][3]:.3f} [{g[k][1]:+.3f}, {g[k][2]:+.3f}]"
+                                                      for k in REPORTED) + " |")
         lines.append("")
     (results_dir / "results.md").write_text("\n".join(lines))
     (results_dir / "results.json").write_text(json.dumps(table, indent=2))
@@ -298,6 +310,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the grid's seeds")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="override the grid's answer lengths")
+    parser.add_argument("--segments", type=float, nargs="+", default=None, help="override the grid's errors per answer")
     parser.add_argument("--output-dir", default=None, help="default runs/dense_regime/<grid>")
     parser.add_argument("--results", default=None, help="default experiments/results/dense_regime/<grid>")
     parser.add_argument("--max-pairs", type=int, default=None, help="pairs per point (default: the grid's)")
@@ -307,8 +321,9 @@ def main(argv=None) -> int:
     parser.add_argument("--aggregate-only", action="store_true")
     args = parser.parse_args(argv)
     grid = dict(GRIDS[args.grid])
-    if args.seeds:
-        grid["seeds"] = args.seeds
+    for key in ("seeds", "lengths", "segments"):
+        if getattr(args, key):
+            grid[key] = getattr(args, key)
     root = Path(args.output_dir or f"runs/dense_regime/{args.grid}")
     results_dir = Path(args.results or REPO / "experiments" / "results" / "dense_regime" / args.grid)
     started = time.perf_counter()

@@ -43,16 +43,19 @@ def test_aggregate_takes_ddpo_minus_dpo_per_seed(tmp_path):
         metrics = {m: {"mention_hallucination_rate": v, "response_hallucination_rate": v, "object_recall": 1 - v,
                        "mean_response_words": 20.0} for m, v in by_method.items()}
         pairs = {"rejected_words": 20.0, "corrections_per_pair": 1.0, "corrections": {"object": 3}}
-        (point / "results.json").write_text(json.dumps({"methods": metrics, "pairs": pairs}))
+        validation = {m: {k: 2 * v for k, v in by_metric.items()} for m, by_metric in metrics.items()}  # twice the test values
+        (point / "results.json").write_text(json.dumps({"methods": metrics, "validation": validation, "pairs": pairs}))
     table = dense_regime.add_gaps(dense_regime.aggregate(tmp_path, grid))
     gap = table["words15_segments1"]["gaps"]
     assert gap["sum_g5"]["mention_hallucination_rate"][0] == pytest.approx(-0.15)  # (-0.1 + -0.2) / 2
     assert gap["mean_g5"]["object_recall"][0] == pytest.approx(-0.05)
     assert table["words15_segments1"]["corrections"] == {"object": 6}
+    assert table["words15_segments1"]["validation_gaps"]["sum_g5"]["mention_hallucination_rate"][0] == pytest.approx(-0.30)
     dense_regime.write_results(table, tmp_path / "results", "Command: `cmd`")
     text = (tmp_path / "results" / "results.md").read_text()
     # differences -0.1 and -0.2: std 0.0707, half-width 12.706 * 0.0707 / sqrt(2) = 0.635
     assert "| sum_g5 | -0.150 ± 0.071 [-0.785, +0.485] |" in text
+    assert "| DDPO - DPO (validation) |" in text and "| sum_g5 | -0.300 ± 0.141 [-1.571, +0.971] |" in text
     # the map row: per normalisation, mention and response gaps at gamma 5
     assert ("| 15 | 1 | 1.00 | 0.0% | -0.150 [-0.785, +0.485] | -0.150 [-0.785, +0.485] | "
             "+0.050 [-0.585, +0.685] | +0.050 [-0.585, +0.685] |") in text
