@@ -346,8 +346,8 @@ def main(argv=None) -> int:
         return 2
     add_gaps(table)
     write_results(table, results_dir, command_line(results_dir, command.strip(), elapsed))
-    if len(table) > 1:  # the plots draw gaps across points
-        plot(table, results_dir)
+    if all(len({p[axis] for p in table.values()}) > 1 for axis in ("answer_words_target", "segments_target")):
+        plot(table, results_dir)  # gaps across lengths and across segment levels: a grid needs both
     print((results_dir / "results.md").read_text())
     return 0
 
