@@ -232,7 +232,8 @@ def train_inline(point: Point) -> int:
     traceback) also go to the point's train.log, as with `local`."""
     from ddpo.trainer import Trainer
 
-    log, level = logging.getLogger("ddpo"), logging.getLogger("ddpo").level
+    log = logging.getLogger("ddpo")
+    level = log.level
     handler = logging.FileHandler(point.run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     log.addHandler(handler)
