@@ -63,8 +63,8 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "precompute-ref": ("cache reference per-token log-probs", _config_command("precompute-ref", "Run the reference model once over the data and cache per-token log-probs.", _precompute_ref)),
     "convert": ("convert RLHF-V / RLAIF-V data to TRL's preference format", _lazy("data.convert")),
     "eval": ("hallucination benchmarks", _lazy("ddpo.eval.cli")),
-    "demo": ("synthetic reproduction of RLHF-V's claims on a CPU", _lazy("ddpo.demo")),
-    "score": ("implicit-reward scores of answers", _lazy("ddpo.scoring")),
+    "demo": ("synthetic reproduction of RLHF-V's claims on a CPU", _lazy("ddpo.lab.demo")),
+    "score": ("implicit-reward scores of answers", _lazy("ddpo.online.scoring")),
 }
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -22,12 +21,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.records import PairBatch  # noqa: E402
-from data.tokenizer import build_word_tokenizer  # noqa: E402
-from ddpo.config import ModelConfig  # noqa: E402
-from models.build import build_model  # noqa: E402
+from data.records import PairBatch
+from data.tokenizer import build_word_tokenizer
+from ddpo.config import ModelConfig
+from models.build import build_model
 
 PAIRS, PROMPT_WORDS, ANSWER_WORDS = 4, 16, 48
 

@@ -23,13 +23,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddpo.logps import chunked_token_logps, token_logps  # noqa: E402
+from models.logps import chunked_token_logps, token_logps
 
 BATCH, LENGTH, VOCAB, WIDTH = 2, 2048, 32000, 1024
 MB = 1 << 20

@@ -48,8 +48,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 VOCAB_SIZE, PAIRS, BATCH_PAIRS, IMAGE_SIZE = 8192, 64, 4, 64
 QUESTION_WORDS, ANSWER_WORDS = (10, 16), (36, 60)  # inclusive ranges of words per question / answer
 TEMPLATE = "chat_template"

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ddpo.lab.demo import DemoSettings, generation_options, evaluate_model, run, split
 
-from ddpo.demo import DemoSettings, generation_options, evaluate_model, run, split  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def demo_settings(args: argparse.Namespace) -> DemoSettings:
@@ -43,9 +42,9 @@ def demo_settings(args: argparse.Namespace) -> DemoSettings:
 
 def experiment(args: argparse.Namespace) -> dict:
     from data.synthetic.metrics import evaluate
-    from ddpo.best_of_n import pick_best, sample_candidates, score_candidates
+    from ddpo.online.best_of_n import pick_best, sample_candidates, score_candidates
     from ddpo.config import load_config
-    from ddpo.feedback import OracleFeedback, Query
+    from ddpo.online.feedback import OracleFeedback, Query
     from models.build import load_model
 
     settings = demo_settings(args)

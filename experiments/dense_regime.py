@@ -16,7 +16,7 @@ Design (one seed = one independent replicate; nothing is chosen per seed):
                                   hold, e.g. relations in short answers, spread over the others), chosen
                                   = the oracle's minimal correction (renames, rewrites, deleted clauses);
   per (.., normalisation, gamma)  one `ddpo train` run from that SFT model on those pairs (gamma 1 =
-                                  vanilla DPO), launched by the sweep launcher (experiments/sweep.py; its
+                                  vanilla DPO), launched by the sweep launcher (ddpo/sweep.py; its
                                   resolved config.yaml in runs/<method>/; `--launcher local|deepspeed` for a
                                   process per run) and evaluated greedily on the seed's validation and test images.
 
@@ -38,12 +38,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ddpo import sweep
+from ddpo.config import save_config
+from ddpo.lab.demo import DemoSettings, run, train_config
 
-import sweep  # noqa: E402  (experiments/sweep.py, beside this file)
-from ddpo.config import save_config  # noqa: E402
-from ddpo.demo import DemoSettings, run, train_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # The study world: up to 5 objects and biases on every shape, more colours and every non-centre cell,
 # so that long answers have room for several corrected segments of every type.
@@ -115,7 +114,7 @@ def run_point(root: Path, seed: int, length: int, segments: float, gammas: list[
 def train_runs(settings: DemoSettings, out: Path, launcher: str) -> None:
     """The point's (normalisation, gamma) runs through the sweep launcher: one resolved config.yaml per
     run under out/runs/<method> (where the eval stage looks), finished runs skipped, interrupted ones
-    resumed; `launcher` as in experiments/sweep.py (inline by default: no start-up cost per run)."""
+    resumed; `launcher` as in ddpo/sweep.py (inline by default: no start-up cost per run)."""
     base = out / "runs" / "base.yaml"
     base.parent.mkdir(parents=True, exist_ok=True)
     save_config(train_config(settings, out, out / "runs", {}), base)
@@ -317,7 +316,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-pairs", type=int, default=None, help="pairs per point (default: the grid's)")
     parser.add_argument("--sft-from", default=None, help="reuse the SFT models of another grid's output directory")
     parser.add_argument("--launcher", choices=sweep.LAUNCHERS, default="inline",
-                        help="how the sweep launcher runs each training (experiments/sweep.py); eval runs here")
+                        help="how the sweep launcher runs each training (ddpo/sweep.py); eval runs here")
     parser.add_argument("--aggregate-only", action="store_true")
     args = parser.parse_args(argv)
     grid = dict(GRIDS[args.grid])

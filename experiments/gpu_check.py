@@ -43,8 +43,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 
 @dataclass(frozen=True)
 class Size:

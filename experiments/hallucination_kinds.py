@@ -20,10 +20,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from ddpo.demo import DemoSettings, _train_config, generation_options, split, synthetic_config  # noqa: E402
+from ddpo.config import load_config
+from ddpo.lab.demo import DemoSettings, generation_options, split, synthetic_config
 
 KINDS = ("partner", "other-absent", "present-shape", "extra", "count")
 
@@ -65,7 +63,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     settings = DemoSettings(output_dir=str(args.demo_dir), seed=args.seed)
-    template = _train_config(settings).data.template
+    template = load_config(settings.train_config).data.template
     partners = synthetic_config(settings).world.partners
     scenes, images, prompts, _ = split(settings, args.split, args.images)
     print(f"hallucinated object mentions on {len(scenes)} {args.split} images (greedy)\n")

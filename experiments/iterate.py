@@ -6,11 +6,11 @@
 Per seed, round 0 is the demo's SFT model (`ddpo demo` stage sft, trained if missing). Round k = 1..K:
 
   1. sample  the current policy answers P fresh prompts (slice k of the demo's "preference" images),
-             N samples each at temperature 0.7                                  (ddpo.best_of_n)
+             N samples each at temperature 0.7                                  (ddpo.online.best_of_n)
   2. label   a feedback source scores every sample: the oracle, or RLAIF-V's divide-and-conquer
-             labeler with a model given by --labeler                            (ddpo.feedback)
+             labeler with a model given by --labeler                            (ddpo.online.feedback)
   3. pairs   score gap >= 1, 2 pairs per prompt, length balancing -> ROUND/pairs/ (JSONL + images)
-                                                                                 (ddpo.pairs)
+                                                                                 (ddpo.online.pairs)
   4. train   `ddpo train` (the demo's config) from the current policy; the reference is the current
              policy too: each round has its own cache directory, which the trainer fills from the
              model it starts from. The policy is exported every 1/4 epoch (and at the end).
@@ -37,11 +37,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ddpo.lab.demo import DemoSettings, generation_options, evaluate_model, run, split
+from ddpo.trainer import Trainer
 
-from ddpo.demo import DemoSettings, generation_options, evaluate_model, run, split  # noqa: E402
-from ddpo.trainer import Trainer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("iterate")
 SHOWN = ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words",
@@ -63,7 +62,7 @@ def selection_score(metrics: dict) -> float:
 
 
 def make_feedback(args: argparse.Namespace, template: str):
-    from ddpo.feedback import DivideAndConquerFeedback, ModelYesNoLabeler, OracleFeedback, SyntheticClaimSplitter
+    from ddpo.online.feedback import DivideAndConquerFeedback, ModelYesNoLabeler, OracleFeedback, SyntheticClaimSplitter
 
     if args.feedback == "oracle":
         return OracleFeedback()
@@ -110,9 +109,9 @@ def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_
 
 
 def run_round(args, settings: DemoSettings, k: int, base: Path, template: str, feedback) -> dict:
-    from ddpo.best_of_n import sample_candidates
-    from ddpo.feedback import Query
-    from ddpo.pairs import build_pairs
+    from ddpo.online.best_of_n import sample_candidates
+    from ddpo.online.feedback import Query
+    from ddpo.online.pairs import build_pairs
     from models.build import load_model
 
     directory = Path(settings.output_dir) / "iterate" / f"round{k}"

@@ -25,10 +25,9 @@ import statistics
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ddpo.lab.demo import METRICS, DemoSettings, run
 
-from ddpo.demo import METRICS, DemoSettings, run  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MEAN_BETA = 16.0
 CLAIM_ERRORS = ("attribute_error_rate", "position_error_rate", "count_error_rate")

@@ -6,7 +6,7 @@ module holds what is shared:
 
 * `pair_token_logps(batch)`: per-token log-probs of the chosen and rejected rows of a `PairBatch`. Each
   pair's image is encoded once (B images for 2B rows) and its features are indexed into both rows;
-  log-probs come from the final hidden states through `ddpo.logps.chunked_token_logps`, so no
+  log-probs come from the final hidden states through `models.logps.chunked_token_logps`, so no
   `[2B, T, V]` logits exist. Position ids come from the attention mask (cumsum - 1), so left and right
   padding give the same log-probs. With `shared_prompt` (on by default, `model.shared_prompt`), a pair's
   prompt runs through the decoder once: `models.shared_prompt` packs [prompt | chosen | rejected] into
@@ -29,7 +29,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.records import PairBatch
-from ddpo.logps import chunked_token_logps
+from models.logps import chunked_token_logps
 from models.shared_prompt import shared_prompt_layout
 
 IGNORE_INDEX = -100

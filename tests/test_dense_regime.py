@@ -1,17 +1,19 @@
 """The dense-regime study's pieces: controlled caption pairs, and the aggregation's arithmetic."""
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
+from data.synthetic.language import n_words
+from ddpo.config import load_config
+from ddpo.lab.demo import DemoSettings, caption_pairs
 
-import dense_regime  # noqa: E402
-from data.synthetic.language import n_words  # noqa: E402
-from ddpo.config import load_config  # noqa: E402
-from ddpo.demo import DemoSettings, caption_pairs  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+# experiments/ holds scripts, not a package: load the study's module from its file.
+_SPEC = importlib.util.spec_from_file_location("dense_regime", REPO / "experiments" / "dense_regime.py")
+dense_regime = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(dense_regime)
 
 
 @pytest.mark.parametrize("segments", [1.0, 4.0])

@@ -1,4 +1,4 @@
-"""Online feedback (ddpo.feedback), RLAIF-V pair construction (ddpo.pairs), and one tiny round of
+"""Online feedback (ddpo.online.feedback), RLAIF-V pair construction (ddpo.online.pairs), and one tiny round of
 experiments/iterate.py end to end."""
 import json
 import os
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpo.feedback import (DivideAndConquerFeedback, ModelYesNoLabeler, OracleFeedback, Query, SentenceSplitter,
+from ddpo.online.feedback import (DivideAndConquerFeedback, ModelYesNoLabeler, OracleFeedback, Query, SentenceSplitter,
                            SyntheticClaimSplitter, claim_question)
-from ddpo.pairs import Pair, balance_lengths, build_pairs, candidate_pairs, sample_pairs
+from ddpo.online.pairs import Pair, balance_lengths, build_pairs, candidate_pairs, sample_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 BLANK = Image.new("RGB", (32, 32))
@@ -132,7 +132,7 @@ def test_divide_and_conquer_scores_minus_rejected_claims():
 
 def test_model_labeler_reads_the_yes_and_no_word_log_probs(word_tokenizer):
     from ddpo.config import ModelConfig
-    from ddpo.scoring import answer_token_logps
+    from ddpo.online.scoring import answer_token_logps
     from models.build import build_model
 
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def test_model_labeler_reads_the_yes_and_no_word_log_probs(word_tokenizer):
 def test_one_tiny_round_end_to_end(tmp_path):
     from data.synthetic.language import build_tokenizer
     from ddpo.config import ModelConfig
-    from ddpo.demo import DemoSettings, synthetic_config
+    from ddpo.lab.demo import DemoSettings, synthetic_config
     from models.build import build_model
 
     out = tmp_path / "iterate"
@@ -190,7 +190,7 @@ def test_one_tiny_round_end_to_end(tmp_path):
 
 
 def test_empty_answers_never_pair():
-    from ddpo.pairs import candidate_pairs
+    from ddpo.online.pairs import candidate_pairs
 
     # The empty answer has the best score (no claims, none rejected) but must not become "chosen".
     assert candidate_pairs(["", "a red circle.", "a blue circle."], [0.0, -1.0, -2.0]) == [(1, 2)]

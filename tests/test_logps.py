@@ -1,10 +1,10 @@
-"""ddpo.logps against the naive `F.linear -> log_softmax -> gather` path, written independently here."""
+"""models.logps against the naive `F.linear -> log_softmax -> gather` path, written independently here."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddpo.logps import chunked_token_logps, token_logps
+from models.logps import chunked_token_logps, token_logps
 
 IGNORE = -100
 

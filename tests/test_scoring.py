@@ -1,4 +1,4 @@
-"""Implicit-reward scoring (ddpo.scoring), best-of-N (ddpo.best_of_n) and its experiment script."""
+"""Implicit-reward scoring (ddpo.online.scoring), best-of-N (ddpo.online.best_of_n) and its experiment script."""
 import copy
 import importlib.util
 import json
@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from data.templates import encode_answer, encode_prompt
-from ddpo.best_of_n import best_of_n, pick_best, sample_candidates
+from ddpo.online.best_of_n import best_of_n, pick_best, sample_candidates
 from ddpo.config import ModelConfig
-from ddpo.scoring import answer_token_logps, implicit_rewards, main as score_main
+from ddpo.online.scoring import answer_token_logps, implicit_rewards, main as score_main
 from models.build import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_segment_reward_upweights_tokens_that_differ_from_the_reference_answer(m
 
 
 def test_a_policy_trained_to_prefer_an_answer_ranks_it_first(models):
-    from ddpo.sft import SFTSettings, sft
+    from ddpo.lab.sft import SFTSettings, sft
 
     _, reference = models
     policy = copy.deepcopy(reference)
@@ -154,7 +154,7 @@ def test_score_command_names_the_bad_row(tmp_path, capsys):
 def test_best_of_n_experiment_end_to_end(tmp_path):
     """The experiment script on a --quick demo directory whose models are tiny (made here, so no stage trains)."""
     from data.synthetic.language import build_tokenizer
-    from ddpo.demo import DemoSettings, synthetic_config
+    from ddpo.lab.demo import DemoSettings, synthetic_config
 
     demo = tmp_path / "demo"
     tokenizer = build_tokenizer(synthetic_config(DemoSettings.quick()).world)

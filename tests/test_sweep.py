@@ -1,4 +1,4 @@
-"""Sweep launcher (experiments/sweep.py): grid -> run directories -> commands -> one table and plot."""
+"""Sweep launcher (ddpo/sweep.py): grid -> run directories -> commands -> one table and plot."""
 import csv
 import json
 import math
@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ddpo import sweep
 from ddpo.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-import sweep  # noqa: E402
 
 
 def _spec(tmp_path, **changes) -> sweep.SweepSpec:
@@ -143,7 +142,7 @@ def test_wandb_export_and_point_lookup(tmp_path):
     assert exported["method"] == "grid"
     assert exported["parameters"] == {"loss.gamma": {"values": [1.0, 5.0]}, "loss.normalize": {"values": ["mean", "sum"]},
                                       "train.seed": {"values": [0]}}
-    assert exported["command"][2:] == ["experiments/sweep.py", "experiments/sweeps/tiny.yaml", "--wandb-point", "${args}"]
+    assert exported["command"][2:] == ["-m", "ddpo.sweep", "experiments/sweeps/tiny.yaml", "--wandb-point", "${args}"]
     # wandb passes the point as --key=value
     point = sweep.point_from_args(spec, ["--loss.gamma=5.0", "--loss.normalize=sum", "--train.seed=0"])
     assert point.name == "gamma=5.0_normalize=sum_seed=0"
@@ -156,7 +155,7 @@ def test_four_tiny_points_run_locally_from_one_command(tmp_path):
     spec["output_dir"] = str(tmp_path / "sweep")
     spec["overrides"].update({"train.max_steps": 2})
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    run = subprocess.run([sys.executable, "experiments/sweep.py", str(tmp_path / "spec.yaml")], cwd=REPO, env=_env(),
+    run = subprocess.run([sys.executable, "-m", "ddpo.sweep", str(tmp_path / "spec.yaml")], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     out = tmp_path / "sweep"
@@ -171,7 +170,7 @@ def test_four_tiny_points_run_locally_from_one_command(tmp_path):
     assert (out / "results.md").read_text().count("| done |") == 4
     # Launching again skips every finished point without starting a process.
     logs = {r["run"]: (out / r["run"] / "train.log").read_text() for r in rows}
-    again = subprocess.run([sys.executable, "experiments/sweep.py", str(tmp_path / "spec.yaml")], cwd=REPO, env=_env(),
+    again = subprocess.run([sys.executable, "-m", "ddpo.sweep", str(tmp_path / "spec.yaml")], cwd=REPO, env=_env(),
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count(": done") == 4
     assert logs == {r["run"]: (out / r["run"] / "train.log").read_text() for r in rows}
@@ -187,7 +186,7 @@ def test_inline_launcher_trains_bit_for_bit_like_a_local_process(tmp_path, monke
         spec["output_dir"] = str(tmp_path / launcher)
         (tmp_path / f"{launcher}.yaml").write_text(yaml.safe_dump(spec))
         if launcher == "local":
-            run = subprocess.run([sys.executable, "experiments/sweep.py", str(tmp_path / "local.yaml")], cwd=REPO,
+            run = subprocess.run([sys.executable, "-m", "ddpo.sweep", str(tmp_path / "local.yaml")], cwd=REPO,
                                  env=_env(), capture_output=True, text=True, timeout=300)
             assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         else:

@@ -46,6 +46,13 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def paired(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
+    """Rows of two metric logs side by side; the logs must be equally long and not empty (a bare zip
+    would pass on an empty or truncated log)."""
+    assert len(a) == len(b) > 0, (len(a), len(b))
+    return list(zip(a, b))
+
+
 METRIC_KEYS = {"step", "epoch", "lr", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "grad_norm", "samples_per_s", "tokens_per_s"}
 
@@ -81,7 +88,7 @@ def test_batch_times_accumulation_invariance(tmp_path):
     common = ("--train.max_steps", "2", "--train.warmup_ratio", "0", "--train.learning_rate", "1e-3", "--data.synthetic_pairs", "32")
     a = train(tmp_path / "a", *common, "--train.micro_batch_size", "8", "--train.gradient_accumulation_steps", "1")
     b = train(tmp_path / "b", *common, "--train.micro_batch_size", "2", "--train.gradient_accumulation_steps", "4")
-    for ma, mb in zip(a, b):
+    for ma, mb in paired(a, b):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-5), key
 
@@ -99,7 +106,7 @@ def test_resume_is_exact(tmp_path):
     (out / "checkpoints" / "latest").write_text("step-000003")
     resumed = train(out, *common, "--train.max_steps", "6", "--train.resume", "auto")
     assert [m["step"] for m in resumed] == [4, 5, 6]
-    for ms, mr in zip(straight[3:], resumed):
+    for ms, mr in paired(straight[3:], resumed):
         for key in ("loss", "lr", "rewards/margins", "logps/chosen", "grad_norm", "epoch"):
             assert ms[key] == mr[key], (key, ms[key], mr[key])
 
@@ -108,9 +115,12 @@ def test_cached_reference_equals_live_reference(tmp_path):
     common = ("--train.max_steps", "3", "--train.learning_rate", "1e-3")
     cached = train(tmp_path / "cached", *common, "--train.reference", "cached")
     live = train(tmp_path / "live", *common, "--train.reference", "live")
-    for mc, ml in zip(cached, live):
-        for key in ("loss", "logps/ref_chosen", "logps/ref_rejected", "rewards/margins"):
+    for mc, ml in paired(cached, live):
+        for key in ("loss", "logps/ref_chosen", "logps/ref_rejected"):
             assert mc[key] == pytest.approx(ml[key], rel=1e-5, abs=1e-6), key
+        # A margin is a difference of near-equal rewards: float noise of the summands (~1e-6 of log-probs
+        # of a few nats, times beta) is absolute, not relative to the margin.
+        assert mc["rewards/margins"] == pytest.approx(ml["rewards/margins"], abs=1e-5)
 
 
 def test_cache_with_wrong_fingerprint_is_refused(tmp_path):
@@ -142,6 +152,6 @@ def test_two_processes_match_one(tmp_path, stage):
         ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     single = train(tmp_path / "single", *common, "--train.micro_batch_size", "4")
     multi = _deepspeed(tmp_path / f"zero{stage}", 2, *common, "--train.micro_batch_size", "2", "--deepspeed.config", str(ds_config))
-    for ms, mm in zip(single, multi):
+    for ms, mm in paired(single, multi):
         for key in ("loss", "rewards/margins", "logps/chosen"):
             assert ms[key] == pytest.approx(mm[key], rel=1e-4, abs=1e-5), key

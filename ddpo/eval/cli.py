@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from ddpo.eval import mmhal, objhal, yesno
 from ddpo.eval.generation import GenerationConfig, generate_answers
 from ddpo.eval.judge import DEFAULT_BASE_URL, JudgeCache, JudgeClient, JudgeError
-from ddpo.jsonl import json_objects
+from data.jsonl import json_objects
 
 Rows = list[dict[str, Any]]
 
@@ -130,7 +130,7 @@ def _yesno_read_answers(load_questions: Callable[[argparse.Namespace], Rows]) ->
 # --- synthetic world --------------------------------------------------------------------------------
 def _synthetic_split(args: argparse.Namespace):
     """The `ddpo demo` test split of seed --seed (scenes, images, prompts): same images as the demo's."""
-    from ddpo.demo import DemoSettings, split  # noqa: PLC0415
+    from ddpo.lab.demo import DemoSettings, split  # noqa: PLC0415
 
     scenes, images, prompts, _ = split(DemoSettings(seed=args.seed), "test", args.num_images)
     return scenes, images, prompts

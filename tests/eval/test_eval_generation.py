@@ -132,7 +132,7 @@ def test_objhal_generate_assigns_the_eight_prompts(tmp_path, fake_models_build):
 def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
     """Scoring an answers file: the ground truth is regenerated from the demo's test split (seed 0)."""
     from data.synthetic.language import LanguageConfig, describe
-    from ddpo.demo import DemoSettings, split
+    from ddpo.lab.demo import DemoSettings, split
     import numpy as np
     import json
 

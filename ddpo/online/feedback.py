@@ -39,7 +39,7 @@ class Query:
 
 class FeedbackSource(Protocol):
     def score(self, query: Query, answers: Sequence[str]) -> list[float]:
-        """One score per answer; higher is better; pairs need a gap >= 1 (ddpo.pairs)."""
+        """One score per answer; higher is better; pairs need a gap >= 1 (ddpo.online.pairs)."""
         ...
 
 
@@ -136,7 +136,7 @@ class ModelYesNoLabeler:
         return out
 
     def _word_logps(self, images: Sequence[Image.Image], questions: Sequence[str], spellings) -> list[float]:
-        from ddpo.scoring import answer_token_logps
+        from ddpo.online.scoring import answer_token_logps
 
         per_spelling = []
         for word, n in spellings:

@@ -3,7 +3,7 @@
     candidates = sample_candidates(policy, images, prompts, n=16, template="llava_v1", seed=0)
     answers, rewards = best_of_n(policy, reference, images, prompts, candidates, beta=0.1, template="llava_v1")
 
-The reward is `ddpo.scoring.implicit_rewards` (the trained policy against its reference model), so a
+The reward is `ddpo.online.scoring.implicit_rewards` (the trained policy against its reference model), so a
 DPO-trained model serves as its own reward model (RLAIF-V's inference-time scaling).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from ddpo.scoring import implicit_rewards
+from ddpo.online.scoring import implicit_rewards
 
 
 def sample_candidates(model, images: Sequence[Image.Image], prompts: Sequence[str], n: int, template: str,

@@ -13,12 +13,12 @@ A grid spec (YAML; experiments/sweeps/ has the paper's ablations):
                                             # optional, default [results.json]); columns eval/<file stem>/<key>
     plot_metrics: [loss, rewards/accuracies] # what the plot shows (optional; default loss, accuracies + eval)
 
-    python experiments/sweep.py SPEC                                    run the points here, one after another
-    python experiments/sweep.py SPEC --launcher inline                  the same in this one process (small CPU runs)
-    python experiments/sweep.py SPEC --launcher deepspeed --hostfile H  one `deepspeed --hostfile H` job per point
-    python experiments/sweep.py SPEC --dry-run                          print the commands and run plans only
-    python experiments/sweep.py SPEC --aggregate-only                   rebuild the tables and the plot
-    python experiments/sweep.py SPEC --export-wandb sweep.yaml          the grid as a wandb sweep (`wandb sweep`)
+    python -m ddpo.sweep SPEC                                    run the points here, one after another
+    python -m ddpo.sweep SPEC --launcher inline                  the same in this one process (small CPU runs)
+    python -m ddpo.sweep SPEC --launcher deepspeed --hostfile H  one `deepspeed --hostfile H` job per point
+    python -m ddpo.sweep SPEC --dry-run                          print the commands and run plans only
+    python -m ddpo.sweep SPEC --aggregate-only                   rebuild the tables and the plot
+    python -m ddpo.sweep SPEC --export-wandb sweep.yaml          the grid as a wandb sweep (`wandb sweep`)
 
 Run it from the repository root (configs name files relative to it). Each point gets
 `<output_dir>/<name>/config.yaml`, its fully resolved config with `train.resume: auto`, so launching
@@ -94,7 +94,7 @@ class SweepSpec:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; a sweep spec has {', '.join(sorted(SPEC_KEYS))}")
         for key in ("base", "output_dir", "grid"):
             if key not in data:
-                raise ConfigError(f"{source}: '{key}' is required (see experiments/sweep.py for the format)")
+                raise ConfigError(f"{source}: '{key}' is required (see ddpo/sweep.py for the format)")
         grid = data["grid"]
         if not isinstance(grid, dict) or not grid:
             raise ConfigError(f"{source}: 'grid' must map config keys (section.field) to lists of values")
@@ -221,7 +221,7 @@ def describe_plan(point: Point, world_size: Optional[int]) -> str:
 
 
 def write_commands(path: Path, commands: list[list[str]]) -> None:
-    lines = ["#!/usr/bin/env bash", "# Written by experiments/sweep.py: one training job per grid point (each resumes itself).", "set -e"]
+    lines = ["#!/usr/bin/env bash", "# Written by ddpo/sweep.py: one training job per grid point (each resumes itself).", "set -e"]
     path.write_text("\n".join([*lines, *map(shlex.join, commands)]) + "\n", encoding="utf-8")
 
 
@@ -457,7 +457,7 @@ def wandb_sweep(spec: SweepSpec, spec_path: str) -> dict:
         "method": "grid",
         "metric": {"name": "loss", "goal": "minimize"},
         "parameters": parameters,
-        "command": ["${env}", "${interpreter}", "experiments/sweep.py", spec_path, "--wandb-point", "${args}"],
+        "command": ["${env}", "${interpreter}", "-m", "ddpo.sweep", spec_path, "--wandb-point", "${args}"],
     }
 
 

@@ -36,8 +36,8 @@ import torch
 
 from ddpo.progress import progress_bar
 
-logger = logging.getLogger("ddpo.demo")
-REPO = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("ddpo.lab.demo")
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ("sft", "sample", "annotate", "train", "eval")
 METRICS = ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words")
 
@@ -145,7 +145,7 @@ def generation_options(settings: DemoSettings, template: str) -> dict:
 def stage_sft(settings: DemoSettings, out: Path) -> Path:
     """Random-init model + supervised fine-tuning on noisy captions -> out/sft."""
     from data.synthetic.language import build_tokenizer
-    from ddpo.sft import SFTSettings, sft
+    from ddpo.lab.sft import SFTSettings, sft
     from models.build import build_model
 
     cfg = _train_config(settings)

@@ -3,7 +3,7 @@
 A policy trained with (dense) DPO defines a reward model for free: DPO's optimum satisfies
 r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + const(x), so comparing this quantity across answers to the
 same prompt ranks them by the reward the policy was trained to follow (RLAIF-V uses it for best-of-N
-selection at inference time; `ddpo.best_of_n`). Three variants over the answer tokens t:
+selection at inference time; `ddpo.online.best_of_n`). Three variants over the answer tokens t:
 
     sum      beta * sum_t (log pi_t - log pi_ref_t)              the sequence log-ratio (DPO's reward)
     mean     beta * mean_t (log pi_t - log pi_ref_t)             length-normalised (no bonus for length)
@@ -41,7 +41,7 @@ from data.images import DataError, decode_image
 from data.segments import token_weights
 from data.templates import TEMPLATES, encode_answer
 from ddpo.reference import answer_logps
-from ddpo.sft import collate, encode_examples
+from ddpo.lab.sft import collate, encode_examples
 
 
 VARIANTS = ("sum", "mean", "segment")
