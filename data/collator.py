@@ -1,16 +1,16 @@
-"""PreferenceRecord -> EncodedPair (token ids + per-answer-token weights) -> PairBatch (padded tensors).
+"""PreferenceRecord -> EncodedPair (token ids + which answer tokens were corrected) -> PairBatch (padded tensors).
 
-    encoder = PairEncoder(tokenizer, "vicuna_v0", model.image_placeholder, max_length=2048, gamma=5.0)
+    encoder = PairEncoder(tokenizer, "vicuna_v0", model.image_placeholder, max_length=2048)
     dataset = PairDataset(records, encoder)                  # encodes lazily, deterministically
     loader = DataLoader(dataset, batch_size=B, collate_fn=PairCollator(pad_id, "right", model.preprocess_images))
 
 Layout of a PairBatch (docs/ARCHITECTURE.md): rows 0..B-1 are `prompt + chosen`, rows B..2B-1
-`prompt + rejected` of the same pairs. Position t of `weights` / `ref_token_logps` belongs to the
+`prompt + rejected` of the same pairs. Position t of `corrected` / `ref_token_logps` belongs to the
 token at position t+1 (`labels[:, 1:]`), the token whose log-prob the logits at t give. The prompt
 ids are identical in both rows of a pair (tokenized once).
 
 Lengths: `len(prompt) + len(answer) <= max_length`. An answer that does not fit is cut from its end,
-weights and cached reference log-probs cut with it (counted in `PairEncoder.num_truncated` and
+its corrected mask and cached reference log-probs cut with it (counted in `PairEncoder.num_truncated` and
 logged); the prompt (with its image tokens) is never cut: if it leaves no room for an answer the
 pair is a `DataError`, or a counted skip in `PairDataset(skip_bad_rows=True)`.
 """
@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from data import segments as seg
 from data.images import DataError, as_pil
-from data.records import PairBatch, PreferenceRecord
+from data.records import IGNORE_INDEX, PairBatch, PreferenceRecord
 from data.templates import check_image_tokens, encode_answer, encode_answer_with_offsets, encode_prompt, image_token_ids
 
 logger = logging.getLogger(__name__)
@@ -37,13 +37,13 @@ SEGMENT_MODES = ("token_diff", "word_diff", "spans", "none")
 
 @dataclass
 class EncodedPair:
-    """One pair as token ids; weights and reference log-probs have one value per answer token."""
+    """One pair as token ids; the corrected masks and reference log-probs have one value per answer token."""
 
     prompt_ids: list[int]  # BOS + system + user turn with image tokens + assistant prefix
     chosen_ids: list[int]  # labelled answer tokens, end marker included
     rejected_ids: list[int]
-    chosen_weights: list[float]  # len(chosen_ids): 1 unchanged, gamma corrected
-    rejected_weights: list[float]
+    chosen_corrected: list[bool]  # len(chosen_ids): True on tokens of corrected segments
+    rejected_corrected: list[bool]
     images: list[Image.Image]
     row_index: int
     ref_chosen_logps: Optional[list[float]] = None  # len(chosen_ids) when cached
@@ -52,7 +52,7 @@ class EncodedPair:
 
 
 class PairEncoder:
-    """Tokenizes a record with a conversation template and computes its segment weights."""
+    """Tokenizes a record with a conversation template and finds its corrected tokens (data.segments)."""
 
     def __init__(
         self,
@@ -60,7 +60,6 @@ class PairEncoder:
         template: str,
         image_placeholder: str,
         max_length: int,
-        gamma: float,
         segments: SegmentsMode = "token_diff",
         min_match: int = 3,
         include_insertions: bool = False,
@@ -68,16 +67,16 @@ class PairEncoder:
         if segments not in SEGMENT_MODES:
             raise ValueError(f"segments must be one of {', '.join(SEGMENT_MODES)}, got '{segments}'")
         self.tokenizer, self.template, self.image_placeholder = tokenizer, template, image_placeholder
-        self.max_length, self.gamma, self.segments = max_length, gamma, segments
+        self.max_length, self.segments = max_length, segments
         self.min_match, self.include_insertions = min_match, include_insertions
         self.placeholder_ids = image_token_ids(tokenizer, image_placeholder)
         self.num_truncated = 0  # pairs whose answers were cut, in this process
 
     @classmethod
-    def from_config(cls, cfg: Any, tokenizer: PreTrainedTokenizerBase, image_placeholder: str) -> "PairEncoder":
-        """From a `ddpo.config.Config` (its `data` section and `loss.gamma`)."""
-        d = cfg.data
-        return cls(tokenizer, d.template, image_placeholder, d.max_length, cfg.loss.gamma, d.segments, d.min_match, d.include_insertions)
+    def from_config(cls, data_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_placeholder: str) -> "PairEncoder":
+        """From the `data` config section (`ddpo.config.DataConfig`)."""
+        return cls(tokenizer, data_cfg.template, image_placeholder, data_cfg.max_length, data_cfg.segments,
+                   data_cfg.min_match, data_cfg.include_insertions)
 
     def encode_prompt(self, record: PreferenceRecord) -> list[int]:
         """Prompt ids, checked: the image tokens exactly once, and room left for at least one answer token."""
@@ -92,17 +91,17 @@ class PairEncoder:
             return encode_answer_with_offsets(self.template, self.tokenizer, text)
         return encode_answer(self.template, self.tokenizer, text), []
 
-    def _weights(self, record: PreferenceRecord, chosen: tuple, rejected: tuple) -> tuple[list[float], list[float]]:
+    def _corrections(self, record: PreferenceRecord, chosen: tuple, rejected: tuple) -> tuple[list[bool], list[bool]]:
         (chosen_ids, chosen_offsets), (rejected_ids, rejected_offsets) = chosen, rejected
         if self.segments == "token_diff":
-            return seg.token_weights(chosen_ids, rejected_ids, self.gamma, self.min_match, self.include_insertions)
+            return seg.token_corrections(chosen_ids, rejected_ids, self.min_match, self.include_insertions)
         if self.segments == "word_diff":
-            return seg.word_diff_weights(record.chosen, record.rejected, chosen_offsets, rejected_offsets, self.gamma, self.min_match, self.include_insertions)
+            return seg.word_diff_corrections(record.chosen, record.rejected, chosen_offsets, rejected_offsets, self.min_match, self.include_insertions)
         if self.segments == "spans":
             if record.chosen_spans is None or record.rejected_spans is None:
                 raise DataError(f"{record.where()}, fields 'chosen_spans'/'rejected_spans': data.segments is 'spans' but the row has no span annotations; add them or use data.segments token_diff")
-            return seg.span_weights(chosen_offsets, record.chosen_spans, self.gamma), seg.span_weights(rejected_offsets, record.rejected_spans, self.gamma)
-        return [1.0] * len(chosen_ids), [1.0] * len(rejected_ids)
+            return seg.span_corrections(chosen_offsets, record.chosen_spans), seg.span_corrections(rejected_offsets, record.rejected_spans)
+        return [False] * len(chosen_ids), [False] * len(rejected_ids)
 
     def _check_ref(self, record: PreferenceRecord, logps: Optional[list[float]], ids: list[int], field: str) -> None:
         if logps is not None and len(logps) != len(ids):
@@ -113,7 +112,7 @@ class PairEncoder:
             raise DataError(f"{record.where()}, field 'images': {len(record.images)} images; a pair needs exactly one")
         prompt_ids = self.encode_prompt(record)
         chosen, rejected = self._answer(record.chosen), self._answer(record.rejected)
-        chosen_weights, rejected_weights = self._weights(record, chosen, rejected)  # on full answers
+        chosen_corrected, rejected_corrected = self._corrections(record, chosen, rejected)  # on full answers
         chosen_ids, rejected_ids = chosen[0], rejected[0]
         self._check_ref(record, record.ref_chosen_logps, chosen_ids, "ref_chosen_logps")
         self._check_ref(record, record.ref_rejected_logps, rejected_ids, "ref_rejected_logps")
@@ -127,7 +126,7 @@ class PairEncoder:
         return EncodedPair(
             prompt_ids=prompt_ids,
             chosen_ids=keep(chosen_ids), rejected_ids=keep(rejected_ids),
-            chosen_weights=keep(chosen_weights), rejected_weights=keep(rejected_weights),
+            chosen_corrected=keep(chosen_corrected), rejected_corrected=keep(rejected_corrected),
             images=list(record.images), row_index=record.row_index,
             ref_chosen_logps=keep(record.ref_chosen_logps), ref_rejected_logps=keep(record.ref_rejected_logps),
             truncated_tokens=cut,
@@ -181,17 +180,17 @@ class PairCollator:
         has_ref = [p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs]
         if any(has_ref) and not all(has_ref):
             raise ValueError(f"rows {[p.row_index for p, h in zip(pairs, has_ref) if not h]} have no cached reference log-probs while others do; recompute the cache")
-        # (prompt, answer, weights, ref) per row: chosen rows first, then rejected rows.
-        rows = [(p.prompt_ids, p.chosen_ids, p.chosen_weights, p.ref_chosen_logps) for p in pairs]
-        rows += [(p.prompt_ids, p.rejected_ids, p.rejected_weights, p.ref_rejected_logps) for p in pairs]
+        # (prompt, answer, corrected, ref) per row: chosen rows first, then rejected rows.
+        rows = [(p.prompt_ids, p.chosen_ids, p.chosen_corrected, p.ref_chosen_logps) for p in pairs]
+        rows += [(p.prompt_ids, p.rejected_ids, p.rejected_corrected, p.ref_rejected_logps) for p in pairs]
         T = max(len(prompt) + len(answer) for prompt, answer, _, _ in rows)
         n = len(rows)
         input_ids = torch.full((n, T), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, T), dtype=torch.long)
-        labels = torch.full((n, T), -100, dtype=torch.long)
-        weights = torch.zeros((n, T - 1), dtype=torch.float32)
+        labels = torch.full((n, T), IGNORE_INDEX, dtype=torch.long)
+        corrected = torch.zeros((n, T - 1), dtype=torch.bool)
         ref = torch.zeros((n, T - 1), dtype=torch.float32) if all(has_ref) else None
-        for r, (prompt, answer, w, ref_logps) in enumerate(rows):
+        for r, (prompt, answer, marked, ref_logps) in enumerate(rows):
             assert prompt, "a prompt holds at least the image tokens"
             length = len(prompt) + len(answer)
             start = 0 if self.padding_side == "right" else T - length
@@ -199,7 +198,7 @@ class PairCollator:
             input_ids[r, start:a1] = torch.tensor(prompt + answer, dtype=torch.long)
             attention_mask[r, start:a1] = 1
             labels[r, a0:a1] = torch.tensor(answer, dtype=torch.long)
-            weights[r, a0 - 1:a1 - 1] = torch.tensor(w, dtype=torch.float32)  # logits at t predict token t+1
+            corrected[r, a0 - 1:a1 - 1] = torch.tensor(marked, dtype=torch.bool)  # logits at t predict token t+1
             if ref is not None:
                 ref[r, a0 - 1:a1 - 1] = torch.tensor(ref_logps, dtype=torch.float32)
         pixel_values = None
@@ -207,5 +206,29 @@ class PairCollator:
             pixel_values = torch.as_tensor(self.image_transform([as_pil(p.images[0]) for p in pairs]))
         return PairBatch(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-            weights=weights, ref_token_logps=ref, row_indices=[p.row_index for p in pairs],
+            corrected=corrected, ref_token_logps=ref, row_indices=[p.row_index for p in pairs],
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Single sequences (SFT, scoring): one (image, prompt, answer) per row, no pairs
+# ----------------------------------------------------------------------------------------------
+def encode_sequences(tokenizer: PreTrainedTokenizerBase, template: str, image_placeholder: str, prompts: Sequence[str],
+                     answers: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per example; the answer ids (end marker included) are the labelled tokens."""
+    return [(encode_prompt(template, tokenizer, p, image_placeholder), encode_answer(template, tokenizer, a))
+            for p, a in zip(prompts, answers)]
+
+
+def collate_sequences(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX outside answers), each [B, T]."""
+    length = max(len(p) + len(a) for p, a in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for row, (p, a) in enumerate(encoded):
+        n = len(p) + len(a)
+        ids[row, :n] = torch.tensor(p + a)
+        mask[row, :n] = 1
+        labels[row, len(p):n] = torch.tensor(a)
+    return ids, mask, labels

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from PIL import Image
 
+IGNORE_INDEX = -100  # the label of a token that is not scored (prompt, image tokens, padding)
+
 
 @dataclass
 class PreferenceRecord:
@@ -38,24 +40,31 @@ class PreferenceRecord:
 class PairBatch:
     """B preference pairs, collated. Chosen sequences are rows 0..B-1, rejected rows B..2B-1.
 
-    `weights` and `ref_token_logps` are aligned with `labels[:, 1:]` (the next-token log-probs):
-    0 outside the answer, 1 for an unchanged answer token, gamma for a corrected one.
+    `corrected` and `ref_token_logps` are aligned with `labels[:, 1:]` (the next-token log-probs):
+    `corrected` is True on answer tokens inside corrected segments (False elsewhere, prompt and padding
+    included); `answer_mask` (labels[:, 1:] != -100) marks the answer tokens. The loss turns the two
+    into weights with `loss.gamma` (ddpo/loss.py): the data carries no gamma.
     """
 
     pixel_values: Optional[torch.Tensor]  # [B, C, H, W], each pair's image once
     input_ids: torch.Tensor  # [2B, T] long
     attention_mask: torch.Tensor  # [2B, T] long
-    labels: torch.Tensor  # [2B, T] long, -100 outside answers
-    weights: torch.Tensor  # [2B, T-1] float
+    labels: torch.Tensor  # [2B, T] long, IGNORE_INDEX (-100) outside answers
+    corrected: torch.Tensor  # [2B, T-1] bool
     ref_token_logps: Optional[torch.Tensor] = None  # [2B, T-1] float
     row_indices: list[int] = field(default_factory=list)  # [B]
+
+    @property
+    def answer_mask(self) -> torch.Tensor:
+        """[2B, T-1] bool: the answer tokens, aligned with the next-token log-probs."""
+        return self.labels[:, 1:] != IGNORE_INDEX
 
     @property
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "PairBatch":
-        """Move tensors to `device`; `dtype` applies to pixel values only (ids and weights keep theirs)."""
+        """Move tensors to `device`; `dtype` applies to pixel values only (ids and masks keep theirs)."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -1,20 +1,21 @@
-"""Corrected segments of a preference pair -> per-token weights (1 unchanged, gamma corrected).
+"""Corrected segments of a preference pair -> which answer tokens were corrected (a bool per token).
 
 RLHF-V annotators corrected only the hallucinated parts of a model's answer; DDPO up-weights exactly
-those tokens. The dataset stores no segment annotations, so they are recovered by diffing the answers.
+those tokens (by `loss.gamma`, in ddpo/loss.py: the data carries no gamma, so changing it needs no
+re-encoding). The dataset stores no segment annotations, so they are recovered by diffing the answers.
 
-`token_weights` is the RLHF-V algorithm on the response token ids:
+`token_corrections` is the RLHF-V algorithm on the response token ids:
   1. `difflib.SequenceMatcher(None, rejected, chosen, autojunk=False).get_matching_blocks()`;
   2. blocks shorter than `min_match` tokens are dropped (a coincidental short match inside an edit,
      such as a shared "the", is absorbed into the edit);
   3. the kept blocks cut both sequences into aligned gaps: gap k of rejected pairs with gap k of chosen;
-  4. a gap pair non-empty on both sides is a replacement, a corrected segment: its tokens weigh gamma
-     in the chosen AND the rejected answer; every other token weighs 1. With
-     `include_insertions=True` gaps present on one side only (pure insertions / deletions) weigh gamma
+  4. a gap pair non-empty on both sides is a replacement, a corrected segment: its tokens are marked
+     corrected in the chosen AND the rejected answer; every other token is unchanged. With
+     `include_insertions=True` gaps present on one side only (pure insertions / deletions) are marked
      too (RLHF-V does not do this).
 
 Where this differs from the original code (thunlp/Muffin `utils/diff_lib.py`, called from
-`DataCollatorForDPODataset`; see shared/reference/rlhfv.md §1.3):
+`DataCollatorForDPODataset`; see docs/PAPER_FACTS.md, "Segment weights"):
   - The original diffed the whole sequences minus BOS: system prompt + image tokens + question +
     answer (+ right padding when a device batch held several pairs). We diff the answer tokens only
     (including the template's end marker). Prompt tokens get weight 0 through the label mask anyway,
@@ -27,12 +28,12 @@ Where this differs from the original code (thunlp/Muffin `utils/diff_lib.py`, ca
     image tokens in the diffed sequence, image ids and common text ids were popular, so the segments
     depended on the sequence length. We pass `autojunk=False`: the plain longest-match diff of the
     two answers.
-  - Sequences that are identical get all-ones weights explicitly (no signal to up-weight), even when
-    shorter than `min_match` (where the algorithm alone would call the whole answer a replacement).
+  - Identical sequences have no corrected token (no signal to up-weight), even when shorter than
+    `min_match` (where the algorithm alone would call the whole answer a replacement).
 
-`span_weights` maps explicit character-span annotations to tokens via the tokenizer's offsets, and
-`word_diff_weights` runs the same gap algorithm on words instead of token ids (an ablation that
-makes the segments independent of the tokenizer), then maps the corrected words to tokens.
+`span_corrections` maps explicit character-span annotations to tokens via the tokenizer's offsets, and
+`word_diff_corrections` runs the same gap algorithm on words instead of token ids (an ablation that
+makes the segments independent of the tokenizer), then maps the corrected words to tokens as spans.
 """
 from __future__ import annotations
 
@@ -68,31 +69,25 @@ def corrected_positions(
     return rejected_marked, chosen_marked
 
 
-def token_weights(
+def token_corrections(
     chosen_ids: Sequence[int],
     rejected_ids: Sequence[int],
-    gamma: float,
     min_match: int = 3,
     include_insertions: bool = False,
-) -> tuple[list[float], list[float]]:
-    """RLHF-V segment weights of two answers' token ids: (chosen_weights, rejected_weights), same lengths
-    as the inputs; gamma on tokens of corrected segments, 1 elsewhere."""
+) -> tuple[list[bool], list[bool]]:
+    """RLHF-V segments of two answers' token ids: (chosen_corrected, rejected_corrected), same lengths as
+    the inputs; True on tokens of corrected segments."""
     rejected_marked, chosen_marked = corrected_positions(rejected_ids, chosen_ids, min_match, include_insertions)
-    chosen_weights = [gamma if i in chosen_marked else 1.0 for i in range(len(chosen_ids))]
-    rejected_weights = [gamma if i in rejected_marked else 1.0 for i in range(len(rejected_ids))]
-    return chosen_weights, rejected_weights
+    return [i in chosen_marked for i in range(len(chosen_ids))], [i in rejected_marked for i in range(len(rejected_ids))]
 
 
-def span_weights(offsets: Sequence[Span], spans: Sequence[Span], gamma: float) -> list[float]:
-    """Token weights from character spans: a token whose [start, end) offsets overlap any span weighs
-    gamma, others 1. Zero-width offsets (special tokens, an end marker outside the text) never overlap."""
+def span_corrections(offsets: Sequence[Span], spans: Sequence[Span]) -> list[bool]:
+    """Corrected tokens from character spans: a token whose [start, end) offsets overlap any span.
+    Zero-width offsets (special tokens, an end marker outside the text) never overlap."""
     for span in spans:
         if len(span) != 2 or not span[0] < span[1]:
             raise ValueError(f"character span {list(span)} must be [start, end] with start < end")
-    return [
-        gamma if any(start < span_end and span_start < end for span_start, span_end in spans) else 1.0
-        for start, end in offsets
-    ]
+    return [any(start < span_end and span_start < end for span_start, span_end in spans) for start, end in offsets]
 
 
 def words_with_spans(text: str) -> tuple[list[str], list[Span]]:
@@ -101,21 +96,25 @@ def words_with_spans(text: str) -> tuple[list[str], list[Span]]:
     return [m.group() for m in matches], [m.span() for m in matches]
 
 
-def word_diff_weights(
+def corrected_word_spans(chosen_text: str, rejected_text: str, min_match: int = 3,
+                         include_insertions: bool = False) -> tuple[list[Span], list[Span]]:
+    """The gap algorithm on words (min_match counted in words): character spans of the corrected words
+    of (chosen, rejected) -- the same form as explicit span annotations."""
+    chosen_words, chosen_spans = words_with_spans(chosen_text)
+    rejected_words, rejected_spans = words_with_spans(rejected_text)
+    rejected_marked, chosen_marked = corrected_positions(rejected_words, chosen_words, min_match, include_insertions)
+    return [chosen_spans[i] for i in sorted(chosen_marked)], [rejected_spans[i] for i in sorted(rejected_marked)]
+
+
+def word_diff_corrections(
     chosen_text: str,
     rejected_text: str,
     chosen_offsets: Sequence[Span],
     rejected_offsets: Sequence[Span],
-    gamma: float,
     min_match: int = 3,
     include_insertions: bool = False,
-) -> tuple[list[float], list[float]]:
-    """The gap algorithm on words (min_match counted in words), mapped to tokens through the token
-    offsets into each answer text: a token overlapping a corrected word weighs gamma."""
-    chosen_words, chosen_spans = words_with_spans(chosen_text)
-    rejected_words, rejected_spans = words_with_spans(rejected_text)
-    rejected_marked, chosen_marked = corrected_positions(rejected_words, chosen_words, min_match, include_insertions)
-    return (
-        span_weights(chosen_offsets, [chosen_spans[i] for i in sorted(chosen_marked)], gamma),
-        span_weights(rejected_offsets, [rejected_spans[i] for i in sorted(rejected_marked)], gamma),
-    )
+) -> tuple[list[bool], list[bool]]:
+    """Corrected tokens by a word diff: a token overlapping a corrected word (`corrected_word_spans`) is
+    corrected, exactly as if those words' spans had been annotated (`span_corrections`)."""
+    chosen_spans, rejected_spans = corrected_word_spans(chosen_text, rejected_text, min_match, include_insertions)
+    return span_corrections(chosen_offsets, chosen_spans), span_corrections(rejected_offsets, rejected_spans)

@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from ddpo.loss import check_settings as check_loss_settings
+
 
 class ConfigError(ValueError):
     """A config key, value or combination is invalid; the message names the key and the fix."""
@@ -141,12 +143,11 @@ class Config:
     def validate(self) -> "Config":
         """Cross-field checks; each message names the key(s) and the fix."""
         m, d, l, t, ds = self.model, self.data, self.loss, self.train, self.deepspeed
+        try:  # the loss section's checks live with the loss (one home)
+            check_loss_settings(l.beta, l.gamma, l.normalize, l.loss_type, l.label_smoothing, l.sft_weight)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         checks = [
-            (l.beta > 0, "loss.beta must be > 0"),
-            (l.gamma >= 1, "loss.gamma must be >= 1 (1 = vanilla DPO; corrected tokens weigh gamma)"),
-            (0 <= l.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)"),
-            (l.label_smoothing == 0 or l.loss_type == "sigmoid", "loss.label_smoothing is only defined for loss.loss_type 'sigmoid'"),
-            (l.sft_weight >= 0, "loss.sft_weight must be >= 0"),
             (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
             (t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0"),

@@ -7,9 +7,13 @@ human-corrected segments weigh gamma > 1 and unchanged tokens weigh 1:
     N = |unchanged| + gamma * |corrected|.
 
 The released RLHF-V code drops the 1/N (a weighted sum). Both are `weighted_logps(..., normalize)`.
-The weights arrive precomputed from the collator (0 outside the answer, 1, or gamma), so gamma itself
-never appears in this file. Reference sequence log-probs are rebuilt from per-token reference log-probs
-with the same weights and normalisation, as RLHF-V does.
+The data says which answer tokens were corrected (a bool mask from the segment finder, data/segments.py);
+`DDPOLoss` turns it into weights with `loss.gamma` (`token_weights`), so changing gamma needs no
+re-encoding and no new reference cache. Reference sequence log-probs are rebuilt from per-token
+reference log-probs with the same weights and normalisation, as RLHF-V does.
+
+Settings are checked once, where they are set (`check_settings`: by the config at start-up and by
+`DDPOLoss.__init__`); the per-batch functions check only the tensors they are given.
 """
 from __future__ import annotations
 
@@ -62,15 +66,32 @@ def weighted_logps(token_logps: Tensor, weights: Tensor, normalize: str) -> Tens
     return total / norm
 
 
-def _check_settings(beta: float, loss_type: str, label_smoothing: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing > 0 and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing is only defined for loss_type 'sigmoid', got {loss_type!r}")
+def check_settings(beta: float = 0.5, gamma: float = 5.0, normalize: str = "mean", loss_type: str = "sigmoid",
+                   label_smoothing: float = 0.0, sft_weight: float = 0.0) -> None:
+    """The one check of the loss settings (the `loss:` config section); messages name the config key."""
+    checks = [
+        (beta > 0, f"loss.beta must be > 0, got {beta}"),
+        (gamma >= 1, f"loss.gamma must be >= 1 (1 = vanilla DPO; corrected tokens weigh gamma), got {gamma}"),
+        (normalize in NORMALIZATIONS, f"loss.normalize must be one of {NORMALIZATIONS}, got {normalize!r}"),
+        (loss_type in LOSS_TYPES, f"loss.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}"),
+        (0 <= label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {label_smoothing}"),
+        (label_smoothing == 0 or loss_type == "sigmoid",
+         f"loss.label_smoothing is only defined for loss.loss_type 'sigmoid', got {loss_type!r}"),
+        (sft_weight >= 0, f"loss.sft_weight must be >= 0, got {sft_weight}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def token_weights(answer_mask: Tensor, corrected_mask: Tensor, gamma: float) -> Tensor:
+    """DDPO token weights [..., T] float32 from bool masks [..., T]: 0 outside the answer, gamma on
+    corrected answer tokens, 1 on the others."""
+    if answer_mask.shape != corrected_mask.shape:
+        raise ValueError(f"token_weights: answer and corrected masks differ in shape: "
+                         f"{tuple(answer_mask.shape)} vs {tuple(corrected_mask.shape)}")
+    ones = torch.ones(answer_mask.shape, dtype=torch.float32, device=answer_mask.device)
+    return torch.where(answer_mask, torch.where(corrected_mask, gamma * ones, ones), torch.zeros_like(ones))
 
 
 def dpo_loss(
@@ -91,9 +112,9 @@ def dpo_loss(
       ipo:     (h - 1 / (2 beta))^2
       hinge:   max(0, 1 - beta h)
     Rewards are beta * (policy - ref), detached, with ref taken as 0 when reference_free, so that
-    "chosen reward > rejected reward" means the same thing the loss optimises.
+    "chosen reward > rejected reward" means the same thing the loss optimises. The settings are
+    checked once by `check_settings` (config load, `DDPOLoss`), not on every call.
     """
-    _check_settings(beta, loss_type, label_smoothing)
     if reference_free:
         ref_chosen = torch.zeros_like(policy_chosen) if ref_chosen is None else torch.zeros_like(ref_chosen)
         ref_rejected = torch.zeros_like(policy_rejected) if ref_rejected is None else torch.zeros_like(ref_rejected)
@@ -111,24 +132,28 @@ def dpo_loss(
             losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
-    else:  # hinge
+    elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"dpo_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
 
 
 class DDPOLoss(nn.Module):
-    """Token log-probs + weights of a batch of pairs -> (scalar loss, metrics), torchtune style.
+    """Token log-probs + answer/corrected masks of a batch of pairs -> (scalar loss, metrics), torchtune style.
 
-    loss = mean over pairs of dpo_loss + sft_weight * (mean negative log-prob of all chosen answer
-    tokens in the batch, unweighted). Metrics are detached 0-d tensors (batch means) so that a
-    trainer can all-reduce them before logging.
+    weights = 0 outside the answer, gamma on corrected tokens, 1 elsewhere (`token_weights`);
+    loss = mean over pairs of dpo_loss on the weighted sequence log-probs + sft_weight * (mean negative
+    log-prob of all chosen answer tokens in the batch, unweighted). Metrics are detached 0-d tensors
+    (batch means) so that a trainer can all-reduce them before logging.
     """
 
     def __init__(
         self,
         beta: float = 0.5,
+        gamma: float = 5.0,
         normalize: str = "mean",
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
@@ -136,19 +161,16 @@ class DDPOLoss(nn.Module):
         sft_weight: float = 0.0,
     ):
         super().__init__()
-        _check_settings(beta, loss_type, label_smoothing)
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        if not sft_weight >= 0:
-            raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
-        self.beta, self.normalize, self.loss_type = beta, normalize, loss_type
+        check_settings(beta, gamma, normalize, loss_type, label_smoothing, sft_weight)
+        self.beta, self.gamma, self.normalize, self.loss_type = beta, gamma, normalize, loss_type
         self.label_smoothing, self.reference_free, self.sft_weight = label_smoothing, reference_free, sft_weight
 
     @classmethod
     def from_config(cls, loss_cfg: Any) -> "DDPOLoss":
-        """From a `ddpo.config.LossConfig` (or anything with the same attributes); gamma lives in the weights."""
+        """From a `ddpo.config.LossConfig` (or anything with the same attributes)."""
         return cls(
             beta=loss_cfg.beta,
+            gamma=loss_cfg.gamma,
             normalize=loss_cfg.normalize,
             loss_type=loss_cfg.loss_type,
             label_smoothing=loss_cfg.label_smoothing,
@@ -157,19 +179,24 @@ class DDPOLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, normalize={self.normalize!r}, loss_type={self.loss_type!r}, "
+        return (f"beta={self.beta}, gamma={self.gamma}, normalize={self.normalize!r}, loss_type={self.loss_type!r}, "
                 f"label_smoothing={self.label_smoothing}, reference_free={self.reference_free}, sft_weight={self.sft_weight}")
 
     def forward(
         self,
         policy_chosen_token_logps: Tensor,
         policy_rejected_token_logps: Tensor,
-        chosen_weights: Tensor,
-        rejected_weights: Tensor,
         ref_chosen_token_logps: Optional[Tensor],
         ref_rejected_token_logps: Optional[Tensor],
+        answer_mask: Tensor,
+        corrected_mask: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """All inputs [B, T] (aligned with labels[:, 1:]); reference ones may be None when reference_free."""
+        """Token log-probs [B, T] (aligned with labels[:, 1:]; reference ones may be None when
+        reference_free); masks [2B, T] bool in `PairBatch` row order (chosen rows, then rejected rows):
+        `answer_mask` the answer tokens, `corrected_mask` those inside corrected segments."""
+        b = policy_chosen_token_logps.shape[0]
+        weights = token_weights(answer_mask, corrected_mask, self.gamma)
+        chosen_weights, rejected_weights = weights[:b], weights[b:]
         policy_chosen = weighted_logps(policy_chosen_token_logps, chosen_weights, self.normalize)
         policy_rejected = weighted_logps(policy_rejected_token_logps, rejected_weights, self.normalize)
         if ref_chosen_token_logps is None or ref_rejected_token_logps is None:
@@ -185,7 +212,7 @@ class DDPOLoss(nn.Module):
         )
         loss = losses.mean()
         if self.sft_weight > 0:
-            answer = chosen_weights > 0
+            answer = answer_mask[:b]
             nll = -torch.where(answer, policy_chosen_token_logps, torch.zeros_like(policy_chosen_token_logps)).sum()
             loss = loss + self.sft_weight * nll / answer.sum().clamp(min=1)
 

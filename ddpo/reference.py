@@ -102,10 +102,9 @@ def fingerprint(model, records, cfg) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # Computing and storing
 # ----------------------------------------------------------------------------------------------
-def answer_logps(token_logps: torch.Tensor, labels: torch.Tensor) -> list[list[float]]:
-    """Per-row log-probs at answer positions only ([N, T-1] + [N, T] labels -> N lists)."""
-    mask = labels[:, 1:] != -100
-    return [row[m].float().tolist() for row, m in zip(token_logps, mask)]
+def answer_logps(token_logps: torch.Tensor, answer_mask: torch.Tensor) -> list[list[float]]:
+    """Per-row log-probs at answer positions only ([N, T-1] + [N, T-1] bool answer mask -> N lists)."""
+    return [row[m].float().tolist() for row, m in zip(token_logps, answer_mask)]
 
 
 @torch.no_grad()
@@ -120,8 +119,8 @@ def compute_answer_logps(model, dataset, collate, micro_batch_size: int, indices
         batch = collate([dataset[i] for i in batch_indices]).to(device)
         chosen, rejected = model(batch)
         b = batch.num_pairs
-        chosen_lists = answer_logps(chosen, batch.labels[:b])
-        rejected_lists = answer_logps(rejected, batch.labels[b:])
+        chosen_lists = answer_logps(chosen, batch.answer_mask[:b])
+        rejected_lists = answer_logps(rejected, batch.answer_mask[b:])
         for row, c, r in zip(batch.row_indices, chosen_lists, rejected_lists):
             out[row] = (c, r)
     model.train(was_training)

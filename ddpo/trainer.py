@@ -7,7 +7,7 @@ One optimizer step, top to bottom (see `train`):
     for each of `gradient_accumulation_steps` micro-batches:
         chosen, rejected = policy per-token log-probs            [B, T-1] each, image encoded once per pair
         ref_chosen, ref_rejected = cached (or live) reference    [B, T-1] each
-        loss = DDPO(weighted_logps(...))                          corrected tokens weigh gamma
+        loss = DDPOLoss(...)                                      weights from the corrected mask and loss.gamma
         engine.backward(loss)                                     DeepSpeed scales by 1/accumulation
     engine.step()                                                 clip, AdamW, LR schedule
 """
@@ -145,16 +145,7 @@ class Trainer:
         if self.bf16:
             model = model.to(torch.bfloat16)
         self.model = model.to(self.device)
-        self.encoder = PairEncoder(
-            tokenizer=model.tokenizer,
-            template=cfg.data.template,
-            image_placeholder=model.image_placeholder,
-            max_length=cfg.data.max_length,
-            gamma=cfg.loss.gamma,
-            segments=cfg.data.segments,
-            min_match=cfg.data.min_match,
-            include_insertions=cfg.data.include_insertions,
-        )
+        self.encoder = PairEncoder.from_config(cfg.data, model.tokenizer, model.image_placeholder)
         self.dataset = PairDataset(self.records, self.encoder, skip_bad_rows=cfg.data.skip_bad_rows)
         self.collate = PairCollator(
             pad_token_id=model.tokenizer.pad_token_id,
@@ -320,9 +311,7 @@ class Trainer:
             ref_chosen, ref_rejected = batch.ref_token_logps[:b], batch.ref_token_logps[b:]
         else:  # loss.reference_free
             ref_chosen = ref_rejected = None
-        loss, metrics = self.loss_fn(
-            chosen_logps, rejected_logps, batch.weights[:b], batch.weights[b:], ref_chosen, ref_rejected
-        )
+        loss, metrics = self.loss_fn(chosen_logps, rejected_logps, ref_chosen, ref_rejected, batch.answer_mask, batch.corrected)
         finite = torch.tensor([float(torch.isfinite(loss))], device=loss.device)
         if dist.world_size() > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)

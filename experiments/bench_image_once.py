@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from data.records import PairBatch
+from data.records import IGNORE_INDEX, PairBatch
 from data.tokenizer import build_word_tokenizer
 from ddpo.config import ModelConfig
 from models.build import build_model
@@ -44,14 +44,14 @@ def setup(seed: int = 0):
     T = max(len(p) + len(a) for p, a in rows)
     ids = torch.full((2 * PAIRS, T), tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     for r, (p, a) in enumerate(rows):
         ids[r, :len(p) + len(a)] = torch.tensor(p + a)
         mask[r, :len(p) + len(a)] = 1
         labels[r, len(p):len(p) + len(a)] = torch.tensor(a)
     pixels = torch.randn(PAIRS, 3, 64, 64, generator=g)
     batch = PairBatch(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels,
-                      weights=(labels[:, 1:] != -100).float())
+                      corrected=torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool))
     return model, batch
 
 

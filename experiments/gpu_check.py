@@ -100,7 +100,7 @@ def build_model(size: Size, tokenizer):
 
 def random_batch(model, pairs: int, prompt_len: int, answer_len: int, vocab: int, seed: int):
     """`pairs` pairs of [BOS, prompt words, image tokens, prompt words | answer]; chosen/rejected answers differ."""
-    from data.records import PairBatch
+    from data.records import IGNORE_INDEX, PairBatch
 
     g = torch.Generator().manual_seed(seed)
     tok = model.tokenizer
@@ -118,11 +118,11 @@ def random_batch(model, pairs: int, prompt_len: int, answer_len: int, vocab: int
     T = len(rows[0][0]) + answer_len
     input_ids = torch.tensor([p + a for p, a in rows])
     labels = input_ids.clone()
-    labels[:, : len(rows[0][0])] = -100
+    labels[:, : len(rows[0][0])] = IGNORE_INDEX
     size = model.image_transform.size
     return PairBatch(pixel_values=torch.randn(pairs, 3, size, size, generator=g), input_ids=input_ids,
                      attention_mask=torch.ones(2 * pairs, T, dtype=torch.long), labels=labels,
-                     weights=(labels[:, 1:] != -100).float(), ref_token_logps=torch.zeros(2 * pairs, T - 1),
+                     corrected=torch.zeros(2 * pairs, T - 1, dtype=torch.bool), ref_token_logps=torch.zeros(2 * pairs, T - 1),
                      row_indices=list(range(pairs)))
 
 
@@ -154,8 +154,8 @@ def run_stage(stage: int, args, size: Size, tokenizer) -> dict:
         started = time.perf_counter()
         chosen, rejected = engine(batch)
         b = batch.num_pairs
-        loss, _ = loss_fn(chosen.float(), rejected.float(), batch.weights[:b], batch.weights[b:],
-                          batch.ref_token_logps[:b], batch.ref_token_logps[b:])
+        loss, _ = loss_fn(chosen.float(), rejected.float(), batch.ref_token_logps[:b], batch.ref_token_logps[b:],
+                          batch.answer_mask, batch.corrected)
         engine.backward(loss)
         engine.step()
         if cuda:

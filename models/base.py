@@ -28,11 +28,11 @@ from PIL import Image
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from data.records import PairBatch
+from data.records import IGNORE_INDEX, PairBatch
 from models.logps import chunked_token_logps
 from models.shared_prompt import shared_prompt_layout
 
-IGNORE_INDEX = -100
+
 DDPO_MODEL_FILE = "ddpo_model.json"
 
 

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from data.records import IGNORE_INDEX
+
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
     """float32 for half/bfloat16/float32 inputs, float64 for float64 (so float64 tests stay exact)."""
@@ -152,7 +154,7 @@ class _TokenLogps(torch.autograd.Function):
         return grad_flat.view(batch, length, vocab), None, None
 
 
-def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Log-prob of each next token: logits [B, T, V] (any float dtype), labels [B, T] -> [B, T-1] float32
     (float64 for float64 logits).
 
@@ -255,7 +257,7 @@ def chunked_token_logps(
     hidden: Tensor,
     lm_head_weight: Tensor,
     labels: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 256,
     lm_head_bias: Optional[Tensor] = None,
 ) -> Tensor:

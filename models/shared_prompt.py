@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from data.records import IGNORE_INDEX
+
 
 # Segment ids of packed positions.
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpo.loss import DDPOLoss, dpo_loss, weighted_logps
+from ddpo.loss import DDPOLoss, check_settings, dpo_loss, token_weights, weighted_logps
 
 
 def L(x: float) -> float:
@@ -107,15 +107,23 @@ def test_dpo_loss_rewards_are_detached():
     assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
 
 
+def test_settings_are_checked_in_one_place():
+    with pytest.raises(ValueError, match="loss.beta must be > 0, got 0"):
+        check_settings(beta=0)
+    with pytest.raises(ValueError, match="loss.gamma must be >= 1"):
+        check_settings(gamma=0.5)
+    with pytest.raises(ValueError, match=r"loss.loss_type must be one of \('sigmoid', 'ipo', 'hinge'\), got 'kto'"):
+        check_settings(loss_type="kto")
+    with pytest.raises(ValueError, match=r"loss.label_smoothing must be in \[0, 0.5\), got 0.5"):
+        check_settings(label_smoothing=0.5)
+    with pytest.raises(ValueError, match="only defined for loss.loss_type 'sigmoid'"):
+        check_settings(loss_type="ipo", label_smoothing=0.1)
+    check_settings()  # the defaults are valid
+
+
 def test_dpo_loss_errors():
-    with pytest.raises(ValueError, match="beta must be > 0, got 0"):
-        dpo_loss(PC, PR, RC, RR, beta=0)
-    with pytest.raises(ValueError, match=r"loss_type must be one of \('sigmoid', 'ipo', 'hinge'\), got 'kto'"):
+    with pytest.raises(ValueError, match=r"dpo_loss: loss_type must be one of \('sigmoid', 'ipo', 'hinge'\), got 'kto'"):
         dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="kto")
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\), got 0.5"):
-        dpo_loss(PC, PR, RC, RR, beta=0.1, label_smoothing=0.5)
-    with pytest.raises(ValueError, match="only defined for loss_type 'sigmoid'"):
-        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError, match=r"must all be \[B\]; got \[\(3,\), \(2,\), \(3,\), \(3,\)\]"):
         dpo_loss(PC, PR[:2], RC, RR, beta=0.1)
     with pytest.raises(ValueError, match="reference log-probs are None"):
@@ -123,10 +131,34 @@ def test_dpo_loss_errors():
 
 
 # ------------------------------------------------------------------------------------------------
+# token_weights: the masks -> weights step, where gamma enters
+# ------------------------------------------------------------------------------------------------
+def test_token_weights_by_hand():
+    answer = torch.tensor([[False, True, True, True, False], [True, True, False, False, False]])
+    corrected = torch.tensor([[True, True, False, True, False], [False, True, False, True, False]])
+    # corrected outside the answer (row 0 pos 0, row 1 pos 3) weighs 0: the answer mask decides
+    expected = torch.tensor([[0, 5, 1, 5, 0], [1, 5, 0, 0, 0]], dtype=torch.float32)
+    assert torch.equal(token_weights(answer, corrected, 5.0), expected)
+    assert token_weights(answer, corrected, 5.0).dtype == torch.float32
+    assert torch.equal(token_weights(answer, corrected, 1.0), answer.float())  # gamma 1: plain DPO weights
+    with pytest.raises(ValueError, match="masks differ in shape"):
+        token_weights(answer, corrected[:, :3], 5.0)
+
+
+# ------------------------------------------------------------------------------------------------
 # DDPOLoss
 # ------------------------------------------------------------------------------------------------
+G3 = 3.0  # gamma of two_pairs()
+
+
+def masks(wc, wr, gamma: float = G3):
+    """(answer_mask, corrected_mask) [2B, T] in PairBatch row order from weights written by hand
+    (0 outside the answer, 1 unchanged, gamma corrected)."""
+    return torch.cat([wc > 0, wr > 0]), torch.cat([wc == gamma, wr == gamma])
+
+
 def two_pairs():
-    """Token log-probs and weights (gamma = 3 on corrected tokens) for two pairs, T = 4.
+    """Token log-probs and weights (gamma = 3 on corrected tokens; `masks` gives the loss's inputs) for two pairs, T = 4.
 
     pair 0: chosen   [-1, -2, -3] w [1, 3, 1]: sum -10, N 5, mean -2
             rejected [-2, -4]     w [1, 3]:    sum -14, N 4, mean -3.5
@@ -148,7 +180,7 @@ def two_pairs():
 
 def test_ddpo_loss_mean_normalisation_by_hand():
     pc, pr, wc, wr, rc, rr = two_pairs()
-    loss, m = DDPOLoss(beta=1.0, normalize="mean")(pc, pr, wc, wr, rc, rr)
+    loss, m = DDPOLoss(beta=1.0, gamma=G3, normalize="mean")(pc, pr, rc, rr, *masks(wc, wr))
     # h0 = (-2 + 3.5) - (-1 + 2) = 0.5; h1 = (-0.5 + 1) - (0 + 4) = -3.5
     torch.testing.assert_close(loss, torch.tensor((L(0.5) + L(-3.5)) / 2, dtype=torch.float64))
     assert loss.item() == pytest.approx(2.0019137, abs=1e-7)
@@ -172,11 +204,11 @@ def test_ddpo_loss_mean_normalisation_by_hand():
 def test_ddpo_loss_sum_normalisation_and_sft_by_hand():
     pc, pr, wc, wr, rc, rr = two_pairs()
     # h0 = (-10 + 14) - (-5 + 8) = 1; h1 = (-1 + 3) - (0 + 12) = -10
-    loss, m = DDPOLoss(beta=1.0, normalize="sum")(pc, pr, wc, wr, rc, rr)
+    loss, m = DDPOLoss(beta=1.0, gamma=G3, normalize="sum")(pc, pr, rc, rr, *masks(wc, wr))
     assert loss.item() == pytest.approx((L(1) + L(-10)) / 2, abs=1e-12)
     assert m["rewards/margins"].item() == pytest.approx(((-10 + 5) - (-14 + 8) + (-1 - 0) - (-3 + 12)) / 2)
     # SFT: chosen answer tokens -1, -2, -3, -0.5, -0.5 (unweighted) -> mean NLL 7/5 = 1.4; x 0.5 = 0.7
-    with_sft, m_sft = DDPOLoss(beta=1.0, normalize="sum", sft_weight=0.5)(pc, pr, wc, wr, rc, rr)
+    with_sft, m_sft = DDPOLoss(beta=1.0, gamma=G3, normalize="sum", sft_weight=0.5)(pc, pr, rc, rr, *masks(wc, wr))
     assert with_sft.item() == pytest.approx(loss.item() + 0.7, abs=1e-12)
     assert m_sft["loss"].item() == pytest.approx(with_sft.item())
 
@@ -185,13 +217,14 @@ def test_gamma_one_with_sum_is_standard_dpo_on_summed_logps():
     g = torch.Generator().manual_seed(1)
     batch, steps = 5, 11
     lps = [-torch.rand(batch, steps, generator=g, dtype=torch.float64) * 4 for _ in range(4)]
-    masks = [(torch.rand(batch, steps, generator=g) > 0.4).double() for _ in range(2)]
-    for mask in masks:
+    answers = [(torch.rand(batch, steps, generator=g) > 0.4).double() for _ in range(2)]
+    for mask in answers:
         mask[:, 0] = 1  # every answer non-empty
     pc, pr, rc, rr = lps
-    loss, _ = DDPOLoss(beta=0.1, normalize="sum")(pc, pr, masks[0], masks[1], rc, rr)
+    corrected = torch.rand(2 * batch, steps, generator=g) > 0.5  # any mask: gamma 1 weighs every answer token 1
+    loss, _ = DDPOLoss(beta=0.1, gamma=1.0, normalize="sum")(pc, pr, rc, rr, torch.cat(answers).bool(), corrected)
     # standard DPO: sequence log-prob = plain sum over answer tokens
-    h = ((pc * masks[0]).sum(1) - (pr * masks[1]).sum(1)) - ((rc * masks[0]).sum(1) - (rr * masks[1]).sum(1))
+    h = ((pc * answers[0]).sum(1) - (pr * answers[1]).sum(1)) - ((rc * answers[0]).sum(1) - (rr * answers[1]).sum(1))
     torch.testing.assert_close(loss, torch.log1p(torch.exp(-0.1 * h)).mean())
 
 
@@ -224,7 +257,7 @@ def test_gradients_match_naive_formula(loss_type, eps, normalize):
     wc[:, -2:] = 0  # outside the answer
     wr[0, :3] = 0
     beta = 0.7
-    loss, _ = DDPOLoss(beta=beta, normalize=normalize, loss_type=loss_type, label_smoothing=eps)(pc, pr, wc, wr, rc, rr)
+    loss, _ = DDPOLoss(beta=beta, gamma=5.0, normalize=normalize, loss_type=loss_type, label_smoothing=eps)(pc, pr, rc, rr, *masks(wc, wr, 5.0))
     grads = torch.autograd.grad(loss, (pc, pr))
     ref = naive_ddpo(pc, pr, wc, wr, rc, rr, beta, normalize, loss_type, eps)
     ref_grads = torch.autograd.grad(ref, (pc, pr))
@@ -239,7 +272,7 @@ def test_sigmoid_gradient_in_closed_form():
     """d loss / d logp[i, t] (chosen) = -beta * sigma(-beta h_i) * w[i, t] / N_i / B under 'mean'."""
     pc, pr, wc, wr, rc, rr = two_pairs()
     pc = torch.nan_to_num(pc).requires_grad_()
-    loss, _ = DDPOLoss(beta=1.0, normalize="mean")(pc, pr, wc, wr, rc, rr)
+    loss, _ = DDPOLoss(beta=1.0, gamma=G3, normalize="mean")(pc, pr, rc, rr, *masks(wc, wr))
     (grad,) = torch.autograd.grad(loss, pc)
     h = t(0.5, -3.5)
     expected = -torch.sigmoid(-h)[:, None] * wc / wc.sum(1, keepdim=True) / 2
@@ -248,14 +281,14 @@ def test_sigmoid_gradient_in_closed_form():
 
 def test_reference_free_module_ignores_reference():
     pc, pr, wc, wr, rc, rr = two_pairs()
-    loss_none, m = DDPOLoss(beta=1.0, reference_free=True)(pc, pr, wc, wr, None, None)
-    loss_ref, _ = DDPOLoss(beta=1.0, reference_free=True)(pc, pr, wc, wr, rc, rr)
+    loss_none, m = DDPOLoss(beta=1.0, gamma=G3, reference_free=True)(pc, pr, None, None, *masks(wc, wr))
+    loss_ref, _ = DDPOLoss(beta=1.0, gamma=G3, reference_free=True)(pc, pr, rc, rr, *masks(wc, wr))
     # h = pi_c - pi_r = [-2 + 3.5, -0.5 + 1] = [1.5, 0.5]
     assert loss_none.item() == pytest.approx((L(1.5) + L(0.5)) / 2, abs=1e-12)
     assert loss_ref.item() == pytest.approx(loss_none.item(), abs=1e-12)
     assert m["rewards/chosen"].item() == pytest.approx((-2 - 0.5) / 2)
     with pytest.raises(ValueError, match="reference token log-probs are None"):
-        DDPOLoss(beta=1.0)(pc, pr, wc, wr, None, None)
+        DDPOLoss(beta=1.0)(pc, pr, None, None, *masks(wc, wr))
 
 
 def test_module_errors_and_config():
@@ -267,22 +300,24 @@ def test_module_errors_and_config():
         DDPOLoss(sft_weight=-1)
     with pytest.raises(ValueError, match="beta must be > 0"):
         DDPOLoss(beta=-0.1)
-    module = DDPOLoss.from_config(LossConfig(beta=0.1, gamma=5.0, normalize="sum", loss_type="ipo", sft_weight=0.2))
-    assert (module.beta, module.normalize, module.loss_type, module.sft_weight) == (0.1, "sum", "ipo", 0.2)
+    with pytest.raises(ValueError, match="gamma must be >= 1"):
+        DDPOLoss(gamma=0.5)
+    module = DDPOLoss.from_config(LossConfig(beta=0.1, gamma=2.5, normalize="sum", loss_type="ipo", sft_weight=0.2))
+    assert (module.beta, module.gamma, module.normalize, module.loss_type, module.sft_weight) == (0.1, 2.5, "sum", "ipo", 0.2)
     assert (module.label_smoothing, module.reference_free) == (0.0, False)
 
     pc, pr, wc, wr, rc, rr = two_pairs()
     pc[1, 1] = float("inf")
     with pytest.raises(ValueError, match=r"NaN/inf token log-probs inside the response \(weight > 0\) in rows \[1\]"):
-        DDPOLoss()(pc, pr, wc, wr, rc, rr)
-    with pytest.raises(ValueError, match=r"got \(2, 4\) and \(2, 3\)"):
-        DDPOLoss()(pr, pr, wc[:, :3], wr, rc, rr)
+        DDPOLoss(gamma=G3)(pc, pr, rc, rr, *masks(wc, wr))
+    with pytest.raises(ValueError, match=r"got \(2, 3\) and \(2, 4\)"):
+        DDPOLoss()(pr[:, :3], pr, rc, rr, *masks(wc, wr))
 
 
 def test_policy_equal_to_reference_gives_log2_and_no_accuracy():
     """At initialisation (policy == reference) h = 0: sigmoid loss = log 2, rewards 0, ties are not wins."""
     pc, pr, wc, wr, _, _ = two_pairs()
-    loss, m = DDPOLoss(beta=0.3)(pc, pr, wc, wr, pc.clone(), pr.clone())
+    loss, m = DDPOLoss(beta=0.3, gamma=G3)(pc, pr, pc.clone(), pr.clone(), *masks(wc, wr))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
     assert m["rewards/accuracies"].item() == 0.0
     assert m["rewards/chosen"].item() == m["rewards/rejected"].item() == m["rewards/margins"].item() == 0.0

@@ -123,6 +123,21 @@ def test_cached_reference_equals_live_reference(tmp_path):
         assert mc["rewards/margins"] == pytest.approx(ml["rewards/margins"], abs=1e-5)
 
 
+def test_changing_gamma_reuses_the_reference_cache(tmp_path):
+    """gamma acts in the loss on cached per-token log-probs: a cache made under one gamma serves another."""
+    cache = tmp_path / "cache"
+    run_ddpo("precompute-ref", TINY, "--train.output_dir", str(tmp_path / "pre"), "--train.reference_cache", str(cache),
+             "--logging.progress_bar", "false")
+    written = (cache / "logps.parquet").stat().st_mtime_ns, (cache / "fingerprint.json").read_text()
+    runs = {}
+    for gamma in ("1.0", "5.0"):
+        runs[gamma] = train(tmp_path / f"gamma{gamma}", "--train.max_steps", "2", "--train.reference_cache", str(cache),
+                            "--loss.gamma", gamma)
+        assert ((cache / "logps.parquet").stat().st_mtime_ns, (cache / "fingerprint.json").read_text()) == written
+    for one, five in paired(runs["1.0"], runs["5.0"]):
+        assert one["logps/ref_chosen"] != five["logps/ref_chosen"]  # same cache, weighted by each run's gamma
+
+
 def test_cache_with_wrong_fingerprint_is_refused(tmp_path):
     out = tmp_path / "run"
     run_ddpo("precompute-ref", TINY, "--train.output_dir", str(out), "--logging.progress_bar", "false")

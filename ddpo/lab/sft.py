@@ -13,9 +13,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from PIL import Image
 
-from data.templates import encode_answer, encode_prompt
-
-IGNORE_INDEX = -100
+from data.collator import collate_sequences, encode_sequences
+from data.records import IGNORE_INDEX
 
 
 @dataclass
@@ -30,28 +29,6 @@ class SFTSettings:
     seed: int = 0
 
 
-def encode_examples(model, prompts: Sequence[str], answers: Sequence[str], template: str) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids) per example; the answer ids are the supervised tokens."""
-    return [
-        (encode_prompt(template, model.tokenizer, p, model.image_placeholder), encode_answer(template, model.tokenizer, a))
-        for p, a in zip(prompts, answers)
-    ]
-
-
-def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (-100 outside answers), each [B, T]."""
-    length = max(len(p) + len(a) for p, a in encoded)
-    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    for row, (p, a) in enumerate(encoded):
-        n = len(p) + len(a)
-        ids[row, :n] = torch.tensor(p + a)
-        mask[row, :n] = 1
-        labels[row, len(p):n] = torch.tensor(a)
-    return ids, mask, labels
-
-
 def sft(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str], settings: SFTSettings,
         on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
     """Fine-tune `model` in place on the triples; returns the loss of every step.
@@ -60,7 +37,7 @@ def sft(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: S
     """
     if not len(images) == len(prompts) == len(answers):
         raise ValueError(f"sft: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; pass one of each per example")
-    encoded = encode_examples(model, prompts, answers, settings.template)
+    encoded = encode_sequences(model.tokenizer, settings.template, model.image_placeholder, prompts, answers)
     pixels = torch.cat([model.preprocess_images(images[i:i + 256]) for i in range(0, len(images), 256)])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -77,7 +54,7 @@ def sft(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: S
         if len(order) < settings.batch_size:
             order += torch.randperm(len(encoded), generator=generator).tolist()
         batch, order = order[: settings.batch_size], order[settings.batch_size:]
-        ids, mask, labels = collate([encoded[i] for i in batch], model.tokenizer.pad_token_id)
+        ids, mask, labels = collate_sequences([encoded[i] for i in batch], model.tokenizer.pad_token_id)
         logps = model.sequence_token_logps(ids, mask, labels, pixels[batch].to(model.dtype))
         loss = -logps.sum() / (labels[:, 1:] != IGNORE_INDEX).sum()
         optimizer.zero_grad(set_to_none=True)

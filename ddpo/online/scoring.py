@@ -38,10 +38,12 @@ import torch
 from PIL import Image
 
 from data.images import DataError, decode_image
-from data.segments import token_weights
+from data.records import IGNORE_INDEX
+from data.collator import collate_sequences, encode_sequences
+from data.segments import token_corrections
 from data.templates import TEMPLATES, encode_answer
+from ddpo.loss import token_weights
 from ddpo.reference import answer_logps
-from ddpo.lab.sft import collate, encode_examples
 
 
 VARIANTS = ("sum", "mean", "segment")
@@ -57,16 +59,16 @@ def answer_token_logps(model, images: Sequence[Image.Image], prompts: Sequence[s
     """
     if not len(images) == len(prompts) == len(answers):
         raise ValueError(f"answer_token_logps: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; pass one of each per answer")
-    encoded = encode_examples(model, prompts, answers, template)
+    encoded = encode_sequences(model.tokenizer, template, model.image_placeholder, prompts, answers)
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
     try:
         for start in range(0, len(encoded), batch_size):
-            ids, mask, labels = collate(encoded[start:start + batch_size], model.tokenizer.pad_token_id)
+            ids, mask, labels = collate_sequences(encoded[start:start + batch_size], model.tokenizer.pad_token_id)
             pixels = model.preprocess_images(images[start:start + batch_size]).to(model.device, model.dtype)
             logps = model.sequence_token_logps(ids.to(model.device), mask.to(model.device), labels.to(model.device), pixels)
-            out += [torch.tensor(row, dtype=torch.float32) for row in answer_logps(logps.cpu(), labels)]
+            out += [torch.tensor(row, dtype=torch.float32) for row in answer_logps(logps.cpu(), labels[:, 1:] != IGNORE_INDEX)]
     finally:
         model.train(was_training)
     return out
@@ -75,12 +77,13 @@ def answer_token_logps(model, images: Sequence[Image.Image], prompts: Sequence[s
 def segment_weights(tokenizer, template: str, answer: str, reference_answer: Optional[str], gamma: float,
                     min_match: int = 3) -> torch.Tensor:
     """[n_answer_tokens] weights of `answer`: gamma where its tokens replace tokens of `reference_answer`
-    (RLHF-V's token diff), 1 elsewhere; all ones without a reference answer."""
+    (RLHF-V's token diff), 1 elsewhere; all ones without a reference answer. The same corrected mask ->
+    weights path as training (`data.segments` finds the tokens, `ddpo.loss.token_weights` weighs them)."""
     ids = encode_answer(template, tokenizer, answer)
-    if reference_answer is None:
-        return torch.ones(len(ids))
-    weights, _ = token_weights(ids, encode_answer(template, tokenizer, reference_answer), gamma, min_match)
-    return torch.tensor(weights, dtype=torch.float32)
+    corrected = [False] * len(ids)
+    if reference_answer is not None:
+        corrected, _ = token_corrections(ids, encode_answer(template, tokenizer, reference_answer), min_match)
+    return token_weights(torch.ones(len(ids), dtype=torch.bool), torch.tensor(corrected, dtype=torch.bool), gamma)
 
 
 def implicit_rewards(policy, reference, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str],

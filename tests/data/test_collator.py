@@ -1,4 +1,4 @@
-"""Encoding and collation: labels, weights and reference log-probs at exactly the answer positions."""
+"""Encoding and collation: labels, corrected-token masks and reference log-probs at exactly the answer positions."""
 import logging
 
 import numpy as np
@@ -10,10 +10,10 @@ from PIL import Image
 from data.collator import PairCollator, PairDataset, PairEncoder
 from data.images import DataError
 from data.records import PreferenceRecord
+from data.segments import corrected_word_spans
 from data.templates import check_image_tokens
 from data.tokenizer import build_word_tokenizer
 
-G = 5.0
 PLACEHOLDER = "<image>" * 4
 
 
@@ -36,7 +36,7 @@ def make_records() -> list[PreferenceRecord]:
 
 
 def encoder(tokenizer, **kw) -> PairEncoder:
-    args = dict(template="vicuna_v0", image_placeholder=PLACEHOLDER, max_length=128, gamma=G)
+    args = dict(template="vicuna_v0", image_placeholder=PLACEHOLDER, max_length=128)
     args.update(kw)
     return PairEncoder(tokenizer, **args)
 
@@ -50,19 +50,19 @@ def add_ref(record: PreferenceRecord, enc: PairEncoder) -> PreferenceRecord:
 
 
 def naive_rows(pair, T, side, pad_id):
-    """Reference layout built token by token: per-position label and weight, then shifted by one."""
+    """Reference layout built token by token: per-position label and corrected flag, then shifted by one."""
     out = []
-    for answer, w, ref in [(pair.chosen_ids, pair.chosen_weights, pair.ref_chosen_logps), (pair.rejected_ids, pair.rejected_weights, pair.ref_rejected_logps)]:
+    for answer, w, ref in [(pair.chosen_ids, pair.chosen_corrected, pair.ref_chosen_logps), (pair.rejected_ids, pair.rejected_corrected, pair.ref_rejected_logps)]:
         ids = pair.prompt_ids + answer
         labels = [-100] * len(pair.prompt_ids) + answer
-        weight_at = [0.0] * len(pair.prompt_ids) + w  # weight of the token at each position
+        weight_at = [False] * len(pair.prompt_ids) + w  # corrected flag of the token at each position
         ref_at = [0.0] * len(pair.prompt_ids) + (ref or [0.0] * len(answer))
         pad = T - len(ids)
         if side == "right":
-            ids, labels, weight_at, ref_at = ids + [pad_id] * pad, labels + [-100] * pad, weight_at + [0.0] * pad, ref_at + [0.0] * pad
+            ids, labels, weight_at, ref_at = ids + [pad_id] * pad, labels + [-100] * pad, weight_at + [False] * pad, ref_at + [0.0] * pad
         else:
-            ids, labels, weight_at, ref_at = [pad_id] * pad + ids, [-100] * pad + labels, [0.0] * pad + weight_at, [0.0] * pad + ref_at
-        out.append((ids, labels, weight_at[1:], ref_at[1:]))  # weights align with labels[:, 1:]
+            ids, labels, weight_at, ref_at = [pad_id] * pad + ids, [-100] * pad + labels, [False] * pad + weight_at, [0.0] * pad + ref_at
+        out.append((ids, labels, weight_at[1:], ref_at[1:]))  # the mask aligns with labels[:, 1:]
     return out
 
 
@@ -73,12 +73,13 @@ def test_batch_matches_a_naive_token_by_token_layout(tokenizer, side):
     batch = PairCollator(tokenizer.pad_token_id, side, resize_normalize)(pairs)
     B, T = 3, batch.input_ids.shape[1]
     assert T == max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-    assert batch.weights.shape == batch.ref_token_logps.shape == (2 * B, T - 1)
+    assert batch.corrected.shape == batch.ref_token_logps.shape == (2 * B, T - 1) and batch.corrected.dtype == torch.bool
     for b, pair in enumerate(pairs):
-        for row, (ids, labels, weights, ref) in zip((b, B + b), naive_rows(pair, T, side, tokenizer.pad_token_id)):
+        for row, (ids, labels, corrected, ref) in zip((b, B + b), naive_rows(pair, T, side, tokenizer.pad_token_id)):
             assert batch.input_ids[row].tolist() == ids
             assert batch.labels[row].tolist() == labels
-            assert batch.weights[row].tolist() == weights
+            assert batch.corrected[row].tolist() == corrected
+            assert batch.answer_mask[row].tolist() == [label != -100 for label in labels[1:]]
             assert torch.allclose(batch.ref_token_logps[row], torch.tensor(ref))
             assert batch.attention_mask[row].sum() == len(pair.prompt_ids) + (len(pair.chosen_ids) if row < B else len(pair.rejected_ids))
     assert batch.row_indices == [10, 11, 12]
@@ -86,14 +87,13 @@ def test_batch_matches_a_naive_token_by_token_layout(tokenizer, side):
     assert torch.allclose(batch.pixel_values[1, :, 0, 0], torch.tensor(COLORS[1], dtype=torch.float32) / 255)
 
 
-def test_gamma_sits_on_the_corrected_words(tokenizer):
+def test_the_corrected_mask_sits_on_the_corrected_words(tokenizer):
     # pair 0: "there is a red circle ..." (chosen) vs "there is a blue circle ..." (rejected)
     batch = PairCollator(tokenizer.pad_token_id)([encoder(tokenizer).encode(make_records()[0])])
     for row, word in [(0, "red"), (1, "blue")]:
-        corrected = (batch.weights[row] == G).nonzero().flatten().tolist()
+        corrected = batch.corrected[row].nonzero().flatten().tolist()
         assert [batch.labels[row, t + 1].item() for t in corrected] == [tokenizer.convert_tokens_to_ids(word)]
-        answer = batch.labels[row] != -100
-        assert (batch.weights[row][answer[1:]] > 0).all() and (batch.weights[row][~answer[1:]] == 0).all()
+        assert not (batch.corrected[row] & ~batch.answer_mask[row]).any()  # only answer tokens are corrected
 
 
 def test_left_and_right_padding_hold_the_same_rows(tokenizer):
@@ -105,11 +105,11 @@ def test_left_and_right_padding_hold_the_same_rows(tokenizer):
         keep_r, keep_l = right.attention_mask[r].bool(), left.attention_mask[r].bool()
         assert torch.equal(right.input_ids[r][keep_r], left.input_ids[r][keep_l])
         assert torch.equal(right.labels[r][keep_r], left.labels[r][keep_l])
-        # weights[t] belongs to the token at t+1: compare where both t and t+1 are real tokens
+        # corrected[t] belongs to the token at t+1: compare where both t and t+1 are real tokens
         pairs_r, pairs_l = keep_r[1:] & keep_r[:-1], keep_l[1:] & keep_l[:-1]
-        assert torch.equal(right.weights[r][pairs_r], left.weights[r][pairs_l])
+        assert torch.equal(right.corrected[r][pairs_r], left.corrected[r][pairs_l])
         assert torch.equal(right.ref_token_logps[r][pairs_r], left.ref_token_logps[r][pairs_l])
-    assert right.weights.sum() == left.weights.sum() and right.ref_token_logps.sum() == left.ref_token_logps.sum()
+    assert right.corrected.sum() == left.corrected.sum() and right.ref_token_logps.sum() == left.ref_token_logps.sum()
 
 
 def test_ref_logps_follow_the_answer_tokens(tokenizer):
@@ -148,15 +148,15 @@ def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, cap
     assert "cut by" in caplog.text and enc.num_truncated == 1
     assert cut.truncated_tokens == len(whole.chosen_ids) - 4 + len(whole.rejected_ids) - 4
     assert cut.prompt_ids == whole.prompt_ids
-    for name in ["chosen_ids", "rejected_ids", "chosen_weights", "rejected_weights", "ref_chosen_logps", "ref_rejected_logps"]:
+    for name in ["chosen_ids", "rejected_ids", "chosen_corrected", "rejected_corrected", "ref_chosen_logps", "ref_rejected_logps"]:
         assert getattr(cut, name) == getattr(whole, name)[:4]
     batch = PairCollator(tokenizer.pad_token_id)([cut])
     assert batch.input_ids.shape[1] == enc.max_length
     check_image_tokens(batch.input_ids[0].tolist(), enc.placeholder_ids)
-    # Weights come from the whole answers "there are two objects : a red square ..." vs "... three ...":
+    # Segments come from the whole answers "there are two objects : a red square ..." vs "... three ...":
     # the long match after "objects" anchors the edit, and the 2-token match "there are" at the start
-    # is shorter than min_match, so it joins the edit. Diffing the 4 kept tokens alone would weigh all 4.
-    assert cut.chosen_weights == [G, G, G, 1]
+    # is shorter than min_match, so it joins the edit. Diffing the 4 kept tokens alone would mark all 4.
+    assert cut.chosen_corrected == [True, True, True, False]
 
 
 def test_prompt_that_cannot_fit_is_an_error_or_a_counted_skip(tokenizer, caplog):
@@ -189,12 +189,17 @@ def test_segment_modes(tokenizer):
     token = encoder(tokenizer, segments="token_diff").encode(record)
     # the word tokenizer's tokens are words: the word-level diff must find the same segments
     word = encoder(tokenizer, segments="word_diff").encode(record)
-    assert (word.chosen_weights, word.rejected_weights) == (token.chosen_weights, token.rejected_weights)
-    assert set(encoder(tokenizer, segments="none").encode(record).chosen_weights) == {1.0}
+    assert (word.chosen_corrected, word.rejected_corrected) == (token.chosen_corrected, token.rejected_corrected)
+    assert any(token.chosen_corrected)
+    assert not any(encoder(tokenizer, segments="none").encode(record).chosen_corrected)
+    # Character spans of exactly the corrected words give the word diff's mask.
+    record.chosen_spans, record.rejected_spans = corrected_word_spans(record.chosen, record.rejected)
+    from_spans = encoder(tokenizer, segments="spans").encode(record)
+    assert (from_spans.chosen_corrected, from_spans.rejected_corrected) == (word.chosen_corrected, word.rejected_corrected)
     record.chosen_spans, record.rejected_spans = [(0, 5)], []  # "there"
     spans = encoder(tokenizer, segments="spans").encode(record)
-    assert spans.chosen_weights == [G] + [1.0] * (len(spans.chosen_ids) - 1)
-    assert set(spans.rejected_weights) == {1.0}
+    assert spans.chosen_corrected == [True] + [False] * (len(spans.chosen_ids) - 1)
+    assert not any(spans.rejected_corrected)
     record.chosen_spans = None
     with pytest.raises(DataError, match="row 10.*no span annotations"):
         encoder(tokenizer, segments="spans").encode(record)

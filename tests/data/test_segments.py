@@ -1,9 +1,32 @@
-"""Segment weights on hand-worked diffs (ids are small ints; G = gamma)."""
+"""Corrected segments on hand-worked diffs (ids are small ints).
+
+The expectations are written as DDPO weights, G (gamma) on a corrected token and 1 elsewhere, which is
+what the loss makes of the masks (ddpo.loss.token_weights); `weighted` maps a mask to that form.
+"""
 import pytest
 
-from data.segments import corrected_positions, span_weights, token_weights, word_diff_weights
+from data.segments import corrected_positions, corrected_word_spans, span_corrections, token_corrections, word_diff_corrections
 
 G = 5.0
+
+
+def weighted(mask: list[bool], gamma: float = G) -> list[float]:
+    assert all(isinstance(m, bool) for m in mask)
+    return [gamma if m else 1.0 for m in mask]
+
+
+def token_weights(chosen, rejected, gamma, **kw):
+    c, r = token_corrections(chosen, rejected, **kw)
+    return weighted(c, gamma), weighted(r, gamma)
+
+
+def span_weights(offsets, spans, gamma):
+    return weighted(span_corrections(offsets, spans), gamma)
+
+
+def word_diff_weights(chosen, rejected, chosen_offsets, rejected_offsets, gamma, **kw):
+    c, r = word_diff_corrections(chosen, rejected, chosen_offsets, rejected_offsets, **kw)
+    return weighted(c, gamma), weighted(r, gamma)
 
 
 def test_replaced_word_weighs_gamma_on_both_sides():
@@ -119,3 +142,16 @@ def test_word_diff_maps_corrected_words_to_subword_tokens():
     # min_match 3 words: the one-word matches are absorbed, the whole answer is the correction
     c, r = word_diff_weights(chosen, rejected, chosen_offsets, rejected_offsets, G, min_match=3)
     assert c == [G, G, G, G] and r == [G, G, G]
+
+
+def test_word_diff_equals_spans_of_the_corrected_words():
+    """A word diff and character spans on exactly the corrected words mark the same tokens."""
+    chosen, rejected = "there is a red circle at the top left .", "there is a blue circle at the top right ."
+    chosen_spans, rejected_spans = corrected_word_spans(chosen, rejected, min_match=1)
+    assert [chosen[a:b] for a, b in chosen_spans] == ["red", "left"]
+    assert [rejected[a:b] for a, b in rejected_spans] == ["blue", "right"]
+    characters = lambda text: [(i, i + 1) for i, ch in enumerate(text) if ch != " "]  # noqa: E731  one token per letter
+    by_words = word_diff_corrections(chosen, rejected, characters(chosen), characters(rejected), min_match=1)
+    by_spans = span_corrections(characters(chosen), chosen_spans), span_corrections(characters(rejected), rejected_spans)
+    assert by_words == by_spans
+    assert sum(by_words[0]) == len("redleft") and sum(by_words[1]) == len("blueright")

@@ -33,10 +33,10 @@ def test_rlaifv_round_trip_convert_load_encode_collate(tmp_path):
     sources = {p[1]: p for p in PAIRS}
     assert all((r.prompt, r.chosen, r.rejected) == sources[r.chosen] for r in records)
     tokenizer = build_word_tokenizer(all_texts())
-    encoder = PairEncoder(tokenizer, "llava_v1", "<image>" * 4, max_length=96, gamma=5.0)
+    encoder = PairEncoder(tokenizer, "llava_v1", "<image>" * 4, max_length=96)
     batch = PairCollator(tokenizer.pad_token_id)([item for item in PairDataset(records, encoder)])
-    assert batch.input_ids.shape[0] == 8 and batch.weights.shape == (8, batch.input_ids.shape[1] - 1)
-    assert (batch.weights == 5.0).any() and ((batch.labels[:, 1:] == -100) == (batch.weights == 0)).all()
+    assert batch.input_ids.shape[0] == 8 and batch.corrected.shape == (8, batch.input_ids.shape[1] - 1)
+    assert batch.corrected.any() and not (batch.corrected & (batch.labels[:, 1:] == -100)).any()
 
 
 def test_split_is_seeded(tmp_path):

@@ -45,7 +45,7 @@ def pair_batch(model, tokenizer, prompt_lengths: list[int], answer_lengths: list
     size = model.image_transform.size
     pixel_values = torch.randn(B, 3, size, size, generator=g)
     return PairBatch(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                     weights=(labels[:, 1:] != -100).float(), row_indices=list(range(B)))
+                     corrected=torch.zeros(2 * B, T - 1, dtype=torch.bool), row_indices=list(range(B)))
 
 
 def naive_token_logps(model, batch: PairBatch) -> torch.Tensor:

@@ -16,7 +16,7 @@ def _dpo_steps(model, batch, steps: int = 2, lr: float = 1e-2) -> None:
     for _ in range(steps):
         optimizer.zero_grad()
         chosen, rejected = model.pair_token_logps(batch)
-        margin = (chosen * batch.weights[:B]).sum(-1) - (rejected * batch.weights[B:]).sum(-1)
+        margin = (chosen * batch.answer_mask[:B]).sum(-1) - (rejected * batch.answer_mask[B:]).sum(-1)
         (-torch.nn.functional.logsigmoid(0.1 * margin).mean()).backward()
         optimizer.step()
 

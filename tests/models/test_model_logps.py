@@ -24,7 +24,7 @@ def test_pair_logps_equal_naive_duplicated_forward_values_and_grads(arch, word_t
     (naive * weights).sum().backward()
     naive_grads = _grads(model)
 
-    assert ours.dtype == torch.float32 and ours.shape == batch.weights.shape
+    assert ours.dtype == torch.float32 and ours.shape == batch.answer_mask.shape
     torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
     assert (ours[batch.labels[:, 1:] == -100] == 0).all()
     assert (ours[batch.labels[:, 1:] != -100] < 0).all()

@@ -23,12 +23,12 @@ def test_shared_prompt_equals_two_rows_values_and_grads(arch, word_tokenizer, pa
     # Prompts of different lengths, chosen longer / shorter than rejected, a 1-token answer.
     batch = pair_batch(model, word_tokenizer, prompt_lengths=[3, 6, 1], answer_lengths=[4, 7, 1, 6, 2, 5],
                        padding_side=padding_side, seed=2)
-    weights = torch.rand(batch.weights.shape, generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(batch.answer_mask.shape, generator=torch.Generator().manual_seed(1))
 
     two_rows, two_row_grads = _logps_and_grads(model, batch, weights, shared=False)
     shared, shared_grads = _logps_and_grads(model, batch, weights, shared=True)
 
-    assert shared.shape == two_rows.shape == batch.weights.shape
+    assert shared.shape == two_rows.shape == batch.answer_mask.shape
     answer = batch.labels[:, 1:] != -100
     assert (shared[~answer] == 0).all() and (shared[answer] < 0).all()
     torch.testing.assert_close(shared, two_rows, atol=1e-5, rtol=1e-5)
@@ -119,7 +119,7 @@ def test_shared_prompt_on_collated_batches_with_cached_reference(word_tokenizer,
              ("How many objects are there ?", "two .", "there are three objects : a cat , a dog and a frisbee .")]
     records = [PreferenceRecord(images=[Image.new("RGB", (32, 32), (40 * i, 90, 200))], prompt=q, chosen=c, rejected=r, row_index=i)
                for i, (q, c, r) in enumerate(texts)]
-    encoder = PairEncoder(word_tokenizer, template, model.image_placeholder, max_length=256, gamma=5.0)
+    encoder = PairEncoder(word_tokenizer, template, model.image_placeholder, max_length=256)
     pairs = [encoder.encode(r) for r in records]
     for p in pairs:  # a cached reference travels in the batch unchanged
         p.ref_chosen_logps, p.ref_rejected_logps = [-1.0] * len(p.chosen_ids), [-2.0] * len(p.rejected_ids)
@@ -128,8 +128,8 @@ def test_shared_prompt_on_collated_batches_with_cached_reference(word_tokenizer,
         two_rows = torch.cat(model.pair_token_logps(batch, shared_prompt=False))
         shared = torch.cat(model.pair_token_logps(batch, shared_prompt=True))
     torch.testing.assert_close(shared, two_rows, atol=1e-5, rtol=1e-5)
-    # Log-probs sit exactly where the weights and the cached reference do.
-    assert torch.equal(shared != 0, batch.weights != 0)
+    # Log-probs sit exactly where the answer mask and the cached reference do.
+    assert torch.equal(shared != 0, batch.answer_mask)
     assert torch.equal(shared != 0, batch.ref_token_logps != 0)
 
 
@@ -146,7 +146,7 @@ def test_shared_prompt_with_gradient_checkpointing(word_tokenizer):
     """Recomputed decoder layers get the same packed mask and positions: same gradients as two rows."""
     model = tiny_model("muffin", word_tokenizer, gradient_checkpointing=True)
     batch = pair_batch(model, word_tokenizer, [3, 1], [2, 5, 6, 3], seed=9)
-    weights = torch.rand(batch.weights.shape, generator=torch.Generator().manual_seed(2))
+    weights = torch.rand(batch.answer_mask.shape, generator=torch.Generator().manual_seed(2))
     two_rows, two_row_grads = _logps_and_grads(model, batch, weights, shared=False)
     shared, shared_grads = _logps_and_grads(model, batch, weights, shared=True)
     torch.testing.assert_close(shared, two_rows, atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ def _dpo_step(model, batch, zero_lr_names=()) -> float:
               {"params": [p for n, p in named if n in zero_lr_names], "lr": 0.0}]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     chosen, rejected = model.pair_token_logps(batch)
-    margin = (chosen * batch.weights[:2]).sum(-1) - (rejected * batch.weights[2:]).sum(-1)
+    margin = (chosen * batch.answer_mask[:2]).sum(-1) - (rejected * batch.answer_mask[2:]).sum(-1)
     loss = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
     loss.backward()
     optimizer.step()
