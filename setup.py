@@ -34,5 +34,5 @@ setup(
         "experiments": ["matplotlib>=3.7"],
         "bench": ["trl>=1.0"],
     },
-    entry_points={"console_scripts": ["ddpo=ddpo.cli:main"]},
+    entry_points={"console_scripts": ["ddpo=ddpo.commands:main"]},
 )

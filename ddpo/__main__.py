@@ -1,5 +1,5 @@
 import sys
 
-from ddpo.cli import main
+from ddpo.commands import main
 
 sys.exit(main())

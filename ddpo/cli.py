@@ -1,24 +1,25 @@
-"""`ddpo` command line: thin subcommands over the library.
+"""The core's subcommands: thin wrappers over the library.
 
     ddpo train CONFIG [--section.field VALUE ...]      train (DeepSpeed, or one plain process)
     ddpo precompute-ref CONFIG [--section.field ...]    cache the reference model's per-token log-probs
     ddpo convert --format {rlaif-v,rlhf-v} ...          convert a dataset to TRL's preference format
-    ddpo eval --benchmark ...                           hallucination benchmarks
-    ddpo demo [--output-dir DIR]                        the synthetic reproduction of RLHF-V's claims
-    ddpo score ...                                      implicit-reward scoring of answers
 
-`python -m ddpo ...` is the same command.
+The `ddpo` command (ddpo/commands.py) adds the wings' subcommands (eval, demo, score, sweep); this
+module imports no wing, so the core stands alone (`deepspeed -m ddpo.train` enters here).
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Callable, Optional
+from typing import Callable
 
-from ddpo.config import ConfigError, fields_help, load_config
+from data import convert
+from ddpo.config import Config, ConfigError, fields_help, load_config
+from ddpo.trainer import Trainer, precompute_reference
+
+Command = Callable[[list[str]], int]
 
 
-def _config_command(name: str, summary: str, run: Callable) -> Callable[[list[str]], int]:
+def config_command(name: str, summary: str, run: Callable[[Config], None]) -> Command:
     """A subcommand of the form `ddpo NAME CONFIG [--section.field VALUE ...]`."""
 
     def main(argv: list[str]) -> int:
@@ -30,55 +31,39 @@ def _config_command(name: str, summary: str, run: Callable) -> Callable[[list[st
         except ConfigError as e:
             print(f"ddpo {name}: config error: {e}", file=sys.stderr)
             return 2
-        return run(cfg) or 0
+        run(cfg)
+        return 0
 
     return main
 
 
-def _train(cfg) -> int:
-    from ddpo.trainer import Trainer
-
+def train(cfg: Config) -> None:
     Trainer(cfg).train()
-    return 0
 
 
-def _precompute_ref(cfg) -> int:
-    from ddpo.reference import precompute_reference
-
-    precompute_reference(cfg)
-    return 0
-
-
-def _lazy(module: str, attr: str = "main") -> Callable[[list[str]], int]:
-    def main(argv: list[str]) -> int:
-        import importlib
-
-        return importlib.import_module(module).__dict__[attr](argv) or 0
-
-    return main
-
-
-COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
-    "train": ("train a policy with (dense) DPO", _config_command("train", "Train a policy with dense DPO.", _train)),
-    "precompute-ref": ("cache reference per-token log-probs", _config_command("precompute-ref", "Run the reference model once over the data and cache per-token log-probs.", _precompute_ref)),
-    "convert": ("convert RLHF-V / RLAIF-V data to TRL's preference format", _lazy("data.convert")),
-    "eval": ("hallucination benchmarks", _lazy("ddpo.eval.cli")),
-    "demo": ("synthetic reproduction of RLHF-V's claims on a CPU", _lazy("ddpo.lab.demo")),
-    "score": ("implicit-reward scores of answers", _lazy("ddpo.online.scoring")),
+COMMANDS: dict[str, tuple[str, Command]] = {
+    "train": ("train a policy with (dense) DPO", config_command("train", "Train a policy with dense DPO.", train)),
+    "precompute-ref": ("cache reference per-token log-probs", config_command("precompute-ref", "Run the reference model once over the data and cache per-token log-probs.", precompute_reference)),
+    "convert": ("convert RLHF-V / RLAIF-V data to TRL's preference format", convert.main),
 }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def dispatch(commands: dict[str, tuple[str, Command]], argv: list[str]) -> int:
+    """Run `argv[0]` of `commands` on the rest of argv; usage on no command or --help."""
     if not argv or argv[0] in ("-h", "--help"):
-        parser = argparse.ArgumentParser(prog="ddpo", description="Dense Direct Preference Optimization for multimodal LLMs.")
-        print(parser.format_usage() + "\ncommands:\n" + "\n".join(f"  {k:<16}{v[0]}" for k, v in COMMANDS.items()))
+        print("usage: ddpo COMMAND [ARGS ...]\n\nDense Direct Preference Optimization for multimodal LLMs.\n\ncommands:\n"
+              + "\n".join(f"  {k:<16}{v[0]}" for k, v in commands.items()))
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"ddpo: unknown command '{command}'; commands are {', '.join(COMMANDS)}", file=sys.stderr)
+    if command not in commands:
+        print(f"ddpo: unknown command '{command}'; commands are {', '.join(commands)}", file=sys.stderr)
         return 2
-    return COMMANDS[command][1](rest)
+    return commands[command][1](rest) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The core's commands only (the `ddpo` command is ddpo/commands.py)."""
+    return dispatch(COMMANDS, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

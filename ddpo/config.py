@@ -19,113 +19,78 @@ from typing import Any, Literal, Optional
 import yaml
 
 from ddpo.loss import check_settings as check_loss_settings
-
-
-class ConfigError(ValueError):
-    """A config key, value or combination is invalid; the message names the key and the fix."""
-
-
-def _field(default: Any, help: str, **kwargs: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
-
-
-@dataclass
-class ModelConfig:
-    arch: Literal["llava", "muffin"] = _field("llava", "Architecture: 'llava' (LLaVA-1.5, transformers Llava*) or 'muffin' (BEiT-3 + 64 queries + LLaMA, RLHF-V).")
-    name_or_path: Optional[str] = _field(None, "Checkpoint directory or hub id loaded with from_pretrained; null = random init from `preset`.")
-    preset: Literal["tiny", "small", "bench"] = _field("tiny", "Size of a randomly initialised model when name_or_path is null (models/build.py lists the sizes).")
-    tokenizer: Optional[str] = _field(None, "Tokenizer path/hub id for a random-init model; null = build a word-level tokenizer from the training texts.")
-    muffin_checkpoint: Optional[str] = _field(None, "Original RLHF-V/Muffin checkpoint (a .safetensors/.bin state dict or a directory of them) mapped onto our parameter names.")
-    dtype: Literal["auto", "float32", "bfloat16"] = _field("auto", "Weights/compute dtype: auto = bfloat16 on a GPU that supports it, float32 on CPU.")
-    image_size: Optional[int] = _field(None, "Input image side in pixels for a random-init model; null = the preset's (checkpoints keep their own).")
-    patch_size: Optional[int] = _field(None, "Vision patch side in pixels for a random-init model; null = the preset's. image_size must be a multiple of it.")
-    freeze_vision_tower: bool = _field(False, "Freeze the whole vision encoder (no gradients, not in the optimizer).")
-    freeze_projector: bool = _field(False, "Freeze the vision-to-language projector.")
-    freeze_llm: bool = _field(False, "Freeze the language model (decoder and LM head).")
-    freeze_vision_experts: bool = _field(False, "RLHF-V policy for Muffin: learning rate 0 on BEiT-3 vision experts ('A') and the patch embedding; queries and language experts train.")
-    gradient_checkpointing: bool = _field(False, "Recompute decoder-layer activations in the backward pass to save memory.")
-    shared_prompt: bool = _field(True, "Run each pair as one packed [prompt | chosen | rejected] row (prompt and image once; exact: same log-probs and gradients as two rows).")
-    logps_chunk_size: int = _field(256, "Answer tokens per chunk in the LM-head log-prob pass (bounds the [tokens, vocab] logits held at once).")
-    attn_implementation: Literal["sdpa", "eager"] = _field("sdpa", "Attention kernel of the decoder.")
-    trust_remote_code: bool = _field(False, "Allow a checkpoint's own Python code to run on load. Off: only enable for sources you trust.")
-    lora_r: int = _field(0, "LoRA rank for the language model through peft; 0 = full fine-tuning.")
-    lora_alpha: int = _field(16, "LoRA scaling alpha.")
-    lora_dropout: float = _field(0.05, "LoRA dropout.")
-    lora_target: str = _field("all-linear", "LoRA target modules: 'all-linear' or a comma-separated list of module names.")
+from models.config import ConfigError, ModelConfig, config_field
 
 
 @dataclass
 class DataConfig:
-    format: Literal["rlhf-v", "rlaif-v", "trl", "jsonl", "synthetic"] = _field("rlhf-v", "Dataset schema: RLHF-V-Dataset, RLAIF-V-Dataset, TRL conversational preference, JSONL + image folder, or the synthetic world.")
-    path: Optional[str] = _field(None, "Local file/directory or hub id of the dataset (unused for 'synthetic').")
-    split: str = _field("train", "Split to train on.")
-    image_dir: Optional[str] = _field(None, "Folder that JSONL `image` paths are relative to (format 'jsonl').")
-    template: Literal["vicuna_v0", "llava_v1", "chat_template"] = _field("vicuna_v0", "Conversation template: Vicuna v0 (### Human/### Assistant, Muffin), LLaVA v1 (USER/ASSISTANT), or the tokenizer's own chat template.")
-    max_length: int = _field(2048, "Longest prompt + image tokens + answer; longer answers are cut from their end (counted), a prompt that cannot fit is an error or a counted skip.")
-    max_samples: Optional[int] = _field(None, "Use only the first N rows (after filtering); null = all.")
-    padding_side: Literal["right", "left"] = _field("right", "Side that batches are padded on.")
-    skip_bad_rows: bool = _field(False, "Skip malformed rows with a counted, logged summary instead of stopping at the first one.")
-    segments: Literal["token_diff", "word_diff", "spans", "none"] = _field("token_diff", "How corrected segments are found: RLHF-V token-id diff, a word-level diff mapped to tokens, explicit character spans in the data, or none (vanilla DPO weights).")
-    min_match: int = _field(3, "Diff matching blocks shorter than this many tokens are absorbed into the surrounding edit (RLHF-V: 3).")
-    include_insertions: bool = _field(False, "Also weigh gaps present on one side only (pure insertions/deletions); RLHF-V weighs replacements only.")
-    synthetic_pairs: int = _field(64, "Number of preference pairs generated when format is 'synthetic'.")
-    num_workers: int = _field(0, "DataLoader worker processes.")
-    length_grouping: bool = _field(False, "Group pairs of similar length into batches to cut padding (changes the data order, seeded).")
+    format: Literal["rlhf-v", "rlaif-v", "trl", "jsonl", "synthetic"] = config_field("rlhf-v", "Dataset schema: RLHF-V-Dataset, RLAIF-V-Dataset, TRL conversational preference, JSONL + image folder, or the synthetic world.")
+    path: Optional[str] = config_field(None, "Local file/directory or hub id of the dataset (unused for 'synthetic').")
+    split: str = config_field("train", "Split to train on.")
+    image_dir: Optional[str] = config_field(None, "Folder that JSONL `image` paths are relative to (format 'jsonl').")
+    template: Literal["vicuna_v0", "llava_v1", "chat_template"] = config_field("vicuna_v0", "Conversation template: Vicuna v0 (### Human/### Assistant, Muffin), LLaVA v1 (USER/ASSISTANT), or the tokenizer's own chat template.")
+    max_length: int = config_field(2048, "Longest prompt + image tokens + answer; longer answers are cut from their end (counted), a prompt that cannot fit is an error or a counted skip.")
+    max_samples: Optional[int] = config_field(None, "Use only the first N rows (after filtering); null = all.")
+    padding_side: Literal["right", "left"] = config_field("right", "Side that batches are padded on.")
+    skip_bad_rows: bool = config_field(False, "Skip malformed rows with a counted, logged summary instead of stopping at the first one.")
+    segments: Literal["token_diff", "word_diff", "spans", "none"] = config_field("token_diff", "How corrected segments are found: RLHF-V token-id diff, a word-level diff mapped to tokens, explicit character spans in the data, or none (vanilla DPO weights).")
+    min_match: int = config_field(3, "Diff matching blocks shorter than this many tokens are absorbed into the surrounding edit (RLHF-V: 3).")
+    include_insertions: bool = config_field(False, "Also weigh gaps present on one side only (pure insertions/deletions); RLHF-V weighs replacements only.")
+    synthetic_pairs: int = config_field(64, "Number of preference pairs generated when format is 'synthetic'.")
+    length_grouping: bool = config_field(False, "Group pairs of similar length into batches to cut padding (changes the data order, seeded).")
 
 
 @dataclass
 class LossConfig:
-    beta: float = _field(0.5, "DPO temperature beta (RLHF-V paper 0.5, released command 0.1).")
-    gamma: float = _field(5.0, "Weight of tokens inside corrected segments; unchanged tokens weigh 1; gamma 1 = vanilla DPO.")
-    normalize: Literal["mean", "sum"] = _field("mean", "Sequence log-prob: 'mean' = weighted mean (paper Eq. 5), 'sum' = weighted sum (released RLHF-V code).")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = _field("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge.")
-    label_smoothing: float = _field(0.0, "Conservative DPO epsilon in [0, 0.5) (sigmoid only).")
-    reference_free: bool = _field(False, "Ignore the reference model (its log-ratio is taken as 0).")
-    sft_weight: float = _field(0.0, "Weight alpha of an SFT term: mean negative token log-prob of the chosen answer (RPO-style mixing).")
+    beta: float = config_field(0.5, "DPO temperature beta (RLHF-V paper 0.5, released command 0.1).")
+    gamma: float = config_field(5.0, "Weight of tokens inside corrected segments; unchanged tokens weigh 1; gamma 1 = vanilla DPO.")
+    normalize: Literal["mean", "sum"] = config_field("mean", "Sequence log-prob: 'mean' = weighted mean (paper Eq. 5), 'sum' = weighted sum (released RLHF-V code).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = config_field("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge.")
+    label_smoothing: float = config_field(0.0, "Conservative DPO epsilon in [0, 0.5) (sigmoid only).")
+    reference_free: bool = config_field(False, "Ignore the reference model (its log-ratio is taken as 0).")
+    sft_weight: float = config_field(0.0, "Weight alpha of an SFT term: mean negative token log-prob of the chosen answer (RPO-style mixing).")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = _field("runs/ddpo", "Directory for checkpoints, metrics.jsonl, the resolved config and the final model.")
-    seed: int = _field(42, "Seed of every random generator (data order, dropout, init).")
-    epochs: float = _field(1.0, "Passes over the data when max_steps is not set.")
-    max_steps: int = _field(-1, "Optimizer steps to run; -1 = derived from epochs.")
-    micro_batch_size: int = _field(1, "Preference pairs per process per forward/backward.")
-    gradient_accumulation_steps: int = _field(1, "Micro-batches accumulated per optimizer step.")
-    learning_rate: float = _field(5e-7, "Peak learning rate of AdamW.")
-    weight_decay: float = _field(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = _field(0.9, "AdamW beta1.")
-    adam_beta2: float = _field(0.999, "AdamW beta2.")
-    adam_eps: float = _field(1e-8, "AdamW epsilon.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = _field("cosine", "Decay after the warm-up.")
-    warmup_ratio: float = _field(0.1, "Fraction of the steps spent warming the learning rate up from 0 (paper 10%).")
-    max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 = off.")
-    save_steps: int = _field(0, "Write a resumable checkpoint every N optimizer steps; 0 = only at the end.")
-    save_total_limit: int = _field(2, "Keep this many most recent step checkpoints; 0 = keep all.")
-    logging_steps: int = _field(1, "Write metrics every N optimizer steps.")
-    resume: str = _field("none", "'none', 'auto' (latest checkpoint in output_dir, if any) or a checkpoint directory.")
-    reference: Literal["cached", "live"] = _field("cached", "Reference log-probs: 'cached' = precomputed per-token cache, no reference model held; 'live' = a frozen reference model.")
-    reference_cache: Optional[str] = _field(None, "Directory of the reference log-prob cache; null = <output_dir>/reference_cache.")
-    num_threads: int = _field(0, "CPU threads per process (torch.set_num_threads); 0 = leave torch's default.")
+    output_dir: str = config_field("runs/ddpo", "Directory for checkpoints, metrics.jsonl, the resolved config and the final model.")
+    seed: int = config_field(42, "Seed of every random generator (data order, dropout, init).")
+    epochs: float = config_field(1.0, "Passes over the data when max_steps is not set.")
+    max_steps: int = config_field(-1, "Optimizer steps to run; -1 = derived from epochs.")
+    micro_batch_size: int = config_field(1, "Preference pairs per process per forward/backward.")
+    gradient_accumulation_steps: int = config_field(1, "Micro-batches accumulated per optimizer step.")
+    learning_rate: float = config_field(5e-7, "Peak learning rate of AdamW.")
+    weight_decay: float = config_field(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = config_field(0.9, "AdamW beta1.")
+    adam_beta2: float = config_field(0.999, "AdamW beta2.")
+    adam_eps: float = config_field(1e-8, "AdamW epsilon.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = config_field("cosine", "Decay after the warm-up.")
+    warmup_ratio: float = config_field(0.1, "Fraction of the steps spent warming the learning rate up from 0 (paper 10%).")
+    max_grad_norm: float = config_field(1.0, "Gradient clipping norm; 0 = off.")
+    save_steps: int = config_field(0, "Write a resumable checkpoint every N optimizer steps; 0 = only at the end.")
+    save_total_limit: int = config_field(2, "Keep this many most recent step checkpoints; 0 = keep all.")
+    logging_steps: int = config_field(1, "Write metrics every N optimizer steps.")
+    resume: str = config_field("none", "'none', 'auto' (latest checkpoint in output_dir, if any) or a checkpoint directory.")
+    reference: Literal["cached", "live"] = config_field("cached", "Reference log-probs: 'cached' = precomputed per-token cache, no reference model held; 'live' = a frozen reference model.")
+    reference_cache: Optional[str] = config_field(None, "Directory of the reference log-prob cache; null = <output_dir>/reference_cache.")
+    num_threads: int = config_field(0, "CPU threads per process (torch.set_num_threads); 0 = leave torch's default.")
 
 
 @dataclass
 class DeepSpeedConfig:
-    config: Optional[str] = _field(None, "DeepSpeed JSON file (configs/deepspeed/*.json); null = built from the fields below.")
-    zero_stage: Optional[int] = _field(None, "ZeRO stage 0, 1, 2 or 3; null = the JSON's stage (0 without a JSON).")
-    bf16: Literal["auto", "true", "false"] = _field("auto", "bfloat16 training: auto = on where the accelerator supports it, off on CPU.")
-    offload_optimizer: bool = _field(False, "Keep optimizer states on the CPU (ZeRO-2/3).")
+    config: Optional[str] = config_field(None, "DeepSpeed JSON file (configs/deepspeed/*.json); null = built from the fields below.")
+    zero_stage: Optional[int] = config_field(None, "ZeRO stage 0, 1, 2 or 3; null = the JSON's stage (0 without a JSON).")
+    bf16: Literal["auto", "true", "false"] = config_field("auto", "bfloat16 training: auto = on where the accelerator supports it, off on CPU.")
+    offload_optimizer: bool = config_field(False, "Keep optimizer states on the CPU (ZeRO-2/3).")
 
 
 @dataclass
 class LoggingConfig:
-    wandb: Literal["disabled", "offline", "online"] = _field("disabled", "Weights & Biases mode; 'online' needs WANDB_API_KEY in the environment.")
-    project: str = _field("ddpo", "wandb project.")
-    entity: Optional[str] = _field(None, "wandb entity (team); null = your default.")
-    run_name: Optional[str] = _field(None, "Run name; null = the output directory's name.")
-    progress_bar: bool = _field(True, "Show a tqdm progress bar on rank 0.")
+    wandb: Literal["disabled", "offline", "online"] = config_field("disabled", "Weights & Biases mode; 'online' needs WANDB_API_KEY in the environment.")
+    project: str = config_field("ddpo", "wandb project.")
+    entity: Optional[str] = config_field(None, "wandb entity (team); null = your default.")
+    run_name: Optional[str] = config_field(None, "Run name; null = the output directory's name.")
+    progress_bar: bool = config_field(True, "Show a tqdm progress bar on rank 0.")
 
 
 @dataclass

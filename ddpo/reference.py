@@ -192,11 +192,3 @@ def gather(local: dict) -> dict:
         merged.update(part)
     return merged
 
-
-def precompute_reference(cfg) -> Path:
-    """`ddpo precompute-ref`: compute and write the cache for the config's model and data."""
-    from ddpo.trainer import Trainer
-
-    trainer = Trainer(cfg)
-    trainer.setup(for_reference_cache=True)
-    return trainer.reference_cache_dir

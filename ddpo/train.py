@@ -1,7 +1,18 @@
-"""`deepspeed -m ddpo.train CONFIG [--section.field VALUE ...]` (the launcher adds --local_rank)."""
-import sys
+"""`deepspeed -m ddpo.train CONFIG [--section.field VALUE ...]`: the entry point of each launched
+process (the launcher adds --local_rank, which the environment already carries)."""
+from __future__ import annotations
 
-from ddpo.trainer import main
+import sys
+from typing import Optional
+
+from ddpo.cli import main as cli_main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    return cli_main(["train", *argv])
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,11 @@
     ddpo train CONFIG [--section.field VALUE ...]                  one plain process
     deepspeed --num_gpus N -m ddpo.train CONFIG [...]              N processes (GPUs, or CPUs with gloo)
 
+Its parts are one hop away: data (data/formats, data/collator), the model (models/build), the loss
+(ddpo/loss), the reference cache (ddpo/reference), the data order (ddpo/sampler), the run plan
+(ddpo/plan), the learning-rate schedule (ddpo/schedule), checkpoints (ddpo/checkpoint).
+`TrainerCallback` lets experiments act at checkpoints and log steps without subclassing.
+
 One optimizer step, top to bottom (see `train`):
     for each of `gradient_accumulation_steps` micro-batches:
         chosen, rejected = policy per-token log-probs            [B, T-1] each, image encoded once per pair
@@ -16,37 +21,30 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from data.collator import PairCollator, PairDataset, PairEncoder
+from data.formats import load_records
+from data.tokenizer import build_word_tokenizer
 from ddpo import checkpoint, distributed as dist, reference
 from ddpo.config import Config, save_config
+from ddpo.loss import DDPOLoss
+from ddpo.plan import run_plan
 from ddpo.progress import progress_bar
+from ddpo.sampler import PairOrder
+from ddpo.schedule import lr_lambda
+from models.build import build_model
 
 logger = logging.getLogger("ddpo")
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
-    """Multiplier of the peak learning rate for optimizer step `step` (0-based). The warm-up reaches the
-    peak on its last step and never spends a step at learning rate 0."""
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return fn
 
 
 def deepspeed_config(cfg: Config, bf16: bool) -> dict:
@@ -75,12 +73,24 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict:
     return ds
 
 
+class TrainerCallback:
+    """Hooks for experiments (exports, probes); every method is a no-op unless overridden. They run on
+    every rank (a callback that saves must let every rank call `trainer.save`, a collective)."""
+
+    def on_log(self, trainer: "Trainer", record: dict) -> None:
+        """After an optimizer step whose metrics were logged (`record` as written to metrics.jsonl)."""
+
+    def on_checkpoint(self, trainer: "Trainer", path: Path) -> None:
+        """After a checkpoint was written to `path` (every train.save_steps and at the end)."""
+
+
 class Trainer:
     """Dense DPO with DeepSpeed. `setup()` builds everything, `train()` runs, `save()` exports."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, callbacks: Sequence[TrainerCallback] = ()):
         self.cfg = cfg
         self.output_dir = Path(cfg.train.output_dir)
+        self.callbacks = list(callbacks)
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -112,9 +122,6 @@ class Trainer:
             self._load_or_compute_reference_cache()
         elif cfg.train.reference == "live":
             self.ref_model = self._frozen_reference()
-
-        from ddpo.loss import DDPOLoss
-
         self.loss_fn = DDPOLoss.from_config(cfg.loss)
         self._setup_steps()
         self._setup_engine()
@@ -132,10 +139,6 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _setup_data_and_model(self) -> None:
-        from data.collator import PairCollator, PairDataset, PairEncoder
-        from data.formats import load_records
-        from models.build import build_model
-
         cfg = self.cfg
         self.records = load_records(cfg.data, seed=cfg.train.seed)
         tokenizer = None
@@ -158,8 +161,6 @@ class Trainer:
 
         if self.cfg.model.tokenizer:
             return AutoTokenizer.from_pretrained(self.cfg.model.tokenizer, trust_remote_code=self.cfg.model.trust_remote_code)
-        from data.tokenizer import build_word_tokenizer
-
         return build_word_tokenizer(t for r in self.records for t in (r.prompt, r.chosen, r.rejected))
 
     # -- reference ------------------------------------------------------------------------------
@@ -210,9 +211,6 @@ class Trainer:
         ]
 
     def _setup_steps(self) -> None:
-        from ddpo.plan import run_plan
-        from ddpo.sampler import PairOrder
-
         cfg = self.cfg.train
         lengths = None
         if self.cfg.data.length_grouping:
@@ -290,6 +288,8 @@ class Trainer:
                     if wandb_run is not None:
                         wandb_run.log(record, step=self.step)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False)
+                for callback in self.callbacks:
+                    callback.on_log(self, record)
             bar.update(1)
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
@@ -355,12 +355,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "micro_batches_done": self.micro_batches_done, "total_steps": self.total_steps}
-        return checkpoint.save(self.engine, self.output_dir, self.step, state, self.cfg.train.save_total_limit)
+        path = checkpoint.save(self.engine, self.output_dir, self.step, state, self.cfg.train.save_total_limit)
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, path)
+        return path
 
     def save(self, directory: Optional[str | os.PathLike] = None) -> Path:
         """Export the policy in Hugging Face format (`models.build.load_model` reloads it)."""
         import deepspeed
-        import shutil
 
         directory = Path(directory or self.output_dir / "final")
         tmp = directory.with_name(f".{directory.name}.tmp")
@@ -376,10 +378,8 @@ class Trainer:
         return directory
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point for `python -m ddpo.train` / `deepspeed -m ddpo.train CONFIG [...]`."""
-    from ddpo.cli import main as cli_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher appends it
-    return cli_main(["train", *argv])
+def precompute_reference(cfg: Config) -> Path:
+    """`ddpo precompute-ref`: compute and write the reference cache for the config's model and data."""
+    trainer = Trainer(cfg)
+    trainer.setup(for_reference_cache=True)
+    return trainer.reference_cache_dir

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ddpo.lab.demo import DemoSettings, generation_options, evaluate_model, run, split
-from ddpo.trainer import Trainer
+from ddpo.trainer import Trainer, TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,14 +47,12 @@ SHOWN = ("response_hallucination_rate", "mention_hallucination_rate", "object_re
          "attribute_error_rate", "position_error_rate", "count_error_rate")
 
 
-class ExportingTrainer(Trainer):
-    """A Trainer that also exports the policy (HF format, `load_model`-able) at every checkpoint, so
-    each can be evaluated: DeepSpeed states alone cannot be loaded by evaluation."""
+class ExportAtCheckpoints(TrainerCallback):
+    """Export the policy (HF format, `load_model`-able) at every checkpoint, so each can be evaluated:
+    DeepSpeed states alone cannot be loaded by evaluation."""
 
-    def save_checkpoint(self) -> Path:
-        path = super().save_checkpoint()
-        self.save(self.output_dir / "exports" / f"step-{self.step:06d}")
-        return path
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
+        trainer.save(trainer.output_dir / "exports" / f"step-{trainer.step:06d}")
 
 
 def selection_score(metrics: dict) -> float:
@@ -104,7 +102,7 @@ def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_
     plan = run_plan(cfg, num_pairs)
     shutil.rmtree(out, ignore_errors=True)  # an interrupted round restarts clean (no stale exports)
     cfg.train.save_steps = max(1, round(plan.steps_per_epoch / 4))
-    ExportingTrainer(cfg).train()
+    Trainer(cfg, callbacks=[ExportAtCheckpoints()]).train()
     return sorted((out / "exports").iterdir())
 
 

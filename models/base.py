@@ -30,6 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.records import IGNORE_INDEX, PairBatch
 from models.logps import chunked_token_logps
+from models.lora import merged_lora_state_dict
 from models.shared_prompt import shared_prompt_layout
 
 
@@ -313,8 +314,6 @@ class PreferenceModel(nn.Module):
         """HF model (safetensors) + tokenizer + `ddpo_model.json` (arch, image transform); `models.build.load_model` reloads it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        from models.build import merged_lora_state_dict  # LoRA: adapters folded into the base weights (None without LoRA)
-
         self.hf_model.save_pretrained(directory, state_dict=merged_lora_state_dict(self.hf_model))
         self.tokenizer.save_pretrained(directory)
         info = {"arch": self.arch, "image_transform": asdict(self.image_transform),

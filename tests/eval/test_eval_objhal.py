@@ -105,7 +105,7 @@ def test_answers_file_command_end_to_end(tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"image_id": i, "answer": a}) + "\n" for i, a in ANSWERS))
     out = tmp_path / "out" / "objhal.json"
-    from ddpo.cli import main as ddpo_main  # the real `ddpo eval` dispatch
+    from ddpo.commands import main as ddpo_main  # the real `ddpo eval` dispatch
     assert ddpo_main(["eval", "--benchmark", "objhal", "--answers", str(answers), "--annotations", str(coco), "--output", str(out)]) == 0
     m = json.loads(out.read_text())
     assert m["response_hallucination_rate"] == pytest.approx(2 / 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from data.records import PairBatch
-from ddpo.config import ModelConfig
+from models.config import ModelConfig
 
 ARCHS = ["llava", "muffin"]
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ddpo.config import ModelConfig
+from models.config import ModelConfig
 from models.base import scatter_image_features
 from models.beit3 import POSITION_OFFSET, Multiway
 from models.build import build_model

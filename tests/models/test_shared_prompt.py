@@ -99,7 +99,7 @@ def test_pairs_with_different_prompts_are_refused_by_name():
 
 
 def test_config_default_is_shared_prompt_and_model_default_matches():
-    from ddpo.config import ModelConfig
+    from models.config import ModelConfig
     from models.base import PreferenceModel
 
     assert ModelConfig().shared_prompt is True

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from ddpo.config import ConfigError, ModelConfig
+from models.config import ConfigError, ModelConfig
 from models.build import build_model, load_model
 from tests.models.helpers import naive_token_logps, pair_batch, tiny_model
 
