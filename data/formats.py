@@ -34,6 +34,7 @@ import datasets
 from datasets import Image as ImageFeature
 
 from data.images import DataError, load_checked_image
+from data.jsonl import jsonl_lines, parse_json_object
 from data.records import PreferenceRecord
 
 __all__ = ["DataError", "LoadedRecords", "load_records", "open_dataset", "parse_pair_texts", "row_texts", "FORMATS", "REQUIRED_COLUMNS"]
@@ -188,10 +189,8 @@ def _trl_row(row: dict, i: int, source: str) -> PreferenceRecord:
     )
 
 
-def _jsonl_row(row: Any, i: int, source: str, image_dir: Path) -> PreferenceRecord:
+def _jsonl_row(row: dict, i: int, source: str, image_dir: Path) -> PreferenceRecord:
     where = f"row {i} (line {i + 1}) of {source}"
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     question_field = "question" if "question" in row else "prompt"
     question, chosen, rejected = parse_pair_texts(row.get(question_field), row.get("chosen"), row.get("rejected"), where, question_field)
     image = _text(row.get("image"), where, "image")
@@ -270,20 +269,10 @@ def _jsonl_rows(data_cfg: Any) -> tuple[Iterator[tuple[int, Any]], Callable[[Any
         raise DataError(f"{data_cfg.path}: JSONL file not found; check data.path")
     image_dir = Path(data_cfg.image_dir).expanduser() if data_cfg.image_dir else path.parent
 
-    def rows() -> Iterator[tuple[int, Any]]:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    yield i, line
-
     def parse(line: str, i: int) -> PreferenceRecord:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"row {i} (line {i + 1}) of {path}: not valid JSON ({e}); one JSON object per line") from None
-        return _jsonl_row(row, i, str(path), image_dir)
+        return _jsonl_row(parse_json_object(line, f"row {i} (line {i + 1}) of {path}"), i, str(path), image_dir)
 
-    return rows(), parse
+    return jsonl_lines(path), parse
 
 
 def _synthetic(data_cfg: Any, seed: int) -> list[PreferenceRecord]:

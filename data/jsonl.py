@@ -1,23 +1,36 @@
-"""Reading JSONL files of objects, with errors that name the file and line."""
+"""JSON-lines files, the one reader: training data (data/formats), evaluation answers (ddpo/eval),
+answers to score (ddpo/online/scoring). Errors name the file and line."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from data.images import DataError
 
-def json_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, object) for every non-blank line of `path`; `where` is "FILE:LINE" for error messages.
-    A line that is not a JSON object raises ValueError naming it."""
-    path = Path(path)
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e}); write one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        yield where, row
+
+def jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line index from 0, text) of every non-blank line, read lazily."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                yield i, line
+
+
+def parse_json_object(line: str, where: str) -> dict[str, Any]:
+    """One line as a JSON object; anything else raises DataError naming `where`."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e}); write one JSON object per line") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def json_objects(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, object) for every non-blank line of `path`; `where` is "FILE:LINE" for error messages."""
+    for i, line in jsonl_lines(Path(path)):
+        where = f"{path}:{i + 1}"
+        yield where, parse_json_object(line, where)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning on (image, prompt, answer) triples: the stage before preference learning.
 
-A plain, single-process loop (AdamW, warm-up + cosine, clipping): the synthetic benchmark uses it to
+A plain, single-process loop (AdamW, warm-up + cosine from ddpo/schedule.py, clipping): the synthetic benchmark uses it to
 create the SFT model whose hallucinations DPO and DDPO then correct. Loss = mean negative log-prob of
 the answer tokens, computed through the same `sequence_token_logps` path as preference training.
 """
@@ -15,6 +15,7 @@ from PIL import Image
 
 from data.collator import collate_sequences, encode_sequences
 from data.records import IGNORE_INDEX
+from ddpo.schedule import lr_lambda
 
 
 @dataclass
@@ -42,10 +43,7 @@ def sft(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: S
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     warmup = max(1, math.ceil(settings.warmup_ratio * settings.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, settings.steps - warmup))),
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.steps, warmup, "cosine"))
     generator = torch.Generator().manual_seed(settings.seed)
     order: list[int] = []
     losses = []

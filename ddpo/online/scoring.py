@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from data.images import DataError, decode_image
+from data.jsonl import jsonl_lines, parse_json_object
 from data.records import IGNORE_INDEX
 from data.collator import collate_sequences, encode_sequences
 from data.segments import token_corrections
@@ -125,16 +126,9 @@ def implicit_rewards(policy, reference, images: Sequence[Image.Image], prompts: 
 def read_answers(path: Path, image_dir: Path) -> tuple[list[dict], list[Image.Image]]:
     """Rows of the answers JSONL (module doc) and their images; a bad row raises DataError naming it."""
     rows, images = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
+    for i, line in jsonl_lines(path):
         where = f"row {i} (line {i + 1}) of {path}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        row = parse_json_object(line, where)
         question = row.get("question", row.get("prompt"))
         if not isinstance(question, str):
             raise DataError(f"{where}, field 'question': missing or not a string; give the prompt as `question` (or `prompt`)")
