@@ -45,7 +45,10 @@ from typing import Any, Optional
 
 import yaml
 
-from ddpo.config import ConfigError, load_config, save_config
+from ddpo import checkpoint
+from ddpo.config import ConfigError, load_config, parse_overrides, save_config
+from ddpo.plan import nominal_num_pairs, run_plan
+from ddpo.trainer import Trainer
 
 SPEC_KEYS = {"base", "output_dir", "grid", "seeds", "overrides", "eval_files", "plot_metrics"}
 DEFAULT_PLOT_METRICS = ["loss", "rewards/accuracies"]
@@ -168,8 +171,6 @@ def write_configs(spec: SweepSpec, points: list[Point]) -> None:
 
 def point_status(run_dir: Path) -> str:
     """'done' (final/ exists), 'resume' (a complete checkpoint exists) or 'new'."""
-    from ddpo import checkpoint
-
     if (run_dir / "final").is_dir():
         return "done"
     return "resume" if checkpoint.find(run_dir, "auto") is not None else "new"
@@ -211,8 +212,6 @@ def hostfile_slots(hostfile: str) -> int:
 
 def describe_plan(point: Point, world_size: Optional[int]) -> str:
     """The point's run plan (ddpo/plan.py) on the data size its config implies."""
-    from ddpo.plan import nominal_num_pairs, run_plan
-
     cfg = load_config(point.config_path)
     pairs = nominal_num_pairs(cfg)
     if pairs is None or world_size is None:
@@ -230,8 +229,6 @@ def train_inline(point: Point) -> int:
     interpreter and import start-up of `local` (~4 s a point), which dominates small CPU runs; the runs
     share one process, so it is for single-process CPU sweeps. The project's log lines (and a failure's
     traceback) also go to the point's train.log, as with `local`."""
-    from ddpo.trainer import Trainer
-
     log = logging.getLogger("ddpo")
     level = log.level
     handler = logging.FileHandler(point.run_dir / "train.log", encoding="utf-8")
@@ -463,8 +460,6 @@ def wandb_sweep(spec: SweepSpec, spec_path: str) -> dict:
 
 def point_from_args(spec: SweepSpec, args: list[str]) -> Point:
     """The grid point named by wandb's `--key=value` arguments."""
-    from ddpo.config import parse_overrides
-
     given = dict(parse_overrides(args))
     for point in expand(spec):
         if all(_as_override(v) == given.get(k) for k, v in point.values.items()) and len(given) == len(point.values):

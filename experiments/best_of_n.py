@@ -28,7 +28,12 @@ from pathlib import Path
 
 import torch
 
-from ddpo.lab.demo import DemoSettings, generation_options, evaluate_model, run, split
+from data.synthetic.metrics import evaluate
+from ddpo.config import load_config
+from ddpo.lab.demo import DemoSettings, evaluate_model, generation_options, run, split
+from ddpo.online.best_of_n import pick_best, sample_candidates, score_candidates
+from ddpo.online.feedback import OracleFeedback, Query
+from models.build import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,12 +46,6 @@ def demo_settings(args: argparse.Namespace) -> DemoSettings:
 
 
 def experiment(args: argparse.Namespace) -> dict:
-    from data.synthetic.metrics import evaluate
-    from ddpo.online.best_of_n import pick_best, sample_candidates, score_candidates
-    from ddpo.config import load_config
-    from ddpo.online.feedback import OracleFeedback, Query
-    from models.build import load_model
-
     settings = demo_settings(args)
     run(settings, ("sft", "sample", "annotate", "train"))
     template = load_config(settings.train_config).data.template

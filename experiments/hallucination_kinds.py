@@ -20,16 +20,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from data.synthetic.annotator import ground
+from data.synthetic.language import parse
 from ddpo.config import load_config
 from ddpo.lab.demo import DemoSettings, generation_options, split, synthetic_config
+from models.build import load_model
 
 KINDS = ("partner", "other-absent", "present-shape", "extra", "count")
 
 
 def kinds(scene, answer: str, partners: dict[str, str]) -> Counter:
-    from data.synthetic.annotator import ground
-    from data.synthetic.language import parse
-
     g = ground(scene, parse(answer))
     out: Counter = Counter()
     present = scene.shapes()
@@ -51,8 +51,6 @@ def kinds(scene, answer: str, partners: dict[str, str]) -> Counter:
 
 def main(argv=None) -> int:
     import torch
-
-    from models.build import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("demo_dir", type=Path)

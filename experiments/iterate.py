@@ -37,8 +37,14 @@ from pathlib import Path
 
 import torch
 
-from ddpo.lab.demo import DemoSettings, generation_options, evaluate_model, run, split
+from ddpo.config import load_config
+from ddpo.lab.demo import DemoSettings, evaluate_model, generation_options, run, split
+from ddpo.online.best_of_n import sample_candidates
+from ddpo.online.feedback import DivideAndConquerFeedback, ModelYesNoLabeler, OracleFeedback, Query, SyntheticClaimSplitter
+from ddpo.online.pairs import build_pairs
+from ddpo.plan import run_plan
 from ddpo.trainer import Trainer, TrainerCallback
+from models.build import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,13 +66,10 @@ def selection_score(metrics: dict) -> float:
 
 
 def make_feedback(args: argparse.Namespace, template: str):
-    from ddpo.online.feedback import DivideAndConquerFeedback, ModelYesNoLabeler, OracleFeedback, SyntheticClaimSplitter
-
     if args.feedback == "oracle":
         return OracleFeedback()
     if not args.labeler:
         raise SystemExit("--feedback divide-and-conquer needs --labeler DIR (a model directory that load_model reads)")
-    from models.build import load_model
 
     return DivideAndConquerFeedback(SyntheticClaimSplitter(), ModelYesNoLabeler(load_model(args.labeler), template))
 
@@ -87,9 +90,6 @@ def write_pairs(pairs, images, prompts, directory: Path) -> Path:
 
 def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_pairs: int, out: Path) -> list[Path]:
     """`ddpo train` from `base` on the round's pairs with exports every 1/4 epoch; the exports, in step order."""
-    from ddpo.config import load_config
-    from ddpo.plan import run_plan
-
     overrides = [
         "--model.name_or_path", str(base), "--data.format", "jsonl", "--data.path", str(train_file),
         "--data.image_dir", str(train_file.parent / "images"), "--train.output_dir", str(out),
@@ -107,11 +107,6 @@ def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_
 
 
 def run_round(args, settings: DemoSettings, k: int, base: Path, template: str, feedback) -> dict:
-    from ddpo.online.best_of_n import sample_candidates
-    from ddpo.online.feedback import Query
-    from ddpo.online.pairs import build_pairs
-    from models.build import load_model
-
     directory = Path(settings.output_dir) / "iterate" / f"round{k}"
     if (directory / "selected.json").is_file():
         return json.loads((directory / "selected.json").read_text())
@@ -144,9 +139,6 @@ def run_round(args, settings: DemoSettings, k: int, base: Path, template: str, f
 
 
 def run_seed(args, seed: int) -> list[dict]:
-    from ddpo.config import load_config
-    from models.build import load_model
-
     overrides = {"output_dir": str(args.output_dir / f"seed{seed}"), "seed": seed, "num_threads": args.num_threads}
     if args.train_config:
         overrides["train_config"] = args.train_config

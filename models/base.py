@@ -29,6 +29,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.records import IGNORE_INDEX, PairBatch
+from data.templates import encode_prompt
 from models.logps import chunked_token_logps
 from models.lora import merged_lora_state_dict
 from models.shared_prompt import shared_prompt_layout
@@ -250,7 +251,6 @@ class PreferenceModel(nn.Module):
         Returns the generated text only: no prompt, cut before the first stop string, no eos/pad, stripped.
         With `seed`, sampling is reproducible (the global RNG state is restored afterwards).
         """
-        from data.templates import encode_prompt
 
         if len(images) != len(prompts):
             raise ValueError(f"generate: {len(images)} images for {len(prompts)} prompts; give one image per prompt")

@@ -204,7 +204,7 @@ def test_an_inline_point_that_fails_is_logged_and_the_others_still_run(tmp_path,
     sweep.write_configs(spec, points)
     (points[0].config_path).write_text("loss: {gamma: -1}\n")  # broken after validation: fails inside the run
     trained = []
-    monkeypatch.setattr("ddpo.trainer.Trainer", lambda cfg: type("T", (), {"train": lambda self: trained.append(cfg.loss.gamma)})())
+    monkeypatch.setattr(sweep, "Trainer", lambda cfg: type("T", (), {"train": lambda self: trained.append(cfg.loss.gamma)})())
     assert sweep.launch(spec, points, lambda p: sweep.command(p, "inline"), False, 1, inline=True) == [points[0].name]
     assert trained == [5.0]
     assert "gamma=1.0_seed=0 failed" in (points[0].run_dir / "train.log").read_text()

@@ -22,10 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
+from data.jsonl import json_objects
+from data.synthetic.metrics import evaluate
 from ddpo.eval import mmhal, objhal, yesno
 from ddpo.eval.generation import GenerationConfig, generate_answers
 from ddpo.eval.judge import DEFAULT_BASE_URL, JudgeCache, JudgeClient, JudgeError
-from data.jsonl import json_objects
+from ddpo.lab.demo import DemoSettings, split
+from models.build import load_model
 
 Rows = list[dict[str, Any]]
 
@@ -130,8 +133,6 @@ def _yesno_read_answers(load_questions: Callable[[argparse.Namespace], Rows]) ->
 # --- synthetic world --------------------------------------------------------------------------------
 def _synthetic_split(args: argparse.Namespace):
     """The `ddpo demo` test split of seed --seed (scenes, images, prompts): same images as the demo's."""
-    from ddpo.lab.demo import DemoSettings, split  # noqa: PLC0415
-
     scenes, images, prompts, _ = split(DemoSettings(seed=args.seed), "test", args.num_images)
     return scenes, images, prompts
 
@@ -157,8 +158,6 @@ def _synthetic_read_answers(args: argparse.Namespace) -> Rows:
 
 
 def _synthetic_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any], Rows]:
-    from data.synthetic.metrics import evaluate  # noqa: PLC0415
-
     args.num_images = max(args.num_images, 1 + max(r["index"] for r in rows))
     scenes, _, _ = _synthetic_split(args)
     metrics = evaluate([scenes[r["index"]] for r in rows], [r["answer"] for r in rows])
@@ -215,8 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
-    from models.build import load_model  # noqa: PLC0415 (torch/transformers only when generating)
-
     questions = bench.questions(args)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                               top_p=args.top_p, num_beams=args.num_beams, seed=args.seed, stop_strings=args.stop,

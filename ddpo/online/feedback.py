@@ -26,6 +26,11 @@ from typing import Callable, Optional, Protocol, Sequence
 
 from PIL import Image
 
+from data.synthetic.annotator import ground
+from data.synthetic.language import parse
+from data.templates import encode_answer_with_offsets
+from ddpo.online.scoring import answer_token_logps
+
 
 @dataclass
 class Query:
@@ -50,9 +55,6 @@ class OracleFeedback:
     """Exact feedback in the synthetic world: -(wrong claims + unreadable sentences) of each answer."""
 
     def score(self, query: Query, answers: Sequence[str]) -> list[float]:
-        from data.synthetic.annotator import ground
-        from data.synthetic.language import parse
-
         scene = query.meta.get("scene")
         if scene is None:
             raise ValueError("OracleFeedback needs the synthetic scene of each prompt in query.meta['scene']")
@@ -88,8 +90,6 @@ class SyntheticClaimSplitter:
     judges them."""
 
     def split(self, answer: str) -> list[str]:
-        from data.synthetic.language import parse
-
         parsed = parse(answer)
         spans = sorted([(s.start, s.end) for s in parsed.sentences] + list(parsed.unparsed))
         return [answer[a:b] for a, b in spans]
@@ -122,8 +122,6 @@ class ModelYesNoLabeler:
 
     def _spellings(self, words: Sequence[str]) -> list[tuple[str, int]]:
         """(word, number of its tokens at the start of the answer) for each representable spelling."""
-        from data.templates import encode_answer_with_offsets
-
         tokenizer = self.model.tokenizer
         out = []
         for word in words:
@@ -136,8 +134,6 @@ class ModelYesNoLabeler:
         return out
 
     def _word_logps(self, images: Sequence[Image.Image], questions: Sequence[str], spellings) -> list[float]:
-        from ddpo.online.scoring import answer_token_logps
-
         per_spelling = []
         for word, n in spellings:
             logps = answer_token_logps(self.model, images, questions, [word] * len(questions), self.template, self.batch_size)

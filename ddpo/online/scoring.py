@@ -37,14 +37,15 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
+from data.collator import collate_sequences, encode_sequences
 from data.images import DataError, decode_image
 from data.jsonl import jsonl_lines, parse_json_object
 from data.records import IGNORE_INDEX
-from data.collator import collate_sequences, encode_sequences
 from data.segments import token_corrections
 from data.templates import TEMPLATES, encode_answer
 from ddpo.loss import token_weights
 from ddpo.reference import answer_logps
+from models.build import load_model
 
 
 VARIANTS = ("sum", "mean", "segment")
@@ -192,7 +193,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    from models.build import load_model
 
     answers_path = Path(args.answers)
     output = Path(args.output) if args.output else answers_path.with_name(answers_path.stem + ".scored.jsonl")

@@ -1,12 +1,11 @@
 """Batched generation through a fake model, and `ddpo eval --model` end to end (POPE, Object HalBench)."""
 import json
 import random
-import sys
-import types
 
 import pytest
 from PIL import Image
 
+from ddpo.eval import cli as eval_cli
 from ddpo.eval.cli import main as eval_main
 from ddpo.eval.generation import GenerationConfig, generate_answers, truncate_at_stop
 
@@ -70,7 +69,7 @@ def test_truncate_at_stop():
 
 @pytest.fixture
 def fake_models_build(monkeypatch):
-    """`models.build.load_model` returning a FakeModel (the real one belongs to the models package)."""
+    """`ddpo eval`'s `load_model` returning a FakeModel (the real one belongs to the models package)."""
     loaded = {}
 
     def load_model(path):
@@ -78,9 +77,7 @@ def fake_models_build(monkeypatch):
         loaded["model"] = FakeModel(lambda prompt, rng: "Yes, there is." if "dog" in prompt else "No, there is not.</s>junk")
         return loaded["model"]
 
-    module = types.ModuleType("models.build")
-    module.load_model = load_model
-    monkeypatch.setitem(sys.modules, "models.build", module)
+    monkeypatch.setattr(eval_cli, "load_model", load_model)
     return loaded
 
 
