@@ -2,7 +2,7 @@
 
     load_records(cfg.data) -> LoadedRecords (a list of PreferenceRecord with a `.skipped` list)
 
-Schemas (shared/reference/rlhfv.md §2):
+Schemas (docs/PAPER_FACTS.md §2):
   rlhf-v   parquet; `text` = JSON string {"question", "chosen", "rejected"}; `image` = {bytes, path};
            int `idx`; meta columns ds_name, origin_dataset, origin_split, image_path.
   rlaif-v  parquet shards; `question`, `chosen`, `rejected` columns; `image` = {bytes, path}; string

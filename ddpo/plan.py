@@ -19,7 +19,7 @@ from typing import Optional
 
 from ddpo.config import Config, ConfigError
 
-# Rows of the public preference sets (HF viewer / dataset cards; rlhfv.md §2), for planning before any
+# Rows of the public preference sets (HF viewer / dataset cards; docs/PAPER_FACTS.md §2), for planning before any
 # download. The trainer uses the real count.
 DATASET_SIZES: dict[str, int] = {
     "HaoyeZhang/RLHF-V-Dataset": 5733,

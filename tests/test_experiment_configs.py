@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_YAMLS = sorted((REPO / "configs").rglob("*.yaml"))
 EXPERIMENT_DIRS = ("rlhfv", "rlaifv", "ablations")  # the paper reproductions; tiny/synthetic configs are CPU runs
 
-# Sources: /work/shared/reference/rlhfv.md §4.1 (released RLHF-V command), §4.2 (paper: §4.1 + App. C),
-# §4.4 (RLAIF-V llava15_train.sh and the LoRA variant), §6.2 (Table 3, Figure 2).
+# Sources: docs/PAPER_FACTS.md §3.1 (released RLHF-V command), §3.2 (paper: §4.1 + App. C),
+# §3.3 (RLAIF-V llava15_train.sh and the LoRA variant), §4.2 (Table 3, Figure 2).
 PAPER = dict(
     arch="muffin", beta=0.5, gamma=5.0, normalize="mean", segments="token_diff", learning_rate=5e-7, warmup_ratio=0.1,
     lr_scheduler="cosine", weight_decay=0.0, world_size=8, global_batch=32, epochs=7.0, max_steps=-1, num_pairs=1401,

@@ -7,7 +7,7 @@ Every source implements `FeedbackSource.score(query, answers) -> list[float]`, s
                             -(wrong claims + unreadable sentences), i.e. minus the number of
                             corrections the annotator makes (counted per claim), an unreadable
                             sentence counting as one error so that it never looks clean.
-  DivideAndConquerFeedback  RLAIF-V's labeler (rlhfv.md §4.4): split an answer into atomic claims
+  DivideAndConquerFeedback  RLAIF-V's labeler (docs/PAPER_FACTS.md §3.3): split an answer into atomic claims
                             (`ClaimSplitter`), turn each claim into a yes/no question, ask a labeler
                             (`YesNoLabeler`); a claim holds when log P(yes) > log P(no); score =
                             -(number of rejected claims).

@@ -1,7 +1,7 @@
 """Preference pairs from scored candidate answers, following RLAIF-V's pair construction.
 
 Per prompt, N sampled answers carry a feedback score (`ddpo.online.feedback`: higher is better, e.g.
--(number of rejected claims)). Then (rlhfv.md §4.4, RLAIF-V `utils/pair_construction.py`):
+-(number of rejected claims)). Then (docs/PAPER_FACTS.md §3.3, RLAIF-V `utils/pair_construction.py`):
 
   1. every ordered pair (chosen, rejected) whose score gap is >= `min_gap` (1) is a candidate;
      identical texts never pair;
