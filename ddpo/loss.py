@@ -195,6 +195,9 @@ class DDPOLoss(nn.Module):
         reference_free); masks [2B, T] bool in `PairBatch` row order (chosen rows, then rejected rows):
         `answer_mask` the answer tokens, `corrected_mask` those inside corrected segments."""
         b = policy_chosen_token_logps.shape[0]
+        if answer_mask.shape[0] != 2 * b:
+            raise ValueError(f"DDPOLoss: the masks hold {answer_mask.shape[0]} rows for {b} pairs; pass them in PairBatch "
+                             "layout, [2B, T]: chosen rows, then rejected rows")
         weights = token_weights(answer_mask, corrected_mask, self.gamma)
         chosen_weights, rejected_weights = weights[:b], weights[b:]
         policy_chosen = weighted_logps(policy_chosen_token_logps, chosen_weights, self.normalize)

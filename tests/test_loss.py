@@ -312,6 +312,8 @@ def test_module_errors_and_config():
         DDPOLoss(gamma=G3)(pc, pr, rc, rr, *masks(wc, wr))
     with pytest.raises(ValueError, match=r"got \(2, 3\) and \(2, 4\)"):
         DDPOLoss()(pr[:, :3], pr, rc, rr, *masks(wc, wr))
+    with pytest.raises(ValueError, match=r"masks hold 2 rows for 2 pairs; pass them in PairBatch layout"):
+        DDPOLoss()(pc, pr, rc, rr, wc > 0, wc == G3)
 
 
 def test_policy_equal_to_reference_gives_log2_and_no_accuracy():
