@@ -376,7 +376,7 @@ def padding_report(workdir: Path) -> dict[str, float]:
     cfg = ddpo_config(workdir, "grouped", 1, 1, workdir / "runs" / "padding")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     records = load_records(cfg.data, seed=cfg.train.seed)
-    encoder = PairEncoder.from_config(cfg, tokenizer, "<image>" * 64)
+    encoder = PairEncoder.from_config(cfg.data, tokenizer, "<image>" * 64)
     dataset = PairDataset(records, encoder)
     pairs = [dataset[i] for i in range(len(dataset))]
     lengths = [len(r.prompt) + max(len(r.chosen), len(r.rejected)) for r in dataset.records]  # as the trainer does
