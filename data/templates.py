@@ -4,6 +4,15 @@ Templates (the `data.template` config values):
   vicuna_v0      Muffin / RLHF-V:  "<s>{system}\\n\\n### Human: {image}\\n{question}\\n### Assistant:" + " {answer}\\n###"
   llava_v1       LLaVA-1.5:        "<s>{system} USER: {image}\\n{question} ASSISTANT:" + " {answer}" + "</s>"
   chat_template  the tokenizer's own `apply_chat_template`, the user turn being [image part, text part]
+  rlhfv_eval     generation only, RLHF-V's evaluation prompt (Muffin `muffin_vqa.py`): the image *after*
+                 the question, "<s>{system}\\n###Human: {question}\\n{image}\\n###"; the model writes
+                 "Assistant: ..." itself and stops at the next "###" (see ddpo/eval/protocols.py)
+
+`chat_template` and BOS/EOS: many multimodal chat templates (llava-hf's among them) render neither BOS
+nor EOS, so the prompt gets the tokenizer's BOS here unless the rendered text already starts with it,
+and the labelled answer ends with EOS unless the template already put it there (whitespace the template
+adds after the answer is dropped). llava-hf's template has no system prompt either; for LLaVA-1.5's
+training layout use `llava_v1`.
 
 The prompt and the answer are tokenized separately (`add_special_tokens=False`; BOS/EOS are added
 here explicitly), so the prompt ids of a pair's chosen and rejected sequences are identical and the
@@ -22,7 +31,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -40,15 +49,21 @@ IMAGE_MARKER = "<image>"  # what a chat template must render for an image conten
 @dataclass(frozen=True)
 class TextTemplate:
     prompt: str  # with {system}, {image}, {question}; ends with the assistant role prefix
-    answer: str  # with {answer}: the labelled text
+    answer: Optional[str]  # with {answer}: the labelled text; None = a generation-only template
     append_eos: bool  # end the answer with the tokenizer's EOS id
+    stop_strings: tuple[str, ...] = ()  # generation stops here (templates whose answers end without EOS)
+    generated_prefix: str = ""  # a role prefix the model writes itself before its answer (removed from answers)
 
 
 TEXT_TEMPLATES = {
-    "vicuna_v0": TextTemplate("{system}\n\n### Human: {image}\n{question}\n### Assistant:", " {answer}\n###", append_eos=False),
+    "vicuna_v0": TextTemplate("{system}\n\n### Human: {image}\n{question}\n### Assistant:", " {answer}\n###", append_eos=False,
+                              stop_strings=("###",)),
     "llava_v1": TextTemplate("{system} USER: {image}\n{question} ASSISTANT:", " {answer}", append_eos=True),
+    "rlhfv_eval": TextTemplate("{system}\n###Human: {question}\n{image}\n###", None, append_eos=False,
+                               stop_strings=("###",), generated_prefix="Assistant:"),
 }
-TEMPLATES = (*TEXT_TEMPLATES, "chat_template")
+TRAINING_TEMPLATES = (*(name for name, t in TEXT_TEMPLATES.items() if t.answer is not None), "chat_template")
+TEMPLATES = (*TRAINING_TEMPLATES, *(name for name, t in TEXT_TEMPLATES.items() if t.answer is None))
 
 
 def _fill(text: str, **values: str) -> str:
@@ -61,6 +76,26 @@ def _fill(text: str, **values: str) -> str:
 def _check_template(template: str) -> None:
     if template not in TEMPLATES:
         raise ValueError(f"unknown template '{template}'; templates are {', '.join(TEMPLATES)}")
+
+
+def _check_trainable(template: str) -> None:
+    _check_template(template)
+    if template not in TRAINING_TEMPLATES:
+        raise ValueError(f"template '{template}' is a generation prompt only (an evaluation protocol's layout) and labels "
+                         f"no answers; train with one of {', '.join(TRAINING_TEMPLATES)}")
+
+
+def default_stop_strings(template: str) -> tuple[str, ...]:
+    """Where generation with `template` ends besides EOS: '###' for the Vicuna-v0 layouts, whose answers
+    carry no EOS (without it, answers run on into invented 'Human:' turns)."""
+    _check_template(template)
+    return TEXT_TEMPLATES[template].stop_strings if template in TEXT_TEMPLATES else ()
+
+
+def generated_prefix(template: str) -> str:
+    """The role prefix a model writes itself before its answer under `template` ('' for most)."""
+    _check_template(template)
+    return TEXT_TEMPLATES[template].generated_prefix if template in TEXT_TEMPLATES else ""
 
 
 def _chat_messages(question: str, answer: str | None = None) -> list[dict]:
@@ -89,7 +124,7 @@ def prompt_text(template: str, tokenizer: PreTrainedTokenizerBase, question: str
 
 def answer_text(template: str, tokenizer: PreTrainedTokenizerBase, answer: str) -> tuple[str, int]:
     """The labelled text of an answer (separator + answer + text end marker) and where `answer` starts in it."""
-    _check_template(template)
+    _check_trainable(template)
     if template in TEXT_TEMPLATES:
         before, _, after = TEXT_TEMPLATES[template].answer.partition("{answer}")
         return before + answer + after, len(before)
@@ -99,13 +134,32 @@ def answer_text(template: str, tokenizer: PreTrainedTokenizerBase, answer: str) 
     if not full.startswith(prompt) or answer not in full[len(prompt):]:
         raise ValueError("the tokenizer's chat template does not render a conversation as prompt (with generation prompt) + answer; use vicuna_v0 or llava_v1")
     text = full[len(prompt):]
-    return text, text.index(answer)
+    start = text.index(answer)
+    if not text[start + len(answer):].strip():  # only whitespace after the answer (llava-hf): EOS follows it
+        text = text[:start + len(answer)]
+    return text, start
+
+
+def _chat_needs_eos(tokenizer: PreTrainedTokenizerBase, answer_text_: str) -> bool:
+    """chat_template: True when the rendered answer lacks the EOS token (it is appended, so it is trained)."""
+    if tokenizer.eos_token is None:
+        raise ValueError("template 'chat_template' renders answers without an end marker and the tokenizer has no eos_token: "
+                         "a model trained on it would never learn to stop; set tokenizer.eos_token or use llava_v1/vicuna_v0")
+    return tokenizer.eos_token not in answer_text_
+
+
+def _appends_eos(template: str, tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
+    if template in TEXT_TEMPLATES:
+        return TEXT_TEMPLATES[template].append_eos
+    return _chat_needs_eos(tokenizer, text)
 
 
 def encode_prompt(template: str, tokenizer: PreTrainedTokenizerBase, question: str, image_placeholder: str) -> list[int]:
     """BOS + system + user turn (image placeholder, question) + assistant role prefix: the generation prompt."""
-    ids = tokenizer(prompt_text(template, tokenizer, question, image_placeholder), add_special_tokens=False)["input_ids"]
-    if template in TEXT_TEMPLATES and tokenizer.bos_token_id is not None:
+    text = prompt_text(template, tokenizer, question, image_placeholder)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Text templates never hold BOS; a chat template may render it itself (then the ids start with it).
+    if tokenizer.bos_token_id is not None and (template in TEXT_TEMPLATES or not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id, *ids]
     return ids
 
@@ -122,7 +176,7 @@ def encode_answer_with_offsets(
     ids = list(encoding["input_ids"])
     clip = lambda i: min(max(i - start, 0), len(answer))  # noqa: E731
     offsets = [(clip(s), clip(e)) for s, e in encoding["offset_mapping"]]
-    if template in TEXT_TEMPLATES and TEXT_TEMPLATES[template].append_eos:
+    if _appends_eos(template, tokenizer, text):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"template '{template}' ends answers with EOS, but the tokenizer has no eos_token")
         ids.append(tokenizer.eos_token_id)
@@ -134,8 +188,11 @@ def encode_answer(template: str, tokenizer: PreTrainedTokenizerBase, answer: str
     """Answer token ids: the labelled tokens (answer + the template's end marker or EOS)."""
     if tokenizer.is_fast:
         return encode_answer_with_offsets(template, tokenizer, answer)[0]
-    ids = tokenizer(answer_text(template, tokenizer, answer)[0], add_special_tokens=False)["input_ids"]
-    if template in TEXT_TEMPLATES and TEXT_TEMPLATES[template].append_eos:
+    text = answer_text(template, tokenizer, answer)[0]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if _appends_eos(template, tokenizer, text):
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"template '{template}' ends answers with EOS, but the tokenizer has no eos_token")
         ids.append(tokenizer.eos_token_id)
     return ids
 

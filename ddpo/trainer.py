@@ -144,7 +144,8 @@ class Trainer:
         tokenizer = None
         if cfg.model.name_or_path is None:
             tokenizer = self._tokenizer_for_random_init()
-        model = build_model(cfg.model, tokenizer=tokenizer)
+        model = build_model(cfg.model, tokenizer=tokenizer, device=self.device)
+        model.template = cfg.data.template  # saved with the model: `ddpo eval` prompts it the way it was trained
         if self.bf16:
             model = model.to(torch.bfloat16)
         self.model = model.to(self.device)

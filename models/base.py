@@ -29,7 +29,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.records import IGNORE_INDEX, PairBatch
-from data.templates import encode_prompt
+from data.templates import encode_prompt, generated_prefix
 from models.logps import chunked_token_logps
 from models.lora import merged_lora_state_dict
 from models.shared_prompt import shared_prompt_layout
@@ -38,13 +38,49 @@ from models.shared_prompt import shared_prompt_layout
 DDPO_MODEL_FILE = "ddpo_model.json"
 
 
+IMAGE_MODES = ("pad", "crop", "resize")
+
+
 @dataclass(frozen=True)
 class ImageTransform:
-    """Deterministic eval transform: RGB, bicubic resize to size x size, scale to [0, 1], normalise."""
+    """Deterministic eval transform: RGB -> a size x size square -> scale to [0, 1] -> normalise.
+
+    How a non-square image becomes square (`mode`; LLaVA-1.5 and llava-hf differ, and a 4:3 COCO
+    image squashed to a square is distorted by a third):
+      pad     LLaVA-1.5 (`image_aspect_ratio: pad`, its training and eval): centre the image on a square
+              of the mean colour (`round down(255 * mean)` per channel), then bicubic resize;
+      crop    llava-hf's processor and RLAIF-V's DPO training (CLIP processor): bicubic resize of the
+              short side to `size` (long side `int(size * long / short)`), then a centred crop;
+      resize  Muffin / RLHF-V's eval transform: bicubic resize straight to size x size.
+    Square images give the same pixels in all three modes.
+    """
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    mode: str = "resize"
+
+    def __post_init__(self) -> None:
+        if self.mode not in IMAGE_MODES:
+            raise ValueError(f"image preprocessing mode '{self.mode}' is not one of {', '.join(IMAGE_MODES)} (model.image_mode)")
+
+    def square(self, image: Image.Image) -> Image.Image:
+        """One RGB PIL image -> the size x size RGB image the tower sees (before scaling)."""
+        image = image.convert("RGB")
+        width, height = image.size
+        if self.mode == "pad" and width != height:
+            side = max(width, height)
+            canvas = Image.new("RGB", (side, side), tuple(int(255 * m) for m in self.mean))
+            canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+            image = canvas
+        elif self.mode == "crop":
+            short, long = min(width, height), max(width, height)
+            long_out = int(self.size * long / short)
+            new_size = (self.size, long_out) if width <= height else (long_out, self.size)
+            image = image.resize(new_size, Image.Resampling.BICUBIC)
+            left, top = (new_size[0] - self.size) // 2, (new_size[1] - self.size) // 2
+            return image.crop((left, top, left + self.size, top + self.size))
+        return image.resize((self.size, self.size), Image.Resampling.BICUBIC)
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """list of B PIL images -> [B, 3, size, size] float32."""
@@ -54,8 +90,7 @@ class ImageTransform:
         for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
                 raise TypeError(f"preprocess_images: image {i} is a {type(image).__name__}, expected a PIL image")
-            resized = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
-            arrays.append(np.asarray(resized, dtype=np.float32))
+            arrays.append(np.asarray(self.square(image), dtype=np.float32))
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
@@ -115,6 +150,9 @@ class PreferenceModel(nn.Module):
     """
 
     arch: str = ""
+    # Conversation template of this model (data/templates.py): what it was trained with when saved by
+    # ddpo (`ddpo_model.json`), else its architecture's: llava_v1 for LLaVA-1.5, vicuna_v0 for Muffin.
+    template: str = "vicuna_v0"
     # One packed [prompt | chosen | rejected] row per pair (exact; `model.shared_prompt`).
     shared_prompt: bool = True
     # Ablation for benchmarks only: False encodes each pair's image twice, once per row, as peers do.
@@ -242,15 +280,20 @@ class PreferenceModel(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], template: str = "vicuna_v0",
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], template: Optional[str] = None,
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  num_beams: int = 1, seed: Optional[int] = None, stop_strings: Optional[Sequence[str]] = None,
                  batch_size: int = 8, repetition_penalty: float = 1.0) -> list[str]:
         """Answers to `prompts` (one image each), generated in left-padded batches.
 
-        Returns the generated text only: no prompt, cut before the first stop string, no eos/pad, stripped.
+        Returns the generated text only: no prompt, cut before the first stop string, no eos/pad, stripped,
+        and without a role prefix the template makes the model write (rlhfv_eval's 'Assistant:').
+        `template` None = the model's (`self.template`). `stop_strings` are used as given (None = none);
+        `data.templates.default_stop_strings(template)` are the template's, which `ddpo eval` applies.
         With `seed`, sampling is reproducible (the global RNG state is restored afterwards).
         """
+        template = template or self.template
+        prefix = generated_prefix(template)
 
         if len(images) != len(prompts):
             raise ValueError(f"generate: {len(images)} images for {len(prompts)} prompts; give one image per prompt")
@@ -275,7 +318,7 @@ class PreferenceModel(nn.Module):
                         torch.manual_seed(seed + start)
                     out = self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                                  pixel_values=pixel_values, **options)
-                answers += [self._decode_answer(row, stop_strings) for row in out[:, input_ids.shape[1]:]]
+                answers += [self._decode_answer(row, stop_strings, prefix) for row in out[:, input_ids.shape[1]:]]
         finally:
             self.train(was_training)
         return answers
@@ -287,7 +330,7 @@ class PreferenceModel(nn.Module):
         mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences], device=self.device)
         return ids, mask
 
-    def _decode_answer(self, new_tokens: torch.Tensor, stop_strings: Optional[Sequence[str]]) -> str:
+    def _decode_answer(self, new_tokens: torch.Tensor, stop_strings: Optional[Sequence[str]], prefix: str = "") -> str:
         tokens = new_tokens.tolist()
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos in tokens:
@@ -295,7 +338,8 @@ class PreferenceModel(nn.Module):
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         for stop in stop_strings or ():
             text = text.split(stop, 1)[0]
-        return text.strip()
+        text = text.strip()
+        return text[len(prefix):].strip() if prefix and text.startswith(prefix) else text
 
     # -- training set-up -------------------------------------------------------------------------
     def apply_freezing(self, vision_tower: bool = False, projector: bool = False, llm: bool = False) -> None:
@@ -316,6 +360,6 @@ class PreferenceModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.hf_model.save_pretrained(directory, state_dict=merged_lora_state_dict(self.hf_model))
         self.tokenizer.save_pretrained(directory)
-        info = {"arch": self.arch, "image_transform": asdict(self.image_transform),
+        info = {"arch": self.arch, "template": self.template, "image_transform": asdict(self.image_transform),
                 "logps_chunk_size": self.logps_chunk_size, "format_version": 1}
         (directory / DDPO_MODEL_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")

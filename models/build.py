@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +32,8 @@ from models.config import ConfigError, ModelConfig
 from models.llava import IMAGE_TOKEN, LlavaPreferenceModel
 from models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LORA_ADAPTER, apply_lora
 from models.muffin import (IMAGE_PATCH_TOKEN, MuffinConfig, MuffinForCausalLM, MuffinPreferenceModel,
-                           apply_sub_ln_init, load_muffin_checkpoint, muffin_config_from_original)
+                           apply_sub_ln_init, build_empty_muffin, checkpoint_image_size, load_muffin_checkpoint,
+                           muffin_config_from_original)
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(vision_width=64, vision_layers=2, vision_heads=4, image_size=32, patch=8, queries=8,
@@ -101,12 +103,13 @@ def _token_id(tokenizer, token: str) -> int:
     return tokenizer.convert_tokens_to_ids(token)
 
 
-def build_model(cfg: ModelConfig, tokenizer=None) -> PreferenceModel:
+def build_model(cfg: ModelConfig, tokenizer=None, device: Optional[torch.device | str] = None) -> PreferenceModel:
     """The model the `model:` section describes: a checkpoint (`name_or_path`), or a random-init preset
-    (optionally filled from an original Muffin checkpoint), with freezing, checkpointing and dtype applied."""
+    (optionally filled from an original Muffin checkpoint), with freezing, checkpointing and dtype applied.
+    `device`: where an original Muffin checkpoint's shards go as they are read (the trainer's device)."""
     dtype = resolve_dtype(cfg.dtype)
     if tokenizer is None and cfg.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     if cfg.name_or_path:
         model = load_model(cfg.name_or_path, tokenizer=tokenizer, dtype=dtype, attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code, logps_chunk_size=cfg.logps_chunk_size,
@@ -114,7 +117,9 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> PreferenceModel:
         if model.arch != cfg.arch:
             raise ConfigError(f"model.arch is '{cfg.arch}' but {cfg.name_or_path} holds a '{model.arch}' model")
     else:
-        model = _random_init(cfg, tokenizer).to(dtype)
+        model = _random_init(cfg, tokenizer, device).to(dtype)
+    if cfg.image_mode:
+        model.image_transform = replace(model.image_transform, mode=cfg.image_mode)
     model.apply_freezing(cfg.freeze_vision_tower, cfg.freeze_projector, cfg.freeze_llm)
     if cfg.lora_r > 0:  # after the freezing: LoRA freezes everything but its adapters
         apply_lora(model, cfg)
@@ -124,12 +129,12 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> PreferenceModel:
     return model
 
 
-def _random_init(cfg: ModelConfig, tokenizer) -> PreferenceModel:
+def _random_init(cfg: ModelConfig, tokenizer, device: Optional[torch.device | str] = None) -> PreferenceModel:
     muffin_dir = Path(cfg.muffin_checkpoint) if cfg.muffin_checkpoint else None
     if muffin_dir is not None and cfg.arch != "muffin":
         raise ConfigError("model.muffin_checkpoint needs model.arch 'muffin'")
     if tokenizer is None and muffin_dir is not None and (muffin_dir / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(muffin_dir, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(muffin_dir, cfg.trust_remote_code)
     if tokenizer is None:
         raise ConfigError(f"a random-init '{cfg.arch}' model (model.name_or_path null) needs a tokenizer: "
                           "pass one to build_model or set model.tokenizer")
@@ -137,15 +142,42 @@ def _random_init(cfg: ModelConfig, tokenizer) -> PreferenceModel:
         return LlavaPreferenceModel(random_llava(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation, cfg.patch_size),
                                     tokenizer, logps_chunk_size=cfg.logps_chunk_size)
     if muffin_dir is not None and (muffin_dir / "config.json").is_file():  # a full original checkpoint directory
-        original = json.loads((muffin_dir / "config.json").read_text(encoding="utf-8"))
-        config = muffin_config_from_original(original, _token_id(tokenizer, IMAGE_PATCH_TOKEN))
-        hf = MuffinForCausalLM._from_config(config, attn_implementation=cfg.attn_implementation)
+        hf = _load_original_muffin(cfg, muffin_dir, tokenizer, device)
     else:
         hf = random_muffin(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation, cfg.patch_size)
-    if muffin_dir is not None:
-        load_muffin_checkpoint(hf, muffin_dir)
+        if muffin_dir is not None:  # a bare state dict (file, or a directory of shards) onto the preset's shape
+            load_muffin_checkpoint(hf, muffin_dir, interpolate_positions=cfg.interpolate_positions)
     return MuffinPreferenceModel(hf, tokenizer, logps_chunk_size=cfg.logps_chunk_size,
                                  freeze_vision_experts=cfg.freeze_vision_experts)
+
+
+def _load_original_muffin(cfg: ModelConfig, muffin_dir: Path, tokenizer, device) -> MuffinForCausalLM:
+    """An original RLHF-V / Muffin checkpoint directory: the model is built on the meta device and filled
+    shard by shard in `model.dtype` (a 13B model never exists in float32 or twice in host memory)."""
+    original = json.loads((muffin_dir / "config.json").read_text(encoding="utf-8"))
+    own_size = checkpoint_image_size(original)
+    if cfg.image_size and cfg.image_size != own_size and not cfg.interpolate_positions:
+        raise ConfigError(f"model.image_size is {cfg.image_size} but {muffin_dir} is a {own_size}-px checkpoint "
+                          f"(mm_vision_tower '{original.get('mm_vision_tower')}'): set model.image_size to {own_size} "
+                          "or null, or set model.interpolate_positions: true to resize its BEiT-3 position embeddings "
+                          "(what RLHF-V did to train Muffin-13B's 672-px tower at 448)")
+    config = muffin_config_from_original(original, _token_id(tokenizer, IMAGE_PATCH_TOKEN), cfg.image_size or own_size)
+    hf = build_empty_muffin(config, cfg.attn_implementation)
+    load_muffin_checkpoint(hf, muffin_dir, dtype=resolve_dtype(cfg.dtype), device=device,
+                           interpolate_positions=cfg.interpolate_positions)
+    return hf
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """AutoTokenizer, with the fix named when a SentencePiece-only tokenizer (LLaMA-1's `tokenizer.model`,
+    as RLHF-V / Muffin ship) cannot be read."""
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, ValueError, OSError) as e:
+        if (Path(path) / "tokenizer.model").is_file() and not (Path(path) / "tokenizer.json").is_file():
+            raise ConfigError(f"{path}: its tokenizer is a SentencePiece tokenizer.model, which needs the `sentencepiece` "
+                              f"package (pinned in requirements.txt; `pip install -r requirements.txt`): {e}") from e
+        raise
 
 
 def _load_lora_adapters(path: Path, **load_options) -> PreferenceModel:
@@ -175,7 +207,7 @@ def load_model(path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dt
     path = str(path)
     info_file = Path(path) / DDPO_MODEL_FILE
     info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(path, trust_remote_code)
     options = dict(dtype=dtype or torch.float32, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     arch = info.get("arch") or _arch_of_checkpoint(path, trust_remote_code)
     transform = ImageTransform(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["image_transform"].items()}) \
@@ -183,11 +215,15 @@ def load_model(path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dt
     chunk = logps_chunk_size or info.get("logps_chunk_size", 256)
     if arch == "llava":
         hf = LlavaForConditionalGeneration.from_pretrained(path, **options)
-        return LlavaPreferenceModel(hf, tokenizer, transform, chunk)
-    if arch == "muffin":
+        model = LlavaPreferenceModel(hf, tokenizer, transform, chunk)
+    elif arch == "muffin":
         hf = MuffinForCausalLM.from_pretrained(path, **options)
-        return MuffinPreferenceModel(hf, tokenizer, transform, chunk, freeze_vision_experts=freeze_vision_experts)
-    raise ConfigError(f"{path}: unsupported model type '{arch}' (expected a LLaVA or a ddpo Muffin checkpoint)")
+        model = MuffinPreferenceModel(hf, tokenizer, transform, chunk, freeze_vision_experts=freeze_vision_experts)
+    else:
+        raise ConfigError(f"{path}: unsupported model type '{arch}' (expected a LLaVA or a ddpo Muffin checkpoint)")
+    if info.get("template"):  # what it was trained with; else the architecture's
+        model.template = info["template"]
+    return model
 
 
 def _arch_of_checkpoint(path: str, trust_remote_code: bool) -> str:
@@ -202,18 +238,38 @@ def _arch_of_checkpoint(path: str, trust_remote_code: bool) -> str:
 
 
 def _hf_image_transform(path: str) -> Optional[ImageTransform]:
-    """Image size/mean/std from an HF `preprocessor_config.json` (llava-hf checkpoints); None = the tower's defaults."""
-    file = Path(path) / "preprocessor_config.json"
-    if not file.is_file():
-        try:
-            from huggingface_hub import hf_hub_download
+    """Image size/mean/std/mode from an HF checkpoint's `preprocessor_config.json` (llava-hf); None = the tower's defaults.
 
-            file = Path(hf_hub_download(path, "preprocessor_config.json"))
-        except Exception:  # offline or no such file: fall back to the vision tower's defaults
-            return None
-    spec = json.loads(file.read_text(encoding="utf-8"))
+    The mode: 'crop' when the processor centre-crops (llava-hf's CLIP processor: short side to `size`,
+    centre crop), unless the checkpoint's config says `image_aspect_ratio: pad` (LLaVA-1.5's own format),
+    'resize' when it resizes to a fixed height x width.
+    """
+    spec = _checkpoint_json(path, "preprocessor_config.json")
+    if spec is None:
+        return None
     size = spec.get("crop_size") or spec.get("size") or {}
     side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
     if not side or "image_mean" not in spec:
         return None
-    return ImageTransform(int(side), tuple(spec["image_mean"]), tuple(spec["image_std"]))
+    config = _checkpoint_json(path, "config.json") or {}
+    if config.get("image_aspect_ratio") == "pad":
+        mode = "pad"
+    elif spec.get("do_center_crop", False):
+        mode = "crop"
+    else:
+        mode = "resize"
+    return ImageTransform(int(side), tuple(spec["image_mean"]), tuple(spec["image_std"]), mode)
+
+
+def _checkpoint_json(path: str, name: str) -> Optional[dict]:
+    file = Path(path) / name
+    if not file.is_file():
+        if Path(path).is_dir():
+            return None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(path, name))
+        except Exception:  # offline or no such file: the caller falls back to defaults
+            return None
+    return json.loads(file.read_text(encoding="utf-8"))

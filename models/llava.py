@@ -27,15 +27,17 @@ BEIT_IMAGE_MEAN = BEIT_IMAGE_STD = (0.5, 0.5, 0.5)
 
 
 def default_image_transform(vision_config) -> ImageTransform:
-    """The vision tower's own normalisation: CLIP's statistics for CLIP, 0.5/0.5 for BEiT-style towers."""
+    """The vision tower's own normalisation (CLIP's statistics for CLIP, 0.5/0.5 for BEiT-style towers) and
+    LLaVA-1.5's pad-to-square (`image_aspect_ratio: pad`)."""
     size = vision_config.image_size
     if vision_config.model_type == "clip_vision_model":
-        return ImageTransform(size, CLIP_IMAGE_MEAN, CLIP_IMAGE_STD)
-    return ImageTransform(size, BEIT_IMAGE_MEAN, BEIT_IMAGE_STD)
+        return ImageTransform(size, CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, mode="pad")  # LLaVA-1.5's pad-to-square
+    return ImageTransform(size, BEIT_IMAGE_MEAN, BEIT_IMAGE_STD, mode="pad")
 
 
 class LlavaPreferenceModel(PreferenceModel):
     arch = "llava"
+    template = "llava_v1"
 
     def __init__(self, hf_model: LlavaForConditionalGeneration, tokenizer, image_transform: Optional[ImageTransform] = None,
                  logps_chunk_size: int = 256):

@@ -33,7 +33,8 @@ vision expert (`.A.` in its name, the vision position embedding included) and on
 """
 from __future__ import annotations
 
-import glob
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -47,7 +48,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
 from models.base import ImageTransform, PreferenceModel, scatter_image_features
-from models.beit3 import Beit3QueryEncoder, VisionEmbedding, sub_ln_init_scale
+from models.beit3 import POSITION_OFFSET, Beit3QueryEncoder, VisionEmbedding, sub_ln_init_scale
 
 IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN = "<im_patch>", "<im_start>", "<im_end>"
 # Muffin's eval transform normalises with the Inception mean/std.
@@ -171,6 +172,7 @@ class MuffinForCausalLM(MuffinPreTrainedModel, GenerationMixin):
 # ------------------------------------------------------------------------------------------------
 class MuffinPreferenceModel(PreferenceModel):
     arch = "muffin"
+    template = "vicuna_v0"
 
     def __init__(self, hf_model: MuffinForCausalLM, tokenizer, image_transform: Optional[ImageTransform] = None,
                  logps_chunk_size: int = 256, freeze_vision_experts: bool = False):
@@ -241,72 +243,171 @@ def map_muffin_key(name: str) -> Optional[str]:
     return name
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A `.safetensors` / `.bin` / `.pt` state dict, or a directory of shards (safetensors preferred).
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # preferred first
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
-    `.bin` files load with `torch.load(weights_only=True)`: no pickled code runs.
+
+def checkpoint_shards(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint, in order.
+
+    A file is itself; a directory is read through its shard index (`model.safetensors.index.json`, then
+    `pytorch_model.bin.index.json`: its `weight_map` names the shards), else its single
+    `model.safetensors` / `pytorch_model.bin`. Never a glob: RLHF-V / Muffin directories also hold
+    `training_args.bin` (a pickled object, not weights) and optimizer files.
     """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"Muffin checkpoint not found: {path}")
+    for name in INDEX_FILES:
+        index = path / name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a shard index with a 'weight_map' ({e}); re-save the checkpoint") from None
+            shards = [path / f for f in dict.fromkeys(weight_map.values())]
+            missing = [str(f) for f in shards if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} names shards that are not there: {missing[:3]}; download the whole checkpoint")
+            return sorted(shards)
+    for name in SINGLE_FILES:
+        if (path / name).is_file():
+            return [path / name]
+    raise FileNotFoundError(f"{path}: no {' / '.join(INDEX_FILES)} and no {' / '.join(SINGLE_FILES)}; "
+                            "point model.muffin_checkpoint at the checkpoint directory or at one weight file")
+
+
+def read_shard(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """One weight file. `.bin` / `.pt` load with `torch.load(weights_only=True, mmap=True)`: no pickled
+    code runs, and tensors stay in the page cache until they are copied (one shard in memory at a time)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(glob.glob(str(path / "*.safetensors"))) or sorted(glob.glob(str(path / "*.bin")))
-        if not files:
-            raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files in this directory")
-    elif path.is_file():
-        files = [str(path)]
-    else:
-        raise FileNotFoundError(f"Muffin checkpoint not found: {path}")
+    file = str(file)
+    if file.endswith(".safetensors"):
+        return load_file(file)
+    try:
+        part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (pre-zipfile) serialisation cannot be memory-mapped
+        part = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(part, dict) and isinstance(part.get("model"), dict):
+        part = part["model"]
+    return part
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint (file or directory, see `checkpoint_shards`) in one dict. For small
+    checkpoints and tests; `load_muffin_checkpoint` streams shard by shard instead."""
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        if file.endswith(".safetensors"):
-            part = load_file(file)
-        else:
-            part = torch.load(file, map_location="cpu", weights_only=True)
-            part = part.get("model", part) if isinstance(part, dict) and "model" in part and isinstance(part["model"], dict) else part
-        state.update(part)
+    for file in checkpoint_shards(path):
+        state.update(read_shard(file))
     return state
 
 
-def load_muffin_checkpoint(model: MuffinForCausalLM, path_or_state: str | os.PathLike | dict) -> dict[str, list[str]]:
-    """Load an original RLHF-V / Muffin state dict into `model` through the key table above.
+def interpolate_vision_positions(weight: torch.Tensor, grid: int) -> torch.Tensor:
+    """BEiT-3 vision position table [2 + 1 + g*g, D] -> [2 + 1 + grid*grid, D]: the two unused rows and
+    CLS kept, the patch rows resized as a g x g image with bicubic interpolation (as Muffin does when the
+    tower's resolution changes, e.g. 672 -> 448 px)."""
+    keep = POSITION_OFFSET + 1
+    side = math.isqrt(weight.shape[0] - keep)
+    if side * side != weight.shape[0] - keep:
+        raise ValueError(f"vision position table has {weight.shape[0]} rows, not {keep} + a square grid")
+    if side == grid:
+        return weight
+    patches = weight[keep:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([weight[:keep].float(), patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)]).to(weight.dtype)
+
+
+VISION_POSITIONS_KEY = "model.vision_tower.beit3.encoder.embed_positions.A.weight"
+
+
+def load_muffin_checkpoint(model: MuffinForCausalLM, path_or_state: str | os.PathLike | dict,
+                           dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None,
+                           interpolate_positions: bool = False) -> dict[str, list[str]]:
+    """Load an original RLHF-V / Muffin checkpoint into `model` through the key table above, one shard at
+    a time: each shard is read, renamed, cast to `dtype` (default: the model's) and moved to `device`
+    (default: CPU) before the next is opened, so host memory holds about one shard beyond the model.
+    `model` may be built on the meta device (`build_empty_muffin`); its parameters are then assigned.
 
     Raises if any of our parameters is not covered, if an original key has no place in our model, or on a
-    shape mismatch; returns {"loaded": [...], "dropped": [...]} (original names).
+    shape mismatch; a vision position table of another resolution is interpolated only when
+    `interpolate_positions` (else the error says so). Returns {"loaded": [...], "dropped": [...]} (original names).
     """
-    state = path_or_state if isinstance(path_or_state, dict) else read_state_dict(path_or_state)
-    ours = model.state_dict()
-    mapped, dropped, unexpected = {}, [], []
-    for name, tensor in state.items():
-        target = map_muffin_key(name)
-        if target is None:
-            dropped.append(name)
-        elif target not in ours:
-            unexpected.append(name)
-        elif tuple(ours[target].shape) != tuple(tensor.shape):
-            raise ValueError(f"Muffin checkpoint key {name} (-> {target}) has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(ours[target].shape)}: the model config does not match the checkpoint")
-        else:
-            mapped[target] = tensor
-    missing = sorted(set(ours) - set(mapped))
+    shards = [path_or_state] if isinstance(path_or_state, dict) else checkpoint_shards(path_or_state)
+    ours = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+    loaded, dropped, unexpected, covered = [], [], [], set()
+    for shard in shards:
+        state = shard if isinstance(shard, dict) else read_shard(shard)
+        mapped = {}
+        for name, tensor in state.items():
+            target = map_muffin_key(name)
+            if target is None:
+                dropped.append(name)
+                continue
+            if target not in ours:
+                unexpected.append(name)
+                continue
+            shape, own_dtype = ours[target]
+            if target == VISION_POSITIONS_KEY and tuple(tensor.shape) != shape and interpolate_positions:
+                tensor = interpolate_vision_positions(tensor, math.isqrt(shape[0] - POSITION_OFFSET - 1))
+            if tuple(tensor.shape) != shape:
+                hint = (" (the checkpoint's image resolution differs: set model.image_size to the checkpoint's, or "
+                        "model.interpolate_positions: true to resize BEiT-3's position embeddings)") if target == VISION_POSITIONS_KEY else ""
+                raise ValueError(f"Muffin checkpoint key {name} (-> {target}) has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {shape}: the model config does not match the checkpoint{hint}")
+            mapped[target] = tensor.to(device=device or "cpu", dtype=dtype or own_dtype)
+            loaded.append(name)
+        model.load_state_dict(mapped, strict=False, assign=True)
+        covered.update(mapped)
+        del state, mapped  # drop this shard before the next is read
+    missing = sorted(set(ours) - covered)
     if missing or unexpected:
         raise ValueError(f"Muffin checkpoint does not match the model: {len(missing)} missing (e.g. {missing[:5]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:5]}); check vision/text sizes and num_query")
-    model.load_state_dict(mapped, strict=True)
-    return {"loaded": sorted(k for k in state if k not in dropped), "dropped": sorted(dropped)}
+    return {"loaded": sorted(loaded), "dropped": sorted(dropped)}
 
 
-def muffin_config_from_original(original: dict, image_token_id: int) -> MuffinConfig:
-    """MuffinConfig from an original Muffin `config.json` (model_type 'beit3_llava': LLaMA fields +
-    `mm_vision_tower` like 'beit3_large_patch16_448' + `num_query`)."""
+def build_empty_muffin(config: MuffinConfig, attn_implementation: str = "sdpa") -> MuffinForCausalLM:
+    """The model with its parameters on the meta device (no memory; buffers stay real): fill it with
+    `load_muffin_checkpoint`, which assigns every parameter or raises."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return MuffinForCausalLM._from_config(config, attn_implementation=attn_implementation)
+
+
+# BEiT-3 sizes by the name in `mm_vision_tower`: (width, layers, heads); FFN = 4 x width.
+BEIT3_SIZES = {"base": (768, 12, 12), "large": (1024, 24, 16)}
+
+
+def checkpoint_image_size(original: dict) -> int:
+    """Image side in pixels of an original Muffin `config.json` (from `mm_vision_tower`, e.g. 672 for
+    Muffin-13B's 'beit3_large_patch16_672', 448 for RLHF-V's)."""
     tower = original.get("mm_vision_tower", "beit3_large_patch16_448")
     match = re.fullmatch(r"beit3_(base|large)_patch(\d+)_(\d+)", tower)
     if not match:
         raise ValueError(f"unsupported mm_vision_tower '{tower}': expected beit3_{{base,large}}_patch<P>_<size>")
-    size, patch, image = match.group(1), int(match.group(2)), int(match.group(3))
-    width, layers, heads = (1024, 24, 16) if size == "large" else (768, 12, 12)
+    return int(match.group(3))
+
+
+def muffin_config_from_original(original: dict, image_token_id: int, image_size: Optional[int] = None) -> MuffinConfig:
+    """MuffinConfig from an original Muffin `config.json` (model_type 'beit3_llava': LLaMA fields +
+    `mm_vision_tower` like 'beit3_large_patch16_448' + `num_query`); `image_size` replaces the
+    checkpoint's resolution (its position embeddings then need `interpolate_vision_positions`)."""
+    tower = original.get("mm_vision_tower", "beit3_large_patch16_448")
+    match = re.fullmatch(r"beit3_(base|large)_patch(\d+)_(\d+)", tower)
+    if not match:
+        raise ValueError(f"unsupported mm_vision_tower '{tower}': expected beit3_{{base,large}}_patch<P>_<size>")
+    size, patch, image = match.group(1), int(match.group(2)), image_size or int(match.group(3))
+    width, layers, heads = BEIT3_SIZES[size]
     # LLaMA fields pass through; the multimodal ones (mm_*, num_query, ...) become harmless extra attributes.
-    text = {k: v for k, v in original.items() if k not in ("architectures", "model_type", "transformers_version")}
+    # Not the special-token ids: the released configs say bos 0, eos 1, pad -1 (an early LLaMA conversion
+    # bug; the tokenizer's are 1, 2 and <unk>/<pad>), and pad -1 would make the last row of the embedding
+    # table (`<im_end>`) a padding row that never gets a gradient.
+    text = {k: v for k, v in original.items()
+            if k not in ("architectures", "model_type", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id")}
     return MuffinConfig(
         text_config=LlamaConfig(**text), vision_image_size=image, vision_patch_size=patch, vision_hidden_size=width,
         vision_num_layers=layers, vision_num_heads=heads, vision_ffn_dim=4 * width,

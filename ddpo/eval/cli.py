@@ -6,6 +6,12 @@
     ddpo eval --benchmark pope   --model CKPT --questions coco_pope_random.jsonl --image-dir val2014 --output OUT.json
     ddpo eval --benchmark amber  --answers A.json --questions query_discriminative.json --annotations annotations.json --output OUT.json
     ddpo eval --benchmark synthetic --model demo_output/runs/ddpo/final --max-new-tokens 84 --template llava_v1 --output OUT.json
+    ddpo eval --benchmark objhal --protocol rlhfv --model RLHF-V_CKPT ...   (RLHF-V's prompt layout, 3 beams, 1024 tokens, rep. 1.1, stop ###)
+
+Generation settings: a --protocol preset (ddpo/eval/protocols.py: the papers' settings), each of which
+--template / --num-beams / --max-new-tokens / --repetition-penalty / --stop overrides; without a preset,
+the model's template and its stop strings, greedy, 512 new tokens. The resolved settings are written to
+OUT.json under "generation".
 
 Writes OUT.json (metrics; rates are fractions in [0, 1]), OUT.samples.jsonl (per-answer scoring details)
 and, when generating, OUT.answers.jsonl (the answers, re-scorable with --answers). Judge verdicts are
@@ -19,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 from data.jsonl import json_objects
 from data.synthetic.metrics import evaluate
-from ddpo.eval import mmhal, objhal, yesno
+from data.templates import default_stop_strings
+from ddpo.eval import mmhal, objhal, protocols, yesno
 from ddpo.eval.generation import GenerationConfig, generate_answers
 from ddpo.eval.judge import DEFAULT_BASE_URL, JudgeCache, JudgeClient, JudgeError
 from ddpo.lab.demo import DemoSettings, split
@@ -199,26 +207,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request")
     g.add_argument("--judge-retries", type=int, default=5, help="retries of failed requests (429/5xx/timeouts), with backoff")
     g.add_argument("--judge-cache", help="JSONL cache of judged items (default OUT.judge_cache.jsonl)")
-    gen = p.add_argument_group("generation")
+    gen = p.add_argument_group("generation (defaults: the --protocol preset, else the model's template, greedy, 512 tokens)")
+    gen.add_argument("--protocol", choices=sorted(protocols.PROTOCOLS), default=None,
+                     help="a paper's evaluation settings: rlhfv (Muffin/RLHF-V), rlaifv-llava (RLAIF-V, LLaVA-1.5)")
     gen.add_argument("--batch-size", type=int, default=8)
-    gen.add_argument("--max-new-tokens", type=int, default=512)
+    gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam search")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--num-beams", type=int, default=1, help="RLHF-V evaluates with 3 beams")
+    gen.add_argument("--num-beams", type=int, default=None, help="RLHF-V and RLAIF-V evaluate with 3 beams")
+    gen.add_argument("--repetition-penalty", type=float, default=None, help="RLHF-V evaluates with 1.1")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--template", default=None, help="conversation template (default: the model's)")
+    gen.add_argument("--stop", action="append", default=None,
+                     help="stop string (repeatable); default: the template's ('###' for vicuna_v0/rlhfv_eval, none for EOS templates)")
+    gen.add_argument("--template", default=None, help="conversation template (default: the protocol's, else the model's)")
     gen.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. ' Answer yes or no.'")
     return p
 
 
+def generation_config(args: argparse.Namespace, model_template: str) -> GenerationConfig:
+    """The settings answers are generated with: the preset, each flag given overriding it; the template
+    falls back to the model's and the stop strings to the template's."""
+    preset = protocols.resolve(args.protocol)
+    template = args.template or preset.template or model_template
+    if args.stop is not None:
+        stops = list(args.stop)
+    elif preset.stop_strings is not None:
+        stops = list(preset.stop_strings)
+    else:
+        stops = list(default_stop_strings(template))
+    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+    return GenerationConfig(max_new_tokens=pick(args.max_new_tokens, preset.max_new_tokens), do_sample=args.do_sample,
+                            temperature=args.temperature, top_p=args.top_p, num_beams=pick(args.num_beams, preset.num_beams),
+                            repetition_penalty=pick(args.repetition_penalty, preset.repetition_penalty), seed=args.seed,
+                            stop_strings=stops, template=template, batch_size=args.batch_size)
+
+
 def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
     questions = bench.questions(args)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                              top_p=args.top_p, num_beams=args.num_beams, seed=args.seed, stop_strings=args.stop,
-                              template=args.template, batch_size=args.batch_size)
     model = load_model(args.model)
+    config = generation_config(args, model.template)
+    args.generation = {"protocol": args.protocol, **asdict(config), "image_mode": model.image_transform.mode}
     answers_path = _sibling(args.output, ".answers.jsonl")
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     with answers_path.open("w", encoding="utf-8") as f:
@@ -243,6 +272,8 @@ def main(argv: list[str]) -> int:
         print(f"ddpo eval: error: {e}", file=sys.stderr)
         return 1
     metrics = {"benchmark": args.benchmark, **metrics, "source": args.model or args.answers}
+    if getattr(args, "generation", None):
+        metrics["generation"] = args.generation
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -2,7 +2,7 @@
 
 Works with any object that has
 `generate(images: list[PIL.Image], prompts: list[str], template=..., max_new_tokens=..., do_sample=...,
-temperature=..., top_p=..., num_beams=..., seed=..., stop_strings=...) -> list[str]`
+temperature=..., top_p=..., num_beams=..., seed=..., stop_strings=..., repetition_penalty=...) -> list[str]`
 (`models.build.load_model(path)` returns one). Images are opened one batch at a time. Batch k is
 generated with seed `seed + k`, so a run is reproducible for a fixed seed and batch size, and batches do
 not share one random stream. Answers are cut at the first stop string (in case the model keeps it) and
@@ -24,6 +24,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     num_beams: int = 1
+    repetition_penalty: float = 1.0
     seed: int = 0
     stop_strings: list[str] = field(default_factory=list)
     template: Optional[str] = None  # None: the model's default conversation template
@@ -32,6 +33,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.num_beams < 1:
             raise ValueError("max_new_tokens, batch_size and num_beams must be >= 1")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0 (1.0 = none)")
         if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and top_p in (0, 1]")
 

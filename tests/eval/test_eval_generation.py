@@ -13,6 +13,9 @@ from ddpo.eval.generation import GenerationConfig, generate_answers, truncate_at
 class FakeModel:
     """Answers from the prompt and a seeded RNG, like a sampling model; records every call."""
 
+    template = "llava_v1"  # the model's own conversation template
+    image_transform = types.SimpleNamespace(mode="pad")
+
     def __init__(self, answer_fn=None):
         self.calls = []
         self.answer_fn = answer_fn or (lambda prompt, rng: f"{prompt} -> {rng.randint(0, 10**6)}### trailing")
@@ -147,3 +150,51 @@ def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
     for key in ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words"):
         assert metrics[key] == expected[key]
     assert metrics["response_hallucination_rate"] <= 0.25  # only the replaced answer can be wrong
+
+
+def _pope_question_file(tmp_path):
+    make_images(tmp_path, 1)
+    qfile = tmp_path / "pope.jsonl"
+    qfile.write_text(json.dumps({"question_id": 1, "image": "img0.png", "text": "Is there a dog?", "label": "yes"}) + "\n")
+    return qfile
+
+
+GENERATION_KEYS = ("template", "num_beams", "max_new_tokens", "repetition_penalty", "stop_strings", "do_sample")
+
+
+def test_rlhfv_protocol_is_one_flag_and_is_recorded(tmp_path, fake_models_build):
+    """--protocol rlhfv gives Muffin's eval settings (muffin_vqa.py): image after the question, 3 beams,
+    1024 new tokens, repetition penalty 1.1, stop at ###; the output JSON says so."""
+    qfile, out = _pope_question_file(tmp_path), tmp_path / "rlhfv.json"
+    assert eval_main(["--benchmark", "pope", "--model", "ckpt", "--questions", str(qfile), "--image-dir", str(tmp_path),
+                      "--output", str(out), "--protocol", "rlhfv"]) == 0
+    call = fake_models_build["model"].calls[0]
+    expected = {"template": "rlhfv_eval", "num_beams": 3, "max_new_tokens": 1024, "repetition_penalty": 1.1,
+                "stop_strings": ["###"], "do_sample": False}
+    assert {k: call[k] for k in GENERATION_KEYS} == expected
+    recorded = json.loads(out.read_text())["generation"]
+    assert recorded["protocol"] == "rlhfv" and {k: recorded[k] for k in GENERATION_KEYS} == expected
+    assert recorded["image_mode"] == "pad"
+
+
+def test_protocol_flags_override_and_defaults_follow_the_model(tmp_path, fake_models_build):
+    qfile = _pope_question_file(tmp_path)
+    base = ["--benchmark", "pope", "--model", "ckpt", "--questions", str(qfile), "--image-dir", str(tmp_path)]
+    assert eval_main(base + ["--output", str(tmp_path / "a.json"), "--protocol", "rlaifv-llava", "--num-beams", "1"]) == 0
+    call = fake_models_build["model"].calls[0]
+    assert {k: call[k] for k in GENERATION_KEYS} == {"template": "llava_v1", "num_beams": 1, "max_new_tokens": 1024,
+                                                     "repetition_penalty": 1.0, "stop_strings": [], "do_sample": False}
+    # no preset: the model's template (FakeModel: llava_v1, an EOS template: no stop string), greedy, 512
+    assert eval_main(base + ["--output", str(tmp_path / "b.json")]) == 0
+    call = fake_models_build["model"].calls[0]
+    assert {k: call[k] for k in GENERATION_KEYS} == {"template": "llava_v1", "num_beams": 1, "max_new_tokens": 512,
+                                                     "repetition_penalty": 1.0, "stop_strings": [], "do_sample": False}
+    # a Vicuna-v0 model (answers end with ### and no EOS) stops at ### by default
+    assert eval_main(base + ["--output", str(tmp_path / "c.json"), "--template", "vicuna_v0"]) == 0
+    assert fake_models_build["model"].calls[0]["stop_strings"] == ["###"]
+
+
+def test_unknown_protocol_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        eval_main(["--benchmark", "pope", "--model", "m", "--output", str(tmp_path / "o.json"), "--protocol", "llava-2"])
+    assert "invalid choice" in capsys.readouterr().err

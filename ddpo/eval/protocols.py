@@ -1,0 +1,58 @@
+"""The papers' generation settings, each a named preset that `ddpo eval --protocol NAME` applies.
+
+Hallucination rates depend on how answers are generated as much as on the model: a Muffin answer ends
+with "\\n###" and no EOS, so without a stop string it runs on into invented "Human:" turns that get scored;
+beam search and a repetition penalty change answer length and object mentions. A preset fixes every
+setting the paper's released evaluation used, and `ddpo eval` records the resolved settings in its output
+JSON (`generation`), so a number always says how its answers were made.
+
+| preset         | for                                | template (image)                  | beams | new tokens | rep. penalty | stop          |
+|----------------|------------------------------------|-----------------------------------|-------|------------|--------------|---------------|
+| `rlhfv`        | RLHF-V / Muffin: Object HalBench, MMHal | `rlhfv_eval` (after the question) | 3     | 1024       | 1.1          | `###` (+ EOS) |
+| `rlaifv-llava` | RLAIF-V, LLaVA-1.5 models          | `llava_v1` (before the question)  | 3     | 1024       | 1.0          | EOS           |
+
+Sources (docs/REPRODUCING.md has the commands): RLHF-V's `muffin/eval/muffin_vqa.py` builds
+"{system}\\n###Human: {question}\\n<im_start><im_patch>x64<im_end>\\n###" (conversation `default` with
+separator "\\n###"), generates with num_beams 3, max_new_tokens 1024, repetition_penalty 1.1, stops at
+"###", cuts the answer there and drops the "Assistant:" the model writes; RLAIF-V's LLaVA-1.5 evaluation
+uses the llava_v1 conversation, greedy beam search with 3 beams (temperature 0) and 1024 new tokens.
+Images: Muffin resizes to a square; LLaVA-1.5 pads to a square (`model.image_mode`, read from the
+checkpoint; a preset does not change the model's preprocessing).
+
+Without a preset, `ddpo eval` uses the model's template (the one it was trained with, else its
+architecture's), that template's stop strings, greedy decoding and 512 new tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Generation settings of one paper's evaluation; None = the model's own (template) default."""
+
+    template: Optional[str]
+    num_beams: int
+    max_new_tokens: int
+    repetition_penalty: float
+    stop_strings: Optional[tuple[str, ...]]  # None = the template's (data.templates.default_stop_strings)
+    source: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "rlhfv": Protocol(template="rlhfv_eval", num_beams=3, max_new_tokens=1024, repetition_penalty=1.1,
+                      stop_strings=("###",), source="RLHF-V (Muffin muffin_vqa.py): Object HalBench, MMHal-Bench"),
+    "rlaifv-llava": Protocol(template="llava_v1", num_beams=3, max_new_tokens=1024, repetition_penalty=1.0,
+                             stop_strings=(), source="RLAIF-V's LLaVA-1.5 evaluation (llava_v1, 3 beams, temperature 0)"),
+}
+DEFAULT = Protocol(template=None, num_beams=1, max_new_tokens=512, repetition_penalty=1.0, stop_strings=None,
+                   source="ddpo default: the model's template and stop strings, greedy")
+
+
+def resolve(name: Optional[str]) -> Protocol:
+    if name is None:
+        return DEFAULT
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol '{name}'; protocols are {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
