@@ -19,6 +19,8 @@ setup(
         "transformers>=5.0",
         "tokenizers>=0.21",
         "safetensors>=0.4",
+        "sentencepiece>=0.2",  # SentencePiece-only tokenizers (RLHF-V / Muffin, LLaMA-1)
+        "protobuf>=4.0",
         "datasets>=3.0",
         "deepspeed>=0.16",
         "wandb>=0.19",

@@ -238,13 +238,16 @@ def _arch_of_checkpoint(path: str, trust_remote_code: bool) -> str:
 
 
 def _hf_image_transform(path: str) -> Optional[ImageTransform]:
-    """Image size/mean/std/mode from an HF checkpoint's `preprocessor_config.json` (llava-hf); None = the tower's defaults.
+    """Image size/mean/std/mode from an HF checkpoint's `preprocessor_config.json` (llava-hf; or the
+    `image_processor` of its `processor_config.json`); None = the tower's defaults.
 
     The mode: 'crop' when the processor centre-crops (llava-hf's CLIP processor: short side to `size`,
     centre crop), unless the checkpoint's config says `image_aspect_ratio: pad` (LLaVA-1.5's own format),
     'resize' when it resizes to a fixed height x width.
     """
     spec = _checkpoint_json(path, "preprocessor_config.json")
+    if spec is None:  # transformers 5 writes the image processor inside processor_config.json
+        spec = (_checkpoint_json(path, "processor_config.json") or {}).get("image_processor")
     if spec is None:
         return None
     size = spec.get("crop_size") or spec.get("size") or {}
