@@ -173,3 +173,29 @@ def test_llava_hf_chat_template_gets_bos_and_eos(tmp_path):
     assert answer[-1] == tok.eos_token_id and answer.count(tok.eos_token_id) == 1
     assert tok.decode(answer[:-1]).strip() == "A dog."  # the template's trailing space is not labelled
     assert tok.convert_ids_to_tokens(answer[-2:-1]) != ["▁"]
+
+
+def test_shards_are_read_one_at_a_time(tiny_beit3, tmp_path, monkeypatch):
+    """Streaming: when a shard is opened, no earlier shard is still referenced (host memory ~ one shard;
+    experiments/muffin_load_memory.py measures it)."""
+    import gc
+    import weakref
+
+    ckpt = write_muffin_checkpoint(tmp_path / "rlhfv", num_shards=4)
+    read, alive_at_open = muffin.read_shard, []
+    opened = []
+
+    class Shard(dict):  # a dict that can be weakly referenced
+        pass
+
+    def tracked_read(file):
+        gc.collect()
+        alive_at_open.append(sum(ref() is not None for ref in opened))
+        shard = Shard(read(file))
+        opened.append(weakref.ref(shard))
+        return shard
+
+    monkeypatch.setattr(muffin, "read_shard", tracked_read)
+    model = load_muffin(ckpt, dtype="bfloat16")
+    assert alive_at_open == [0, 0, 0, 0]
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
