@@ -198,8 +198,9 @@ def _load_lora_adapters(path: Path, **load_options) -> PreferenceModel:
 
 def load_model(path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dtype] = None,
                attn_implementation: str = "sdpa", trust_remote_code: bool = False, logps_chunk_size: Optional[int] = None,
-               freeze_vision_experts: bool = False) -> PreferenceModel:
-    """Reload a `PreferenceModel.save_pretrained` directory, or open an HF LLaVA checkpoint (local dir or hub id)."""
+               freeze_vision_experts: bool = False, device: Optional[torch.device | str] = None) -> PreferenceModel:
+    """Reload a `PreferenceModel.save_pretrained` directory, or open an HF LLaVA checkpoint (local dir or hub
+    id) or an original RLHF-V / Muffin checkpoint directory (model_type 'beit3_llava'); on `device` if given."""
     if (Path(path) / ADAPTER_CONFIG_FILE).is_file():  # save_lora_adapters: base + adapters
         return _load_lora_adapters(Path(path), tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation,
                                    trust_remote_code=trust_remote_code, logps_chunk_size=logps_chunk_size,
@@ -208,6 +209,11 @@ def load_model(path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dt
     info_file = Path(path) / DDPO_MODEL_FILE
     info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
     tokenizer = tokenizer or load_tokenizer(path, trust_remote_code)
+    if not info and _arch_of_checkpoint(path, trust_remote_code) == ORIGINAL_MUFFIN_TYPE:  # released RLHF-V / Muffin
+        cfg = ModelConfig(arch="muffin", muffin_checkpoint=path, attn_implementation=attn_implementation,
+                          dtype={torch.bfloat16: "bfloat16"}.get(dtype, "float32"), freeze_vision_experts=freeze_vision_experts,
+                          **({"logps_chunk_size": logps_chunk_size} if logps_chunk_size else {}))
+        return _random_init(cfg, tokenizer, device)
     options = dict(dtype=dtype or torch.float32, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     arch = info.get("arch") or _arch_of_checkpoint(path, trust_remote_code)
     transform = ImageTransform(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["image_transform"].items()}) \
@@ -223,7 +229,10 @@ def load_model(path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dt
         raise ConfigError(f"{path}: unsupported model type '{arch}' (expected a LLaVA or a ddpo Muffin checkpoint)")
     if info.get("template"):  # what it was trained with; else the architecture's
         model.template = info["template"]
-    return model
+    return model if device is None else model.to(device)
+
+
+ORIGINAL_MUFFIN_TYPE = "beit3_llava"  # model_type of the released RLHF-V / Muffin config.json
 
 
 def _arch_of_checkpoint(path: str, trust_remote_code: bool) -> str:

@@ -29,6 +29,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
+import torch
+
 from data.jsonl import json_objects
 from data.synthetic.metrics import evaluate
 from data.templates import default_stop_strings
@@ -36,7 +38,7 @@ from ddpo.eval import mmhal, objhal, protocols, yesno
 from ddpo.eval.generation import GenerationConfig, generate_answers
 from ddpo.eval.judge import DEFAULT_BASE_URL, JudgeCache, JudgeClient, JudgeError
 from ddpo.lab.demo import DemoSettings, split
-from models.build import load_model
+from models.build import load_model, resolve_dtype
 
 Rows = list[dict[str, Any]]
 
@@ -211,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--protocol", choices=sorted(protocols.PROTOCOLS), default=None,
                      help="a paper's evaluation settings: rlhfv (Muffin/RLHF-V), rlaifv-llava (RLAIF-V, LLaVA-1.5)")
     gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bfloat16 on a GPU that supports it")
     gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam search")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -245,7 +249,8 @@ def generation_config(args: argparse.Namespace, model_template: str) -> Generati
 
 def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
     questions = bench.questions(args)
-    model = load_model(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
     config = generation_config(args, model.template)
     args.generation = {"protocol": args.protocol, **asdict(config), "image_mode": model.image_transform.mode}
     answers_path = _sibling(args.output, ".answers.jsonl")

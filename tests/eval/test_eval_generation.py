@@ -75,8 +75,8 @@ def fake_models_build(monkeypatch):
     """`ddpo eval`'s `load_model` returning a FakeModel (the real one belongs to the models package)."""
     loaded = {}
 
-    def load_model(path):
-        loaded["path"] = path
+    def load_model(path, **options):
+        loaded["path"], loaded["options"] = path, options
         loaded["model"] = FakeModel(lambda prompt, rng: "Yes, there is." if "dog" in prompt else "No, there is not.</s>junk")
         return loaded["model"]
 

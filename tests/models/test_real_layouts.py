@@ -199,3 +199,20 @@ def test_shards_are_read_one_at_a_time(tiny_beit3, tmp_path, monkeypatch):
     model = load_muffin(ckpt, dtype="bfloat16")
     assert alive_at_open == [0, 0, 0, 0]
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_ddpo_eval_on_a_released_muffin_checkpoint_with_the_rlhfv_protocol(tiny_beit3, tmp_path):
+    """What a newcomer runs: `ddpo eval --model RLHF-V_DIR --protocol rlhfv` on the released layout."""
+    from ddpo.eval.cli import main as eval_main
+
+    ckpt = write_muffin_checkpoint(tmp_path / "RLHF-V", num_shards=2)
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "a.png")
+    questions = tmp_path / "pope.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "image": "a.png", "text": "Is there a dog?", "label": "no"}) + "\n")
+    out = tmp_path / "pope.json"
+    assert eval_main(["--benchmark", "pope", "--model", str(ckpt), "--questions", str(questions), "--image-dir", str(tmp_path),
+                      "--output", str(out), "--protocol", "rlhfv", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    generation = json.loads(out.read_text())["generation"]
+    assert {k: generation[k] for k in ("protocol", "template", "num_beams", "max_new_tokens", "repetition_penalty", "stop_strings")} == \
+        {"protocol": "rlhfv", "template": "rlhfv_eval", "num_beams": 3, "max_new_tokens": 3, "repetition_penalty": 1.1, "stop_strings": ["###"]}
+    assert generation["image_mode"] == "resize"  # Muffin's eval transform
