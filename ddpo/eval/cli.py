@@ -9,7 +9,7 @@
     ddpo eval --benchmark objhal --protocol rlhfv --model RLHF-V_CKPT ...   (RLHF-V's prompt layout, 3 beams, 1024 tokens, rep. 1.1, stop ###)
 
 Generation settings: a --protocol preset (ddpo/eval/protocols.py: the papers' settings), each of which
---template / --num-beams / --max-new-tokens / --repetition-penalty / --stop overrides; without a preset,
+--template / --num-beams / --max-new-tokens / --repetition-penalty / --stop / --image-mode overrides; without a preset,
 the model's template and its stop strings, greedy, 512 new tokens. The resolved settings are written to
 OUT.json under "generation".
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=None,
                      help="stop string (repeatable); default: the template's ('###' for vicuna_v0/rlhfv_eval, none for EOS templates)")
+    gen.add_argument("--image-mode", choices=["pad", "crop", "resize"], default=None,
+                     help="how non-square images become square (default: the protocol's, else the model's)")
     gen.add_argument("--template", default=None, help="conversation template (default: the protocol's, else the model's)")
     gen.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. ' Answer yes or no.'")
     return p
@@ -252,6 +254,9 @@ def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
     config = generation_config(args, model.template)
+    image_mode = args.image_mode or protocols.resolve(args.protocol).image_mode
+    if image_mode:
+        model.image_transform = replace(model.image_transform, mode=image_mode)
     args.generation = {"protocol": args.protocol, **asdict(config), "image_mode": model.image_transform.mode}
     answers_path = _sibling(args.output, ".answers.jsonl")
     answers_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,18 +6,20 @@ beam search and a repetition penalty change answer length and object mentions. A
 setting the paper's released evaluation used, and `ddpo eval` records the resolved settings in its output
 JSON (`generation`), so a number always says how its answers were made.
 
-| preset         | for                                | template (image)                  | beams | new tokens | rep. penalty | stop          |
-|----------------|------------------------------------|-----------------------------------|-------|------------|--------------|---------------|
-| `rlhfv`        | RLHF-V / Muffin: Object HalBench, MMHal | `rlhfv_eval` (after the question) | 3     | 1024       | 1.1          | `###` (+ EOS) |
-| `rlaifv-llava` | RLAIF-V, LLaVA-1.5 models          | `llava_v1` (before the question)  | 3     | 1024       | 1.0          | EOS           |
+| preset         | for                                     | template (image)                  | beams | new tokens | rep. penalty | stop          | images |
+|----------------|-----------------------------------------|-----------------------------------|-------|------------|--------------|---------------|--------|
+| `rlhfv`        | RLHF-V / Muffin: Object HalBench, MMHal | `rlhfv_eval` (after the question) | 3     | 1024       | 1.1          | `###` (+ EOS) | resize |
+| `rlaifv-llava` | RLAIF-V, LLaVA-1.5 models               | `llava_v1` (before the question)  | 3     | 1024       | 1.0          | EOS           | pad    |
 
 Sources (docs/REPRODUCING.md has the commands): RLHF-V's `muffin/eval/muffin_vqa.py` builds
 "{system}\\n###Human: {question}\\n<im_start><im_patch>x64<im_end>\\n###" (conversation `default` with
 separator "\\n###"), generates with num_beams 3, max_new_tokens 1024, repetition_penalty 1.1, stops at
 "###", cuts the answer there and drops the "Assistant:" the model writes; RLAIF-V's LLaVA-1.5 evaluation
 uses the llava_v1 conversation, greedy beam search with 3 beams (temperature 0) and 1024 new tokens.
-Images: Muffin resizes to a square; LLaVA-1.5 pads to a square (`model.image_mode`, read from the
-checkpoint; a preset does not change the model's preprocessing).
+Images: Muffin's eval transform resizes to a square; RLAIF-V's LLaVA evaluation goes through LLaVA's
+`process_images`, which pads to a square with the mean colour, although its DPO training (and the
+llava-hf processor, hence a llava-hf checkpoint's default) centre-crops. A preset sets the mode for
+generation only (`--image-mode` overrides it); the model's own mode is what it trains with.
 
 Without a preset, `ddpo eval` uses the model's template (the one it was trained with, else its
 architecture's), that template's stop strings, greedy decoding and 512 new tokens.
@@ -37,17 +39,18 @@ class Protocol:
     max_new_tokens: int
     repetition_penalty: float
     stop_strings: Optional[tuple[str, ...]]  # None = the template's (data.templates.default_stop_strings)
+    image_mode: Optional[str]  # models.base.IMAGE_MODES; None = the model's
     source: str
 
 
 PROTOCOLS: dict[str, Protocol] = {
     "rlhfv": Protocol(template="rlhfv_eval", num_beams=3, max_new_tokens=1024, repetition_penalty=1.1,
-                      stop_strings=("###",), source="RLHF-V (Muffin muffin_vqa.py): Object HalBench, MMHal-Bench"),
+                      stop_strings=("###",), image_mode="resize", source="RLHF-V (Muffin muffin_vqa.py): Object HalBench, MMHal-Bench"),
     "rlaifv-llava": Protocol(template="llava_v1", num_beams=3, max_new_tokens=1024, repetition_penalty=1.0,
-                             stop_strings=(), source="RLAIF-V's LLaVA-1.5 evaluation (llava_v1, 3 beams, temperature 0)"),
+                             stop_strings=(), image_mode="pad", source="RLAIF-V's LLaVA-1.5 evaluation (llava_v1, 3 beams, temperature 0)"),
 }
 DEFAULT = Protocol(template=None, num_beams=1, max_new_tokens=512, repetition_penalty=1.0, stop_strings=None,
-                   source="ddpo default: the model's template and stop strings, greedy")
+                   image_mode=None, source="ddpo default: the model's template and stop strings, greedy")
 
 
 def resolve(name: Optional[str]) -> Protocol:

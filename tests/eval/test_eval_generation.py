@@ -8,13 +8,14 @@ from PIL import Image
 from ddpo.eval import cli as eval_cli
 from ddpo.eval.cli import main as eval_main
 from ddpo.eval.generation import GenerationConfig, generate_answers, truncate_at_stop
+from models.base import ImageTransform
 
 
 class FakeModel:
     """Answers from the prompt and a seeded RNG, like a sampling model; records every call."""
 
     template = "llava_v1"  # the model's own conversation template
-    image_transform = types.SimpleNamespace(mode="pad")
+    image_transform = ImageTransform(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "crop")
 
     def __init__(self, answer_fn=None):
         self.calls = []
@@ -174,7 +175,7 @@ def test_rlhfv_protocol_is_one_flag_and_is_recorded(tmp_path, fake_models_build)
     assert {k: call[k] for k in GENERATION_KEYS} == expected
     recorded = json.loads(out.read_text())["generation"]
     assert recorded["protocol"] == "rlhfv" and {k: recorded[k] for k in GENERATION_KEYS} == expected
-    assert recorded["image_mode"] == "pad"
+    assert recorded["image_mode"] == "resize"  # Muffin's eval transform
 
 
 def test_protocol_flags_override_and_defaults_follow_the_model(tmp_path, fake_models_build):
@@ -184,8 +185,11 @@ def test_protocol_flags_override_and_defaults_follow_the_model(tmp_path, fake_mo
     call = fake_models_build["model"].calls[0]
     assert {k: call[k] for k in GENERATION_KEYS} == {"template": "llava_v1", "num_beams": 1, "max_new_tokens": 1024,
                                                      "repetition_penalty": 1.0, "stop_strings": [], "do_sample": False}
+    assert json.loads((tmp_path / "a.json").read_text())["generation"]["image_mode"] == "pad"  # LLaVA's process_images
+    assert fake_models_build["model"].image_transform.mode == "pad"
     # no preset: the model's template (FakeModel: llava_v1, an EOS template: no stop string), greedy, 512
     assert eval_main(base + ["--output", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["generation"]["image_mode"] == "crop"  # the model's own
     call = fake_models_build["model"].calls[0]
     assert {k: call[k] for k in GENERATION_KEYS} == {"template": "llava_v1", "num_beams": 1, "max_new_tokens": 512,
                                                      "repetition_penalty": 1.0, "stop_strings": [], "do_sample": False}
