@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 import datasets
 from datasets import Image as ImageFeature
 
-from data.images import DataError, load_checked_image
+from data.images import ArrowImage, DataError, EncodedImage, load_checked_image
 from data.jsonl import jsonl_lines, parse_json_object
 from data.records import PreferenceRecord
 
@@ -257,8 +257,16 @@ def _dataset_rows(data_cfg: Any, fmt: str) -> tuple[Iterator[tuple[int, Any]], C
     if missing:
         raise DataError(f"{source}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format needs {', '.join(REQUIRED_COLUMNS[fmt])}")
     if fmt == "trl":
-        return enumerate(ds), lambda row, i: _trl_row(row, i, source)
-    return enumerate(ds), lambda row, i: _parquet_row(fmt, row, i, source)
+        return enumerate(ds), lambda row, i: _in_arrow(_trl_row(row, i, source), ds, i, "images", 0)
+    return enumerate(ds), lambda row, i: _in_arrow(_parquet_row(fmt, row, i, source), ds, i, "image", None)
+
+
+def _in_arrow(record: PreferenceRecord, ds: datasets.Dataset, i: int, column: str, item: Optional[int]) -> PreferenceRecord:
+    """Swap a checked image that came as inline bytes for a reference into the memory-mapped dataset
+    (images given as file paths stay as they are)."""
+    record.images = [ArrowImage(ds, i, column, item, image.size, image.where, image.field)
+                     if isinstance(image, EncodedImage) and image.inline else image for image in record.images]
+    return record
 
 
 def _jsonl_rows(data_cfg: Any) -> tuple[Iterator[tuple[int, Any]], Callable[[Any, int], PreferenceRecord]]:

@@ -6,16 +6,20 @@ CMYK) are converted to RGB: the vision towers expect three channels, and convert
 original RLHF-V code did (`.convert("RGB")`). Transparency is dropped, not composited.
 
 Readers check every image fully at load time (`load_checked_image`: a truncated file fails there, with
-its row, not in the middle of training) but keep it compressed (`EncodedImage`): decoded pixels of the
-83k-pair RLAIF-V set would need ~30 GB, the compressed bytes a few. It is decoded again when a batch
-is built (`as_pil`), which costs far less than the model's forward pass.
+its row, not in the middle of training) but keep no pixels: decoded, the 83k-pair RLAIF-V set would
+need ~30 GB per rank. Images of a parquet / hub dataset stay in its memory-mapped Arrow file
+(`ArrowImage`: a row reference, the bytes read when a batch is built), so each rank holds ~0.3 KB per
+row and the operating system's page cache, shared by all ranks, holds the bytes; other images (JSONL
+image folders) are kept compressed (`EncodedImage`). `experiments/dataset_image_memory.py` measures
+both. An image is decoded again when a batch is built (`as_pil`), which costs far less than the
+model's forward pass.
 """
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -61,6 +65,7 @@ class EncodedImage:
     size: tuple[int, int]  # (width, height), as PIL reports it
     where: str
     field: str = "image"
+    inline: bool = True  # the bytes came with the row (not read from a file path)
     mode = "RGB"  # what decode() returns
 
     def decode(self) -> Image.Image:
@@ -70,12 +75,37 @@ class EncodedImage:
 def load_checked_image(data: Optional[bytes] = None, path: Optional[str | Path] = None, *, where: str,
                        field: str = "image") -> EncodedImage:
     """Check an image completely now (same errors as `decode_image`) and keep its compressed bytes."""
+    inline = data is not None
     if data is None and path is not None and Path(path).is_file():
         data = Path(path).read_bytes()
     image = decode_image(data, path, where=where, field=field)
-    return EncodedImage(bytes(data), image.size, where, field)
+    return EncodedImage(bytes(data), image.size, where, field, inline)
 
 
-def as_pil(image: Union[Image.Image, EncodedImage]) -> Image.Image:
+class ArrowImage:
+    """A checked image left in a `datasets.Dataset` (memory-mapped Arrow): row `row`, column `column`
+    (item `item` of a list column), an undecoded `{bytes, path}` value. `data` reads its bytes."""
+
+    mode = "RGB"  # what decode() returns
+
+    def __init__(self, table: Any, row: int, column: str, item: Optional[int], size: tuple[int, int], where: str,
+                 field: str = "image"):
+        self.table, self.row, self.column, self.item = table, row, column, item
+        self.size, self.where, self.field = size, where, field
+
+    @property
+    def data(self) -> bytes:
+        value = self.table[self.row][self.column]
+        value = value if self.item is None else value[self.item]
+        return value["bytes"]
+
+    def decode(self) -> Image.Image:
+        return decode_image(self.data, where=self.where, field=self.field)
+
+
+StoredImage = Union[EncodedImage, ArrowImage]  # what records hold: checked, compressed, decoded on use
+
+
+def as_pil(image: Union[Image.Image, StoredImage]) -> Image.Image:
     """The RGB PIL image of a record's image, whichever form the record holds."""
-    return image.decode() if isinstance(image, EncodedImage) else image
+    return image.decode() if isinstance(image, (EncodedImage, ArrowImage)) else image

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from data.images import EncodedImage
+from data.images import ArrowImage, EncodedImage
 from ddpo import distributed as dist
 from ddpo.progress import progress_bar
 
@@ -71,7 +71,7 @@ def dataset_fingerprint(records) -> str:
             yield json.dumps([r.row_index, r.prompt, r.chosen, r.rejected]).encode()
             for image in r.images:  # compressed bytes when the record keeps them, else the pixels
                 yield f"{image.size}{image.mode}".encode()
-                yield image.data if isinstance(image, EncodedImage) else image.tobytes()
+                yield image.data if isinstance(image, (EncodedImage, ArrowImage)) else image.tobytes()
     return _sha(chunks())
 
 
