@@ -27,7 +27,8 @@ from transformers import PreTrainedTokenizerBase
 from data import segments as seg
 from data.images import DataError, as_pil
 from data.records import IGNORE_INDEX, PairBatch, PreferenceRecord
-from data.templates import check_image_tokens, encode_answer, encode_answer_with_offsets, encode_prompt, image_token_ids
+from data.templates import (check_image_tokens, encode_answer, encode_answer_with_offsets, encode_prompt, image_token_ids,
+                            role_prefix_length)
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,16 @@ class PairEncoder:
         segments: SegmentsMode = "token_diff",
         min_match: int = 3,
         include_insertions: bool = False,
+        segment_diff: str = "answer",
+        label_span: str = "answer",
     ):
         if segments not in SEGMENT_MODES:
             raise ValueError(f"segments must be one of {', '.join(SEGMENT_MODES)}, got '{segments}'")
+        if segment_diff not in ("answer", "muffin") or label_span not in ("answer", "muffin"):
+            raise ValueError(f"segment_diff and label_span must be 'answer' or 'muffin', got {segment_diff!r}, {label_span!r}")
+        # Exact replication of the released Muffin code (off by default; docs/REPRODUCING.md):
+        self.segment_diff = segment_diff  # 'muffin': diff prompt (minus BOS) + answer, difflib autojunk on
+        self.label_span = label_span  # 'muffin': the '### Assistant:' role prefix is labelled with the answer
         self.tokenizer, self.template, self.image_placeholder = tokenizer, template, image_placeholder
         self.max_length, self.segments = max_length, segments
         self.min_match, self.include_insertions = min_match, include_insertions
@@ -76,7 +84,7 @@ class PairEncoder:
     def from_config(cls, data_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_placeholder: str) -> "PairEncoder":
         """From the `data` config section (`ddpo.config.DataConfig`)."""
         return cls(tokenizer, data_cfg.template, image_placeholder, data_cfg.max_length, data_cfg.segments,
-                   data_cfg.min_match, data_cfg.include_insertions)
+                   data_cfg.min_match, data_cfg.include_insertions, data_cfg.segment_diff, data_cfg.label_span)
 
     def encode_prompt(self, record: PreferenceRecord) -> list[int]:
         """Prompt ids, checked: the image tokens exactly once, and room left for at least one answer token."""
@@ -91,9 +99,13 @@ class PairEncoder:
             return encode_answer_with_offsets(self.template, self.tokenizer, text)
         return encode_answer(self.template, self.tokenizer, text), []
 
-    def _corrections(self, record: PreferenceRecord, chosen: tuple, rejected: tuple) -> tuple[list[bool], list[bool]]:
+    def _corrections(self, record: PreferenceRecord, chosen: tuple, rejected: tuple,
+                     prompt_ids: Sequence[int] = ()) -> tuple[list[bool], list[bool]]:
         (chosen_ids, chosen_offsets), (rejected_ids, rejected_offsets) = chosen, rejected
         if self.segments == "token_diff":
+            if self.segment_diff == "muffin":  # the released code: whole sequences minus BOS, autojunk on
+                return seg.token_corrections(chosen_ids, rejected_ids, self.min_match, self.include_insertions,
+                                             context=prompt_ids[1:], autojunk=True)
             return seg.token_corrections(chosen_ids, rejected_ids, self.min_match, self.include_insertions)
         if self.segments == "word_diff":
             return seg.word_diff_corrections(record.chosen, record.rejected, chosen_offsets, rejected_offsets, self.min_match, self.include_insertions)
@@ -112,7 +124,12 @@ class PairEncoder:
             raise DataError(f"{record.where()}, field 'images': {len(record.images)} images; a pair needs exactly one")
         prompt_ids = self.encode_prompt(record)
         chosen, rejected = self._answer(record.chosen), self._answer(record.rejected)
-        chosen_corrected, rejected_corrected = self._corrections(record, chosen, rejected)  # on full answers
+        if self.label_span == "muffin":  # the role prefix's tokens move from the prompt into both answers
+            k = role_prefix_length(self.template, self.tokenizer, record.prompt, self.image_placeholder)
+            prompt_ids, role = prompt_ids[:-k], prompt_ids[-k:]
+            chosen = (role + chosen[0], [(0, 0)] * k + chosen[1] if chosen[1] else [])
+            rejected = (role + rejected[0], [(0, 0)] * k + rejected[1] if rejected[1] else [])
+        chosen_corrected, rejected_corrected = self._corrections(record, chosen, rejected, prompt_ids)  # on full answers
         chosen_ids, rejected_ids = chosen[0], rejected[0]
         self._check_ref(record, record.ref_chosen_logps, chosen_ids, "ref_chosen_logps")
         self._check_ref(record, record.ref_rejected_logps, rejected_ids, "ref_rejected_logps")

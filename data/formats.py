@@ -51,6 +51,11 @@ REQUIRED_COLUMNS = {
 _IMAGE_TAG = re.compile(r"\s*<image>\s*")
 
 
+class IdenticalAnswers(DataError):
+    """A pair whose chosen and rejected answers are the same: always a counted, logged skip. (The released
+    RLHF-V code trains on such rows; their DPO gradient is zero, so skipping changes only batch make-up.)"""
+
+
 class LoadedRecords(list):
     """`list[PreferenceRecord]` plus `skipped`: one message per row dropped by `data.skip_bad_rows`."""
 
@@ -80,7 +85,7 @@ def parse_pair_texts(question: Any, chosen: Any, rejected: Any, where: str, ques
         raise DataError(f"{where}, field '{question_field}': holds only an image tag; add the question text")
     chosen, rejected = _text(chosen, where, "chosen"), _text(rejected, where, "rejected")
     if chosen.strip() == rejected.strip():
-        raise DataError(f"{where}, fields 'chosen'/'rejected': identical answers carry no preference signal; drop the row (data.skip_bad_rows)")
+        raise IdenticalAnswers(f"{where}, fields 'chosen'/'rejected': identical answers carry no preference signal (skipped)")
     return question, chosen, rejected
 
 
@@ -307,6 +312,8 @@ def load_records(data_cfg: Any, seed: int = 0) -> LoadedRecords:
         seen += 1
         try:
             records.append(parse(row, i))
+        except IdenticalAnswers as e:  # a documented skip, whatever data.skip_bad_rows says
+            records.skipped.append(str(e))
         except DataError as e:
             if not data_cfg.skip_bad_rows:
                 raise
@@ -315,7 +322,9 @@ def load_records(data_cfg: Any, seed: int = 0) -> LoadedRecords:
             break
     if records.skipped:
         shown = "\n  ".join(records.skipped[:5]) + ("\n  ..." if len(records.skipped) > 5 else "")
-        logger.warning("%s: skipped %d of %d rows (data.skip_bad_rows):\n  %s", data_cfg.path, len(records.skipped), seen, shown)
+        identical = sum("identical answers" in m for m in records.skipped)
+        logger.warning("%s: skipped %d of %d rows (%d with identical answers; the rest by data.skip_bad_rows):\n  %s",
+                       data_cfg.path, len(records.skipped), seen, identical, shown)
     if not records:
         raise DataError(f"{data_cfg.path}: no usable rows ({len(records.skipped)} skipped, {seen} read)")
     return records

@@ -28,6 +28,8 @@ Where this differs from the original code (thunlp/Muffin `utils/diff_lib.py`, ca
     image tokens in the diffed sequence, image ids and common text ids were popular, so the segments
     depended on the sequence length. We pass `autojunk=False`: the plain longest-match diff of the
     two answers.
+  - `data.segment_diff: muffin` restores both for exact replication (`token_corrections(context=prompt
+    minus BOS, autojunk=True)`); right padding is still not diffed.
   - Identical sequences have no corrected token (no signal to up-weight), even when shorter than
     `min_match` (where the algorithm alone would call the whole answer a replacement).
 
@@ -47,14 +49,16 @@ _WORD = re.compile(r"\w+|[^\w\s]+")  # the word split of data/tokenizer.py's Whi
 
 
 def corrected_positions(
-    rejected: Sequence[Hashable], chosen: Sequence[Hashable], min_match: int = 3, include_insertions: bool = False
+    rejected: Sequence[Hashable], chosen: Sequence[Hashable], min_match: int = 3, include_insertions: bool = False,
+    autojunk: bool = False,
 ) -> tuple[set[int], set[int]]:
-    """Positions of corrected items: (in rejected, in chosen), by the gap algorithm of the module doc."""
+    """Positions of corrected items: (in rejected, in chosen), by the gap algorithm of the module doc
+    (`autojunk`: difflib's popular-item heuristic, on only to replicate the released code)."""
     if min_match < 1:
         raise ValueError(f"min_match must be >= 1, got {min_match}")
     if list(rejected) == list(chosen):
         return set(), set()
-    matcher = difflib.SequenceMatcher(None, rejected, chosen, autojunk=False)
+    matcher = difflib.SequenceMatcher(None, rejected, chosen, autojunk=autojunk)
     # The final block is difflib's (len_a, len_b, 0) sentinel; it is kept so the trailing gap is closed.
     blocks = [b for b in matcher.get_matching_blocks() if b.size >= min_match or b.size == 0]
     rejected_marked: set[int] = set()
@@ -74,11 +78,19 @@ def token_corrections(
     rejected_ids: Sequence[int],
     min_match: int = 3,
     include_insertions: bool = False,
+    context: Sequence[int] = (),
+    autojunk: bool = False,
 ) -> tuple[list[bool], list[bool]]:
     """RLHF-V segments of two answers' token ids: (chosen_corrected, rejected_corrected), same lengths as
-    the inputs; True on tokens of corrected segments."""
-    rejected_marked, chosen_marked = corrected_positions(rejected_ids, chosen_ids, min_match, include_insertions)
-    return [i in chosen_marked for i in range(len(chosen_ids))], [i in rejected_marked for i in range(len(rejected_ids))]
+    the inputs; True on tokens of corrected segments.
+
+    `context` + `autojunk=True` replicate the released code exactly (`data.segment_diff: muffin`): the
+    tokens before both answers (the prompt minus BOS: system, image tokens, question, role prefix) are
+    diffed with them, under difflib's default autojunk; only the answers' marks are returned."""
+    n = len(context)
+    rejected_marked, chosen_marked = corrected_positions([*context, *rejected_ids], [*context, *chosen_ids], min_match,
+                                                         include_insertions, autojunk)
+    return [i + n in chosen_marked for i in range(len(chosen_ids))], [i + n in rejected_marked for i in range(len(rejected_ids))]
 
 
 def span_corrections(offsets: Sequence[Span], spans: Sequence[Span]) -> list[bool]:

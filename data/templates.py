@@ -21,7 +21,8 @@ byte-level BPE tokenizers (which attach a leading space to the next word) tokeni
 they would the whole text.
 
 Difference from the original Muffin code: there, the `### Assistant:` role prefix was labelled too
-(LLaVA-v0 masking); here only the answer and the end marker are.
+(LLaVA-v0 masking); here only the answer and the end marker are, unless `data.label_span: muffin`
+(`role_prefix_length` counts those tokens).
 
 `image_placeholder` is the model's text for one image, already expanded to its number of image tokens
 (LLaVA: N x "<image>"; Muffin: "<im_start>" + 64 x "<im_patch>" + "<im_end>"). `check_image_tokens`
@@ -53,11 +54,12 @@ class TextTemplate:
     append_eos: bool  # end the answer with the tokenizer's EOS id
     stop_strings: tuple[str, ...] = ()  # generation stops here (templates whose answers end without EOS)
     generated_prefix: str = ""  # a role prefix the model writes itself before its answer (removed from answers)
+    role_prefix: str = ""  # the assistant role prefix ending the prompt (labelled too by Muffin's code)
 
 
 TEXT_TEMPLATES = {
     "vicuna_v0": TextTemplate("{system}\n\n### Human: {image}\n{question}\n### Assistant:", " {answer}\n###", append_eos=False,
-                              stop_strings=("###",)),
+                              stop_strings=("###",), role_prefix="### Assistant:"),
     "llava_v1": TextTemplate("{system} USER: {image}\n{question} ASSISTANT:", " {answer}", append_eos=True),
     "rlhfv_eval": TextTemplate("{system}\n###Human: {question}\n{image}\n###", None, append_eos=False,
                                stop_strings=("###",), generated_prefix="Assistant:"),
@@ -162,6 +164,22 @@ def encode_prompt(template: str, tokenizer: PreTrainedTokenizerBase, question: s
     if tokenizer.bos_token_id is not None and (template in TEXT_TEMPLATES or not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id, *ids]
     return ids
+
+
+def role_prefix_length(template: str, tokenizer: PreTrainedTokenizerBase, question: str, image_placeholder: str) -> int:
+    """How many of `encode_prompt`'s last ids spell the assistant role prefix ('### Assistant:' of
+    vicuna_v0), which the released Muffin code labels as part of the answer (`data.label_span: muffin`)."""
+    _check_template(template)
+    role = TEXT_TEMPLATES[template].role_prefix if template in TEXT_TEMPLATES else ""
+    if not role:
+        raise ValueError(f"data.label_span 'muffin' labels the '### Assistant:' role prefix of vicuna_v0 (Muffin's layout); "
+                         f"template '{template}' has none: use data.label_span 'answer'")
+    text = prompt_text(template, tokenizer, question, image_placeholder)
+    start = text.rindex(role)
+    if not tokenizer.is_fast:
+        raise ValueError("data.label_span 'muffin' needs a fast tokenizer (character offsets)")
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return sum(1 for s, e in offsets if e > start)
 
 
 def encode_answer_with_offsets(

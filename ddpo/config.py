@@ -36,6 +36,8 @@ class DataConfig:
     segments: Literal["token_diff", "word_diff", "spans", "none"] = config_field("token_diff", "How corrected segments are found: RLHF-V token-id diff, a word-level diff mapped to tokens, explicit character spans in the data, or none (vanilla DPO weights).")
     min_match: int = config_field(3, "Diff matching blocks shorter than this many tokens are absorbed into the surrounding edit (RLHF-V: 3).")
     include_insertions: bool = config_field(False, "Also weigh gaps present on one side only (pure insertions/deletions); RLHF-V weighs replacements only.")
+    segment_diff: Literal["answer", "muffin"] = config_field("answer", "token_diff input: 'answer' = the two answers, plain longest-match diff; 'muffin' = exact replication of the released code: prompt (minus BOS) + answer, difflib autojunk on (changes which tokens get gamma on long sequences).")
+    label_span: Literal["answer", "muffin"] = config_field("answer", "Labelled tokens: 'answer' = the answer and its end marker; 'muffin' = also the '### Assistant:' role prefix, as the released Muffin code (vicuna_v0 only).")
     synthetic_pairs: int = config_field(64, "Number of preference pairs generated when format is 'synthetic'.")
     length_grouping: bool = config_field(False, "Group pairs of similar length into batches to cut padding (changes the data order, seeded).")
 
@@ -49,6 +51,7 @@ class LossConfig:
     label_smoothing: float = config_field(0.0, "Conservative DPO epsilon in [0, 0.5) (sigmoid only).")
     reference_free: bool = config_field(False, "Ignore the reference model (its log-ratio is taken as 0).")
     sft_weight: float = config_field(0.0, "Weight alpha of an SFT term: mean negative token log-prob of the chosen answer (RPO-style mixing).")
+    sft_form: Literal["token_mean", "released"] = config_field("token_mean", "SFT term: 'token_mean' = unweighted mean NLL per chosen answer token in the batch; 'released' = minus the chosen answer's weighted sequence log-prob (gamma weights, loss.normalize), averaged over pairs, as the released RLHF-V code (SFT_weight env).")
 
 
 @dataclass
@@ -109,7 +112,7 @@ class Config:
         """Cross-field checks; each message names the key(s) and the fix."""
         m, d, l, t, ds = self.model, self.data, self.loss, self.train, self.deepspeed
         try:  # the loss section's checks live with the loss (one home)
-            check_loss_settings(l.beta, l.gamma, l.normalize, l.loss_type, l.label_smoothing, l.sft_weight)
+            check_loss_settings(l.beta, l.gamma, l.normalize, l.loss_type, l.label_smoothing, l.sft_weight, l.sft_form)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         checks = [
@@ -126,6 +129,11 @@ class Config:
             (d.min_match >= 1, "data.min_match must be >= 1"),
             (d.format == "synthetic" or d.path, f"data.path is required for data.format '{d.format}' (a local path or hub id)"),
             (d.format != "jsonl" or d.image_dir, "data.image_dir is required for data.format 'jsonl'"),
+            (d.label_span == "answer" or d.template == "vicuna_v0",
+             f"data.label_span 'muffin' labels vicuna_v0's '### Assistant:' role prefix (Muffin's layout); data.template is '{d.template}'"),
+            (d.segment_diff == "answer" or d.segments == "token_diff",
+             f"data.segment_diff 'muffin' is the released token-id diff: it needs data.segments 'token_diff', not '{d.segments}'"),
+            (m.image_size is None or m.image_size > 0, "model.image_size must be > 0"),
             (not (t.reference == "cached" and l.reference_free), "loss.reference_free needs no reference: set train.reference to 'live' or drop reference_free"),
             (m.logps_chunk_size >= 1, "model.logps_chunk_size must be >= 1"),
             (m.lora_r >= 0, "model.lora_r must be >= 0 (0 = full fine-tuning)"),

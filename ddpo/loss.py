@@ -66,8 +66,11 @@ def weighted_logps(token_logps: Tensor, weights: Tensor, normalize: str) -> Tens
     return total / norm
 
 
+SFT_FORMS = ("token_mean", "released")
+
+
 def check_settings(beta: float = 0.5, gamma: float = 5.0, normalize: str = "mean", loss_type: str = "sigmoid",
-                   label_smoothing: float = 0.0, sft_weight: float = 0.0) -> None:
+                   label_smoothing: float = 0.0, sft_weight: float = 0.0, sft_form: str = "token_mean") -> None:
     """The one check of the loss settings (the `loss:` config section); messages name the config key."""
     checks = [
         (beta > 0, f"loss.beta must be > 0, got {beta}"),
@@ -78,6 +81,7 @@ def check_settings(beta: float = 0.5, gamma: float = 5.0, normalize: str = "mean
         (label_smoothing == 0 or loss_type == "sigmoid",
          f"loss.label_smoothing is only defined for loss.loss_type 'sigmoid', got {loss_type!r}"),
         (sft_weight >= 0, f"loss.sft_weight must be >= 0, got {sft_weight}"),
+        (sft_form in SFT_FORMS, f"loss.sft_form must be one of {SFT_FORMS}, got {sft_form!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -145,8 +149,11 @@ class DDPOLoss(nn.Module):
     """Token log-probs + answer/corrected masks of a batch of pairs -> (scalar loss, metrics), torchtune style.
 
     weights = 0 outside the answer, gamma on corrected tokens, 1 elsewhere (`token_weights`);
-    loss = mean over pairs of dpo_loss on the weighted sequence log-probs + sft_weight * (mean negative
-    log-prob of all chosen answer tokens in the batch, unweighted). Metrics are detached 0-d tensors
+    loss = mean over pairs of dpo_loss on the weighted sequence log-probs + sft_weight * SFT term, where
+    the SFT term is (`sft_form`) 'token_mean': the mean negative log-prob of all chosen answer tokens in
+    the batch, unweighted; or 'released' (the released RLHF-V code): minus the mean over pairs of the
+    chosen answers' weighted sequence log-probs, the same values the DPO term uses (gamma-weighted,
+    summed under normalize 'sum': about tokens-per-answer times larger than 'token_mean'). Metrics are detached 0-d tensors
     (batch means) so that a trainer can all-reduce them before logging.
     """
 
@@ -159,11 +166,13 @@ class DDPOLoss(nn.Module):
         label_smoothing: float = 0.0,
         reference_free: bool = False,
         sft_weight: float = 0.0,
+        sft_form: str = "token_mean",
     ):
         super().__init__()
-        check_settings(beta, gamma, normalize, loss_type, label_smoothing, sft_weight)
+        check_settings(beta, gamma, normalize, loss_type, label_smoothing, sft_weight, sft_form)
         self.beta, self.gamma, self.normalize, self.loss_type = beta, gamma, normalize, loss_type
         self.label_smoothing, self.reference_free, self.sft_weight = label_smoothing, reference_free, sft_weight
+        self.sft_form = sft_form
 
     @classmethod
     def from_config(cls, loss_cfg: Any) -> "DDPOLoss":
@@ -176,11 +185,13 @@ class DDPOLoss(nn.Module):
             label_smoothing=loss_cfg.label_smoothing,
             reference_free=loss_cfg.reference_free,
             sft_weight=loss_cfg.sft_weight,
+            sft_form=getattr(loss_cfg, "sft_form", "token_mean"),
         )
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, gamma={self.gamma}, normalize={self.normalize!r}, loss_type={self.loss_type!r}, "
-                f"label_smoothing={self.label_smoothing}, reference_free={self.reference_free}, sft_weight={self.sft_weight}")
+                f"label_smoothing={self.label_smoothing}, reference_free={self.reference_free}, sft_weight={self.sft_weight}, "
+                f"sft_form={self.sft_form!r}")
 
     def forward(
         self,
@@ -214,7 +225,9 @@ class DDPOLoss(nn.Module):
             self.beta, self.loss_type, self.label_smoothing, self.reference_free,
         )
         loss = losses.mean()
-        if self.sft_weight > 0:
+        if self.sft_weight > 0 and self.sft_form == "released":
+            loss = loss - self.sft_weight * policy_chosen.mean()
+        elif self.sft_weight > 0:
             answer = answer_mask[:b]
             nll = -torch.where(answer, policy_chosen_token_logps, torch.zeros_like(policy_chosen_token_logps)).sum()
             loss = loss + self.sft_weight * nll / answer.sum().clamp(min=1)

@@ -95,6 +95,8 @@ def fingerprint(model, records, cfg) -> dict[str, str]:
         "template": cfg.data.template,
         "tokenizer": tokenizer_fingerprint(model.tokenizer),
         "max_length": str(cfg.data.max_length),
+        # 'muffin' labels the role prefix too (more cached tokens); absent when default, so older caches match
+        **({"label_span": cfg.data.label_span} if cfg.data.label_span != "answer" else {}),
         "image_transform": image_transform_fingerprint(model),
     }
 

@@ -323,3 +323,22 @@ def test_policy_equal_to_reference_gives_log2_and_no_accuracy():
     assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
     assert m["rewards/accuracies"].item() == 0.0
     assert m["rewards/chosen"].item() == m["rewards/rejected"].item() == m["rewards/margins"].item() == 0.0
+
+
+def test_released_sft_form_by_hand():
+    """sft_form 'released' (RLHF-V's SFT_weight term): minus the mean over pairs of the chosen answers'
+    weighted sequence log-probs. With normalize 'sum': pair 0 -1 + 3(-2) - 3 = -10, pair 1 -1 -> mean -5.5,
+    x 0.5 = 2.75, about 4x the token-mean form's 0.7 here (sum over ~2.5 tokens, gamma 3 on one)."""
+    pc, pr, wc, wr, rc, rr = two_pairs()
+    plain, _ = DDPOLoss(beta=1.0, gamma=G3, normalize="sum")(pc, pr, rc, rr, *masks(wc, wr))
+    released, _ = DDPOLoss(beta=1.0, gamma=G3, normalize="sum", sft_weight=0.5, sft_form="released")(pc, pr, rc, rr, *masks(wc, wr))
+    assert released.item() == pytest.approx(plain.item() + 2.75, abs=1e-12)
+    # with normalize 'mean' it is the weighted mean: pair 0 -10 / 5 = -2, pair 1 -0.5 -> 0.5 x 1.25 = 0.625
+    plain_mean, _ = DDPOLoss(beta=1.0, gamma=G3)(pc, pr, rc, rr, *masks(wc, wr))
+    released_mean, _ = DDPOLoss(beta=1.0, gamma=G3, sft_weight=0.5, sft_form="released")(pc, pr, rc, rr, *masks(wc, wr))
+    assert released_mean.item() == pytest.approx(plain_mean.item() + 0.625, abs=1e-12)
+    with pytest.raises(ValueError, match="sft_form must be one of"):
+        DDPOLoss(sft_form="sum")
+    from ddpo.config import LossConfig
+
+    assert DDPOLoss.from_config(LossConfig(sft_weight=1.0, sft_form="released")).sft_form == "released"

@@ -203,3 +203,31 @@ def test_segment_modes(tokenizer):
     record.chosen_spans = None
     with pytest.raises(DataError, match="row 10.*no span annotations"):
         encoder(tokenizer, segments="spans").encode(record)
+
+
+def test_muffin_label_span_labels_the_role_prefix(tokenizer):
+    """data.label_span 'muffin': the '### Assistant:' tokens end the prompt no more but start both labelled
+    answers (the released code labels them); the full sequences are unchanged."""
+    record = make_records()[0]
+    plain = encoder(tokenizer).encode(record)
+    muffin = encoder(tokenizer, label_span="muffin").encode(record)
+    role = tokenizer.convert_tokens_to_ids(["###", "Assistant", ":"])
+    assert plain.prompt_ids[-3:] == role and muffin.prompt_ids == plain.prompt_ids[:-3]
+    assert muffin.chosen_ids == role + plain.chosen_ids and muffin.rejected_ids == role + plain.rejected_ids
+    assert muffin.chosen_corrected == [False] * 3 + plain.chosen_corrected  # the role is never a corrected segment
+    batch = PairCollator(tokenizer.pad_token_id, image_transform=resize_normalize)([muffin])
+    assert int((batch.labels != -100).sum()) == len(muffin.chosen_ids) + len(muffin.rejected_ids)
+    with pytest.raises(ValueError, match="role prefix of vicuna_v0"):
+        encoder(tokenizer, template="llava_v1", label_span="muffin").encode(record)
+
+
+def test_muffin_segment_diff_runs_over_prompt_and_answer(tokenizer):
+    """data.segment_diff 'muffin' = token_corrections(context = prompt minus BOS, autojunk on)."""
+    from data.segments import token_corrections
+
+    record = make_records()[1]
+    pair = encoder(tokenizer, segment_diff="muffin").encode(record)
+    plain = encoder(tokenizer).encode(record)
+    expected = token_corrections(plain.chosen_ids, plain.rejected_ids, 3, context=plain.prompt_ids[1:], autojunk=True)
+    assert (pair.chosen_corrected, pair.rejected_corrected) == expected
+    assert pair.prompt_ids == plain.prompt_ids and pair.chosen_ids == plain.chosen_ids

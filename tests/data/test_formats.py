@@ -1,6 +1,7 @@
 """Readers of the four formats on fixtures in the exact schemas, and one test per bad-input case."""
 import io
 import json
+import re
 import logging
 import time
 
@@ -146,11 +147,16 @@ def test_empty_rejected(tmp_path):
         load("rlhf-v", write_rlhfv(tmp_path / "d.parquet", rows))
 
 
-def test_chosen_identical_to_rejected(tmp_path):
+def test_chosen_identical_to_rejected_is_a_counted_skip(tmp_path, caplog):
+    """The released code trains on identical pairs (zero DPO gradient); here they are skipped and counted,
+    without data.skip_bad_rows."""
     rows = rlhfv_rows()
-    rows[1]["text"] = json.dumps({"question": "q ?", "chosen": "a cat .", "rejected": "a cat ."})
-    with pytest.raises(DataError, match="row 1 of .*'chosen'/'rejected': identical answers carry no preference signal"):
-        load("rlhf-v", write_rlhfv(tmp_path / "d.parquet", rows))
+    rows[1]["text"] = json.dumps({"question": "q ?", "chosen": "a cat .", "rejected": "a cat . "})
+    with caplog.at_level("WARNING"):
+        records = load("rlhf-v", write_rlhfv(tmp_path / "d.parquet", rows))
+    assert len(records) == len(rows) - 1 and 1 not in [r.row_index for r in records]
+    assert len(records.skipped) == 1 and re.search(r"row 1 of .*identical answers carry no preference signal", records.skipped[0])
+    assert f"skipped 1 of {len(rows)} rows (1 with identical answers" in caplog.text
 
 
 def test_undecodable_image_bytes(tmp_path):

@@ -155,3 +155,46 @@ def test_word_diff_equals_spans_of_the_corrected_words():
     by_spans = span_corrections(characters(chosen), chosen_spans), span_corrections(characters(rejected), rejected_spans)
     assert by_words == by_spans
     assert sum(by_words[0]) == len("redleft") and sum(by_words[1]) == len("blueright")
+
+
+def test_muffin_diff_keeps_a_short_match_that_extends_the_prompt():
+    """data.segment_diff 'muffin' diffs prompt (minus BOS) + answer: a 1-token match at the answer start
+    ('The') joins the prompt's match and survives min_match 3; diffing the answers alone absorbs it."""
+    prompt_tail = [1, 2, 3]
+    chosen, rejected = [5, 20, 30, 31, 32, 33], [5, 21, 30, 31, 32, 33]
+    assert token_corrections(chosen, rejected, 3) == ([True, True, False, False, False, False],) * 2
+    assert token_corrections(chosen, rejected, 3, context=prompt_tail, autojunk=True) == \
+        ([False, True, False, False, False, False],) * 2
+
+
+def naive_released_marks(context, chosen, rejected, min_match=3):
+    """RLHF-V's procedure spelled out: difflib with its defaults (autojunk on) on the full sequences,
+    blocks < min_match dropped, a gap marked when non-empty on both sides; the answers' marks returned."""
+    import difflib
+
+    c, r = [*context, *chosen], [*context, *rejected]
+    blocks = [b for b in difflib.SequenceMatcher(None, r, c).get_matching_blocks() if b.size >= min_match or b.size == 0]
+    marks_c, marks_r, i, j = set(), set(), 0, 0
+    for b in blocks:
+        if b.a > i and b.b > j:
+            marks_r.update(range(i, b.a))
+            marks_c.update(range(j, b.b))
+        i, j = b.a + b.size, b.b + b.size
+    n = len(context)
+    return [k + n in marks_c for k in range(len(chosen))], [k + n in marks_r for k in range(len(rejected))]
+
+
+def test_muffin_diff_applies_autojunk_on_long_sequences():
+    """With >= 200 tokens difflib's autojunk lets no match *start* on an id filling > 1% of the chosen
+    sequence (here '.', 4 of 211): a run of dots between two edits is no longer matched, so the whole
+    answer becomes one corrected segment. The plain diff keeps the dots unchanged. 'muffin' mode equals
+    the released procedure."""
+    context = [1] + [7] * 64 + list(range(100, 240))  # system/question ids + 64 image-patch ids: 205 tokens
+    dot = 9
+    chosen, rejected = [50, dot, dot, dot, dot, 51], [60, dot, dot, dot, dot, 61]
+    released = token_corrections(chosen, rejected, 3, context=context, autojunk=True)
+    assert released == ([True] * 6, [True] * 6)
+    assert released == naive_released_marks(context, chosen, rejected)
+    plain = [True, False, False, False, False, True]
+    assert token_corrections(chosen, rejected, 3, context=context, autojunk=False) == (plain, plain)
+    assert token_corrections(chosen, rejected, 3) == (plain, plain)
