@@ -43,7 +43,7 @@ def child(variant: str, directory: str) -> None:
 
     torch.set_num_threads(1)
     import models.muffin as muffin
-    from ddpo.config import ModelConfig
+    from models.config import ModelConfig
     from models.build import build_model
     from models.replicas import muffin_vision_sizes_for_tests
 

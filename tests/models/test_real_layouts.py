@@ -12,7 +12,7 @@ from PIL import Image
 
 import models.muffin as muffin
 from data.templates import encode_answer, encode_prompt
-from ddpo.config import ConfigError, ModelConfig
+from models.config import ConfigError, ModelConfig
 from ddpo.reference import image_transform_fingerprint
 from models.build import build_model, load_model
 from models.muffin import VISION_POSITIONS_KEY, checkpoint_shards, interpolate_vision_positions, map_muffin_key, read_shard
