@@ -2,18 +2,31 @@
 
 Layout under `<output_dir>/checkpoints/`:
 
-    step-000040/            one complete checkpoint (DeepSpeed engine state + trainer_state.json + rng)
+    step-000040/            one complete checkpoint: DeepSpeed engine state, rng_rank*.pt, trainer_state.json
     latest                  text file naming the newest complete checkpoint
 
 A checkpoint is written into a temporary directory and renamed into place only when every rank has
 finished writing, then `latest` is replaced atomically. A crash mid-save leaves a `.tmp-*` directory
 that is ignored and cleaned up, and the previous checkpoint stays usable.
+
+`trainer_state.json` is written last and lists every file of the checkpoint with its size, so a
+checkpoint is *complete* when that file exists and every listed file has its recorded size. Resume
+(`find`) never silently loses work: under `train.resume auto`, a `latest` that names a missing or
+incomplete checkpoint is reported and the newest complete checkpoint is used instead; a checkpoints
+folder with no complete checkpoint is an error, not a fresh start. A file that is present but cannot
+be read is a `CheckpointError` naming the file and what to do.
+
+Loading unpickles nothing arbitrary: every file, DeepSpeed's included, is read with
+`torch.load(weights_only=True)`, with only the few DeepSpeed classes its optimizer states hold
+(`DEEPSPEED_SAFE_GLOBALS`) allowed.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +36,14 @@ import torch
 
 from ddpo import distributed as dist
 
+logger = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the checkpoint or file and what to do."""
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -58,6 +78,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------
 def save(engine, output_dir: str | os.PathLike, step: int, trainer_state: dict, keep: int) -> Path:
     """Write step `step` atomically on every rank; returns the final directory."""
     root = checkpoint_root(output_dir)
@@ -73,7 +96,9 @@ def save(engine, output_dir: str | os.PathLike, step: int, trainer_state: dict, 
     dist.barrier()
     final = root / name
     if dist.rank() == 0:
-        (root / tmp_tag / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+        files = {str(f.relative_to(root / tmp_tag)): f.stat().st_size for f in sorted((root / tmp_tag).rglob("*")) if f.is_file()}
+        state = {**trainer_state, "files": files}  # written last: its presence means every file above is complete
+        (root / tmp_tag / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(root / tmp_tag, final)
         write_text_atomic(root / "latest", name)
@@ -86,30 +111,152 @@ def _prune(root: Path, keep: int) -> None:
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
-        for old in sorted(root.glob("step-*"))[:-keep]:
+        for old in _step_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# Finding a checkpoint to resume from
+# ----------------------------------------------------------------------------------------------
+def _step_dirs(root: Path) -> list[Path]:
+    """step-* directories, oldest first (by step number)."""
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _step_of(path: Path) -> int:
+    m = STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def incomplete_reason(path: Path) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be resumed from, or None when it is complete."""
+    if not path.is_dir():
+        return f"{path} does not exist"
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        return f"{path} has no {STATE_FILE} (its save did not finish, or the file was removed)"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{state_file} cannot be read ({type(e).__name__}: {e})"
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{state_file} holds no training step"
+    for name, size in state.get("files", {}).items():  # checkpoints from before the file list: not checked
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} is {file.stat().st_size} bytes but was saved with {size} (truncated or damaged)"
+    return None
+
+
 def find(output_dir: str | os.PathLike, resume: str) -> Optional[Path]:
-    """Resolve `train.resume` ('none' | 'auto' | a checkpoint directory) to a checkpoint or None."""
+    """Resolve `train.resume` ('none' | 'auto' | a checkpoint directory) to a complete checkpoint or None.
+
+    'auto': the newest complete checkpoint, normally the one `latest` names; when `latest` names a missing
+    or incomplete one, or an older one than the newest complete (a save stopped before updating it), a
+    warning says so. None only when there is no checkpoint at all; checkpoints that are all incomplete
+    are a `CheckpointError`, never a silent fresh start.
+    """
     if resume == "none":
         return None
     if resume != "auto":
         path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint (no {STATE_FILE}); pass a checkpoints/step-* directory or 'auto'")
+        reason = incomplete_reason(path)
+        if reason:
+            raise CheckpointError(f"train.resume={resume}: not a complete checkpoint: {reason}. Pass another checkpoints/step-* directory or 'auto'")
         return path
     root = checkpoint_root(output_dir)
-    latest = root / "latest"
-    if latest.is_file() and (root / latest.read_text().strip() / STATE_FILE).is_file():
-        return root / latest.read_text().strip()
-    return None
+    latest_file = root / "latest"
+    steps = _step_dirs(root) if root.is_dir() else []
+    if not steps and not latest_file.is_file():
+        return None  # nothing saved yet (a `.tmp-*` folder is a save that never finished)
+    newest_complete = next((p for p in reversed(steps) if incomplete_reason(p) is None), None)
+    if latest_file.is_file():
+        name = latest_file.read_text(encoding="utf-8").strip()
+        problem = incomplete_reason(root / name) if name else f"{latest_file} is empty"
+        if problem is None:
+            if newest_complete is None or _step_of(newest_complete) <= _step_of(root / name):
+                return root / name
+            problem = f"{latest_file} names '{name}', but {newest_complete.name} is newer and complete (a save stopped before updating 'latest')"
+        else:
+            problem = f"{latest_file} names '{name}', but {problem}"
+    else:
+        problem = f"{root} has no 'latest' file"
+    if newest_complete is not None:
+        logger.warning("%s: resuming from the newest complete checkpoint, %s", problem, newest_complete)
+        return newest_complete
+    reasons = [incomplete_reason(p) for p in reversed(steps)]
+    details = "; ".join(r for r in reasons if r)
+    raise CheckpointError(
+        f"train.resume auto: {problem}, and no checkpoint in {root} is complete ({details or 'none saved'}). "
+        f"Nothing to resume from: move or delete {root} to start over (or set train.resume none), "
+        "or point train.resume at a complete checkpoint directory"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def _deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its ZeRO optimizer states pickle (found by loading ZeRO-1/2/3 checkpoints
+    with weights_only=True); plain data otherwise. Nothing here runs code when unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(file: str | os.PathLike, map_location=None) -> Any:
+    """torch.load(weights_only=True) with DeepSpeed's classes allowed; any failure names the file."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, corrupt: EOFError, RuntimeError from the zip reader, ...
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsupported:
+            raise CheckpointError(
+                f"{file}: refused by torch.load(weights_only=True): it holds {unsupported.group(1)} besides tensors and "
+                "plain data, which loading it would have to run. ddpo does not unpickle such objects; resume from a "
+                "checkpoint ddpo wrote"
+            ) from None
+        raise CheckpointError(
+            f"{file}: cannot be read ({type(e).__name__}: {_first_line(e)}); the file is damaged. Delete its checkpoint "
+            f"folder {Path(file).parent} to resume from the previous one (train.resume auto), or set train.resume "
+            "to an older checkpoints/step-* directory"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    """The informative part of a load error (torch's weights-only errors wrap it in paragraphs of advice)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def load(engine, path: Path) -> dict:
-    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
-    _, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the trainer state.
+
+    DeepSpeed reads its files through `engine.checkpoint_engine.load`, which is pointed at `safe_load`
+    for the call, so no file is unpickled with weights_only=False."""
+    reason = incomplete_reason(path)
+    if reason:
+        raise CheckpointError(f"cannot resume: {reason}")
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.load = lambda file, map_location=None: safe_load(file, map_location)
+    try:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    finally:
+        del checkpoint_engine.load  # back to the class's method
+    if load_path is None:  # DeepSpeed only logs a warning when the model states file is absent
+        raise CheckpointError(f"{path}: DeepSpeed found no model states to load; delete the folder to resume from the previous checkpoint")
     rng_file = path / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_load(rng_file))
+    else:
+        logger.warning("%s missing: this rank's RNG streams are not restored (the run continues, but not bit for bit)", rng_file)
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))

@@ -170,10 +170,14 @@ def write_configs(spec: SweepSpec, points: list[Point]) -> None:
 
 
 def point_status(run_dir: Path) -> str:
-    """'done' (final/ exists), 'resume' (a complete checkpoint exists) or 'new'."""
+    """'done' (final/ exists), 'resume' (a complete checkpoint exists), 'damaged' (checkpoints, none
+    complete: its training run stops with the reason) or 'new'."""
     if (run_dir / "final").is_dir():
         return "done"
-    return "resume" if checkpoint.find(run_dir, "auto") is not None else "new"
+    try:
+        return "resume" if checkpoint.find(run_dir, "auto") is not None else "new"
+    except checkpoint.CheckpointError:
+        return "damaged"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,8 +85,8 @@ def test_point_status_done_resume_new(tmp_path):
     ckpt = run / "checkpoints" / "step-000002"
     ckpt.mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step-000002")
-    assert sweep.point_status(run) == "new"  # no trainer_state.json: an incomplete checkpoint
-    (ckpt / "trainer_state.json").write_text("{}")
+    assert sweep.point_status(run) == "damaged"  # no trainer_state.json: an incomplete checkpoint, the only one
+    (ckpt / "trainer_state.json").write_text('{"step": 2}')
     assert sweep.point_status(run) == "resume"
     (run / "final").mkdir()
     assert sweep.point_status(run) == "done"

@@ -97,14 +97,13 @@ def test_resume_is_exact(tmp_path):
     """6 steps straight == 3 steps, stop, resume, 3 more: identical metrics on CPU."""
     common = ("--train.learning_rate", "1e-3", "--data.synthetic_pairs", "24")
     straight = train(tmp_path / "straight", *common, "--train.max_steps", "6")
-    # An interrupted run: same schedule (max_steps 6), then rewound to its step-3 checkpoint as if it had
+    # An interrupted run: same schedule (max_steps 6), then resumed from its step-3 checkpoint as if it had
     # died right after writing it.
     out = tmp_path / "split"
     run_ddpo("train", TINY, "--train.output_dir", str(out), "--train.num_threads", "1", "--logging.progress_bar", "false",
              *common, "--train.max_steps", "6", "--train.save_steps", "3", "--train.save_total_limit", "0")
     (out / "metrics.jsonl").unlink()
-    (out / "checkpoints" / "latest").write_text("step-000003")
-    resumed = train(out, *common, "--train.max_steps", "6", "--train.resume", "auto")
+    resumed = train(out, *common, "--train.max_steps", "6", "--train.resume", str(out / "checkpoints" / "step-000003"))
     assert [m["step"] for m in resumed] == [4, 5, 6]
     for ms, mr in paired(straight[3:], resumed):
         for key in ("loss", "lr", "rewards/margins", "logps/chosen", "grad_norm", "epoch"):

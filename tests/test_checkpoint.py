@@ -1,0 +1,167 @@
+"""Resume never silently loses work: damaged, incomplete and dangling checkpoints (ddpo/checkpoint.py).
+
+One 4-step run saves step-2 and step-4 (module fixture); each test copies it, damages it the way a
+crash, a full disk or a bad copy would, and resumes with `--train.resume auto` to the same 4 steps.
+Falling back to step-2 must then give steps 3 and 4 exactly as the undamaged run had them.
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import TINY, metrics, run_ddpo
+
+from ddpo import checkpoint
+
+COMMON = ("--train.num_threads", "1", "--logging.progress_bar", "false", "--train.learning_rate", "1e-3",
+          "--data.synthetic_pairs", "16", "--train.max_steps", "4", "--train.save_steps", "2", "--train.save_total_limit", "0")
+
+
+def _train(out: Path, *overrides: str, expect_ok: bool = True):
+    return run_ddpo("train", TINY, "--train.output_dir", str(out), *COMMON, *overrides, expect_ok=expect_ok)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    _train(out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000004"]
+    return out
+
+
+@pytest.fixture
+def run(saved_run, tmp_path) -> Path:
+    """A copy of the saved run without its export and metrics, as a run killed after step 4's checkpoint."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    shutil.rmtree(out / "final")
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in (saved_run / "metrics.jsonl").read_text().splitlines()[:2]))
+    return out
+
+
+def _truncate(file: Path, keep: float = 0.5) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+def _resumes_from_step_2(saved_run: Path, out: Path, damaged: str) -> None:
+    proc = _train(out, "--train.resume", "auto")
+    assert damaged in proc.stderr and "resuming from the newest complete checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoints' / 'step-000002'} at step 2" in proc.stderr
+    # Steps 3 and 4 are re-run, exactly as the undamaged run ran them (timings aside).
+    assert [_values(m) for m in metrics(out)[-2:]] == [_values(m) for m in metrics(saved_run)[2:]]
+
+
+def _values(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("samples_per_s", "tokens_per_s")}
+
+
+def test_truncated_weights_in_latest_fall_back_to_the_previous_checkpoint(saved_run, run):
+    weights = run / "checkpoints" / "step-000004" / "mp_rank_00_model_states.pt"
+    _truncate(weights)
+    _resumes_from_step_2(saved_run, run, f"{weights} is {weights.stat().st_size} bytes but was saved with")
+
+
+def test_truncated_rng_file_falls_back_to_the_previous_checkpoint(saved_run, run):
+    rng = run / "checkpoints" / "step-000004" / "rng_rank0.pt"
+    _truncate(rng)
+    _resumes_from_step_2(saved_run, run, f"{rng} is {rng.stat().st_size} bytes")
+
+
+def test_missing_state_file_falls_back_to_the_previous_checkpoint(saved_run, run):
+    (run / "checkpoints" / "step-000004" / "trainer_state.json").unlink()
+    _resumes_from_step_2(saved_run, run, "step-000004 has no trainer_state.json")
+
+
+def test_dangling_latest_falls_back_to_the_newest_complete_checkpoint(saved_run, run):
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    (run / "checkpoints" / "latest").write_text("step-000006")
+    _resumes_from_step_2(saved_run, run, "latest names 'step-000006', but")
+
+
+def test_crash_mid_write_resumes_from_the_last_complete_checkpoint(saved_run, run):
+    """Killed while writing step 4: its files sit in `.tmp-step-000004`, `latest` still names step-2."""
+    root = run / "checkpoints"
+    (root / "step-000004").rename(root / ".tmp-step-000004")
+    (root / ".tmp-step-000004" / "trainer_state.json").unlink()
+    _truncate(root / ".tmp-step-000004" / "mp_rank_00_model_states.pt")
+    (root / "latest").write_text("step-000002")
+    proc = _train(run, "--train.resume", "auto")
+    assert "resuming from the newest complete" not in proc.stderr  # nothing was wrong with `latest`
+    assert f"resumed from {root / 'step-000002'} at step 2" in proc.stderr
+    assert not (root / ".tmp-step-000004").exists()  # cleaned up by the next save
+    assert metrics(run)[-1]["loss"] == metrics(saved_run)[-1]["loss"]
+
+
+def test_crash_between_rename_and_latest_uses_the_newer_checkpoint(run):
+    (run / "checkpoints" / "latest").write_text("step-000002")
+    assert checkpoint.find(run, "auto") == run / "checkpoints" / "step-000004"
+
+
+def test_no_complete_checkpoint_is_an_error_not_a_fresh_start(run):
+    for step in ("step-000002", "step-000004"):
+        (run / "checkpoints" / step / "trainer_state.json").unlink()
+    proc = _train(run, "--train.resume", "auto", expect_ok=False)
+    assert proc.returncode != 0
+    assert "no checkpoint in" in proc.stderr and "is complete" in proc.stderr and "step-000004 has no trainer_state.json" in proc.stderr
+    assert len(metrics(run)) == 2  # nothing trained
+
+
+def test_damaged_file_of_the_right_size_is_an_error_naming_it(run):
+    """Corruption the size check cannot see: the load names the file and what to do."""
+    weights = run / "checkpoints" / "step-000004" / "mp_rank_00_model_states.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 4096] = b"\0" * 4096
+    data[:64] = b"\0" * 64
+    weights.write_bytes(bytes(data))
+    proc = _train(run, "--train.resume", "auto", expect_ok=False)
+    assert proc.returncode != 0
+    assert f"{weights}: cannot be read" in proc.stderr and "Delete its checkpoint folder" in proc.stderr
+
+
+def test_truncated_rng_without_a_file_list_is_named(tmp_path):
+    """A checkpoint from before the size list: the damaged RNG file is named, not a bare EOFError."""
+    rng = tmp_path / "rng_rank0.pt"
+    torch.save(checkpoint.rng_state(), rng)
+    _truncate(rng, 0.3)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{rng}: cannot be read .*damaged"):
+        checkpoint.safe_load(rng)
+
+
+def test_checkpoint_files_load_without_pickle(run):
+    """A model-states file holding a Python object other than tensors and plain data is refused: DeepSpeed's
+    files go through torch.load(weights_only=True) too."""
+    weights = run / "checkpoints" / "step-000004" / "mp_rank_00_model_states.pt"
+    state = torch.load(weights, weights_only=True)
+    state["client_note"] = argparse.Namespace(note="a pickled object")
+    torch.save(state, weights)
+    state_file = weights.parent / "trainer_state.json"
+    trainer_state = json.loads(state_file.read_text())
+    trainer_state["files"][weights.name] = weights.stat().st_size
+    state_file.write_text(json.dumps(trainer_state))
+    proc = _train(run, "--train.resume", "auto", expect_ok=False)
+    assert proc.returncode != 0
+    assert f"{weights}: refused by torch.load(weights_only=True): it holds argparse.Namespace" in proc.stderr
+
+
+def test_explicit_resume_of_an_incomplete_checkpoint_is_refused(run):
+    ckpt = run / "checkpoints" / "step-000004"
+    (ckpt / "trainer_state.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint.*no trainer_state.json"):
+        checkpoint.find(run, str(ckpt))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoints_resume_exactly_under_weights_only_loading(tmp_path, stage):
+    """ZeRO optimizer states hold a few DeepSpeed objects (loss scaler, stage enum, fragment addresses):
+    the allow-list lets them load with weights_only=True, and the resume is exact."""
+    zero = ("--deepspeed.config", str(Path(TINY).parent / "deepspeed" / f"zero{stage}.json"))
+    out = tmp_path / "run"
+    _train(out, *zero)
+    straight = metrics(out)
+    (out / "metrics.jsonl").write_text("")
+    _train(out, *zero, "--train.resume", str(out / "checkpoints" / "step-000002"))
+    assert [_values(m) for m in metrics(out)[-2:]] == [_values(m) for m in straight[2:]]
