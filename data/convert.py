@@ -9,12 +9,15 @@ Each row becomes what TRL's `examples/datasets/rlaif-v.py` produces:
     rejected = [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}]
     images   = [image]                      (cast to a sequence of datasets.Image)
 then a seeded train/test split. DIR is a `save_to_disk` DatasetDict (`datasets.load_from_disk(DIR)`)
-with a short dataset card README.md. The texts of every row are checked as `load_records` checks
-them (a bad row stops the conversion naming the row); image bytes are copied, not re-encoded.
+with a short dataset card README.md. Every row is checked as `load_records` checks it for training —
+texts, and the image decoded in full (a missing file, corrupt or degenerate image is named with its row
+and field): a bad row stops the conversion, or with `--skip-bad-rows` (as `data.skip_bad_rows`) is
+dropped and counted. Image bytes are copied, not re-encoded (an image given as a file path is embedded).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,7 +25,9 @@ from typing import Optional
 
 import datasets
 
-from data.formats import REQUIRED_COLUMNS, DataError, open_dataset, row_texts
+from data.formats import REQUIRED_COLUMNS, DataError, open_dataset, row_image, row_texts
+
+logger = logging.getLogger(__name__)
 
 TRL_FEATURES = datasets.Features(
     {
@@ -34,28 +39,45 @@ TRL_FEATURES = datasets.Features(
 )
 
 
-def to_trl_row(row: dict, index: int, fmt: str, source: str) -> dict:
-    """One RLHF-V / RLAIF-V row (image undecoded) -> one TRL conversational preference row."""
-    question, chosen, rejected = row_texts(fmt, row, f"row {index} of {source}")
+def to_trl_row(row: dict, index: int, fmt: str, source: str, skip_bad_rows: bool = False) -> dict:
+    """One RLHF-V / RLAIF-V row (image undecoded) -> one TRL conversational preference row, checked as
+    training checks it. With `skip_bad_rows`, a bad row comes back empty with its error in `error`."""
+    where = f"row {index} of {source}"
+    try:
+        question, chosen, rejected = row_texts(fmt, row, where)
+        image = row_image(row.get("image"), where, "image")
+    except DataError as e:
+        if not skip_bad_rows:
+            raise
+        return {"prompt": [], "chosen": [], "rejected": [], "images": [], "error": str(e)}
     return {
         "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": question}]}],
         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
-        "images": [row["image"]],
+        "images": [{"bytes": image.data, "path": None}],
+        "error": None,
     }
 
 
-def convert(fmt: str, input_path: str, split: str = "train", test_size: float = 0.01, seed: int = 42, num_proc: Optional[int] = None) -> datasets.DatasetDict:
+def convert(fmt: str, input_path: str, split: str = "train", test_size: float = 0.01, seed: int = 42,
+            num_proc: Optional[int] = None, skip_bad_rows: bool = False) -> datasets.DatasetDict:
     ds = open_dataset(input_path, split)
     missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in ds.column_names]
     if missing:
         raise DataError(f"{input_path}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format needs {', '.join(REQUIRED_COLUMNS[fmt])}")
-    if len(ds) < 2:
-        raise DataError(f"{input_path}: {len(ds)} row(s); a train/test split needs at least 2")
     trl = ds.map(
-        to_trl_row, fn_kwargs={"fmt": fmt, "source": input_path}, with_indices=True, num_proc=num_proc,
-        remove_columns=ds.column_names, features=TRL_FEATURES, desc="to TRL format",
+        to_trl_row, fn_kwargs={"fmt": fmt, "source": input_path, "skip_bad_rows": skip_bad_rows}, with_indices=True,
+        num_proc=num_proc, remove_columns=ds.column_names, features=datasets.Features({**TRL_FEATURES, "error": datasets.Value("string")}),
+        desc="to TRL format",
     )
+    errors = [e for e in trl["error"] if e is not None]
+    if errors:
+        shown = "\n  ".join(errors[:5]) + ("\n  ..." if len(errors) > 5 else "")
+        logger.warning("%s: skipped %d of %d rows (--skip-bad-rows):\n  %s", input_path, len(errors), len(trl), shown)
+        trl = trl.filter(lambda error: error is None, input_columns="error")
+    trl = trl.remove_columns("error")
+    if len(trl) < 2:
+        raise DataError(f"{input_path}: {len(trl)} usable row(s) ({len(errors)} skipped); a train/test split needs at least 2")
     return trl.train_test_split(test_size=test_size, seed=seed)
 
 
@@ -87,6 +109,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--test-size", type=float, default=0.01, help="fraction (or count, if >= 1) of rows in the test split")
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/test split")
     parser.add_argument("--num-proc", type=int, default=None, help="worker processes for the row conversion")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows (bad texts, missing or corrupt images) with a counted, logged summary instead of stopping at the first (as data.skip_bad_rows)")
     parser.add_argument("--push-to-hub", action="store_true", help="also push the result to the Hugging Face Hub")
     parser.add_argument("--repo-id", default=None, help="hub dataset repo for --push-to-hub")
     args = parser.parse_args(argv)
@@ -94,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--push-to-hub needs --repo-id OWNER/NAME")
     test_size = int(args.test_size) if args.test_size >= 1 else args.test_size
     try:
-        splits = convert(args.format, args.input, args.split, test_size, args.seed, args.num_proc)
+        splits = convert(args.format, args.input, args.split, test_size, args.seed, args.num_proc, args.skip_bad_rows)
     except DataError as e:
         print(f"ddpo convert: {e}", file=sys.stderr)
         return 2

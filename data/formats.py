@@ -104,7 +104,7 @@ def _spans(value: Any, text: str, where: str, field: str) -> Optional[list[tuple
     return spans
 
 
-def _image(value: Any, where: str, field: str):
+def row_image(value: Any, where: str, field: str):
     """Decode an undecoded `datasets.Image` value ({bytes, path}), raw bytes, or a path string."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
@@ -154,7 +154,7 @@ def _parquet_row(fmt: str, row: dict, i: int, source: str) -> PreferenceRecord:
     question, chosen, rejected = row_texts(fmt, row, where)
     idx = row.get("idx")
     return PreferenceRecord(
-        images=[_image(row.get("image"), where, "image")], prompt=question, chosen=chosen, rejected=rejected,
+        images=[row_image(row.get("image"), where, "image")], prompt=question, chosen=chosen, rejected=rejected,
         row_index=i, source=source, idx=None if idx is None else str(idx), meta=_meta(row),
     )
 
@@ -189,7 +189,7 @@ def _trl_row(row: dict, i: int, source: str) -> PreferenceRecord:
     if image_parts != 1:
         raise DataError(f"{where}, field 'prompt': the user message has {image_parts} image parts; it needs exactly one ({{'type': 'image'}}) for its one image")
     return PreferenceRecord(
-        images=[_image(images[0], where, "images")], prompt=question, chosen=chosen, rejected=rejected,
+        images=[row_image(images[0], where, "images")], prompt=question, chosen=chosen, rejected=rejected,
         row_index=i, source=source, idx=None if row.get("idx") is None else str(row["idx"]),
     )
 

@@ -3,7 +3,7 @@ import json
 
 import datasets
 import pytest
-from fixtures import PAIRS, all_texts, rlhfv_rows, write_rlaifv, write_rlhfv
+from fixtures import PAIRS, all_texts, png_bytes, rlhfv_rows, write_rlaifv, write_rlhfv
 
 from data.collator import PairCollator, PairDataset, PairEncoder
 from data.convert import main
@@ -68,3 +68,40 @@ def test_missing_input_and_push_offline_fail_clearly(tmp_path, capsys, monkeypat
     assert main(["--format", "rlaif-v", "--input", str(src), "--output", str(tmp_path / "o"), "--push-to-hub", "--repo-id", "me/x"]) == 2
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
     assert datasets.load_from_disk(str(tmp_path / "o"))["train"].num_rows == 5  # the local copy is still written
+
+
+def _write_with_bad_images(path, corrupt_row_1: bool = True):
+    """Row 1: a truncated PNG; row 3: a path to an image file that is gone by conversion time."""
+    rows = rlhfv_rows()
+    if corrupt_row_1:
+        rows[1]["image"] = {"bytes": png_bytes()[:40], "path": None}
+    gone = path.parent / "gone.png"
+    gone.write_bytes(png_bytes())  # datasets reads the file's size when writing the parquet
+    rows[3]["image"] = {"bytes": None, "path": str(gone)}
+    write_rlhfv(path, rows)
+    gone.unlink()
+    return path
+
+
+def test_corrupt_or_missing_image_stops_the_conversion_naming_the_row(tmp_path, capsys):
+    src = _write_with_bad_images(tmp_path / "d.parquet")
+    assert main(["--format", "rlhf-v", "--input", str(src), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"row 1 of {src}, field 'image': image could not be decoded" in err and "data.skip_bad_rows" in err
+    assert not (tmp_path / "out").exists()
+    src = _write_with_bad_images(tmp_path / "e.parquet", corrupt_row_1=False)
+    assert main(["--format", "rlhf-v", "--input", str(src), "--output", str(tmp_path / "out")]) == 2
+    assert f"row 3 of {src}, field 'image': image file not found: {tmp_path / 'gone.png'}" in capsys.readouterr().err
+
+
+def test_skip_bad_rows_drops_and_counts_bad_images(tmp_path, caplog):
+    src = _write_with_bad_images(tmp_path / "d.parquet")
+    with caplog.at_level("WARNING"):
+        assert main(["--format", "rlhf-v", "--input", str(src), "--output", str(tmp_path / "out"), "--test-size", "1", "--skip-bad-rows"]) == 0
+    assert "skipped 2 of 6 rows (--skip-bad-rows)" in caplog.text and "row 1 of" in caplog.text and "row 3 of" in caplog.text
+    dd = datasets.load_from_disk(str(tmp_path / "out"))
+    assert len(dd["train"]) + len(dd["test"]) == 4 and set(dd["train"].column_names) == {"prompt", "chosen", "rejected", "images"}
+    kept = {r["chosen"][0]["content"][0]["text"] for split in dd.values() for r in split}
+    assert kept == {PAIRS[i][1] for i in (0, 2, 4, 5)}
+    # What convert writes, training loads: every kept image decodes.
+    assert len(load_records(DataConfig(format="trl", path=str(tmp_path / "out"), split="train"))) == len(dd["train"])
