@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_flush_denormal(True)  # tiny random models hit denormals: ~9x slower without this
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("DDPO_TEST_THREADS", "1")))  # 2: a second float order (tests/test_trainer.py)
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import TINY, metrics, run_ddpo
+from test_trainer import THREADS, TINY, metrics, run_ddpo
 
 from ddpo import checkpoint
 
-COMMON = ("--train.num_threads", "1", "--logging.progress_bar", "false", "--train.learning_rate", "1e-3",
+COMMON = ("--train.num_threads", THREADS, "--logging.progress_bar", "false", "--train.learning_rate", "1e-3",
           "--data.synthetic_pairs", "16", "--train.max_steps", "4", "--train.save_steps", "2", "--train.save_total_limit", "0")
 
 
