@@ -372,7 +372,7 @@ class Trainer:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-                self.model.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, template=self.cfg.data.template)
                 shutil.rmtree(directory, ignore_errors=True)
                 os.replace(tmp, directory)
         dist.barrier()

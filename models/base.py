@@ -32,6 +32,7 @@ from data.records import IGNORE_INDEX, PairBatch
 from data.templates import encode_prompt, generated_prefix
 from models.logps import chunked_token_logps
 from models.lora import merged_lora_state_dict
+from models.processor import save_processor
 from models.shared_prompt import shared_prompt_layout
 
 
@@ -354,12 +355,16 @@ class PreferenceModel(nn.Module):
         self.hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     # -- saving ----------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """HF model (safetensors) + tokenizer + `ddpo_model.json` (arch, image transform); `models.build.load_model` reloads it."""
+    def save_pretrained(self, directory: str | os.PathLike, template: Optional[str] = None) -> None:
+        """HF model (safetensors) + tokenizer + `ddpo_model.json` (arch, template, image transform);
+        `models.build.load_model` reloads it. Also the processor and a chat template rendering `template`
+        (default: the model's, `self.template`) so transformers and TRL open it too (`models.processor`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf_model.save_pretrained(directory, state_dict=merged_lora_state_dict(self.hf_model))
         self.tokenizer.save_pretrained(directory)
-        info = {"arch": self.arch, "template": self.template, "image_transform": asdict(self.image_transform),
+        template = template or self.template
+        save_processor(self, directory, template)
+        info = {"arch": self.arch, "template": template, "image_transform": asdict(self.image_transform),
                 "logps_chunk_size": self.logps_chunk_size, "format_version": 1}
         (directory / DDPO_MODEL_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
