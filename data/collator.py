@@ -9,10 +9,13 @@ Layout of a PairBatch (docs/ARCHITECTURE.md): rows 0..B-1 are `prompt + chosen`,
 token at position t+1 (`labels[:, 1:]`), the token whose log-prob the logits at t give. The prompt
 ids are identical in both rows of a pair (tokenized once).
 
-Lengths: `len(prompt) + len(answer) <= max_length`. An answer that does not fit is cut from its end,
-its corrected mask and cached reference log-probs cut with it (counted in `PairEncoder.num_truncated` and
-logged); the prompt (with its image tokens) is never cut: if it leaves no room for an answer the
-pair is a `DataError`, or a counted skip in `PairDataset(skip_bad_rows=True)`.
+Lengths: `len(prompt) + len(answer) <= max_length`. An answer that does not fit is cut from its end
+(`long_answers="truncate"`, the default) with its corrected mask; the reference cache, computed from
+these same cut answers, holds log-probs for the kept tokens only. `PairDataset` counts the pairs cut
+before training and logs one summary. With `long_answers="error"` such a pair is a `DataError` naming
+the row and its lengths (a counted skip with `skip_bad_rows`). The prompt (with its image tokens) is
+never cut: if it leaves no room for an answer the pair is a `DataError`, or a counted skip in
+`PairDataset(skip_bad_rows=True)`.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 SegmentsMode = Literal["token_diff", "word_diff", "spans", "none"]
 SEGMENT_MODES = ("token_diff", "word_diff", "spans", "none")
+LongAnswers = Literal["truncate", "error"]
+LONG_ANSWER_MODES = ("truncate", "error")
 
 
 @dataclass
@@ -66,7 +71,10 @@ class PairEncoder:
         include_insertions: bool = False,
         segment_diff: str = "answer",
         label_span: str = "answer",
+        long_answers: LongAnswers = "truncate",
     ):
+        if long_answers not in LONG_ANSWER_MODES:
+            raise ValueError(f"long_answers must be one of {', '.join(LONG_ANSWER_MODES)}, got '{long_answers}'")
         if segments not in SEGMENT_MODES:
             raise ValueError(f"segments must be one of {', '.join(SEGMENT_MODES)}, got '{segments}'")
         if segment_diff not in ("answer", "muffin") or label_span not in ("answer", "muffin"):
@@ -76,7 +84,7 @@ class PairEncoder:
         self.label_span = label_span  # 'muffin': the '### Assistant:' role prefix is labelled with the answer
         self.tokenizer, self.template, self.image_placeholder = tokenizer, template, image_placeholder
         self.max_length, self.segments = max_length, segments
-        self.min_match, self.include_insertions = min_match, include_insertions
+        self.min_match, self.include_insertions, self.long_answers = min_match, include_insertions, long_answers
         self.placeholder_ids = image_token_ids(tokenizer, image_placeholder)
         self.num_truncated = 0  # pairs whose answers were cut, in this process
 
@@ -84,7 +92,8 @@ class PairEncoder:
     def from_config(cls, data_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_placeholder: str) -> "PairEncoder":
         """From the `data` config section (`ddpo.config.DataConfig`)."""
         return cls(tokenizer, data_cfg.template, image_placeholder, data_cfg.max_length, data_cfg.segments,
-                   data_cfg.min_match, data_cfg.include_insertions, data_cfg.segment_diff, data_cfg.label_span)
+                   data_cfg.min_match, data_cfg.include_insertions, data_cfg.segment_diff, data_cfg.label_span,
+                   data_cfg.long_answers)
 
     def encode_prompt(self, record: PreferenceRecord) -> list[int]:
         """Prompt ids, checked: the image tokens exactly once, and room left for at least one answer token."""
@@ -115,9 +124,23 @@ class PairEncoder:
             return seg.span_corrections(chosen_offsets, record.chosen_spans), seg.span_corrections(rejected_offsets, record.rejected_spans)
         return [False] * len(chosen_ids), [False] * len(rejected_ids)
 
-    def _check_ref(self, record: PreferenceRecord, logps: Optional[list[float]], ids: list[int], field: str) -> None:
-        if logps is not None and len(logps) != len(ids):
-            raise DataError(f"{record.where()}, field '{field}': {len(logps)} cached reference log-probs for {len(ids)} answer tokens; the cache was made with another tokenizer/template/max_length: recompute it")
+    def _check_ref(self, record: PreferenceRecord, logps: Optional[list[float]], kept: int, total: int, field: str) -> None:
+        """Cached log-probs cover exactly the kept answer tokens: the cache was computed from these cut answers."""
+        if logps is not None and len(logps) != kept:
+            cut = f" ({total} before cutting to data.max_length {self.max_length})" if kept != total else ""
+            raise DataError(f"{record.where()}, field '{field}': the reference cache holds {len(logps)} log-probs for this answer's {kept} tokens{cut}; the cache does not match this data: recompute it (`ddpo precompute-ref`)")
+
+    def check_lengths(self, record: PreferenceRecord) -> tuple[int, int, int]:
+        """(prompt, chosen, rejected) token counts; a DataError when the prompt leaves no room for an answer,
+        or (long_answers 'error') when an answer does not fit."""
+        prompt = len(self.encode_prompt(record))
+        chosen, rejected = (len(self._answer(text)[0]) for text in (record.chosen, record.rejected))
+        self._check_room(record, prompt, chosen, rejected)
+        return prompt, chosen, rejected
+
+    def _check_room(self, record: PreferenceRecord, prompt: int, chosen: int, rejected: int) -> None:
+        if self.long_answers == "error" and prompt + max(chosen, rejected) > self.max_length:
+            raise DataError(f"{record.where()}, fields 'chosen'/'rejected': prompt {prompt} + answers {chosen}/{rejected} tokens exceed data.max_length {self.max_length}; raise data.max_length, shorten the answers, set data.long_answers truncate, or drop the row (data.skip_bad_rows)")
 
     def encode(self, record: PreferenceRecord) -> EncodedPair:
         if len(record.images) != 1:
@@ -131,44 +154,55 @@ class PairEncoder:
             rejected = (role + rejected[0], [(0, 0)] * k + rejected[1] if rejected[1] else [])
         chosen_corrected, rejected_corrected = self._corrections(record, chosen, rejected, prompt_ids)  # on full answers
         chosen_ids, rejected_ids = chosen[0], rejected[0]
-        self._check_ref(record, record.ref_chosen_logps, chosen_ids, "ref_chosen_logps")
-        self._check_ref(record, record.ref_rejected_logps, rejected_ids, "ref_rejected_logps")
-
+        self._check_room(record, len(prompt_ids), len(chosen_ids), len(rejected_ids))
         room = self.max_length - len(prompt_ids)
+        self._check_ref(record, record.ref_chosen_logps, min(len(chosen_ids), room), len(chosen_ids), "ref_chosen_logps")
+        self._check_ref(record, record.ref_rejected_logps, min(len(rejected_ids), room), len(rejected_ids), "ref_rejected_logps")
         cut = max(len(chosen_ids) - room, 0) + max(len(rejected_ids) - room, 0)
-        if cut:
+        if cut:  # counted for the whole dataset by PairDataset; here per pair at debug level only
             self.num_truncated += 1
-            logger.info("%s: answers cut by %d tokens to fit data.max_length %d (pairs cut so far: %d)", record.where(), cut, self.max_length, self.num_truncated)
+            logger.debug("%s: answers cut by %d tokens to fit data.max_length %d", record.where(), cut, self.max_length)
         keep = lambda values: None if values is None else list(values[:room])  # noqa: E731
         return EncodedPair(
             prompt_ids=prompt_ids,
             chosen_ids=keep(chosen_ids), rejected_ids=keep(rejected_ids),
             chosen_corrected=keep(chosen_corrected), rejected_corrected=keep(rejected_corrected),
             images=list(record.images), row_index=record.row_index,
-            ref_chosen_logps=keep(record.ref_chosen_logps), ref_rejected_logps=keep(record.ref_rejected_logps),
+            ref_chosen_logps=record.ref_chosen_logps, ref_rejected_logps=record.ref_rejected_logps,
             truncated_tokens=cut,
         )
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Records + encoder; `__getitem__` encodes one pair. Prompts are checked up front, so a prompt that
-    cannot fit fails (or, with skip_bad_rows, is skipped and counted in `.skipped`) before training."""
+    """Records + encoder; `__getitem__` encodes one pair. Lengths are checked up front (one tokenization of
+    every pair): a prompt that cannot fit, or with long_answers 'error' an answer, fails (or, with
+    skip_bad_rows, is skipped and counted in `.skipped`) before training; pairs whose answers will be
+    cut are counted in `.truncated` and summarised in one log line."""
 
     def __init__(self, records: Sequence[PreferenceRecord], encoder: PairEncoder, skip_bad_rows: bool = False):
         self.encoder = encoder
         self.records: list[PreferenceRecord] = []
         self.skipped: list[str] = []
+        self.truncated: list[tuple[int, int, int, int]] = []  # (row, prompt, chosen, rejected tokens) of cut pairs
         for record in records:
             try:
-                encoder.encode_prompt(record)
+                prompt, chosen, rejected = encoder.check_lengths(record)
             except DataError as e:
                 if not skip_bad_rows:
                     raise
                 self.skipped.append(str(e))
                 continue
             self.records.append(record)
+            if prompt + max(chosen, rejected) > encoder.max_length:
+                self.truncated.append((record.row_index, prompt, chosen, rejected))
         if self.skipped:
-            logger.warning("skipped %d of %d pairs whose prompt cannot fit (data.skip_bad_rows); first: %s", len(self.skipped), len(records), self.skipped[0])
+            logger.warning("skipped %d of %d pairs that cannot fit data.max_length %d (data.skip_bad_rows); first: %s", len(self.skipped), len(records), encoder.max_length, self.skipped[0])
+        if self.truncated:
+            row, prompt, chosen, rejected = max(self.truncated, key=lambda t: t[1] + max(t[2], t[3]))
+            logger.warning(
+                "%d of %d pairs have an answer longer than the room data.max_length %d leaves after the prompt: it is cut "
+                "from its end, in training and in the reference cache alike (data.long_answers truncate). Longest: row %d, "
+                "prompt %d + answers %d/%d tokens", len(self.truncated), len(self.records), encoder.max_length, row, prompt, chosen, rejected)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -33,6 +33,7 @@ class DataConfig:
     max_samples: Optional[int] = config_field(None, "Use only the first N rows (after filtering); null = all.")
     padding_side: Literal["right", "left"] = config_field("right", "Side that batches are padded on.")
     skip_bad_rows: bool = config_field(False, "Skip malformed rows with a counted, logged summary instead of stopping at the first one.")
+    long_answers: Literal["truncate", "error"] = config_field("truncate", "An answer longer than the room max_length leaves after its prompt: 'truncate' cuts it from its end (the pairs cut are counted in one log line at start), 'error' stops naming the row and its lengths (with skip_bad_rows: a counted skip).")
     segments: Literal["token_diff", "word_diff", "spans", "none"] = config_field("token_diff", "How corrected segments are found: RLHF-V token-id diff, a word-level diff mapped to tokens, explicit character spans in the data, or none (vanilla DPO weights).")
     min_match: int = config_field(3, "Diff matching blocks shorter than this many tokens are absorbed into the surrounding edit (RLHF-V: 3).")
     include_insertions: bool = config_field(False, "Also weigh gaps present on one side only (pure insertions/deletions); RLHF-V weighs replacements only.")

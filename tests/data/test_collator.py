@@ -134,22 +134,29 @@ def test_no_cache_gives_none_and_a_mixed_batch_is_an_error(tokenizer):
 def test_ref_logps_of_the_wrong_length_are_a_data_error(tokenizer):
     record = make_records()[0]
     record.ref_chosen_logps, record.ref_rejected_logps = [-0.1] * 3, [-0.1] * 3
-    with pytest.raises(DataError, match="row 10, field 'ref_chosen_logps': 3 cached reference log-probs for 11 answer tokens"):
+    with pytest.raises(DataError, match="row 10, field 'ref_chosen_logps': the reference cache holds 3 log-probs for this answer's 11 tokens; the cache does not match"):
         encoder(tokenizer).encode(record)
 
 
 def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, caplog):
     full = encoder(tokenizer)
-    record = add_ref(make_records()[2], full)
+    record = make_records()[2]
     whole = full.encode(record)
     enc = encoder(tokenizer, max_length=len(whole.prompt_ids) + 4)
-    with caplog.at_level(logging.INFO, logger="data.collator"):
-        cut = enc.encode(record)
-    assert "cut by" in caplog.text and enc.num_truncated == 1
+    add_ref(record, enc)  # as the reference cache stores them: one log-prob per kept token
+    with caplog.at_level(logging.WARNING, logger="data.collator"):
+        dataset = PairDataset([record], enc)
+    assert dataset.truncated == [(12, len(whole.prompt_ids), len(whole.chosen_ids), len(whole.rejected_ids))]
+    assert f"1 of 1 pairs have an answer longer than the room data.max_length {enc.max_length} leaves" in caplog.text
+    assert f"row 12, prompt {len(whole.prompt_ids)} + answers {len(whole.chosen_ids)}/{len(whole.rejected_ids)} tokens" in caplog.text
+    before = enc.num_truncated
+    cut = dataset[0]
+    assert enc.num_truncated == before + 1
     assert cut.truncated_tokens == len(whole.chosen_ids) - 4 + len(whole.rejected_ids) - 4
     assert cut.prompt_ids == whole.prompt_ids
-    for name in ["chosen_ids", "rejected_ids", "chosen_corrected", "rejected_corrected", "ref_chosen_logps", "ref_rejected_logps"]:
+    for name in ["chosen_ids", "rejected_ids", "chosen_corrected", "rejected_corrected"]:
         assert getattr(cut, name) == getattr(whole, name)[:4]
+    assert cut.ref_chosen_logps == [-0.01, -0.02, -0.03, -0.04] and cut.ref_rejected_logps == [-0.1, -0.2, -0.3, -0.4]
     batch = PairCollator(tokenizer.pad_token_id)([cut])
     assert batch.input_ids.shape[1] == enc.max_length
     check_image_tokens(batch.input_ids[0].tolist(), enc.placeholder_ids)
@@ -157,6 +164,22 @@ def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, cap
     # the long match after "objects" anchors the edit, and the 2-token match "there are" at the start
     # is shorter than min_match, so it joins the edit. Diffing the 4 kept tokens alone would mark all 4.
     assert cut.chosen_corrected == [True, True, True, False]
+    # A cache that does not cover the kept tokens is blamed, naming both lengths.
+    record.ref_chosen_logps = [-0.1] * len(whole.chosen_ids)
+    with pytest.raises(DataError, match=f"holds {len(whole.chosen_ids)} log-probs for this answer's 4 tokens \\({len(whole.chosen_ids)} before cutting to data.max_length {enc.max_length}\\)"):
+        enc.encode(record)
+
+
+def test_long_answers_error_names_the_row_and_its_lengths(tokenizer):
+    record = make_records()[2]
+    whole = encoder(tokenizer).encode(record)
+    enc = encoder(tokenizer, max_length=len(whole.prompt_ids) + 4, long_answers="error")
+    message = f"row 12, fields 'chosen'/'rejected': prompt {len(whole.prompt_ids)} \\+ answers {len(whole.chosen_ids)}/{len(whole.rejected_ids)} tokens exceed data.max_length {enc.max_length}"
+    with pytest.raises(DataError, match=message):
+        PairDataset([record], enc)
+    dataset = PairDataset(make_records(), enc, skip_bad_rows=True)  # every answer is longer than 4 tokens
+    assert len(dataset) == 0 and dataset.truncated == []
+    assert [m.split(",")[0] for m in dataset.skipped] == [f"row {10 + i}" for i in range(len(PAIRS))]
 
 
 def test_prompt_that_cannot_fit_is_an_error_or_a_counted_skip(tokenizer, caplog):
