@@ -4,8 +4,8 @@ The round trip a user makes: `ddpo convert` RLAIF-V data -> `ddpo train` on it -
 `AutoProcessor` + `AutoModelForImageTextToText` (same ids, pixels and generations as ddpo) -> TRL's
 DPOTrainer trains on that checkpoint with the converted data.
 """
+import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,32 @@ from data.tokenizer import build_word_tokenizer
 from models.base import ImageTransform
 from models.processor import chat_template, image_processor
 
-sys.path.insert(0, str(Path(__file__).parent / "data"))
-from fixtures import PAIRS, all_texts, write_rlaifv  # noqa: E402
-
+PAIRS = [  # (question, chosen, rejected) in RLAIF-V's columns
+    ("Describe the image in detail .", "there is a red circle at the top left .", "there is a blue circle at the top left ."),
+    ("What is in the picture ?", "a green square in the center .", "a green triangle in the center ."),
+    ("How many objects are there ?", "there are two objects : a red square and a blue circle .", "there are three objects : a red square and a blue circle ."),
+    ("Describe the image in detail .", "a small yellow cat is at the bottom right .", "a large yellow dog is at the bottom right ."),
+    ("What is in the picture ?", "one blue frisbee on the left .", "two blue frisbees on the left ."),
+]
 QUESTION = PAIRS[0][0]
+
+
+def write_rlaifv(folder: Path) -> Path:
+    """A small RLAIF-V-Dataset parquet (the public columns the converter reads), PNG bytes inside."""
+    import datasets
+
+    def png(i: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 6), ((60 * i) % 256, 255 - 40 * i, 128)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = [{"image": {"bytes": png(i), "path": None}, "question": q, "chosen": c, "rejected": r, "idx": str(i)}
+            for i, (q, c, r) in enumerate(PAIRS)]
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"), "chosen": datasets.Value("string"),
+                                  "rejected": datasets.Value("string"), "idx": datasets.Value("string")})
+    folder.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(folder / "RLAIF-V-Dataset_000.parquet"))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +101,7 @@ def test_fine_tuning_an_export_keeps_its_processor(exported, tmp_path):
 
 @pytest.mark.parametrize("template", [name for name, spec in TEXT_TEMPLATES.items() if spec.answer is not None])
 def test_chat_template_renders_trl_conversations_as_the_training_template(template):
-    tokenizer = build_word_tokenizer(all_texts())
+    tokenizer = build_word_tokenizer([text for pair in PAIRS for text in pair])
     tokenizer.chat_template = chat_template(template)
     question, answer = PAIRS[1][0], PAIRS[1][1]
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -115,7 +137,7 @@ def _our_mean_logps(final: Path, trl_data: Path, rows: int) -> tuple[float, floa
 
     model = load_model(final).eval()
     records = load_records(DataConfig(format="trl", path=str(trl_data), split="train"))[:rows]
-    encoder = PairEncoder(model.tokenizer, "vicuna_v0", model.image_placeholder, max_length=256, gamma=1.0)
+    encoder = PairEncoder(model.tokenizer, "vicuna_v0", model.image_placeholder, max_length=256)
     batch = PairCollator(model.tokenizer.pad_token_id, image_transform=model.preprocess_images)(list(PairDataset(records, encoder)))
     with torch.no_grad():
         chosen, rejected = model.pair_token_logps(batch)
