@@ -6,32 +6,53 @@
 
 The `ddpo` command (ddpo/commands.py) adds the wings' subcommands (eval, demo, score, sweep); this
 module imports no wing, so the core stands alone (`deepspeed -m ddpo.train` enters here).
+
+A data, config, checkpoint or reference-cache error (and a non-finite loss) ends `train` and
+`precompute-ref` with one message on stderr and exit code 1, on each rank that hit it; `--debug`
+anywhere on the command line, or DDPO_DEBUG=1, shows the traceback instead.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 from data import convert
+from data.images import DataError
+from ddpo import distributed as dist
+from ddpo.checkpoint import CheckpointError
 from ddpo.config import Config, ConfigError, fields_help, load_config
+from ddpo.reference import ReferenceCacheError
 from ddpo.trainer import Trainer, precompute_reference
 
 Command = Callable[[list[str]], int]
+
+# What a user can fix from the message alone: no traceback unless asked for.
+USER_ERRORS = (DataError, ConfigError, CheckpointError, ReferenceCacheError, FloatingPointError)
 
 
 def config_command(name: str, summary: str, run: Callable[[Config], None]) -> Command:
     """A subcommand of the form `ddpo NAME CONFIG [--section.field VALUE ...]`."""
 
     def main(argv: list[str]) -> int:
+        debug = "--debug" in argv or os.environ.get("DDPO_DEBUG", "0").lower() not in ("", "0", "false", "no")
+        argv = [a for a in argv if a != "--debug"]
         if not argv or argv[0] in ("-h", "--help"):
-            print(f"usage: ddpo {name} CONFIG.yaml [--<section>.<field> VALUE ...]\n\n{summary}\n\nFields (any can be set in the YAML or overridden on the command line):{fields_help()}")
+            print(f"usage: ddpo {name} CONFIG.yaml [--<section>.<field> VALUE ...] [--debug]\n\n{summary}\n\nFields (any can be set in the YAML or overridden on the command line):{fields_help()}")
             return 0
         try:
             cfg = load_config(argv[0], argv[1:])
         except ConfigError as e:
             print(f"ddpo {name}: config error: {e}", file=sys.stderr)
             return 2
-        run(cfg)
+        try:
+            run(cfg)
+        except USER_ERRORS as e:
+            if debug:
+                raise
+            where = f" (rank {dist.rank()} of {dist.world_size()})" if dist.world_size() > 1 else ""
+            print(f"ddpo {name}: error{where}: {e}\n(--debug or DDPO_DEBUG=1 shows the traceback)", file=sys.stderr)
+            return 1
         return 0
 
     return main

@@ -131,6 +131,7 @@ class Trainer:
             state = checkpoint.load(self.engine, ckpt)
             self.step, self.micro_batches_done = state["step"], state["micro_batches_done"]
             logger.info("resumed from %s at step %d", ckpt, self.step)
+            self._continue_schedule(state)
         return self
 
     def _seed_everything(self, seed: int) -> None:
@@ -244,6 +245,31 @@ class Trainer:
         if dist.world_size() == 1 and self.engine.zero_optimization_stage() == 0:
             self.engine.enable_backward_allreduce = False  # an all-reduce over one process only copies gradients
 
+    def _continue_schedule(self, state: dict) -> None:
+        """After a resume: the learning rate of the next step comes from this run's schedule.
+
+        The checkpoint restores the optimizer's rates as the saved run left them; when the run length
+        changed (train.max_steps, epochs, warmup_ratio), the saved run's rate for this step (0 at its
+        end) would be used once before the new schedule takes over. The change is a re-plan, said so."""
+        cfg = self.cfg.train
+        schedule = lr_lambda(self.total_steps, self.warmup_steps, cfg.lr_scheduler)
+        saved_total, saved_warmup = state.get("total_steps"), state.get("warmup_steps", self.warmup_steps)
+        if saved_total is not None and (saved_total, saved_warmup) != (self.total_steps, self.warmup_steps):
+            old = lr_lambda(saved_total, saved_warmup, cfg.lr_scheduler)
+            logger.warning(
+                "resuming at step %d with a different run length: the checkpoint's run planned %d steps (%d warm-up) "
+                "and this one plans %d (%d warm-up); the %s learning-rate schedule is re-planned from here: step %d "
+                "uses %.4g (the saved run's schedule: %.4g). Steps 1-%d followed the old schedule, so this run is not "
+                "the same as a %d-step run from scratch", self.step, saved_total, saved_warmup, self.total_steps,
+                self.warmup_steps, cfg.lr_scheduler, self.step + 1, cfg.learning_rate * schedule(self.step),
+                cfg.learning_rate * old(self.step), self.step, self.total_steps)
+        # LambdaLR's own formula, so an unchanged run continues bit for bit.
+        optimizer, scheduler = self.scheduler.optimizer, self.scheduler
+        scheduler.last_epoch = self.step
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * schedule(self.step)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
     # ------------------------------------------------------------------------------------------
     # train
     # ------------------------------------------------------------------------------------------
@@ -256,6 +282,8 @@ class Trainer:
         data = self.order.iterate(self.micro_batches_done)
         wandb_run = self._start_wandb()
         metrics_file = self.output_dir / "metrics.jsonl"
+        if self.is_main:
+            self._keep_logged_steps(metrics_file)
         logged: list[dict] = []
         bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", disable=not (self.is_main and self.cfg.logging.progress_bar))
         self.engine.train()
@@ -340,6 +368,18 @@ class Trainer:
         record["tokens_per_s"] = round(tokens * world / elapsed, 1)
         return record
 
+    def _keep_logged_steps(self, metrics_file: Path) -> None:
+        """metrics.jsonl holds each step once: rows past the step training starts from (a killed run's steps
+        after its last checkpoint, or a previous run's in a reused output_dir) are dropped before they are
+        logged again."""
+        if not metrics_file.is_file():
+            return
+        lines = metrics_file.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        if len(kept) != len(lines):
+            logger.info("%s: dropped %d rows past step %d (logged again by this run)", metrics_file, len(lines) - len(kept), self.step)
+            checkpoint.write_text_atomic(metrics_file, "".join(line + "\n" for line in kept))
+
     def _start_wandb(self):
         mode = self.cfg.logging.wandb
         if mode == "disabled" or not self.is_main:
@@ -355,7 +395,8 @@ class Trainer:
     # save
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "micro_batches_done": self.micro_batches_done, "total_steps": self.total_steps}
+        state = {"step": self.step, "micro_batches_done": self.micro_batches_done, "total_steps": self.total_steps,
+                 "warmup_steps": self.warmup_steps}
         path = checkpoint.save(self.engine, self.output_dir, self.step, state, self.cfg.train.save_total_limit)
         for callback in self.callbacks:
             callback.on_checkpoint(self, path)

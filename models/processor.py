@@ -27,8 +27,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from transformers import CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
-
 from data.templates import IMAGE_MARKER, SYSTEM_PROMPT, TEXT_TEMPLATES
 
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
@@ -48,6 +46,9 @@ def image_processor_config(transform) -> dict:
 
 
 def image_processor(transform):
+    # Imported here: without torchvision, importing these classes prints a warning (on every `ddpo` run).
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
+
     config = image_processor_config(transform)
     if config.get("do_pad"):
         return LlavaImageProcessor(**config)
@@ -107,6 +108,8 @@ def save_processor(model, directory: str | os.PathLike, template: Optional[str] 
         tokenizer.chat_template = chat_template("vicuna_v0")
     images = image_processor(model.image_transform)
     if model.arch == "llava":
+        from transformers import LlavaProcessor
+
         config = model.hf_model.config
         processor = LlavaProcessor(
             image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template,

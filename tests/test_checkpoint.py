@@ -33,11 +33,10 @@ def saved_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run(saved_run, tmp_path) -> Path:
-    """A copy of the saved run without its export and metrics, as a run killed after step 4's checkpoint."""
+    """A copy of the saved run without its export, as a run killed after step 4's checkpoint."""
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)
     shutil.rmtree(out / "final")
-    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in (saved_run / "metrics.jsonl").read_text().splitlines()[:2]))
     return out
 
 
@@ -50,8 +49,9 @@ def _resumes_from_step_2(saved_run: Path, out: Path, damaged: str) -> None:
     proc = _train(out, "--train.resume", "auto")
     assert damaged in proc.stderr and "resuming from the newest complete checkpoint" in proc.stderr, proc.stderr[-2000:]
     assert f"resumed from {out / 'checkpoints' / 'step-000002'} at step 2" in proc.stderr
-    # Steps 3 and 4 are re-run, exactly as the undamaged run ran them (timings aside).
-    assert [_values(m) for m in metrics(out)[-2:]] == [_values(m) for m in metrics(saved_run)[2:]]
+    # Steps 3 and 4 are re-run, exactly as the undamaged run ran them (timings aside), and logged once.
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert [_values(m) for m in metrics(out)] == [_values(m) for m in metrics(saved_run)]
 
 
 def _values(record: dict) -> dict:
@@ -106,7 +106,7 @@ def test_no_complete_checkpoint_is_an_error_not_a_fresh_start(run):
     proc = _train(run, "--train.resume", "auto", expect_ok=False)
     assert proc.returncode != 0
     assert "no checkpoint in" in proc.stderr and "is complete" in proc.stderr and "step-000004 has no trainer_state.json" in proc.stderr
-    assert len(metrics(run)) == 2  # nothing trained
+    assert len(metrics(run)) == 4  # nothing trained, nothing logged
 
 
 def test_damaged_file_of_the_right_size_is_an_error_naming_it(run):
@@ -165,3 +165,21 @@ def test_zero_checkpoints_resume_exactly_under_weights_only_loading(tmp_path, st
     (out / "metrics.jsonl").write_text("")
     _train(out, *zero, "--train.resume", str(out / "checkpoints" / "step-000002"))
     assert [_values(m) for m in metrics(out)[-2:]] == [_values(m) for m in straight[2:]]
+
+
+def test_resume_with_a_longer_run_replans_the_schedule_with_a_warning(tmp_path):
+    """3 steps, then resumed with train.max_steps 6: no step at the old schedule's final rate 0; steps
+    4-6 use the 6-step schedule's rates, and the log says the schedule was re-planned."""
+    overrides = ("--train.save_steps", "0", "--train.lr_scheduler", "linear", "--train.warmup_ratio", "0")
+    straight = tmp_path / "straight"
+    _train(straight, *overrides, "--train.max_steps", "6")
+    out = tmp_path / "run"
+    _train(out, *overrides, "--train.max_steps", "3")
+    proc = _train(out, *overrides, "--train.max_steps", "6", "--train.resume", "auto")
+    assert "the checkpoint's run planned 3 steps (0 warm-up) and this one plans 6 (0 warm-up)" in proc.stderr
+    assert "step 4 uses 0.0005 (the saved run's schedule: 0)" in proc.stderr
+    resumed = metrics(out)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert [m["lr"] for m in resumed[:3]] == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3], rel=1e-12)  # the 3-step run
+    assert [m["lr"] for m in resumed[3:]] == [m["lr"] for m in metrics(straight)[3:]]
+    assert [m["lr"] for m in resumed[3:]] == pytest.approx([1e-3 * 3 / 6, 1e-3 * 2 / 6, 1e-3 / 6], rel=1e-12)
