@@ -15,9 +15,9 @@
 Muffin is our own architecture, not one transformers knows: its directory gets the image processor
 config and the chat template, but `AutoModel*` cannot open it (use `models.build.load_model`).
 
-transformers' default image backend is torchvision when it is installed; its bicubic resize differs
-from PIL's by a few 1e-3 in pixel values. `AutoProcessor.from_pretrained(DIR, backend="pil")` gives the
-training pixels exactly.
+transformers' default image backend is torchvision when it is installed; its bicubic resize is not
+PIL's, so pixel values may differ. `AutoProcessor.from_pretrained(DIR, backend="pil")` gives the
+training pixels exactly (the tests run without torchvision, on the PIL backend).
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ import json
 import os
 from pathlib import Path
 from typing import Optional
+
+from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaProcessor
 
 from data.templates import IMAGE_MARKER, SYSTEM_PROMPT, TEXT_TEMPLATES
 
@@ -46,13 +48,12 @@ def image_processor_config(transform) -> dict:
 
 
 def image_processor(transform):
-    # Imported here: without torchvision, importing these classes prints a warning (on every `ddpo` run).
-    from transformers import CLIPImageProcessor, LlavaImageProcessor
-
+    """The PIL-backend processor (PIL's bicubic, as the training transform); its saved config names the
+    plain class, so a reader gets whichever backend it has."""
     config = image_processor_config(transform)
     if config.get("do_pad"):
-        return LlavaImageProcessor(**config)
-    return CLIPImageProcessor(**config)
+        return LlavaImageProcessorPil(**config)
+    return CLIPImageProcessorPil(**config)
 
 
 def _literal(text: str) -> str:
@@ -108,8 +109,6 @@ def save_processor(model, directory: str | os.PathLike, template: Optional[str] 
         tokenizer.chat_template = chat_template("vicuna_v0")
     images = image_processor(model.image_transform)
     if model.arch == "llava":
-        from transformers import LlavaProcessor
-
         config = model.hf_model.config
         processor = LlavaProcessor(
             image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
