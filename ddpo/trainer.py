@@ -375,7 +375,7 @@ class Trainer:
         if not metrics_file.is_file():
             return
         lines = metrics_file.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        kept = [line for line in lines if _logged_step(line) <= self.step]  # a row cut by a kill is dropped too
         if len(kept) != len(lines):
             logger.info("%s: dropped %d rows past step %d (logged again by this run)", metrics_file, len(lines) - len(kept), self.step)
             checkpoint.write_text_atomic(metrics_file, "".join(line + "\n" for line in kept))
@@ -418,6 +418,14 @@ class Trainer:
                 os.replace(tmp, directory)
         dist.barrier()
         return directory
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl row; infinity for a row that is not one (cut short when a run was killed)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def precompute_reference(cfg: Config) -> Path:

@@ -61,6 +61,8 @@ def _values(record: dict) -> dict:
 def test_truncated_weights_in_latest_fall_back_to_the_previous_checkpoint(saved_run, run):
     weights = run / "checkpoints" / "step-000004" / "mp_rank_00_model_states.pt"
     _truncate(weights)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.6')  # the killed run's last row, cut mid-write
     _resumes_from_step_2(saved_run, run, f"{weights} is {weights.stat().st_size} bytes but was saved with")
 
 
