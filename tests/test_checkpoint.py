@@ -156,11 +156,11 @@ def test_explicit_resume_of_an_incomplete_checkpoint_is_refused(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_checkpoints_resume_exactly_under_weights_only_loading(tmp_path, stage):
-    """ZeRO optimizer states hold a few DeepSpeed objects (loss scaler, stage enum, fragment addresses):
-    the allow-list lets them load with weights_only=True, and the resume is exact."""
-    zero = ("--deepspeed.config", str(Path(TINY).parent / "deepspeed" / f"zero{stage}.json"))
+def test_zero_checkpoints_resume_exactly_under_weights_only_loading(tmp_path):
+    """ZeRO optimizer states hold a few DeepSpeed objects (loss scaler, stage enum, fragment addresses; the
+    ZeRO-2 file holds all three, ZeRO-3's a subset): the allow-list lets them load with weights_only=True,
+    and the resume is exact."""
+    zero = ("--deepspeed.config", str(Path(TINY).parent / "deepspeed" / "zero2.json"))
     out = tmp_path / "run"
     _train(out, *zero)
     straight = metrics(out)
