@@ -12,9 +12,12 @@ objects, best agreement first: the object satisfying most of the phrase's claims
 size, position -- (ties: same shape, then same position, then reading order). "a purple triangle at
 the top left" where a purple square sits at the top left and a red triangle elsewhere is the square
 misnamed (one word to change), not the triangle with a wrong colour and place: correcting it the
-other way would push the position and colour words *away* from what the image shows. A mention whose
-object has another shape, or that is left without one (a second "a red circle" in a scene with one
-circle), is a hallucinated object. Definite mentions ("the ...") refer back to the best object of
+other way would push the position and colour words *away* from what the image shows. In the v2 world's
+language (`empty_cells`: texts may say "nothing is at <cell>.") a phrase is only matched to an object
+that has its shape or stands at its position: "a blue star at the top center" where the top center is
+empty and no star is left to describe is an invented object, replaced by "nothing is at the top
+center.", not some other undescribed object renamed and moved. A mention whose object has another shape, or that is left
+without one (a second "a red circle" in a scene with one circle), is a hallucinated object. Definite mentions ("the ...") refer back to the best object of
 their shape and may share it. The claims that disagree with the matched object are its errors: the
 minimal set of words to change.
 """
@@ -24,7 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from data.synthetic.language import NUMBERS, OPPOSITE, POSITIONS, RELATIONS, Claim, Mention, Parse, Word, parse, plural, relation_holds
+from data.synthetic.language import (CELLS, NUMBERS, OPPOSITE, POSITIONS, RELATIONS, Claim, Empty, Instance, Mention, Parse, Word, parse,
+                                     plural, relation_holds)
 from data.synthetic.world import Scene, WorldObject
 
 # Claim kind -> correction type, in the paper's categories (relations are its "other").
@@ -67,7 +71,7 @@ def _agreement(m: Mention, o: WorldObject) -> tuple[int, bool, bool]:
     return int(agree), shape, at
 
 
-def _resolve(scene: Scene, mentions: list[Mention]) -> list[Optional[WorldObject]]:
+def _resolve(scene: Scene, mentions: list[Mention], empty_cells: bool = False) -> list[Optional[WorldObject]]:
     """Per mention, the object it describes (None: a count mention, a definite mention of an absent
     shape, or an indefinite mention left without an object)."""
     referents: list[Optional[WorldObject]] = [None] * len(mentions)
@@ -81,7 +85,8 @@ def _resolve(scene: Scene, mentions: list[Mention]) -> list[Optional[WorldObject
     #    then same position, then reading order)
     indefinite = [k for k, m in enumerate(mentions) if m.is_instance and m.det.text != "the"]
     used: set[tuple[int, int]] = set()
-    for _, k, o in sorted((key(k, o), k, o) for k in indefinite for o in scene.objects):
+    candidates = [(k, o) for k in indefinite for o in scene.objects if not empty_cells or any(_agreement(mentions[k], o)[1:])]
+    for _, k, o in sorted((key(k, o), k, o) for k, o in candidates):
         if referents[k] is None and o.cell not in used:
             referents[k] = o
             used.add(o.cell)
@@ -97,10 +102,11 @@ def _most_common(values: list[str]) -> str:
     return Counter(values).most_common(1)[0][0]  # ties: first seen
 
 
-def ground(scene: Scene, parsed: Parse) -> Grounding:
-    """Check every claim of `parsed` against `scene` (see the module doc for how mentions are matched)."""
+def ground(scene: Scene, parsed: Parse, empty_cells: bool = False) -> Grounding:
+    """Check every claim of `parsed` against `scene` (see the module doc for how mentions are matched;
+    `empty_cells`: the v2 world's language)."""
     mentions = parsed.mentions
-    referents = _resolve(scene, mentions)
+    referents = _resolve(scene, mentions, empty_cells)
     present = scene.shapes()
     # hallucinated: an instance mention naming a shape its object does not have (or with no object
     # left for it), a count mention of an absent shape
@@ -129,6 +135,9 @@ def ground(scene: Scene, parsed: Parse) -> Grounding:
         if c.kind == "object":
             truth = retarget[k].shape if k in retarget else None
             verdicts.append(Verdict(c, not hallucinated[k], truth))
+        elif c.kind == "empty":  # "nothing is at X": wrong if an object stands there
+            there = scene.at(CELLS[c.value])
+            verdicts.append(Verdict(c, there is None, None if there is None else there.shape))
         elif k is None:  # the overview's total
             verdicts.append(Verdict(c, int(c.value) == len(scene.objects), str(len(scene.objects))))
         elif (hallucinated[k] and c.kind != "relation") or (c.kind == "relation" and None in (referents[k], referents[c.target])):
@@ -256,21 +265,47 @@ def _deletions(text: str, parsed: Parse, doomed: set[int]) -> list[tuple[int, in
     return sorted(out)
 
 
-def correct(scene: Scene, text: str) -> Annotation:
-    """Minimal correction of `text` for `scene`: chosen = `corrected`, rejected = `text`."""
+def _empty_cell_fixes(scene: Scene, text: str, g: Grounding, doomed: set[int]) -> list[Correction]:
+    """v2 (`empty_cells`): an invented object's sentence whose cell is empty becomes "nothing is at <cell>."
+    (its mention leaves `doomed`); a wrong "nothing is at <cell>." becomes the sentence of the object
+    standing there when no mention describes it, and is deleted otherwise. Both are replacements of
+    a whole sentence, so the corrected answer keeps the rejected one's shape and length."""
+    fixes = []
+    described = {o.cell for o in g.referents if o is not None}
+    for k in sorted(doomed):
+        m, s = g.parse.mentions[k], g.parse.sentences[g.parse.mentions[k].sentence]
+        cell = CELLS.get(m.position_name) if m.position else None
+        if s.kind == "instance" and cell is not None and scene.at(cell) is None:
+            fixes.append(Correction("object", (s.start, s.end), Empty(cell).text()))
+            doomed.discard(k)
+    for v in g.errors:
+        if v.claim.kind == "empty":
+            o = scene.at(CELLS[v.claim.value])
+            new = Instance(None, o.color, o.shape, o.cell).text() if o.cell not in described else ""
+            fixes.append(Correction("object", v.claim.span, new))
+    return fixes
+
+
+def correct(scene: Scene, text: str, empty_cells: bool = False) -> Annotation:
+    """Minimal correction of `text` for `scene`: chosen = `corrected`, rejected = `text`.
+
+    empty_cells (the v2 world's language): an invented object at an empty cell is replaced by
+    "nothing is at <cell>." instead of being deleted or renamed; see `_empty_cell_fixes`."""
     parsed = parse(text)
     if parsed.unparsed:
         return Annotation("unparseable", text, unparsed=parsed.unparsed)
-    g = ground(scene, parsed)
+    g = ground(scene, parsed, empty_cells)
     if not g.errors:
         return Annotation("clean", text, text)
 
     doomed = {v.claim.mention for v in g.errors if v.claim.kind == "object" and v.truth is None}
-    corrections = [Correction("object", span, "") for span in _deletions(text, parsed, doomed)]
+    corrections = _empty_cell_fixes(scene, text, g, doomed) if empty_cells else []
+    corrections += [Correction("object", span, "") for span in _deletions(text, parsed, doomed)]
     for v in g.errors:
         c, k = v.claim, v.claim.mention
-        if k in doomed or (c.target is not None and c.target in doomed):
-            continue
+        if c.kind == "empty" or (k is not None and (k in doomed or g.hallucinated[k] and k not in g.retarget)) \
+                or (c.target is not None and c.target in doomed):
+            continue  # handled above: a deletion or an empty-cell replacement
         if c.kind == "object":  # rename to the object at the claimed position, with its attributes
             m, o = parsed.mentions[k], g.retarget[k]
             changes = [(m.shape, o.shape)] + [(w, new) for w, new in ((m.color, o.color), (m.size, o.size)) if w]

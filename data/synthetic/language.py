@@ -26,7 +26,7 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 
-from data.synthetic.world import COL_NAMES, COLOR_RGB, GRID, ROW_NAMES, SHAPES, SIZES, Scene, WorldConfig, WorldObject
+from data.synthetic.world import ALL_SHAPES, COL_NAMES, COLOR_RGB, GRID, ROW_NAMES, SIZES, Scene, WorldConfig, WorldObject
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 POSITIONS: dict[tuple[int, int], str] = {
@@ -109,16 +109,27 @@ class Group:
 
 @dataclass
 class Instance:
-    size: str
+    size: Optional[str]  # None: the v2 world has one size and never says it
     color: str
     shape: str
     cell: tuple[int, int]
 
     def phrase(self) -> str:
-        return f"a {self.size} {self.color} {self.shape}"
+        return " ".join(w for w in ("a", self.size, self.color, self.shape) if w)
 
     def text(self) -> str:
         return f"{self.phrase()} is at the {POSITIONS[self.cell]}."
+
+
+@dataclass
+class Empty:
+    """v2: a cell said to hold nothing ("nothing is at the top right."): what a truthful caption says
+    where a prior would put an object, and what the oracle writes over an invented one."""
+
+    cell: tuple[int, int]
+
+    def text(self) -> str:
+        return f"nothing is at the {POSITIONS[self.cell]}."
 
 
 @dataclass
@@ -147,7 +158,7 @@ class ObjectList:
         return "there is " + " and ".join(f"{i.phrase()} at the {POSITIONS[i.cell]}" for i in self.instances) + "."
 
 
-Item = Union[Overview, Group, Instance, Relation, Filler, ObjectList]
+Item = Union[Overview, Group, Instance, Empty, Relation, Filler, ObjectList]
 
 
 def realize(plan: list[Item]) -> str:
@@ -234,7 +245,7 @@ def describe(scene: Scene, rng: np.random.Generator, cfg: LanguageConfig) -> str
 # Parsing: text -> mentions, relations and claims with char spans
 # ----------------------------------------------------------------------------------------------
 _TOKEN = re.compile(r"\w+|[^\w\s]+")  # the word-level tokenizer's pre-tokenizer split
-_SHAPE_FORMS = {form: s for s in SHAPES for form in (s, plural(s))}
+_SHAPE_FORMS = {form: s for s in ALL_SHAPES for form in (s, plural(s))}
 _COLORS = set(COLOR_RGB)
 _SIZES = set(SIZES)
 _ARTICLES = ("a", "an", "the")
@@ -303,18 +314,24 @@ class RelationMention:
 class Sentence:
     """A parsed sentence. `kind` says which rule matched; spans include the final punctuation."""
 
-    kind: Literal["overview", "list", "instance", "relation", "filler"]
+    kind: Literal["overview", "list", "instance", "relation", "filler", "empty"]
     start: int
     end: int
     mentions: list[int] = field(default_factory=list)
     verb: Optional[Word] = None  # "is"/"are" of "there is ..." (agrees with the first item)
     total: Optional[Word] = None  # overview: the number word
     noun: Optional[Word] = None  # overview: "object"/"objects"
+    position: Optional[tuple[Word, ...]] = None  # empty: the words after "nothing is at the"
+
+    @property
+    def position_name(self) -> Optional[str]:
+        return " ".join(w.text for w in self.position) if self.position else None
 
 
 @dataclass(frozen=True)
 class Claim:
-    """One checkable statement of a text. kind: object | color | size | position | count | relation."""
+    """One checkable statement of a text. kind: object | color | size | position | count | relation |
+    empty (v2: "nothing is at the <value>"; its span is the whole sentence)."""
 
     kind: str
     value: str  # the claimed shape / colour / size / position name / number (digits) / relation
@@ -338,6 +355,8 @@ class Parse:
         for s_index, s in enumerate(self.sentences):
             if s.kind == "overview":
                 claims.append(Claim("count", str(NUMBERS.index(s.total.text)), (s.total.start, s.total.end), s_index))
+            if s.kind == "empty":
+                claims.append(Claim("empty", s.position_name, (s.start, s.end), s_index))
         for k, m in enumerate(self.mentions):
             claims.append(Claim("object", m.shape_name, (m.shape.start, m.shape.end), m.sentence, k))
             for kind, w in (("color", m.color), ("size", m.size)):
@@ -436,6 +455,13 @@ def _parse_sentence(words: list[Word], index: int, n_mentions: int) -> Optional[
         return None
 
     cur = _Cursor(body)
+    if cur.take("nothing", "is"):
+        position = cur.position()
+        if position and cur.done():
+            return Sentence("empty", start, end, position=position), [], []
+        return None
+
+    cur = _Cursor(body)
     if cur.take("there"):
         verb = cur.take_any(("is", "are"))
         mentions: list[Mention] = []
@@ -492,6 +518,7 @@ def vocabulary(cfg: WorldConfig) -> list[str]:
     from data.tokenizer import words_of
 
     texts = [
+        *(["nothing is at"] if cfg.adjacent_partners else []),  # v2's words first: v1's ids stay as they were
         " ".join(NUMBERS[1:]),
         " ".join(f"{s} {plural(s)}" for s in cfg.shapes),
         " ".join(cfg.colors), " ".join(cfg.sizes),

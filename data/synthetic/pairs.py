@@ -21,16 +21,30 @@ from data.records import PreferenceRecord
 from data.synthetic.annotator import correct
 from data.synthetic.language import PROMPTS, LanguageConfig, n_words
 from data.synthetic.noise import NoiseConfig, noisy_caption
+from data.synthetic.priors import PriorConfig, prior_caption
 from data.synthetic.world import Scene, WorldConfig, render, sample_scene
 
 
 @dataclass
 class SyntheticConfig:
-    """The world, how it is described, and the caption noise."""
+    """The world, how it is described, and the caption noise: v1's `noise`, or the v2 world's language
+    priors when `priors` is set (then `noise` is unused, and texts may say a cell is empty)."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    priors: Optional[PriorConfig] = None
+
+    @property
+    def empty_cells(self) -> bool:
+        """Whether texts of this world may say "nothing is at <cell>." (the oracle's v2 reading)."""
+        return self.priors is not None
+
+    def caption(self, scene: Scene, rng: np.random.Generator):
+        """A biased SFT caption of `scene` (deterministic given the rng state)."""
+        if self.priors is not None:
+            return prior_caption(scene, rng, self.world, self.language, self.priors)
+        return noisy_caption(scene, rng, self.world, self.language, self.noise)
 
 
 @dataclass
@@ -54,7 +68,7 @@ def sft_examples(n: int, seed: int, cfg: Optional[SyntheticConfig] = None) -> li
     for _ in range(n):
         scene = sample_scene(rng, cfg.world)
         prompt = _prompt(rng, cfg.language.style)
-        caption = noisy_caption(scene, rng, cfg.world, cfg.language, cfg.noise).text
+        caption = cfg.caption(scene, rng).text
         out.append(SFTExample(render(scene, cfg.world), prompt, caption, scene))
     return out
 
@@ -85,7 +99,7 @@ def synthetic_records(n: int, seed: int, cfg: Optional[SyntheticConfig] = None, 
 
 
 def records_from_answers(scenes: Sequence[Scene], images: Sequence[Image.Image], prompts: Sequence[str],
-                         answers: Sequence[str], source: str = "sampled") -> tuple[list[PreferenceRecord], dict]:
+                         answers: Sequence[str], source: str = "sampled", empty_cells: bool = False) -> tuple[list[PreferenceRecord], dict]:
     """Model answers -> preference pairs through the oracle annotator.
 
     Returns the records (row_index = the answer's index) and stats: counts of answers, pairs, clean,
@@ -98,7 +112,7 @@ def records_from_answers(scenes: Sequence[Scene], images: Sequence[Image.Image],
     records: list[PreferenceRecord] = []
     status: Counter = Counter()
     for i, (scene, image, prompt, answer) in enumerate(zip(scenes, images, prompts, answers)):
-        annotation = correct(scene, answer)
+        annotation = correct(scene, answer, empty_cells)
         status[annotation.status] += 1
         if annotation.status != "hallucinated":
             continue
