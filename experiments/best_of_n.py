@@ -42,7 +42,8 @@ def demo_settings(args: argparse.Namespace) -> DemoSettings:
     overrides = {"output_dir": str(args.demo_dir), "seed": args.seed, "num_threads": args.num_threads}
     if args.train_config:
         overrides["train_config"] = args.train_config
-    return DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
+    # built on the v1 world (its committed results); the v2 world is the demo's default
+    return DemoSettings.quick(world_version="v1", **overrides) if args.quick else DemoSettings.v1(**overrides)
 
 
 def experiment(args: argparse.Namespace) -> dict:

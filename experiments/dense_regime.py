@@ -92,7 +92,7 @@ def run_point(root: Path, seed: int, length: int, segments: float, gammas: list[
     grid's output directory: the SFT model depends only on the seed and the length)."""
     out = point_dir(root, seed, length, segments)
     sft_home = root / f"seed{seed}" / f"words{length}" / "sft"
-    settings = DemoSettings(output_dir=str(out), seed=seed, answer_words=length, world=WORLD, noise=NOISE,
+    settings = DemoSettings.v1(output_dir=str(out), seed=seed, answer_words=length, world=WORLD, noise=NOISE,
                             pair_errors=segments, max_pairs=max_pairs, **SIZES)
     shared = sft_from / sft_home.relative_to(root) if sft_from else None
     if not (sft_home / "ddpo_model.json").is_file() and shared and (shared / "ddpo_model.json").is_file():

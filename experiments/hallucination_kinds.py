@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=600)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    settings = DemoSettings(output_dir=str(args.demo_dir), seed=args.seed)
+    settings = DemoSettings.v1(output_dir=str(args.demo_dir), seed=args.seed)  # the v1 world's analysis
     template = load_config(settings.train_config).data.template
     partners = synthetic_config(settings).world.partners
     scenes, images, prompts, _ = split(settings, args.split, args.images)

@@ -142,7 +142,8 @@ def run_seed(args, seed: int) -> list[dict]:
     overrides = {"output_dir": str(args.output_dir / f"seed{seed}"), "seed": seed, "num_threads": args.num_threads}
     if args.train_config:
         overrides["train_config"] = args.train_config
-    settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
+    # built on the v1 world (its committed results); the v2 world is the demo's default
+    settings = DemoSettings.quick(world_version="v1", **overrides) if args.quick else DemoSettings.v1(**overrides)
     run(settings, ("sft",))
     template = load_config(settings.train_config).data.template
     feedback = make_feedback(args, template)

@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     per_seed, pairs = {}, {}
     for seed in args.seeds:
-        settings = DemoSettings(output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, methods=grid())
+        # the v1 world (misperception): this ablation's committed results are the v2 lab's negative control
+        settings = DemoSettings.v1(output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, methods=grid())
         if not args.aggregate_only:
             run(settings)
         per_seed[seed] = json.loads((Path(settings.output_dir) / "results.json").read_text())

@@ -63,7 +63,7 @@ def _text_config(preset: dict, tokenizer) -> LlamaConfig:
 
 
 def random_llava(preset_name: str, tokenizer, image_size: Optional[int] = None, attn_implementation: str = "sdpa",
-                 patch_size: Optional[int] = None) -> LlavaForConditionalGeneration:
+                 patch_size: Optional[int] = None, vision_feature_layer: int = -2) -> LlavaForConditionalGeneration:
     """A randomly initialised LLaVA-1.5-shaped model (CLIP tower, 2-layer GELU projector, Llama) of a preset's size."""
     p = PRESETS[preset_name]
     size, patch = image_size or p["image_size"], patch_size or p["patch"]
@@ -74,7 +74,7 @@ def random_llava(preset_name: str, tokenizer, image_size: Optional[int] = None, 
                               image_size=size, patch_size=patch)
     config = LlavaConfig(vision_config=vision, text_config=_text_config(p, tokenizer),
                          image_token_index=_token_id(tokenizer, IMAGE_TOKEN),
-                         image_seq_length=(size // patch) ** 2, vision_feature_layer=-2,
+                         image_seq_length=(size // patch) ** 2, vision_feature_layer=vision_feature_layer,
                          vision_feature_select_strategy="default", attn_implementation=attn_implementation)
     return LlavaForConditionalGeneration(config)
 
@@ -139,7 +139,8 @@ def _random_init(cfg: ModelConfig, tokenizer, device: Optional[torch.device | st
         raise ConfigError(f"a random-init '{cfg.arch}' model (model.name_or_path null) needs a tokenizer: "
                           "pass one to build_model or set model.tokenizer")
     if cfg.arch == "llava":
-        return LlavaPreferenceModel(random_llava(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation, cfg.patch_size),
+        return LlavaPreferenceModel(random_llava(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation, cfg.patch_size,
+                                                 cfg.vision_feature_layer),
                                     tokenizer, logps_chunk_size=cfg.logps_chunk_size)
     if muffin_dir is not None and (muffin_dir / "config.json").is_file():  # a full original checkpoint directory
         hf = _load_original_muffin(cfg, muffin_dir, tokenizer, device)

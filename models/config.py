@@ -30,6 +30,7 @@ class ModelConfig:
     patch_size: Optional[int] = config_field(None, "Vision patch side in pixels for a random-init model; null = the preset's. image_size must be a multiple of it.")
     image_mode: Optional[Literal["pad", "crop", "resize"]] = config_field(None, "How a non-square image becomes square: pad (LLaVA-1.5), crop (llava-hf processor, RLAIF-V training), resize (Muffin); null = the checkpoint's preprocessor config, else pad for LLaVA and resize for Muffin.")
     interpolate_positions: bool = config_field(False, "With model.muffin_checkpoint: resize BEiT-3's vision position embeddings (bicubic) when model.image_size differs from the checkpoint's resolution (e.g. Muffin-13B's 672 px -> 448); off = such a mismatch is an error.")
+    vision_feature_layer: int = config_field(-2, "Random-init LLaVA: the vision-tower layer whose output feeds the projector (LLaVA-1.5: -2, the penultimate; a 2-layer tower needs -1 not to waste its last layer).")
     freeze_vision_tower: bool = config_field(False, "Freeze the whole vision encoder (no gradients, not in the optimizer).")
     freeze_projector: bool = config_field(False, "Freeze the vision-to-language projector.")
     freeze_llm: bool = config_field(False, "Freeze the language model (decoder and LM head).")

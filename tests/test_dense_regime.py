@@ -18,7 +18,7 @@ _SPEC.loader.exec_module(dense_regime)
 
 @pytest.mark.parametrize("segments", [1.0, 4.0])
 def test_caption_pairs_carry_the_requested_segments(segments):
-    settings = DemoSettings(answer_words=60, world=dense_regime.WORLD, noise=dense_regime.NOISE, pair_errors=segments, max_pairs=150)
+    settings = DemoSettings.v1(answer_words=60, world=dense_regime.WORLD, noise=dense_regime.NOISE, pair_errors=segments, max_pairs=150)
     records = caption_pairs(settings)
     assert len(records) == 150 and all(r.chosen != r.rejected for r in records)
     corrections = [len(r.meta["corrections"]) for r in records]
@@ -93,7 +93,7 @@ def test_train_runs_go_through_the_sweep_launcher_one_config_per_method(tmp_path
         return 0
 
     monkeypatch.setattr(dense_regime.sweep, "train_inline", fake_train_inline)
-    settings = DemoSettings(output_dir=str(tmp_path), seed=2, methods=dense_regime.methods([1.0, 5.0], answer_tokens=30.0))
+    settings = DemoSettings.v1(output_dir=str(tmp_path), seed=2, methods=dense_regime.methods([1.0, 5.0], answer_tokens=30.0))
     dense_regime.train_runs(settings, tmp_path, "inline")
     assert [p.name for p in launched] == ["sum_g1", "sum_g5", "mean_g1", "mean_g5"]
     configs = {p.name: load_config(p.config_path) for p in launched}

@@ -123,17 +123,34 @@ def records_from_answers(scenes: Sequence[Scene], images: Sequence[Image.Image],
     return records, pair_stats(records, answers=len(answers), status=status)
 
 
+def diff_segments(rejected: str, chosen: str, min_match: int = 3) -> tuple[int, int]:
+    """(corrected segments, corrected words of `rejected`) as the trainer's diff finds them: replacement
+    gaps between matching blocks of >= `min_match` words (data/segments.py; the synthetic world's
+    tokenizer is word-level, so words are its tokens)."""
+    from data.segments import corrected_positions, words_with_spans
+
+    marked, _ = corrected_positions(words_with_spans(rejected)[0], words_with_spans(chosen)[0], min_match)
+    runs = sum(1 for i in marked if i - 1 not in marked)
+    return runs, len(marked)
+
+
 def pair_stats(records: Sequence[PreferenceRecord], answers: Optional[int] = None, status: Optional[Counter] = None) -> dict:
     """Counts of answers, pairs, clean, unparseable and empty answers, corrections per type (from each
-    record's meta), mean corrections per pair, mean words of the rejected and chosen answers."""
+    record's meta) and their mix, mean corrections per pair, mean corrected segments per pair as the
+    trainer's diff finds them (RLHF-V: 2.65), the share of rejected words inside them, mean words of the
+    rejected and chosen answers."""
     status = status or Counter()
     types = Counter(c.type for r in records for c in r.meta["corrections"])
     pairs = max(len(records), 1)
+    diffs = [diff_segments(r.rejected, r.chosen) for r in records]
     return {
         "answers": len(records) if answers is None else answers, "pairs": len(records), "clean": status["clean"],
         "unparseable": status["unparseable"], "empty": status["empty"],
         "corrections": dict(sorted(types.items())),
+        "correction_mix": {t: n / max(sum(types.values()), 1) for t, n in sorted(types.items())},
         "corrections_per_pair": sum(types.values()) / pairs,
+        "segments_per_pair": sum(d[0] for d in diffs) / pairs,
+        "corrected_word_share": sum(d[1] for d in diffs) / max(sum(n_words(r.rejected) for r in records), 1),
         "rejected_words": sum(n_words(r.rejected) for r in records) / pairs,
         "chosen_words": sum(n_words(r.chosen) for r in records) / pairs,
     }

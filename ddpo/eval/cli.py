@@ -147,6 +147,14 @@ def _synthetic_split(args: argparse.Namespace):
     return scenes, images, prompts
 
 
+def _synthetic_world():
+    """The demo world's anchor -> companion map and whether its texts may say a cell is empty."""
+    from ddpo.demo import DemoSettings, synthetic_config  # noqa: PLC0415
+
+    cfg = synthetic_config(DemoSettings())
+    return cfg.world.partners, cfg.empty_cells
+
+
 def _synthetic_questions(args: argparse.Namespace) -> Rows:
     _, images, prompts = _synthetic_split(args)
     image_dir = _sibling(args.output, ".images")
@@ -170,7 +178,7 @@ def _synthetic_read_answers(args: argparse.Namespace) -> Rows:
 def _synthetic_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any], Rows]:
     args.num_images = max(args.num_images, 1 + max(r["index"] for r in rows))
     scenes, _, _ = _synthetic_split(args)
-    metrics = evaluate([scenes[r["index"]] for r in rows], [r["answer"] for r in rows])
+    metrics = evaluate([scenes[r["index"]] for r in rows], [r["answer"] for r in rows], *_synthetic_world())
     return metrics, [{"index": r["index"], "answer": r["answer"]} for r in rows]
 
 

@@ -1,20 +1,30 @@
 """`ddpo demo`: RLHF-V's claims reproduced on a CPU in minutes, through the full-scale pipeline.
 
-    ddpo demo [--output-dir DIR] [--seed N] [--stages sft,sample,annotate,train,eval] [--quick]
+    ddpo demo [--output-dir DIR] [--seed N] [--stages sft,gate,sample,annotate,train,eval] [--quick] [--world v1]
 
 Stages (each a function below; each writes its artifacts under DIR and is skipped when they exist,
 so an interrupted demo resumes where it stopped):
 
-  sft       a random-init LLaVA-style model learns to describe procedural images from captions whose
-            noise carries systematic hallucination biases (data/synthetic/noise.py)  -> DIR/sft/
+  sft       a random-init LLaVA-style model learns to describe procedural images from captions that
+            carry language priors (v2 world, data/synthetic/priors.py: an absent companion named
+            next to its anchor; colour and position biases)                          -> DIR/sft/
+  gate      the perception gate on held-out images, greedy: does the SFT model see what it names
+            (one-object images; scenes with no anchor) and does it hallucinate from the prior
+            (companion rate)? Stops the demo, naming the figure, when it misses       -> DIR/gate.json
   sample    the SFT model describes held-out images (temperature sampling)            -> DIR/pairs/answers.jsonl
   annotate  an oracle corrects each hallucinated answer minimally; chosen = corrected,
             rejected = original; written as JSONL + image folder                      -> DIR/pairs/train.jsonl
   train     `ddpo train` twice from the same SFT model on the same pairs: vanilla DPO
             (gamma 1) and DDPO (gamma > 1); the trainer finds the corrected segments by
             diffing the two answers, exactly as at full scale                          -> DIR/runs/{dpo,ddpo}/
-  eval      greedy answers on held-out validation and test images; response- and
-            mention-level hallucination, object recall, length                        -> DIR/results.{json,md,png}
+  eval      greedy and sampled (T 0.7) answers on held-out validation and test images: response-
+            and mention-level hallucination, companion rate, non-target hallucination,
+            object recall, length, claim errors; the drift of each policy from the SFT model
+            (mean per-token log-ratio on the SFT model's validation answers)          -> DIR/results.{json,md,png}
+
+Worlds: "v2" (default): a strong perceiver that hallucinates from co-occurrence priors, as in
+RLHF-V. "v1": the first world, whose caption noise renamed visible objects (misperception); kept as
+the negative control (`--world v1`, configs/synthetic/demo_v1.yaml; it fails the gate).
 
 Hyper-parameters live in `configs/synthetic/demo.yaml` (a normal `ddpo train` config: model, data,
 loss, train); the demo sets only the paths, gamma and seed. Validation metrics are reported next to the
@@ -38,8 +48,15 @@ from ddpo.progress import progress_bar
 
 logger = logging.getLogger("ddpo.lab.demo")
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("sft", "sample", "annotate", "train", "eval")
+STAGES = ("sft", "gate", "sample", "annotate", "train", "eval")
 METRICS = ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words")
+PRIOR_METRICS = ("companion_rate", "target_mention_rate", "nontarget_mention_rate")
+V2_SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "bar", "moon")
+V2_PARTNERS = {"square": "circle", "triangle": "star", "cross": "ring"}  # anchor -> companion; bar and moon: controls
+
+
+class GateError(RuntimeError):
+    """The SFT model misses the perception gate: the lab cannot test preference learning on objects."""
 
 
 @dataclass
@@ -48,12 +65,22 @@ class DemoSettings:
 
     output_dir: str = "demo_output"
     seed: int = 0
+    world_version: str = "v2"  # "v2": language priors (default); "v1": the misperception world (negative control, `v1()`)
     train_config: str = str(REPO / "configs" / "synthetic" / "demo.yaml")
-    answer_words: int = 30  # target length of the detailed descriptions
-    sft_examples: int = 6000
-    sft_steps: int = 1200
+    answer_words: int = 55  # target length of the detailed descriptions (RLHF-V answers: ~64 words)
+    sft_examples: int = 8000
+    sft_steps: int = 1500
     sft_batch_size: int = 32
-    sft_learning_rate: float = 5e-4  # at 2e-3 whether the model learned to see was a lottery (test recall 0.41-0.85 over 3 seeds)
+    sft_learning_rate: float = 1e-3
+    priors: dict = field(default_factory=dict)  # v2: PriorConfig overrides of the SFT captions' biases
+    gate_images: int = 400  # held-out scenes for the gate's recall and companion figures (plus every one-object image)
+    gate_single_stride: int = 1  # use every n-th one-object image (1: all of them; the quick run takes fewer)
+    gate_single_object: float = 0.98  # the gate: shape named right on one-object images, at least
+    gate_recall_without_anchor: float = 0.95  # recall on scenes holding no anchor, at least
+    gate_companion_rate: float = 0.3  # absent companions named next to their anchor, at least (something to fix)
+    enforce_gate: bool = True  # stop the demo when the SFT model misses the gate (off for the v1 negative control)
+    sampled_eval_temperature: float = 0.7  # the sampled evaluation's temperature (next to greedy)
+    validation_only: bool = False  # evaluate on the validation split only (hyper-parameter searches: no test number exists)
     preference_images: int = 1600  # held-out images whose sampled answers get corrected
     sample_temperature: float = 0.7  # RLAIF-V samples at 0.7; at 1.0 answers drift far from greedy ones
     max_pairs: int = 1400  # the paper's 1.4k; fewer if fewer sampled answers hallucinate
@@ -73,35 +100,63 @@ class DemoSettings:
     num_threads: int = 2
 
     def __post_init__(self) -> None:
+        if self.world_version not in ("v1", "v2"):
+            raise ValueError(f"DemoSettings.world_version must be 'v1' or 'v2', got {self.world_version!r}")
         if self.methods is None:
             self.methods = {"dpo": {"loss.gamma": 1.0}, "ddpo": {"loss.gamma": self.ddpo_gamma}}
 
     @classmethod
     def quick(cls, **overrides) -> "DemoSettings":
-        small = dict(answer_words=15, sft_examples=600, sft_steps=150, sft_batch_size=16, preference_images=96,
-                     max_pairs=64, val_images=16, test_images=24, train_overrides=["--train.micro_batch_size", "4"])
+        """A CI-sized smoke run: every stage, numbers meaningless, the gate reported but not enforced."""
+        small = dict(answer_words=30, sft_examples=600, sft_steps=150, sft_batch_size=16, preference_images=96,
+                     max_pairs=64, val_images=16, test_images=24, gate_images=24, gate_single_stride=9, enforce_gate=False,
+                     train_overrides=["--train.micro_batch_size", "4"])
+        if overrides.get("world_version") == "v1":
+            small.update(answer_words=15, train_config=str(REPO / "configs" / "synthetic" / "demo_v1.yaml"))
         return cls(**{**small, **overrides})
+
+    @classmethod
+    def v1(cls, **overrides) -> "DemoSettings":
+        """The first world (misperception: caption noise renames visible objects), kept as the negative
+        control with its own settings: 30-word answers, its SFT recipe and configs/synthetic/demo_v1.yaml."""
+        old = dict(world_version="v1", answer_words=30, sft_examples=6000, sft_steps=1200, sft_learning_rate=5e-4,
+                   train_config=str(REPO / "configs" / "synthetic" / "demo_v1.yaml"), enforce_gate=False)
+        return cls(**{**old, **overrides})
 
 
 # ------------------------------------------------------------------------------------------------
 # The world's data splits: disjoint seeds per use
 # ------------------------------------------------------------------------------------------------
 def synthetic_config(settings: DemoSettings):
-    """The demo's world: 4 shapes in one size, at most 3 objects, each shape the frequent partner of the
-    next (circle -> square -> triangle -> diamond -> circle), so the co-occurrence bias can strike in
-    most multi-object scenes. In the full default world (5 shapes x 2 sizes, 4 objects) a 1 M-parameter
-    model trained for minutes grounds too poorly (object recall 0.35, positions near chance)."""
+    """The demo's world.
+
+    v2: 8 shapes with distinct silhouettes in one size and 6 independent colours, 1-4 objects; three
+    directed anchor -> companion pairs (square -> circle, triangle -> star, cross -> ring) whose
+    companion really stands at the anchor's partner cell in 30% of the scenes that allow it; bar and
+    moon are controls without a partner. Captions: data/synthetic/priors.py.
+
+    v1: 4 shapes in one size, at most 3 objects, each shape the frequent partner of the next (circle ->
+    square -> triangle -> diamond -> circle); captions: data/synthetic/noise.py (renames visible objects).
+    """
     from data.synthetic import SyntheticConfig
     from data.synthetic.language import LanguageConfig
     from data.synthetic.noise import NoiseConfig
+    from data.synthetic.priors import PriorConfig
     from data.synthetic.world import WorldConfig
 
+    language = LanguageConfig(style="detailed", target_words=settings.answer_words)
+    if settings.world_version == "v2":
+        world = dict(image_size=_train_config(settings).model.image_size, shapes=V2_SHAPES, sizes=("large",), max_objects=4,
+                     partners=dict(V2_PARTNERS), cooccurrence_prob=0.3, repeat_prob=0.1, adjacent_partners=True)
+        world.update({k: tuple(v) if isinstance(v, list) else v for k, v in settings.world.items()})
+        priors = {"position_bias": ("middle right",), **settings.priors}
+        return SyntheticConfig(world=WorldConfig(**world), language=language,
+                               priors=PriorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in priors.items()}))
     world = dict(image_size=_train_config(settings).model.image_size,  # rendered at the model's input size
                  shapes=("circle", "square", "triangle", "diamond"), sizes=("large",), max_objects=3,
                  partners={"circle": "square", "square": "triangle", "triangle": "diamond", "diamond": "circle"})
     world.update({k: tuple(v) if isinstance(v, list) else v for k, v in settings.world.items()})
-    return SyntheticConfig(world=WorldConfig(**world), language=LanguageConfig(style="detailed", target_words=settings.answer_words),
-                           noise=NoiseConfig(**settings.noise))
+    return SyntheticConfig(world=WorldConfig(**world), language=language, noise=NoiseConfig(**settings.noise))
 
 
 def caption_pairs(settings: DemoSettings):
@@ -124,7 +179,7 @@ def split(settings: DemoSettings, name: str, n: int):
     split never changes another."""
     from data.synthetic import sft_examples
 
-    offset = {"sft": 1, "preference": 2, "val": 3, "test": 4}[name]
+    offset = {"sft": 1, "preference": 2, "val": 3, "test": 4, "gate": 5}[name]
     examples = sft_examples(n, settings.seed * 100 + offset, synthetic_config(settings))
     return [e.scene for e in examples], [e.image for e in examples], [e.prompt for e in examples], [e.caption for e in examples]
 
@@ -169,6 +224,67 @@ def stage_sft(settings: DemoSettings, out: Path) -> Path:
     return out / "sft"
 
 
+def loss_plateau(losses: Sequence[float]) -> dict:
+    """Mean SFT loss over each tenth of training: a flat last stretch says training converged."""
+    n = max(1, len(losses) // 10)
+    tenths = [sum(losses[i:i + n]) / len(losses[i:i + n]) for i in range(0, len(losses) - n + 1, n)][:10]
+    return {"loss_by_tenth": [round(v, 4) for v in tenths],
+            "last_tenth_change": round(tenths[-1] - tenths[-2], 4) if len(tenths) > 1 else None}
+
+
+def single_object_scenes(world):
+    """Every one-object scene of the world: each shape x colour x cell, one size, no jitter."""
+    from data.synthetic.language import POSITIONS
+    from data.synthetic.world import Scene, WorldObject
+
+    return [Scene((WorldObject(shape, color, world.sizes[-1], cell),)) for shape in world.shapes for color in world.colors
+            for cell in POSITIONS]
+
+
+def perception_gate(model, settings: DemoSettings, template: str) -> dict:
+    """The gate's figures (data/synthetic/metrics.py gate_figures) from greedy answers on every
+    one-object image and on the held-out "gate" scenes, with pass/fail per figure."""
+    from data.synthetic.language import PROMPTS
+    from data.synthetic.metrics import gate_figures
+    from data.synthetic.world import render
+
+    cfg = synthetic_config(settings)
+    singles = single_object_scenes(cfg.world)[::settings.gate_single_stride]
+    prompts = [PROMPTS["detailed"][i % len(PROMPTS["detailed"])] for i in range(len(singles))]
+    single_answers = model.generate([render(sc, cfg.world) for sc in singles], prompts, **generation_options(settings, template))
+    scenes, images, prompts, _ = split(settings, "gate", settings.gate_images)
+    answers = model.generate(images, prompts, **generation_options(settings, template))
+    figures = gate_figures(singles, single_answers, scenes, answers, cfg.world.partners, cfg.empty_cells)
+    thresholds = {"single_object_accuracy": settings.gate_single_object,
+                  "recall_without_anchor": settings.gate_recall_without_anchor,
+                  "companion_rate": settings.gate_companion_rate}
+    failed = [f"{name} {figures[name]:.3f} < {bound}" for name, bound in thresholds.items() if figures[name] < bound]
+    return {**figures, "thresholds": thresholds, "passed": not failed, "failed": failed,
+            "examples": [{"scene": str(sc.objects), "answer": a} for sc, a in list(zip(scenes, answers))[:3]]}
+
+
+def stage_gate(settings: DemoSettings, out: Path) -> dict:
+    """The perception gate of the SFT model -> out/gate.json; raises GateError when it misses (if enforced)."""
+    from models.build import load_model
+
+    gate = perception_gate(load_model(out / "sft"), settings, _train_config(settings).data.template)
+    losses = json.loads((out / "sft" / "sft_losses.json").read_text())
+    gate["sft_loss"] = loss_plateau(losses)
+    (out / "gate.json").write_text(json.dumps(gate, indent=2))
+    logger.info("perception gate: %s", gate_line(gate))
+    if not gate["passed"] and settings.enforce_gate:
+        raise GateError(f"the SFT model misses the perception gate: {'; '.join(gate['failed'])} (figures in {out / 'gate.json'}). "
+                        f"It cannot see what it names, so preference learning on objects would test nothing; "
+                        f"train it longer (sft_steps) or check the world.")
+    return gate
+
+
+def gate_line(gate: dict) -> str:
+    return (f"single-object accuracy {gate['single_object_accuracy']:.3f}, recall without anchor "
+            f"{gate['recall_without_anchor']:.3f}, companion rate {gate['companion_rate']:.3f} -> "
+            f"{'passed' if gate['passed'] else 'MISSED: ' + '; '.join(gate['failed'])}")
+
+
 def stage_sample(settings: DemoSettings, out: Path) -> Path:
     """The SFT model describes the preference images (sampled, seeded) -> out/pairs/answers.jsonl."""
     from models.build import load_model
@@ -192,7 +308,8 @@ def stage_annotate(settings: DemoSettings, out: Path) -> Path:
     if settings.pair_errors is None:
         scenes, images, prompts, _ = split(settings, "preference", settings.preference_images)
         answers = [json.loads(line)["answer"] for line in (out / "pairs" / "answers.jsonl").read_text().splitlines()]
-        records, stats = records_from_answers(scenes, images, prompts, answers, source="demo")
+        records, stats = records_from_answers(scenes, images, prompts, answers, source="demo",
+                                              empty_cells=synthetic_config(settings).empty_cells)
     else:
         records = caption_pairs(settings)
         stats = pair_stats(records)
@@ -243,33 +360,74 @@ def stage_train(settings: DemoSettings, out: Path) -> dict[str, Path]:
     return finals
 
 
-def evaluate_model(model, settings: DemoSettings, split_name: str, n: int, template: str) -> tuple[dict, list[str]]:
+def evaluate_model(model, settings: DemoSettings, split_name: str, n: int, template: str,
+                   temperature: Optional[float] = None) -> tuple[dict, list[str]]:
+    """Metrics of `model`'s answers on a split: greedy, or sampled at `temperature` (seeded)."""
     from data.synthetic.metrics import evaluate
 
+    cfg = synthetic_config(settings)
     scenes, images, prompts, _ = split(settings, split_name, n)
-    answers = model.generate(images, prompts, **generation_options(settings, template))
-    return evaluate(scenes, answers), answers
+    sampling = {} if temperature is None else dict(do_sample=True, temperature=temperature, seed=settings.seed + 7)
+    answers = model.generate(images, prompts, **generation_options(settings, template), **sampling)
+    return evaluate(scenes, answers, cfg.world.partners, cfg.empty_cells), answers
+
+
+def answer_token_logps(model, prompts: Sequence[str], answers: Sequence[str], images, template: str, batch_size: int = 64) -> list[torch.Tensor]:
+    """Per-token log-probs of each answer given its image and prompt (one 1-d tensor per answer)."""
+    from data.collator import collate_sequences, encode_sequences
+    from data.records import IGNORE_INDEX
+
+    encoded = encode_sequences(model.tokenizer, template, model.image_placeholder, prompts, answers)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(encoded), batch_size):
+            ids, mask, labels = collate_sequences(encoded[i:i + batch_size], model.tokenizer.pad_token_id)
+            pixels = model.preprocess_images(images[i:i + batch_size]).to(model.dtype)
+            logps = model.sequence_token_logps(ids, mask, labels, pixels)
+            keep = labels[:, 1:] != IGNORE_INDEX
+            out += [row[k] for row, k in zip(logps, keep)]
+    return out
+
+
+def drift(policy_logps: Sequence[torch.Tensor], reference_logps: Sequence[torch.Tensor]) -> float:
+    """Mean per-token log-ratio log pi(y_t) - log pi_ref(y_t), pooled over all answer tokens."""
+    diff = torch.cat([p - r for p, r in zip(policy_logps, reference_logps)])
+    return float(diff.mean())
 
 
 def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
-    """Greedy answers of every method on the validation and test images -> results.{json,md,png}."""
+    """Greedy (validation, test) and sampled (test) answers of every method -> results.{json,md,png},
+    with each policy's drift from the SFT model on the SFT model's greedy validation answers."""
     from models.build import load_model
 
     cfg = _train_config(settings)
+    template = cfg.data.template
     models = {"sft": out / "sft", **{m: out / "runs" / m / "final" for m in settings.methods}}
-    results: dict = {"methods": {}, "validation": {}, "samples": {}}
+    results: dict = {"methods": {}, "validation": {}, "sampled": {}, "drift": {}, "samples": {}}
+    _, val_images, val_prompts, _ = split(settings, "val", settings.val_images)
+    reference_logps = None
     for method, path in models.items():
         model = load_model(path)
-        results["validation"][method], _ = evaluate_model(model, settings, "val", settings.val_images, cfg.data.template)
-        results["methods"][method], answers = evaluate_model(model, settings, "test", settings.test_images, cfg.data.template)
-        results["samples"][method] = answers[:5]
+        results["validation"][method], val_answers = evaluate_model(model, settings, "val", settings.val_images, template)
+        if not settings.validation_only:
+            results["methods"][method], answers = evaluate_model(model, settings, "test", settings.test_images, template)
+            results["sampled"][method], _ = evaluate_model(model, settings, "test", settings.test_images, template,
+                                                           settings.sampled_eval_temperature)
+            results["samples"][method] = answers[:5]
+        if reference_logps is None:  # the SFT model comes first: its greedy validation answers are the yardstick
+            reference_answers = val_answers
+            reference_logps = answer_token_logps(model, val_prompts, reference_answers, val_images, template)
+        results["drift"][method] = drift(answer_token_logps(model, val_prompts, reference_answers, val_images, template), reference_logps)
+    if (out / "gate.json").is_file():
+        results["gate"] = json.loads((out / "gate.json").read_text())
     results["pairs"] = json.loads((out / "pairs" / "stats.json").read_text())
     results["settings"] = asdict(settings)
     results["train_config"] = cfg.to_dict()
     results["timings_s"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(results_table(results))
-    plot(results, out / "results.png")
+    if not settings.validation_only:
+        (out / "results.md").write_text(results_table(results))
+        plot(results, out / "results.png")
     return results
 
 
@@ -279,15 +437,21 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
 def results_table(results: dict) -> str:
     s = results["settings"]
     lines = [
-        f"Synthetic hallucination benchmark (seed {s['seed']}, {s['test_images']} test images, greedy decoding; "
-        f"{results['pairs']['pairs_used']} preference pairs, DDPO gamma {s['ddpo_gamma']})",
+        f"Synthetic hallucination benchmark, world {s.get('world_version', 'v1')} (seed {s['seed']}, {s['test_images']} test "
+        f"images; {results['pairs']['pairs_used']} preference pairs, DDPO gamma {s['ddpo_gamma']})",
         "",
-        "| method | response hallucination | mention hallucination | object recall | words / answer |",
-        "|---|---|---|---|---|",
     ]
-    for method, m in results["methods"].items():
-        lines.append(f"| {method} | {m['response_hallucination_rate']:.3f} | {m['mention_hallucination_rate']:.3f} | "
-                     f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} |")
+    if "gate" in results:
+        lines += [f"Perception gate (SFT, greedy): {gate_line(results['gate'])}", ""]
+    header = ("| method | decoding | response hallucination | mention hallucination | companion rate | non-target mentions "
+              "| object recall | words / answer | drift |")
+    lines += [header, "|---|---|---|---|---|---|---|---|---|"]
+    for decoding, table in (("greedy", results["methods"]), (f"T {s.get('sampled_eval_temperature', 0.7)}", results.get("sampled", {}))):
+        for method, m in table.items():
+            d = results.get("drift", {}).get(method)
+            lines.append(f"| {method} | {decoding} | {m['response_hallucination_rate']:.3f} | {m['mention_hallucination_rate']:.3f} | "
+                         f"{m.get('companion_rate', float('nan')):.3f} | {m.get('nontarget_mention_rate', float('nan')):.3f} | "
+                         f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} | {'' if d is None else f'{d:+.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,6 +493,7 @@ def run(settings: DemoSettings, stages: Sequence[str] = STAGES, force: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     done = {
         "sft": lambda: (out / "sft" / "ddpo_model.json").is_file(),
+        "gate": lambda: (out / "gate.json").is_file() and (json.loads((out / "gate.json").read_text())["passed"] or not settings.enforce_gate),
         "sample": lambda: settings.pair_errors is not None or (out / "pairs" / "answers.jsonl").is_file(),
         "annotate": lambda: (out / "pairs" / "train.jsonl").is_file(),
         "train": lambda: all((out / "runs" / m / "final").is_dir() for m in settings.methods),
@@ -345,7 +510,8 @@ def run(settings: DemoSettings, stages: Sequence[str] = STAGES, force: bool = Fa
         if stage == "eval":
             results = stage_eval(settings, out, timings)
         else:
-            {"sft": stage_sft, "sample": stage_sample, "annotate": stage_annotate, "train": stage_train}[stage](settings, out)
+            {"sft": stage_sft, "gate": stage_gate, "sample": stage_sample, "annotate": stage_annotate,
+             "train": stage_train}[stage](settings, out)
         timings[stage] = round(time.perf_counter() - started, 1)
         timings_file.write_text(json.dumps(timings, indent=2))
     return results
@@ -361,6 +527,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--gamma", type=float, default=None, help="DDPO's gamma (default: the demo's 5)")
     parser.add_argument("--max-pairs", type=int, default=None, help="cap on preference pairs (default 1400)")
     parser.add_argument("--train-config", default=None, help="ddpo train YAML for the DPO/DDPO runs")
+    parser.add_argument("--world", choices=("v2", "v1"), default="v2",
+                        help="v2: language priors (default); v1: the misperception world, the negative control")
     args = parser.parse_args(argv)
     overrides = {"output_dir": args.output_dir, "seed": args.seed}
     if args.gamma is not None:
@@ -369,14 +537,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides["max_pairs"] = args.max_pairs
     if args.train_config is not None:
         overrides["train_config"] = args.train_config
-    settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
+    if args.quick:
+        settings = DemoSettings.quick(world_version=args.world, **overrides)
+    else:
+        settings = DemoSettings.v1(**overrides) if args.world == "v1" else DemoSettings(**overrides)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.perf_counter()
-    results = run(settings, stages, force=args.force)
+    try:
+        results = run(settings, stages, force=args.force)
+    except GateError as error:
+        print(f"ddpo demo: {error}", file=sys.stderr)
+        return 2
     if results:
         print()
         print(results_table(results))

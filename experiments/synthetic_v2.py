@@ -1,0 +1,293 @@
+"""The v2 synthetic lab's experiments: the learning-rate grid (validation only) and the seed ablation.
+
+    # 1. the lr grid on seed 0's validation split (no test number is computed)
+    python experiments/synthetic_v2.py lr-grid --output-dir runs/synthetic_v2 \
+        --results experiments/results/synthetic_v2
+    # 2. the ablation: seeds x runs (test and validation), paired DDPO - DPO intervals
+    python experiments/synthetic_v2.py ablation --seeds 0 1 2 3 4 --parts primary sum tuned \
+        --output-dir runs/synthetic_v2 --results experiments/results/synthetic_v2
+
+Per seed: one SFT model (it must pass the perception gate) and one set of on-policy pairs (the demo's
+stages), then every run from that model on those pairs. The paper protocol (RLHF-V Eq. 5): weighted
+mean, beta 0.5 fixed, DDPO gamma 5 vs DPO gamma 1, the same lr and epochs for both; the lr is the grid's
+choice (`lr_choice.json`). Parts of the ablation (`--parts`):
+    primary   dpo_mean, ddpo_mean_g5                         the pre-registered comparison
+    gamma     ddpo_mean_g2, ddpo_mean_g10
+    sum       dpo_sum, ddpo_sum_g5 (released-code normalisation, its own lr from the grid)
+    sumgamma  ddpo_sum_g2, ddpo_sum_g10
+    pairs     dpo_mean_p{200,800}, ddpo_mean_g5_p{200,800}  (the first 200 / 800 pairs)
+    tuned     dpo_mean_tuned, ddpo_mean_g5_tuned             each method at its own validation-best lr
+                                                             (gamma as weighting vs gamma as a larger step)
+Finished stages and runs are skipped on a rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from ddpo.demo import METRICS, PRIOR_METRICS, DemoSettings, run
+
+REPO = Path(__file__).resolve().parents[1]
+CLAIM_ERRORS = ("attribute_error_rate", "position_error_rate", "count_error_rate", "empty_error_rate")
+MEAN_GRID = (3e-5, 1e-4, 3e-4)
+SUM_GRID = (3e-6, 1e-5, 3e-5)
+PRIMARY = "mention_hallucination_rate"  # the pre-registered endpoint (greedy, test)
+RECALL_SLACK = 0.02  # a setting may not cost more recall than this vs SFT (the issue's bar)
+# two-sided 95% t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def method(gamma: float, normalize: str, lr: float, **extra) -> dict:
+    return {"loss.gamma": gamma, "loss.normalize": normalize, "train.learning_rate": lr, **extra}
+
+
+def grid_methods() -> dict[str, dict]:
+    runs = {}
+    for lr in MEAN_GRID:
+        runs[f"dpo_mean_lr{lr:g}"] = method(1.0, "mean", lr)
+        runs[f"ddpo_mean_g5_lr{lr:g}"] = method(5.0, "mean", lr)
+    for lr in SUM_GRID:
+        runs[f"dpo_sum_lr{lr:g}"] = method(1.0, "sum", lr)
+        runs[f"ddpo_sum_g5_lr{lr:g}"] = method(5.0, "sum", lr)
+    return runs
+
+
+def choose(validation: dict, norm: str, grid: tuple[float, ...]) -> dict:
+    """The lr choice on validation: shared (DPO and DDPO at one lr: the lowest mean of their mention-level
+    hallucination among lrs where both keep recall within RECALL_SLACK of SFT) and per method."""
+    sft_recall = validation["sft"]["object_recall"]
+
+    def ok(name: str) -> bool:
+        return validation[name]["object_recall"] >= sft_recall - RECALL_SLACK
+
+    def score(name: str) -> float:
+        return validation[name][PRIMARY]
+
+    names = {lr: (f"dpo_{norm}_lr{lr:g}", f"ddpo_{norm}_g5_lr{lr:g}") for lr in grid}
+    shared = [lr for lr in grid if all(ok(n) for n in names[lr])] or list(grid)
+    out = {"shared": min(shared, key=lambda lr: sum(score(n) for n in names[lr]))}
+    for k, label in enumerate(("dpo", "ddpo")):
+        allowed = [lr for lr in grid if ok(names[lr][k])] or list(grid)
+        out[label] = min(allowed, key=lambda lr: score(names[lr][k]))
+    return out
+
+
+def ablation_methods(lrs: dict, parts: list[str]) -> dict[str, dict]:
+    mean, total = lrs["mean"], lrs["sum"]
+    runs: dict[str, dict] = {}
+    if "primary" in parts:
+        runs["dpo_mean"] = method(1.0, "mean", mean["shared"])
+        runs["ddpo_mean_g5"] = method(5.0, "mean", mean["shared"])
+    if "gamma" in parts:
+        runs.update({f"ddpo_mean_g{g}": method(float(g), "mean", mean["shared"]) for g in (2, 10)})
+    if "sum" in parts:
+        runs["dpo_sum"] = method(1.0, "sum", total["shared"])
+        runs["ddpo_sum_g5"] = method(5.0, "sum", total["shared"])
+    if "sumgamma" in parts:
+        runs.update({f"ddpo_sum_g{g}": method(float(g), "sum", total["shared"]) for g in (2, 10)})
+    if "pairs" in parts:
+        for n in (200, 800):
+            runs[f"dpo_mean_p{n}"] = method(1.0, "mean", mean["shared"], **{"data.max_samples": n})
+            runs[f"ddpo_mean_g5_p{n}"] = method(5.0, "mean", mean["shared"], **{"data.max_samples": n})
+    if "tuned" in parts:
+        runs["dpo_mean_tuned"] = method(1.0, "mean", mean["dpo"])
+        runs["ddpo_mean_g5_tuned"] = method(5.0, "mean", mean["ddpo"])
+    return runs
+
+
+def interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences (one per seed)."""
+    m = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return m, float("nan"), float("nan")
+    half = T95[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return m, m - half, m + half
+
+
+def p_value(diffs: list[float]) -> float:
+    """Two-sided p of the paired t-test (for the Holm correction); exact t CDF via the regularised
+    incomplete beta function."""
+    n = len(diffs)
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    if n < 2 or sd == 0:
+        return 0.0 if statistics.fmean(diffs) != 0 else 1.0
+    t = statistics.fmean(diffs) / (sd / math.sqrt(n))
+    df = n - 1
+    x = df / (df + t * t)
+    return _betainc(df / 2, 0.5, x)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by its continued fraction (Numerical Recipes' betacf)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x))
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1 - x)
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / d
+    h = d
+    for m in range(1, 200):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+            c = 1.0 + num / c if abs(1.0 + num / c) > 1e-300 else 1e-300
+            h *= d * c
+    return front * h / a
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm-adjusted p-values (family-wise error)."""
+    order = sorted(pvalues, key=pvalues.get)
+    adjusted, running = {}, 0.0
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * pvalues[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def lr_grid(args) -> int:
+    settings = DemoSettings(output_dir=str(Path(args.output_dir) / "seed0"), seed=0, methods=grid_methods(),
+                            validation_only=True, num_threads=args.num_threads)
+    run(settings)
+    results = json.loads((Path(settings.output_dir) / "results.json").read_text())
+    validation = results["validation"]
+    lrs = {"mean": choose(validation, "mean", MEAN_GRID), "sum": choose(validation, "sum", SUM_GRID)}
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["lr grid, seed 0, validation split (greedy); drift = mean per-token log-ratio to SFT on SFT's validation answers", "",
+             "| run | mention hallucination | response hallucination | companion rate | recall | words | drift |", "|---|---|---|---|---|---|---|"]
+    for name, m in validation.items():
+        lines.append(f"| {name} | {m[PRIMARY]:.3f} | {m['response_hallucination_rate']:.3f} | {m['companion_rate']:.3f} | "
+                     f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} | {results['drift'][name]:+.3f} |")
+    lines += ["", f"choice: {json.dumps(lrs)}", f"command: python experiments/synthetic_v2.py lr-grid --output-dir {args.output_dir} --results {args.results}"]
+    (out / "lr_grid.md").write_text("\n".join(lines) + "\n")
+    (out / "lr_choice.json").write_text(json.dumps(lrs, indent=2))
+    print("\n".join(lines))
+    return 0
+
+
+def fmt(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def ablation(args) -> int:
+    out = Path(args.results)
+    lrs = json.loads((out / "lr_choice.json").read_text())
+    methods = ablation_methods(lrs, args.parts)
+    per_seed = {}
+    for seed in args.seeds:
+        settings = DemoSettings(output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, methods=methods,
+                                num_threads=args.num_threads)
+        if not args.aggregate_only:
+            run(settings)
+        per_seed[seed] = json.loads((Path(settings.output_dir) / "results.json").read_text())
+    seeds = sorted(per_seed)
+    names = ["sft", *[m for m in methods if all(m in per_seed[s]["methods"] for s in seeds)]]
+    keys = (*METRICS, *PRIOR_METRICS, *CLAIM_ERRORS)
+
+    def values(split: str, name: str, key: str) -> list[float]:
+        return [per_seed[s][split][name][key] for s in seeds]
+
+    lines = [f"v2 synthetic ablation, seeds {seeds}, test split. Command:", "", "    " + " ".join(["python experiments/synthetic_v2.py", *sys.argv[1:]]), "",
+             f"lr (validation choice, lr_choice.json): {json.dumps(lrs)}", "",
+             "Gate per seed (single-object accuracy / recall without anchor / companion rate): " + "; ".join(
+                 f"{s}: {per_seed[s]['gate']['single_object_accuracy']:.3f} / {per_seed[s]['gate']['recall_without_anchor']:.3f} / "
+                 f"{per_seed[s]['gate']['companion_rate']:.3f}" for s in seeds), "",
+             "Pairs per seed: " + ", ".join(f"{s}: {per_seed[s]['pairs']['pairs_used']}" for s in seeds) + "; segments per pair "
+             + ", ".join(f"{per_seed[s]['pairs']['segments_per_pair']:.2f}" for s in seeds), ""]
+    for split, title in (("methods", "greedy"), ("sampled", "sampled, T 0.7")):
+        lines += [f"### Test, {title}: mean ± std over seeds", "",
+                  "| run | mention hall. | response hall. | companion rate | non-target mentions | recall | words | attribute err | position err | count err | drift |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name in names:
+            cells = []
+            for key in (PRIMARY, "response_hallucination_rate", "companion_rate", "nontarget_mention_rate", "object_recall",
+                        "mean_response_words", "attribute_error_rate", "position_error_rate", "count_error_rate"):
+                v = values(split, name, key)
+                sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                cells.append(f"{statistics.fmean(v):.1f} ± {sd:.1f}" if key == "mean_response_words" else f"{statistics.fmean(v):.3f} ± {sd:.3f}")
+            d = [per_seed[s]["drift"][name] for s in seeds]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.fmean(d):+.3f} |")
+        lines.append("")
+
+    comparisons = {}  # name -> (a, b): a - b
+    for a, b in (("ddpo_mean_g5", "dpo_mean"), ("dpo_mean", "sft"), ("ddpo_mean_g5", "sft"), ("ddpo_mean_g2", "dpo_mean"),
+                 ("ddpo_mean_g10", "dpo_mean"), ("ddpo_sum_g5", "dpo_sum"), ("dpo_sum", "sft"), ("ddpo_sum_g5", "sft"),
+                 ("ddpo_sum_g2", "dpo_sum"), ("ddpo_sum_g10", "dpo_sum"), ("ddpo_mean_g5_p200", "dpo_mean_p200"),
+                 ("ddpo_mean_g5_p800", "dpo_mean_p800"), ("ddpo_mean_g5_tuned", "dpo_mean_tuned")):
+        if a in names and b in names:
+            comparisons[f"{a} - {b}"] = (a, b)
+    table = {}
+    for label, (a, b) in comparisons.items():
+        table[label] = {}
+        for key in (PRIMARY, "response_hallucination_rate", "companion_rate", "nontarget_mention_rate", "object_recall", "mean_response_words"):
+            diffs = [x - y for x, y in zip(values("methods", a, key), values("methods", b, key))]
+            table[label][key] = (*interval(diffs), p_value(diffs))
+    primary = "ddpo_mean_g5 - dpo_mean"
+    secondary = {k: v[PRIMARY][3] for k, v in table.items() if k != primary}
+    adjusted = holm(secondary)
+    lines += ["### Paired differences (test, greedy): mean [95% t-interval over seeds]; p: paired t-test, Holm-adjusted over the "
+              "secondary comparisons (the primary, ddpo_mean_g5 - dpo_mean, is not adjusted)", "",
+              "| comparison | mention hall. | p (Holm) | response hall. | companion rate | non-target mentions | recall | words |",
+              "|---|---|---|---|---|---|---|---|"]
+    for label, row in table.items():
+        p = row[PRIMARY][3] if label == primary else adjusted[label]
+        lines.append(f"| {label} | {fmt(*row[PRIMARY][:3])} | {p:.3f} | {fmt(*row['response_hallucination_rate'][:3])} | "
+                     f"{fmt(*row['companion_rate'][:3])} | {fmt(*row['nontarget_mention_rate'][:3])} | {fmt(*row['object_recall'][:3])} | "
+                     f"{fmt(*row['mean_response_words'][:3], digits=1)} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    (out / "ablation.json").write_text(json.dumps({"seeds": seeds, "lr": lrs, "differences": table, "holm": adjusted,
+                                                   "per_seed": {s: {k: per_seed[s].get(k) for k in ("methods", "sampled", "validation", "drift", "gate", "pairs", "timings_s")}
+                                                                for s in seeds}}, indent=2))
+    plot(per_seed, seeds, names, out)
+    print("\n".join(lines))
+    return 0
+
+
+def plot(per_seed: dict, seeds: list, names: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, label in zip(axes, (PRIMARY, "companion_rate", "object_recall"),
+                              ("mention-level object hallucination", "companion rate (absent partner named)", "object recall")):
+        for i, name in enumerate(names):
+            vals = [per_seed[s]["methods"][name][key] for s in seeds]
+            ax.scatter([i] * len(vals), vals, s=12, color="#4c72b0", alpha=0.6)
+            ax.plot([i - 0.3, i + 0.3], [statistics.fmean(vals)] * 2, color="black")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(f"{label}\n(test, greedy; dots = seeds)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("lr-grid", "ablation"):
+        p = sub.add_parser(name)
+        p.add_argument("--output-dir", default="runs/synthetic_v2")
+        p.add_argument("--results", default=str(REPO / "experiments" / "results" / "synthetic_v2"))
+        p.add_argument("--num-threads", type=int, default=1)
+        if name == "ablation":
+            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+            p.add_argument("--parts", nargs="+", default=["primary", "sum", "tuned"],
+                           choices=("primary", "gamma", "sum", "sumgamma", "pairs", "tuned"))
+            p.add_argument("--aggregate-only", action="store_true")
+    args = parser.parse_args(argv)
+    return lr_grid(args) if args.command == "lr-grid" else ablation(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
