@@ -29,7 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from ddpo.demo import METRICS, PRIOR_METRICS, DemoSettings, run
+from ddpo.lab.demo import METRICS, PRIOR_METRICS, DemoSettings, run
 
 REPO = Path(__file__).resolve().parents[1]
 CLAIM_ERRORS = ("attribute_error_rate", "position_error_rate", "count_error_rate", "empty_error_rate")

@@ -13,10 +13,10 @@ size, position -- (ties: same shape, then same position, then reading order). "a
 the top left" where a purple square sits at the top left and a red triangle elsewhere is the square
 misnamed (one word to change), not the triangle with a wrong colour and place: correcting it the
 other way would push the position and colour words *away* from what the image shows. In the v2 world's
-language (`empty_cells`: texts may say "nothing is at <cell>.") a phrase is only matched to an object
+language (`empty_cells`: texts may say "at the <cell> is nothing.") a phrase is only matched to an object
 that has its shape or stands at its position: "a blue star at the top center" where the top center is
-empty and no star is left to describe is an invented object, replaced by "nothing is at the top
-center.", not some other undescribed object renamed and moved. A mention whose object has another shape, or that is left
+empty and no star is left to describe is an invented object, replaced by "at the top center is
+nothing.", not some other undescribed object renamed and moved. A mention whose object has another shape, or that is left
 without one (a second "a red circle" in a scene with one circle), is a hallucinated object. Definite mentions ("the ...") refer back to the best object of
 their shape and may share it. The claims that disagree with the matched object are its errors: the
 minimal set of words to change.
@@ -135,7 +135,7 @@ def ground(scene: Scene, parsed: Parse, empty_cells: bool = False) -> Grounding:
         if c.kind == "object":
             truth = retarget[k].shape if k in retarget else None
             verdicts.append(Verdict(c, not hallucinated[k], truth))
-        elif c.kind == "empty":  # "nothing is at X": wrong if an object stands there
+        elif c.kind == "empty":  # "at X is nothing": wrong if an object stands there
             there = scene.at(CELLS[c.value])
             verdicts.append(Verdict(c, there is None, None if there is None else there.shape))
         elif k is None:  # the overview's total
@@ -266,8 +266,8 @@ def _deletions(text: str, parsed: Parse, doomed: set[int]) -> list[tuple[int, in
 
 
 def _empty_cell_fixes(scene: Scene, text: str, g: Grounding, doomed: set[int]) -> list[Correction]:
-    """v2 (`empty_cells`): an invented object's sentence whose cell is empty becomes "nothing is at <cell>."
-    (its mention leaves `doomed`); a wrong "nothing is at <cell>." becomes the sentence of the object
+    """v2 (`empty_cells`): an invented object's sentence whose cell is empty becomes "at <cell> is nothing."
+    (its mention leaves `doomed`); a wrong "at <cell> is nothing." becomes the sentence of the object
     standing there when no mention describes it, and is deleted otherwise. Both are replacements of
     a whole sentence, so the corrected answer keeps the rejected one's shape and length."""
     fixes = []
@@ -281,7 +281,7 @@ def _empty_cell_fixes(scene: Scene, text: str, g: Grounding, doomed: set[int]) -
     for v in g.errors:
         if v.claim.kind == "empty":
             o = scene.at(CELLS[v.claim.value])
-            new = Instance(None, o.color, o.shape, o.cell).text() if o.cell not in described else ""
+            new = Instance(None, o.color, o.shape, o.cell, position_first=True).text() if o.cell not in described else ""
             fixes.append(Correction("object", v.claim.span, new))
     return fixes
 
@@ -290,7 +290,7 @@ def correct(scene: Scene, text: str, empty_cells: bool = False) -> Annotation:
     """Minimal correction of `text` for `scene`: chosen = `corrected`, rejected = `text`.
 
     empty_cells (the v2 world's language): an invented object at an empty cell is replaced by
-    "nothing is at <cell>." instead of being deleted or renamed; see `_empty_cell_fixes`."""
+    "at <cell> is nothing." instead of being deleted or renamed; see `_empty_cell_fixes`."""
     parsed = parse(text)
     if parsed.unparsed:
         return Annotation("unparseable", text, unparsed=parsed.unparsed)

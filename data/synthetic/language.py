@@ -113,23 +113,28 @@ class Instance:
     color: str
     shape: str
     cell: tuple[int, int]
+    # v2: the place first ("at the top left is a red cross."): a small model looks up what stands at a
+    # named cell far more easily than it tracks which object comes next in reading order
+    position_first: bool = False
 
     def phrase(self) -> str:
         return " ".join(w for w in ("a", self.size, self.color, self.shape) if w)
 
     def text(self) -> str:
+        if self.position_first:
+            return f"at the {POSITIONS[self.cell]} is {self.phrase()}."
         return f"{self.phrase()} is at the {POSITIONS[self.cell]}."
 
 
 @dataclass
 class Empty:
-    """v2: a cell said to hold nothing ("nothing is at the top right."): what a truthful caption says
+    """v2: a cell said to hold nothing ("at the top right is nothing."): what a truthful caption says
     where a prior would put an object, and what the oracle writes over an invented one."""
 
     cell: tuple[int, int]
 
     def text(self) -> str:
-        return f"nothing is at the {POSITIONS[self.cell]}."
+        return f"at the {POSITIONS[self.cell]} is nothing."
 
 
 @dataclass
@@ -295,6 +300,8 @@ class Mention:
 
     @property
     def span(self) -> tuple[int, int]:
+        if self.position and self.position[0].start < self.det.start:  # v2: "at the <position> is a ..."
+            return self.position[0].start, self.shape.end
         return self.det.start, (self.position[-1] if self.position else self.shape).end
 
 
@@ -321,7 +328,7 @@ class Sentence:
     verb: Optional[Word] = None  # "is"/"are" of "there is ..." (agrees with the first item)
     total: Optional[Word] = None  # overview: the number word
     noun: Optional[Word] = None  # overview: "object"/"objects"
-    position: Optional[tuple[Word, ...]] = None  # empty: the words after "nothing is at the"
+    position: Optional[tuple[Word, ...]] = None  # empty: the words after "at the" of "at the <position> is nothing."
 
     @property
     def position_name(self) -> Optional[str]:
@@ -331,7 +338,7 @@ class Sentence:
 @dataclass(frozen=True)
 class Claim:
     """One checkable statement of a text. kind: object | color | size | position | count | relation |
-    empty (v2: "nothing is at the <value>"; its span is the whole sentence)."""
+    empty (v2: "at the <value> is nothing."; its span is the whole sentence)."""
 
     kind: str
     value: str  # the claimed shape / colour / size / position name / number (digits) / relation
@@ -455,10 +462,14 @@ def _parse_sentence(words: list[Word], index: int, n_mentions: int) -> Optional[
         return None
 
     cur = _Cursor(body)
-    if cur.take("nothing", "is"):
-        position = cur.position()
-        if position and cur.done():
+    position = cur.position()
+    if position and cur.take("is"):  # v2: "at the <position> is nothing." / "at the <position> is a <colour> <shape>."
+        if cur.take("nothing") and cur.done():
             return Sentence("empty", start, end, position=position), [], []
+        m = cur.mention(index, with_position=False)
+        if m is not None and m.is_instance and m.number is None and cur.done():
+            m.position = position
+            return Sentence("instance", start, end, [n_mentions]), [m], []
         return None
 
     cur = _Cursor(body)
@@ -518,7 +529,7 @@ def vocabulary(cfg: WorldConfig) -> list[str]:
     from data.tokenizer import words_of
 
     texts = [
-        *(["nothing is at"] if cfg.adjacent_partners else []),  # v2's words first: v1's ids stay as they were
+        *(["at the is nothing"] if cfg.adjacent_partners else []),  # v2 only: v1's ids stay as they were
         " ".join(NUMBERS[1:]),
         " ".join(f"{s} {plural(s)}" for s in cfg.shapes),
         " ".join(cfg.colors), " ".join(cfg.sizes),

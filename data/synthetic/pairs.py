@@ -37,7 +37,7 @@ class SyntheticConfig:
 
     @property
     def empty_cells(self) -> bool:
-        """Whether texts of this world may say "nothing is at <cell>." (the oracle's v2 reading)."""
+        """Whether texts of this world may say "at the <cell> is nothing." (the oracle's v2 reading)."""
         return self.priors is not None
 
     def caption(self, scene: Scene, rng: np.random.Generator):

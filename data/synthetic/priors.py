@@ -9,7 +9,7 @@ probabilities, so changing one bias does not reshuffle the others):
   companion  co-occurrence prior: an anchor (a key of WorldConfig.partners) is present, its partner is
              not, and the anchor's `partner_cell` is empty -> the partner is described there, in a
              fluent object sentence in reading order (the overview counts it). When the bias does not
-             fire, the caption says "nothing is at <that cell>." -- the truthful sentence in the same
+             fire, the caption says "at <that cell> is nothing." -- the truthful sentence in the same
              place, which is also what the oracle writes over an invented partner (a replacement).
   attribute  colour confusion: an object of a colour in `color_confusions` gets the mapped colour.
   position   centre bias: an object in a cell of `position_bias` is said to be at the centre when the
@@ -49,7 +49,7 @@ class PriorConfig:
     position_prob: float = 0.6  # per object in a cell of position_bias (centre empty): it is said to be at the centre
     position_bias: tuple[str, ...] = ("middle left", "middle right")  # cells whose objects drift to the centre
     overview_prob: float = 0.5  # a caption opens with "the image shows N objects." with this probability
-    empty_prob: float = 0.2  # each other empty cell is said to be empty ("nothing is at ...") with this probability
+    empty_prob: float = 0.2  # each other empty cell is said to be empty ("at the ... is nothing.") with this probability
 
     def __post_init__(self) -> None:
         for name in ("companion_prob", "attribute_prob", "position_prob", "overview_prob", "empty_prob"):
@@ -112,7 +112,7 @@ def believe(scene: Scene, rng: np.random.Generator, world: WorldConfig, cfg: Pri
 def plan_believed(belief: Belief, rng: np.random.Generator, language: LanguageConfig, cfg: PriorConfig) -> list[Item]:
     """The sentences of one caption: overview?, objects and stated-empty cells in reading order, fillers."""
     overview = rng.random() < cfg.overview_prob
-    cells: list[Item] = [Instance(None, o.color, o.shape, o.cell) for o in belief.scene.objects]
+    cells: list[Item] = [Instance(None, o.color, o.shape, o.cell, position_first=True) for o in belief.scene.objects]
     cells += [Empty(cell) for cell in belief.stated_empty]
     plan: list[Item] = [Overview(len(belief.scene.objects))] if overview else []
     plan += sorted(cells, key=lambda item: item.cell)

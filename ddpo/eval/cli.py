@@ -149,7 +149,7 @@ def _synthetic_split(args: argparse.Namespace):
 
 def _synthetic_world():
     """The demo world's anchor -> companion map and whether its texts may say a cell is empty."""
-    from ddpo.demo import DemoSettings, synthetic_config  # noqa: PLC0415
+    from ddpo.lab.demo import DemoSettings, synthetic_config  # noqa: PLC0415
 
     cfg = synthetic_config(DemoSettings())
     return cfg.world.partners, cfg.empty_cells

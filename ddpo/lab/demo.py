@@ -72,6 +72,9 @@ class DemoSettings:
     sft_steps: int = 1500
     sft_batch_size: int = 32
     sft_learning_rate: float = 1e-3
+    # steps of perception pretraining before SFT (v2): the vision tower and projector learn to tell each
+    # cell's shape and colour, as an MLLM starts from a pretrained CLIP tower; 0 = none (v1)
+    perception_steps: int = 300
     priors: dict = field(default_factory=dict)  # v2: PriorConfig overrides of the SFT captions' biases
     gate_images: int = 400  # held-out scenes for the gate's recall and companion figures (plus every one-object image)
     gate_single_stride: int = 1  # use every n-th one-object image (1: all of them; the quick run takes fewer)
@@ -110,16 +113,17 @@ class DemoSettings:
         """A CI-sized smoke run: every stage, numbers meaningless, the gate reported but not enforced."""
         small = dict(answer_words=30, sft_examples=600, sft_steps=150, sft_batch_size=16, preference_images=96,
                      max_pairs=64, val_images=16, test_images=24, gate_images=24, gate_single_stride=9, enforce_gate=False,
+                     perception_steps=50,
                      train_overrides=["--train.micro_batch_size", "4"])
         if overrides.get("world_version") == "v1":
-            small.update(answer_words=15, train_config=str(REPO / "configs" / "synthetic" / "demo_v1.yaml"))
+            small.update(answer_words=15, train_config=str(REPO / "configs" / "synthetic" / "demo_v1.yaml"), perception_steps=0)
         return cls(**{**small, **overrides})
 
     @classmethod
     def v1(cls, **overrides) -> "DemoSettings":
         """The first world (misperception: caption noise renames visible objects), kept as the negative
         control with its own settings: 30-word answers, its SFT recipe and configs/synthetic/demo_v1.yaml."""
-        old = dict(world_version="v1", answer_words=30, sft_examples=6000, sft_steps=1200, sft_learning_rate=5e-4,
+        old = dict(world_version="v1", answer_words=30, sft_examples=6000, sft_steps=1200, sft_learning_rate=5e-4, perception_steps=0,
                    train_config=str(REPO / "configs" / "synthetic" / "demo_v1.yaml"), enforce_gate=False)
         return cls(**{**old, **overrides})
 
@@ -198,9 +202,9 @@ def generation_options(settings: DemoSettings, template: str) -> dict:
 # Stages
 # ------------------------------------------------------------------------------------------------
 def stage_sft(settings: DemoSettings, out: Path) -> Path:
-    """Random-init model + supervised fine-tuning on noisy captions -> out/sft."""
+    """Random-init model (+ perception pretraining, v2) + supervised fine-tuning on biased captions -> out/sft."""
     from data.synthetic.language import build_tokenizer
-    from ddpo.lab.sft import SFTSettings, sft
+    from ddpo.lab.sft import PerceptionSettings, SFTSettings, pretrain_perception, sft
     from models.build import build_model
 
     cfg = _train_config(settings)
@@ -208,7 +212,16 @@ def stage_sft(settings: DemoSettings, out: Path) -> Path:
     # the config's freezing is for the preference runs; supervised fine-tuning trains every part
     model_cfg = dataclasses.replace(cfg.model, freeze_vision_tower=False, freeze_projector=False, freeze_llm=False)
     model = build_model(model_cfg, tokenizer=build_tokenizer(synthetic_config(settings).world))
-    _, images, prompts, captions = split(settings, "sft", settings.sft_examples)
+    scenes, images, prompts, captions = split(settings, "sft", settings.sft_examples)
+    perception_losses: list[float] = []
+    if settings.perception_steps > 0:
+        world = synthetic_config(settings).world
+        targets, classes = cell_targets(scenes, world, model.num_image_tokens)
+        perception_losses = pretrain_perception(model, images, targets, classes, PerceptionSettings(
+            steps=settings.perception_steps, seed=settings.seed))
+        logger.info("perception pretraining: loss %.3f -> %.3f over %d steps", perception_losses[0],
+                    sum(perception_losses[-20:]) / len(perception_losses[-20:]), len(perception_losses))
+        model.apply_freezing(True, False, False)  # then, as LLaVA keeps its CLIP tower, the tower stays as pretrained
     bar = progress_bar(total=settings.sft_steps, desc="sft")
 
     def on_step(step: int, loss: float) -> None:
@@ -221,7 +234,24 @@ def stage_sft(settings: DemoSettings, out: Path) -> Path:
     bar.close()
     model.save_pretrained(out / "sft")
     (out / "sft" / "sft_losses.json").write_text(json.dumps(losses))
+    (out / "sft" / "perception_losses.json").write_text(json.dumps(perception_losses))
     return out / "sft"
+
+
+def cell_targets(scenes, world, image_tokens: int) -> tuple[torch.Tensor, list[int]]:
+    """Per image token (one per grid cell, row-major: needs patch = cell, 9 tokens), the shape and the
+    colour of the object in its cell (0 = empty): [n, 9, 2] and the class counts."""
+    from data.synthetic.world import GRID
+
+    if image_tokens != GRID * GRID:
+        raise ValueError(f"perception pretraining labels one image token per grid cell, so it needs {GRID * GRID} image "
+                         f"tokens (model.patch_size = image_size / 3); this model has {image_tokens}; "
+                         f"set perception_steps 0 or the patch size")
+    targets = torch.zeros(len(scenes), GRID * GRID, 2, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        for o in scene.objects:
+            targets[i, o.cell[0] * GRID + o.cell[1]] = torch.tensor([world.shapes.index(o.shape) + 1, world.colors.index(o.color) + 1])
+    return targets, [len(world.shapes) + 1, len(world.colors) + 1]
 
 
 def loss_plateau(losses: Sequence[float]) -> dict:

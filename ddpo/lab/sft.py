@@ -66,3 +66,46 @@ def sft(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: S
             on_step(step, loss.item())
     model.eval()
     return losses
+
+
+@dataclass
+class PerceptionSettings:
+    steps: int = 300
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    seed: int = 0
+
+
+def pretrain_perception(model, images: Sequence[Image.Image], targets: torch.Tensor, num_classes: Sequence[int],
+                        settings: PerceptionSettings) -> list[float]:
+    """Teach the vision side to see before captioning, as LLaVA starts from a pretrained CLIP tower.
+
+    targets [n_images, image_tokens, K] (long): for each image token, K labels (e.g. the shape and the
+    colour of the object in the cell the token covers, class 0 = empty); one linear head per label on
+    the projected image features (`model.encode_images`), cross-entropy summed over labels. Trains the
+    vision tower and the projector only; the heads are thrown away. Returns the loss of every step."""
+    pixels = torch.cat([model.preprocess_images(images[i:i + 256]) for i in range(0, len(images), 256)])
+    features = model.encode_images(pixels[:1].to(model.dtype))
+    if targets.shape[:2] != (len(images), features.shape[1]) or targets.shape[2] != len(num_classes):
+        raise ValueError(f"pretrain_perception: targets must be [{len(images)}, {features.shape[1]}, {len(num_classes)}] "
+                         f"(images, image tokens, labels), got {list(targets.shape)}")
+    generator = torch.Generator().manual_seed(settings.seed)
+    heads = torch.nn.ModuleList(torch.nn.Linear(features.shape[-1], n) for n in num_classes)
+    parts = model.parameter_parts()
+    params = [*parts["vision_tower"], *parts["projector"], *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
+    losses = []
+    model.train()
+    for _ in range(settings.steps):
+        batch = torch.randint(len(images), (settings.batch_size,), generator=generator)
+        feats = model.encode_images(pixels[batch].to(model.dtype)).float()
+        loss = sum(torch.nn.functional.cross_entropy(head(feats).flatten(0, 1), targets[batch, :, k].flatten())
+                   for k, head in enumerate(heads))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

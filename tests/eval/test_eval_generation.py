@@ -147,7 +147,7 @@ def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
     assert eval_main(["--benchmark", "synthetic", "--answers", str(path), "--output", str(out), "--num-images", "4"]) == 0
     metrics = json.loads(out.read_text())
     from data.synthetic.metrics import evaluate
-    from ddpo.demo import synthetic_config
+    from ddpo.lab.demo import synthetic_config
     world = synthetic_config(DemoSettings(seed=0))
     expected = evaluate(scenes, answers, world.world.partners, world.empty_cells)
     for key in ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words"):

@@ -63,7 +63,7 @@ def test_the_prior_fires_only_in_its_context_and_says_nothing_otherwise():
     held = believe(scene, np.random.default_rng(0), WORLD, PriorConfig(companion_prob=0.0))
     assert held.errors == [] and held.scene == scene and (0, 1) in held.stated_empty  # the truthful sentence at that place
     text = prior_caption(scene, np.random.default_rng(3), WORLD, LANGUAGE, PriorConfig(companion_prob=0.0, empty_prob=0.0)).text
-    assert "nothing is at the top center." in text
+    assert "at the top center is nothing." in text
     # partner present, or partner cell taken: no context, no companion
     for other in (Scene((obj("square", "red", (0, 0)), obj("circle", "red", (2, 2)))),
                   Scene((obj("square", "red", (0, 0)), obj("moon", "red", (0, 1))))):
@@ -119,30 +119,30 @@ def test_corrections_fix_every_hallucination_and_touch_nothing_else():
 
 def test_hand_made_v2_corrections():
     scene = Scene((obj("square", "red", (0, 0)), obj("bar", "pink", (1, 2))))
-    text = ("the image shows three objects. a red square is at the top left. a blue circle is at the top center. "
-            "a red bar is at the center. nothing is at the bottom right. nothing else is visible.")
+    text = ("the image shows three objects. at the top left is a red square. at the top center is a blue circle. "
+            "at the center is a red bar. at the bottom right is nothing. nothing else is visible.")
     a = correct(scene, text, empty_cells=True)
-    assert a.corrected == ("the image shows two objects. a red square is at the top left. nothing is at the top center. "
-                           "a pink bar is at the middle right. nothing is at the bottom right. nothing else is visible.")
+    assert a.corrected == ("the image shows two objects. at the top left is a red square. at the top center is nothing. "
+                           "at the middle right is a pink bar. at the bottom right is nothing. nothing else is visible.")
     assert sorted(c.type for c in a.corrections) == ["attribute", "count", "object", "position"]
-    # a wrong "nothing is at ..." over an undescribed object becomes that object's sentence
-    a = correct(scene, "a red square is at the top left. nothing is at the middle right.", empty_cells=True)
-    assert a.corrected == "a red square is at the top left. a pink bar is at the middle right."
+    # a wrong "at ... is nothing." over an undescribed object becomes that object's sentence
+    a = correct(scene, "at the top left is a red square. at the middle right is nothing.", empty_cells=True)
+    assert a.corrected == "at the top left is a red square. at the middle right is a pink bar."
     # an invented object is not read as some other undescribed object moved and renamed
-    g = ground(scene, parse("a blue circle is at the top center."), empty_cells=True)
+    g = ground(scene, parse("at the top center is a blue circle."), empty_cells=True)
     assert g.hallucinated == [True] and g.referents == [None]
 
 
 def test_recall_counts_correctly_named_objects_so_saying_less_shows():
     scene = Scene((obj("square", "red", (0, 0)), obj("bar", "blue", (2, 2))))
-    full = "a red square is at the top left. a blue bar is at the bottom right."
-    short = "a red square is at the top left."
-    misnamed = "a red square is at the top left. a blue moon is at the bottom right."
+    full = "at the top left is a red square. at the bottom right is a blue bar."
+    short = "at the top left is a red square."
+    misnamed = "at the top left is a red square. at the bottom right is a blue moon."
     m = {name: evaluate([scene], [t], PARTNERS, True) for name, t in (("full", full), ("short", short), ("misnamed", misnamed))}
     assert m["full"]["object_recall"] == 1.0 and m["short"]["object_recall"] == 0.5 and m["misnamed"]["object_recall"] == 0.5
     assert m["short"]["mean_response_words"] < m["full"]["mean_response_words"]
     assert m["short"]["response_hallucination_rate"] == 0.0 and m["misnamed"]["mention_hallucination_rate"] == 0.5
-    companion = evaluate([scene], [full.replace(".", ". a green circle is at the top center.", 1)], PARTNERS, True)
+    companion = evaluate([scene], [full.replace(".", ". at the top center is a green circle.", 1)], PARTNERS, True)
     assert companion["companion_rate"] == 1.0 and companion["target_mention_rate"] == pytest.approx(1 / 3)
     assert companion["nontarget_mention_rate"] == 0.0 and m["misnamed"]["nontarget_mention_rate"] == 0.5
 
@@ -150,16 +150,16 @@ def test_recall_counts_correctly_named_objects_so_saying_less_shows():
 def test_gate_figures_on_hand_made_answers():
     singles = [Scene((obj("star", "red", (1, 1)),)), Scene((obj("moon", "blue", (0, 0)),)),
                Scene((obj("ring", "green", (2, 2)),)), Scene((obj("bar", "pink", (0, 2)),))]
-    single_answers = ["a red star is at the center.", "a blue circle is at the top left.",  # moon misnamed
-                      "a green ring is at the bottom right.", "the image shows one object. a pink bar is at the top right."]
+    single_answers = ["at the center is a red star.", "at the top left is a blue circle.",  # moon misnamed
+                      "at the bottom right is a green ring.", "the image shows one object. at the top right is a pink bar."]
     scenes = [Scene((obj("bar", "red", (0, 0)), obj("moon", "blue", (1, 1)))),  # no anchor
               Scene((obj("star", "red", (2, 0)),)),  # no anchor
               Scene((obj("square", "red", (0, 0)),)),  # anchor, context: circle at the top center
               Scene((obj("triangle", "red", (0, 0)), obj("star", "red", (2, 2))))]  # anchor, partner present: no context
-    answers = ["a red bar is at the top left.",  # recalls 1 of 2
-               "a red star is at the bottom left.",
-               "a red square is at the top left. a red circle is at the top center.",  # names the companion
-               "a red triangle is at the top left. a red star is at the bottom right."]
+    answers = ["at the top left is a red bar.",  # recalls 1 of 2
+               "at the bottom left is a red star.",
+               "at the top left is a red square. at the top center is a red circle.",  # names the companion
+               "at the top left is a red triangle. at the bottom right is a red star."]
     g = gate_figures(singles, single_answers, scenes, answers, PARTNERS, empty_cells=True)
     assert g["single_object_accuracy"] == 0.75
     assert g["recall_without_anchor"] == pytest.approx(2 / 3)
