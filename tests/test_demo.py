@@ -17,14 +17,42 @@ def test_quick_demo_writes_results(tmp_path):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["methods"]) == {"sft", "dpo", "ddpo"}
-    for metrics in results["methods"].values():
-        for key in ("response_hallucination_rate", "mention_hallucination_rate", "object_recall"):
+    assert set(results["methods"]) == set(results["sampled"]) == set(results["drift"]) == {"sft", "dpo", "ddpo"}
+    for metrics in [*results["methods"].values(), *results["sampled"].values()]:
+        for key in ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "companion_rate",
+                    "nontarget_mention_rate"):
             assert 0.0 <= metrics[key] <= 1.0
         assert metrics["mean_response_words"] > 0
-    assert results["pairs"]["pairs_used"] > 0
+    assert results["drift"]["sft"] == 0.0  # the SFT model against itself
+    # the gate is computed and stored (the quick run reports it without enforcing it)
+    gate = results["gate"]
+    assert {"single_object_accuracy", "recall_without_anchor", "companion_rate", "passed"} <= set(gate)
+    assert gate["single_object_images"] == 48 and "Perception gate" in proc.stdout
+    # drift probed during training, first and last step included
+    steps = [r["step"] for r in results["drift_during_training"]["ddpo"]]
+    assert steps[0] == 1 and steps[-1] == results["train_steps"]["ddpo"] and len(steps) >= 8
+    assert results["pairs"]["pairs_used"] > 0 and results["pairs"]["segments_per_pair"] > 0
     assert (out / "results.md").read_text().startswith("Synthetic hallucination benchmark")
     assert "| ddpo |" in proc.stdout
     # Both runs trained from the same SFT model on the same pairs, with one reference cache.
     assert (out / "runs" / "dpo" / "final").is_dir() and (out / "runs" / "ddpo" / "final").is_dir()
     assert [p.name for p in (out / "reference_cache").iterdir()] == ["pairs-all"]
+
+
+def test_demo_fails_loudly_when_the_sft_model_misses_the_gate(tmp_path, monkeypatch):
+    """A gate miss names the figure and stops the demo before any preference pair is made."""
+    from ddpo.lab import demo
+
+    out = tmp_path / "demo"
+    (out / "sft").mkdir(parents=True)
+    (out / "sft" / "sft_losses.json").write_text("[1.0, 0.5]")
+    figures = {"single_object_accuracy": 0.79, "recall_without_anchor": 0.99, "companion_rate": 0.6,
+               "passed": False, "failed": ["single_object_accuracy 0.790 < 0.98"]}
+    monkeypatch.setattr(demo, "load_model", lambda path: None, raising=False)
+    monkeypatch.setattr(demo, "perception_gate", lambda model, settings, template: dict(figures))
+    settings = demo.DemoSettings(output_dir=str(out))
+    import pytest
+    with pytest.raises(demo.GateError, match="single_object_accuracy 0.790 < 0.98"):
+        demo.stage_gate(settings, out)
+    assert json.loads((out / "gate.json").read_text())["passed"] is False
+    assert demo.main(["--output-dir", str(out), "--stages", "gate"]) == 2  # the CLI: one clear message, exit 2

@@ -45,6 +45,8 @@ from typing import Optional, Sequence
 import torch
 
 from ddpo.progress import progress_bar
+from ddpo.trainer import TrainerCallback
+from models.build import load_model
 
 logger = logging.getLogger("ddpo.lab.demo")
 REPO = Path(__file__).resolve().parents[2]
@@ -83,6 +85,7 @@ class DemoSettings:
     gate_companion_rate: float = 0.3  # absent companions named next to their anchor, at least (something to fix)
     enforce_gate: bool = True  # stop the demo when the SFT model misses the gate (off for the v1 negative control)
     sampled_eval_temperature: float = 0.7  # the sampled evaluation's temperature (next to greedy)
+    drift_images: int = 64  # validation images whose SFT answers probe the drift during training
     validation_only: bool = False  # evaluate on the validation split only (hyper-parameter searches: no test number exists)
     preference_images: int = 1600  # held-out images whose sampled answers get corrected
     sample_temperature: float = 0.7  # RLAIF-V samples at 0.7; at 1.0 answers drift far from greedy ones
@@ -295,8 +298,6 @@ def perception_gate(model, settings: DemoSettings, template: str) -> dict:
 
 def stage_gate(settings: DemoSettings, out: Path) -> dict:
     """The perception gate of the SFT model -> out/gate.json; raises GateError when it misses (if enforced)."""
-    from models.build import load_model
-
     gate = perception_gate(load_model(out / "sft"), settings, _train_config(settings).data.template)
     losses = json.loads((out / "sft" / "sft_losses.json").read_text())
     gate["sft_loss"] = loss_plateau(losses)
@@ -317,8 +318,6 @@ def gate_line(gate: dict) -> str:
 
 def stage_sample(settings: DemoSettings, out: Path) -> Path:
     """The SFT model describes the preference images (sampled, seeded) -> out/pairs/answers.jsonl."""
-    from models.build import load_model
-
     model = load_model(out / "sft")
     cfg = _train_config(settings)
     scenes, images, prompts, _ = split(settings, "preference", settings.preference_images)
@@ -375,10 +374,36 @@ def train_config(settings: DemoSettings, out: Path, run_dir: Path, overrides: di
     )
 
 
-def stage_train(settings: DemoSettings, out: Path) -> dict[str, Path]:
-    """`ddpo train` once per method, same SFT model, same pairs, in this process."""
-    from ddpo.trainer import Trainer
+class DriftProbe(TrainerCallback):
+    """Logs the policy's drift from the SFT model during training: the mean per-token log-ratio
+    log pi - log pi_sft on the SFT model's greedy answers to the first validation images, at the
+    first step and then every `every` steps (and the last) -> run_dir/drift.jsonl."""
 
+    def __init__(self, prompts, answers, images, reference_logps, template: str, every: int, path: Path):
+        self.prompts, self.answers, self.images = prompts, answers, images
+        self.reference_logps, self.template, self.every, self.path = reference_logps, template, every, path
+
+    def on_log(self, trainer, record: dict) -> None:
+        if trainer.step != 1 and trainer.step % self.every and trainer.step != trainer.total_steps:
+            return
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        value = drift(answer_token_logps(model, self.prompts, self.answers, self.images, self.template), self.reference_logps)
+        model.train(was_training)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": trainer.step, "drift": value}) + "\n")
+
+
+def stage_train(settings: DemoSettings, out: Path) -> dict[str, Path]:
+    """`ddpo train` once per method, same SFT model, same pairs, in this process; each run's drift
+    from the SFT model is probed 8 times during training (DriftProbe)."""
+    from ddpo.trainer import Trainer
+    template = _train_config(settings).data.template
+    _, images, prompts, _ = split(settings, "val", min(settings.val_images, settings.drift_images))
+    sft_model = load_model(out / "sft")
+    answers = sft_model.generate(images, prompts, **generation_options(settings, template))
+    reference = answer_token_logps(sft_model, prompts, answers, images, template)
     finals = {}
     for method, overrides in settings.methods.items():
         run = out / "runs" / method
@@ -386,7 +411,12 @@ def stage_train(settings: DemoSettings, out: Path) -> dict[str, Path]:
         if (run / "final").is_dir():
             continue
         logger.info("training %s (%s)", method, overrides)
-        Trainer(train_config(settings, out, run, overrides)).train()
+        trainer = Trainer(train_config(settings, out, run, overrides))
+        trainer.setup()
+        (run / "drift.jsonl").unlink(missing_ok=True)
+        probe = DriftProbe(prompts, answers, images, reference, template, max(1, trainer.total_steps // 8), run / "drift.jsonl")
+        trainer.callbacks.append(probe)
+        trainer.train()
     return finals
 
 
@@ -428,8 +458,6 @@ def drift(policy_logps: Sequence[torch.Tensor], reference_logps: Sequence[torch.
 def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
     """Greedy (validation, test) and sampled (test) answers of every method -> results.{json,md,png},
     with each policy's drift from the SFT model on the SFT model's greedy validation answers."""
-    from models.build import load_model
-
     cfg = _train_config(settings)
     template = cfg.data.template
     models = {"sft": out / "sft", **{m: out / "runs" / m / "final" for m in settings.methods}}
@@ -448,6 +476,11 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
             reference_answers = val_answers
             reference_logps = answer_token_logps(model, val_prompts, reference_answers, val_images, template)
         results["drift"][method] = drift(answer_token_logps(model, val_prompts, reference_answers, val_images, template), reference_logps)
+    results["train_steps"] = {m: json.loads((out / "runs" / m / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+                              for m in settings.methods if (out / "runs" / m / "metrics.jsonl").is_file()}
+    results["drift_during_training"] = {
+        m: [json.loads(line) for line in (out / "runs" / m / "drift.jsonl").read_text().splitlines()]
+        for m in settings.methods if (out / "runs" / m / "drift.jsonl").is_file()}
     if (out / "gate.json").is_file():
         results["gate"] = json.loads((out / "gate.json").read_text())
     results["pairs"] = json.loads((out / "pairs" / "stats.json").read_text())
