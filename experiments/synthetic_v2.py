@@ -325,8 +325,10 @@ def plot_grid(validation: dict, drift: dict, path: Path) -> None:
             for r in runs:
                 ax.annotate(r[len(prefix):], (-drift[r], validation[r][key]), fontsize=6)
         ax.axhline(validation["sft"][key], color="gray", ls="--", label="SFT")
-        ax.set(xscale="symlog", xlabel="drift from SFT: -(mean per-token log-ratio) on validation answers", ylabel=f"{label} (validation, greedy)")
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set(xlabel="drift from SFT: -(mean per-token log-ratio) on validation answers", ylabel=f"{label}\n(validation, greedy, seed 0)")
         ax.xaxis.label.set_size(7)
+        ax.yaxis.label.set_size(8)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -349,8 +351,24 @@ def main(argv=None) -> int:
             p.add_argument("--name", default="ablation", help="stem of the tables, JSON and plot written under --results")
             p.add_argument("--stages", nargs="+", default=None, choices=("sft", "gate", "sample", "annotate"),
                            help="only these stages for the seeds (no training, no table)")
+    p = sub.add_parser("grid-plot", help="lr_grid.png from an lr_grid.md table (no model run)")
+    p.add_argument("--results", default=str(REPO / "experiments" / "results" / "synthetic_v2"))
     args = parser.parse_args(argv)
+    if args.command == "grid-plot":
+        return grid_plot_from_table(Path(args.results))
     return lr_grid(args) if args.command == "lr-grid" else ablation(args)
+
+
+def grid_plot_from_table(results: Path) -> int:
+    validation, drift = {}, {}
+    for line in (results / "lr_grid.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] not in ("run", "---"):
+            validation[cells[0]] = {PRIMARY: float(cells[1]), "response_hallucination_rate": float(cells[2]),
+                                    "companion_rate": float(cells[3]), "object_recall": float(cells[4])}
+            drift[cells[0]] = float(cells[6])
+    plot_grid(validation, drift, results / "lr_grid.png")
+    return 0
 
 
 if __name__ == "__main__":
