@@ -222,7 +222,7 @@ def ablation(args) -> int:
                 (runs / name).symlink_to(twin.name, target_is_directory=True)
         if not args.aggregate_only:
             run(settings)
-        per_seed[seed] = json.loads((Path(settings.output_dir) / "results.json").read_text())
+        per_seed[seed] = json.loads((Path(settings.output_dir) / args.results_file).read_text())
     seeds = sorted(per_seed)
     names = ["sft", *[m for m in methods if all(m in per_seed[s]["methods"] for s in seeds)]]
     keys = (*METRICS, *PRIOR_METRICS, *CLAIM_ERRORS)
@@ -349,6 +349,8 @@ def main(argv=None) -> int:
                            choices=("primary", "gamma", "sum", "sumgamma", "pairs", "tuned"))
             p.add_argument("--aggregate-only", action="store_true")
             p.add_argument("--name", default="ablation", help="stem of the tables, JSON and plot written under --results")
+            p.add_argument("--results-file", default="results.json",
+                           help="each seed's results file to aggregate (a copy, when later runs rewrote results.json)")
             p.add_argument("--stages", nargs="+", default=None, choices=("sft", "gate", "sample", "annotate"),
                            help="only these stages for the seeds (no training, no table)")
     p = sub.add_parser("grid-plot", help="lr_grid.png from an lr_grid.md table (no model run)")
