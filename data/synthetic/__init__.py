@@ -3,7 +3,8 @@ systematic caption noise, an oracle that corrects answers minimally, exact metri
 
     world.py      WorldConfig, Scene, sample_scene, render
     language.py   LanguageConfig, describe (scene -> text), parse (text -> claims), vocabulary, build_tokenizer
-    noise.py      NoiseConfig, noisy_caption, expected_errors, calibrate, PAPER_MIX
+    noise.py      NoiseConfig, noisy_caption, expected_errors, calibrate, PAPER_MIX (v1: misperception noise)
+    priors.py     PriorConfig, believe, prior_caption (v2: language-prior captions of one believed scene)
     annotator.py  ground (claims vs scene), correct (minimal corrections)
     metrics.py    evaluate (hallucination rates, recall, length, per-type error rates)
     pairs.py      SyntheticConfig, sft_examples, synthetic_records, records_from_answers
@@ -13,11 +14,12 @@ from data.synthetic.language import PROMPTS, LanguageConfig, build_tokenizer, de
 from data.synthetic.metrics import evaluate
 from data.synthetic.noise import PAPER_MIX, NoiseConfig, calibrate, expected_errors, noisy_caption
 from data.synthetic.pairs import SyntheticConfig, records_from_answers, sft_examples, synthetic_records
+from data.synthetic.priors import PriorConfig, believe, prior_caption
 from data.synthetic.world import Scene, WorldConfig, WorldObject, render, sample_scene, sample_scenes
 
 __all__ = [
     "Annotation", "Correction", "correct", "ground", "PROMPTS", "LanguageConfig", "build_tokenizer", "describe",
     "parse", "vocabulary", "evaluate", "PAPER_MIX", "NoiseConfig", "calibrate", "expected_errors", "noisy_caption",
     "SyntheticConfig", "records_from_answers", "sft_examples", "synthetic_records", "Scene", "WorldConfig",
-    "WorldObject", "render", "sample_scene", "sample_scenes",
+    "WorldObject", "render", "sample_scene", "sample_scenes", "PriorConfig", "believe", "prior_caption",
 ]
