@@ -321,7 +321,8 @@ class DDPOLoss(nn.Module):
         loss = losses.mean()
         extra_metrics: dict[str, Tensor] = {}
 
-        chosen_margin = policy_chosen - (0 if ref_chosen is None else ref_chosen)  # D(y_w | I)
+        if self.image_conditional_weight > 0 or self.anchor_weight > 0:
+            chosen_margin = policy_chosen - (0 if ref_chosen is None else ref_chosen)  # D(y_w | I)
         if self.image_conditional_weight > 0:  # mDPO: y_w | I preferred to y_w | I'
             corrupted_chosen = weighted_logps(corrupted[0], chosen_weights, self.normalize)
             if self.reference_free:
