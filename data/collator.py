@@ -55,6 +55,10 @@ class EncodedPair:
     ref_chosen_logps: Optional[list[float]] = None  # len(chosen_ids) when cached
     ref_rejected_logps: Optional[list[float]] = None
     truncated_tokens: int = 0  # answer tokens cut to fit max_length (chosen + rejected)
+    chosen_severity: Optional[list[float]] = None  # len(chosen_ids): annotated severity weight per token, 0 = none
+    rejected_severity: Optional[list[float]] = None
+    ref_corrupted_chosen_logps: Optional[list[float]] = None  # len(chosen_ids) when cached (corrupted images)
+    ref_corrupted_rejected_logps: Optional[list[float]] = None
 
 
 class PairEncoder:
@@ -124,6 +128,18 @@ class PairEncoder:
             return seg.span_corrections(chosen_offsets, record.chosen_spans), seg.span_corrections(rejected_offsets, record.rejected_spans)
         return [False] * len(chosen_ids), [False] * len(rejected_ids)
 
+    def _severity(self, record: PreferenceRecord, text: str, spans, role_tokens: int, length: int, field: str) -> Optional[list[float]]:
+        """Per-token severity weights of an answer from [start, end, weight] character spans: the largest
+        weight of the spans a token overlaps, 0 where it overlaps none (the role prefix included)."""
+        if spans is None:
+            return None
+        _, offsets = encode_answer_with_offsets(self.template, self.tokenizer, text)
+        offsets = [(0, 0)] * role_tokens + list(offsets)
+        if len(offsets) != length:
+            raise DataError(f"{record.where()}, field '{field}': the answer's offsets cover {len(offsets)} tokens, its ids {length}; "
+                            "this tokenizer/template cannot map character spans to tokens")
+        return [max((w for s, e, w in spans if s < end and start < e), default=0.0) for start, end in offsets]
+
     def _check_ref(self, record: PreferenceRecord, logps: Optional[list[float]], kept: int, total: int, field: str) -> None:
         """Cached log-probs cover exactly the kept answer tokens: the cache was computed from these cut answers."""
         if logps is not None and len(logps) != kept:
@@ -145,7 +161,7 @@ class PairEncoder:
     def encode(self, record: PreferenceRecord) -> EncodedPair:
         if len(record.images) != 1:
             raise DataError(f"{record.where()}, field 'images': {len(record.images)} images; a pair needs exactly one")
-        prompt_ids = self.encode_prompt(record)
+        prompt_ids = prompt_ids_full = self.encode_prompt(record)
         chosen, rejected = self._answer(record.chosen), self._answer(record.rejected)
         if self.label_span == "muffin":  # the role prefix's tokens move from the prompt into both answers
             k = role_prefix_length(self.template, self.tokenizer, record.prompt, self.image_placeholder)
@@ -158,6 +174,11 @@ class PairEncoder:
         room = self.max_length - len(prompt_ids)
         self._check_ref(record, record.ref_chosen_logps, min(len(chosen_ids), room), len(chosen_ids), "ref_chosen_logps")
         self._check_ref(record, record.ref_rejected_logps, min(len(rejected_ids), room), len(rejected_ids), "ref_rejected_logps")
+        self._check_ref(record, record.ref_corrupted_chosen_logps, min(len(chosen_ids), room), len(chosen_ids), "ref_corrupted_chosen_logps")
+        self._check_ref(record, record.ref_corrupted_rejected_logps, min(len(rejected_ids), room), len(rejected_ids), "ref_corrupted_rejected_logps")
+        role = len(prompt_ids_full) - len(prompt_ids) if self.label_span == "muffin" else 0
+        chosen_severity = self._severity(record, record.chosen, record.chosen_severity, role, len(chosen_ids), "chosen_severity")
+        rejected_severity = self._severity(record, record.rejected, record.rejected_severity, role, len(rejected_ids), "rejected_severity")
         cut = max(len(chosen_ids) - room, 0) + max(len(rejected_ids) - room, 0)
         if cut:  # counted for the whole dataset by PairDataset; here per pair at debug level only
             self.num_truncated += 1
@@ -170,6 +191,9 @@ class PairEncoder:
             images=list(record.images), row_index=record.row_index,
             ref_chosen_logps=record.ref_chosen_logps, ref_rejected_logps=record.ref_rejected_logps,
             truncated_tokens=cut,
+            chosen_severity=keep(chosen_severity), rejected_severity=keep(rejected_severity),
+            ref_corrupted_chosen_logps=record.ref_corrupted_chosen_logps,
+            ref_corrupted_rejected_logps=record.ref_corrupted_rejected_logps,
         )
 
 
@@ -231,17 +255,25 @@ class PairCollator:
         has_ref = [p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs]
         if any(has_ref) and not all(has_ref):
             raise ValueError(f"rows {[p.row_index for p, h in zip(pairs, has_ref) if not h]} have no cached reference log-probs while others do; recompute the cache")
-        # (prompt, answer, corrected, ref) per row: chosen rows first, then rejected rows.
-        rows = [(p.prompt_ids, p.chosen_ids, p.chosen_corrected, p.ref_chosen_logps) for p in pairs]
-        rows += [(p.prompt_ids, p.rejected_ids, p.rejected_corrected, p.ref_rejected_logps) for p in pairs]
-        T = max(len(prompt) + len(answer) for prompt, answer, _, _ in rows)
+        has_corrupted_ref = [p.ref_corrupted_chosen_logps is not None and p.ref_corrupted_rejected_logps is not None for p in pairs]
+        if any(has_corrupted_ref) and not all(has_corrupted_ref):
+            raise ValueError(f"rows {[p.row_index for p, h in zip(pairs, has_corrupted_ref) if not h]} have no cached corrupted-image reference log-probs while others do; recompute the cache")
+        has_severity = any(p.chosen_severity is not None or p.rejected_severity is not None for p in pairs)
+        # (prompt, answer, corrected, ref, corrupted-image ref, severity) per row: chosen rows first, then rejected rows.
+        rows = [(p.prompt_ids, p.chosen_ids, p.chosen_corrected, p.ref_chosen_logps, p.ref_corrupted_chosen_logps,
+                 p.chosen_severity) for p in pairs]
+        rows += [(p.prompt_ids, p.rejected_ids, p.rejected_corrected, p.ref_rejected_logps, p.ref_corrupted_rejected_logps,
+                  p.rejected_severity) for p in pairs]
+        T = max(len(row[0]) + len(row[1]) for row in rows)
         n = len(rows)
         input_ids = torch.full((n, T), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, T), dtype=torch.long)
         labels = torch.full((n, T), IGNORE_INDEX, dtype=torch.long)
         corrected = torch.zeros((n, T - 1), dtype=torch.bool)
         ref = torch.zeros((n, T - 1), dtype=torch.float32) if all(has_ref) else None
-        for r, (prompt, answer, marked, ref_logps) in enumerate(rows):
+        corrupted_ref = torch.zeros((n, T - 1), dtype=torch.float32) if all(has_corrupted_ref) else None
+        severity = torch.zeros((n, T - 1), dtype=torch.float32) if has_severity else None  # rows without: 0 (none)
+        for r, (prompt, answer, marked, ref_logps, corrupted_logps, weights) in enumerate(rows):
             assert prompt, "a prompt holds at least the image tokens"
             length = len(prompt) + len(answer)
             start = 0 if self.padding_side == "right" else T - length
@@ -250,14 +282,16 @@ class PairCollator:
             attention_mask[r, start:a1] = 1
             labels[r, a0:a1] = torch.tensor(answer, dtype=torch.long)
             corrected[r, a0 - 1:a1 - 1] = torch.tensor(marked, dtype=torch.bool)  # logits at t predict token t+1
-            if ref is not None:
-                ref[r, a0 - 1:a1 - 1] = torch.tensor(ref_logps, dtype=torch.float32)
+            for target, values in ((ref, ref_logps), (corrupted_ref, corrupted_logps), (severity, weights)):
+                if target is not None and values is not None:
+                    target[r, a0 - 1:a1 - 1] = torch.tensor(values, dtype=torch.float32)
         pixel_values = None
         if self.image_transform is not None:
             pixel_values = torch.as_tensor(self.image_transform([as_pil(p.images[0]) for p in pairs]))
         return PairBatch(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
             corrected=corrected, ref_token_logps=ref, row_indices=[p.row_index for p in pairs],
+            severity=severity, ref_corrupted_token_logps=corrupted_ref,
         )
 
 

@@ -12,7 +12,9 @@ Schemas (docs/PAPER_FACTS.md §2):
            file, a hub id, or a `save_to_disk` directory (as written by `ddpo convert`).
   jsonl    one JSON object per line: `image` (path relative to data.image_dir, default the file's
            folder), `question` (or `prompt`), `chosen`, `rejected`, optional `chosen_spans` /
-           `rejected_spans` ([[start, end], ...] character spans of corrected segments), optional `idx`.
+           `rejected_spans` ([[start, end], ...] character spans of corrected segments), optional
+           `chosen_severity` / `rejected_severity` ([[start, end, weight], ...]: severity weights of
+           annotated spans, for loss.token_weights 'severity'), optional `idx`.
            `row_index` is the 0-based line number.
 
 `data.path` is a local file or folder, or a hub id read through `datasets.load_dataset` (it cannot be
@@ -101,6 +103,25 @@ def _spans(value: Any, text: str, where: str, field: str) -> Optional[list[tuple
     for s, e in spans:
         if not 0 <= s < e <= len(text):
             raise DataError(f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer (need 0 <= start < end <= length)")
+    return spans
+
+
+def _severity(value: Any, text: str, where: str, field: str) -> Optional[list[tuple[int, int, float]]]:
+    """Severity annotations: [[start, end, weight], ...] character spans with a weight > 0 each."""
+    if value is None:
+        return None
+    ok = isinstance(value, list) and all(
+        isinstance(s, (list, tuple)) and len(s) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in s[:2])
+        and isinstance(s[2], (int, float)) and not isinstance(s[2], bool) for s in value
+    )
+    if not ok:
+        raise DataError(f"{where}, field '{field}': expected a list of [start, end, weight] (two integers and a number), got {str(value)[:60]}")
+    spans = [(int(s), int(e), float(w)) for s, e, w in value]
+    for s, e, w in spans:
+        if not 0 <= s < e <= len(text):
+            raise DataError(f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer (need 0 <= start < end <= length)")
+        if not w > 0 or w != w or w == float("inf"):
+            raise DataError(f"{where}, field '{field}': span [{s}, {e}] has weight {w}; severity weights must be finite and > 0")
     return spans
 
 
@@ -205,6 +226,8 @@ def _jsonl_row(row: dict, i: int, source: str, image_dir: Path) -> PreferenceRec
         chosen=chosen, rejected=rejected, row_index=i, source=source, idx=None if idx is None else str(idx),
         chosen_spans=_spans(row.get("chosen_spans"), chosen, where, "chosen_spans"),
         rejected_spans=_spans(row.get("rejected_spans"), rejected, where, "rejected_spans"),
+        chosen_severity=_severity(row.get("chosen_severity"), chosen, where, "chosen_severity"),
+        rejected_severity=_severity(row.get("rejected_severity"), rejected, where, "rejected_severity"),
     )
 
 

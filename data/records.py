@@ -29,6 +29,12 @@ class PreferenceRecord:
     rejected_spans: Optional[list[tuple[int, int]]] = None
     ref_chosen_logps: Optional[list[float]] = None
     ref_rejected_logps: Optional[list[float]] = None
+    # severity annotations (HSA-DPO / OPA-DPO style): [start, end, weight] character spans of each answer
+    chosen_severity: Optional[list[tuple[int, int, float]]] = None
+    rejected_severity: Optional[list[tuple[int, int, float]]] = None
+    # cached reference log-probs of the answers given the corrupted image (mDPO's conditional term)
+    ref_corrupted_chosen_logps: Optional[list[float]] = None
+    ref_corrupted_rejected_logps: Optional[list[float]] = None
     meta: dict = field(default_factory=dict)
 
     def where(self) -> str:
@@ -53,6 +59,10 @@ class PairBatch:
     corrected: torch.Tensor  # [2B, T-1] bool
     ref_token_logps: Optional[torch.Tensor] = None  # [2B, T-1] float
     row_indices: list[int] = field(default_factory=list)  # [B]
+    # Optional extras of the dense methods (docs/DENSE_METHODS.md); None unless the data or a corruption sets them.
+    severity: Optional[torch.Tensor] = None  # [2B, T-1] float: annotated severity weight per answer token, 0 = none
+    ref_corrupted_token_logps: Optional[torch.Tensor] = None  # [2B, T-1] float: cached reference, corrupted images
+    image_keep: Optional[torch.Tensor] = None  # [B, N] float: 0 = this image token's features are masked
 
     @property
     def answer_mask(self) -> torch.Tensor:

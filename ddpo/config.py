@@ -53,6 +53,15 @@ class LossConfig:
     reference_free: bool = config_field(False, "Ignore the reference model (its log-ratio is taken as 0).")
     sft_weight: float = config_field(0.0, "Weight alpha of an SFT term: mean negative token log-prob of the chosen answer (RPO-style mixing).")
     sft_form: Literal["token_mean", "released"] = config_field("token_mean", "SFT term: 'token_mean' = unweighted mean NLL per chosen answer token in the batch; 'released' = minus the chosen answer's weighted sequence log-prob (gamma weights, loss.normalize), averaged over pairs, as the released RLHF-V code (SFT_weight env).")
+    # The dense methods (docs/DENSE_METHODS.md): one weight source, and extra terms that are off at 0.
+    token_weights: Literal["segments", "severity", "visual", "length"] = config_field("segments", "Where token weights come from: 'segments' = gamma on corrected segments (DDPO); 'severity' = the data's annotated severity weights (HSA-DPO/OPA-DPO style; loss.gamma must be 1); 'visual' = TPO's self-calibrated weights from the policy's log-prob gap between the real and the corrupted image (loss.corruption); 'length' = LD-DPO: the longer answer's tail weighs loss.ld_alpha.")
+    ld_alpha: float = config_field(1.0, "LD-DPO: weight in [0, 1] of the answer tokens past the shorter answer's length (token_weights 'length').")
+    image_conditional_weight: float = config_field(0.0, "mDPO's conditional preference term (chosen answer given the real image preferred to it given the corrupted image, loss.corruption); its weight, 0 = off. One extra policy forward per step.")
+    anchor_weight: float = config_field(0.0, "mDPO's reward anchor -log sigmoid(beta * chosen log-ratio); its weight, 0 = off.")
+    tdpo_alpha: float = config_field(0.0, "TDPO's sequential-KL weight alpha inside the margin (CHiP uses it); 0 = off. Needs train.reference live (the full reference distribution at each answer position).")
+    corruption: Literal["mask_tokens", "mask_patches", "noise"] = config_field("noise", "Corrupted image of the conditional term and the visual weights: mask_tokens (zero a share of the image tokens' features), mask_patches (blank a share of the pixel grid cells), noise (forward diffusion at level loss.corruption_strength). Seeded per pair.")
+    corruption_strength: float = config_field(0.5, "Share of image tokens / grid cells masked, or the diffusion noise level s (sqrt(1-s) x + sqrt(s) eps); in (0, 1].")
+    corruption_seed: int = config_field(0, "Seed of the corruptions (each pair: this seed and its source row), so a pair's corrupted view is the same in every epoch and in the reference cache.")
 
 
 @dataclass
@@ -113,7 +122,9 @@ class Config:
         """Cross-field checks; each message names the key(s) and the fix."""
         m, d, l, t, ds = self.model, self.data, self.loss, self.train, self.deepspeed
         try:  # the loss section's checks live with the loss (one home)
-            check_loss_settings(l.beta, l.gamma, l.normalize, l.loss_type, l.label_smoothing, l.sft_weight, l.sft_form)
+            check_loss_settings(l.beta, l.gamma, l.normalize, l.loss_type, l.label_smoothing, l.sft_weight, l.sft_form,
+                                l.token_weights, l.ld_alpha, l.image_conditional_weight, l.anchor_weight, l.tdpo_alpha,
+                                l.corruption, l.corruption_strength)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         checks = [
@@ -136,6 +147,12 @@ class Config:
              f"data.segment_diff 'muffin' is the released token-id diff: it needs data.segments 'token_diff', not '{d.segments}'"),
             (m.image_size is None or m.image_size > 0, "model.image_size must be > 0"),
             (not (t.reference == "cached" and l.reference_free), "loss.reference_free needs no reference: set train.reference to 'live' or drop reference_free"),
+            (l.tdpo_alpha == 0 or (t.reference == "live" and not l.reference_free),
+             f"loss.tdpo_alpha {l.tdpo_alpha} (TDPO's sequential KL) needs the reference's full next-token distribution at every "
+             "answer position, which the per-token reference cache does not hold (docs/DENSE_METHODS.md measures why): set "
+             "train.reference live (and loss.reference_free false), or loss.tdpo_alpha 0"),
+            (l.tdpo_alpha == 0 or ds.zero_stage != 3, "loss.tdpo_alpha > 0 reads the LM heads outside the forward pass, which "
+             "ZeRO-3 partitions: use deepspeed.zero_stage 0, 1 or 2, or loss.tdpo_alpha 0"),
             (m.logps_chunk_size >= 1, "model.logps_chunk_size must be >= 1"),
             (m.lora_r >= 0, "model.lora_r must be >= 0 (0 = full fine-tuning)"),
             (not (m.freeze_vision_tower and m.freeze_projector and m.freeze_llm and m.lora_r == 0),

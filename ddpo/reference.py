@@ -109,9 +109,23 @@ def answer_logps(token_logps: torch.Tensor, answer_mask: torch.Tensor) -> list[l
     return [row[m].float().tolist() for row, m in zip(token_logps, answer_mask)]
 
 
+def corrupted_cache_dir(directory: str | os.PathLike, loss_cfg) -> Path:
+    """Where the reference log-probs given corrupted images live: a sibling of the plain cache, named by
+    the corruption (mDPO's conditional term; ddpo/corruption.py)."""
+    directory = Path(directory)
+    tag = f"{loss_cfg.corruption}-{loss_cfg.corruption_strength:g}-seed{loss_cfg.corruption_seed}"
+    return directory.with_name(f"{directory.name}-corrupted-{tag}")
+
+
+def corruption_fingerprint(loss_cfg) -> dict[str, str]:
+    return {"corruption": f"{loss_cfg.corruption}:{loss_cfg.corruption_strength!r}:{loss_cfg.corruption_seed}"}
+
+
 @torch.no_grad()
-def compute_answer_logps(model, dataset, collate, micro_batch_size: int, indices: list[int], progress: bool = False):
-    """Reference log-probs for `indices` of `dataset`: {row_index: (chosen list, rejected list)}."""
+def compute_answer_logps(model, dataset, collate, micro_batch_size: int, indices: list[int], progress: bool = False,
+                         transform=None):
+    """Reference log-probs for `indices` of `dataset`: {row_index: (chosen list, rejected list)}.
+    `transform(batch) -> batch` (optional) changes each collated batch first (a corruption of its images)."""
     was_training = model.training
     model.eval()
     out: dict[int, tuple[list[float], list[float]]] = {}
@@ -119,6 +133,8 @@ def compute_answer_logps(model, dataset, collate, micro_batch_size: int, indices
     batches = [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
     for batch_indices in progress_bar(iterable=batches, desc="reference log-probs", disable=not progress):
         batch = collate([dataset[i] for i in batch_indices]).to(device)
+        if transform is not None:
+            batch = transform(batch)
         chosen, rejected = model(batch)
         b = batch.num_pairs
         chosen_lists = answer_logps(chosen, batch.answer_mask[:b])
@@ -167,13 +183,16 @@ def read_cache(directory: str | os.PathLike, expected: dict[str, str]) -> dict[i
     return {r: (c, j) for r, c, j in zip(table["row_index"], table["chosen_logps"], table["rejected_logps"])}
 
 
-def attach(records, cached: dict[int, tuple[list[float], list[float]]], directory) -> None:
-    """Put cached per-token log-probs onto the records (by source row index)."""
+def attach(records, cached: dict[int, tuple[list[float], list[float]]], directory,
+           fields: tuple[str, str] = ("ref_chosen_logps", "ref_rejected_logps")) -> None:
+    """Put cached per-token log-probs onto the records' `fields` (by source row index)."""
     missing = [r.row_index for r in records if r.row_index not in cached]
     if missing:
         raise ReferenceCacheError(f"reference cache {directory} lacks rows {missing[:10]}{'...' if len(missing) > 10 else ''}: recompute it")
     for r in records:
-        r.ref_chosen_logps, r.ref_rejected_logps = cached[r.row_index]
+        chosen, rejected = cached[r.row_index]
+        setattr(r, fields[0], chosen)
+        setattr(r, fields[1], rejected)
 
 
 def shard(num_items: int) -> list[int]:

@@ -12,7 +12,8 @@ One optimizer step, top to bottom (see `train`):
     for each of `gradient_accumulation_steps` micro-batches:
         chosen, rejected = policy per-token log-probs            [B, T-1] each, image encoded once per pair
         ref_chosen, ref_rejected = cached (or live) reference    [B, T-1] each
-        loss = DDPOLoss(...)                                      weights from the corrected mask and loss.gamma
+        extras, only when their loss setting is on                corrupted-image forward (mDPO, TPO), KL (TDPO)
+        loss = DDPOLoss(...)                                      weights from the corrected mask and loss.gamma (or another source)
         engine.backward(loss)                                     DeepSpeed scales by 1/accumulation
     engine.step()                                                 clip, AdamW, LR schedule
 """
@@ -27,22 +28,25 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from data.collator import PairCollator, PairDataset, PairEncoder
 from data.formats import load_records
+from data.images import DataError
 from data.tokenizer import build_word_tokenizer
 from ddpo import checkpoint, distributed as dist, reference
 from ddpo.config import Config, save_config
+from ddpo.corruption import corrupt_batch
 from ddpo.loss import DDPOLoss
 from ddpo.plan import run_plan
 from ddpo.progress import progress_bar
 from ddpo.sampler import PairOrder
 from ddpo.schedule import lr_lambda
 from models.build import build_model
+from models.logps import chunked_token_kl
 
 logger = logging.getLogger("ddpo")
 
@@ -114,15 +118,20 @@ class Trainer:
 
         self._setup_data_and_model()
         self.reference_cache_dir = Path(cfg.train.reference_cache or self.output_dir / "reference_cache")
+        self.loss_fn = DDPOLoss.from_config(cfg.loss)
         if for_reference_cache:
             self._compute_reference_cache()
+            if self.loss_fn.needs_corrupted_reference:  # mDPO's conditional term: the corrupted-image view too
+                self._compute_reference_cache(corrupted=True)
             return self
+        self._check_data_for_loss()
         self.ref_model = None
         if cfg.train.reference == "cached" and not cfg.loss.reference_free:
             self._load_or_compute_reference_cache()
+            if self.loss_fn.needs_corrupted_reference:
+                self._load_or_compute_reference_cache(corrupted=True)
         elif cfg.train.reference == "live":
             self.ref_model = self._frozen_reference()
-        self.loss_fn = DDPOLoss.from_config(cfg.loss)
         self._setup_steps()
         self._setup_engine()
         self.step, self.micro_batches_done = 0, 0
@@ -165,26 +174,47 @@ class Trainer:
             return AutoTokenizer.from_pretrained(self.cfg.model.tokenizer, trust_remote_code=self.cfg.model.trust_remote_code)
         return build_word_tokenizer(t for r in self.records for t in (r.prompt, r.chosen, r.rejected))
 
+    def _check_data_for_loss(self) -> None:
+        if self.cfg.loss.token_weights == "severity" and not any(
+                r.chosen_severity or r.rejected_severity for r in self.dataset.records):
+            raise DataError(f"{self.cfg.data.path or self.cfg.data.format}: loss.token_weights is 'severity' but no row carries "
+                            "severity annotations (`chosen_severity` / `rejected_severity`: [[start, end, weight], ...], "
+                            "docs/DENSE_METHODS.md); add them or use loss.token_weights segments")
+
     # -- reference ------------------------------------------------------------------------------
-    def _compute_reference_cache(self) -> None:
+    def _reference_cache(self, corrupted: bool) -> tuple[Path, dict, Optional[Callable]]:
+        """(directory, fingerprint, batch transform) of the plain cache or of the corrupted-image one."""
         fp = reference.fingerprint(self.model, self.records, self.cfg)
+        if not corrupted:
+            return self.reference_cache_dir, fp, None
+        return (reference.corrupted_cache_dir(self.reference_cache_dir, self.cfg.loss),
+                {**fp, **reference.corruption_fingerprint(self.cfg.loss)}, self._corrupt)
+
+    def _compute_reference_cache(self, corrupted: bool = False) -> None:
+        directory, fp, transform = self._reference_cache(corrupted)
         local = reference.compute_answer_logps(
             self.model, self.dataset, self.collate, self.cfg.train.micro_batch_size,
-            reference.shard(len(self.dataset)), progress=self.is_main and self.cfg.logging.progress_bar,
+            reference.shard(len(self.dataset)), progress=self.is_main and self.cfg.logging.progress_bar, transform=transform,
         )
         merged = reference.gather(local)
         if self.is_main:
-            reference.write_cache(self.reference_cache_dir, fp, merged)
-            logger.info("wrote reference log-probs of %d pairs to %s", len(merged), self.reference_cache_dir)
+            reference.write_cache(directory, fp, merged)
+            logger.info("wrote reference log-probs of %d pairs to %s", len(merged), directory)
         dist.barrier()
 
-    def _load_or_compute_reference_cache(self) -> None:
-        if not (self.reference_cache_dir / reference.FINGERPRINT_FILE).is_file():
-            logger.info("no reference cache at %s: computing it from the initial policy", self.reference_cache_dir)
-            self._compute_reference_cache()
-        expected = reference.fingerprint(self.model, self.records, self.cfg)
-        cached = reference.read_cache(self.reference_cache_dir, expected)
-        reference.attach(self.records, cached, self.reference_cache_dir)
+    def _load_or_compute_reference_cache(self, corrupted: bool = False) -> None:
+        directory, expected, _ = self._reference_cache(corrupted)
+        if not (directory / reference.FINGERPRINT_FILE).is_file():
+            logger.info("no reference cache at %s: computing it from the initial policy", directory)
+            self._compute_reference_cache(corrupted)
+        cached = reference.read_cache(directory, expected)
+        fields = ("ref_corrupted_chosen_logps", "ref_corrupted_rejected_logps") if corrupted else ("ref_chosen_logps", "ref_rejected_logps")
+        reference.attach(self.records, cached, directory, fields)
+
+    def _corrupt(self, batch):
+        """The batch with its images corrupted (loss.corruption; seeded per pair, ddpo/corruption.py)."""
+        loss = self.cfg.loss
+        return corrupt_batch(batch, loss.corruption, loss.corruption_strength, loss.corruption_seed, self.model.num_image_tokens)
 
     def _frozen_reference(self):
         import deepspeed
@@ -332,15 +362,24 @@ class Trainer:
     def _micro_step(self, batch, micro: int):
         """Forward one micro-batch of pairs and return (loss, metrics)."""
         b = batch.num_pairs
-        chosen_logps, rejected_logps = self.engine(batch)  # [B, T-1] each (model.shared_prompt: one packed row per pair)
+        tdpo = self.loss_fn.needs_kl  # TDPO's KL also reads the final hidden states (no extra forward)
+        chosen_logps, rejected_logps, *hidden = self.engine(batch, return_hidden=True) if tdpo else self.engine(batch)  # [B, T-1] each (model.shared_prompt: one packed row per pair)
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_chosen, ref_rejected = (t.float() for t in self.ref_model(batch))
+                ref_chosen, ref_rejected, *ref_hidden = self.ref_model(batch, return_hidden=True) if tdpo else self.ref_model(batch)
+            ref_chosen, ref_rejected = ref_chosen.float(), ref_rejected.float()
         elif batch.ref_token_logps is not None:
             ref_chosen, ref_rejected = batch.ref_token_logps[:b], batch.ref_token_logps[b:]
         else:  # loss.reference_free
             ref_chosen = ref_rejected = None
-        loss, metrics = self.loss_fn(chosen_logps, rejected_logps, ref_chosen, ref_rejected, batch.answer_mask, batch.corrected)
+        extras = {}  # the dense methods' inputs (docs/DENSE_METHODS.md), each computed only when its setting is on
+        if self.loss_fn.token_weights == "severity":
+            extras["severity"] = batch.severity
+        if self.loss_fn.needs_corrupted_view:
+            extras.update(self._corrupted_view(batch))
+        if tdpo:
+            extras["kl"] = self._token_kl(batch, hidden[0], ref_hidden[0])
+        loss, metrics = self.loss_fn(chosen_logps, rejected_logps, ref_chosen, ref_rejected, batch.answer_mask, batch.corrected, **extras)
         finite = torch.tensor([float(torch.isfinite(loss))], device=loss.device)
         if dist.world_size() > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -350,6 +389,27 @@ class Trainer:
                 f"source rows {batch.row_indices}. Lower train.learning_rate, check those rows, or resume from the last checkpoint."
             )
         return loss, metrics
+
+    def _corrupted_view(self, batch) -> dict:
+        """The policy's (and, for mDPO's conditional term, the reference's) log-probs of the answers given
+        corrupted images: one more policy forward, with gradient only when the conditional term is on."""
+        corrupted = self._corrupt(batch)
+        with torch.set_grad_enabled(self.loss_fn.image_conditional_weight > 0):  # TPO's weights need none
+            out = {"corrupted": self.engine(corrupted)}
+        if self.loss_fn.needs_corrupted_reference:
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    out["ref_corrupted_chosen_token_logps"] = self.ref_model(corrupted)[0].float()
+            else:
+                out["ref_corrupted_chosen_token_logps"] = batch.ref_corrupted_token_logps[:batch.num_pairs]
+        return out
+
+    def _token_kl(self, batch, hidden, ref_hidden) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position KL(reference || policy) of the chosen and the rejected rows (TDPO), [B, T-1] each."""
+        policy_head, reference_head = self.model.lm_head, self.ref_model.lm_head
+        kl = chunked_token_kl(hidden, policy_head.weight, ref_hidden, reference_head.weight, batch.labels,
+                              chunk_size=self.model.logps_chunk_size, policy_bias=policy_head.bias, reference_bias=reference_head.bias)
+        return kl[:batch.num_pairs], kl[batch.num_pairs:]
 
     def _grad_norm(self) -> float:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -215,11 +215,14 @@ class PreferenceModel(nn.Module):
         return self.image_transform(images)
 
     def _input_embeddings(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                          image_index: Optional[torch.Tensor]) -> torch.Tensor:
-        """Token embeddings [R, T, D] with image features at the image tokens; image_index [R] maps rows to images."""
+                          image_index: Optional[torch.Tensor], image_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings [R, T, D] with image features at the image tokens; image_index [R] maps rows to images;
+        image_keep [B, N] (optional) multiplies each image's token features (0 = masked, ddpo/corruption.py)."""
         inputs_embeds = self.hf_model.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             features = self.encode_images(pixel_values.to(self.dtype))  # [B, N, D]
+            if image_keep is not None:
+                features = features * image_keep.to(features.dtype).unsqueeze(-1)
             if image_index is None:
                 image_index = torch.arange(input_ids.shape[0], device=input_ids.device)
             # Indexing (not recomputing): autograd sums both rows' gradients into the one encoding.
@@ -232,6 +235,11 @@ class PreferenceModel(nn.Module):
         return chunked_token_logps(hidden, self.lm_head.weight, labels, IGNORE_INDEX, self.logps_chunk_size,
                                    lm_head_bias=self.lm_head.bias)
 
+    def _sequence_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                         image_index: Optional[torch.Tensor] = None, image_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        inputs_embeds = self._input_embeddings(input_ids, pixel_values, image_index, image_keep)
+        return self.decoder_hidden_states(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask))
+
     def sequence_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                              pixel_values: Optional[torch.Tensor], image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-token log-probs [R, T-1] (float32) of `labels[:, 1:]`, 0 where the label is -100.
@@ -239,45 +247,50 @@ class PreferenceModel(nn.Module):
         input_ids / attention_mask / labels [R, T]; pixel_values [B, C, H, W] encoded once; image_index
         [R] long maps each row to its image (default: row r -> image r).
         """
-        inputs_embeds = self._input_embeddings(input_ids, pixel_values, image_index)
-        hidden = self.decoder_hidden_states(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask))
-        return self._answer_logps(hidden, labels)
+        return self._answer_logps(self._sequence_hidden(input_ids, attention_mask, pixel_values, image_index), labels)
 
-    def shared_prompt_token_logps(self, batch: PairBatch) -> torch.Tensor:
-        """Per-token log-probs [2B, T-1] of a pair batch, each pair's prompt (and image) run once.
-
-        Same values and gradients as `sequence_token_logps` on the 2B rows (see `models.shared_prompt`).
-        """
+    def shared_prompt_hidden_states(self, batch: PairBatch) -> torch.Tensor:
+        """Final hidden states [2B, T, D] of a pair batch in its two-row layout, each pair's prompt (and image)
+        run once. Same values and gradients as running the 2B rows (see `models.shared_prompt`)."""
         if batch.pixel_values is not None:  # check the two-row batch, so errors name its rows
             check_image_token_counts(batch.input_ids, self.image_token_id, self.num_image_tokens)
         layout = shared_prompt_layout(batch.input_ids, batch.attention_mask, batch.labels, self.tokenizer.pad_token_id)
-        inputs_embeds = self._input_embeddings(layout.input_ids, batch.pixel_values, None)  # packed row i -> image i
+        inputs_embeds = self._input_embeddings(layout.input_ids, batch.pixel_values, None, batch.image_keep)  # packed row i -> image i
         hidden = self.decoder_hidden_states(inputs_embeds, layout.attention_bias(inputs_embeds.dtype), layout.position_ids)
-        rows = hidden.reshape(-1, hidden.shape[-1])[layout.source]  # [2B, T, D]: back in the two-row layout
-        return self._answer_logps(rows, batch.labels)
+        return hidden.reshape(-1, hidden.shape[-1])[layout.source]  # [2B, T, D]: back in the two-row layout
 
-    def pair_token_logps(self, batch: PairBatch, shared_prompt: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen [B, T-1], rejected [B, T-1]) per-token log-probs, aligned with `batch.labels[:, 1:]`.
+    def shared_prompt_token_logps(self, batch: PairBatch) -> torch.Tensor:
+        """Per-token log-probs [2B, T-1] of a pair batch, each pair's prompt (and image) run once."""
+        return self._answer_logps(self.shared_prompt_hidden_states(batch), batch.labels)
 
-        Image i serves rows i and B + i. `shared_prompt` (default: the model's `shared_prompt`) runs each
-        pair as one packed row; the result is the same either way.
-        """
+    def pair_hidden_states(self, batch: PairBatch, shared_prompt: Optional[bool] = None) -> torch.Tensor:
+        """Final hidden states [2B, T, D] of a pair batch (chosen rows, then rejected rows). Image i serves rows
+        i and B + i; `shared_prompt` (default: the model's) runs each pair as one packed row, same result."""
         pairs = batch.num_pairs
         if batch.pixel_values is not None and batch.pixel_values.shape[0] != pairs:
             raise ValueError(f"PairBatch has {pairs} pairs but {batch.pixel_values.shape[0]} images: expected one image per pair")
         if self.shared_prompt if shared_prompt is None else shared_prompt:
-            logps = self.shared_prompt_token_logps(batch)
-        elif self.image_once_per_pair or batch.pixel_values is None:
+            return self.shared_prompt_hidden_states(batch)
+        if self.image_once_per_pair or batch.pixel_values is None:
             image_index = torch.arange(pairs, device=batch.input_ids.device).repeat(2)
-            logps = self.sequence_token_logps(batch.input_ids, batch.attention_mask, batch.labels, batch.pixel_values, image_index)
-        else:  # benchmark ablation: every row encodes its own copy of its pair's image
-            logps = self.sequence_token_logps(batch.input_ids, batch.attention_mask, batch.labels,
-                                              batch.pixel_values.repeat(2, 1, 1, 1))
-        return logps[:pairs], logps[pairs:]
+            return self._sequence_hidden(batch.input_ids, batch.attention_mask, batch.pixel_values, image_index, batch.image_keep)
+        # benchmark ablation: every row encodes its own copy of its pair's image
+        keep = None if batch.image_keep is None else batch.image_keep.repeat(2, 1)
+        return self._sequence_hidden(batch.input_ids, batch.attention_mask, batch.pixel_values.repeat(2, 1, 1, 1), None, keep)
 
-    def forward(self, batch: PairBatch, shared_prompt: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_token_logps(self, batch: PairBatch, shared_prompt: Optional[bool] = None,
+                         return_hidden: bool = False) -> tuple[torch.Tensor, ...]:
+        """(chosen [B, T-1], rejected [B, T-1]) per-token log-probs, aligned with `batch.labels[:, 1:]`;
+        with `return_hidden`, also the final hidden states [2B, T, D] (TDPO's KL reads the full distribution)."""
+        hidden = self.pair_hidden_states(batch, shared_prompt)
+        logps = self._answer_logps(hidden, batch.labels)
+        pairs = batch.num_pairs
+        return (logps[:pairs], logps[pairs:], hidden) if return_hidden else (logps[:pairs], logps[pairs:])
+
+    def forward(self, batch: PairBatch, shared_prompt: Optional[bool] = None,
+                return_hidden: bool = False) -> tuple[torch.Tensor, ...]:
         """Same as `pair_token_logps` (what a DeepSpeed engine calls)."""
-        return self.pair_token_logps(batch, shared_prompt)
+        return self.pair_token_logps(batch, shared_prompt, return_hidden)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -292,3 +293,41 @@ def chunked_token_logps(
     if hidden.shape[1] < 2:
         return hidden.new_zeros(hidden.shape[0], 0, dtype=_compute_dtype(hidden))
     return _ChunkedTokenLogps.apply(hidden, lm_head_weight, lm_head_bias, labels, ignore_index, chunk_size)
+
+
+def chunked_token_kl(
+    policy_hidden: Tensor,
+    policy_head: Tensor,
+    reference_hidden: Tensor,
+    reference_head: Tensor,
+    labels: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 256,
+    policy_bias: Optional[Tensor] = None,
+    reference_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Per-position KL(reference || policy) of the next-token distributions, [B, T-1] float32 aligned with
+    labels[:, 1:], 0 where the next label is `ignore_index` (TDPO's sequential KL sums it over an answer).
+
+    hidden [B, T, H] of each model (final hidden states) with its LM head [V, H] (and bias [V]). Only the
+    labelled positions are computed, `chunk_size` at a time, so no [B, T, V] logits exist at once; the
+    gradient flows to the policy's hidden states and head through plain autograd (each chunk's [chunk, V]
+    softmax is kept for the backward pass: memory grows with answer tokens x vocabulary)."""
+    if policy_hidden.shape != reference_hidden.shape or policy_hidden.shape[:2] != labels.shape:
+        raise ValueError(f"chunked_token_kl: policy and reference hidden states must be [B, T, H] with labels [B, T]; got "
+                         f"{tuple(policy_hidden.shape)}, {tuple(reference_hidden.shape)} and {tuple(labels.shape)}")
+    out = policy_hidden.new_zeros(labels.shape[0], max(labels.shape[1] - 1, 0), dtype=torch.float32)
+    if labels.shape[1] < 2:
+        return out
+    rows, cols = (labels[:, 1:] != ignore_index).nonzero(as_tuple=True)
+    values = []
+    for start in range(0, len(rows), chunk_size):
+        r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
+        policy_logits = F.linear(policy_hidden[r, c].float(), policy_head.float(), None if policy_bias is None else policy_bias.float())
+        reference_logits = F.linear(reference_hidden[r, c].float(), reference_head.float(),
+                                    None if reference_bias is None else reference_bias.float())
+        reference_logp = reference_logits.log_softmax(-1)
+        values.append((reference_logp.exp() * (reference_logp - policy_logits.log_softmax(-1))).sum(-1))
+    if values:
+        out = out.index_put((rows, cols), torch.cat(values))
+    return out

@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("data", "models", "ddpo", "experiments")
 
 # The core, named one by one: a new module of ddpo/ must be placed on a floor here on purpose.
-CORE = {"ddpo", "ddpo.checkpoint", "ddpo.cli", "ddpo.config", "ddpo.distributed", "ddpo.loss", "ddpo.plan",
-        "ddpo.progress", "ddpo.reference", "ddpo.sampler", "ddpo.schedule", "ddpo.train", "ddpo.trainer"}
+CORE = {"ddpo", "ddpo.checkpoint", "ddpo.cli", "ddpo.config", "ddpo.corruption", "ddpo.distributed", "ddpo.loss", "ddpo.plan",
+        "ddpo.progress", "ddpo.reference", "ddpo.sampler", "ddpo.schedule", "ddpo.token_weights", "ddpo.train", "ddpo.trainer"}
 WINGS = ("ddpo.eval", "ddpo.lab", "ddpo.online", "ddpo.sweep")
 COMMAND = {"ddpo.commands", "ddpo.__main__"}
 FLOORS = ["data", "models", "ddpo core", "ddpo wings", "ddpo command", "experiments"]

@@ -73,6 +73,18 @@ def sft_examples(n: int, seed: int, cfg: Optional[SyntheticConfig] = None) -> li
     return out
 
 
+# Severity weight of a correction, by its type, for the HSA-DPO-style recipe (loss.token_weights 'severity').
+# The lab's own choice (docs/DENSE_METHODS.md): naming an absent object is the major error, a wrong
+# attribute, position, count or relation of a real object a minor one. Only the rejected answer carries them
+# (HSA-DPO scores the rejected side by default).
+SEVERITY = {"object": 3.0, "attribute": 1.5, "position": 1.5, "count": 1.5, "relation": 1.5}
+
+
+def severity_spans(corrections) -> list[tuple[int, int, float]]:
+    """[start, end, weight] spans of the rejected answer from its corrections (`SEVERITY` by type)."""
+    return [(c.span[0], c.span[1], SEVERITY.get(c.type, 1.5)) for c in corrections if c.span[0] < c.span[1]]
+
+
 def synthetic_records(n: int, seed: int, cfg: Optional[SyntheticConfig] = None, max_tries: int = 20) -> list[PreferenceRecord]:
     """`n` preference pairs: rejected = a noisy description with at least one injected error (noise
     redrawn up to `max_tries` times per scene, then a new scene), chosen = its oracle correction.
@@ -94,6 +106,7 @@ def synthetic_records(n: int, seed: int, cfg: Optional[SyntheticConfig] = None, 
             images=[render(scene, cfg.world)], prompt=prompt, chosen=annotation.corrected, rejected=noisy.text,
             row_index=len(records), source=f"synthetic(seed={seed})", idx=f"synthetic-{seed}-{len(records)}",
             meta={"scene": scene, "errors": noisy.errors, "corrections": annotation.corrections},
+            rejected_severity=severity_spans(annotation.corrections),
         ))
     return records
 
@@ -119,6 +132,7 @@ def records_from_answers(scenes: Sequence[Scene], images: Sequence[Image.Image],
         records.append(PreferenceRecord(
             images=[image], prompt=prompt, chosen=annotation.corrected, rejected=answer, row_index=i, source=source,
             idx=f"{source}-{i}", meta={"scene": scene, "corrections": annotation.corrections},
+            rejected_severity=severity_spans(annotation.corrections),
         ))
     return records, pair_stats(records, answers=len(answers), status=status)
 

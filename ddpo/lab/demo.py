@@ -350,7 +350,10 @@ def stage_annotate(settings: DemoSettings, out: Path) -> Path:
         for r in records:
             name = f"{r.row_index:05d}.png"
             r.images[0].save(image_dir / name)
-            f.write(json.dumps({"idx": r.idx, "image": name, "question": r.prompt, "chosen": r.chosen, "rejected": r.rejected}) + "\n")
+            row = {"idx": r.idx, "image": name, "question": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
+            if r.rejected_severity:  # the oracle's corrections by type (loss.token_weights 'severity')
+                row["rejected_severity"] = [list(span) for span in r.rejected_severity]
+            f.write(json.dumps(row) + "\n")
     (out / "pairs" / "stats.json").write_text(json.dumps(stats, indent=2))
     (out / "pairs" / "train.jsonl.tmp").replace(out / "pairs" / "train.jsonl")
     logger.info("annotated %d answers -> %d pairs (%s)", stats["answers"], len(records), stats)
