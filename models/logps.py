@@ -242,7 +242,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             batch, length, width = ctx.hidden_shape
             grad = grad_output.reshape(-1)[out]
             grad_hidden = torch.zeros(batch * length, width, dtype=ctx.hidden_dtype, device=grad_output.device)
-            grad_hidden.index_copy_(0, src, (d_hidden * grad[:, None].to(d_hidden.dtype)).to(ctx.hidden_dtype))
+            grad_hidden.index_copy_(0, src, (d_hidden.to(grad.dtype) * grad[:, None]).to(ctx.hidden_dtype))  # one rounding
             return grad_hidden.view(batch, length, width), None, None, None, None, None
         return _recomputed_gradients(ctx, grad_output)
 
