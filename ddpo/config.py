@@ -8,6 +8,7 @@ combinations fail at start-up with a message that names the key and what is allo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import types
@@ -154,6 +155,8 @@ class Config:
             (l.tdpo_alpha == 0 or ds.zero_stage != 3, "loss.tdpo_alpha > 0 reads the LM heads outside the forward pass, which "
              "ZeRO-3 partitions: use deepspeed.zero_stage 0, 1 or 2, or loss.tdpo_alpha 0"),
             (m.logps_chunk_size >= 1, "model.logps_chunk_size must be >= 1"),
+            (m.attn_implementation != "flex_attention" or importlib.util.find_spec("torch.nn.attention.flex_attention") is not None,
+             "model.attn_implementation 'flex_attention' needs torch >= 2.5 (torch.nn.attention.flex_attention); upgrade torch or use 'sdpa'"),
             (m.lora_r >= 0, "model.lora_r must be >= 0 (0 = full fine-tuning)"),
             (not (m.freeze_vision_tower and m.freeze_projector and m.freeze_llm and m.lora_r == 0),
              "model.freeze_vision_tower, freeze_projector and freeze_llm are all true: nothing would train"),

@@ -39,6 +39,18 @@ from models.shared_prompt import shared_prompt_layout
 DDPO_MODEL_FILE = "ddpo_model.json"
 
 
+def flex_attention_has_cpu_backward() -> bool:
+    """Whether this torch runs FlexAttention's backward on CPU (2.13 does not: it raises deep inside the
+    first decoder layer, so the model checks first and names the fix)."""
+    from torch.nn.attention import flex_attention
+
+    try:
+        flex_attention._validate_device(*[torch.zeros(1, requires_grad=True)] * 3)
+    except NotImplementedError:
+        return False
+    return True
+
+
 IMAGE_MODES = ("pad", "crop", "resize")
 
 
@@ -181,13 +193,31 @@ class PreferenceModel(nn.Module):
         """[B, C, H, W] -> [B, N, D_llm]: vision tower + projector."""
         raise NotImplementedError
 
-    def decoder_hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+    def decoder_hidden_states(self, inputs_embeds: torch.Tensor, attention_mask,
                               position_ids: torch.Tensor) -> torch.Tensor:
         """[R, T, D] embeddings -> [R, T, D] final hidden states (after the last norm). Both architectures
-        keep their decoder at `hf_model.model.language_model`; `attention_mask` may be 2-D or a 4-D bias."""
-        out = self.hf_model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                                 position_ids=position_ids, use_cache=False)
+        keep their decoder at `hf_model.model.language_model`; `attention_mask` may be 2-D, a 4-D bias or
+        (flex_attention) a `BlockMask`."""
+        decoder = self.hf_model.model.language_model
+        if (self.decoder_attention == "flex_attention" and inputs_embeds.device.type == "cpu" and torch.is_grad_enabled()
+                and (inputs_embeds.requires_grad or any(p.requires_grad for p in decoder.parameters()))
+                and not flex_attention_has_cpu_backward()):
+            raise RuntimeError(
+                f"model.attn_implementation 'flex_attention': PyTorch's FlexAttention has no backward pass on CPU "
+                f"(torch {torch.__version__}); train on a CUDA device, or set model.attn_implementation: sdpa (the same "
+                "mask as a dense bias, same results). Forward-only use on CPU (torch.no_grad: reference log-probs, eval) works.")
+        out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
+
+    @property
+    def decoder_attention(self) -> str:
+        """The decoder's attention implementation: 'sdpa', 'eager' or 'flex_attention' (`model.attn_implementation`)."""
+        return self.hf_model.model.language_model.config._attn_implementation
+
+    def set_decoder_attention(self, implementation: str) -> "PreferenceModel":
+        """Switch the decoder (only: vision towers keep theirs) to `implementation`; returns self."""
+        self.hf_model.model.language_model.set_attn_implementation(implementation)
+        return self
 
     def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part: 'vision_tower', 'projector', 'llm' (decoder, embeddings, LM head)."""
@@ -256,7 +286,9 @@ class PreferenceModel(nn.Module):
             check_image_token_counts(batch.input_ids, self.image_token_id, self.num_image_tokens)
         layout = shared_prompt_layout(batch.input_ids, batch.attention_mask, batch.labels, self.tokenizer.pad_token_id)
         inputs_embeds = self._input_embeddings(layout.input_ids, batch.pixel_values, None, batch.image_keep)  # packed row i -> image i
-        hidden = self.decoder_hidden_states(inputs_embeds, layout.attention_bias(inputs_embeds.dtype), layout.position_ids)
+        # flex_attention takes the structure as a block mask (skips masked blocks); sdpa / eager a dense bias.
+        mask = layout.block_mask() if self.decoder_attention == "flex_attention" else layout.attention_bias(inputs_embeds.dtype)
+        hidden = self.decoder_hidden_states(inputs_embeds, mask, layout.position_ids)
         return hidden.reshape(-1, hidden.shape[-1])[layout.source]  # [2B, T, D]: back in the two-row layout
 
     def shared_prompt_token_logps(self, batch: PairBatch) -> torch.Tensor:

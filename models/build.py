@@ -107,6 +107,8 @@ def build_model(cfg: ModelConfig, tokenizer=None, device: Optional[torch.device 
     """The model the `model:` section describes: a checkpoint (`name_or_path`), or a random-init preset
     (optionally filled from an original Muffin checkpoint), with freezing, checkpointing and dtype applied.
     `device`: where an original Muffin checkpoint's shards go as they are read (the trainer's device)."""
+    if cfg.attn_implementation == "flex_attention":  # built with sdpa, then only the decoder switches
+        return build_model(replace(cfg, attn_implementation="sdpa"), tokenizer, device).set_decoder_attention("flex_attention")
     dtype = resolve_dtype(cfg.dtype)
     if tokenizer is None and cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
@@ -201,7 +203,11 @@ def load_model(path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dt
                attn_implementation: str = "sdpa", trust_remote_code: bool = False, logps_chunk_size: Optional[int] = None,
                freeze_vision_experts: bool = False, device: Optional[torch.device | str] = None) -> PreferenceModel:
     """Reload a `PreferenceModel.save_pretrained` directory, or open an HF LLaVA checkpoint (local dir or hub
-    id) or an original RLHF-V / Muffin checkpoint directory (model_type 'beit3_llava'); on `device` if given."""
+    id) or an original RLHF-V / Muffin checkpoint directory (model_type 'beit3_llava'); on `device` if given.
+    attn_implementation 'flex_attention' applies to the decoder only; vision towers (no mask) keep sdpa."""
+    if attn_implementation == "flex_attention":
+        return load_model(path, tokenizer, dtype, "sdpa", trust_remote_code, logps_chunk_size, freeze_vision_experts,
+                          device).set_decoder_attention("flex_attention")
     if (Path(path) / ADAPTER_CONFIG_FILE).is_file():  # save_lora_adapters: base + adapters
         return _load_lora_adapters(Path(path), tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation,
                                    trust_remote_code=trust_remote_code, logps_chunk_size=logps_chunk_size,

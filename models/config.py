@@ -38,7 +38,7 @@ class ModelConfig:
     gradient_checkpointing: bool = config_field(False, "Recompute decoder-layer activations in the backward pass to save memory.")
     shared_prompt: bool = config_field(True, "Run each pair as one packed [prompt | chosen | rejected] row (prompt and image once; exact: same log-probs and gradients as two rows).")
     logps_chunk_size: int = config_field(256, "Answer tokens per chunk in the LM-head log-prob pass (bounds the [tokens, vocab] logits held at once).")
-    attn_implementation: Literal["sdpa", "eager"] = config_field("sdpa", "Attention kernel of the decoder.")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = config_field("sdpa", "Attention kernel of the decoder: sdpa (shared-prompt rows as a dense 4-D bias), eager, or flex_attention (a block mask from the [prompt | chosen | rejected] structure; skips masked blocks; needs a CUDA device to train: PyTorch has no FlexAttention backward on CPU). Vision towers always use sdpa.")
     trust_remote_code: bool = config_field(False, "Allow a checkpoint's own Python code to run on load. Off: only enable for sources you trust.")
     lora_r: int = config_field(0, "LoRA rank for the language model through peft; 0 = full fine-tuning.")
     lora_alpha: int = config_field(16, "LoRA scaling alpha.")

@@ -11,11 +11,14 @@ backward pass, a gradient of the same size. Here:
 * `token_logps` (logits already exist) keeps only the logits and one float32 log-normaliser per token;
   the backward writes `softmax - onehot` straight into the logits' gradient, chunk by chunk.
 * `chunked_token_logps` (hidden states + LM-head weight) selects the labelled positions first and
-  computes their logits a chunk at a time, in the forward and again in the backward pass (recomputation),
-  so no `[B, T, V]` tensor ever exists. What stays alive between the passes is `[N]` floats for the N
-  labelled tokens.
+  computes their logits a chunk at a time, so no `[B, T, V]` tensor ever exists. With a frozen LM head
+  (LoRA) the forward also computes each token's gradient with respect to its hidden state (`[N, H]`,
+  kept for the backward, which then does no matmul); with a trainable head the backward recomputes the
+  logits a block of vocabulary columns at a time (the weight gradient needs the upstream gradient, known
+  only then). `_ChunkedTokenLogps` says what that costs.
 
-Inputs in bf16/fp16 are computed in float32 inside each chunk (logits, logsumexp, softmax, gradient sums).
+Matmuls run in the inputs' dtype (bf16 stays bf16, as in the naive head; no float32 copy of the LM
+head); logsumexp, softmax and the gradient sums over the vocabulary run in float32.
 """
 from __future__ import annotations
 
@@ -78,15 +81,16 @@ def _gather_rows(source: Tensor, index: Tensor, buffer: Tensor) -> Tensor:
     return rows.copy_(source.index_select(0, index))
 
 
-def _logsumexp_and_pick_(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(logsumexp over the vocabulary [C], logit of each target [C]) of `logits` [C, V] (compute dtype).
+def _logsumexp_and_pick_(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(logsumexp over the vocabulary [C], logit of each target [C], sum of exp [C]) of `logits` [C, V].
 
-    Destroys `logits` (exponentiates it in place) so a chunk needs one [C, V] buffer, not three.
+    Leaves exp(logits - max) in `logits` (in place, so a chunk needs one [C, V] buffer, not three):
+    divided by the returned sums, that is the softmax.
     """
     picked = logits.gather(1, targets[:, None]).squeeze(1)
     peak = logits.amax(dim=1, keepdim=True)
-    lse = logits.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))
-    return lse, picked
+    sums = logits.sub_(peak).exp_().sum(dim=1)
+    return sums.log().add_(peak.squeeze(1)), picked, sums
 
 
 def _softmax_minus_onehot_(logits: Tensor, lse: Tensor, targets: Tensor, grad: Tensor) -> Tensor:
@@ -129,7 +133,7 @@ class _TokenLogps(torch.autograd.Function):
         buffer = logits.new_empty(min(chunk, len(src)), vocab, dtype=dtype)
         for i in range(0, len(src), chunk):
             part = slice(i, i + chunk)
-            lse[part], picked[part] = _logsumexp_and_pick_(_gather_rows(flat, src[part], buffer), targets[part])
+            lse[part], picked[part], _ = _logsumexp_and_pick_(_gather_rows(flat, src[part], buffer), targets[part])
         values = picked - lse
         _raise_if_not_finite(values, out, length - 1, "token_logps", "the logits")
         result = torch.zeros(batch * (length - 1), dtype=dtype, device=logits.device)
@@ -179,7 +183,19 @@ def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
 # From hidden states and the LM head
 # ------------------------------------------------------------------------------------------------
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """log-probs of labelled tokens from hidden @ weight.T (+ bias), recomputing each chunk's logits in backward."""
+    """log-probs of labelled tokens from hidden @ weight.T (+ bias), [N, V] logits never held whole.
+
+    Matmuls run in the inputs' dtype (bf16 stays bf16: no float32 copy of the LM head); logsumexp,
+    softmax and the gradient sums over the vocabulary run in the compute dtype (float32).
+
+    Frozen LM head (LoRA, `freeze_llm` with a trainable vision side): the forward computes, chunk by
+    chunk, d logp_t / d h_t = W[y_t] - softmax_t @ W ([N, H], the size of the hidden states), so the
+    backward only scales it by the upstream gradient: 2 matmuls in all, as the naive head's forward +
+    input-gradient. Trainable LM head: the weight gradient sum_t g_t (onehot_t - softmax_t)^T h_t needs
+    the upstream gradient g, which exists only in the backward, so the backward recomputes the logits,
+    in blocks of vocabulary columns (every token at once, so each weight-gradient block is written once,
+    never accumulated): 4 matmuls in all against the naive head's 3.
+    """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -189,69 +205,110 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         flat = hidden.reshape(batch * length, width)
         src, out, targets = _labelled_positions(labels, ignore_index)
         _check_targets(targets, out, vocab, length - 1, "chunked_token_logps")
-        dtype = torch.promote_types(_compute_dtype(hidden), weight.dtype)
-        weight32 = weight.to(dtype)  # no copy when already in the compute dtype
-        bias32 = None if bias is None else bias.to(dtype)
+        dtype = _compute_dtype(hidden)  # statistics: float32 (float64 for float64 inputs)
+        matmul = torch.promote_types(hidden.dtype, weight.dtype)  # matmuls: bf16 stays bf16
+        weight_m = weight.to(matmul)  # no copy when already in that dtype
+        # The gradient in the forward pays off only when the LM head needs none (see the class docstring).
+        fused = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
         lse = torch.empty(len(src), dtype=dtype, device=hidden.device)
         picked = torch.empty_like(lse)
+        d_hidden = flat.new_empty(len(src), width, dtype=matmul) if fused else None  # d logp / d h per token
         size = min(chunk_size, len(src))
-        h_buffer, logits_buffer = flat.new_empty(size, width, dtype=dtype), flat.new_empty(size, vocab, dtype=dtype)
+        logits_buffer = flat.new_empty(size, vocab, dtype=dtype)
         for i in range(0, len(src), chunk_size):
             part = slice(i, i + chunk_size)
-            logits = _chunk_logits(_gather_rows(flat, src[part], h_buffer), weight32, bias32, logits_buffer)
-            lse[part], picked[part] = _logsumexp_and_pick_(logits, targets[part])
+            h = flat.index_select(0, src[part]).to(matmul)  # [C, H]
+            logits = _chunk_logits(h, weight_m, bias, logits_buffer)
+            lse[part], picked[part], sums = _logsumexp_and_pick_(logits, targets[part])
+            if fused:  # d logp / d h = (onehot - softmax) @ W = W[y] - softmax @ W; the softmax in float32
+                d = logits.div_(-sums[:, None])
+                d[torch.arange(len(h), device=d.device), targets[part]] += 1
+                torch.mm(d.to(matmul), weight_m, out=d_hidden[part])
         values = picked - lse
         _raise_if_not_finite(values, out, length - 1, "chunked_token_logps", "the hidden states or LM head")
         result = torch.zeros(batch * (length - 1), dtype=dtype, device=hidden.device)
         result[out] = values
-        ctx.save_for_backward(hidden, weight, bias, src, out, targets, lse)
-        ctx.chunk_size = chunk_size
+        if fused:
+            ctx.save_for_backward(d_hidden, src, out)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, src, out, targets, lse)
+        ctx.fused, ctx.chunk_size, ctx.hidden_shape, ctx.hidden_dtype = fused, chunk_size, hidden.shape, hidden.dtype
         return result.view(batch, length - 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        hidden, weight, bias, src, out, targets, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        batch, length, width = hidden.shape
-        flat = hidden.reshape(batch * length, width)
-        dtype = lse.dtype
-        weight32 = weight.to(dtype)
-        bias32 = None if bias is None else bias.to(dtype)
-        grad = grad_output.reshape(-1)[out].to(dtype)
-        # Accumulators in the compute dtype: the weight/bias gradients are sums over all chunks.
-        grad_hidden = torch.zeros_like(flat) if need_hidden else None
-        grad_weight = torch.zeros_like(weight32) if need_weight else None
-        grad_bias = torch.zeros_like(bias32) if need_bias else None
-        size = min(ctx.chunk_size, len(src))
-        h_buffer, logits_buffer = flat.new_empty(size, width, dtype=dtype), flat.new_empty(size, len(weight), dtype=dtype)
-        grad_h_buffer = torch.empty_like(h_buffer)
-        for i in range(0, len(src), ctx.chunk_size):
-            part = slice(i, i + ctx.chunk_size)
-            h = _gather_rows(flat, src[part], h_buffer)  # [C, H]
-            logits = _chunk_logits(h, weight32, bias32, logits_buffer)
-            d_logits = _softmax_minus_onehot_(logits, lse[part], targets[part], grad[part])
-            if need_hidden:  # each position occurs once, so a copy (not a sum) is enough
-                grad_h = torch.mm(d_logits, weight32, out=grad_h_buffer[: len(h)])
-                grad_hidden.index_copy_(0, src[part], grad_h.to(hidden.dtype))
-            if need_weight:
-                grad_weight.addmm_(d_logits.t(), h)
-            if need_bias:
-                grad_bias += d_logits.sum(dim=0)
-        return (
-            None if grad_hidden is None else grad_hidden.view(batch, length, width),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None, None, None,
-        )
+        if ctx.fused:
+            d_hidden, src, out = ctx.saved_tensors
+            batch, length, width = ctx.hidden_shape
+            grad = grad_output.reshape(-1)[out]
+            grad_hidden = torch.zeros(batch * length, width, dtype=ctx.hidden_dtype, device=grad_output.device)
+            grad_hidden.index_copy_(0, src, (d_hidden.to(grad.dtype) * grad[:, None]).to(ctx.hidden_dtype))  # one rounding
+            return grad_hidden.view(batch, length, width), None, None, None, None, None
+        return _recomputed_gradients(ctx, grad_output)
 
 
-def _chunk_logits(hidden32: Tensor, weight32: Tensor, bias32: Optional[Tensor], buffer: Tensor) -> Tensor:
-    """[C, H] @ [V, H].T (+ [V]) -> [C, V] written into the first C rows of `buffer`, all in the compute dtype."""
-    out = buffer[: len(hidden32)]
-    if bias32 is None:
-        return torch.mm(hidden32, weight32.t(), out=out)
-    return torch.addmm(bias32, hidden32, weight32.t(), out=out)
+def _recomputed_gradients(ctx, grad_output: Tensor):
+    """Backward of the trainable-LM-head case: logits recomputed a block of vocabulary columns at a time.
+
+    A block holds every labelled token ([N, block], block = chunk_size * V / N columns: the same memory as
+    a chunk of chunk_size tokens), so d_logits = g * (onehot - softmax) of the block is complete and
+    grad_weight[block] = d_logits.T @ h is written once; grad_hidden ([N, H]) sums over the blocks in float32.
+    """
+    hidden, weight, bias, src, out, targets, lse = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    batch, length, width = hidden.shape
+    vocab = weight.shape[0]
+    dtype = lse.dtype
+    matmul = torch.promote_types(hidden.dtype, weight.dtype)
+    h = hidden.reshape(batch * length, width).index_select(0, src).to(matmul)  # [N, H]
+    grad = grad_output.reshape(-1)[out].to(dtype)
+    grad_h = torch.zeros(len(src), width, dtype=dtype, device=h.device) if need_hidden else None
+    grad_weight = None
+    if need_weight:  # every row is written below (unless no token is scored)
+        grad_weight = torch.empty_like(weight) if len(src) else torch.zeros_like(weight)
+    grad_bias = torch.zeros_like(bias) if need_bias else None
+    block = max(1, ctx.chunk_size * vocab // max(1, len(src)))
+    rows = torch.arange(len(src), device=h.device)
+    buffer = h.new_empty(len(src) * min(block, vocab), dtype=dtype)  # one block's logits, reused (see _gather_rows)
+    for v0 in range(0, vocab if len(src) else 0, block):
+        cols = slice(v0, min(v0 + block, vocab))
+        w = weight[cols].to(matmul)
+        logits = _chunk_logits(h, w, None if bias is None else bias[cols], buffer[: len(src) * len(w)].view(len(src), len(w)))
+        d_logits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -g * softmax, this block's columns
+        inside = (targets >= cols.start) & (targets < cols.stop)
+        d_logits[rows[inside], targets[inside] - cols.start] += grad[inside]
+        d_m = d_logits.to(matmul)
+        if need_weight:  # rows of the weight gradient: written once, straight into place when dtypes match
+            if grad_weight.dtype == matmul:
+                torch.mm(d_m.t(), h, out=grad_weight[cols])
+            else:
+                grad_weight[cols] = torch.mm(d_m.t(), h)
+        if need_hidden:
+            if matmul == dtype:
+                grad_h.addmm_(d_m, w)
+            else:
+                grad_h += torch.mm(d_m, w)
+        if need_bias:
+            grad_bias[cols] = d_logits.sum(0)
+    grad_hidden = None
+    if need_hidden:  # each position occurs once, so a copy (not a sum) is enough
+        grad_hidden = torch.zeros_like(hidden).view(batch * length, width)
+        grad_hidden.index_copy_(0, src, grad_h.to(hidden.dtype))
+        grad_hidden = grad_hidden.view(batch, length, width)
+    return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: Tensor) -> Tensor:
+    """[C, H] @ [V, H].T (+ [V]) in the inputs' dtype -> [C, V] written into the first C rows of `buffer` (compute dtype)."""
+    out = buffer[: len(hidden)]
+    if hidden.dtype == buffer.dtype:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        out.copy_(torch.mm(hidden, weight.t()))
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out
 
 
 def chunked_token_logps(
@@ -266,9 +323,9 @@ def chunked_token_logps(
 
     hidden [B, T, H] (final hidden states, after the last norm), lm_head_weight [V, H], lm_head_bias [V]
     or None, labels [B, T] -> [B, T-1] float32 (float64 for float64 inputs). Only positions whose next
-    label is not `ignore_index` are computed, `chunk_size` of them at a time, in the forward and again in
-    the backward pass; gradients flow to hidden, weight and bias (whichever require them), accumulated
-    chunk by chunk in float32 (bf16 inputs too: expect a transient float32 copy of the weight).
+    label is not `ignore_index` are computed, `chunk_size` of them at a time (the backward of a trainable
+    head: blocks of `chunk_size * V / N` vocabulary columns, the same memory); gradients flow to hidden,
+    weight and bias (whichever require them). Matmuls in the inputs' dtype, statistics in float32.
     """
     if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
         raise ValueError(

@@ -16,8 +16,9 @@ everything keyed to `PairBatch` (labels, weights, cached reference log-probs, th
 packed hidden states are gathered back into the [2B, T] layout before the LM head. The first rejected
 token is predicted from the last prompt token, exactly as in its own row.
 
-Needs a decoder that takes a 4-D additive attention mask and explicit position ids (transformers'
-Llama with sdpa or eager attention does: masking_utils passes a 4-D mask through unchanged).
+Needs a decoder that takes a prepared 4-D mask and explicit position ids: transformers' Llama with sdpa or
+eager attention takes the additive [B, 1, L, L] bias (`attention_bias`), with flex_attention the
+`BlockMask` (`block_mask`); masking_utils passes either through unchanged. Both come from `may_attend`.
 """
 from __future__ import annotations
 
@@ -46,14 +47,36 @@ class SharedPromptLayout:
         Causal over the packed row, no key on padding, no rejected query on a chosen key. Every query
         keeps its own key, so padding rows have no all-masked softmax (which would give NaN).
         """
-        q, k = self.segments[:, :, None], self.segments[:, None, :]
-        length = self.segments.shape[1]
-        index = torch.arange(length, device=self.segments.device)
-        causal = index[None, :, None] >= index[None, None, :]
-        allowed = causal & (k != PAD) & ~((q == REJECTED) & (k == CHOSEN))
-        allowed |= torch.eye(length, dtype=torch.bool, device=allowed.device)
+        index = torch.arange(self.segments.shape[1], device=self.segments.device)
+        allowed = may_attend(self.segments[:, :, None], self.segments[:, None, :], index[None, :, None], index[None, None, :])
         bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def block_mask(self):
+        """The same mask as a FlexAttention `BlockMask` (transformers' `flex_attention` implementation).
+
+        FlexAttention evaluates `may_attend` per block of 128 x 128 positions and skips blocks that are
+        all masked (above the diagonal, the rejected answer's queries on the chosen answer's keys, padding),
+        so no [B, L, L] tensor exists and the kernel does not compute what the mask throws away.
+        """
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        segments = self.segments
+        rows, length = segments.shape
+
+        def mask_mod(b, h, q, k):
+            return may_attend(segments[b, q], segments[b, k], q, k)
+
+        return create_block_mask(mask_mod, rows, None, length, length, device=segments.device)
+
+
+def may_attend(query_segment: Tensor, key_segment: Tensor, query_index: Tensor, key_index: Tensor) -> Tensor:
+    """Whether a packed query may attend to a key (broadcasting tensors; one rule for every kernel).
+
+    Causal, no key on padding, no rejected query on a chosen key; every query keeps its own key.
+    """
+    allowed = (query_index >= key_index) & (key_segment != PAD) & ~((query_segment == REJECTED) & (key_segment == CHOSEN))
+    return allowed | (query_index == key_index)
 
 
 def shared_prompt_layout(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, pad_token_id: int) -> SharedPromptLayout:

@@ -97,3 +97,10 @@ def test_train_with_bad_config_exits_2_and_names_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("loss:\n  gamma: 0\n")
     run = subprocess.run([sys.executable, "-m", "ddpo", "train", str(tmp_path / "c.yaml")], capture_output=True, text=True)
     assert run.returncode == 2 and "loss.gamma must be >= 1" in run.stderr
+
+
+def test_attn_implementation_choices():
+    cfg = load_config(None, ["--data.format", "synthetic", "--model.attn_implementation", "flex_attention"])
+    assert cfg.model.attn_implementation == "flex_attention"
+    with pytest.raises(ConfigError, match="model.attn_implementation.*flex_attention"):
+        load_config(None, ["--data.format", "synthetic", "--model.attn_implementation", "flash_attention_2"])

@@ -1,0 +1,42 @@
+"""experiments/gpu_check.py end to end at the tiny preset on CPU: every case runs or says why not, and the
+JSON and the Markdown table are written."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_on_cpu_writes_json_and_table(tmp_path):
+    command = [sys.executable, str(REPO / "experiments" / "gpu_check.py"), "--preset", "tiny", "--pairs", "2",
+               "--prompt-len", "8", "--answer-len", "12", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["device"] == "CPU" and report["preset"] == "tiny" and report["wall_s"] > 0
+    cases = {(r["zero_stage"], r["layout"]): r for r in report["results"]}
+    assert set(cases) == {(stage, layout) for stage in (2, 3) for layout in ("two_rows", "shared", "packed_flex")}
+    for stage in (2, 3):
+        assert "no FlexAttention backward on CPU" in cases[stage, "packed_flex"]["skipped"]
+        two_rows, shared = cases[stage, "two_rows"], cases[stage, "shared"]
+        for r in (two_rows, shared):
+            assert "skipped" not in r, r
+            assert r["bf16"] and r["gradient_checkpointing"] and r["step_time_s"] > 0 and r["mfu"] is None
+            assert len(r["losses"]) == 3 and r["peak_host_rss_gib"] > 0
+        # Same batch: the same pair tokens; the shared prompt runs each prompt once.
+        assert shared["pair_tokens_per_step"] == two_rows["pair_tokens_per_step"]
+        assert shared["decoder_tokens_per_step"] < two_rows["decoder_tokens_per_step"]
+        assert two_rows["max_abs_logp_diff_vs_two_rows"] == 0.0
+        assert shared["max_abs_logp_diff_vs_two_rows"] < 0.1  # bf16 rounding of a different computation order
+        assert two_rows["speedup_vs_two_rows"] == 1.0
+    # The first step of each stage starts from the same weights and batch: equal losses.
+    assert cases[2, "two_rows"]["losses"][0] == pytest.approx(cases[3, "two_rows"]["losses"][0], abs=1e-2)
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| ZeRO | layout | decoder tokens/step |" in table
+    assert table.count("| shared |") == 2 and "skipped: PyTorch" in table
