@@ -304,11 +304,12 @@ def ablation(args) -> int:
     if matched:
         lines += ["", "### At matched drift (test, greedy): DDPO minus DPO read at DDPO's drift, DPO piecewise linear in drift "
                   "over its runs at several lrs; mean [95% t-interval over seeds]", "",
-                  "| DDPO run | its drift | DPO runs (their drift) | mention hall. | companion rate | recall | extrapolated seeds |", "|---|---|---|---|---|---|---|"]
+                  "| DDPO run | its drift | DPO runs (their drift) | mention hall. | p (unadjusted) | companion rate | recall | extrapolated seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, row in matched.items():
             curve = ", ".join(f"{n} ({d:+.4f})" for n, d in zip(row["dpo_runs"], row["dpo_drift"]))
             lines.append(f"| {name} | {row['drift']:+.4f} | {curve} | "
-                         f"{fmt(*row[PRIMARY])} | {fmt(*row['companion_rate'])} | {fmt(*row['object_recall'])} | {row['extrapolated']} |")
+                         f"{fmt(*row[PRIMARY])} | {row['p']:.3f} | {fmt(*row['companion_rate'])} | {fmt(*row['object_recall'])} | {row['extrapolated']} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{args.name}.json").write_text(json.dumps({"seeds": seeds, "lr": lrs, "differences": table, "holm": adjusted, "matched_drift": matched,
@@ -351,6 +352,8 @@ def matched_drift(per_seed: dict, seeds: list, names: list[str]) -> dict:
                     row["extrapolated"] += outside and key == PRIMARY
                     diffs.append(per_seed[s]["methods"][name][key] - value)
                 row[key] = interval(diffs)
+                if key == PRIMARY:
+                    row["p"] = p_value(diffs)
             out[name] = row
     return out
 
