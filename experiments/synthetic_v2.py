@@ -16,6 +16,10 @@ choice (`lr_choice.json`). Parts of the ablation (`--parts`):
     sum       dpo_sum, ddpo_sum_g5 (released-code normalisation, its own lr from the grid)
     sumgamma  ddpo_sum_g2, ddpo_sum_g10
     pairs     dpo_mean_p{200,800}, ddpo_mean_g5_p{200,800}  (the first 200 / 800 pairs)
+    sumpairs  dpo_sum_p{200,800}, ddpo_sum_g5_p{200,800}
+    matched   DPO at every grid lr above the shared one up to DDPO's validation-best lr (mean and sum:
+              dpo_{mean,sum}_lr<lr>) and DDPO (sum) at its own lr, so DPO's metrics can be read at
+              DDPO's drift (piecewise linear in drift over DPO's runs: the matched-drift comparison)
     tuned     dpo_mean_tuned, ddpo_mean_g5_tuned             each method at its own validation-best lr
                                                              (gamma as weighting vs gamma as a larger step)
 Finished stages and runs are skipped on a rerun.
@@ -36,6 +40,7 @@ CLAIM_ERRORS = ("attribute_error_rate", "position_error_rate", "count_error_rate
 # 3e-5 .. 3e-4 were the first grid: all of them cost 0.5-0.9 of recall on validation (the model learned
 # to say "nothing" at real objects), so it was extended downwards before anything was chosen
 MEAN_GRID = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4)
+SUM_GRID = (1e-6, 3e-6, 1e-5, 3e-5)  # the mean's grid showed recall collapsing from 3e-5 up
 PRIMARY = "mention_hallucination_rate"  # the pre-registered endpoint (greedy, test)
 RECALL_SLACK = 0.02  # a setting may not cost more recall than this vs SFT (the issue's bar)
 # two-sided 95% t quantiles by degrees of freedom
@@ -46,11 +51,11 @@ def method(gamma: float, normalize: str, lr: float, **extra) -> dict:
     return {"loss.gamma": gamma, "loss.normalize": normalize, "train.learning_rate": lr, **extra}
 
 
-def grid_methods() -> dict[str, dict]:
+def grid_methods(normalize: str) -> dict[str, dict]:
     runs = {}
-    for lr in MEAN_GRID:
-        runs[f"dpo_mean_lr{lr:g}"] = method(1.0, "mean", lr)
-        runs[f"ddpo_mean_g5_lr{lr:g}"] = method(5.0, "mean", lr)
+    for lr in MEAN_GRID if normalize == "mean" else SUM_GRID:
+        runs[f"dpo_{normalize}_lr{lr:g}"] = method(1.0, normalize, lr)
+        runs[f"ddpo_{normalize}_g5_lr{lr:g}"] = method(5.0, normalize, lr)
     return runs
 
 
@@ -62,9 +67,11 @@ def answer_tokens(train_file: Path) -> float:
     return statistics.fmean(len(words_with_spans(r["rejected"])[0]) for r in rows)
 
 
-def grid_name(name: str, overrides: dict) -> str:
-    """The lr-grid run with the same settings as an ablation run (seed 0 reuses it instead of retraining)."""
-    return f"{name}_lr{overrides['train.learning_rate']:g}"
+def grid_name(overrides: dict) -> str:
+    """The lr-grid run's name for these settings (seed 0 reuses it instead of retraining)."""
+    gamma = overrides["loss.gamma"]
+    return (f"{'dpo' if gamma == 1 else 'ddpo'}_{overrides['loss.normalize']}{'' if gamma == 1 else f'_g{gamma:g}'}"
+            f"_lr{overrides['train.learning_rate']:g}")
 
 
 def choose(validation: dict, norm: str, grid: tuple[float, ...]) -> dict:
@@ -106,6 +113,16 @@ def ablation_methods(lrs: dict, parts: list[str]) -> dict[str, dict]:
         for n in (200, 800):
             runs[f"dpo_mean_p{n}"] = method(1.0, "mean", mean["shared"], **{"data.max_samples": n})
             runs[f"ddpo_mean_g5_p{n}"] = method(5.0, "mean", mean["shared"], **{"data.max_samples": n})
+    if "sumpairs" in parts:
+        for n in (200, 800):
+            runs[f"dpo_sum_p{n}"] = method(1.0, "sum", total["shared"], **{"data.max_samples": n})
+            runs[f"ddpo_sum_g5_p{n}"] = method(5.0, "sum", total["shared"], **{"data.max_samples": n})
+    if "matched" in parts:
+        for norm, lr in (("mean", mean), ("sum", total)):
+            grid = MEAN_GRID if norm == "mean" else SUM_GRID
+            runs.update({f"dpo_{norm}_lr{x:g}": method(1.0, norm, x) for x in grid if lr["shared"] < x <= lr["ddpo"]})
+        if total["ddpo"] != total["shared"]:
+            runs["ddpo_sum_g5_tuned"] = method(5.0, "sum", total["ddpo"])
     if "tuned" in parts:
         # each method at its own validation-best lr; one equal to the shared lr is its primary run
         for label, name, gamma in (("dpo", "dpo_mean", 1.0), ("ddpo", "ddpo_mean_g5", 5.0)):
@@ -168,28 +185,32 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
 
 
 def lr_grid(args) -> int:
-    settings = DemoSettings(output_dir=str(Path(args.output_dir) / "seed0"), seed=0, methods=grid_methods(),
+    norm = args.normalize
+    settings = DemoSettings(output_dir=str(Path(args.output_dir) / "seed0"), seed=0, methods=grid_methods(norm),
                             validation_only=True, num_threads=args.num_threads)
     run(settings)
     results = json.loads((Path(settings.output_dir) / "results.json").read_text())
     validation = results["validation"]
-    # the sum's lr is not searched (CPU budget): the mean's. AdamW's step does not scale with the
-    # gradient, so the same lr is the same step size; the sum's ~N-times larger log-ratio only makes its
-    # sigmoid saturate sooner (N = answer tokens, recorded)
-    tokens = answer_tokens(Path(settings.output_dir) / "pairs" / "train.jsonl")
-    mean = choose(validation, "mean", MEAN_GRID)
-    lrs = {"mean": mean, "sum": dict(mean), "answer_tokens": tokens}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["lr grid, seed 0, validation split (greedy); drift = mean per-token log-ratio to SFT on SFT's validation answers", "",
+    choice_file = out / "lr_choice.json"
+    if norm == "mean":
+        lrs = {"mean": choose(validation, "mean", MEAN_GRID), "answer_tokens": answer_tokens(Path(settings.output_dir) / "pairs" / "train.jsonl")}
+        lrs["sum"] = dict(lrs["mean"])  # until the sum's own grid has run (lr-grid --normalize sum)
+    else:
+        lrs = json.loads(choice_file.read_text())
+        lrs["sum"] = choose(validation, "sum", SUM_GRID)
+    stem = "lr_grid" if norm == "mean" else "lr_grid_sum"
+    lines = [f"lr grid ({norm}), seed 0, validation split (greedy); drift = mean per-token log-ratio to SFT on SFT's validation answers", "",
              "| run | mention hallucination | response hallucination | companion rate | recall | words | drift |", "|---|---|---|---|---|---|---|"]
     for name, m in validation.items():
         lines.append(f"| {name} | {m[PRIMARY]:.3f} | {m['response_hallucination_rate']:.3f} | {m['companion_rate']:.3f} | "
                      f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} | {results['drift'][name]:+.3f} |")
-    lines += ["", f"choice: {json.dumps(lrs)}", f"command: python experiments/synthetic_v2.py lr-grid --output-dir {args.output_dir} --results {args.results}"]
-    (out / "lr_grid.md").write_text("\n".join(lines) + "\n")
-    plot_grid(validation, results["drift"], out / "lr_grid.png")
-    (out / "lr_choice.json").write_text(json.dumps(lrs, indent=2))
+    lines += ["", f"choice: {json.dumps(lrs)}", "command: python experiments/synthetic_v2.py lr-grid --normalize "
+              f"{norm} --output-dir {args.output_dir} --results {args.results}"]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot_grid(validation, results["drift"], out / f"{stem}.png", norm)
+    choice_file.write_text(json.dumps(lrs, indent=2))
     print("\n".join(lines))
     return 0
 
@@ -216,7 +237,7 @@ def ablation(args) -> int:
                                 num_threads=args.num_threads)
         runs = Path(settings.output_dir) / "runs"
         for name, overrides in methods.items():  # the lr grid's identical runs (seed 0) are reused, not retrained
-            twin = runs / grid_name(name.replace("_tuned", ""), overrides)
+            twin = runs / grid_name(overrides) if "data.max_samples" not in overrides else runs / name
             if set(overrides) == {"loss.gamma", "loss.normalize", "train.learning_rate"} and (twin / "final").is_dir() \
                     and not (runs / name).exists():
                 (runs / name).symlink_to(twin.name, target_is_directory=True)
@@ -256,7 +277,8 @@ def ablation(args) -> int:
     for a, b in (("ddpo_mean_g5", "dpo_mean"), ("dpo_mean", "sft"), ("ddpo_mean_g5", "sft"), ("ddpo_mean_g2", "dpo_mean"),
                  ("ddpo_mean_g10", "dpo_mean"), ("ddpo_sum_g5", "dpo_sum"), ("dpo_sum", "sft"), ("ddpo_sum_g5", "sft"),
                  ("ddpo_sum_g2", "dpo_sum"), ("ddpo_sum_g10", "dpo_sum"), ("ddpo_mean_g5_p200", "dpo_mean_p200"),
-                 ("ddpo_mean_g5_p800", "dpo_mean_p800"), ("ddpo_mean_g5_tuned", "dpo_mean_tuned"),
+                 ("ddpo_mean_g5_p800", "dpo_mean_p800"), ("ddpo_sum_g5_p200", "dpo_sum_p200"), ("ddpo_sum_g5_p800", "dpo_sum_p800"),
+                 ("ddpo_mean_g5_tuned", "dpo_mean_lr1e-05"), ("ddpo_sum_g5_tuned", "dpo_sum"), ("ddpo_mean_g5_tuned", "dpo_mean_tuned"),
                  ("ddpo_mean_g5_tuned", "dpo_mean"), ("dpo_mean_tuned", "ddpo_mean_g5")):
         if a in names and b in names:
             comparisons[f"{a} - {b}"] = (a, b)
@@ -278,14 +300,62 @@ def ablation(args) -> int:
         lines.append(f"| {label} | {fmt(*row[PRIMARY][:3])} | {p:.3f} | {fmt(*row['response_hallucination_rate'][:3])} | "
                      f"{fmt(*row['companion_rate'][:3])} | {fmt(*row['nontarget_mention_rate'][:3])} | {fmt(*row['object_recall'][:3])} | "
                      f"{fmt(*row['mean_response_words'][:3], digits=1)} |")
+    matched = matched_drift(per_seed, seeds, names)
+    if matched:
+        lines += ["", "### At matched drift (test, greedy): DDPO minus DPO read at DDPO's drift, DPO piecewise linear in drift "
+                  "over its runs at several lrs; mean [95% t-interval over seeds]", "",
+                  "| DDPO run | its drift | DPO runs (their drift) | mention hall. | p (unadjusted) | companion rate | recall | extrapolated seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, row in matched.items():
+            curve = ", ".join(f"{n} ({d:+.4f})" for n, d in zip(row["dpo_runs"], row["dpo_drift"]))
+            lines.append(f"| {name} | {row['drift']:+.4f} | {curve} | "
+                         f"{fmt(*row[PRIMARY])} | {row['p']:.3f} | {fmt(*row['companion_rate'])} | {fmt(*row['object_recall'])} | {row['extrapolated']} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{args.name}.json").write_text(json.dumps({"seeds": seeds, "lr": lrs, "differences": table, "holm": adjusted,
+    (out / f"{args.name}.json").write_text(json.dumps({"seeds": seeds, "lr": lrs, "differences": table, "holm": adjusted, "matched_drift": matched,
                                                    "per_seed": {s: {k: per_seed[s].get(k) for k in ("methods", "sampled", "validation", "drift", "gate", "pairs", "timings_s")}
                                                                 for s in seeds}}, indent=2))
     plot(per_seed, seeds, names, out / f"{args.name}.png")
     print("\n".join(lines))
     return 0
+
+
+def at_drift(points: list[tuple[float, float]], d: float) -> tuple[float, bool]:
+    """A metric read at drift d from (drift, metric) points, piecewise linear; extrapolated from the two
+    nearest points outside their range (flagged)."""
+    points = sorted(points)
+    inside = points[0][0] <= d <= points[-1][0]
+    k = min(max(1, sum(x < d for x, _ in points)), len(points) - 1)
+    (d0, y0), (d1, y1) = points[k - 1], points[k]
+    return (y0 + (d - d0) / (d1 - d0) * (y1 - y0) if d1 != d0 else y0), not inside
+
+
+def matched_drift(per_seed: dict, seeds: list, names: list[str]) -> dict:
+    """DDPO - DPO at equal drift instead of equal lr: per seed, DPO's metric at a DDPO run's drift, read
+    off DPO's runs at several lrs (same normalisation, all pairs). It separates gamma as weighting from
+    gamma as a larger step: if the gap vanishes here, gamma only moved the model further (or less)."""
+    out = {}
+    for norm in ("mean", "sum"):
+        curve = [n for n in names if n == f"dpo_{norm}" or (n.startswith(f"dpo_{norm}_lr"))]
+        if len(curve) < 2:
+            continue
+        for name in (f"ddpo_{norm}_g5", f"ddpo_{norm}_g5_tuned"):
+            if name not in names:
+                continue
+            row: dict = {"drift": statistics.fmean(per_seed[s]["drift"][name] for s in seeds), "extrapolated": 0,
+                         "dpo_runs": curve, "dpo_drift": [statistics.fmean(per_seed[s]["drift"][n] for s in seeds) for n in curve]}
+            for key in (PRIMARY, "companion_rate", "object_recall"):
+                diffs = []
+                for s in seeds:
+                    value, outside = at_drift([(per_seed[s]["drift"][n], per_seed[s]["methods"][n][key]) for n in curve],
+                                              per_seed[s]["drift"][name])
+                    row["extrapolated"] += outside and key == PRIMARY
+                    diffs.append(per_seed[s]["methods"][name][key] - value)
+                row[key] = interval(diffs)
+                if key == PRIMARY:
+                    row["p"] = p_value(diffs)
+            out[name] = row
+    return out
 
 
 def plot(per_seed: dict, seeds: list, names: list[str], out: Path) -> None:
@@ -308,7 +378,7 @@ def plot(per_seed: dict, seeds: list, names: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_grid(validation: dict, drift: dict, path: Path) -> None:
+def plot_grid(validation: dict, drift: dict, path: Path, norm: str = "mean") -> None:
     """Validation hallucination and recall against drift, one line per method over the lr grid: DPO and
     DDPO compared at matched drift (gamma as weighting) rather than at matched lr (gamma as a step size)."""
     import matplotlib
@@ -319,7 +389,7 @@ def plot_grid(validation: dict, drift: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, key, label in zip(axes, (PRIMARY, "companion_rate", "object_recall"),
                               ("mention-level object hallucination", "companion rate", "object recall")):
-        for prefix, name in (("dpo_mean_lr", "DPO (γ 1)"), ("ddpo_mean_g5_lr", "DDPO (γ 5)")):
+        for prefix, name in ((f"dpo_{norm}_lr", "DPO (γ 1)"), (f"ddpo_{norm}_g5_lr", "DDPO (γ 5)")):
             runs = sorted((r for r in validation if r.startswith(prefix)), key=lambda r: -drift[r])
             ax.plot([-drift[r] for r in runs], [validation[r][key] for r in runs], marker="o", label=name)
             for r in runs:
@@ -343,10 +413,12 @@ def main(argv=None) -> int:
         p.add_argument("--output-dir", default="runs/synthetic_v2")
         p.add_argument("--results", default=str(REPO / "experiments" / "results" / "synthetic_v2"))
         p.add_argument("--num-threads", type=int, default=1)
+        if name == "lr-grid":
+            p.add_argument("--normalize", choices=("mean", "sum"), default="mean")
         if name == "ablation":
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
             p.add_argument("--parts", nargs="+", default=["primary", "sum", "tuned"],
-                           choices=("primary", "gamma", "sum", "sumgamma", "pairs", "tuned"))
+                           choices=("primary", "gamma", "sum", "sumgamma", "pairs", "sumpairs", "matched", "tuned"))
             p.add_argument("--aggregate-only", action="store_true")
             p.add_argument("--name", default="ablation", help="stem of the tables, JSON and plot written under --results")
             p.add_argument("--results-file", default="results.json",
