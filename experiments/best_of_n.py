@@ -294,6 +294,11 @@ def v2_aggregate(per_seed: dict[int, dict], primary: str) -> dict:
                          statistics.stdev([per_seed[s]["rows"][row][m] for s in seeds]) if len(seeds) > 1 else 0.0)
                      for m in METRICS} for row in rows}
     agreement = {name: stats.interval([per_seed[s]["agreement"][name]["agreement"] for s in seeds]) for name in reward_names()}
+    agreement_differences = {}
+    for a, b in (("ddpo_mean_g5/sum", "dpo_mean/sum"), ("ddpo_mean_g5/sum", "ddpo_mean_g5/mean"),
+                 ("ddpo_mean_g5/segment", "ddpo_mean_g5/sum"), ("dpo_mean/segment", "dpo_mean/sum")):
+        agreement_differences[f"{a} - {b}"] = stats.interval(
+            [per_seed[s]["agreement"][a]["agreement"] - per_seed[s]["agreement"][b]["agreement"] for s in seeds])
     differences = {}
     for label, (a, b) in v2_comparisons(ns, primary).items():
         differences[label] = {}
@@ -303,7 +308,7 @@ def v2_aggregate(per_seed: dict[int, dict], primary: str) -> dict:
     primary_label = next(iter(differences))
     holm = stats.holm({k: v["mention_hallucination_rate"][3] for k, v in differences.items() if k != primary_label})
     return {"seeds": seeds, "ns": ns, "primary": primary, "summary": summary, "agreement": agreement,
-            "differences": differences, "holm": holm, "primary_label": primary_label}
+            "agreement_differences": agreement_differences, "differences": differences, "holm": holm, "primary_label": primary_label}
 
 
 def v2_table(agg: dict, per_seed: dict[int, dict], command: str) -> str:
@@ -332,6 +337,8 @@ def v2_table(agg: dict, per_seed: dict[int, dict], command: str) -> str:
     for name, (mean, lo, hi) in agg["agreement"].items():
         per = ", ".join(f"{per_seed[k]['agreement'][name]['agreement']:.3f} ({per_seed[k]['agreement'][name]['pairs']})" for k in seeds)
         lines.append(f"| {name} | {mean:.3f} [{lo:.3f}, {hi:.3f}] | {per} |")
+    lines += ["", "Agreement differences (a - b), paired over seeds: " + "; ".join(
+        f"{label} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" for label, (mean, lo, hi) in agg["agreement_differences"].items()) + "."]
     lines += ["", "### Paired differences (a - b): mean [95% t-interval over seeds]; p: paired t-test, Holm-adjusted over the "
               "secondary comparisons (the primary is not adjusted)", "",
               "| comparison | mention hall. | p (Holm) | response hall. | recall | words |", "|---|---|---|---|---|---|"]
@@ -340,8 +347,9 @@ def v2_table(agg: dict, per_seed: dict[int, dict], command: str) -> str:
         p = row["mention_hallucination_rate"][3] if label == agg["primary_label"] else agg["holm"][label]
         lines.append(f"| {label} | {fmt(row['mention_hallucination_rate'])} | {p:.3f} | {fmt(row['response_hallucination_rate'])} | "
                      f"{fmt(row['object_recall'])} | {fmt(row['mean_response_words'], 1)} |")
-    times = {k: sum(per_seed[s]["timings_s"].get(k, 0) for s in seeds) for k in first["timings_s"]}
-    lines += ["", f"CPU time (1 thread, summed over seeds, s): {times}; total {sum(times.values()):.0f} s"]
+    times = {k: round(sum(per_seed[s]["timings_s"].get(k, 0) for s in seeds), 1) for k in first["timings_s"]}
+    lines += ["", f"Wall time of each step (s, one thread, summed over seeds; on a shared machine it exceeds the CPU time): "
+                  f"{times}; total {sum(times.values()):.0f} s"]
     return "\n".join(lines) + "\n"
 
 
