@@ -303,7 +303,8 @@ def results_table(table: list[dict], args: argparse.Namespace, command: str, met
                          f"{fmt(row['companion_rate'])} | {fmt(row['object_recall'])} | {fmt(row['position_error_rate'])} | "
                          f"{fmt(row['attribute_error_rate'])} | {fmt(row['mean_response_words'], 1)} |")
     seconds = sum(r.get("seconds", 0) for result in per_seed.values() for r in [*result["rounds"], result.get("one_round", {})])
-    lines += ["", f"CPU time of the rounds (sample, label, train, validation and test evaluation; summed over seeds and rows): {seconds:.0f} s"]
+    lines += ["", f"Wall time of the rounds (sample, label, train, validation and test evaluation; summed over seeds and rows; "
+                  f"on a shared machine it exceeds the CPU time): {seconds:.0f} s"]
     return "\n".join(lines) + "\n"
 
 
