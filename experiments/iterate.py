@@ -1,31 +1,42 @@
 """Iterative online DDPO (RLAIF-V's recipe) on the synthetic world: K rounds of sample -> label -> train.
 
-    python experiments/iterate.py --seeds 0 1 --rounds 4 --output-dir runs/iterate \
+    # v2 world (default; experiments/results/iterate_v2/README.md): 3 rounds against one round with the
+    # same prompts (the union of the rounds') from the SFT model, the lab's SFT models copied in
+    python experiments/iterate.py --seeds 0 1 3 --rounds 3 --one-round --sft-from runs/v2lab \
+        --output-dir runs/iterate_v2 --num-threads 1 --results experiments/results/iterate_v2
+    # v1 world (the negative control; its committed results in experiments/results/iterate)
+    python experiments/iterate.py --world v1 --seeds 0 1 --rounds 4 --output-dir runs/iterate \
         --results experiments/results/iterate
 
-Per seed, round 0 is the demo's SFT model (`ddpo demo` stage sft, trained if missing). Round k = 1..K:
+Per seed, round 0 is the demo's SFT model (`ddpo demo` stage sft, trained if missing; v2: copied from
+--sft-from DIR/seed<S> when given, and it must pass the perception gate). Round k = 1..K:
 
   1. sample  the current policy answers P fresh prompts (slice k of the demo's "preference" images),
              N samples each at temperature 0.7                                  (ddpo.online.best_of_n)
-  2. label   a feedback source scores every sample: the oracle, or RLAIF-V's divide-and-conquer
-             labeler with a model given by --labeler                            (ddpo.online.feedback)
+  2. label   a feedback source scores every sample: the oracle (with the world's reading of "at X is
+             nothing."), or RLAIF-V's divide-and-conquer labeler with a model given by --labeler
+                                                                                 (ddpo.online.feedback)
   3. pairs   score gap >= 1, 2 pairs per prompt, length balancing -> ROUND/pairs/ (JSONL + images)
                                                                                  (ddpo.online.pairs)
-  4. train   `ddpo train` (the demo's config) from the current policy; the reference is the current
-             policy too: each round has its own cache directory, which the trainer fills from the
-             model it starts from. The policy is exported every 1/4 epoch (and at the end).
-  5. select  every export answers the validation images greedily; the best by object recall minus
-             response hallucination rate (hallucination alone would reward saying less) becomes the
-             next round's policy. Its test metrics are the round's row in the results.
+  4. train   `ddpo train` (the demo's config: v2 Eq. 5 mean, beta 0.5, lr 3e-6, 2 epochs) from the current
+             policy; the reference is the current policy too: each round has its own cache directory,
+             which the trainer fills from the model it starts from. Exports every 1/4 epoch (and at the end).
+  5. select  every export answers the validation images greedily; the best becomes the next round's
+             policy (`select`): v2, the lab's rule (experiments/synthetic_v2.py): the lowest mention-level
+             hallucination among exports whose recall is within 0.02 of the SFT model's; v1, object recall
+             minus response hallucination rate. Its test metrics are the round's row in the results.
 
-RLAIF-V selects every 1/4 epoch on Object HalBench + MMHal-Bench; here the validation split plays
-that role (the test split is never used for a decision). A finished round (ROUND/selected.json) is
-skipped when the command is rerun. Results: mean ± std over seeds per round, RESULTS/results.{md,json}
-and plot.png.
+--one-round: the same pipeline once from the SFT model on all K slices' prompts at once (about the same
+pairs and optimizer steps as the K rounds together): is it the rounds or the data? After the rounds, the
+checkpoint to ship is picked among rounds 0..K by the same rule on validation ("picked"). The test split
+is only ever evaluated for models already chosen. Per round: test metrics (greedy), pairs, drift from the
+SFT model (mean per-token log-ratio on the SFT model's greedy validation answers). A finished round
+(ROUND/selected.json) is skipped when the command is rerun. Results: RESULTS/results.{md,json}, plot.png.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import shlex
@@ -38,7 +49,7 @@ from pathlib import Path
 import torch
 
 from ddpo.config import load_config
-from ddpo.lab.demo import DemoSettings, evaluate_model, generation_options, run, split
+from ddpo.lab.demo import DemoSettings, answer_token_logps, drift, evaluate_model, generation_options, run, split, synthetic_config
 from ddpo.online.best_of_n import sample_candidates
 from ddpo.online.feedback import DivideAndConquerFeedback, ModelYesNoLabeler, OracleFeedback, Query, SyntheticClaimSplitter
 from ddpo.online.pairs import build_pairs
@@ -51,6 +62,9 @@ REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("iterate")
 SHOWN = ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words",
          "attribute_error_rate", "position_error_rate", "count_error_rate")
+SHOWN_V2 = ("mention_hallucination_rate", "response_hallucination_rate", "companion_rate", "object_recall", "mean_response_words",
+            "attribute_error_rate", "position_error_rate", "count_error_rate", "empty_error_rate")
+RECALL_SLACK = 0.02  # v2 selection: an export may not cost more validation recall than this vs SFT (the lab's rule)
 
 
 class ExportAtCheckpoints(TrainerCallback):
@@ -62,12 +76,29 @@ class ExportAtCheckpoints(TrainerCallback):
 
 
 def selection_score(metrics: dict) -> float:
+    """v1's rule: object recall minus response hallucination (hallucination alone would reward saying less)."""
     return metrics["object_recall"] - metrics["response_hallucination_rate"]
 
 
-def make_feedback(args: argparse.Namespace, template: str):
+def select(validation: dict[str, dict], world: str, sft_validation: dict | None = None) -> str:
+    """The name of the best candidate by its validation metrics. v2: the lab's rule, the lowest
+    mention-level hallucination among candidates whose recall is within RECALL_SLACK of the SFT model's
+    (none: the highest recall); ties go to the earliest. v1: the highest `selection_score`."""
+    names = list(validation)
+    if world == "v1":
+        return max(names, key=lambda n: (selection_score(validation[n]), -names.index(n)))
+    if sft_validation is None:
+        raise ValueError("the v2 selection rule needs the SFT model's validation metrics (its recall is the bar)")
+    bar = sft_validation["object_recall"] - RECALL_SLACK
+    allowed = [n for n in names if validation[n]["object_recall"] >= bar]
+    if not allowed:
+        return max(names, key=lambda n: (validation[n]["object_recall"], -names.index(n)))
+    return min(allowed, key=lambda n: (validation[n]["mention_hallucination_rate"], names.index(n)))
+
+
+def make_feedback(args: argparse.Namespace, template: str, settings: DemoSettings):
     if args.feedback == "oracle":
-        return OracleFeedback()
+        return OracleFeedback(synthetic_config(settings).empty_cells)
     if not args.labeler:
         raise SystemExit("--feedback divide-and-conquer needs --labeler DIR (a model directory that load_model reads)")
 
@@ -106,99 +137,198 @@ def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_
     return sorted((out / "exports").iterdir())
 
 
-def run_round(args, settings: DemoSettings, k: int, base: Path, template: str, feedback) -> dict:
-    directory = Path(settings.output_dir) / "iterate" / f"round{k}"
+def run_round(args, settings: DemoSettings, directory: Path, base: Path, prompt_range: tuple[int, int], sample_seed: int,
+              template: str, feedback, sft_validation: dict | None) -> dict:
+    """One sample -> label -> pairs -> train -> select round from `base` on the preference images
+    [lo, hi) -> its record (cached in DIRECTORY/selected.json)."""
     if (directory / "selected.json").is_file():
         return json.loads((directory / "selected.json").read_text())
     started = time.perf_counter()
+    lo, hi = prompt_range
     scenes, images, prompts, _ = split(settings, "preference", args.prompts * args.rounds)
-    lo, hi = (k - 1) * args.prompts, k * args.prompts  # fresh prompts each round
     scenes, images, prompts = scenes[lo:hi], images[lo:hi], prompts[lo:hi]
     policy = load_model(base)
     options = generation_options(settings, template)
     candidates = sample_candidates(policy, images, prompts, args.samples, template, temperature=args.temperature,
-                                   seed=settings.seed * 1000 + k, max_new_tokens=options["max_new_tokens"],
-                                   batch_size=options["batch_size"])
+                                   seed=sample_seed, max_new_tokens=options["max_new_tokens"], batch_size=options["batch_size"])
     scores = [feedback.score(Query(image, prompt, {"scene": scene}), group)
               for scene, image, prompt, group in zip(scenes, images, prompts, candidates)]
-    pairs, pair_stats = build_pairs(candidates, scores, per_prompt=args.pairs_per_prompt, seed=settings.seed * 1000 + k)
-    logger.info("round %d: %s", k, pair_stats)
+    pairs, pair_stats = build_pairs(candidates, scores, per_prompt=args.pairs_per_prompt, seed=sample_seed)
+    logger.info("%s: %s", directory.name, pair_stats)
     if not pairs:
-        raise SystemExit(f"round {k}: no pair has a score gap >= 1 among {args.samples} samples of {len(prompts)} prompts; sample more")
+        raise SystemExit(f"{directory}: no pair has a score gap >= 1 among {args.samples} samples of {len(prompts)} prompts; sample more")
     train_file = write_pairs(pairs, images, prompts, directory / "pairs")
     exports = train_round(args, settings, base, train_file, len(pairs), directory / "run")
     validation = {}
     for export in exports:
         validation[export.name], _ = evaluate_model(load_model(export), settings, "val", settings.val_images, template)
-    best = max(exports, key=lambda e: selection_score(validation[e.name]))
+    best = directory / "run" / "exports" / select(validation, args.world, sft_validation)  # validation only: test is not read
     test, samples = evaluate_model(load_model(best), settings, "test", settings.test_images, template)
-    record = {"round": k, "selected": str(best), "pairs": pair_stats, "validation": validation, "test": test,
-              "sample_answers": samples[:3], "seconds": round(time.perf_counter() - started, 1)}
+    record = {"round": directory.name, "prompts": [lo, hi], "selected": str(best), "pairs": pair_stats, "validation": validation,
+              "test": test, "sample_answers": samples[:3], "seconds": round(time.perf_counter() - started, 1)}
     (directory / "selected.json").write_text(json.dumps(record, indent=2))
     return record
 
 
-def run_seed(args, seed: int) -> list[dict]:
+def seed_settings(args, seed: int) -> DemoSettings:
     overrides = {"output_dir": str(args.output_dir / f"seed{seed}"), "seed": seed, "num_threads": args.num_threads}
     if args.train_config:
         overrides["train_config"] = args.train_config
-    # built on the v1 world (its committed results); the v2 world is the demo's default
-    settings = DemoSettings.quick(world_version="v1", **overrides) if args.quick else DemoSettings.v1(**overrides)
-    run(settings, ("sft",))
+    if args.world == "v1":  # built on the v1 world (its committed results)
+        return DemoSettings.quick(world_version="v1", **overrides) if args.quick else DemoSettings.v1(**overrides)
+    return DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
+
+
+def run_seed(args, seed: int) -> dict:
+    """Round 0 (SFT), rounds 1..K, and (--one-round) the one-round baseline of one seed."""
+    settings = seed_settings(args, seed)
+    out = Path(settings.output_dir)
+    if args.sft_from and not (out / "sft" / "ddpo_model.json").is_file():
+        source = args.sft_from / f"seed{seed}"
+        shutil.copytree(source / "sft", out / "sft")
+        if (source / "gate.json").is_file():
+            shutil.copy(source / "gate.json", out / "gate.json")
+    run(settings, ("sft",) if args.world == "v1" else ("sft", "gate"))
     template = load_config(settings.train_config).data.template
-    feedback = make_feedback(args, template)
-    sft = Path(settings.output_dir) / "sft"
-    test, _ = evaluate_model(load_model(sft), settings, "test", settings.test_images, template)
-    rounds = [{"round": 0, "selected": str(sft), "test": test}]
+    feedback = make_feedback(args, template, settings)
+    sft = out / "sft"
+    sft_model = load_model(sft)
+    sft_validation, val_answers = evaluate_model(sft_model, settings, "val", settings.val_images, template)
+    _, val_images, val_prompts, _ = split(settings, "val", settings.val_images)
+    reference_logps = answer_token_logps(sft_model, val_prompts, val_answers, val_images, template)
+
+    def drift_of(path: str) -> float:
+        return drift(answer_token_logps(load_model(path), val_prompts, val_answers, val_images, template), reference_logps)
+
+    test, _ = evaluate_model(sft_model, settings, "test", settings.test_images, template)
+    rounds = [{"round": 0, "selected": str(sft), "test": test, "validation": {"sft": sft_validation}, "drift": 0.0}]
     base = sft
     for k in range(1, args.rounds + 1):
-        rounds.append(run_round(args, settings, k, base, template, feedback))
+        record = run_round(args, settings, out / "iterate" / f"round{k}", base, ((k - 1) * args.prompts, k * args.prompts),
+                           settings.seed * 1000 + k, template, feedback, sft_validation)
+        rounds.append({**record, "round": k, "drift": drift_of(record["selected"])})
         base = Path(rounds[-1]["selected"])
-    return rounds
+    result = {"rounds": rounds}
+    if args.world == "v2":
+        # the checkpoint to ship: rounds 0..K, each by its selected export's validation metrics
+        chosen = {str(r["round"]): r["validation"][Path(r["selected"]).name if r["round"] else "sft"] for r in rounds}
+        result["picked_round"] = int(select(chosen, "v2", sft_validation))
+    if args.one_round:
+        record = run_round(args, settings, out / "one_round" / "round1", sft, (0, args.rounds * args.prompts),
+                           settings.seed * 1000 + 101, template, feedback, sft_validation)
+        result["one_round"] = {**record, "drift": drift_of(record["selected"])}
+    return result
 
 
-def aggregate(per_seed: dict[int, list[dict]]) -> list[dict]:
-    """Per round: {metric: (mean, std)} of the test metrics over seeds, and the mean pair count."""
-    rounds = []
-    for k in range(len(next(iter(per_seed.values())))):
-        row = {"round": k}
-        for metric in SHOWN:
-            values = [seed_rounds[k]["test"][metric] for seed_rounds in per_seed.values()]
+def rows_of(result: dict) -> dict[str, dict]:
+    """One seed's rows: round 0..K, then (v2) the validation-picked round and the one-round baseline."""
+    rows = {f"round {r['round']}": r for r in result["rounds"]}
+    if "picked_round" in result:
+        rows["picked on validation"] = result["rounds"][result["picked_round"]]
+    if "one_round" in result:
+        rows["one round, same prompts"] = result["one_round"]
+    return rows
+
+
+def aggregate(per_seed: dict[int, dict], metrics: tuple[str, ...]) -> list[dict]:
+    """Per row: {metric: (mean, std)} of the test metrics over seeds, the mean pair count and drift."""
+    table = []
+    per_row = {seed: rows_of(result) for seed, result in per_seed.items()}
+    for name in next(iter(per_row.values())):
+        records = [rows[name] for rows in per_row.values()]
+        row = {"row": name}
+        for metric in metrics:
+            values = [r["test"][metric] for r in records]
             row[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-        row["pairs"] = statistics.fmean(r[k]["pairs"]["pairs"] for r in per_seed.values()) if k else 0
-        rounds.append(row)
-    return rounds
+        row["pairs"] = statistics.fmean(r["pairs"]["pairs"] if "pairs" in r else 0 for r in records)
+        row["drift"] = statistics.fmean(r.get("drift", 0.0) for r in records)
+        table.append(row)
+    return table
 
 
-def results_table(table: list[dict], args: argparse.Namespace, command: str) -> str:
+def differences(per_seed: dict[int, dict], rounds: int) -> dict:
+    """Paired differences over seeds (v2): the primary first (the validation-picked checkpoint of the
+    loop minus the one-round baseline), then each round and the baseline against SFT, and the last round
+    against the baseline; Holm over all but the primary."""
+    spec = importlib.util.spec_from_file_location("synthetic_v2", Path(__file__).with_name("synthetic_v2.py"))
+    stats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stats)
+    rows = {seed: rows_of(result) for seed, result in per_seed.items()}
+    pairs = {"picked on validation - one round (primary)": ("picked on validation", "one round, same prompts"),
+             f"round {rounds} - one round": (f"round {rounds}", "one round, same prompts"),
+             **{f"round {k} - SFT": (f"round {k}", "round 0") for k in range(1, rounds + 1)},
+             "one round - SFT": ("one round, same prompts", "round 0")}
+    out = {}
+    for label, (a, b) in pairs.items():
+        if not all(a in r and b in r for r in rows.values()):
+            continue
+        out[label] = {}
+        for metric in ("mention_hallucination_rate", "response_hallucination_rate", "companion_rate", "object_recall",
+                       "position_error_rate", "attribute_error_rate", "mean_response_words"):
+            diffs = [r[a]["test"][metric] - r[b]["test"][metric] for r in rows.values()]
+            out[label][metric] = (*stats.interval(diffs), stats.p_value(diffs))
+    primary = next(iter(out), None)
+    holm = stats.holm({k: v["mention_hallucination_rate"][3] for k, v in out.items() if k != primary})
+    return {"differences": out, "holm": holm, "primary": primary}
+
+
+def results_table(table: list[dict], args: argparse.Namespace, command: str, metrics: tuple[str, ...],
+                  per_seed: dict[int, dict], diffs: dict | None) -> str:
     lines = [
-        f"Iterative online DDPO on the synthetic world ({args.feedback} feedback): {args.prompts} prompts x {args.samples} "
+        f"Iterative online DDPO on the synthetic world {args.world} ({args.feedback} feedback): {args.prompts} prompts x {args.samples} "
         f"samples per round at temperature {args.temperature}, {args.pairs_per_prompt} pairs per prompt, gamma {args.gamma}, "
-        f"{args.epochs if args.max_steps < 0 else args.max_steps} {'epochs' if args.max_steps < 0 else 'steps'} per round; test split, greedy, mean ± std over seeds {args.seeds}. Round 0 = SFT.",
+        f"{args.epochs if args.max_steps < 0 else args.max_steps} {'epochs' if args.max_steps < 0 else 'steps'} per round; test split, greedy, "
+        f"mean ± std over seeds {args.seeds}. Round 0 = SFT.",
         "", "Command:", "", f"    {command}", "",
-        "| round | pairs | response hallucination | mention hallucination | object recall | words / answer | attribute err. | position err. | count err. |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    if args.world == "v2":
+        picks = ", ".join(f"seed {s}: round {r['picked_round']}" for s, r in per_seed.items() if "picked_round" in r)
+        lines += [f"Round picked on validation (rounds 0..{args.rounds}, the lab's rule): {picks}.", "",
+                  "Drift: mean per-token log-ratio of the row's model to SFT on SFT's greedy validation answers.", ""]
+    names = {m: m.replace("_rate", "").replace("_", " ").replace("mean response words", "words") for m in metrics}
+    lines += ["| row | pairs | " + " | ".join(names[m] for m in metrics) + " | drift |", "|---" * (len(metrics) + 3) + "|"]
     for row in table:
         cells = " | ".join(f"{row[m][0]:.3f} ± {row[m][1]:.3f}" if m != "mean_response_words" else f"{row[m][0]:.1f} ± {row[m][1]:.1f}"
-                           for m in SHOWN)
-        lines.append(f"| {row['round']} | {row['pairs']:.0f} | {cells} |")
+                           for m in metrics)
+        lines.append(f"| {row['row']} | {row['pairs']:.0f} | {cells} | {row['drift']:+.4f} |")
+    if diffs and diffs["differences"]:
+        fmt = lambda v, d=3: f"{v[0]:+.{d}f} [{v[1]:+.{d}f}, {v[2]:+.{d}f}]"  # noqa: E731
+        lines += ["", "Paired differences (a - b), test: mean [95% t-interval over seeds]; p: paired t-test on mention-level "
+                  "hallucination, Holm-adjusted over the secondary comparisons (the primary is not adjusted)", "",
+                  "| comparison | mention hall. | p (Holm) | response hall. | companion rate | recall | position err. | attribute err. | words |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for label, row in diffs["differences"].items():
+            p = row["mention_hallucination_rate"][3] if label == diffs["primary"] else diffs["holm"][label]
+            lines.append(f"| {label} | {fmt(row['mention_hallucination_rate'])} | {p:.3f} | {fmt(row['response_hallucination_rate'])} | "
+                         f"{fmt(row['companion_rate'])} | {fmt(row['object_recall'])} | {fmt(row['position_error_rate'])} | "
+                         f"{fmt(row['attribute_error_rate'])} | {fmt(row['mean_response_words'], 1)} |")
+    seconds = sum(r.get("seconds", 0) for result in per_seed.values() for r in [*result["rounds"], result.get("one_round", {})])
+    lines += ["", f"Wall time of the rounds (sample, label, train, validation and test evaluation; summed over seeds and rows; "
+                  f"on a shared machine it exceeds the CPU time): {seconds:.0f} s"]
     return "\n".join(lines) + "\n"
 
 
-def plot(table: list[dict], path: Path) -> None:
+def plot(table: list[dict], path: Path, metrics: tuple[str, ...]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    rounds = [row["round"] for row in table]
-    for ax, metric in zip(axes, SHOWN[:3]):
-        ax.errorbar(rounds, [row[metric][0] for row in table], yerr=[row[metric][1] for row in table], marker="o", capsize=3)
-        ax.set_xticks(rounds)
+    shown = ("mention_hallucination_rate", "object_recall", "position_error_rate") if "companion_rate" in metrics else SHOWN[:3]
+    rounds = [row for row in table if row["row"].startswith("round ")]
+    extra = [row for row in table if not row["row"].startswith("round ")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    x = [int(row["row"].split()[1]) for row in rounds]
+    for ax, metric in zip(axes, shown):
+        ax.errorbar(x, [row[metric][0] for row in rounds], yerr=[row[metric][1] for row in rounds], marker="o", capsize=3,
+                    label="loop: round k's selected export")
+        for row, style in zip(extra, ("r*", "gs")):
+            ax.errorbar([x[-1] + 0.15 if "picked" in row["row"] else x[-1] + 0.3], [row[metric][0]], yerr=[row[metric][1]],
+                        fmt=style, capsize=3, label=row["row"])
+        ax.set_xticks(x)
         ax.set_xlabel("round (0 = SFT)")
-        ax.set_title(metric.replace("_", " "), fontsize=9)
+        ax.set_ylabel(f"{metric.replace('_', ' ')}\n(test, greedy; mean ± std over seeds)", fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -207,8 +337,11 @@ def plot(table: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", choices=("v2", "v1"), default="v2", help="v2 (default) or v1, the negative control (module doc)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=4, help="K (RLAIF-V: 4)")
+    parser.add_argument("--one-round", action="store_true", help="also train once from SFT on all K rounds' prompts (module doc)")
+    parser.add_argument("--sft-from", type=Path, default=None, help="copy SFT models (and gate.json) from DIR/seed<S> when missing")
     parser.add_argument("--prompts", type=int, default=400, help="fresh prompts per round")
     parser.add_argument("--samples", type=int, default=8, help="N samples per prompt")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -221,19 +354,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the demo's --quick sizes (smoke run)")
     parser.add_argument("--train-config", default=None, help="ddpo train YAML (default: the demo's configs/synthetic/demo.yaml)")
     parser.add_argument("--num-threads", type=int, default=2)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/iterate"))
-    parser.add_argument("--results", type=Path, default=REPO / "experiments" / "results" / "iterate")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/iterate_v2"))
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results directory (default experiments/results/iterate_v2; v1: experiments/results/iterate)")
     args = parser.parse_args(argv)
+    args.results = args.results or REPO / "experiments" / "results" / ("iterate_v2" if args.world == "v2" else "iterate")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.num_threads)
     per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
-    table = aggregate(per_seed)
+    metrics = SHOWN_V2 if args.world == "v2" else SHOWN
+    table = aggregate(per_seed, metrics)
+    diffs = differences(per_seed, args.rounds) if args.world == "v2" and len(args.seeds) > 1 else None
     command = "python experiments/iterate.py " + " ".join(shlex.quote(a) for a in argv)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "results.json").write_text(json.dumps({"command": command, "rounds": table, "per_seed": per_seed}, indent=2))
-    text = results_table(table, args, command)
+    (args.results / "results.json").write_text(json.dumps({"command": command, "rows": table, "differences": diffs, "per_seed": per_seed},
+                                                          indent=2))
+    text = results_table(table, args, command, metrics, per_seed, diffs)
     (args.results / "results.md").write_text(text)
-    plot(table, args.results / "plot.png")
+    plot(table, args.results / "plot.png", metrics)
     print(text)
     return 0
 

@@ -165,6 +165,7 @@ def test_one_tiny_round_end_to_end(tmp_path):
     torch.manual_seed(0)
     sft = build_model(ModelConfig(arch="llava", preset="tiny"), tokenizer=build_tokenizer(synthetic_config(DemoSettings.quick()).world))
     sft.save_pretrained(out / "seed0" / "sft")  # round 0 exists: no SFT training here
+    (out / "seed0" / "gate.json").write_text(json.dumps({"passed": True}))  # and its gate: the v2 world checks it
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     results = tmp_path / "results"
@@ -184,8 +185,9 @@ def test_one_tiny_round_end_to_end(tmp_path):
     assert Path(round1["selected"]).name in exports
     # the round's reference cache was computed from the round's starting model
     assert (out / "seed0" / "iterate" / "round1" / "run" / "reference_cache" / "fingerprint.json").is_file()
-    table = json.loads((results / "results.json").read_text())["rounds"]
-    assert [r["round"] for r in table] == [0, 1]
+    saved = json.loads((results / "results.json").read_text())
+    assert [row["row"] for row in saved["rows"]] == ["round 0", "round 1", "picked on validation"]
+    assert [r["round"] for r in saved["per_seed"]["0"]["rounds"]] == [0, 1]
     assert "python experiments/iterate.py --quick" in (results / "results.md").read_text()
 
 

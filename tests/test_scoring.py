@@ -168,7 +168,7 @@ def test_best_of_n_experiment_end_to_end(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results_dir = tmp_path / "results"
-    assert module.main(["--demo-dir", str(demo), "--quick", "--images", "6", "--ns", "1", "2", "4",
+    assert module.main(["--world", "v1", "--demo-dir", str(demo), "--quick", "--images", "6", "--ns", "1", "2", "4",
                         "--num-threads", "1", "--results", str(results_dir)]) == 0
     results = json.loads((results_dir / "results.json").read_text())
     assert list(results["methods"]) == ["greedy"] + [f"{k}-of-{n}" for n in (1, 2, 4) for k in ("random", "best", "oracle")]
@@ -177,5 +177,5 @@ def test_best_of_n_experiment_end_to_end(tmp_path):
     # With N = 1 there is nothing to choose: best, random and oracle pick the same sample.
     one = [results["methods"][f"{k}-of-1"] for k in ("random", "best", "oracle")]
     assert one[0] == one[1] == one[2]
-    assert "python experiments/best_of_n.py --demo-dir" in (results_dir / "results.md").read_text()
+    assert "python experiments/best_of_n.py --world v1 --demo-dir" in (results_dir / "results.md").read_text()
     assert (results_dir / "plot.png").stat().st_size > 0

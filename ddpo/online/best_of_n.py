@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from PIL import Image
 
 from ddpo.online.scoring import implicit_rewards
@@ -65,3 +66,23 @@ def best_of_n(policy, reference, images: Sequence[Image.Image], prompts: Sequenc
     """(the highest-reward candidate per prompt, every candidate's reward)."""
     rewards = score_candidates(policy, reference, images, prompts, candidates, beta, template, variant, batch_size)
     return pick_best(candidates, rewards), rewards
+
+
+def pair_agreement(rewards: Sequence[Sequence[float]], truths: Sequence[Sequence[float]]) -> tuple[float, int]:
+    """How often a reward orders two samples of one prompt as the ground truth does: (agreements, pairs).
+
+    Over every unordered pair of one prompt's samples whose true scores differ (pairs the truth ties say
+    nothing about a ranking); a pair the reward ties counts one half (a coin flip breaks it). agreements /
+    pairs is 0.5 for a reward that knows nothing, 1 for one that orders like the truth.
+    """
+    agree, total = 0.0, 0
+    for k, (values, truth) in enumerate(zip(rewards, truths, strict=True)):
+        if len(values) != len(truth):
+            raise ValueError(f"prompt {k}: {len(values)} rewards but {len(truth)} true scores")
+        r, t = torch.tensor(values, dtype=torch.float64), torch.tensor(truth, dtype=torch.float64)
+        upper = torch.triu(torch.ones(len(r), len(r), dtype=torch.bool), diagonal=1)
+        dr, dt = (r[:, None] - r[None, :])[upper], (t[:, None] - t[None, :])[upper]
+        counted = dt != 0
+        total += int(counted.sum())
+        agree += float(((dr * dt > 0) & counted).sum()) + 0.5 * float(((dr == 0) & counted).sum())
+    return agree, total

@@ -52,7 +52,14 @@ class FeedbackSource(Protocol):
 # (a) the synthetic oracle
 # ------------------------------------------------------------------------------------------------
 class OracleFeedback:
-    """Exact feedback in the synthetic world: -(wrong claims + unreadable sentences) of each answer."""
+    """Exact feedback in the synthetic world: -(wrong claims + unreadable sentences) of each answer.
+
+    `empty_cells`: the world's language may say "at <cell> is nothing." (v2: `SyntheticConfig.empty_cells`);
+    it changes which object a phrase is matched to (data.synthetic.annotator.ground), so it must be the
+    world's setting, as in the metrics."""
+
+    def __init__(self, empty_cells: bool = False):
+        self.empty_cells = empty_cells
 
     def score(self, query: Query, answers: Sequence[str]) -> list[float]:
         scene = query.meta.get("scene")
@@ -60,7 +67,7 @@ class OracleFeedback:
             raise ValueError("OracleFeedback needs the synthetic scene of each prompt in query.meta['scene']")
         scores = []
         for answer in answers:
-            g = ground(scene, parse(answer))
+            g = ground(scene, parse(answer), self.empty_cells)
             scores.append(-float(len(g.errors) + len(g.parse.unparsed)))
         return scores
 

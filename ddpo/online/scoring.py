@@ -104,8 +104,24 @@ def implicit_rewards(policy, reference, images: Sequence[Image.Image], prompts: 
         raise ValueError(f"{len(reference_answers)} reference answers for {len(answers)} answers; give one (or None) per answer")
     policy_logps = answer_token_logps(policy, images, prompts, answers, template, batch_size)
     reference_logps = answer_token_logps(reference, images, prompts, answers, template, batch_size)
+    weights = None
+    if variant == "segment":
+        weights = [segment_weights(policy.tokenizer, template, answer, None if reference_answers is None else reference_answers[i], gamma)
+                   for i, answer in enumerate(answers)]
+    return rewards_from_logps(policy_logps, reference_logps, beta, variant, weights)
+
+
+def rewards_from_logps(policy_logps: Sequence[torch.Tensor], reference_logps: Sequence[torch.Tensor], beta: float,
+                       variant: str = "sum", weights: Optional[Sequence[torch.Tensor]] = None) -> list[float]:
+    """The implicit reward of each answer from its per-token log-probs under the policy and the reference
+    (module doc); `weights` (one [n_answer_tokens] tensor per answer, `segment_weights`) only for `segment`.
+    Lets one reference pass serve several policies and variants."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got '{variant}'")
+    if variant == "segment" and (weights is None or len(weights) != len(policy_logps)):
+        raise ValueError("the segment variant needs one weight tensor per answer (segment_weights)")
     rewards = []
-    for i, (p, r) in enumerate(zip(policy_logps, reference_logps)):
+    for i, (p, r) in enumerate(zip(policy_logps, reference_logps, strict=True)):
         if p.shape != r.shape:
             raise ValueError(f"answer {i}: the policy sees {len(p)} answer tokens, the reference {len(r)}; "
                              "the two models must share a tokenizer (the reference is the policy's starting model)")
@@ -115,8 +131,9 @@ def implicit_rewards(policy, reference, images: Sequence[Image.Image], prompts: 
         elif variant == "mean":
             value = ratio.mean()
         else:
-            ref_answer = reference_answers[i] if reference_answers is not None else None
-            value = (segment_weights(policy.tokenizer, template, answers[i], ref_answer, gamma) * ratio).sum()
+            if weights[i].shape != ratio.shape:
+                raise ValueError(f"answer {i}: {len(weights[i])} weights for {len(ratio)} answer tokens")
+            value = (weights[i] * ratio).sum()
         rewards.append(beta * float(value))
     return rewards
 
