@@ -26,11 +26,9 @@ from models.build import load_model
 
 
 @torch.no_grad()
-def token_logps(model, dataset: PairDataset, collate: PairCollator, batch_size: int = 64):
-    """Per batch: (chosen, rejected) token log-probs [B, T-1] and the batch (for its masks)."""
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        yield model(batch), batch
+def token_logps(model, batches: list) -> list[torch.Tensor]:
+    """Per batch: the token log-probs [2B, T-1] of its answers (chosen rows first)."""
+    return [torch.cat(model(batch)) for batch in batches]
 
 
 def locality(seed_dir: Path, seed: int, runs: list[str]) -> dict:
@@ -41,15 +39,17 @@ def locality(seed_dir: Path, seed: int, runs: list[str]) -> dict:
     dataset = PairDataset(records, PairEncoder.from_config(cfg.data, sft.tokenizer, sft.image_placeholder))
     collate = PairCollator(pad_token_id=sft.tokenizer.pad_token_id, padding_side=cfg.data.padding_side,
                            image_transform=sft.preprocess_images)
-    reference = [(torch.cat(logps), batch) for logps, batch in token_logps(sft, dataset, collate)]
+    # encoded and collated once (images decoded once), then run through every model
+    batches = [collate([dataset[i] for i in range(start, min(start + 64, len(dataset)))]) for start in range(0, len(dataset), 64)]
+    reference = token_logps(sft, batches)
     out = {}
     for run in runs:
         policy = load_model(seed_dir / "runs" / run / "final")
         sums = {k: 0.0 for k in ("chosen_corrected", "chosen_unchanged", "rejected_corrected", "rejected_unchanged")}
         counts = dict.fromkeys(sums, 0)
         mass = {"corrected": 0.0, "all": 0.0}
-        for (logps, batch), (ref, _) in zip(token_logps(policy, dataset, collate), reference):
-            ratio = torch.cat(logps) - ref  # [2B, T-1], chosen rows first
+        for batch, logps, ref in zip(batches, token_logps(policy, batches), reference):
+            ratio = logps - ref  # [2B, T-1], chosen rows first
             b = batch.num_pairs
             for side, rows in (("chosen", slice(0, b)), ("rejected", slice(b, 2 * b))):
                 answer, corrected = batch.answer_mask[rows], batch.corrected[rows] & batch.answer_mask[rows]

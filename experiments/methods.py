@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from ddpo.lab.demo import DemoSettings, GateError, run
-from experiments.synthetic_v2 import CLAIM_ERRORS, PRIMARY, RECALL_SLACK, fmt, holm, interval, p_value
+from experiments.synthetic_v2 import CLAIM_ERRORS, PRIMARY, RECALL_SLACK, best_lr, fmt, holm, interval, p_value, seed_dots
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO / "configs" / "methods"
@@ -67,13 +67,7 @@ def lr_grid(args) -> dict:
     results = json.loads((Path(settings.output_dir) / "results.json").read_text())
     (Path(settings.output_dir) / "grid_results.json").write_text(json.dumps(results, indent=2))  # compare rewrites results.json
     validation, sft_recall = results["validation"], results["validation"]["sft"]["object_recall"]
-    choice = {}
-    for recipe in args.recipes:
-        names = {lr: grid_name(recipe, lr) for lr in grid}
-        keep = [lr for lr in grid if validation[names[lr]]["object_recall"] >= sft_recall - RECALL_SLACK]
-        if not keep:  # no lr keeps recall: the one that costs least of it (said so in the table)
-            keep = [max(grid, key=lambda lr: validation[names[lr]]["object_recall"])]
-        choice[recipe] = min(keep, key=lambda lr: validation[names[lr]][PRIMARY])
+    choice = {recipe: best_lr(validation, {lr: grid_name(recipe, lr) for lr in grid}) for recipe in args.recipes}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"lr grid, seed 0, validation split (greedy); recall bar: SFT {sft_recall:.3f} - {RECALL_SLACK}", "",
@@ -172,19 +166,9 @@ def plot(per_seed: dict, seeds: list, names: list[str], path: Path) -> None:
               ("attribute_error_rate", "attribute error rate"))
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(16, 3.8))
     for ax, (key, label) in zip(axes, panels):
-        for i, name in enumerate(names):
-            vals = [per_seed[s]["methods"][name][key] for s in seeds]
-            ax.scatter([i] * len(vals), vals, s=12, color="#4c72b0", alpha=0.6)
-            ax.plot([i - 0.3, i + 0.3], [statistics.fmean(vals)] * 2, color="black")
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(f"{label}\n(test, greedy; dots = seeds)", fontsize=8)
-    ax = axes[-1]
-    for i, name in enumerate(names):
-        vals = [per_seed[s]["drift"][name] for s in seeds]
-        ax.scatter([i] * len(vals), vals, s=12, color="#dd8452", alpha=0.6)
-        ax.plot([i - 0.3, i + 0.3], [statistics.fmean(vals)] * 2, color="black")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("drift from SFT: mean per-token log-ratio\non SFT's validation answers (dots = seeds)", fontsize=8)
+        seed_dots(ax, {n: [per_seed[s]["methods"][n][key] for s in seeds] for n in names}, f"{label}\n(test, greedy; dots = seeds)")
+    seed_dots(axes[-1], {n: [per_seed[s]["drift"][n] for s in seeds] for n in names},
+              "drift from SFT: mean per-token log-ratio\non SFT's validation answers (dots = seeds)", color="#dd8452")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

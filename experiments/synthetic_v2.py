@@ -74,25 +74,26 @@ def grid_name(overrides: dict) -> str:
             f"_lr{overrides['train.learning_rate']:g}")
 
 
+def best_lr(validation: dict, runs: dict[float, str]) -> float:
+    """Of runs {lr: run name}, the lr with the lowest validation mention-level hallucination among those
+    keeping recall within RECALL_SLACK of SFT (if none does, the one that costs least recall)."""
+    sft_recall = validation["sft"]["object_recall"]
+    keep = [lr for lr, name in runs.items() if validation[name]["object_recall"] >= sft_recall - RECALL_SLACK]
+    keep = keep or [max(runs, key=lambda lr: validation[runs[lr]]["object_recall"])]
+    return min(keep, key=lambda lr: validation[runs[lr]][PRIMARY])
+
+
 def choose(validation: dict, norm: str, grid: tuple[float, ...]) -> dict:
     """The lr choice on validation: shared (DPO and DDPO at one lr: the lowest mean of their mention-level
-    hallucination among lrs where both keep recall within RECALL_SLACK of SFT) and per method."""
+    hallucination among lrs where both keep recall within RECALL_SLACK of SFT) and per method (`best_lr`)."""
     sft_recall = validation["sft"]["object_recall"]
-
-    def ok(name: str) -> bool:
-        return validation[name]["object_recall"] >= sft_recall - RECALL_SLACK
-
-    def score(name: str) -> float:
-        return validation[name][PRIMARY]
-
     names = {lr: (f"dpo_{norm}_lr{lr:g}", f"ddpo_{norm}_g5_lr{lr:g}") for lr in grid}
-    shared = [lr for lr in grid if all(ok(n) for n in names[lr])]
+    shared = [lr for lr in grid if all(validation[n]["object_recall"] >= sft_recall - RECALL_SLACK for n in names[lr])]
     if not shared:  # no lr keeps recall: the one that costs least of it (reported as such)
         shared = [max(grid, key=lambda lr: min(validation[n]["object_recall"] for n in names[lr]))]
-    out = {"shared": min(shared, key=lambda lr: sum(score(n) for n in names[lr]))}
+    out = {"shared": min(shared, key=lambda lr: sum(validation[n][PRIMARY] for n in names[lr]))}
     for k, label in enumerate(("dpo", "ddpo")):
-        allowed = [lr for lr in grid if ok(names[lr][k])] or [max(grid, key=lambda lr: validation[names[lr][k]]["object_recall"])]
-        out[label] = min(allowed, key=lambda lr: score(names[lr][k]))
+        out[label] = best_lr(validation, {lr: names[lr][k] for lr in grid})
     return out
 
 
@@ -358,6 +359,15 @@ def matched_drift(per_seed: dict, seeds: list, names: list[str]) -> dict:
     return out
 
 
+def seed_dots(ax, values: dict[str, list[float]], ylabel: str, color: str = "#4c72b0") -> None:
+    """One column per run: a dot per seed and a bar at the mean."""
+    for i, vals in enumerate(values.values()):
+        ax.scatter([i] * len(vals), vals, s=12, color=color, alpha=0.6)
+        ax.plot([i - 0.3, i + 0.3], [statistics.fmean(vals)] * 2, color="black")
+    ax.set_xticks(range(len(values)), list(values), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+
+
 def plot(per_seed: dict, seeds: list, names: list[str], out: Path) -> None:
     import matplotlib
 
@@ -367,12 +377,7 @@ def plot(per_seed: dict, seeds: list, names: list[str], out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in zip(axes, (PRIMARY, "companion_rate", "object_recall"),
                               ("mention-level object hallucination", "companion rate (absent partner named)", "object recall")):
-        for i, name in enumerate(names):
-            vals = [per_seed[s]["methods"][name][key] for s in seeds]
-            ax.scatter([i] * len(vals), vals, s=12, color="#4c72b0", alpha=0.6)
-            ax.plot([i - 0.3, i + 0.3], [statistics.fmean(vals)] * 2, color="black")
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(f"{label}\n(test, greedy; dots = seeds)", fontsize=8)
+        seed_dots(ax, {n: [per_seed[s]["methods"][n][key] for s in seeds] for n in names}, f"{label}\n(test, greedy; dots = seeds)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
