@@ -1,36 +1,33 @@
-"""When does dense weighting beat vanilla DPO? A map over answer length, corrected segments,
-normalisation and gamma, on the synthetic world.
+"""Where does dense weighting act? DDPO vs DPO over answer length and normalisation, on the v2 world.
 
-    python experiments/dense_regime.py                  # default grid: 2 lengths x 2 segment levels, ~30 min
-    python experiments/dense_regime.py --grid full      # 4 lengths x 3 segment levels x 4 gammas, ~2 h
-    python experiments/dense_regime.py --grid corners --sft-from runs/dense_regime/full
-                                                        # the full grid's corners at 1.4k pairs, 30 min
-    python experiments/dense_regime.py --aggregate-only # tables and plots from the finished points (or, without
-                                                        # run directories, from the committed results.json)
+    # every (seed, length) point: its SFT model, on-policy pairs, the runs of the chosen parts, eval
+    python -m experiments.dense_regime run --seeds 0 1 3 4 5 --lengths 120 15 55 \
+        --parts primary matched gamma sum rescaled --reuse-middle runs/synthetic_v2
+    # tables and plots from the finished points (or, without run directories, from the committed json)
+    python -m experiments.dense_regime aggregate
 
-Design (one seed = one independent replicate; nothing is chosen per seed):
-  per (seed, answer length)       one SFT model: the demo's SFT stage in the study world, whose captions
-                                  carry the world's systematic biases (noise.py);
-  per (.., segments per answer)   one set of preference pairs: captions with that many errors per answer
-                                  on average in RLHF-V's correction-type mix (the types a length cannot
-                                  hold, e.g. relations in short answers, spread over the others), chosen
-                                  = the oracle's minimal correction (renames, rewrites, deleted clauses);
-  per (.., normalisation, gamma)  one `ddpo train` run from that SFT model on those pairs (gamma 1 =
-                                  vanilla DPO), launched by the sweep launcher (ddpo/sweep.py; its
-                                  resolved config.yaml in runs/<method>/; `--launcher local|deepspeed` for a
-                                  process per run) and evaluated greedily on the seed's validation and test images.
-
-Every run uses the same fixed budget (configs/synthetic/demo.yaml: 2 epochs, lr 1e-5, beta 0.5 with
-summed log-probs), fixed before any test metric was looked at. With the mean, beta is 0.5 x the
-point's mean answer length in tokens: a mean log-prob is that many times smaller than the sum and
-the DPO gradient scales with beta, so both normalisations start at the same step size. Results: RESULTS/results.md (per point: each run's metrics as
-mean ± std over seeds, and the DDPO - DPO difference with a 95% t-interval over seeds), results.json,
-and gap_vs_length.png / gap_vs_segments.png / gap_vs_corrected_share.png.
+Design (pre-registered in experiments/results/dense_regime/README.md before any test number was read):
+  per (seed, length)   one SFT model. The 55-word one is the v2 lab's (experiments/synthetic_v2.py;
+                       `--reuse-middle` links its SFT model, pairs and identical runs instead of
+                       retraining them); the 15- and 120-word ones continue its supervised fine-tuning
+                       for SFT_STEPS steps on captions of that length (its perception kept), and must pass
+                       the same perception gate. Pairs are on-policy: the model's own sampled answers,
+                       minimally corrected by the oracle (the demo's sample and annotate stages).
+  per run              one `ddpo train` from that SFT model on those pairs, through the sweep launcher
+                       (ddpo/sweep.py), evaluated greedily on the seed's validation and test images.
+Runs (parts): every lr is the v2 lab's validation choice at 55 words (3e-6), never re-tuned here.
+    primary   dpo_mean, ddpo_mean_g5            Eq. 5 weighted mean at fixed beta 0.5 (the paper's regime)
+    matched   dpo_mean_lr1e-05                  DPO's drift ladder: gammas are compared at matched drift too
+    gamma     ddpo_mean_g2, ddpo_mean_g10
+    sum       dpo_sum, ddpo_sum_g5, dpo_sum_lr1e-05   the released code's weighted sum, beta 0.5
+    rescaled  dpo_rescaled, ddpo_rescaled_g5    the mean with beta = 0.5 x the point's mean answer tokens:
+                                                the sum's step size for DPO, but gamma no longer enlarges it
+    sumtuned  ddpo_sum_g5_lr3e-05, dpo_sum_lr3e-05   DDPO-sum at its own validation lr (55 words), DPO's ladder
+                                                extended to it; compared at matched drift
 """
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import statistics
@@ -40,314 +37,275 @@ from pathlib import Path
 
 from ddpo import sweep
 from ddpo.config import save_config
-from ddpo.lab.demo import DemoSettings, run, train_config
+from ddpo.lab.demo import DemoSettings, GateError, run, train_config
+from experiments.synthetic_v2 import CLAIM_ERRORS, PRIMARY, answer_tokens, at_drift, fmt, holm, interval, p_value
 
 REPO = Path(__file__).resolve().parents[1]
-
-# The study world: up to 5 objects and biases on every shape, more colours and every non-centre cell,
-# so that long answers have room for several corrected segments of every type.
-WORLD = {"max_objects": 5, "partners": {"circle": "square", "square": "circle", "triangle": "diamond", "diamond": "triangle"}}
-NOISE = {
-    "color_confusions": {"pink": "red", "purple": "blue", "yellow": "green", "green": "yellow"},
-    "position_bias": {"top center": "center", "middle left": "center", "middle right": "center", "bottom center": "center",
-                      "top left": "top center", "top right": "top center", "bottom left": "bottom center", "bottom right": "bottom center"},
+RESULTS = REPO / "experiments" / "results" / "dense_regime"
+MIDDLE = 55  # the v2 lab's answer length (target words)
+SFT_STEPS = 300  # continued SFT at another length, from the 55-word model
+BETA, LR, LR_HIGH, LR_SUM_DDPO = 0.5, 3e-6, 1e-5, 3e-5  # LR_SUM_DDPO: DDPO-sum's own validation lr at 55 words
+PARTS = ("primary", "matched", "gamma", "sum", "rescaled", "sumtuned")
+PRIMARY_LENGTH = 120  # the pre-registered endpoint: ddpo_mean_g5 - dpo_mean at the longest answers
+# run -> (gamma, normalisation, lr, beta rescaled by length?)
+RUNS = {
+    "primary": {"dpo_mean": (1.0, "mean", LR, False), "ddpo_mean_g5": (5.0, "mean", LR, False)},
+    "matched": {"dpo_mean_lr1e-05": (1.0, "mean", LR_HIGH, False)},
+    "gamma": {"ddpo_mean_g2": (2.0, "mean", LR, False), "ddpo_mean_g10": (10.0, "mean", LR, False)},
+    "sum": {"dpo_sum": (1.0, "sum", LR, False), "ddpo_sum_g5": (5.0, "sum", LR, False), "dpo_sum_lr1e-05": (1.0, "sum", LR_HIGH, False)},
+    "rescaled": {"dpo_rescaled": (1.0, "mean", LR, True), "ddpo_rescaled_g5": (5.0, "mean", LR, True)},
+    "sumtuned": {"ddpo_sum_g5_lr3e-05": (5.0, "sum", LR_SUM_DDPO, False), "dpo_sum_lr3e-05": (1.0, "sum", LR_SUM_DDPO, False)},
 }
-BETA = 0.5
-GRIDS = {
-    "default": dict(lengths=[15, 60], segments=[1.0, 4.0], gammas=[1.0, 5.0], seeds=[0, 1, 2], max_pairs=600),
-    "full": dict(lengths=[15, 30, 60, 120], segments=[1.0, 2.5, 5.0], gammas=[1.0, 2.0, 5.0, 10.0], seeds=[0, 1, 2], max_pairs=600),
-    # The full grid's corners at the paper's 1.4k pairs (86 steps), the budget at which the synthetic
-    # ablation separates DPO and DDPO; the full grid's 600 pairs keep it under 3 hours, this one tests
-    # whether a gap there is only too small to see. Fixed before the full grid's test numbers were read.
-    "corners": dict(lengths=[15, 120], segments=[1.0, 5.0], gammas=[1.0, 5.0], seeds=[0, 1, 2], max_pairs=1400),
-}
-NORMALIZATIONS = ("sum", "mean")
-# Sizes per point: smaller than the demo's so that the full grid fits in ~2 hours on 2 CPU cores.
-SIZES = dict(sft_examples=6000, sft_steps=1200, val_images=200, test_images=400)
-REPORTED = ("mention_hallucination_rate", "response_hallucination_rate", "object_recall")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # two-sided t quantiles
+LAB_NAMES = {"ddpo_sum_g5_lr3e-05": "ddpo_sum_g5_tuned"}  # the lab's name for the same run, where it differs
+# DDPO - DPO comparisons at equal lr (same normalisation) and the DPO ladders read at matched drift
+GAPS = {"ddpo_mean_g5": "dpo_mean", "ddpo_mean_g2": "dpo_mean", "ddpo_mean_g10": "dpo_mean",
+        "ddpo_sum_g5": "dpo_sum", "ddpo_rescaled_g5": "dpo_rescaled"}
+LADDERS = {"mean": ("dpo_mean", "dpo_mean_lr1e-05"), "sum": ("dpo_sum", "dpo_sum_lr1e-05", "dpo_sum_lr3e-05")}
+MATCHED = {"ddpo_mean_g2": "mean", "ddpo_mean_g5": "mean", "ddpo_mean_g10": "mean", "ddpo_sum_g5": "sum", "ddpo_sum_g5_lr3e-05": "sum"}
+REPORTED = (PRIMARY, "response_hallucination_rate", "companion_rate", "object_recall", *CLAIM_ERRORS)
 
 
-def method_name(norm: str, gamma: float) -> str:
-    return f"{norm}_g{gamma:g}"
+def point_dir(root: Path, seed: int, length: int) -> Path:
+    return root / f"seed{seed}" / f"words{length}"
 
 
-def methods(gammas: list[float], answer_tokens: float) -> dict[str, dict]:
+def methods(parts: list[str], tokens: float) -> dict[str, dict]:
     out = {}
-    for norm in NORMALIZATIONS:
-        for gamma in gammas:
-            beta = BETA if norm == "sum" else round(BETA * answer_tokens, 1)
-            out[method_name(norm, gamma)] = {"loss.gamma": gamma, "loss.normalize": norm, "loss.beta": beta}
+    for part in parts:
+        for name, (gamma, norm, lr, rescaled) in RUNS[part].items():
+            out[name] = {"loss.gamma": gamma, "loss.normalize": norm, "train.learning_rate": lr,
+                         "loss.beta": round(BETA * tokens, 2) if rescaled else BETA}
     return out
 
 
-def point_dir(root: Path, seed: int, length: int, segments: float) -> Path:
-    return root / f"seed{seed}" / f"words{length}" / f"segments{segments:g}"
+def link_middle(point: Path, lab: Path) -> None:
+    """The 55-word point is the v2 lab's seed directory: link its SFT model, gate, pairs, reference cache
+    and the runs whose settings are identical (same names there), so they are not retrained."""
+    point.mkdir(parents=True, exist_ok=True)
+    for name in ("sft", "gate.json", "pairs", "reference_cache"):
+        if not (point / name).exists() and (lab / name).exists():
+            (point / name).symlink_to((lab / name).resolve())
+    (point / "runs").mkdir(exist_ok=True)
+    for part in ("primary", "matched", "gamma", "sum", "sumtuned"):
+        for name in RUNS[part]:
+            twin = lab / "runs" / LAB_NAMES.get(name, name)
+            if (twin / "final").is_dir() and not (point / "runs" / name).exists():
+                (point / "runs" / name).symlink_to(twin.resolve(), target_is_directory=True)
 
 
-def run_point(root: Path, seed: int, length: int, segments: float, gammas: list[float], max_pairs: int,
-              sft_from: Path | None = None, launcher: str = "inline") -> dict:
-    """Train and evaluate every (normalisation, gamma) of one point; the SFT model is shared by all
-    segment levels of a (seed, length) through a symlink to the first one's, or to `sft_from`'s (another
-    grid's output directory: the SFT model depends only on the seed and the length)."""
-    out = point_dir(root, seed, length, segments)
-    sft_home = root / f"seed{seed}" / f"words{length}" / "sft"
-    settings = DemoSettings.v1(output_dir=str(out), seed=seed, answer_words=length, world=WORLD, noise=NOISE,
-                            pair_errors=segments, max_pairs=max_pairs, **SIZES)
-    shared = sft_from / sft_home.relative_to(root) if sft_from else None
-    if not (sft_home / "ddpo_model.json").is_file() and shared and (shared / "ddpo_model.json").is_file():
-        sft_home.parent.mkdir(parents=True, exist_ok=True)
-        sft_home.symlink_to(shared.resolve(), target_is_directory=True)
-    if not (sft_home / "ddpo_model.json").is_file():
-        run(DemoSettings(**{**settings.__dict__, "output_dir": str(sft_home.parent)}), ["sft"])
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "sft").exists():
-        (out / "sft").symlink_to(sft_home.resolve(), target_is_directory=True)
-    run(settings, ["annotate"])
-    stats = json.loads((out / "pairs" / "stats.json").read_text())
-    answer_tokens = 1.2 * stats["rejected_words"]  # + punctuation: ~1.2 tokens per word in this grammar
-    settings.methods = methods(gammas, answer_tokens)
-    train_runs(settings, out, launcher)
-    return run(settings, ["eval"])
+def settings_for(root: Path, seed: int, length: int, num_threads: int) -> DemoSettings:
+    middle_sft = point_dir(root, seed, MIDDLE) / "sft"
+    other = {} if length == MIDDLE else dict(sft_init=str(middle_sft), sft_steps=SFT_STEPS)
+    return DemoSettings(output_dir=str(point_dir(root, seed, length)), seed=seed, answer_words=length, sampled_eval=False,
+                        num_threads=num_threads, **other)
 
 
-def train_runs(settings: DemoSettings, out: Path, launcher: str) -> None:
-    """The point's (normalisation, gamma) runs through the sweep launcher: one resolved config.yaml per
-    run under out/runs/<method> (where the eval stage looks), finished runs skipped, interrupted ones
-    resumed; `launcher` as in ddpo/sweep.py (inline by default: no start-up cost per run)."""
+def run_point(root: Path, seed: int, length: int, parts: list[str], lab: Path | None, num_threads: int) -> None:
+    out = point_dir(root, seed, length)
+    if lab is not None:  # every length starts from the lab's 55-word SFT model
+        link_middle(point_dir(root, seed, MIDDLE), lab / f"seed{seed}")
+    settings = settings_for(root, seed, length, num_threads)
+    run(settings, ["sft", "gate", "sample", "annotate"])  # raises GateError if the SFT model misses the gate
+    settings.methods = methods(parts, answer_tokens(out / "pairs" / "train.jsonl"))
+    train_runs(settings, out)
+    run(settings, ["eval"])  # evaluates only runs without an up-to-date eval.json
+
+
+def train_runs(settings: DemoSettings, out: Path) -> None:
+    """The point's runs through the sweep launcher (inline: one process, no start-up per run): one resolved
+    config.yaml per run under out/runs/<name>; finished runs skipped, interrupted ones resumed."""
     base = out / "runs" / "base.yaml"
     base.parent.mkdir(parents=True, exist_ok=True)
     save_config(train_config(settings, out, out / "runs", {}), base)
-    spec = sweep.SweepSpec(base=str(base), output_dir=out / "runs", grid={}, seeds=None, overrides={},
-                           eval_files=[], plot_metrics=[])
-    points = [sweep.Point(m, dict(overrides), out / "runs" / m) for m, overrides in settings.methods.items()]
+    spec = sweep.SweepSpec(base=str(base), output_dir=out / "runs", grid={}, seeds=None, overrides={}, eval_files=[], plot_metrics=[])
+    points = [sweep.Point(m, dict(overrides), out / "runs" / m) for m, overrides in settings.methods.items()
+              if not (out / "runs" / m / "final").is_dir()]
     sweep.write_configs(spec, points)
-    failed = sweep.launch(spec, points, lambda p: sweep.command(p, launcher), dry_run=False, world_size=None,
-                          inline=launcher == "inline")
+    failed = sweep.launch(spec, points, lambda p: sweep.command(p, "inline"), dry_run=False, world_size=None, inline=True)
     if failed:
         raise RuntimeError(f"{out}: run(s) {', '.join(failed)} failed (see their train.log); rerun the same command to resume")
 
 
-def word_edits(pairs_file: Path) -> tuple[float, dict[str, int]]:
-    """How the chosen answers differ from the rejected ones by a word diff: the mean share of the
-    rejected answer's words changed (what dense weighting up-weights; the trainer diffs tokens, words
-    are close here) and the number of edits of each kind (replace, delete, insert)."""
-    shares, kinds = [], {"replace": 0, "delete": 0, "insert": 0}
-    for line in pairs_file.read_text().splitlines():
-        row = json.loads(line)
-        rejected, chosen = row["rejected"].split(), row["chosen"].split()
-        edits = [(op, i2 - i1) for op, i1, i2, _, _ in difflib.SequenceMatcher(None, rejected, chosen, autojunk=False).get_opcodes()
-                 if op != "equal"]
-        shares.append(sum(n for _, n in edits) / max(len(rejected), 1))
-        for op, _ in edits:
-            kinds[op] += 1
-    return statistics.fmean(shares), kinds
-
-
-def interval(values: list[float]) -> tuple[float, float, float, float]:
-    """(mean, low, high, std): the mean, its 95% t-interval and the standard deviation (0 for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, mean, mean, 0.0
-    std = statistics.stdev(values)
-    half = T95.get(len(values) - 1, 1.96) * std / math.sqrt(len(values))
-    return mean, mean - half, mean + half, std
-
-
-def aggregate(root: Path, grid: dict) -> dict:
-    """{point: {pair statistics, "runs": {method: {metric: [per-seed values]}}}} from the finished
-    points' results.json (a point missing for some seed is reported with the seeds it has)."""
-    table: dict = {}
-    for length in grid["lengths"]:
-        for segments in grid["segments"]:
-            key = f"words{length}_segments{segments:g}"
-            done = [d for seed in grid["seeds"] if ((d := point_dir(root, seed, length, segments)) / "results.json").is_file()]
-            if not done:
-                continue
-            results = [json.loads((d / "results.json").read_text()) for d in done]
-            edits = [word_edits(d / "pairs" / "train.jsonl") for d in done if (d / "pairs" / "train.jsonl").is_file()]
-            runs = {m: {k: [r["methods"][m][k] for r in results] for k in (*REPORTED, "mean_response_words")}
-                    for m in results[0]["methods"]}
-            validation = {m: {k: [r["validation"][m][k] for r in results] for k in REPORTED} for m in results[0]["validation"]}
-            pair_stats = [r["pairs"] for r in results]
-            table[key] = {
-                "answer_words_target": length, "segments_target": segments, "seeds": len(results),
-                "rejected_words": statistics.fmean(p["rejected_words"] for p in pair_stats),
-                "corrections_per_pair": statistics.fmean(p["corrections_per_pair"] for p in pair_stats),
-                "corrected_word_share": statistics.fmean(share for share, _ in edits) if edits else None,
-                "edits": {k: sum(kinds[k] for _, kinds in edits) for k in ("replace", "delete", "insert")} if edits else None,
-                "corrections": {t: sum(p["corrections"].get(t, 0) for p in pair_stats) for t in
-                                sorted({t for p in pair_stats for t in p["corrections"]})},
-                "runs": runs, "validation_runs": validation,
-            }
-    return table
-
-
-def add_gaps(table: dict) -> dict:
-    """Per point, DDPO - DPO of every gamma > 1 against gamma 1 with the same normalisation, seed by
-    seed (the runs of a seed share the SFT model and the pairs): {method: {metric: interval(...)}},
-    on the test split ("gaps") and, where the runs' validation metrics were kept, on validation."""
-    for p in table.values():
-        p["gaps"] = differences(p["runs"])
-        if p.get("validation_runs"):
-            p["validation_gaps"] = differences(p["validation_runs"])
-    return table
-
-
-def differences(runs: dict) -> dict:
-    gaps = {}
-    for m in runs:
-        if m == "sft":  # the runs' shared starting point, not a DPO variant
+# ------------------------------------------------------------------------------------------------
+# Aggregation
+# ------------------------------------------------------------------------------------------------
+def collect(root: Path, seeds: list[int], lengths: list[int]) -> dict:
+    """{length: {"seeds": [...], "pairs": [stats per seed], "gate": [...], "test"/"validation": {run: {metric:
+    [per seed]}}, "drift": {run: [per seed]}}} over the seeds whose point has results.json."""
+    table = {}
+    for length in lengths:
+        done = [(s, json.loads(f.read_text())) for s in seeds if (f := point_dir(root, s, length) / "results.json").is_file()]
+        if not done:
             continue
-        norm, gamma = m.rsplit("_g", 1)
-        if float(gamma) != 1.0:
-            dpo = runs[method_name(norm, 1.0)]
-            gaps[m] = {k: interval([a - b for a, b in zip(runs[m][k], dpo[k])]) for k in REPORTED}
-    return gaps
+        runs = [r for r in done[0][1]["methods"] if all(r in res["methods"] for _, res in done)]
+        table[str(length)] = {
+            "seeds": [s for s, _ in done],
+            "pairs": [res["pairs"] for _, res in done],
+            "gate": [res.get("gate", {}) for _, res in done],
+            "test": {r: {k: [res["methods"][r][k] for _, res in done] for k in (*REPORTED, "mean_response_words")} for r in runs},
+            "validation": {r: {k: [res["validation"][r][k] for _, res in done] for k in REPORTED} for r in runs},
+            "drift": {r: [res["drift"][r] for _, res in done] for r in runs},
+        }
+    return table
 
 
-def fmt(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+def gaps(point: dict, split: str) -> dict:
+    """DDPO - DPO per seed (same normalisation, same lr) for every metric: {run: {metric: (mean, lo, hi, p)}}."""
+    runs = point[split]
+    out = {}
+    for run_name, dpo in GAPS.items():
+        if run_name in runs and dpo in runs:
+            out[run_name] = {k: (*interval(d := [a - b for a, b in zip(runs[run_name][k], runs[dpo][k])]), p_value(d))
+                             for k in runs[run_name]}
+    return out
 
 
-def strongest_gamma(table: dict) -> float:
-    return max(float(m.split("_g")[1]) for p in table.values() for m in p["gaps"])
+def matched(point: dict) -> dict:
+    """DDPO - DPO with DPO read at DDPO's drift (piecewise linear over DPO's lr ladder, per seed)."""
+    out = {}
+    for run_name, norm in MATCHED.items():
+        ladder = [n for n in LADDERS[norm] if n in point["test"]]
+        if run_name not in point["test"] or len(ladder) < 2:
+            continue
+        row = {"drift": statistics.fmean(point["drift"][run_name]),
+               "dpo_drift": [statistics.fmean(point["drift"][n]) for n in ladder], "extrapolated": 0}
+        for key in (PRIMARY, "object_recall"):
+            diffs = []
+            for i in range(len(point["seeds"])):
+                value, outside = at_drift([(point["drift"][n][i], point["test"][n][key][i]) for n in ladder], point["drift"][run_name][i])
+                row["extrapolated"] += outside and key == PRIMARY
+                diffs.append(point["test"][run_name][key][i] - value)
+            row[key] = (*interval(diffs), p_value(diffs))
+        out[run_name] = row
+    return out
 
 
-def map_table(table: dict) -> list[str]:
-    """The whole grid in one table: DDPO at the strongest gamma minus vanilla DPO, per point and normalisation."""
-    gamma = strongest_gamma(table)
-    head = " | ".join(f"{norm}: {k} [95% CI]" for norm in NORMALIZATIONS for k in ("mention", "response"))
-    lines = [f"## Map: DDPO (gamma {gamma:g}) - DPO in hallucination rate", "",
-             f"| words | segments | corrections / pair | corrected words | {head} |", "|---" * 8 + "|"]
-    for p in table.values():
-        cells = [f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]" for norm in NORMALIZATIONS
-                 for g in (p["gaps"][method_name(norm, gamma)][k] for k in REPORTED[:2])]
-        lines.append(f"| {p['answer_words_target']} | {p['segments_target']:g} | {p['corrections_per_pair']:.2f} | "
-                     f"{p['corrected_word_share'] or 0:.1%} | " + " | ".join(cells) + " |")
-    return lines
+def corrected_share(pairs: list[dict]) -> float:
+    return statistics.fmean(p["corrected_word_share"] for p in pairs)
 
 
-def command_line(results_dir: Path, command: str, elapsed: float | None) -> str:
-    """The results' "Command:" line; re-aggregating keeps the line of the run that made the numbers."""
-    previous = results_dir / "results.md"
-    if elapsed is None and previous.is_file():
-        kept = [line for line in previous.read_text().splitlines() if line.startswith("Command:")]
-        if kept:
-            return kept[0]
-    return f"Command: `{command}`" + (f" ({elapsed / 60:.0f} min on this machine)" if elapsed else "")
+def weighted_share(share: float, gamma: float) -> float:
+    """The share of the summed token weight on corrected tokens at gamma: where the loss's gradient goes."""
+    return gamma * share / (gamma * share + 1 - share)
 
 
-def write_results(table: dict, results_dir: Path, command_line: str) -> None:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# Dense regime: DDPO vs vanilla DPO over answer length and corrected segments", "", command_line, "",
-             "Per point: greedy test answers of every run (mean ± std over seeds), then DDPO - DPO with the same",
-             "normalisation (mean ± std and 95% t-interval over seeds; negative hallucination = DDPO better,",
-             "positive recall = DDPO better).", ""]
-    lines += [*map_table(table), ""]
-    for key, p in table.items():
-        lines += [f"## {p['answer_words_target']} target words, {p['segments_target']:g} segments per answer "
-                  f"({p['seeds']} seeds; rejected answers {p['rejected_words']:.1f} words, "
-                  f"{p['corrections_per_pair']:.2f} corrections per pair: {p['corrections']}; "
-                  f"{p['corrected_word_share'] or 0:.0%} of the rejected words corrected"
-                  + (f"; word edits {p['edits']}" if p.get("edits") else "") + ")", "",
-                  "| run | mention halluc. | response halluc. | recall | words |", "|---|---|---|---|---|"]
-        for m, v in p["runs"].items():
-            lines.append(f"| {m} | {fmt(v['mention_hallucination_rate'])} | {fmt(v['response_hallucination_rate'])} | "
-                         f"{fmt(v['object_recall'])} | {statistics.fmean(v['mean_response_words']):.1f} |")
-        for split, gaps in (("test", p["gaps"]), ("validation", p.get("validation_gaps"))):
-            if not gaps:
-                continue
-            lines += ["", f"| DDPO - DPO ({split}) | mention halluc. ± std [95% CI] | response halluc. ± std [95% CI] | "
-                          "recall ± std [95% CI] |", "|---|---|---|---|"]
-            for m, g in gaps.items():
-                lines.append(f"| {m} | " + " | ".join(f"{g[k][0]:+.3f} ± {g[k][3]:.3f} [{g[k][1]:+.3f}, {g[k][2]:+.3f}]"
-                                                      for k in REPORTED) + " |")
+def mean_sd(values: list[float], digits: int = 3) -> str:
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.{digits}f}"
+
+
+def report(table: dict, command: str) -> str:
+    primary_key = (str(PRIMARY_LENGTH), "ddpo_mean_g5")
+    all_gaps = {length: gaps(p, "test") for length, p in table.items()}
+    family = {f"{length} words: {r} - {GAPS[r]}": g[PRIMARY][3] for length, rows in all_gaps.items() for r, g in rows.items()
+              if (length, r) != primary_key}
+    adjusted = holm(family)
+    lines = ["# Dense-regime map on the v2 world: results", "", f"Command: `{command}`", "",
+             "Test split, greedy; mention-level object hallucination unless named. Differences are paired by seed: mean "
+             "[95% t-interval]; p: paired t-test, Holm-adjusted over every secondary DDPO - DPO comparison of the map "
+             "(the pre-registered primary, 120 words ddpo_mean_g5 - dpo_mean, unadjusted).", "",
+             "## The axis, as measured", "",
+             "| target words | seeds | SFT answer words (test) | rejected words (pairs) | pairs | segments / pair | corrected words | "
+             "weight on corrected, gamma 5 | gate: single-object / recall w/o anchor / companion |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for length, p in table.items():
+        share = corrected_share(p["pairs"])
+        gate = " / ".join(mean_sd([g[k] for g in p["gate"] if g]) for k in ("single_object_accuracy", "recall_without_anchor", "companion_rate"))
+        lines.append(f"| {length} | {len(p['seeds'])} | {mean_sd(p['test']['sft']['mean_response_words'], 1)} | "
+                     f"{mean_sd([x['rejected_words'] for x in p['pairs']], 1)} | {statistics.fmean(x['pairs_used'] for x in p['pairs']):.0f} | "
+                     f"{mean_sd([x['segments_per_pair'] for x in p['pairs']], 2)} | {share:.1%} | {weighted_share(share, 5):.1%} | {gate} |")
+    lines += ["", "## The map: DDPO - DPO at equal lr", "",
+              "| words | comparison | mention hall. | p (Holm) | companion rate | recall | attribute err | position err | count err |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for length, rows in all_gaps.items():
+        for r, g in rows.items():
+            label = f"{length} words: {r} - {GAPS[r]}"
+            p = f"{g[PRIMARY][3]:.3f} (primary)" if (length, r) == primary_key else f"{adjusted[label]:.3f}"
+            lines.append(f"| {length} | {r} - {GAPS[r]} | {fmt(*g[PRIMARY][:3])} | {p} | {fmt(*g['companion_rate'][:3])} | "
+                         f"{fmt(*g['object_recall'][:3])} | " + " | ".join(fmt(*g[k][:3]) for k in CLAIM_ERRORS[:3]) + " |")
+    lines += ["", "## At matched drift: DDPO minus DPO read at DDPO's drift (DPO's lr ladder: mean 3e-6, 1e-5; sum 3e-6, 1e-5, 3e-5; "
+              "piecewise linear per seed, extrapolated beyond the ladder where counted)", "",
+              "| words | run | drift (DDPO) | DPO ladder drift | mention hall. | p (unadjusted) | recall | extrapolated seeds |",
+              "|---|---|---|---|---|---|---|---|"]
+    for length, p in table.items():
+        for r, row in matched(p).items():
+            lines.append(f"| {length} | {r} | {row['drift']:+.3f} | {', '.join(f'{d:+.3f}' for d in row['dpo_drift'])} | "
+                         f"{fmt(*row[PRIMARY][:3])} | {row[PRIMARY][3]:.3f} | {fmt(*row['object_recall'][:3])} | {row['extrapolated']} |")
+    lines += ["", "## Validation: DDPO - DPO at equal lr", "", "| words | comparison | mention hall. | recall |", "|---|---|---|---|"]
+    for length, p in table.items():
+        for r, g in gaps(p, "validation").items():
+            lines.append(f"| {length} | {r} - {GAPS[r]} | {fmt(*g[PRIMARY][:3])} | {fmt(*g['object_recall'][:3])} |")
+    lines += ["", "## Every run (test, greedy): mean ± std over seeds", ""]
+    for length, p in table.items():
+        lines += [f"### {length} target words (seeds {p['seeds']})", "",
+                  "| run | mention hall. | response hall. | companion rate | recall | words | drift |", "|---|---|---|---|---|---|---|"]
+        for r, m in p["test"].items():
+            lines.append(f"| {r} | {mean_sd(m[PRIMARY])} | {mean_sd(m['response_hallucination_rate'])} | {mean_sd(m['companion_rate'])} | "
+                         f"{mean_sd(m['object_recall'])} | {mean_sd(m['mean_response_words'], 1)} | {statistics.fmean(p['drift'][r]):+.3f} |")
         lines.append("")
-    (results_dir / "results.md").write_text("\n".join(lines))
-    (results_dir / "results.json").write_text(json.dumps(table, indent=2))
+    return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, results_dir: Path) -> None:
+def plot(table: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gamma = strongest_gamma(table)  # the strongest weighting against vanilla DPO
-    for axis, other, name in (("answer_words_target", "segments_target", "length"), ("segments_target", "answer_words_target", "segments")):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for ax, metric in zip(axes, ("mention_hallucination_rate", "object_recall")):
-            for norm, style in zip(NORMALIZATIONS, ("-", "--")):
-                for level in sorted({p[other] for p in table.values()}):
-                    points = sorted((p[axis], p["gaps"][method_name(norm, gamma)][metric]) for p in table.values() if p[other] == level)
-                    xs = [x for x, _ in points]
-                    ax.errorbar(xs, [g[0] for _, g in points], yerr=[[g[0] - g[1] for _, g in points], [g[2] - g[0] for _, g in points]],
-                                ls=style, marker="o", capsize=3, label=f"{norm}, {other.split('_')[0]} {level:g}")
-            ax.axhline(0, color="gray", lw=0.8)
-            ax.set(xlabel=axis.replace("_", " "), ylabel=f"DDPO(gamma {gamma:g}) - DPO", title=metric.replace("_", " "))
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(results_dir / f"gap_vs_{name}.png", dpi=120)
-        plt.close(fig)
-    # The candidate explanation: how much of the answer the corrections cover.
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, metric in zip(axes, REPORTED[:2]):
-        for norm, marker in zip(NORMALIZATIONS, ("o", "s")):
-            points = sorted((p["corrected_word_share"] or 0.0, p["gaps"][method_name(norm, gamma)][metric]) for p in table.values())
-            ax.errorbar([100 * x for x, _ in points], [g[0] for _, g in points], fmt=marker, capsize=3, label=norm,
-                        yerr=[[g[0] - g[1] for _, g in points], [g[2] - g[0] for _, g in points]])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    words = {length: statistics.fmean(p["test"]["sft"]["mean_response_words"]) for length, p in table.items()}
+    for ax, split in zip(axes, ("test", "validation")):
+        for k, r in enumerate(GAPS):
+            xs, ys, lo, hi = [], [], [], []
+            for length, p in sorted(table.items(), key=lambda kv: words[kv[0]]):
+                g = gaps(p, split).get(r)
+                if g:
+                    m, a, b, _ = g[PRIMARY]
+                    xs.append(words[length] * (1 + 0.015 * (k - 2)))
+                    ys.append(m), lo.append(m - a), hi.append(b - m)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{r} - {GAPS[r]}")
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(xlabel="% of the rejected answer's words corrected", ylabel=f"DDPO(gamma {gamma:g}) - DPO", title=metric.replace("_", " "))
+        ax.set(xlabel="SFT answer length, measured (words per greedy test answer)", ylabel="DDPO - DPO, mention-level hallucination",
+               title=f"{split} (95% t-interval over seeds)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(results_dir / "gap_vs_corrected_share.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the grid's seeds")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="override the grid's answer lengths")
-    parser.add_argument("--segments", type=float, nargs="+", default=None, help="override the grid's errors per answer")
-    parser.add_argument("--output-dir", default=None, help="default runs/dense_regime/<grid>")
-    parser.add_argument("--results", default=None, help="default experiments/results/dense_regime/<grid>")
-    parser.add_argument("--max-pairs", type=int, default=None, help="pairs per point (default: the grid's)")
-    parser.add_argument("--sft-from", default=None, help="reuse the SFT models of another grid's output directory")
-    parser.add_argument("--launcher", choices=sweep.LAUNCHERS, default="inline",
-                        help="how the sweep launcher runs each training (ddpo/sweep.py); eval runs here")
-    parser.add_argument("--aggregate-only", action="store_true")
+    parser.add_argument("command", choices=("run", "aggregate"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 3, 4, 5])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[120, 15, MIDDLE])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--output-dir", default="runs/dense_regime")
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--reuse-middle", default=None, help="the v2 lab's output directory (runs/synthetic_v2): its 55-word points")
+    parser.add_argument("--num-threads", type=int, default=1)
     args = parser.parse_args(argv)
-    grid = dict(GRIDS[args.grid])
-    for key in ("seeds", "lengths", "segments"):
-        if getattr(args, key):
-            grid[key] = getattr(args, key)
-    root = Path(args.output_dir or f"runs/dense_regime/{args.grid}")
-    results_dir = Path(args.results or REPO / "experiments" / "results" / "dense_regime" / args.grid)
-    started = time.perf_counter()
-    if not args.aggregate_only:
-        for seed in grid["seeds"]:
-            for length in grid["lengths"]:
-                for segments in grid["segments"]:
-                    run_point(root, seed, length, segments, grid["gammas"], args.max_pairs or grid["max_pairs"],
-                              Path(args.sft_from) if args.sft_from else None, args.launcher)
-    elapsed = None if args.aggregate_only else time.perf_counter() - started
-    command = "python experiments/dense_regime.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--aggregate-only")
-    table = aggregate(root, grid)
-    if not table and args.aggregate_only and (results_dir / "results.json").is_file():
-        # no run directories here (they are not committed): the committed results.json keeps every
-        # run's per-seed values, enough to recompute the differences, tables and plots
-        print(f"no finished points under {root}: re-aggregating {results_dir / 'results.json'}")
-        table = json.loads((results_dir / "results.json").read_text())
+    root, results = Path(args.output_dir), Path(args.results)
+    if args.command == "run":
+        started = time.perf_counter()
+        for seed in args.seeds:
+            for length in args.lengths:
+                try:
+                    run_point(root, seed, length, args.parts, Path(args.reuse_middle) if args.reuse_middle else None, args.num_threads)
+                except GateError as error:  # that point's lab is invalid; the others still run
+                    print(f"seed {seed}, {length} words: {error}", flush=True)
+        print(f"done in {time.perf_counter() - started:.0f} s")
+        return 0
+    table = collect(root, args.seeds, sorted(args.lengths))
+    if not table and (results / "results.json").is_file():  # no run directories: the committed per-seed values
+        table = json.loads((results / "results.json").read_text())
     if not table:
-        print(f"no finished points under {root} and no {results_dir / 'results.json'}", file=sys.stderr)
+        print(f"no finished points under {root} and no {results / 'results.json'}", file=sys.stderr)
         return 2
-    add_gaps(table)
-    write_results(table, results_dir, command_line(results_dir, command.strip(), elapsed))
-    if all(len({p[axis] for p in table.values()}) > 1 for axis in ("answer_words_target", "segments_target")):
-        plot(table, results_dir)  # gaps across lengths and across segment levels: a grid needs both
-    print((results_dir / "results.md").read_text())
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.json").write_text(json.dumps(table, indent=2))
+    (results / "results.md").write_text(report(table, "python -m experiments.dense_regime " + " ".join(sys.argv[1:] if argv is None else argv)))
+    plot(table, results / "gap_vs_length.png")
+    print((results / "results.md").read_text())
     return 0
 
 

@@ -77,6 +77,10 @@ class DemoSettings:
     # steps of perception pretraining before SFT (v2): the vision tower and projector learn to tell each
     # cell's shape and colour, as an MLLM starts from a pretrained CLIP tower; 0 = none (v1)
     perception_steps: int = 300
+    # continue supervised fine-tuning from this SFT model instead of a random init (its pretrained,
+    # frozen tower kept; no perception pretraining): the dense-regime map's SFT models at other answer
+    # lengths start from the seed's 55-word one and learn only the new length's captions
+    sft_init: Optional[str] = None
     priors: dict = field(default_factory=dict)  # v2: PriorConfig overrides of the SFT captions' biases
     gate_images: int = 400  # held-out scenes for the gate's recall and companion figures (plus every one-object image)
     gate_single_stride: int = 1  # use every n-th one-object image (1: all of them; the quick run takes fewer)
@@ -85,6 +89,7 @@ class DemoSettings:
     gate_companion_rate: float = 0.3  # absent companions named next to their anchor, at least (something to fix)
     enforce_gate: bool = True  # stop the demo when the SFT model misses the gate (off for the v1 negative control)
     sampled_eval_temperature: float = 0.7  # the sampled evaluation's temperature (next to greedy)
+    sampled_eval: bool = True  # also evaluate sampled test answers (off: greedy only, half the eval time)
     drift_images: int = 64  # validation images whose SFT answers probe the drift during training
     validation_only: bool = False  # evaluate on the validation split only (hyper-parameter searches: no test number exists)
     preference_images: int = 1600  # held-out images whose sampled answers get corrected
@@ -205,19 +210,24 @@ def generation_options(settings: DemoSettings, template: str) -> dict:
 # Stages
 # ------------------------------------------------------------------------------------------------
 def stage_sft(settings: DemoSettings, out: Path) -> Path:
-    """Random-init model (+ perception pretraining, v2) + supervised fine-tuning on biased captions -> out/sft."""
+    """Random-init model (+ perception pretraining, v2), or `sft_init`'s model, + supervised fine-tuning
+    on biased captions -> out/sft."""
     from data.synthetic.language import build_tokenizer
     from ddpo.lab.sft import PerceptionSettings, SFTSettings, pretrain_perception, sft
     from models.build import build_model
 
     cfg = _train_config(settings)
     torch.manual_seed(settings.seed)
-    # the config's freezing is for the preference runs; supervised fine-tuning trains every part
-    model_cfg = dataclasses.replace(cfg.model, freeze_vision_tower=False, freeze_projector=False, freeze_llm=False)
-    model = build_model(model_cfg, tokenizer=build_tokenizer(synthetic_config(settings).world))
     scenes, images, prompts, captions = split(settings, "sft", settings.sft_examples)
     perception_losses: list[float] = []
-    if settings.perception_steps > 0:
+    if settings.sft_init:
+        model = load_model(settings.sft_init)
+        model.apply_freezing(True, False, False)  # the tower stays as the first SFT left it
+    else:
+        # the config's freezing is for the preference runs; supervised fine-tuning trains every part
+        model_cfg = dataclasses.replace(cfg.model, freeze_vision_tower=False, freeze_projector=False, freeze_llm=False)
+        model = build_model(model_cfg, tokenizer=build_tokenizer(synthetic_config(settings).world))
+    if settings.perception_steps > 0 and not settings.sft_init:
         world = synthetic_config(settings).world
         targets, classes = cell_targets(scenes, world, model.num_image_tokens)
         perception_losses = pretrain_perception(model, images, targets, classes, PerceptionSettings(
@@ -466,19 +476,35 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
     models = {"sft": out / "sft", **{m: out / "runs" / m / "final" for m in settings.methods}}
     results: dict = {"methods": {}, "validation": {}, "sampled": {}, "drift": {}, "samples": {}}
     _, val_images, val_prompts, _ = split(settings, "val", settings.val_images)
+    # a model's metrics are kept beside it (eval.json) and reused while the splits that made them are
+    # the same, so a study that adds runs to a point evaluates only the new ones
+    key = {"seed": settings.seed, "answer_words": settings.answer_words, "val_images": settings.val_images,
+           "test_images": 0 if settings.validation_only else settings.test_images,
+           "sampled": None if settings.validation_only or not settings.sampled_eval else settings.sampled_eval_temperature}
     reference_logps = None
     for method, path in models.items():
-        model = load_model(path)
-        results["validation"][method], val_answers = evaluate_model(model, settings, "val", settings.val_images, template)
-        if not settings.validation_only:
-            results["methods"][method], answers = evaluate_model(model, settings, "test", settings.test_images, template)
-            results["sampled"][method], _ = evaluate_model(model, settings, "test", settings.test_images, template,
-                                                           settings.sampled_eval_temperature)
-            results["samples"][method] = answers[:5]
-        if reference_logps is None:  # the SFT model comes first: its greedy validation answers are the yardstick
-            reference_answers = val_answers
-            reference_logps = answer_token_logps(model, val_prompts, reference_answers, val_images, template)
-        results["drift"][method] = drift(answer_token_logps(model, val_prompts, reference_answers, val_images, template), reference_logps)
+        cache = path / "eval.json"
+        done = json.loads(cache.read_text()) if cache.is_file() else {}
+        if done.get("key") != key or (reference_logps is not None and "drift" not in done):
+            model = load_model(path)
+            done = {"key": key}
+            done["validation"], done["val_answers"] = evaluate_model(model, settings, "val", settings.val_images, template)
+            if key["test_images"]:
+                done["methods"], answers = evaluate_model(model, settings, "test", settings.test_images, template)
+                done["samples"] = answers[:5]
+            if key["sampled"] is not None:
+                done["sampled"], _ = evaluate_model(model, settings, "test", settings.test_images, template, key["sampled"])
+            if reference_logps is None:  # the SFT model comes first: its greedy validation answers are the yardstick
+                done["drift"] = 0.0
+            else:
+                done["drift"] = drift(answer_token_logps(model, val_prompts, reference_answers, val_images, template), reference_logps)
+            cache.write_text(json.dumps(done))
+        if reference_logps is None:
+            reference_answers = done["val_answers"]
+            reference_logps = answer_token_logps(load_model(path), val_prompts, reference_answers, val_images, template)
+        for table in ("validation", "methods", "sampled", "samples", "drift"):
+            if table in done:
+                results[table][method] = done[table]
     results["train_steps"] = {m: json.loads((out / "runs" / m / "metrics.jsonl").read_text().splitlines()[-1])["step"]
                               for m in settings.methods if (out / "runs" / m / "metrics.jsonl").is_file()}
     results["drift_during_training"] = {
