@@ -37,6 +37,34 @@ def test_quick_demo_writes_results(tmp_path):
     # Both runs trained from the same SFT model on the same pairs, with one reference cache.
     assert (out / "runs" / "dpo" / "final").is_dir() and (out / "runs" / "ddpo" / "final").is_dir()
     assert [p.name for p in (out / "reference_cache").iterdir()] == ["pairs-all"]
+    check_eval_is_cached_and_sft_continues(out)
+
+
+def check_eval_is_cached_and_sft_continues(out):
+    """A second eval reuses each model's eval.json (no answer is generated again) and gives the same
+    tables; an SFT stage with `sft_init` continues that model with its tower frozen."""
+    import torch
+
+    from ddpo.lab import demo
+
+    before = json.loads((out / "results.json").read_text())
+    settings = demo.DemoSettings.quick(output_dir=str(out))
+    original = demo.evaluate_model
+    demo.evaluate_model = lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated again"))
+    try:
+        again = demo.run(settings, ["eval"])
+    finally:
+        demo.evaluate_model = original
+    for table in ("methods", "validation", "sampled", "drift"):
+        assert again[table] == before[table]
+
+    longer = demo.DemoSettings.quick(output_dir=str(out / "longer"), answer_words=45, sft_init=str(out / "sft"), sft_steps=3,
+                                     sft_examples=24, sft_batch_size=8)
+    demo.run(longer, ["sft"])
+    start, after = demo.load_model(out / "sft"), demo.load_model(out / "longer" / "sft")
+    tower = [k for k in start.state_dict() if "vision_tower" in k]
+    assert tower and all(torch.equal(start.state_dict()[k], after.state_dict()[k]) for k in tower)
+    assert any(not torch.equal(v, after.state_dict()[k]) for k, v in start.state_dict().items() if k not in tower)
 
 
 def test_demo_fails_loudly_when_the_sft_model_misses_the_gate(tmp_path, monkeypatch):

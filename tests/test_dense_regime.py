@@ -1,135 +1,97 @@
-"""The dense-regime study's pieces: controlled caption pairs, and the aggregation's arithmetic."""
-import importlib.util
+"""The dense-regime map's pieces: its runs, the 55-word point's links to the lab, and the arithmetic of
+its gaps, matched-drift reads and Holm correction."""
 import json
 from pathlib import Path
 
 import pytest
 
-from data.synthetic.language import n_words
-from ddpo.config import load_config
-from ddpo.lab.demo import DemoSettings, caption_pairs
-
-REPO = Path(__file__).resolve().parents[1]
-# experiments/ holds scripts, not a package: load the study's module from its file.
-_SPEC = importlib.util.spec_from_file_location("dense_regime", REPO / "experiments" / "dense_regime.py")
-dense_regime = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(dense_regime)
+from experiments import dense_regime
+from experiments.synthetic_v2 import T95
 
 
-@pytest.mark.parametrize("segments", [1.0, 4.0])
-def test_caption_pairs_carry_the_requested_segments(segments):
-    settings = DemoSettings.v1(answer_words=60, world=dense_regime.WORLD, noise=dense_regime.NOISE, pair_errors=segments, max_pairs=150)
-    records = caption_pairs(settings)
-    assert len(records) == 150 and all(r.chosen != r.rejected for r in records)
-    corrections = [len(r.meta["corrections"]) for r in records]
-    # pairs hold >= 1 error by construction, so the mean sits a little above a small target
-    assert segments * 0.75 <= sum(corrections) / len(corrections) <= max(segments * 1.25, 1.6)
-    assert 45 <= sum(n_words(r.rejected) for r in records) / len(records) <= 75
-    assert [r.rejected for r in caption_pairs(settings)] == [r.rejected for r in records]  # deterministic
+def test_runs_of_each_part_carry_their_settings():
+    runs = dense_regime.methods(["primary", "rescaled", "sumtuned"], tokens=60.0)
+    assert runs["dpo_mean"] == {"loss.gamma": 1.0, "loss.normalize": "mean", "train.learning_rate": 3e-6, "loss.beta": 0.5}
+    assert runs["ddpo_mean_g5"]["loss.gamma"] == 5.0 and runs["ddpo_mean_g5"]["loss.beta"] == 0.5
+    # the rescaled mean: beta x the point's answer tokens, the normalisation still the mean
+    assert runs["ddpo_rescaled_g5"] == {"loss.gamma": 5.0, "loss.normalize": "mean", "train.learning_rate": 3e-6, "loss.beta": 30.0}
+    assert runs["ddpo_sum_g5_lr3e-05"] == {"loss.gamma": 5.0, "loss.normalize": "sum", "train.learning_rate": 3e-5, "loss.beta": 0.5}
+    assert set(runs) == {"dpo_mean", "ddpo_mean_g5", "dpo_rescaled", "ddpo_rescaled_g5", "ddpo_sum_g5_lr3e-05", "dpo_sum_lr3e-05"}
 
 
-def test_interval_is_the_t_interval_of_the_mean():
-    mean, low, high, std = dense_regime.interval([0.1, 0.2, 0.3])
-    assert mean == pytest.approx(0.2) and std == pytest.approx(0.1)
-    assert high - mean == pytest.approx(4.303 * 0.1 / 3 ** 0.5) and mean - low == pytest.approx(high - mean)
-    assert dense_regime.interval([0.5]) == (0.5, 0.5, 0.5, 0.0)
+def test_other_lengths_continue_the_middle_sft_model(tmp_path):
+    short = dense_regime.settings_for(tmp_path, 3, 15, num_threads=1)
+    assert short.sft_init == str(tmp_path / "seed3" / "words55" / "sft") and short.sft_steps == 300
+    assert short.answer_words == 15 and short.sampled_eval is False and short.output_dir == str(tmp_path / "seed3" / "words15")
+    middle = dense_regime.settings_for(tmp_path, 3, 55, num_threads=1)
+    assert middle.sft_init is None
 
 
-def test_aggregate_takes_ddpo_minus_dpo_per_seed(tmp_path):
-    grid = dict(lengths=[15], segments=[1.0], gammas=[1.0, 5.0], seeds=[0, 1])
-    values = {0: {"sft": 0.35, "sum_g1": 0.30, "sum_g5": 0.20, "mean_g1": 0.40, "mean_g5": 0.40},
-              1: {"sft": 0.45, "sum_g1": 0.50, "sum_g5": 0.30, "mean_g1": 0.40, "mean_g5": 0.50}}
-    for seed, by_method in values.items():
-        point = dense_regime.point_dir(tmp_path, seed, 15, 1.0)
-        point.mkdir(parents=True)
-        metrics = {m: {"mention_hallucination_rate": v, "response_hallucination_rate": v, "object_recall": 1 - v,
-                       "mean_response_words": 20.0} for m, v in by_method.items()}
-        pairs = {"rejected_words": 20.0, "corrections_per_pair": 1.0, "corrections": {"object": 3}}
-        validation = {m: {k: 2 * v for k, v in by_metric.items()} for m, by_metric in metrics.items()}  # twice the test values
-        (point / "results.json").write_text(json.dumps({"methods": metrics, "validation": validation, "pairs": pairs}))
-    table = dense_regime.add_gaps(dense_regime.aggregate(tmp_path, grid))
-    gap = table["words15_segments1"]["gaps"]
-    assert gap["sum_g5"]["mention_hallucination_rate"][0] == pytest.approx(-0.15)  # (-0.1 + -0.2) / 2
-    assert gap["mean_g5"]["object_recall"][0] == pytest.approx(-0.05)
-    assert table["words15_segments1"]["corrections"] == {"object": 6}
-    assert table["words15_segments1"]["validation_gaps"]["sum_g5"]["mention_hallucination_rate"][0] == pytest.approx(-0.30)
-    dense_regime.write_results(table, tmp_path / "results", "Command: `cmd`")
-    text = (tmp_path / "results" / "results.md").read_text()
-    # differences -0.1 and -0.2: std 0.0707, half-width 12.706 * 0.0707 / sqrt(2) = 0.635
-    assert "| sum_g5 | -0.150 ± 0.071 [-0.785, +0.485] |" in text
-    assert "| DDPO - DPO (validation) |" in text and "| sum_g5 | -0.300 ± 0.141 [-1.571, +0.971] |" in text
-    # the map row: per normalisation, mention and response gaps at gamma 5
-    assert ("| 15 | 1 | 1.00 | 0.0% | -0.150 [-0.785, +0.485] | -0.150 [-0.785, +0.485] | "
-            "+0.050 [-0.585, +0.685] | +0.050 [-0.585, +0.685] |") in text
+def test_the_middle_point_links_the_labs_model_pairs_and_identical_runs(tmp_path):
+    lab = tmp_path / "lab" / "seed0"
+    for name in ("sft", "pairs", "reference_cache", "runs/dpo_mean/final", "runs/ddpo_sum_g5_tuned/final", "runs/ddpo_mean_g2"):
+        (lab / name).mkdir(parents=True)
+    (lab / "gate.json").write_text("{}")
+    point = tmp_path / "map" / "seed0" / "words55"
+    dense_regime.link_middle(point, lab)
+    assert (point / "sft").resolve() == (lab / "sft").resolve() and (point / "gate.json").is_file()
+    assert (point / "runs" / "dpo_mean").resolve() == (lab / "runs" / "dpo_mean").resolve()
+    # the lab calls DDPO-sum at its own lr "ddpo_sum_g5_tuned"
+    assert (point / "runs" / "ddpo_sum_g5_lr3e-05").resolve() == (lab / "runs" / "ddpo_sum_g5_tuned").resolve()
+    # a run the lab never finished is left for the map to train
+    assert not (point / "runs" / "ddpo_mean_g2").exists() and not (point / "runs" / "ddpo_mean_g5").exists()
+    dense_regime.link_middle(point, lab)  # idempotent
 
 
-def test_sft_from_links_the_other_grids_model_instead_of_training(tmp_path, monkeypatch):
-    shared = tmp_path / "full" / "seed1" / "words15" / "sft"
-    shared.mkdir(parents=True)
-    (shared / "ddpo_model.json").write_text("{}")
-    stages = []
-
-    def fake_run(settings, names):
-        stages.append(names)
-        if names == ["annotate"]:
-            (Path(settings.output_dir) / "pairs").mkdir(parents=True)
-            (Path(settings.output_dir) / "pairs" / "stats.json").write_text(json.dumps({"rejected_words": 30.0}))
-        return {"methods": settings.methods}
-
-    monkeypatch.setattr(dense_regime, "run", fake_run)
-    monkeypatch.setattr(dense_regime, "train_runs", lambda settings, out, launcher: stages.append(["train"]))
-    result = dense_regime.run_point(tmp_path / "corners", 1, 15, 1.0, [1.0, 5.0], 1400, sft_from=tmp_path / "full")
-    assert stages == [["annotate"], ["train"], ["eval"]]  # no SFT stage
-    assert (tmp_path / "corners" / "seed1" / "words15" / "sft").resolve() == shared.resolve()
-    assert result["methods"]["mean_g5"]["loss.beta"] == 18.0  # 0.5 x 1.2 tokens per word x 30 words
+def write_point(root: Path, seed: int, length: int, values: dict, drift: dict) -> None:
+    out = dense_regime.point_dir(root, seed, length)
+    out.mkdir(parents=True)
+    metrics = {r: {k: (v if k == dense_regime.PRIMARY else 0.5) for k in (*dense_regime.REPORTED, "mean_response_words")}
+               for r, v in values.items()}
+    pairs = {"rejected_words": 50.0, "pairs_used": 1000, "segments_per_pair": 2.0, "corrected_word_share": 0.1}
+    (out / "results.json").write_text(json.dumps({"methods": metrics, "validation": metrics, "drift": drift, "pairs": pairs,
+                                                  "gate": {"single_object_accuracy": 1.0, "recall_without_anchor": 0.97, "companion_rate": 0.4}}))
 
 
-def test_train_runs_go_through_the_sweep_launcher_one_config_per_method(tmp_path, monkeypatch):
-    launched = []
-
-    def fake_train_inline(point):
-        launched.append(point)
-        (point.run_dir / "final").mkdir()
-        return 0
-
-    monkeypatch.setattr(dense_regime.sweep, "train_inline", fake_train_inline)
-    settings = DemoSettings.v1(output_dir=str(tmp_path), seed=2, methods=dense_regime.methods([1.0, 5.0], answer_tokens=30.0))
-    dense_regime.train_runs(settings, tmp_path, "inline")
-    assert [p.name for p in launched] == ["sum_g1", "sum_g5", "mean_g1", "mean_g5"]
-    configs = {p.name: load_config(p.config_path) for p in launched}
-    assert {m: (c.loss.normalize, c.loss.gamma, c.loss.beta) for m, c in configs.items()} == {
-        "sum_g1": ("sum", 1.0, 0.5), "sum_g5": ("sum", 5.0, 0.5), "mean_g1": ("mean", 1.0, 15.0), "mean_g5": ("mean", 5.0, 15.0)}
-    for name, cfg in configs.items():
-        assert cfg.train.output_dir == str(tmp_path / "runs" / name) and cfg.train.resume == "auto"
-        assert cfg.train.seed == 2 and cfg.model.name_or_path == str(tmp_path / "sft")
-    # one reference cache for all four: gamma and the normalisation act on cached per-token log-probs
-    assert len({c.train.reference_cache for c in configs.values()}) == 1
-    dense_regime.train_runs(settings, tmp_path, "inline")  # every run has final/: nothing is trained again
-    assert len(launched) == 4
-
-    monkeypatch.setattr(dense_regime.sweep, "train_inline", lambda point: 1)
-    settings.methods = dense_regime.methods([2.0], answer_tokens=30.0)
-    with pytest.raises(RuntimeError, match="sum_g2, mean_g2 failed"):
-        dense_regime.train_runs(settings, tmp_path, "inline")
-
-
-def test_aggregate_only_without_runs_recomputes_from_the_committed_json(tmp_path, capsys):
-    test_aggregate_takes_ddpo_minus_dpo_per_seed(tmp_path / "made")
-    results = tmp_path / "made" / "results"
-    before = json.loads((results / "results.json").read_text())
-    (results / "results.md").write_text("# old\n\nCommand: `the run that made them` (98 min)\n")
-    assert dense_regime.main(["--grid", "default", "--output-dir", str(tmp_path / "no_runs"), "--results", str(results),
-                              "--aggregate-only"]) == 0
-    assert json.loads((results / "results.json").read_text()) == before
-    assert "Command: `the run that made them` (98 min)" in (results / "results.md").read_text()
-    assert dense_regime.main(["--output-dir", str(tmp_path / "no_runs"), "--results", str(tmp_path / "none"), "--aggregate-only"]) == 2
+def test_gaps_matched_drift_and_holm_by_hand(tmp_path):
+    # two seeds at 120 words: DPO's ladder 3e-6 (drift -0.01) and 1e-5 (drift -0.03), DDPO between them
+    per_seed = {0: ({"sft": 0.20, "dpo_mean": 0.10, "dpo_mean_lr1e-05": 0.06, "ddpo_mean_g5": 0.07, "ddpo_mean_g10": 0.09},
+                    {"sft": 0.0, "dpo_mean": -0.01, "dpo_mean_lr1e-05": -0.03, "ddpo_mean_g5": -0.02, "ddpo_mean_g10": -0.01}),
+                1: ({"sft": 0.30, "dpo_mean": 0.20, "dpo_mean_lr1e-05": 0.10, "ddpo_mean_g5": 0.17, "ddpo_mean_g10": 0.20},
+                    {"sft": 0.0, "dpo_mean": -0.02, "dpo_mean_lr1e-05": -0.04, "ddpo_mean_g5": -0.03, "ddpo_mean_g10": -0.02})}
+    for seed, (values, drift) in per_seed.items():
+        write_point(tmp_path, seed, 120, values, drift)
+    table = dense_regime.collect(tmp_path, [0, 1, 2], [15, 120])
+    assert list(table) == ["120"] and table["120"]["seeds"] == [0, 1]  # seed 2 and 15 words: nothing finished
+    gaps = dense_regime.gaps(table["120"], "test")
+    mean, low, high, _ = gaps["ddpo_mean_g5"][dense_regime.PRIMARY]
+    assert mean == pytest.approx(-0.03)  # (0.07 - 0.10 + 0.17 - 0.20) / 2: both -0.03, no spread
+    assert low == pytest.approx(-0.03) and high == pytest.approx(-0.03)
+    g10 = gaps["ddpo_mean_g10"][dense_regime.PRIMARY]
+    assert g10[0] == pytest.approx(-0.005)  # -0.01 and 0.00
+    assert g10[2] - g10[0] == pytest.approx(T95[1] * 0.00707107 / 2 ** 0.5, rel=1e-5)
+    # matched drift: DPO at drift -0.02 is halfway up its ladder (0.08 for seed 0, 0.15 for seed 1)
+    row = dense_regime.matched(table["120"])["ddpo_mean_g5"]
+    assert row[dense_regime.PRIMARY][0] == pytest.approx((0.07 - 0.08 + 0.17 - 0.15) / 2)
+    assert row["extrapolated"] == 0 and row["drift"] == pytest.approx(-0.025)
+    text = dense_regime.report(table, "cmd")
+    # the primary is unadjusted; the one secondary comparison's Holm p equals its own p
+    assert "| 120 | ddpo_mean_g5 - dpo_mean | -0.030 [-0.030, -0.030] | 0.000 (primary) |" in text
+    p10 = gaps["ddpo_mean_g10"][dense_regime.PRIMARY][3]
+    assert f"| 120 | ddpo_mean_g10 - dpo_mean | -0.005 [{g10[1]:+.3f}, {g10[2]:+.3f}] | {p10:.3f} |" in text
 
 
-def test_word_edits_share_and_kinds_by_hand(tmp_path):
-    rows = [("a red circle is at the top", "a pink circle is at the top"),  # 1 of 7 words replaced
-            ("a b c d", "a b d"),                                            # 1 of 4 deleted
-            ("x y", "x z y")]                                                # an insertion changes no rejected word
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"rejected": r, "chosen": c}) for r, c in rows))
-    share, kinds = dense_regime.word_edits(tmp_path / "train.jsonl")
-    assert share == pytest.approx((1 / 7 + 1 / 4 + 0) / 3)
-    assert kinds == {"replace": 1, "delete": 1, "insert": 1}
+def test_weighted_share_is_gammas_share_of_the_token_weight():
+    # 10% of the tokens corrected, gamma 5: 0.5 / (0.5 + 0.9)
+    assert dense_regime.weighted_share(0.1, 5.0) == pytest.approx(0.5 / 1.4)
+    assert dense_regime.weighted_share(0.1, 1.0) == pytest.approx(0.1)
+
+
+def test_aggregate_without_runs_uses_the_committed_json(tmp_path, capsys):
+    write_point(tmp_path / "runs", 0, 55, {"sft": 0.2, "dpo_mean": 0.1, "ddpo_mean_g5": 0.1}, {"sft": 0.0, "dpo_mean": -0.01, "ddpo_mean_g5": -0.01})
+    results = tmp_path / "results"
+    assert dense_regime.main(["aggregate", "--output-dir", str(tmp_path / "runs"), "--results", str(results)]) == 0
+    made = (results / "results.md").read_text()
+    assert dense_regime.main(["aggregate", "--output-dir", str(tmp_path / "none"), "--results", str(results)]) == 0
+    assert (results / "results.md").read_text().split("\n", 3)[3] == made.split("\n", 3)[3]  # all but the command line
+    assert dense_regime.main(["aggregate", "--output-dir", str(tmp_path / "none"), "--results", str(tmp_path / "empty")]) == 2

@@ -23,7 +23,7 @@ the SFT model is then about the share of scenes with an object-error context: wi
 (4 partner pairs, co-occurrence 0.25, 1-4 objects) that is 41% (`expected_errors(..., only("object"))`,
 3000 scenes), inside the 30-60% of the paper's baselines; the captions themselves carry it at
 ~0.6 x that (25%). Fewer partner pairs or a higher co-occurrence probability lower it (2 pairs: 14%). `calibrate` instead sets the probabilities for a target number of errors per answer in a
-target type mix (e.g. the paper's, `PAPER_MIX`), for the dense-regime study.
+target type mix (e.g. the paper's, `PAPER_MIX`), for the v1 dense-regime study (experiments/results/dense_regime/v1).
 """
 from __future__ import annotations
 

@@ -100,10 +100,6 @@ class DemoSettings:
     ddpo_gamma: float = 5.0
     world: dict = field(default_factory=dict)  # WorldConfig overrides on top of the demo world (e.g. max_objects)
     noise: dict = field(default_factory=dict)  # NoiseConfig overrides of the SFT captions' biases
-    # None: pairs are the SFT model's sampled answers and their corrections (the paper's pipeline).
-    # A number: pairs are captions carrying that many errors per answer on average, in RLHF-V's
-    # correction-type mix, and their corrections: the dense-regime study's control over segments.
-    pair_errors: Optional[float] = None
     # name -> `ddpo train` overrides of that run; every run starts from the same SFT model and pairs.
     # Default: vanilla DPO (gamma 1) and DDPO (gamma = ddpo_gamma).
     methods: Optional[dict] = None
@@ -169,21 +165,6 @@ def synthetic_config(settings: DemoSettings):
                  partners={"circle": "square", "square": "triangle", "triangle": "diamond", "diamond": "circle"})
     world.update({k: tuple(v) if isinstance(v, list) else v for k, v in settings.world.items()})
     return SyntheticConfig(world=WorldConfig(**world), language=language, noise=NoiseConfig(**settings.noise))
-
-
-def caption_pairs(settings: DemoSettings):
-    """`max_pairs` pairs from noisy captions: `pair_errors` errors per answer on average in RLHF-V's
-    correction-type mix, the share of a type the answers cannot hold (no relation sentence in a short
-    answer) spread over the others; a quarter of the object errors insert a clause instead of renaming
-    an object. chosen = the oracle's correction. Raises if the world offers fewer opportunities than
-    errors in all."""
-    from data.synthetic import synthetic_records
-    from data.synthetic.noise import PAPER_MIX, calibrate
-
-    cfg = synthetic_config(settings)
-    cfg.noise = calibrate(settings.pair_errors, PAPER_MIX, cfg.world, cfg.language,
-                          dataclasses.replace(cfg.noise, object_insert_share=0.25), n=500, strict=False)
-    return synthetic_records(settings.max_pairs, settings.seed * 100 + 2, cfg)
 
 
 def split(settings: DemoSettings, name: str, n: int):
@@ -342,16 +323,12 @@ def stage_sample(settings: DemoSettings, out: Path) -> Path:
 
 def stage_annotate(settings: DemoSettings, out: Path) -> Path:
     """Oracle corrections -> JSONL + image folder (data.format jsonl), at most `max_pairs` pairs."""
-    from data.synthetic.pairs import pair_stats, records_from_answers
+    from data.synthetic.pairs import records_from_answers
 
-    if settings.pair_errors is None:
-        scenes, images, prompts, _ = split(settings, "preference", settings.preference_images)
-        answers = [json.loads(line)["answer"] for line in (out / "pairs" / "answers.jsonl").read_text().splitlines()]
-        records, stats = records_from_answers(scenes, images, prompts, answers, source="demo",
-                                              empty_cells=synthetic_config(settings).empty_cells)
-    else:
-        records = caption_pairs(settings)
-        stats = pair_stats(records)
+    scenes, images, prompts, _ = split(settings, "preference", settings.preference_images)
+    answers = [json.loads(line)["answer"] for line in (out / "pairs" / "answers.jsonl").read_text().splitlines()]
+    records, stats = records_from_answers(scenes, images, prompts, answers, source="demo",
+                                          empty_cells=synthetic_config(settings).empty_cells)
     records = records[: settings.max_pairs]
     stats["pairs_used"] = len(records)
     image_dir = out / "pairs" / "images"
@@ -586,7 +563,7 @@ def run(settings: DemoSettings, stages: Sequence[str] = STAGES, force: bool = Fa
     done = {
         "sft": lambda: (out / "sft" / "ddpo_model.json").is_file(),
         "gate": lambda: (out / "gate.json").is_file() and (json.loads((out / "gate.json").read_text())["passed"] or not settings.enforce_gate),
-        "sample": lambda: settings.pair_errors is not None or (out / "pairs" / "answers.jsonl").is_file(),
+        "sample": lambda: (out / "pairs" / "answers.jsonl").is_file(),
         "annotate": lambda: (out / "pairs" / "train.jsonl").is_file(),
         "train": lambda: all((out / "runs" / m / "final").is_dir() for m in settings.methods),
         "eval": lambda: False,
