@@ -83,4 +83,8 @@ def test_demo_fails_loudly_when_the_sft_model_misses_the_gate(tmp_path, monkeypa
     with pytest.raises(demo.GateError, match="single_object_accuracy 0.790 < 0.98"):
         demo.stage_gate(settings, out)
     assert json.loads((out / "gate.json").read_text())["passed"] is False
+    # a model that sees but names too few absent companions is told apart from one that cannot see
+    figures.update(single_object_accuracy=0.99, companion_rate=0.2, failed=["companion_rate 0.200 < 0.3"])
+    with pytest.raises(demo.GateError, match="It sees, but names too few absent companions"):
+        demo.stage_gate(settings, out)
     assert demo.main(["--output-dir", str(out), "--stages", "gate"]) == 2  # the CLI: one clear message, exit 2

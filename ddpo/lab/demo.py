@@ -295,9 +295,12 @@ def stage_gate(settings: DemoSettings, out: Path) -> dict:
     (out / "gate.json").write_text(json.dumps(gate, indent=2))
     logger.info("perception gate: %s", gate_line(gate))
     if not gate["passed"] and settings.enforce_gate:
-        raise GateError(f"the SFT model misses the perception gate: {'; '.join(gate['failed'])} (figures in {out / 'gate.json'}). "
-                        f"It cannot see what it names, so preference learning on objects would test nothing; "
-                        f"train it longer (sft_steps) or check the world.")
+        perception = any(not f.startswith("companion_rate") for f in gate["failed"])
+        why = ("It cannot see what it names, so preference learning on objects would test nothing; train it longer "
+               "(sft_steps) or check the world." if perception else
+               "It sees, but names too few absent companions: too little prior-driven hallucination for preference "
+               "learning to fix; strengthen the captions' prior (priors) or check the world.")
+        raise GateError(f"the SFT model misses the perception gate: {'; '.join(gate['failed'])} (figures in {out / 'gate.json'}). {why}")
     return gate
 
 
