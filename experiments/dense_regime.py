@@ -24,6 +24,7 @@ Runs (parts): every lr is the v2 lab's validation choice at 55 words (3e-6), nev
                                                 the sum's step size for DPO, but gamma no longer enlarges it
     sumtuned  ddpo_sum_g5_lr3e-05, dpo_sum_lr3e-05   DDPO-sum at its own validation lr (55 words), DPO's ladder
                                                 extended to it; compared at matched drift
+    segments  (55 words) SEGMENT_RUNS on pairs with one corrected segment and on pairs with two or more
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ RESULTS = REPO / "experiments" / "results" / "dense_regime"
 MIDDLE = 55  # the v2 lab's answer length (target words)
 SFT_STEPS = 300  # continued SFT at another length, from the 55-word model
 BETA, LR, LR_HIGH, LR_SUM_DDPO = 0.5, 3e-6, 1e-5, 3e-5  # LR_SUM_DDPO: DDPO-sum's own validation lr at 55 words
-PARTS = ("primary", "matched", "gamma", "sum", "rescaled", "sumtuned")
+PARTS = ("primary", "matched", "gamma", "sum", "rescaled", "sumtuned", "segments")
 PRIMARY_LENGTH = 120  # the pre-registered endpoint: ddpo_mean_g5 - dpo_mean at the longest answers
 # run -> (gamma, normalisation, lr, beta rescaled by length?)
 RUNS = {
@@ -58,10 +59,21 @@ RUNS = {
 }
 LAB_NAMES = {"ddpo_sum_g5_lr3e-05": "ddpo_sum_g5_tuned"}  # the lab's name for the same run, where it differs
 # DDPO - DPO comparisons at equal lr (same normalisation) and the DPO ladders read at matched drift
+# Corrected segments per pair, controlled by selection (55 words only: the most pairs): the first
+# SEGMENT_PAIRS pairs of the point with exactly one segment, and the first with two or more, as the
+# trainer's diff counts them (data/synthetic/pairs.py diff_segments). 430: the fewest one-segment pairs
+# of any seed is 433.
+SEGMENT_SUBSETS = {"one": (1, 1), "multi": (2, 10 ** 6)}
+SEGMENT_PAIRS = 430
+SEGMENT_RUNS = ("dpo_mean", "ddpo_mean_g5", "ddpo_sum_g5_lr3e-05", "dpo_sum_lr1e-05", "dpo_sum_lr3e-05")
 GAPS = {"ddpo_mean_g5": "dpo_mean", "ddpo_mean_g2": "dpo_mean", "ddpo_mean_g10": "dpo_mean",
-        "ddpo_sum_g5": "dpo_sum", "ddpo_rescaled_g5": "dpo_rescaled"}
-LADDERS = {"mean": ("dpo_mean", "dpo_mean_lr1e-05"), "sum": ("dpo_sum", "dpo_sum_lr1e-05", "dpo_sum_lr3e-05")}
-MATCHED = {"ddpo_mean_g2": "mean", "ddpo_mean_g5": "mean", "ddpo_mean_g10": "mean", "ddpo_sum_g5": "sum", "ddpo_sum_g5_lr3e-05": "sum"}
+        "ddpo_sum_g5": "dpo_sum", "ddpo_rescaled_g5": "dpo_rescaled",
+        **{f"ddpo_mean_g5_seg{k}": f"dpo_mean_seg{k}" for k in SEGMENT_SUBSETS}}
+# DDPO run -> DPO's lr ladder (same normalisation and pairs) for the matched-drift read
+MEAN_LADDER, SUM_LADDER = ("dpo_mean", "dpo_mean_lr1e-05"), ("dpo_sum", "dpo_sum_lr1e-05", "dpo_sum_lr3e-05")
+MATCHED = {"ddpo_mean_g2": MEAN_LADDER, "ddpo_mean_g5": MEAN_LADDER, "ddpo_mean_g10": MEAN_LADDER, "ddpo_sum_g5": SUM_LADDER,
+           "ddpo_sum_g5_lr3e-05": SUM_LADDER,
+           **{f"ddpo_sum_g5_lr3e-05_seg{k}": (f"dpo_sum_lr1e-05_seg{k}", f"dpo_sum_lr3e-05_seg{k}") for k in SEGMENT_SUBSETS}}
 REPORTED = (PRIMARY, "response_hallucination_rate", "companion_rate", "object_recall", *CLAIM_ERRORS)
 
 
@@ -69,13 +81,42 @@ def point_dir(root: Path, seed: int, length: int) -> Path:
     return root / f"seed{seed}" / f"words{length}"
 
 
-def methods(parts: list[str], tokens: float) -> dict[str, dict]:
-    out = {}
-    for part in parts:
-        for name, (gamma, norm, lr, rescaled) in RUNS[part].items():
-            out[name] = {"loss.gamma": gamma, "loss.normalize": norm, "train.learning_rate": lr,
-                         "loss.beta": round(BETA * tokens, 2) if rescaled else BETA}
+def methods(parts: list[str], tokens: float, segment_files: dict[str, Path] | None = None) -> dict[str, dict]:
+    """Each part's runs as `ddpo train` overrides; `segments` trains SEGMENT_RUNS on each subset file."""
+    runs = {name: spec for part in parts if part != "segments" for name, spec in RUNS[part].items()}
+    out = {name: override(*spec, tokens) for name, spec in runs.items()}
+    if "segments" in parts and segment_files:
+        all_runs = {name: spec for part in RUNS.values() for name, spec in part.items()}
+        for subset, path in segment_files.items():
+            for name in SEGMENT_RUNS:
+                out[f"{name}_seg{subset}"] = {**override(*all_runs[name], tokens), "data.path": str(path),
+                                              "train.reference_cache": str(path.parent / f"reference_cache_{subset}")}
     return out
+
+
+def override(gamma: float, norm: str, lr: float, rescaled: bool, tokens: float) -> dict:
+    return {"loss.gamma": gamma, "loss.normalize": norm, "train.learning_rate": lr, "loss.beta": round(BETA * tokens, 2) if rescaled else BETA}
+
+
+def segment_subsets(out: Path) -> dict[str, Path]:
+    """The point's pairs split by corrected segments per pair -> out/segment_pairs/<subset>.jsonl
+    (SEGMENT_PAIRS each, file order; images stay in the point's pairs/images)."""
+    from data.synthetic.pairs import diff_segments
+
+    rows = [json.loads(line) for line in (out / "pairs" / "train.jsonl").read_text().splitlines()]
+    diffs = [diff_segments(r["rejected"], r["chosen"]) for r in rows]
+    files, stats = {}, {}
+    for subset, (low, high) in SEGMENT_SUBSETS.items():
+        chosen = [i for i, (segments, _) in enumerate(diffs) if low <= segments <= high][:SEGMENT_PAIRS]
+        if len(chosen) < SEGMENT_PAIRS:
+            raise ValueError(f"{out}: only {len(chosen)} pairs with {low}-{high} segments, {SEGMENT_PAIRS} needed")
+        files[subset] = out / "segment_pairs" / f"{subset}.jsonl"
+        files[subset].parent.mkdir(exist_ok=True)
+        files[subset].write_text("".join(json.dumps(rows[i]) + "\n" for i in chosen))
+        stats[subset] = {"segments_per_pair": statistics.fmean(diffs[i][0] for i in chosen),
+                         "corrected_word_share": sum(diffs[i][1] for i in chosen) / sum(len(rows[i]["rejected"].split()) for i in chosen)}
+    (out / "segment_pairs" / "stats.json").write_text(json.dumps(stats, indent=2))
+    return files
 
 
 def link_middle(point: Path, lab: Path) -> None:
@@ -106,7 +147,8 @@ def run_point(root: Path, seed: int, length: int, parts: list[str], lab: Path | 
         link_middle(point_dir(root, seed, MIDDLE), lab / f"seed{seed}")
     settings = settings_for(root, seed, length, num_threads)
     run(settings, ["sft", "gate", "sample", "annotate"])  # raises GateError if the SFT model misses the gate
-    settings.methods = methods(parts, answer_tokens(out / "pairs" / "train.jsonl"))
+    subsets = segment_subsets(out) if "segments" in parts and length == MIDDLE else None
+    settings.methods = methods(parts, answer_tokens(out / "pairs" / "train.jsonl"), subsets)
     train_runs(settings, out)
     run(settings, ["eval"])  # evaluates only runs without an up-to-date eval.json
 
@@ -145,6 +187,8 @@ def collect(root: Path, seeds: list[int], lengths: list[int]) -> dict:
             "test": {r: {k: [res["methods"][r][k] for _, res in done] for k in (*REPORTED, "mean_response_words")} for r in runs},
             "validation": {r: {k: [res["validation"][r][k] for _, res in done] for k in REPORTED} for r in runs},
             "drift": {r: [res["drift"][r] for _, res in done] for r in runs},
+            "segment_pairs": [json.loads(f.read_text()) for s, _ in done
+                              if (f := point_dir(root, s, length) / "segment_pairs" / "stats.json").is_file()],
         }
     return table
 
@@ -163,8 +207,8 @@ def gaps(point: dict, split: str) -> dict:
 def matched(point: dict) -> dict:
     """DDPO - DPO with DPO read at DDPO's drift (piecewise linear over DPO's lr ladder, per seed)."""
     out = {}
-    for run_name, norm in MATCHED.items():
-        ladder = [n for n in LADDERS[norm] if n in point["test"]]
+    for run_name, ladder in MATCHED.items():
+        ladder = [n for n in ladder if n in point["test"]]
         if run_name not in point["test"] or len(ladder) < 2:
             continue
         row = {"drift": statistics.fmean(point["drift"][run_name]),
@@ -176,6 +220,7 @@ def matched(point: dict) -> dict:
                 row["extrapolated"] += outside and key == PRIMARY
                 diffs.append(point["test"][run_name][key][i] - value)
             row[key] = (*interval(diffs), p_value(diffs))
+            row.setdefault("per_seed", diffs)  # the primary metric's differences
         out[run_name] = row
     return out
 
@@ -230,6 +275,7 @@ def report(table: dict, command: str) -> str:
         for r, row in matched(p).items():
             lines.append(f"| {length} | {r} | {row['drift']:+.3f} | {', '.join(f'{d:+.3f}' for d in row['dpo_drift'])} | "
                          f"{fmt(*row[PRIMARY][:3])} | {row[PRIMARY][3]:.3f} | {fmt(*row['object_recall'][:3])} | {row['extrapolated']} |")
+    lines += segment_lines(table)
     lines += ["", "## Validation: DDPO - DPO at equal lr", "", "| words | comparison | mention hall. | recall |", "|---|---|---|---|"]
     for length, p in table.items():
         for r, g in gaps(p, "validation").items():
@@ -243,6 +289,32 @@ def report(table: dict, command: str) -> str:
                          f"{mean_sd(m['object_recall'])} | {mean_sd(m['mean_response_words'], 1)} | {statistics.fmean(p['drift'][r]):+.3f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def segment_lines(table: dict) -> list[str]:
+    """Corrected segments per pair, controlled by selection: DDPO - DPO on one-segment pairs, on
+    several-segment pairs, and the difference of the two gaps (several - one), per seed."""
+    point = table.get(str(MIDDLE))
+    if not point or not point.get("segment_pairs") or "ddpo_mean_g5_segmulti" not in point["test"]:
+        return []
+    stats = {k: (statistics.fmean(s[k]["segments_per_pair"] for s in point["segment_pairs"]),
+                 statistics.fmean(s[k]["corrected_word_share"] for s in point["segment_pairs"])) for k in SEGMENT_SUBSETS}
+    lines = ["", f"## Corrected segments per pair, controlled by selection ({MIDDLE} words, {SEGMENT_PAIRS} pairs per subset)", "",
+             "Subsets (mean over seeds): " + "; ".join(f"{k}: {seg:.2f} segments per pair, {share:.1%} of rejected words corrected"
+                                                      for k, (seg, share) in stats.items()), "",
+             "| comparison | one segment | two or more | several - one |", "|---|---|---|---|"]
+    equal = gaps(point, "test")
+    rows = {"mean, equal lr: ddpo_mean_g5 - dpo_mean": {k: [a - b for a, b in zip(point["test"][f"ddpo_mean_g5_seg{k}"][PRIMARY],
+                                                                                 point["test"][f"dpo_mean_seg{k}"][PRIMARY])]
+                                                       for k in SEGMENT_SUBSETS if f"ddpo_mean_g5_seg{k}" in equal}}
+    drift = matched(point)
+    rows["sum at matched drift: ddpo_sum_g5_lr3e-05 - DPO"] = {k: drift[f"ddpo_sum_g5_lr3e-05_seg{k}"]["per_seed"]
+                                                               for k in SEGMENT_SUBSETS if f"ddpo_sum_g5_lr3e-05_seg{k}" in drift}
+    for label, per_subset in rows.items():
+        if len(per_subset) == 2:
+            contrast = [m - o for m, o in zip(per_subset["multi"], per_subset["one"])]
+            lines.append(f"| {label} | {fmt(*interval(per_subset['one']))} | {fmt(*interval(per_subset['multi']))} | {fmt(*interval(contrast))} |")
+    return lines
 
 
 def plot(table: dict, path: Path) -> None:

@@ -95,3 +95,26 @@ def test_aggregate_without_runs_uses_the_committed_json(tmp_path, capsys):
     assert dense_regime.main(["aggregate", "--output-dir", str(tmp_path / "none"), "--results", str(results)]) == 0
     assert (results / "results.md").read_text().split("\n", 3)[3] == made.split("\n", 3)[3]  # all but the command line
     assert dense_regime.main(["aggregate", "--output-dir", str(tmp_path / "none"), "--results", str(tmp_path / "empty")]) == 2
+
+
+def test_segment_subsets_select_by_the_trainers_segment_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(dense_regime, "SEGMENT_PAIRS", 2)
+    out = tmp_path / "seed0" / "words55"
+    (out / "pairs").mkdir(parents=True)
+    base = "at the top left is a red circle . at the center is a blue star . the background is dark gray ."
+    one = base.replace("red", "green")  # one corrected segment
+    two = base.replace("red", "green").replace("blue", "pink")  # two, far apart
+    rows = [{"image": f"{i}.png", "question": "q", "chosen": base, "rejected": r} for i, r in enumerate([one, two, one, two, one])]
+    (out / "pairs" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = dense_regime.segment_subsets(out)
+    picked = {k: [json.loads(line)["image"] for line in f.read_text().splitlines()] for k, f in files.items()}
+    assert picked == {"one": ["0.png", "2.png"], "multi": ["1.png", "3.png"]}  # the first two of each, in file order
+    stats = json.loads((out / "segment_pairs" / "stats.json").read_text())
+    assert stats["one"]["segments_per_pair"] == 1 and stats["multi"]["segments_per_pair"] == 2
+    runs = dense_regime.methods(["primary", "segments"], tokens=20.0, segment_files=files)
+    assert runs["ddpo_sum_g5_lr3e-05_segmulti"]["data.path"] == str(files["multi"])
+    assert runs["dpo_mean_segone"]["train.reference_cache"] == str(out / "segment_pairs" / "reference_cache_one")
+    assert runs["dpo_mean_segone"]["train.learning_rate"] == 3e-6 and "dpo_mean" in runs
+    monkeypatch.setattr(dense_regime, "SEGMENT_PAIRS", 3)
+    with pytest.raises(ValueError, match="only 2 pairs with 2-1000000 segments, 3 needed"):
+        dense_regime.segment_subsets(out)
