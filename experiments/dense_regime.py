@@ -58,7 +58,6 @@ RUNS = {
     "sumtuned": {"ddpo_sum_g5_lr3e-05": (5.0, "sum", LR_SUM_DDPO, False), "dpo_sum_lr3e-05": (1.0, "sum", LR_SUM_DDPO, False)},
 }
 LAB_NAMES = {"ddpo_sum_g5_lr3e-05": "ddpo_sum_g5_tuned"}  # the lab's name for the same run, where it differs
-# DDPO - DPO comparisons at equal lr (same normalisation) and the DPO ladders read at matched drift
 # Corrected segments per pair, controlled by selection (55 words only: the most pairs): the first
 # SEGMENT_PAIRS pairs of the point with exactly one segment, and the first with two or more, as the
 # trainer's diff counts them (data/synthetic/pairs.py diff_segments). 430: the fewest one-segment pairs
@@ -66,6 +65,7 @@ LAB_NAMES = {"ddpo_sum_g5_lr3e-05": "ddpo_sum_g5_tuned"}  # the lab's name for t
 SEGMENT_SUBSETS = {"one": (1, 1), "multi": (2, 10 ** 6)}
 SEGMENT_PAIRS = 430
 SEGMENT_RUNS = ("dpo_mean", "ddpo_mean_g5", "ddpo_sum_g5_lr3e-05", "dpo_sum_lr1e-05", "dpo_sum_lr3e-05")
+# DDPO run -> the DPO run it is compared with at equal lr (same normalisation and pairs)
 GAPS = {"ddpo_mean_g5": "dpo_mean", "ddpo_mean_g2": "dpo_mean", "ddpo_mean_g10": "dpo_mean",
         "ddpo_sum_g5": "dpo_sum", "ddpo_rescaled_g5": "dpo_rescaled",
         **{f"ddpo_mean_g5_seg{k}": f"dpo_mean_seg{k}" for k in SEGMENT_SUBSETS}}
@@ -101,6 +101,7 @@ def override(gamma: float, norm: str, lr: float, rescaled: bool, tokens: float) 
 def segment_subsets(out: Path) -> dict[str, Path]:
     """The point's pairs split by corrected segments per pair -> out/segment_pairs/<subset>.jsonl
     (SEGMENT_PAIRS each, file order; images stay in the point's pairs/images)."""
+    from data.synthetic.language import n_words
     from data.synthetic.pairs import diff_segments
 
     rows = [json.loads(line) for line in (out / "pairs" / "train.jsonl").read_text().splitlines()]
@@ -114,7 +115,7 @@ def segment_subsets(out: Path) -> dict[str, Path]:
         files[subset].parent.mkdir(exist_ok=True)
         files[subset].write_text("".join(json.dumps(rows[i]) + "\n" for i in chosen))
         stats[subset] = {"segments_per_pair": statistics.fmean(diffs[i][0] for i in chosen),
-                         "corrected_word_share": sum(diffs[i][1] for i in chosen) / sum(len(rows[i]["rejected"].split()) for i in chosen)}
+                         "corrected_word_share": sum(diffs[i][1] for i in chosen) / sum(n_words(rows[i]["rejected"]) for i in chosen)}
     (out / "segment_pairs" / "stats.json").write_text(json.dumps(stats, indent=2))
     return files
 
