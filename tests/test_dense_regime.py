@@ -75,10 +75,13 @@ def test_gaps_matched_drift_and_holm_by_hand(tmp_path):
     assert row[dense_regime.PRIMARY][0] == pytest.approx((0.07 - 0.08 + 0.17 - 0.15) / 2)
     assert row["extrapolated"] == 0 and row["drift"] == pytest.approx(-0.025)
     text = dense_regime.report(table, "cmd")
-    # the primary is unadjusted; the one secondary comparison's Holm p equals its own p
+    # the primary is unadjusted. The secondary family: g10 at equal lr (t = -1 on 1 df: p = 0.5), g10 at
+    # matched drift (its drift is dpo_mean's: the same differences, p 0.5) and g5 at matched drift
+    # (differences -0.01, +0.02: p 0.795); Holm multiplies the smallest by 3: 1.5, capped at 1
     assert "| 120 | ddpo_mean_g5 - dpo_mean | -0.030 [-0.030, -0.030] | 0.000 (primary) |" in text
-    p10 = gaps["ddpo_mean_g10"][dense_regime.PRIMARY][3]
-    assert f"| 120 | ddpo_mean_g10 - dpo_mean | -0.005 [{g10[1]:+.3f}, {g10[2]:+.3f}] | {p10:.3f} |" in text
+    assert gaps["ddpo_mean_g10"][dense_regime.PRIMARY][3] == pytest.approx(0.5)
+    assert f"| 120 | ddpo_mean_g10 - dpo_mean | -0.005 [{g10[1]:+.3f}, {g10[2]:+.3f}] | 1.000 |" in text
+    assert "| 120 | ddpo_mean_g5 | -0.025 | -0.015, -0.035 | +0.005 [" in text
 
 
 def test_weighted_share_is_gammas_share_of_the_token_weight():
