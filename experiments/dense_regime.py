@@ -322,28 +322,33 @@ def segment_lines(table: dict) -> list[str]:
 
 
 def plot(table: dict, path: Path) -> None:
+    """DDPO - DPO against measured answer length: at equal lr, and at matched drift."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    words = {length: statistics.fmean(p["test"]["sft"]["mean_response_words"]) for length, p in table.items()}
-    for ax, split in zip(axes, ("test", "validation")):
-        for k, r in enumerate(GAPS):
-            xs, ys, lo, hi = [], [], [], []
-            for length, p in sorted(table.items(), key=lambda kv: words[kv[0]]):
-                g = gaps(p, split).get(r)
-                if g:
-                    m, a, b, _ = g[PRIMARY]
-                    xs.append(words[length] * (1 + 0.015 * (k - 2)))
-                    ys.append(m), lo.append(m - a), hi.append(b - m)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    points = sorted(table.items(), key=lambda kv: statistics.fmean(kv[1]["test"]["sft"]["mean_response_words"]))
+    words = [statistics.fmean(p["test"]["sft"]["mean_response_words"]) for _, p in points]
+    panels = (("equal lr", [gaps(p, "test") for _, p in points], [r for r in GAPS if "_seg" not in r]),
+              ("matched drift", [matched(p) for _, p in points], [r for r in MATCHED if "_seg" not in r]))
+    colors = {r: f"C{k}" for k, r in enumerate(dict.fromkeys([*panels[0][2], *panels[1][2]]))}  # one colour per run
+    for ax, (title, rows, runs) in zip(axes, panels):
+        for k, r in enumerate(runs):
+            xs, ys, err = [], [], [[], []]
+            for x, row in zip(words, rows):
+                if r in row:
+                    m, lo, hi, _ = row[r][PRIMARY]
+                    xs.append(x + 0.6 * (k - len(runs) / 2))
+                    ys.append(m), err[0].append(m - lo), err[1].append(hi - m)
             if xs:
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{r} - {GAPS[r]}")
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colors[r], label=r if title == "matched drift" else f"{r} - {GAPS[r]}")
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(xlabel="SFT answer length, measured (words per greedy test answer)", ylabel="DDPO - DPO, mention-level hallucination",
-               title=f"{split} (95% t-interval over seeds)")
-        ax.legend(fontsize=7)
+        ax.set(xlabel="SFT answer words (measured, greedy test)", ylabel="DDPO - DPO, mention-level hallucination",
+               title=f"test, {title} (95% t-interval over seeds)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
