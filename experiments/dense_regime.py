@@ -149,9 +149,14 @@ def run_point(root: Path, seed: int, length: int, parts: list[str], lab: Path | 
     settings = settings_for(root, seed, length, num_threads)
     run(settings, ["sft", "gate", "sample", "annotate"])  # raises GateError if the SFT model misses the gate
     subsets = segment_subsets(out) if "segments" in parts and length == MIDDLE else None
-    settings.methods = methods(parts, answer_tokens(out / "pairs" / "train.jsonl"), subsets)
+    tokens = answer_tokens(out / "pairs" / "train.jsonl")
+    settings.methods = methods(parts, tokens, subsets)
     train_runs(settings, out)
-    run(settings, ["eval"])  # evaluates only runs without an up-to-date eval.json
+    # results.json holds every finished run of the point, not only this call's parts; only runs
+    # without an up-to-date eval.json are evaluated
+    made = {k: f for k in SEGMENT_SUBSETS if (f := out / "segment_pairs" / f"{k}.jsonl").is_file()}
+    settings.methods = {m: o for m, o in methods(list(PARTS), tokens, made).items() if (out / "runs" / m / "final").is_dir()}
+    run(settings, ["eval"])
 
 
 def train_runs(settings: DemoSettings, out: Path) -> None:

@@ -121,3 +121,18 @@ def test_segment_subsets_select_by_the_trainers_segment_count(tmp_path, monkeypa
     monkeypatch.setattr(dense_regime, "SEGMENT_PAIRS", 3)
     with pytest.raises(ValueError, match="only 2 pairs with 2-1000000 segments, 3 needed"):
         dense_regime.segment_subsets(out)
+
+
+def test_a_points_eval_covers_every_finished_run_not_only_this_calls_parts(tmp_path, monkeypatch):
+    out = dense_regime.point_dir(tmp_path, 0, 15)
+    (out / "pairs").mkdir(parents=True)
+    (out / "pairs" / "train.jsonl").write_text(json.dumps({"chosen": "a b .", "rejected": "a c ."}) + "\n")
+    for name in ("dpo_mean", "ddpo_sum_g5"):  # finished earlier, by another part
+        (out / "runs" / name / "final").mkdir(parents=True)
+    calls = []
+    monkeypatch.setattr(dense_regime, "run", lambda settings, stages: calls.append((stages, dict(settings.methods or {}))))
+    monkeypatch.setattr(dense_regime, "train_runs", lambda settings, out: calls.append((["train"], dict(settings.methods))))
+    dense_regime.run_point(tmp_path, 0, 15, ["primary"], None, 1)
+    assert [stages for stages, _ in calls] == [["sft", "gate", "sample", "annotate"], ["train"], ["eval"]]
+    assert set(calls[1][1]) == {"dpo_mean", "ddpo_mean_g5"}  # trained: this call's parts
+    assert set(calls[2][1]) == {"dpo_mean", "ddpo_sum_g5"}  # evaluated: every finished run
