@@ -456,16 +456,20 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
     models = {"sft": out / "sft", **{m: out / "runs" / m / "final" for m in settings.methods}}
     results: dict = {"methods": {}, "validation": {}, "sampled": {}, "drift": {}, "samples": {}}
     _, val_images, val_prompts, _ = split(settings, "val", settings.val_images)
-    # a model's metrics are kept beside it (eval.json) and reused while the splits that made them are
-    # the same, so a study that adds runs to a point evaluates only the new ones
-    key = {"seed": settings.seed, "answer_words": settings.answer_words, "val_images": settings.val_images,
+    # a model's metrics are kept beside it (eval.json) and reused while the world, the splits and the SFT
+    # model (the drift's yardstick) that made them are the same, so a study that adds runs to a point
+    # evaluates only the new ones
+    key = {"world": [settings.world_version, settings.world, settings.priors], "seed": settings.seed,
+           "answer_words": settings.answer_words, "val_images": settings.val_images,
            "test_images": 0 if settings.validation_only else settings.test_images,
-           "sampled": None if settings.validation_only or not settings.sampled_eval else settings.sampled_eval_temperature}
+           "sampled": None if settings.validation_only or not settings.sampled_eval else settings.sampled_eval_temperature,
+           "sft": (out / "sft" / "ddpo_model.json").stat().st_mtime_ns}
+    key = json.loads(json.dumps(key))  # as it reads back from eval.json (tuples become lists)
     reference_logps = None
     for method, path in models.items():
         cache = path / "eval.json"
         done = json.loads(cache.read_text()) if cache.is_file() else {}
-        if done.get("key") != key or (reference_logps is not None and "drift" not in done):
+        if done.get("key") != key:
             model = load_model(path)
             done = {"key": key}
             done["validation"], done["val_answers"] = evaluate_model(model, settings, "val", settings.val_images, template)
