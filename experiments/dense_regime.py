@@ -2,7 +2,7 @@
 
     # every (seed, length) point: its SFT model, on-policy pairs, the runs of the chosen parts, eval
     python -m experiments.dense_regime run --seeds 0 1 3 4 5 --lengths 120 15 55 \
-        --parts primary matched gamma sum rescaled --reuse-middle runs/synthetic_v2
+        --parts primary matched --reuse-middle runs/synthetic_v2     # then: sum sumtuned / gamma rescaled / segments
     # tables and plots from the finished points (or, without run directories, from the committed json)
     python -m experiments.dense_regime aggregate
 
@@ -15,7 +15,7 @@ Design (pre-registered in experiments/results/dense_regime/README.md before any 
                        minimally corrected by the oracle (the demo's sample and annotate stages).
   per run              one `ddpo train` from that SFT model on those pairs, through the sweep launcher
                        (ddpo/sweep.py), evaluated greedily on the seed's validation and test images.
-Runs (parts): every lr is the v2 lab's validation choice at 55 words (3e-6), never re-tuned here.
+Runs (parts): every lr is the v2 lab's validation choice at 55 words, never re-tuned here.
     primary   dpo_mean, ddpo_mean_g5            Eq. 5 weighted mean at fixed beta 0.5 (the paper's regime)
     matched   dpo_mean_lr1e-05                  DPO's drift ladder: gammas are compared at matched drift too
     gamma     ddpo_mean_g2, ddpo_mean_g10
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
