@@ -266,7 +266,7 @@ def report(table: dict, command: str) -> str:
                      f"{mean_sd([x['rejected_words'] for x in p['pairs']], 1)} | {statistics.fmean(x['pairs_used'] for x in p['pairs']):.0f} | "
                      f"{mean_sd([x['segments_per_pair'] for x in p['pairs']], 2)} | {share:.1%} | {weighted_share(share, 5):.1%} | {gate} |")
     lines += ["", "## The map: DDPO - DPO at equal lr", "",
-              "| words | comparison | mention hall. | p (Holm) | companion rate | recall | attribute err | position err | count err |",
+              "| target words | comparison | mention hall. | p (Holm) | companion rate | recall | attribute err | position err | count err |",
               "|---|---|---|---|---|---|---|---|---|"]
     for length, rows in all_gaps.items():
         for r, g in rows.items():
@@ -276,7 +276,7 @@ def report(table: dict, command: str) -> str:
                          f"{fmt(*g['object_recall'][:3])} | " + " | ".join(fmt(*g[k][:3]) for k in CLAIM_ERRORS[:3]) + " |")
     lines += ["", "## At matched drift: DDPO minus DPO read at DDPO's drift (DPO's lr ladder: mean 3e-6, 1e-5; sum 3e-6, 1e-5, 3e-5; "
               "piecewise linear per seed, extrapolated beyond the ladder where counted)", "",
-              "| words | run | drift (DDPO) | DPO ladder drift | mention hall. | p (Holm) | recall | extrapolated seeds |",
+              "| target words | run | drift (DDPO) | DPO ladder drift | mention hall. | p (Holm) | recall | extrapolated seeds |",
               "|---|---|---|---|---|---|---|---|"]
     for length, p in table.items():
         for r, row in all_matched[length].items():
@@ -284,13 +284,13 @@ def report(table: dict, command: str) -> str:
                          f"{fmt(*row[PRIMARY][:3])} | {adjusted[f'{length} words: {r} at matched drift']:.3f} | {fmt(*row['object_recall'][:3])} | "
                          f"{row['extrapolated']} |")
     lines += segment_lines(table)
-    lines += ["", "## Validation: DDPO - DPO at equal lr", "", "| words | comparison | mention hall. | recall |", "|---|---|---|---|"]
+    lines += ["", "## Validation: DDPO - DPO at equal lr", "", "| target words | comparison | mention hall. | recall |", "|---|---|---|---|"]
     for length, p in table.items():
         for r, g in gaps(p, "validation").items():
             lines.append(f"| {length} | {r} - {GAPS[r]} | {fmt(*g[PRIMARY][:3])} | {fmt(*g['object_recall'][:3])} |")
     lines += ["", "## Every run (test, greedy): mean ± std over seeds", ""]
     for length, p in table.items():
-        lines += [f"### {length} target words (seeds {p['seeds']})", "",
+        lines += [f"### {length} target words ({statistics.fmean(p['test']['sft']['mean_response_words']):.1f} measured; seeds {p['seeds']})", "",
                   "| run | mention hall. | response hall. | companion rate | recall | words | drift |", "|---|---|---|---|---|---|---|"]
         for r, m in p["test"].items():
             lines.append(f"| {r} | {mean_sd(m[PRIMARY])} | {mean_sd(m['response_hallucination_rate'])} | {mean_sd(m['companion_rate'])} | "
@@ -307,7 +307,7 @@ def segment_lines(table: dict) -> list[str]:
         return []
     stats = {k: (statistics.fmean(s[k]["segments_per_pair"] for s in point["segment_pairs"]),
                  statistics.fmean(s[k]["corrected_word_share"] for s in point["segment_pairs"])) for k in SEGMENT_SUBSETS}
-    lines = ["", f"## Corrected segments per pair, controlled by selection ({MIDDLE} words, {SEGMENT_PAIRS} pairs per subset)", "",
+    lines = ["", f"## Corrected segments per pair, controlled by selection ({MIDDLE}-word target, {SEGMENT_PAIRS} pairs per subset)", "",
              "Subsets (mean over seeds): " + "; ".join(f"{k}: {seg:.2f} segments per pair, {share:.1%} of rejected words corrected"
                                                       for k, (seg, share) in stats.items()), "",
              "| comparison | one segment | two or more | several - one |", "|---|---|---|---|"]
