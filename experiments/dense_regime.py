@@ -38,7 +38,7 @@ from pathlib import Path
 from ddpo import sweep
 from ddpo.config import save_config
 from ddpo.lab.demo import DemoSettings, GateError, run, train_config
-from experiments.synthetic_v2 import CLAIM_ERRORS, PRIMARY, answer_tokens, at_drift, fmt, holm, interval, p_value
+from experiments.synthetic_v2 import CLAIM_ERRORS, PRIMARY, answer_tokens, fmt, holm, interval, matched_differences, p_value
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "dense_regime"
@@ -217,15 +217,14 @@ def matched(point: dict) -> dict:
         if run_name not in point["test"] or len(ladder) < 2:
             continue
         row = {"drift": statistics.fmean(point["drift"][run_name]),
-               "dpo_drift": [statistics.fmean(point["drift"][n]) for n in ladder], "extrapolated": 0}
+               "dpo_drift": [statistics.fmean(point["drift"][n]) for n in ladder]}
         for key in (PRIMARY, "object_recall"):
-            diffs = []
-            for i in range(len(point["seeds"])):
-                value, outside = at_drift([(point["drift"][n][i], point["test"][n][key][i]) for n in ladder], point["drift"][run_name][i])
-                row["extrapolated"] += outside and key == PRIMARY
-                diffs.append(point["test"][run_name][key][i] - value)
+            seeds = range(len(point["seeds"]))
+            diffs, outside = matched_differences([[(point["drift"][n][i], point["test"][n][key][i]) for n in ladder] for i in seeds],
+                                                 point["drift"][run_name], point["test"][run_name][key])
             row[key] = (*interval(diffs), p_value(diffs))
-            row.setdefault("per_seed", diffs)  # the primary metric's differences
+            if key == PRIMARY:
+                row["per_seed"], row["extrapolated"] = diffs, outside
         out[run_name] = row
     return out
 

@@ -331,6 +331,17 @@ def at_drift(points: list[tuple[float, float]], d: float) -> tuple[float, bool]:
     return (y0 + (d - d0) / (d1 - d0) * (y1 - y0) if d1 != d0 else y0), not inside
 
 
+def matched_differences(ladders: list[list[tuple[float, float]]], drifts: list[float], values: list[float]) -> tuple[list[float], int]:
+    """Per seed, a DDPO run's metric minus DPO's read at the run's drift off that seed's DPO ladder
+    [(drift, metric) per lr]; and the number of seeds where the read was extrapolated."""
+    diffs, extrapolated = [], 0
+    for ladder, d, value in zip(ladders, drifts, values):
+        read, outside = at_drift(ladder, d)
+        diffs.append(value - read)
+        extrapolated += outside
+    return diffs, extrapolated
+
+
 def matched_drift(per_seed: dict, seeds: list, names: list[str]) -> dict:
     """DDPO - DPO at equal drift instead of equal lr: per seed, DPO's metric at a DDPO run's drift, read
     off DPO's runs at several lrs (same normalisation, all pairs). It separates gamma as weighting from
@@ -346,15 +357,12 @@ def matched_drift(per_seed: dict, seeds: list, names: list[str]) -> dict:
             row: dict = {"drift": statistics.fmean(per_seed[s]["drift"][name] for s in seeds), "extrapolated": 0,
                          "dpo_runs": curve, "dpo_drift": [statistics.fmean(per_seed[s]["drift"][n] for s in seeds) for n in curve]}
             for key in (PRIMARY, "companion_rate", "object_recall"):
-                diffs = []
-                for s in seeds:
-                    value, outside = at_drift([(per_seed[s]["drift"][n], per_seed[s]["methods"][n][key]) for n in curve],
-                                              per_seed[s]["drift"][name])
-                    row["extrapolated"] += outside and key == PRIMARY
-                    diffs.append(per_seed[s]["methods"][name][key] - value)
+                diffs, outside = matched_differences(
+                    [[(per_seed[s]["drift"][n], per_seed[s]["methods"][n][key]) for n in curve] for s in seeds],
+                    [per_seed[s]["drift"][name] for s in seeds], [per_seed[s]["methods"][name][key] for s in seeds])
                 row[key] = interval(diffs)
                 if key == PRIMARY:
-                    row["p"] = p_value(diffs)
+                    row["p"], row["extrapolated"] = p_value(diffs), outside
             out[name] = row
     return out
 

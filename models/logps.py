@@ -377,12 +377,15 @@ def chunked_token_kl(
     if labels.shape[1] < 2:
         return out
     rows, cols = (labels[:, 1:] != ignore_index).nonzero(as_tuple=True)
+    # float32 views of the heads made once (a no-op for float32 weights), not once per chunk
+    policy_head, reference_head = policy_head.float(), reference_head.float()
+    policy_bias = None if policy_bias is None else policy_bias.float()
+    reference_bias = None if reference_bias is None else reference_bias.float()
     values = []
     for start in range(0, len(rows), chunk_size):
         r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
-        policy_logits = F.linear(policy_hidden[r, c].float(), policy_head.float(), None if policy_bias is None else policy_bias.float())
-        reference_logits = F.linear(reference_hidden[r, c].float(), reference_head.float(),
-                                    None if reference_bias is None else reference_bias.float())
+        policy_logits = F.linear(policy_hidden[r, c].float(), policy_head, policy_bias)
+        reference_logits = F.linear(reference_hidden[r, c].float(), reference_head, reference_bias)
         reference_logp = reference_logits.log_softmax(-1)
         values.append((reference_logp.exp() * (reference_logp - policy_logits.log_softmax(-1))).sum(-1))
     if values:

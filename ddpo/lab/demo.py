@@ -469,6 +469,7 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
     for method, path in models.items():
         cache = path / "eval.json"
         done = json.loads(cache.read_text()) if cache.is_file() else {}
+        model = None
         if done.get("key") != key:
             model = load_model(path)
             done = {"key": key}
@@ -485,7 +486,7 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
             cache.write_text(json.dumps(done))
         if reference_logps is None:
             reference_answers = done["val_answers"]
-            reference_logps = answer_token_logps(load_model(path), val_prompts, reference_answers, val_images, template)
+            reference_logps = answer_token_logps(model if model is not None else load_model(path), val_prompts, reference_answers, val_images, template)
         for table in ("validation", "methods", "sampled", "samples", "drift"):
             if table in done:
                 results[table][method] = done[table]
