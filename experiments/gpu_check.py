@@ -19,6 +19,7 @@ optimizer steps (median step time reported). On CPU, packed_flex is skipped with
     python experiments/gpu_check.py --preset 7b-16l      # 7B widths, 16 of 32 decoder layers: fits an 80 GB H100
     python experiments/gpu_check.py --preset tiny        # the CPU default: checks the code path in seconds
     python experiments/gpu_check.py --ladder             # also the step benchmark's ladder (experiments/bench_step.py)
+    python experiments/gpu_check.py --head-bench         # also chunked vs naive LM head (experiments/bench_logps.py)
 
 --time-budget-s (default 540) bounds the run: a case that would start past the budget is skipped and
 recorded as such, so the script ends within 10 minutes on one H200 with its table written.
@@ -249,20 +250,36 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
     return results
 
 
-def run_ladder(args) -> dict:
-    """experiments/bench_step.py (TRL vs ours, CPU: it has no GPU path) in a subprocess, reduced; its last lines."""
+def run_script(script: str, script_args: str, timeout_s: int) -> tuple[dict, list[str]]:
+    """experiments/`script` in a subprocess: a record of the run and its stdout lines."""
     import subprocess
 
-    command = [sys.executable, str(REPO / "experiments" / "bench_step.py"), *args.ladder_args.split()]
+    command = [sys.executable, str(REPO / "experiments" / script), *script_args.split()]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.ladder_timeout_s, cwd=REPO,
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     except subprocess.TimeoutExpired:
-        return {"command": " ".join(command), "skipped": f"timed out after {args.ladder_timeout_s} s"}
+        return {"command": " ".join(command), "skipped": f"timed out after {timeout_s} s"}, []
     lines = done.stdout.strip().splitlines()
-    ratio = next((float(line.split("=")[1]) for line in reversed(lines) if line.startswith("ratio_vs_trl=")), None)
-    return {"command": " ".join(command), "returncode": done.returncode, "ratio_vs_trl": ratio,
-            "output": lines[-20:], "stderr_tail": done.stderr.strip().splitlines()[-5:]}
+    return {"command": " ".join(command), "returncode": done.returncode, "output": lines[-20:],
+            "stderr_tail": done.stderr.strip().splitlines()[-5:]}, lines
+
+
+def run_ladder(args) -> dict:
+    """experiments/bench_step.py (TRL vs ours, CPU: it has no GPU path), reduced; its ratio_vs_trl."""
+    record, lines = run_script("bench_step.py", args.ladder_args, args.ladder_timeout_s)
+    record["ratio_vs_trl"] = next((float(line.split("=")[1]) for line in reversed(lines) if line.startswith("ratio_vs_trl=")), None)
+    return record
+
+
+def run_head_bench(args) -> dict:
+    """experiments/bench_logps.py (chunked vs naive LM-head log-probs); memory and time ratios per head case."""
+    record, lines = run_script("bench_logps.py", args.head_bench_args, args.head_bench_timeout_s)
+    for line in lines:  # "frozen head: memory_ratio=0.114 time_ratio=0.99"
+        if " head: memory_ratio=" in line:
+            head, ratios = line.split(" head: ")
+            record[head] = {key: float(value) for key, value in (pair.split("=") for pair in ratios.split())}
+    return record
 
 
 def markdown_table(report: dict) -> str:
@@ -285,6 +302,12 @@ def markdown_table(report: dict) -> str:
     if report.get("ladder"):
         ladder = report["ladder"]
         table += f"\nStep ladder (`{ladder['command']}`): ratio_vs_trl={ladder.get('ratio_vs_trl')} {ladder.get('skipped', '')}\n"
+    if report.get("head_bench"):
+        bench = report["head_bench"]
+        table += f"\nLM-head log-probs, chunked / naive (`{bench['command']}`): {bench.get('skipped', '')}\n"
+        for head in ("frozen", "trainable"):
+            if head in bench:
+                table += f"- {head} head: memory_ratio={bench[head]['memory_ratio']} time_ratio={bench[head]['time_ratio']}\n"
     return table
 
 
@@ -306,6 +329,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ladder-args", default="--steps 5 --warmup 2 --repeats 1 --modes trl,shared,grouped,floor",
                         help="arguments for bench_step.py with --ladder")
     parser.add_argument("--ladder-timeout-s", type=int, default=400)
+    parser.add_argument("--head-bench", action="store_true", help="also run experiments/bench_logps.py (chunked vs naive LM head)")
+    parser.add_argument("--head-bench-args", default="--device cuda --dtype bfloat16 --hidden 4096 --vocab 32064 --reps 5",
+                        help="arguments for bench_logps.py with --head-bench (default: LLaVA-1.5-7B's head on the GPU)")
+    parser.add_argument("--head-bench-timeout-s", type=int, default=120)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "gpu_check"), help="directory for gpu_check.json and gpu_check.md")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -348,6 +375,8 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "args": vars(args), "results": results}
     if args.ladder:
         report["ladder"] = run_ladder(args)
+    if args.head_bench:
+        report["head_bench"] = run_head_bench(args)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ backward pass, a gradient of the same size. Here:
   (LoRA) the forward also computes each token's gradient with respect to its hidden state (`[N, H]`,
   kept for the backward, which then does no matmul); with a trainable head the backward recomputes the
   logits a block of vocabulary columns at a time (the weight gradient needs the upstream gradient, known
-  only then). `_ChunkedTokenLogps` says what that costs.
+  only then), unless every labelled token fits in one chunk: then the forward's softmax is kept.
+  `_ChunkedTokenLogps` says what that costs.
 
 Matmuls run in the inputs' dtype (bf16 stays bf16, as in the naive head; no float32 copy of the LM
 head); logsumexp, softmax and the gradient sums over the vocabulary run in float32.
@@ -194,7 +195,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     input-gradient. Trainable LM head: the weight gradient sum_t g_t (onehot_t - softmax_t)^T h_t needs
     the upstream gradient g, which exists only in the backward, so the backward recomputes the logits,
     in blocks of vocabulary columns (every token at once, so each weight-gradient block is written once,
-    never accumulated): 4 matmuls in all against the naive head's 3.
+    never accumulated): 4 matmuls in all against the naive head's 3. When every labelled token fits in
+    one chunk (N <= chunk_size) the forward keeps that chunk's softmax instead: 3 matmuls, and no more
+    memory, since the recomputing backward would allocate the same [N, V] block at the same moment.
     """
 
     @staticmethod
@@ -210,6 +213,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         weight_m = weight.to(matmul)  # no copy when already in that dtype
         # The gradient in the forward pays off only when the LM head needs none (see the class docstring).
         fused = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
+        keep_softmax = not fused and any(ctx.needs_input_grad[:3]) and len(src) <= chunk_size
+        softmax = None
         lse = torch.empty(len(src), dtype=dtype, device=hidden.device)
         picked = torch.empty_like(lse)
         d_hidden = flat.new_empty(len(src), width, dtype=matmul) if fused else None  # d logp / d h per token
@@ -224,6 +229,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 d = logits.div_(-sums[:, None])
                 d[torch.arange(len(h), device=d.device), targets[part]] += 1
                 torch.mm(d.to(matmul), weight_m, out=d_hidden[part])
+            elif keep_softmax:  # the only chunk: its softmax serves the backward, nothing is recomputed
+                softmax = logits.div_(sums[:, None])
         values = picked - lse
         _raise_if_not_finite(values, out, length - 1, "chunked_token_logps", "the hidden states or LM head")
         result = torch.zeros(batch * (length - 1), dtype=dtype, device=hidden.device)
@@ -232,6 +239,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             ctx.save_for_backward(d_hidden, src, out)
         else:
             ctx.save_for_backward(hidden, weight, bias, src, out, targets, lse)
+            ctx.kept_softmax = softmax  # an attribute, not saved: the backward overwrites it (see _head_gradients)
         ctx.fused, ctx.chunk_size, ctx.hidden_shape, ctx.hidden_dtype = fused, chunk_size, hidden.shape, hidden.dtype
         return result.view(batch, length - 1)
 
@@ -245,17 +253,20 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             grad_hidden = torch.zeros(batch * length, width, dtype=ctx.hidden_dtype, device=grad_output.device)
             grad_hidden.index_copy_(0, src, (d_hidden.to(grad.dtype) * grad[:, None]).to(ctx.hidden_dtype))  # one rounding
             return grad_hidden.view(batch, length, width), None, None, None, None, None
-        return _recomputed_gradients(ctx, grad_output)
+        return _head_gradients(ctx, grad_output)
 
 
-def _recomputed_gradients(ctx, grad_output: Tensor):
-    """Backward of the trainable-LM-head case: logits recomputed a block of vocabulary columns at a time.
+def _head_gradients(ctx, grad_output: Tensor):
+    """Backward of the trainable-LM-head case, a block of vocabulary columns at a time.
 
     A block holds every labelled token ([N, block], block = chunk_size * V / N columns: the same memory as
     a chunk of chunk_size tokens), so d_logits = g * (onehot - softmax) of the block is complete and
     grad_weight[block] = d_logits.T @ h is written once; grad_hidden ([N, H]) sums over the blocks in float32.
+    The softmax is the forward's when it kept one (a single block; it becomes d_logits in place, so it is
+    used once: a second backward through a retained graph recomputes), else recomputed from the logits.
     """
     hidden, weight, bias, src, out, targets, lse = ctx.saved_tensors
+    kept, ctx.kept_softmax = ctx.kept_softmax, None
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     batch, length, width = hidden.shape
     vocab = weight.shape[0]
@@ -268,14 +279,18 @@ def _recomputed_gradients(ctx, grad_output: Tensor):
     if need_weight:  # every row is written below (unless no token is scored)
         grad_weight = torch.empty_like(weight) if len(src) else torch.zeros_like(weight)
     grad_bias = torch.zeros_like(bias) if need_bias else None
-    block = max(1, ctx.chunk_size * vocab // max(1, len(src)))
+    block = vocab if kept is not None else max(1, ctx.chunk_size * vocab // max(1, len(src)))
     rows = torch.arange(len(src), device=h.device)
-    buffer = h.new_empty(len(src) * min(block, vocab), dtype=dtype)  # one block's logits, reused (see _gather_rows)
+    buffer = None if kept is not None else h.new_empty(len(src) * min(block, vocab), dtype=dtype)  # reused per block
     for v0 in range(0, vocab if len(src) else 0, block):
         cols = slice(v0, min(v0 + block, vocab))
         w = weight[cols].to(matmul)
-        logits = _chunk_logits(h, w, None if bias is None else bias[cols], buffer[: len(src) * len(w)].view(len(src), len(w)))
-        d_logits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -g * softmax, this block's columns
+        if kept is not None:
+            softmax = kept
+        else:
+            logits = _chunk_logits(h, w, None if bias is None else bias[cols], buffer[: len(src) * len(w)].view(len(src), len(w)))
+            softmax = logits.sub_(lse[:, None]).exp_()
+        d_logits = softmax.mul_(-grad[:, None])  # -g * softmax, this block's columns
         inside = (targets >= cols.start) & (targets < cols.stop)
         d_logits[rows[inside], targets[inside] - cols.start] += grad[inside]
         d_m = d_logits.to(matmul)

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_tiny_on_cpu_writes_json_and_table(tmp_path):
     command = [sys.executable, str(REPO / "experiments" / "gpu_check.py"), "--preset", "tiny", "--pairs", "2",
-               "--prompt-len", "8", "--answer-len", "12", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)]
+               "--prompt-len", "8", "--answer-len", "12", "--warmup", "1", "--steps", "2", "--out", str(tmp_path),
+               "--head-bench", "--head-bench-args=--device cpu --threads 1 --batch 1 --length 64 --vocab 500 --hidden 32 --reps 1"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -37,6 +38,12 @@ def test_gpu_check_tiny_on_cpu_writes_json_and_table(tmp_path):
         assert two_rows["speedup_vs_two_rows"] == 1.0
     # The first step of each stage starts from the same weights and batch: equal losses.
     assert cases[2, "two_rows"]["losses"][0] == pytest.approx(cases[3, "two_rows"]["losses"][0], abs=1e-2)
+    # The LM-head bench ran (here on the CPU at a toy size) and its ratios reached the report and the table.
+    bench = report["head_bench"]
+    assert bench["returncode"] == 0, bench["stderr_tail"]
+    for head in ("frozen", "trainable"):
+        assert set(bench[head]) == {"memory_ratio", "time_ratio"} and bench[head]["time_ratio"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
+    assert f"- trainable head: memory_ratio={bench['trainable']['memory_ratio']}" in table
     assert "| ZeRO | layout | decoder tokens/step |" in table
     assert table.count("| shared |") == 2 and "skipped: PyTorch" in table

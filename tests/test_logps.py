@@ -192,15 +192,15 @@ class OpRecorder(TorchDispatchMode):
         return sum(op in names for op, _, _ in self.ops)
 
 
-@pytest.mark.parametrize("trainable_head", [False, True])
-def test_chunked_bf16_matmuls_in_bf16_statistics_in_float32(trainable_head):
+@pytest.mark.parametrize("trainable_head, chunk_size", [(False, 8), (True, 8), (True, 1000)])
+def test_chunked_bf16_matmuls_in_bf16_statistics_in_float32(trainable_head, chunk_size):
     """bf16 inputs: matmuls in bf16 (no float32 copy of the LM head), log-softmax statistics in float32,
     equal to the naive bf16 head (bf16 logits from F.linear, then log-softmax in float32)."""
     hidden, weight, bias, labels = random_lm(dtype=torch.float32, vocab=300, width=32)
     hidden, weight = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_(trainable_head)
     grad_out = torch.randn(labels.shape[0], labels.shape[1] - 1, generator=torch.Generator().manual_seed(3))
     with OpRecorder() as ops:
-        out = chunked_token_logps(hidden, weight, labels, chunk_size=8)
+        out = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size)  # 1000: the softmax is kept
         out.backward(grad_out)
     assert out.dtype == torch.float32
     assert not any(dtype == torch.float32 and n >= weight.numel() for _, dtype, n in ops.ops)  # no float32 [V, H]
@@ -255,6 +255,29 @@ def test_chunked_trainable_head_backward_recomputes_by_vocabulary_block():
         out.sum().backward()
     block = 5 * 17 // n
     assert forward.count("mm", "addmm", "addmm_") == -(-n // 5) and backward.count("mm", "addmm", "addmm_") == 3 * -(-17 // block)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_chunked_trainable_head_keeps_the_softmax_when_one_chunk_holds_every_token(with_bias):
+    """N <= chunk_size: the forward's softmax serves the backward (1 matmul forward, 2 backward: the
+    naive head's 3); gradients equal the naive head's, also on a second backward through a retained
+    graph (the kept block is spent by the first, so the second recomputes)."""
+    hidden, weight, bias, labels = random_lm(bias=with_bias)  # N = 24 labelled tokens, V = 17
+    inputs = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    grad_out = torch.randn(labels.shape[0], labels.shape[1] - 1, dtype=torch.float64)
+    ref = naive_token_logps(F.linear(hidden, weight, bias), labels)
+    grads_ref = torch.autograd.grad(ref, inputs, grad_out)
+    with OpRecorder() as forward:
+        out = chunked_token_logps(hidden, weight, labels, chunk_size=24, lm_head_bias=bias)
+    with OpRecorder() as backward:
+        grads = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+    assert forward.count("mm", "addmm", "addmm_") == 1 and backward.count("mm", "addmm", "addmm_") == 2
+    with OpRecorder() as again:
+        grads_again = torch.autograd.grad(out, inputs, grad_out)
+    assert again.count("mm", "addmm", "addmm_") == 3  # recomputed
+    for mine, mine_again, theirs in zip(grads, grads_again, grads_ref):
+        torch.testing.assert_close(mine, theirs, atol=1e-10, rtol=0)
+        torch.testing.assert_close(mine_again, theirs, atol=1e-10, rtol=0)
 
 
 class LargestTensor(TorchDispatchMode):
