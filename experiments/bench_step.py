@@ -31,6 +31,9 @@ TRL is an optional benchmark dependency (requirements-bench.txt: trl==1.16.0, in
 `pip install --no-deps -r requirements-bench.txt` next to requirements.txt).
 
     .venv/bin/python experiments/bench_step.py [--steps 15] [--warmup 3] [--repeats 2] [--threads 2] [--modes trl,shared,...]
+    python experiments/bench_step.py --device cuda     # on a GPU: TRL and ours in bf16 (DeepSpeed bf16 / TRL's
+                                                       # autocast); step times after a synchronize; peak memory
+                                                       # from the CUDA allocator
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ LADDER = {
 TRL_MISSING = ("TRL is not installed: .venv/bin/pip install --no-deps -r requirements-bench.txt (trl==1.16.0), "
                "or leave 'trl' out of --modes")
 CHILD_ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
-                 TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+                 TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+DEVICE = "cpu"  # the child's --device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,14 +141,25 @@ def _status_mb(field: str) -> float:
 
 
 class PeakMemory:
-    """`start()` resets the RSS high-water mark (Linux clear_refs 5) and notes the RSS; `peak_mb()` is the growth since."""
+    """`start()` resets the RSS high-water mark (Linux clear_refs 5) and notes the RSS; `peak_mb()` is the growth
+    since. On CUDA the same with the allocator's peak of device memory."""
 
     def start(self) -> None:
+        if DEVICE == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+            return
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self.base = _status_mb("VmRSS")
 
     def peak_mb(self) -> float:
+        if DEVICE == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20 - self.base
         return _status_mb("VmHWM") - self.base
 
 
@@ -188,6 +203,10 @@ class Runner:
         self.started = self.baton.wait(self.name) if self.baton else time.perf_counter()
 
     def end_step(self) -> None:
+        if DEVICE == "cuda":  # the step's kernels finish before its time is taken and the turn passes
+            import torch
+
+            torch.cuda.synchronize()
         self.step_s.append(time.perf_counter() - self.started)
         if len(self.step_s) == self.total:
             if self.baton is None:
@@ -243,7 +262,7 @@ def setup_floor(workdir: Path, runner: Runner, threads: int) -> Callable[[], obj
     trainer = Trainer(ddpo_config(workdir, "floor", runner.total, threads, run_dir)).setup()
     model = trainer.model.train()
     data = trainer.order.iterate(0)
-    batches = [trainer.collate([trainer.dataset[i] for i in next(data)[1]]) for _ in range(runner.total)]
+    batches = [trainer.collate([trainer.dataset[i] for i in next(data)[1]]).to(trainer.device) for _ in range(runner.total)]
 
     def train() -> None:
         for batch in batches:
@@ -292,7 +311,7 @@ def setup_trl(workdir: Path, runner: Runner, threads: int) -> Callable[[], objec
     args = DPOConfig(
         output_dir=str(run_dir), per_device_train_batch_size=BATCH_PAIRS, gradient_accumulation_steps=1,
         max_steps=runner.total, learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-        beta=0.1, bf16=False, gradient_checkpointing=False, max_length=512, use_cpu=True, seed=cfg.train.seed,
+        beta=0.1, bf16=DEVICE == "cuda", gradient_checkpointing=False, max_length=512, use_cpu=DEVICE == "cpu", seed=cfg.train.seed,
         save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -317,6 +336,8 @@ def setup(mode: str, workdir: Path, runner: Runner, threads: int) -> Callable[[]
 def child(args) -> None:
     import torch
 
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     workdir = Path(args.workdir)
@@ -355,8 +376,10 @@ def child(args) -> None:
 def spawn(child_name: str, args, workdir: Path, modes: list[str], steps: int, warmup: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(CHILD_ENV, OMP_NUM_THREADS=str(args.threads))
+    if args.device == "cpu":  # DeepSpeed (and so our trainer) would take a GPU where one exists
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, __file__, "--child", child_name, "--workdir", str(workdir), "--steps", str(steps),
-               "--warmup", str(warmup), "--threads", str(args.threads), "--modes", ",".join(modes)]
+               "--warmup", str(warmup), "--threads", str(args.threads), "--modes", ",".join(modes), "--device", args.device]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child '{child_name}' failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
@@ -405,6 +428,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where TRL and ours train")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory run (after 1 warm-up)")
     parser.add_argument("--workdir", help="fixture directory (default: a fresh temporary one)")
@@ -413,6 +437,11 @@ def main() -> None:
     if args.child:
         return child(args)
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible to torch here; leave --device out to run on the CPU")
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -427,7 +456,7 @@ def main() -> None:
     write_fixture(workdir)
     padding = padding_report(workdir)
     print(f"{PAIRS} pairs, batch {BATCH_PAIRS}, prompt {padding.pop('prompt tokens (mean)'):.1f} tokens "
-          f"(64 image), answers {padding.pop('answer tokens (mean)'):.1f} tokens; {args.threads} threads; fixture {workdir}")
+          f"(64 image), answers {padding.pop('answer tokens (mean)'):.1f} tokens; {args.threads} threads; {args.device}; fixture {workdir}")
     if any(LADDER.get(m, ("",))[0] == "cached" for m in modes):
         spawn("prepare", args, workdir, modes, 1, 0)
 

@@ -18,7 +18,7 @@ optimizer steps (median step time reported). On CPU, packed_flex is skipped with
     python experiments/gpu_check.py --preset 7b          # LLaVA-1.5-7B dims: needs ~115 GB (an H200), 1 GPU
     python experiments/gpu_check.py --preset 7b-16l      # 7B widths, 16 of 32 decoder layers: fits an 80 GB H100
     python experiments/gpu_check.py --preset tiny        # the CPU default: checks the code path in seconds
-    python experiments/gpu_check.py --ladder             # also the step benchmark's ladder (experiments/bench_step.py)
+    python experiments/gpu_check.py --ladder             # also the step benchmark's ladder (experiments/bench_step.py, on the GPU)
     python experiments/gpu_check.py --head-bench         # also chunked vs naive LM head (experiments/bench_logps.py)
 
 --time-budget-s (default 540) bounds the run: a case that would start past the budget is skipped and
@@ -266,7 +266,7 @@ def run_script(script: str, script_args: str, timeout_s: int) -> tuple[dict, lis
 
 
 def run_ladder(args) -> dict:
-    """experiments/bench_step.py (TRL vs ours, CPU: it has no GPU path), reduced; its ratio_vs_trl."""
+    """experiments/bench_step.py (TRL vs ours; on the GPU where there is one), reduced; its ratio_vs_trl."""
     record, lines = run_script("bench_step.py", args.ladder_args, args.ladder_timeout_s)
     record["ratio_vs_trl"] = next((float(line.split("=")[1]) for line in reversed(lines) if line.startswith("ratio_vs_trl=")), None)
     return record
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", help="gradient checkpointing off")
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 dense TFLOP/s of one GPU for MFU (default: 989, H100/H200 SXM, on a GPU; none on CPU)")
     parser.add_argument("--time-budget-s", type=float, default=540, help="skip (and record) cases that would start later than this")
-    parser.add_argument("--ladder", action="store_true", help="also run experiments/bench_step.py (TRL vs ours; on the host CPU)")
+    parser.add_argument("--ladder", action="store_true", help="also run experiments/bench_step.py (TRL vs ours; on the GPU where there is one)")
     parser.add_argument("--ladder-args", default="--steps 5 --warmup 2 --repeats 1 --modes trl,shared,grouped,floor",
                         help="arguments for bench_step.py with --ladder")
     parser.add_argument("--ladder-timeout-s", type=int, default=400)
@@ -347,6 +347,8 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     if args.peak_tflops is None and cuda:
         args.peak_tflops = 989.0
+    if cuda and "--device" not in args.ladder_args:
+        args.ladder_args += " --device cuda"
     preset = auto_preset() if args.preset == "auto" else args.preset
     size = PRESETS[preset]
     if args.layers:
