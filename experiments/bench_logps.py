@@ -111,6 +111,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=1024)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch here; leave --device out to run on the CPU")
     if args.variant:
         print(json.dumps(measure(args.variant, args.head, args)))
         return

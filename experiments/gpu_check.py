@@ -22,7 +22,8 @@ optimizer steps (median step time reported). On CPU, packed_flex is skipped with
     python experiments/gpu_check.py --head-bench         # also chunked vs naive LM head (experiments/bench_logps.py)
 
 --time-budget-s (default 540) bounds the run: a case that would start past the budget is skipped and
-recorded as such, so the script ends within 10 minutes on one H200 with its table written.
+recorded as such, and --head-bench / --ladder get only what is left of it (+45 s), so the script ends
+within 10 minutes on one H200 with its table written.
 
 Presets (vision = CLIP ViT; LLM = Llama; vocabulary 32064 except tiny):
 
@@ -40,7 +41,10 @@ approximation, leaving out attention's quadratic term and checkpointing's recomp
 hardware utilisation is higher), and counting the vision tower as if it ran on every token.
 
 Memory at full fine-tuning in bf16 with AdamW: ~16 bytes per parameter (bf16 weights and gradients,
-fp32 master weights, Adam moments) plus activations.
+fp32 master weights, Adam moments) plus activations. ZeRO-2's step also makes a float32 copy of its whole
+gradient partition (DeepSpeed 0.19 `stage_1_and_2.py`: +4 bytes per parameter, ~142 GB in all at 7B on
+one GPU, more than an H200's 139 GiB usable), ZeRO-3 one sub-group at a time; so ZeRO-3 runs first and a
+stage that fails (out of memory, say) is recorded in the table, not fatal.
 """
 from __future__ import annotations
 
@@ -185,7 +189,9 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
     torch.manual_seed(0)
     model = build_model(size, tokenizer, args.checkpointing)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
+    # fused on CUDA, as in the trainer: the foreach kernel's temporaries (a float32 copy of every
+    # parameter, 28 GB at 7B) would not fit beside a 7B model's optimizer state on one GPU
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, fused=cuda)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16=True))
     loss_fn = DDPOLoss.from_config(cfg.loss)
     batch = random_batch(model, args.pairs, args.prompt_len, args.answer_len, size.vocab, seed=0).to(engine.device)
@@ -255,6 +261,8 @@ def run_script(script: str, script_args: str, timeout_s: int) -> tuple[dict, lis
     import subprocess
 
     command = [sys.executable, str(REPO / "experiments" / script), *script_args.split()]
+    if timeout_s < 20:
+        return {"command": " ".join(command), "skipped": "time budget spent"}, []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -265,16 +273,16 @@ def run_script(script: str, script_args: str, timeout_s: int) -> tuple[dict, lis
             "stderr_tail": done.stderr.strip().splitlines()[-5:]}, lines
 
 
-def run_ladder(args) -> dict:
+def run_ladder(args, seconds_left: int) -> dict:
     """experiments/bench_step.py (TRL vs ours; on the GPU where there is one), reduced; its ratio_vs_trl."""
-    record, lines = run_script("bench_step.py", args.ladder_args, args.ladder_timeout_s)
+    record, lines = run_script("bench_step.py", args.ladder_args, min(args.ladder_timeout_s, seconds_left))
     record["ratio_vs_trl"] = next((float(line.split("=")[1]) for line in reversed(lines) if line.startswith("ratio_vs_trl=")), None)
     return record
 
 
-def run_head_bench(args) -> dict:
+def run_head_bench(args, seconds_left: int) -> dict:
     """experiments/bench_logps.py (chunked vs naive LM-head log-probs); memory and time ratios per head case."""
-    record, lines = run_script("bench_logps.py", args.head_bench_args, args.head_bench_timeout_s)
+    record, lines = run_script("bench_logps.py", args.head_bench_args, min(args.head_bench_timeout_s, seconds_left))
     for line in lines:  # "frozen head: memory_ratio=0.114 time_ratio=0.99"
         if " head: memory_ratio=" in line:
             head, ratios = line.split(" head: ")
@@ -299,12 +307,20 @@ def markdown_table(report: dict) -> str:
                      f"{r['pair_tokens_per_s']:.0f} | {r.get('speedup_vs_two_rows', float('nan')):.2f} | {memory} | {mfu} | "
                      f"{r['max_abs_logp_diff_vs_two_rows']:.2e} |")
     table = head + "\n".join(lines) + "\n"
+
+    def status(record: dict) -> str:  # why an extra has no numbers, if it has none
+        if "skipped" in record:
+            return f"skipped: {record['skipped']}"
+        if record["returncode"] != 0:
+            return f"failed (exit {record['returncode']}): {(record['stderr_tail'] or [''])[-1]}"
+        return ""
+
     if report.get("ladder"):
         ladder = report["ladder"]
-        table += f"\nStep ladder (`{ladder['command']}`): ratio_vs_trl={ladder.get('ratio_vs_trl')} {ladder.get('skipped', '')}\n"
+        table += f"\nStep ladder (`{ladder['command']}`): ratio_vs_trl={ladder.get('ratio_vs_trl')} {status(ladder)}\n"
     if report.get("head_bench"):
         bench = report["head_bench"]
-        table += f"\nLM-head log-probs, chunked / naive (`{bench['command']}`): {bench.get('skipped', '')}\n"
+        table += f"\nLM-head log-probs, chunked / naive (`{bench['command']}`): {status(bench)}\n"
         for head in ("frozen", "trainable"):
             if head in bench:
                 table += f"- {head} head: memory_ratio={bench[head]['memory_ratio']} time_ratio={bench[head]['time_ratio']}\n"
@@ -315,7 +331,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=["auto", *PRESETS], default="auto", help="model size (auto: largest that fits; tiny on CPU)")
     parser.add_argument("--layers", type=int, help="override the preset's number of decoder layers")
-    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3], choices=[2, 3], help="ZeRO stages to run")
+    parser.add_argument("--stages", type=int, nargs="+", default=[3, 2], choices=[2, 3],
+                        help="ZeRO stages to run, in this order (3 first: the target case; at 7B on one 141 GB GPU, ZeRO-2's "
+                             "whole-partition float32 gradient copy may not fit, and a failed stage is recorded, not fatal)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS, help="pair-batch layouts to run")
     parser.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2 rows each)")
     parser.add_argument("--prompt-len", type=int, default=64, help="text tokens of each prompt (plus the image tokens)")
@@ -370,15 +388,21 @@ def main(argv=None) -> int:
         except Exception as error:  # noqa: BLE001 - recorded in the table (a GPU run must still write it)
             rows = [{"zero_stage": stage, "layout": layout, "skipped": f"ZeRO-{stage} failed: {type(error).__name__}: {error}"[:300]}
                     for layout in args.layouts]
+        gc.collect()  # a failed stage's engine goes with its traceback: free its GPU memory for the next stage
+        if cuda:
+            torch.cuda.empty_cache()
         for r in rows:
             print(json.dumps(r), flush=True)
         results += rows
     report = {"device": device, "preset": preset, "parameters": next((r["parameters"] for r in results if "parameters" in r), 0),
               "torch": torch.__version__, "args": vars(args), "results": results}
-    if args.ladder:
-        report["ladder"] = run_ladder(args)
+    def seconds_left() -> int:  # the extras, too, end by the time budget (+45 s to write the table)
+        return int(started + args.time_budget_s + 45 - time.perf_counter())
+
     if args.head_bench:
-        report["head_bench"] = run_head_bench(args)
+        report["head_bench"] = run_head_bench(args, seconds_left())
+    if args.ladder:
+        report["ladder"] = run_ladder(args, seconds_left())
     report["wall_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
