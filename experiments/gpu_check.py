@@ -15,7 +15,7 @@ optimizer steps (median step time reported). On CPU, packed_flex is skipped with
 (PyTorch has no FlexAttention backward on CPU) and so is any ZeRO stage DeepSpeed cannot initialise.
 
     python experiments/gpu_check.py                      # on a GPU: the largest preset that fits it
-    python experiments/gpu_check.py --preset 7b          # LLaVA-1.5-7B dims: needs ~115 GB (an H200), 1 GPU
+    python experiments/gpu_check.py --preset 7b          # LLaVA-1.5-7B dims: ZeRO-3 needs ~115 GB (an H200), 1 GPU
     python experiments/gpu_check.py --preset 7b-16l      # 7B widths, 16 of 32 decoder layers: fits an 80 GB H100
     python experiments/gpu_check.py --preset tiny        # the CPU default: checks the code path in seconds
     python experiments/gpu_check.py --ladder             # also the step benchmark's ladder (experiments/bench_step.py, on the GPU)
@@ -88,7 +88,7 @@ PRESETS = {
 
 
 def auto_preset() -> str:
-    """The largest preset that fits: 7b needs ~115 GB, 7b-16l ~62 GB (+ activations)."""
+    """The largest preset that fits: 7b needs ~115 GB under ZeRO-3, 7b-16l ~62 GB (+ activations)."""
     if not torch.cuda.is_available():
         return "tiny"
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
