@@ -117,12 +117,11 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args.variant, args.head, args)))
         return
 
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "head")]
     results = {}
     for head in ("frozen", "trainable"):
         for variant in ("naive", "chunked"):
-            settings = {k: v for k, v in vars(args).items() if k not in ("variant", "head")}
-            command = [sys.executable, __file__, "--variant", variant, "--head", head,
-                       *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items())]
+            command = [sys.executable, __file__, "--variant", variant, "--head", head, *settings]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             results[head, variant] = json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -50,6 +50,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 VOCAB_SIZE, PAIRS, BATCH_PAIRS, IMAGE_SIZE = 8192, 64, 4, 64
 QUESTION_WORDS, ANSWER_WORDS = (10, 16), (36, 60)  # inclusive ranges of words per question / answer
@@ -146,8 +148,6 @@ class PeakMemory:
 
     def start(self) -> None:
         if DEVICE == "cuda":
-            import torch
-
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated() / 2**20
             return
@@ -157,8 +157,6 @@ class PeakMemory:
 
     def peak_mb(self) -> float:
         if DEVICE == "cuda":
-            import torch
-
             return torch.cuda.max_memory_allocated() / 2**20 - self.base
         return _status_mb("VmHWM") - self.base
 
@@ -204,8 +202,6 @@ class Runner:
 
     def end_step(self) -> None:
         if DEVICE == "cuda":  # the step's kernels finish before its time is taken and the turn passes
-            import torch
-
             torch.cuda.synchronize()
         self.step_s.append(time.perf_counter() - self.started)
         if len(self.step_s) == self.total:
@@ -278,8 +274,6 @@ def setup_trl(workdir: Path, runner: Runner, threads: int) -> Callable[[], objec
     """TRL's DPOTrainer (VLM path, live reference) on the same model, tokens and images."""
     import copy
 
-    import torch
-
     try:
         from trl import DPOConfig, DPOTrainer
     except ImportError:
@@ -334,8 +328,6 @@ def setup(mode: str, workdir: Path, runner: Runner, threads: int) -> Callable[[]
 
 
 def child(args) -> None:
-    import torch
-
     global DEVICE
     DEVICE = args.device
     torch.set_num_threads(args.threads)
@@ -437,11 +429,8 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device is visible to torch here; leave --device out to run on the CPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch here; leave --device out to run on the CPU")
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:

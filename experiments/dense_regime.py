@@ -282,7 +282,7 @@ def report(table: dict, command: str) -> str:
             lines.append(f"| {length} | {r} | {row['drift']:+.3f} | {', '.join(f'{d:+.3f}' for d in row['dpo_drift'])} | "
                          f"{fmt(*row[PRIMARY][:3])} | {adjusted[f'{length} words: {r} at matched drift']:.3f} | {fmt(*row['object_recall'][:3])} | "
                          f"{row['extrapolated']} |")
-    lines += segment_lines(table)
+    lines += segment_lines(table, all_matched.get(str(MIDDLE), {}))
     lines += ["", "## Validation: DDPO - DPO at equal lr", "", "| target words | comparison | mention hall. | recall |", "|---|---|---|---|"]
     for length, p in table.items():
         for r, g in gaps(p, "validation").items():
@@ -298,9 +298,10 @@ def report(table: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def segment_lines(table: dict) -> list[str]:
+def segment_lines(table: dict, drift: dict) -> list[str]:
     """Corrected segments per pair, controlled by selection: DDPO - DPO on one-segment pairs, on
-    several-segment pairs, and the difference of the two gaps (several - one), per seed."""
+    several-segment pairs, and the difference of the two gaps (several - one), per seed. `drift`: the
+    middle point's `matched` rows."""
     point = table.get(str(MIDDLE))
     if not point or not point.get("segment_pairs") or "ddpo_mean_g5_segmulti" not in point["test"]:
         return []
@@ -310,11 +311,9 @@ def segment_lines(table: dict) -> list[str]:
              "Subsets (mean over seeds): " + "; ".join(f"{k}: {seg:.2f} segments per pair, {share:.1%} of rejected words corrected"
                                                       for k, (seg, share) in stats.items()), "",
              "| comparison | one segment | two or more | several - one |", "|---|---|---|---|"]
-    equal = gaps(point, "test")
-    rows = {"mean, equal lr: ddpo_mean_g5 - dpo_mean": {k: [a - b for a, b in zip(point["test"][f"ddpo_mean_g5_seg{k}"][PRIMARY],
-                                                                                 point["test"][f"dpo_mean_seg{k}"][PRIMARY])]
-                                                       for k in SEGMENT_SUBSETS if f"ddpo_mean_g5_seg{k}" in equal}}
-    drift = matched(point)
+    test = point["test"]
+    rows = {"mean, equal lr: ddpo_mean_g5 - dpo_mean": {k: [a - b for a, b in zip(test[f"ddpo_mean_g5_seg{k}"][PRIMARY], test[f"dpo_mean_seg{k}"][PRIMARY])]
+                                                       for k in SEGMENT_SUBSETS if f"ddpo_mean_g5_seg{k}" in test and f"dpo_mean_seg{k}" in test}}
     rows["sum at matched drift: ddpo_sum_g5_lr3e-05 - DPO"] = {k: drift[f"ddpo_sum_g5_lr3e-05_seg{k}"]["per_seed"]
                                                                for k in SEGMENT_SUBSETS if f"ddpo_sum_g5_lr3e-05_seg{k}" in drift}
     for label, per_subset in rows.items():

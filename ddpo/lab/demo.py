@@ -465,11 +465,12 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
            "sampled": None if settings.validation_only or not settings.sampled_eval else settings.sampled_eval_temperature,
            "sft": (out / "sft" / "ddpo_model.json").stat().st_mtime_ns}
     key = json.loads(json.dumps(key))  # as it reads back from eval.json (tuples become lists)
-    reference_logps = None
+    # the drift's yardstick: the SFT model (first in `models`) on its own greedy validation answers; its
+    # log-probs are computed only when a run has to be evaluated
+    sft_model, reference_answers, reference_logps = None, None, None
     for method, path in models.items():
         cache = path / "eval.json"
         done = json.loads(cache.read_text()) if cache.is_file() else {}
-        model = None
         if done.get("key") != key:
             model = load_model(path)
             done = {"key": key}
@@ -479,14 +480,16 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
                 done["samples"] = answers[:5]
             if key["sampled"] is not None:
                 done["sampled"], _ = evaluate_model(model, settings, "test", settings.test_images, template, key["sampled"])
-            if reference_logps is None:  # the SFT model comes first: its greedy validation answers are the yardstick
-                done["drift"] = 0.0
+            if method == "sft":
+                done["drift"], sft_model = 0.0, model
             else:
+                if reference_logps is None:
+                    reference_logps = answer_token_logps(sft_model or load_model(models["sft"]), val_prompts,
+                                                         reference_answers, val_images, template)
                 done["drift"] = drift(answer_token_logps(model, val_prompts, reference_answers, val_images, template), reference_logps)
             cache.write_text(json.dumps(done))
-        if reference_logps is None:
+        if method == "sft":
             reference_answers = done["val_answers"]
-            reference_logps = answer_token_logps(model if model is not None else load_model(path), val_prompts, reference_answers, val_images, template)
         for table in ("validation", "methods", "sampled", "samples", "drift"):
             if table in done:
                 results[table][method] = done[table]
