@@ -1,4 +1,6 @@
-"""Install the three import packages of ddpo: `ddpo` (loss, log-probs, trainer, CLI), `models`, `data`.
+"""Install ddpo under one import name, `ddpo`: the top-level folders `models/` and `data/` become
+`ddpo.models` and `ddpo.data` (ddpo/models and ddpo/data are links to them), so a wheel holds `ddpo/` only
+and never shadows a user's own `data` or `models` package.
 
 Lower bounds only: cluster users bring their own CUDA build of torch. The versions known to work
 together on a CPU machine are pinned in requirements.txt.
@@ -12,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["ddpo", "ddpo.*", "models", "models.*", "data", "data.*"]),
+    packages=find_packages(include=["ddpo", "ddpo.*"]),
     package_data={"ddpo": ["eval/assets/*"]},
     install_requires=[
         "torch>=2.4",

@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from data import segments as seg
-from data.images import DataError, as_pil
-from data.records import IGNORE_INDEX, PairBatch, PreferenceRecord
-from data.templates import (check_image_tokens, encode_answer, encode_answer_with_offsets, encode_prompt, image_token_ids,
+from ddpo.data import segments as seg
+from ddpo.data.images import DataError, as_pil
+from ddpo.data.records import IGNORE_INDEX, PairBatch, PreferenceRecord
+from ddpo.data.templates import (check_image_tokens, encode_answer, encode_answer_with_offsets, encode_prompt, image_token_ids,
                             role_prefix_length)
 
 logger = logging.getLogger(__name__)

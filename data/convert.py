@@ -25,7 +25,7 @@ from typing import Optional
 
 import datasets
 
-from data.formats import REQUIRED_COLUMNS, DataError, open_dataset, row_image, row_texts
+from ddpo.data.formats import REQUIRED_COLUMNS, DataError, open_dataset, row_image, row_texts
 
 logger = logging.getLogger(__name__)
 

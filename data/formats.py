@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterator, Optional
 import datasets
 from datasets import Image as ImageFeature
 
-from data.images import ArrowImage, DataError, EncodedImage, load_checked_image
-from data.jsonl import jsonl_lines, parse_json_object
-from data.records import PreferenceRecord
+from ddpo.data.images import ArrowImage, DataError, EncodedImage, load_checked_image
+from ddpo.data.jsonl import jsonl_lines, parse_json_object
+from ddpo.data.records import PreferenceRecord
 
 __all__ = ["DataError", "LoadedRecords", "load_records", "open_dataset", "parse_pair_texts", "row_texts", "FORMATS", "REQUIRED_COLUMNS"]
 
@@ -312,7 +312,7 @@ def _jsonl_rows(data_cfg: Any) -> tuple[Iterator[tuple[int, Any]], Callable[[Any
 
 
 def _synthetic(data_cfg: Any, seed: int) -> list[PreferenceRecord]:
-    from data.synthetic import synthetic_records  # numpy/PIL world code, only when asked for
+    from ddpo.data.synthetic import synthetic_records  # numpy/PIL world code, only when asked for
 
     n = data_cfg.synthetic_pairs if data_cfg.max_samples is None else min(data_cfg.synthetic_pairs, data_cfg.max_samples)
     return synthetic_records(n, seed)

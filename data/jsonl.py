@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from data.images import DataError
+from ddpo.data.images import DataError
 
 
 def jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from data.images import DataError
+from ddpo.data.images import DataError
 
 Span = tuple[int, int]
 

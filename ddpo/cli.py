@@ -17,8 +17,8 @@ import os
 import sys
 from typing import Callable
 
-from data import convert
-from data.images import DataError
+from ddpo.data import convert
+from ddpo.data.images import DataError
 from ddpo import distributed as dist
 from ddpo.checkpoint import CheckpointError
 from ddpo.config import Config, ConfigError, fields_help, load_config

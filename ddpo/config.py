@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from ddpo.loss import check_settings as check_loss_settings
-from models.config import ConfigError, ModelConfig, config_field
+from ddpo.models.config import ConfigError, ModelConfig, config_field
 
 
 @dataclass

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from data.records import PairBatch
+from ddpo.data.records import PairBatch
 
 CORRUPTIONS = ("mask_tokens", "mask_patches", "noise")
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from data.images import ArrowImage, EncodedImage
+from ddpo.data.images import ArrowImage, EncodedImage
 from ddpo import distributed as dist
 from ddpo.progress import progress_bar
 

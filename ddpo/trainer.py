@@ -33,10 +33,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from data.collator import PairCollator, PairDataset, PairEncoder
-from data.formats import load_records
-from data.images import DataError
-from data.tokenizer import build_word_tokenizer
+from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
+from ddpo.data.formats import load_records
+from ddpo.data.images import DataError
+from ddpo.data.tokenizer import build_word_tokenizer
 from ddpo import checkpoint, distributed as dist, reference
 from ddpo.config import Config, save_config
 from ddpo.corruption import corrupt_batch
@@ -45,8 +45,8 @@ from ddpo.plan import run_plan
 from ddpo.progress import progress_bar
 from ddpo.sampler import PairOrder
 from ddpo.schedule import lr_lambda
-from models.build import build_model
-from models.logps import chunked_token_kl
+from ddpo.models.build import build_model
+from ddpo.models.logps import chunked_token_kl
 
 logger = logging.getLogger("ddpo")
 

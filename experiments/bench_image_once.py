@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from data.records import IGNORE_INDEX, PairBatch
-from data.tokenizer import build_word_tokenizer
+from ddpo.data.records import IGNORE_INDEX, PairBatch
+from ddpo.data.tokenizer import build_word_tokenizer
 from ddpo.config import ModelConfig
-from models.build import build_model
+from ddpo.models.build import build_model
 
 PAIRS, PROMPT_WORDS, ANSWER_WORDS = 4, 16, 48
 

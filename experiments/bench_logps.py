@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models.logps import chunked_token_logps, token_logps
+from ddpo.models.logps import chunked_token_logps, token_logps
 
 MB = 1 << 20
 

@@ -87,7 +87,7 @@ DEVICE = "cpu"  # the child's --device
 def write_fixture(workdir: Path, seed: int = 0) -> None:
     from PIL import Image
 
-    from data.tokenizer import build_word_tokenizer
+    from ddpo.data.tokenizer import build_word_tokenizer
 
     base = len(build_word_tokenizer([]))
     words = [f"w{i}" for i in range(VOCAB_SIZE - base)]
@@ -282,8 +282,8 @@ def setup_trl(workdir: Path, runner: Runner, threads: int) -> Callable[[], objec
     from PIL import Image
     from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor, TrainerCallback
 
-    from data.templates import answer_text, prompt_text
-    from models.build import random_llava
+    from ddpo.data.templates import answer_text, prompt_text
+    from ddpo.models.build import random_llava
 
     run_dir = workdir / "runs" / f"trl-{os.getpid()}"
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
@@ -383,8 +383,8 @@ def spawn(child_name: str, args, workdir: Path, modes: list[str], steps: int, wa
 # Padding: fraction of padded tokens per epoch, without and with length grouping
 # ------------------------------------------------------------------------------------------------
 def padding_report(workdir: Path) -> dict[str, float]:
-    from data.collator import PairDataset, PairEncoder
-    from data.formats import load_records
+    from ddpo.data.collator import PairDataset, PairEncoder
+    from ddpo.data.formats import load_records
     from ddpo.sampler import PairOrder
     from transformers import AutoTokenizer
 

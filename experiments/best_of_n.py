@@ -47,13 +47,13 @@ from pathlib import Path
 
 import torch
 
-from data.synthetic.metrics import evaluate
+from ddpo.data.synthetic.metrics import evaluate
 from ddpo.config import load_config
 from ddpo.lab.demo import DemoSettings, evaluate_model, generation_options, run, split, synthetic_config
 from ddpo.online.best_of_n import pair_agreement, pick_best, sample_candidates, score_candidates
 from ddpo.online.feedback import OracleFeedback, Query
 from ddpo.online.scoring import answer_token_logps, rewards_from_logps, segment_weights
-from models.build import load_model
+from ddpo.models.build import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -67,8 +67,8 @@ def child(variant: str, folder: str, cache: str) -> None:
     import datasets
 
     datasets.config.HF_DATASETS_CACHE = cache
-    from data.formats import load_records, open_dataset
-    from data.images import EncodedImage
+    from ddpo.data.formats import load_records, open_dataset
+    from ddpo.data.images import EncodedImage
     from ddpo.config import DataConfig
 
     cfg = DataConfig(format="rlaif-v", path=folder)

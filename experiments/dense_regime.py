@@ -100,8 +100,8 @@ def override(gamma: float, norm: str, lr: float, rescaled: bool, tokens: float) 
 def segment_subsets(out: Path) -> dict[str, Path]:
     """The point's pairs split by corrected segments per pair -> out/segment_pairs/<subset>.jsonl
     (SEGMENT_PAIRS each, file order; images stay in the point's pairs/images)."""
-    from data.synthetic.language import n_words
-    from data.synthetic.pairs import diff_segments
+    from ddpo.data.synthetic.language import n_words
+    from ddpo.data.synthetic.pairs import diff_segments
 
     rows = [json.loads(line) for line in (out / "pairs" / "train.jsonl").read_text().splitlines()]
     diffs = [diff_segments(r["rejected"], r["chosen"]) for r in rows]

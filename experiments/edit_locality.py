@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from data.collator import PairCollator, PairDataset, PairEncoder
-from data.formats import load_records
+from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
+from ddpo.data.formats import load_records
 from ddpo.lab.demo import DemoSettings, train_config
-from models.build import load_model
+from ddpo.models.build import load_model
 
 
 @torch.no_grad()

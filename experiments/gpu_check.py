@@ -99,7 +99,7 @@ def build_model(size: Size, tokenizer, checkpointing: bool = True):
     """A random-init LLaVA-1.5-shaped model wrapped as the trainer's `LlavaPreferenceModel`."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from models.llava import IMAGE_TOKEN, LlavaPreferenceModel
+    from ddpo.models.llava import IMAGE_TOKEN, LlavaPreferenceModel
 
     vision = CLIPVisionConfig(hidden_size=size.vision_width, intermediate_size=4 * size.vision_width,
                               num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
@@ -122,7 +122,7 @@ def build_model(size: Size, tokenizer, checkpointing: bool = True):
 
 def random_batch(model, pairs: int, prompt_len: int, answer_len: int, vocab: int, seed: int):
     """`pairs` pairs of [BOS, prompt words, image tokens, prompt words | answer]; chosen/rejected answers differ."""
-    from data.records import IGNORE_INDEX, PairBatch
+    from ddpo.data.records import IGNORE_INDEX, PairBatch
 
     g = torch.Generator().manual_seed(seed)
     tok = model.tokenizer
@@ -158,7 +158,7 @@ def use_layout(model, layout: str) -> bool:
 
 
 def layout_skip_reason(layout: str, cuda: bool) -> Optional[str]:
-    from models.base import flex_attention_has_cpu_backward
+    from ddpo.models.base import flex_attention_has_cpu_backward
 
     if layout == "packed_flex" and not cuda and not flex_attention_has_cpu_backward():
         return f"PyTorch {torch.__version__} has no FlexAttention backward on CPU; runs on a GPU"
@@ -169,7 +169,7 @@ def decoder_tokens(batch, layout: str) -> int:
     """Real tokens the decoder runs for `batch` in `layout` (the shared prompt once per pair)."""
     if layout == "two_rows":
         return int(batch.attention_mask.sum())
-    from models.shared_prompt import PAD, shared_prompt_layout
+    from ddpo.models.shared_prompt import PAD, shared_prompt_layout
 
     packed = shared_prompt_layout(batch.input_ids, batch.attention_mask, batch.labels, pad_token_id=0)
     return int((packed.segments != PAD).sum())
@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
-    from data.tokenizer import build_word_tokenizer
+    from ddpo.data.tokenizer import build_word_tokenizer
     from ddpo import distributed
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated torch.distributed calls

@@ -20,11 +20,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data.synthetic.annotator import ground
-from data.synthetic.language import parse
+from ddpo.data.synthetic.annotator import ground
+from ddpo.data.synthetic.language import parse
 from ddpo.config import load_config
 from ddpo.lab.demo import DemoSettings, generation_options, split, synthetic_config
-from models.build import load_model
+from ddpo.models.build import load_model
 
 KINDS = ("partner", "other-absent", "present-shape", "extra", "count")
 

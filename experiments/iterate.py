@@ -55,7 +55,7 @@ from ddpo.online.feedback import DivideAndConquerFeedback, ModelYesNoLabeler, Or
 from ddpo.online.pairs import build_pairs
 from ddpo.plan import run_plan
 from ddpo.trainer import Trainer, TrainerCallback
-from models.build import load_model
+from ddpo.models.build import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

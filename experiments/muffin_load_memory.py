@@ -42,10 +42,10 @@ def child(variant: str, directory: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    import models.muffin as muffin
-    from models.config import ModelConfig
-    from models.build import build_model
-    from models.replicas import muffin_vision_sizes_for_tests
+    import ddpo.models.muffin as muffin
+    from ddpo.models.config import ModelConfig
+    from ddpo.models.build import build_model
+    from ddpo.models.replicas import muffin_vision_sizes_for_tests
 
     muffin.BEIT3_SIZES = muffin_vision_sizes_for_tests()  # keep the tower tiny: the LLM is what is measured
     before = rss_kib("VmRSS")
@@ -80,8 +80,8 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    import models.muffin as muffin
-    from models.replicas import muffin_vision_sizes_for_tests, replica_bytes, write_muffin_checkpoint
+    import ddpo.models.muffin as muffin
+    from ddpo.models.replicas import muffin_vision_sizes_for_tests, replica_bytes, write_muffin_checkpoint
 
     muffin.BEIT3_SIZES = muffin_vision_sizes_for_tests()
     with tempfile.TemporaryDirectory() as tmp:

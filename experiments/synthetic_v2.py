@@ -61,7 +61,7 @@ def grid_methods(normalize: str) -> dict[str, dict]:
 
 def answer_tokens(train_file: Path) -> float:
     """Mean tokens (words and punctuation: the world's tokenizer is word-level) of the rejected answers."""
-    from data.segments import words_with_spans
+    from ddpo.data.segments import words_with_spans
 
     rows = [json.loads(line) for line in train_file.read_text().splitlines()]
     return statistics.fmean(len(words_with_spans(r["rejected"])[0]) for r in rows)

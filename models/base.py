@@ -28,12 +28,12 @@ from PIL import Image
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from data.records import IGNORE_INDEX, PairBatch
-from data.templates import encode_prompt, generated_prefix
-from models.logps import chunked_token_logps
-from models.lora import merged_lora_state_dict
-from models.processor import save_processor
-from models.shared_prompt import shared_prompt_layout
+from ddpo.data.records import IGNORE_INDEX, PairBatch
+from ddpo.data.templates import encode_prompt, generated_prefix
+from ddpo.models.logps import chunked_token_logps
+from ddpo.models.lora import merged_lora_state_dict
+from ddpo.models.processor import save_processor
+from ddpo.models.shared_prompt import shared_prompt_layout
 
 
 DDPO_MODEL_FILE = "ddpo_model.json"

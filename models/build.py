@@ -27,11 +27,11 @@ from typing import Optional
 import torch
 from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from models.base import DDPO_MODEL_FILE, ImageTransform, PreferenceModel
-from models.config import ConfigError, ModelConfig
-from models.llava import IMAGE_TOKEN, LlavaPreferenceModel
-from models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LORA_ADAPTER, apply_lora
-from models.muffin import (IMAGE_PATCH_TOKEN, MuffinConfig, MuffinForCausalLM, MuffinPreferenceModel,
+from ddpo.models.base import DDPO_MODEL_FILE, ImageTransform, PreferenceModel
+from ddpo.models.config import ConfigError, ModelConfig
+from ddpo.models.llava import IMAGE_TOKEN, LlavaPreferenceModel
+from ddpo.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LORA_ADAPTER, apply_lora
+from ddpo.models.muffin import (IMAGE_PATCH_TOKEN, MuffinConfig, MuffinForCausalLM, MuffinPreferenceModel,
                            apply_sub_ln_init, build_empty_muffin, checkpoint_image_size, load_muffin_checkpoint,
                            muffin_config_from_original)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from models.base import ImageTransform, PreferenceModel
+from ddpo.models.base import ImageTransform, PreferenceModel
 
 IMAGE_TOKEN = "<image>"
 CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from data.records import IGNORE_INDEX
+from ddpo.data.records import IGNORE_INDEX
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
+from ddpo.models.config import ConfigError, ModelConfig
 
 # The model arguments are `models.base.PreferenceModel`s; base imports this module (saving merges the
 # adapters), so the type is not imported here.

@@ -47,8 +47,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from models.base import ImageTransform, PreferenceModel, scatter_image_features
-from models.beit3 import POSITION_OFFSET, Beit3QueryEncoder, VisionEmbedding, sub_ln_init_scale
+from ddpo.models.base import ImageTransform, PreferenceModel, scatter_image_features
+from ddpo.models.beit3 import POSITION_OFFSET, Beit3QueryEncoder, VisionEmbedding, sub_ln_init_scale
 
 IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN = "<im_patch>", "<im_start>", "<im_end>"
 # Muffin's eval transform normalises with the Inception mean/std.

@@ -29,7 +29,7 @@ from typing import Optional
 
 from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaProcessor
 
-from data.templates import IMAGE_MARKER, SYSTEM_PROMPT, TEXT_TEMPLATES
+from ddpo.data.templates import IMAGE_MARKER, SYSTEM_PROMPT, TEXT_TEMPLATES
 
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from data.templates import SYSTEM_PROMPT
+from ddpo.data.templates import SYSTEM_PROMPT
 
 MUFFIN_ADDED_TOKENS = ("[PAD]", "<im_patch>", "<im_start>", "<im_end>")  # ids V, V+1, V+2, V+3 (released order)
 # llava-hf's chat template (llava-1.5-*-hf): no BOS, no system prompt, no EOS; images before the text.
@@ -143,7 +143,7 @@ def write_muffin_checkpoint(directory: str | Path, num_shards: int = 3, tower: s
                             seed: int = 0, **sizes) -> Path:
     """A released-layout RLHF-V / Muffin checkpoint with random weights (see the module docstring).
     `sizes`: hidden, layers, heads, intermediate, num_query of the LLaMA part (BEiT-3's from BEIT3_SIZES)."""
-    from models.muffin import MuffinForCausalLM, muffin_config_from_original
+    from ddpo.models.muffin import MuffinForCausalLM, muffin_config_from_original
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def write_llava_hf_checkpoint(directory: str | Path, image_size: int = 32, patch
     from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from models.llava import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+    from ddpo.models.llava import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

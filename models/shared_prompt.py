@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from data.records import IGNORE_INDEX
+from ddpo.data.records import IGNORE_INDEX
 
 
 # Segment ids of packed positions.

@@ -22,7 +22,7 @@ torch.set_num_threads(int(os.environ.get("DDPO_TEST_THREADS", "1")))  # 2: a sec
 @pytest.fixture
 def word_tokenizer():
     """A real word-level tokenizer with the template words, image tokens and a small vocabulary."""
-    from data.tokenizer import build_word_tokenizer
+    from ddpo.data.tokenizer import build_word_tokenizer
 
     return build_word_tokenizer(
         [

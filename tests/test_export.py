@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from test_trainer import TINY, run_ddpo
 
-from data.templates import TEXT_TEMPLATES, answer_text, prompt_text
-from data.tokenizer import build_word_tokenizer
-from models.base import ImageTransform
-from models.processor import chat_template, image_processor
+from ddpo.data.templates import TEXT_TEMPLATES, answer_text, prompt_text
+from ddpo.data.tokenizer import build_word_tokenizer
+from ddpo.models.base import ImageTransform
+from ddpo.models.processor import chat_template, image_processor
 
 PAIRS = [  # (question, chosen, rejected) in RLAIF-V's columns
     ("Describe the image in detail .", "there is a red circle at the top left .", "there is a blue circle at the top left ."),
@@ -72,8 +72,8 @@ def test_final_holds_a_processor_and_a_chat_template(exported):
 def test_auto_classes_load_the_export_and_generate_as_ddpo(exported):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from data.templates import encode_prompt
-    from models.build import load_model
+    from ddpo.data.templates import encode_prompt
+    from ddpo.models.build import load_model
 
     _, final = exported
     ours = load_model(final)
@@ -130,10 +130,10 @@ def test_image_processor_computes_the_training_transform(mode):
 
 def _our_mean_logps(final: Path, trl_data: Path, rows: int) -> tuple[float, float]:
     """Mean summed log-prob of the chosen and rejected answers of the first `rows` converted pairs, by ddpo."""
-    from data.collator import PairCollator, PairDataset, PairEncoder
-    from data.formats import load_records
+    from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
+    from ddpo.data.formats import load_records
     from ddpo.config import DataConfig
-    from models.build import load_model
+    from ddpo.models.build import load_model
 
     model = load_model(final).eval()
     records = load_records(DataConfig(format="trl", path=str(trl_data), split="train"))[:rows]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("data", "models", "ddpo", "experiments")
+FOLDERS = ("data", "models", "ddpo", "experiments")
+PACKAGES = ("ddpo", "experiments")  # the import names: data/ and models/ are ddpo.data and ddpo.models
 
 # The core, named one by one: a new module of ddpo/ must be placed on a floor here on purpose.
 CORE = {"ddpo", "ddpo.checkpoint", "ddpo.cli", "ddpo.config", "ddpo.corruption", "ddpo.distributed", "ddpo.loss", "ddpo.plan",
@@ -19,16 +20,19 @@ FLOORS = ["data", "models", "ddpo core", "ddpo wings", "ddpo command", "experime
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[0] in ("data", "models"):
+        parts.insert(0, "ddpo")
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {module_name(p): p for package in PACKAGES for p in (REPO / package).rglob("*.py") if "results" not in p.parts}
+# rglob does not follow the links ddpo/data and ddpo/models, so each file is read once, from its folder.
+MODULES = {module_name(p): p for folder in FOLDERS for p in (REPO / folder).rglob("*.py") if "results" not in p.parts}
 
 
 def floor(module: str) -> str:
-    top = module.split(".")[0]
-    if top in ("data", "models", "experiments"):
-        return top
+    for top in ("ddpo.data", "ddpo.models", "experiments"):
+        if module == top or module.startswith(top + "."):
+            return top.removeprefix("ddpo.")
     if module in CORE:
         return "ddpo core"
     if module in COMMAND:
@@ -121,3 +125,16 @@ def test_no_sys_path_edits(root):
     edits = [str(p.relative_to(REPO)) for p in (REPO / root).rglob("*.py")
              if p != Path(__file__) and any(s in p.read_text(encoding="utf-8") for s in ("sys.path.insert", "sys.path.append"))]
     assert not edits, f"sys.path edits in {edits}: import through the installed packages (pip install -e .)"
+
+
+def test_data_and_models_are_imported_as_ddpo_subpackages():
+    """A bare `import data` / `from models...` would load the folder a second time under another name (two
+    copies of every class) and fails once installed: the wheel holds `ddpo` only."""
+    bare = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            bare += [f"{module}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in ("data", "models")]
+    assert not bare, "import these as ddpo.data / ddpo.models:\n" + "\n".join(bare)

@@ -79,14 +79,14 @@ def test_build_pairs_combines_the_rules():
 # feedback
 # ------------------------------------------------------------------------------------------------
 def scene():
-    from data.synthetic import WorldConfig, sample_scene
+    from ddpo.data.synthetic import WorldConfig, sample_scene
 
     return sample_scene(np.random.default_rng(0), WorldConfig())
 
 
 def test_oracle_scores_count_wrong_claims_and_unreadable_sentences():
-    from data.synthetic import LanguageConfig, describe
-    from data.synthetic.language import POSITIONS
+    from ddpo.data.synthetic import LanguageConfig, describe
+    from ddpo.data.synthetic.language import POSITIONS
 
     s = scene()
     truth = describe(s, np.random.default_rng(1), LanguageConfig(style="detailed"))
@@ -133,7 +133,7 @@ def test_divide_and_conquer_scores_minus_rejected_claims():
 def test_model_labeler_reads_the_yes_and_no_word_log_probs(word_tokenizer):
     from ddpo.config import ModelConfig
     from ddpo.online.scoring import answer_token_logps
-    from models.build import build_model
+    from ddpo.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="llava", preset="tiny"), tokenizer=word_tokenizer).eval()
@@ -156,10 +156,10 @@ def test_model_labeler_reads_the_yes_and_no_word_log_probs(word_tokenizer):
 # one tiny round end to end
 # ------------------------------------------------------------------------------------------------
 def test_one_tiny_round_end_to_end(tmp_path):
-    from data.synthetic.language import build_tokenizer
+    from ddpo.data.synthetic.language import build_tokenizer
     from ddpo.config import ModelConfig
     from ddpo.lab.demo import DemoSettings, synthetic_config
-    from models.build import build_model
+    from ddpo.models.build import build_model
 
     out = tmp_path / "iterate"
     torch.manual_seed(0)

@@ -3,12 +3,12 @@ the loss plateau, the drift measure."""
 import pytest
 import torch
 
-from data.synthetic.language import build_tokenizer
-from data.synthetic.world import Scene, WorldObject, render
+from ddpo.data.synthetic.language import build_tokenizer
+from ddpo.data.synthetic.world import Scene, WorldObject, render
 from ddpo.config import ModelConfig
 from ddpo.lab.demo import DemoSettings, cell_targets, drift, loss_plateau, synthetic_config
 from ddpo.lab.sft import PerceptionSettings, pretrain_perception
-from models.build import build_model
+from ddpo.models.build import build_model
 
 
 def test_cell_targets_label_each_cell_token_row_major():

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.logps import chunked_token_logps, token_logps
+from ddpo.models.logps import chunked_token_logps, token_logps
 
 IGNORE = -100
 

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data.collator import PairCollator, PairEncoder
-from data.records import PairBatch, PreferenceRecord
+from ddpo.data.collator import PairCollator, PairEncoder
+from ddpo.data.records import PairBatch, PreferenceRecord
 from ddpo.config import ConfigError, load_config
 from ddpo.corruption import corrupt_batch
 from ddpo.loss import DDPOLoss, dpo_loss, weighted_logps
 from ddpo.token_weights import length_weights, severity_weights, token_weights, visual_weights
-from models.logps import chunked_token_kl
+from ddpo.models.logps import chunked_token_kl
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (REPO / "configs" / "methods").glob("*.yaml"))
@@ -318,9 +318,9 @@ def test_masks_hide_the_stated_share():
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(request):
-    from data.tokenizer import build_word_tokenizer
-    from models.build import build_model
-    from models.config import ModelConfig
+    from ddpo.data.tokenizer import build_word_tokenizer
+    from ddpo.models.build import build_model
+    from ddpo.models.config import ModelConfig
 
     tokenizer = build_word_tokenizer(["there is a red circle and a blue square in the picture .", "Describe the image ."])
     torch.manual_seed(0)

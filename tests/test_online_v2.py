@@ -59,7 +59,7 @@ def test_pair_agreement_on_hand_made_scores():
 
 
 def test_oracle_counts_a_nothing_claim_at_an_occupied_cell_as_one_error():
-    from data.synthetic.world import Scene, WorldObject
+    from ddpo.data.synthetic.world import Scene, WorldObject
 
     scene = Scene((WorldObject("circle", "red", "large", (0, 0)), WorldObject("square", "blue", "large", (1, 1))))
     answers = ["at the top left is a red circle. at the center is a blue square.",
@@ -88,10 +88,10 @@ def test_v2_selection_takes_the_least_hallucination_within_the_recall_bar():
 
 
 def tiny_models(seed_dirs, methods):
-    from data.synthetic.language import build_tokenizer
+    from ddpo.data.synthetic.language import build_tokenizer
     from ddpo.config import ModelConfig
     from ddpo.lab.demo import DemoSettings, synthetic_config
-    from models.build import build_model
+    from ddpo.models.build import build_model
 
     tokenizer = build_tokenizer(synthetic_config(DemoSettings()).world)
     for k, directory in enumerate(seed_dirs):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data.templates import encode_answer, encode_prompt
+from ddpo.data.templates import encode_answer, encode_prompt
 from ddpo.online.best_of_n import best_of_n, pick_best, sample_candidates
 from ddpo.config import ModelConfig
 from ddpo.online.scoring import answer_token_logps, implicit_rewards, main as score_main
-from models.build import build_model
+from ddpo.models.build import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "vicuna_v0"
@@ -32,7 +32,7 @@ def image(seed: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def models():
-    from data.tokenizer import build_word_tokenizer
+    from ddpo.data.tokenizer import build_word_tokenizer
 
     tokenizer = build_word_tokenizer([
         "there is a red circle at the top left and a blue square in the center .",
@@ -153,7 +153,7 @@ def test_score_command_names_the_bad_row(tmp_path, capsys):
 
 def test_best_of_n_experiment_end_to_end(tmp_path):
     """The experiment script on a --quick demo directory whose models are tiny (made here, so no stage trains)."""
-    from data.synthetic.language import build_tokenizer
+    from ddpo.data.synthetic.language import build_tokenizer
     from ddpo.lab.demo import DemoSettings, synthetic_config
 
     demo = tmp_path / "demo"

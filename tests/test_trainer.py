@@ -87,7 +87,7 @@ def test_tiny_config_trains_logs_and_exports(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
     # The exported model reloads with from_pretrained and gives the trained model's log-probs.
     check = subprocess.run(
-        [sys.executable, "-c", "import sys; from models.build import load_model; m = load_model(sys.argv[1]); print(type(m).__name__, m.image_placeholder.count('<image>'))", str(out / "final")],
+        [sys.executable, "-c", "import sys; from ddpo.models.build import load_model; m = load_model(sys.argv[1]); print(type(m).__name__, m.image_placeholder.count('<image>'))", str(out / "final")],
         capture_output=True, text=True, env=_env(), cwd=REPO,
     )
     assert check.returncode == 0, check.stderr[-3000:]

@@ -27,9 +27,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from data.synthetic.language import (CELLS, NUMBERS, OPPOSITE, POSITIONS, RELATIONS, Claim, Empty, Instance, Mention, Parse, Word, parse,
+from ddpo.data.synthetic.language import (CELLS, NUMBERS, OPPOSITE, POSITIONS, RELATIONS, Claim, Empty, Instance, Mention, Parse, Word, parse,
                                      plural, relation_holds)
-from data.synthetic.world import Scene, WorldObject
+from ddpo.data.synthetic.world import Scene, WorldObject
 
 # Claim kind -> correction type, in the paper's categories (relations are its "other").
 CORRECTION_TYPE = {"object": "object", "color": "attribute", "size": "attribute", "position": "position",

@@ -26,7 +26,7 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 
-from data.synthetic.world import ALL_SHAPES, COL_NAMES, COLOR_RGB, GRID, ROW_NAMES, SIZES, Scene, WorldConfig, WorldObject
+from ddpo.data.synthetic.world import ALL_SHAPES, COL_NAMES, COLOR_RGB, GRID, ROW_NAMES, SIZES, Scene, WorldConfig, WorldObject
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 POSITIONS: dict[tuple[int, int], str] = {
@@ -526,7 +526,7 @@ def parse(text: str) -> Parse:
 def vocabulary(cfg: WorldConfig) -> list[str]:
     """Every word (and punctuation token) that captions, prompts and corrections can contain, in a
     fixed order, for the given world's shapes, colours and sizes."""
-    from data.tokenizer import words_of
+    from ddpo.data.tokenizer import words_of
 
     texts = [
         *(["at the is nothing"] if cfg.adjacent_partners else []),  # v2 only: v1's ids stay as they were
@@ -542,6 +542,6 @@ def vocabulary(cfg: WorldConfig) -> list[str]:
 
 def build_tokenizer(cfg: WorldConfig):
     """The word-level HF tokenizer of this world (data/tokenizer.py's builder over `vocabulary(cfg)`)."""
-    from data.tokenizer import build_word_tokenizer
+    from ddpo.data.tokenizer import build_word_tokenizer
 
     return build_word_tokenizer(vocabulary(cfg))

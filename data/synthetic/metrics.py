@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from data.synthetic.annotator import ground
-from data.synthetic.language import n_words, parse
-from data.synthetic.world import Scene, partner_cell
+from ddpo.data.synthetic.annotator import ground
+from ddpo.data.synthetic.language import n_words, parse
+from ddpo.data.synthetic.world import Scene, partner_cell
 
 CLAIM_GROUPS = {"attribute": ("color", "size"), "position": ("position",), "count": ("count",), "relation": ("relation",),
                 "empty": ("empty",)}

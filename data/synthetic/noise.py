@@ -34,9 +34,9 @@ from typing import Optional
 
 import numpy as np
 
-from data.synthetic.language import (CELLS, OPPOSITE, POSITIONS, Group, Instance, Item, LanguageConfig, ObjectList, Overview,
+from ddpo.data.synthetic.language import (CELLS, OPPOSITE, POSITIONS, Group, Instance, Item, LanguageConfig, ObjectList, Overview,
                                      Relation, plan_description, realize)
-from data.synthetic.world import Scene, WorldConfig, sample_scenes
+from ddpo.data.synthetic.world import Scene, WorldConfig, sample_scenes
 
 ERROR_TYPES = ("object", "attribute", "position", "count", "relation")
 # RLHF-V's correction types (paper: objects 41%, positions 20%, numbers 17%, attributes 10%, other 12%)

@@ -17,12 +17,12 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from data.records import PreferenceRecord
-from data.synthetic.annotator import correct
-from data.synthetic.language import PROMPTS, LanguageConfig, n_words
-from data.synthetic.noise import NoiseConfig, noisy_caption
-from data.synthetic.priors import PriorConfig, prior_caption
-from data.synthetic.world import Scene, WorldConfig, render, sample_scene
+from ddpo.data.records import PreferenceRecord
+from ddpo.data.synthetic.annotator import correct
+from ddpo.data.synthetic.language import PROMPTS, LanguageConfig, n_words
+from ddpo.data.synthetic.noise import NoiseConfig, noisy_caption
+from ddpo.data.synthetic.priors import PriorConfig, prior_caption
+from ddpo.data.synthetic.world import Scene, WorldConfig, render, sample_scene
 
 
 @dataclass
@@ -141,7 +141,7 @@ def diff_segments(rejected: str, chosen: str, min_match: int = 3) -> tuple[int, 
     """(corrected segments, corrected words of `rejected`) as the trainer's diff finds them: replacement
     gaps between matching blocks of >= `min_match` words (data/segments.py; the synthetic world's
     tokenizer is word-level, so words are its tokens)."""
-    from data.segments import corrected_positions, words_with_spans
+    from ddpo.data.segments import corrected_positions, words_with_spans
 
     marked, _ = corrected_positions(words_with_spans(rejected)[0], words_with_spans(chosen)[0], min_match)
     runs = sum(1 for i in marked if i - 1 not in marked)

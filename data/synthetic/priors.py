@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data.synthetic.language import (CELLS, FILLERS, POSITIONS, Empty, Filler, Instance, Item, LanguageConfig, Overview,
+from ddpo.data.synthetic.language import (CELLS, FILLERS, POSITIONS, Empty, Filler, Instance, Item, LanguageConfig, Overview,
                                      n_words, realize)
-from data.synthetic.noise import InjectedError, NoisyCaption
-from data.synthetic.world import GRID, Scene, WorldConfig, WorldObject, partner_cell, sample_scenes
+from ddpo.data.synthetic.noise import InjectedError, NoisyCaption
+from ddpo.data.synthetic.world import GRID, Scene, WorldConfig, WorldObject, partner_cell, sample_scenes
 
 PRIOR_TYPES = ("object", "count", "attribute", "position")
 

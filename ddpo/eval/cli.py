@@ -31,14 +31,14 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from data.jsonl import json_objects
-from data.synthetic.metrics import evaluate
-from data.templates import default_stop_strings
+from ddpo.data.jsonl import json_objects
+from ddpo.data.synthetic.metrics import evaluate
+from ddpo.data.templates import default_stop_strings
 from ddpo.eval import mmhal, objhal, protocols, yesno
 from ddpo.eval.generation import GenerationConfig, generate_answers
 from ddpo.eval.judge import DEFAULT_BASE_URL, JudgeCache, JudgeClient, JudgeError
 from ddpo.lab.demo import DemoSettings, split
-from models.build import load_model, resolve_dtype
+from ddpo.models.build import load_model, resolve_dtype
 
 Rows = list[dict[str, Any]]
 

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from ddpo.eval.chair import ASSETS
 from ddpo.eval.judge import JudgeCache, JudgeClient, cached_judge
-from data.jsonl import json_objects
+from ddpo.data.jsonl import json_objects
 
 QUESTIONS_FILE = ASSETS / "mmhal_bench_questions.json"
 JUDGE_MODEL = "gpt-4-0314"  # RLHF-V's (retired); RLAIF-V used gpt-4-1106-preview

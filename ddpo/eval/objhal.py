@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from ddpo.eval.chair import ASSETS, ChairSample, CocoVocabulary, chair_metrics, default_vocabulary, names_to_mentions, text_to_mentions
 from ddpo.eval.judge import JudgeCache, JudgeClient, cached_judge
-from data.jsonl import json_objects
+from ddpo.data.jsonl import json_objects
 
 LLM_EXTRACTOR_MODEL = "gpt-3.5-turbo-0613"  # RLHF-V's (retired); pass another with --judge-model
 LLM_EXTRACTOR_TEMPERATURE = 0.2

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from data.jsonl import json_objects
+from ddpo.data.jsonl import json_objects
 
 _SENTENCE_END = re.compile(r"[.!?\n]")
 _WORD = re.compile(r"[a-z']+")

@@ -46,7 +46,7 @@ import torch
 
 from ddpo.progress import progress_bar
 from ddpo.trainer import TrainerCallback
-from models.build import load_model
+from ddpo.models.build import load_model
 
 logger = logging.getLogger("ddpo.lab.demo")
 REPO = Path(__file__).resolve().parents[2]
@@ -146,11 +146,11 @@ def synthetic_config(settings: DemoSettings):
     v1: 4 shapes in one size, at most 3 objects, each shape the frequent partner of the next (circle ->
     square -> triangle -> diamond -> circle); captions: data/synthetic/noise.py (renames visible objects).
     """
-    from data.synthetic import SyntheticConfig
-    from data.synthetic.language import LanguageConfig
-    from data.synthetic.noise import NoiseConfig
-    from data.synthetic.priors import PriorConfig
-    from data.synthetic.world import WorldConfig
+    from ddpo.data.synthetic import SyntheticConfig
+    from ddpo.data.synthetic.language import LanguageConfig
+    from ddpo.data.synthetic.noise import NoiseConfig
+    from ddpo.data.synthetic.priors import PriorConfig
+    from ddpo.data.synthetic.world import WorldConfig
 
     language = LanguageConfig(style="detailed", target_words=settings.answer_words)
     if settings.world_version == "v2":
@@ -170,7 +170,7 @@ def synthetic_config(settings: DemoSettings):
 def split(settings: DemoSettings, name: str, n: int):
     """(scenes, images, prompts) of a split; each split draws from its own seed, so adding images to one
     split never changes another."""
-    from data.synthetic import sft_examples
+    from ddpo.data.synthetic import sft_examples
 
     offset = {"sft": 1, "preference": 2, "val": 3, "test": 4, "gate": 5}[name]
     examples = sft_examples(n, settings.seed * 100 + offset, synthetic_config(settings))
@@ -193,9 +193,9 @@ def generation_options(settings: DemoSettings, template: str) -> dict:
 def stage_sft(settings: DemoSettings, out: Path) -> Path:
     """Random-init model (+ perception pretraining, v2), or `sft_init`'s model, + supervised fine-tuning
     on biased captions -> out/sft."""
-    from data.synthetic.language import build_tokenizer
+    from ddpo.data.synthetic.language import build_tokenizer
     from ddpo.lab.sft import PerceptionSettings, SFTSettings, pretrain_perception, sft
-    from models.build import build_model
+    from ddpo.models.build import build_model
 
     cfg = _train_config(settings)
     torch.manual_seed(settings.seed)
@@ -235,7 +235,7 @@ def stage_sft(settings: DemoSettings, out: Path) -> Path:
 def cell_targets(scenes, world, image_tokens: int) -> tuple[torch.Tensor, list[int]]:
     """Per image token (one per grid cell, row-major: needs patch = cell, 9 tokens), the shape and the
     colour of the object in its cell (0 = empty): [n, 9, 2] and the class counts."""
-    from data.synthetic.world import GRID
+    from ddpo.data.synthetic.world import GRID
 
     if image_tokens != GRID * GRID:
         raise ValueError(f"perception pretraining labels one image token per grid cell, so it needs {GRID * GRID} image "
@@ -258,8 +258,8 @@ def loss_plateau(losses: Sequence[float]) -> dict:
 
 def single_object_scenes(world):
     """Every one-object scene of the world: each shape x colour x cell, one size, no jitter."""
-    from data.synthetic.language import POSITIONS
-    from data.synthetic.world import Scene, WorldObject
+    from ddpo.data.synthetic.language import POSITIONS
+    from ddpo.data.synthetic.world import Scene, WorldObject
 
     return [Scene((WorldObject(shape, color, world.sizes[-1], cell),)) for shape in world.shapes for color in world.colors
             for cell in POSITIONS]
@@ -268,9 +268,9 @@ def single_object_scenes(world):
 def perception_gate(model, settings: DemoSettings, template: str) -> dict:
     """The gate's figures (data/synthetic/metrics.py gate_figures) from greedy answers on every
     one-object image and on the held-out "gate" scenes, with pass/fail per figure."""
-    from data.synthetic.language import PROMPTS
-    from data.synthetic.metrics import gate_figures
-    from data.synthetic.world import render
+    from ddpo.data.synthetic.language import PROMPTS
+    from ddpo.data.synthetic.metrics import gate_figures
+    from ddpo.data.synthetic.world import render
 
     cfg = synthetic_config(settings)
     singles = single_object_scenes(cfg.world)[::settings.gate_single_stride]
@@ -326,7 +326,7 @@ def stage_sample(settings: DemoSettings, out: Path) -> Path:
 
 def stage_annotate(settings: DemoSettings, out: Path) -> Path:
     """Oracle corrections -> JSONL + image folder (data.format jsonl), at most `max_pairs` pairs."""
-    from data.synthetic.pairs import records_from_answers
+    from ddpo.data.synthetic.pairs import records_from_answers
 
     scenes, images, prompts, _ = split(settings, "preference", settings.preference_images)
     answers = [json.loads(line)["answer"] for line in (out / "pairs" / "answers.jsonl").read_text().splitlines()]
@@ -416,7 +416,7 @@ def stage_train(settings: DemoSettings, out: Path) -> dict[str, Path]:
 def evaluate_model(model, settings: DemoSettings, split_name: str, n: int, template: str,
                    temperature: Optional[float] = None) -> tuple[dict, list[str]]:
     """Metrics of `model`'s answers on a split: greedy, or sampled at `temperature` (seeded)."""
-    from data.synthetic.metrics import evaluate
+    from ddpo.data.synthetic.metrics import evaluate
 
     cfg = synthetic_config(settings)
     scenes, images, prompts, _ = split(settings, split_name, n)
@@ -427,8 +427,8 @@ def evaluate_model(model, settings: DemoSettings, split_name: str, n: int, templ
 
 def answer_token_logps(model, prompts: Sequence[str], answers: Sequence[str], images, template: str, batch_size: int = 64) -> list[torch.Tensor]:
     """Per-token log-probs of each answer given its image and prompt (one 1-d tensor per answer)."""
-    from data.collator import collate_sequences, encode_sequences
-    from data.records import IGNORE_INDEX
+    from ddpo.data.collator import collate_sequences, encode_sequences
+    from ddpo.data.records import IGNORE_INDEX
 
     encoded = encode_sequences(model.tokenizer, template, model.image_placeholder, prompts, answers)
     out = []

@@ -13,8 +13,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from PIL import Image
 
-from data.collator import collate_sequences, encode_sequences
-from data.records import IGNORE_INDEX
+from ddpo.data.collator import collate_sequences, encode_sequences
+from ddpo.data.records import IGNORE_INDEX
 from ddpo.schedule import lr_lambda
 
 

@@ -26,9 +26,9 @@ from typing import Callable, Optional, Protocol, Sequence
 
 from PIL import Image
 
-from data.synthetic.annotator import ground
-from data.synthetic.language import parse
-from data.templates import encode_answer_with_offsets
+from ddpo.data.synthetic.annotator import ground
+from ddpo.data.synthetic.language import parse
+from ddpo.data.templates import encode_answer_with_offsets
 from ddpo.online.scoring import answer_token_logps
 
 

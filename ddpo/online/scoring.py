@@ -37,15 +37,15 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from data.collator import collate_sequences, encode_sequences
-from data.images import DataError, decode_image
-from data.jsonl import jsonl_lines, parse_json_object
-from data.records import IGNORE_INDEX
-from data.segments import token_corrections
-from data.templates import TEMPLATES, encode_answer
+from ddpo.data.collator import collate_sequences, encode_sequences
+from ddpo.data.images import DataError, decode_image
+from ddpo.data.jsonl import jsonl_lines, parse_json_object
+from ddpo.data.records import IGNORE_INDEX
+from ddpo.data.segments import token_corrections
+from ddpo.data.templates import TEMPLATES, encode_answer
 from ddpo.loss import token_weights
 from ddpo.reference import answer_logps
-from models.build import load_model
+from ddpo.models.build import load_model
 
 
 VARIANTS = ("sum", "mean", "segment")

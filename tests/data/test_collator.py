@@ -7,12 +7,12 @@ import torch
 from fixtures import COLORS, PAIRS, all_texts
 from PIL import Image
 
-from data.collator import PairCollator, PairDataset, PairEncoder
-from data.images import DataError
-from data.records import PreferenceRecord
-from data.segments import corrected_word_spans
-from data.templates import check_image_tokens
-from data.tokenizer import build_word_tokenizer
+from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
+from ddpo.data.images import DataError
+from ddpo.data.records import PreferenceRecord
+from ddpo.data.segments import corrected_word_spans
+from ddpo.data.templates import check_image_tokens
+from ddpo.data.tokenizer import build_word_tokenizer
 
 PLACEHOLDER = "<image>" * 4
 
@@ -144,7 +144,7 @@ def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, cap
     whole = full.encode(record)
     enc = encoder(tokenizer, max_length=len(whole.prompt_ids) + 4)
     add_ref(record, enc)  # as the reference cache stores them: one log-prob per kept token
-    with caplog.at_level(logging.WARNING, logger="data.collator"):
+    with caplog.at_level(logging.WARNING, logger="ddpo.data.collator"):
         dataset = PairDataset([record], enc)
     assert dataset.truncated == [(12, len(whole.prompt_ids), len(whole.chosen_ids), len(whole.rejected_ids))]
     assert f"1 of 1 pairs have an answer longer than the room data.max_length {enc.max_length} leaves" in caplog.text
@@ -189,7 +189,7 @@ def test_prompt_that_cannot_fit_is_an_error_or_a_counted_skip(tokenizer, caplog)
     enc = encoder(tokenizer, max_length=64)
     with pytest.raises(DataError, match="row 13, field 'prompt': prompt \\+ image tokens take \\d+ tokens.*max_length 64"):
         PairDataset(records, enc)
-    with caplog.at_level(logging.WARNING, logger="data.collator"):
+    with caplog.at_level(logging.WARNING, logger="ddpo.data.collator"):
         dataset = PairDataset(records, enc, skip_bad_rows=True)
     assert len(dataset) == 5 and len(dataset.skipped) == 1 and "skipped 1 of 6" in caplog.text
     assert [dataset[i].row_index for i in range(len(dataset))] == [10, 11, 12, 14, 15]
@@ -246,7 +246,7 @@ def test_muffin_label_span_labels_the_role_prefix(tokenizer):
 
 def test_muffin_segment_diff_runs_over_prompt_and_answer(tokenizer):
     """data.segment_diff 'muffin' = token_corrections(context = prompt minus BOS, autojunk on)."""
-    from data.segments import token_corrections
+    from ddpo.data.segments import token_corrections
 
     record = make_records()[1]
     pair = encoder(tokenizer, segment_diff="muffin").encode(record)

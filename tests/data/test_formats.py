@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from fixtures import COLORS, PAIRS, png_bytes, rlaifv_rows, rlhfv_rows, trl_rows, write_jsonl, write_rlaifv, write_rlhfv, write_trl_parquet
 
-from data.formats import DataError, load_records
-from data.images import ArrowImage, EncodedImage, as_pil
+from ddpo.data.formats import DataError, load_records
+from ddpo.data.images import ArrowImage, EncodedImage, as_pil
 from ddpo.config import DataConfig
 
 
@@ -258,7 +258,7 @@ def test_skip_bad_rows_counts_and_logs(tmp_path, caplog):
     rows[1]["text"] = "{not json"
     rows[4]["image"] = {"bytes": b"junk", "path": None}
     path = write_rlhfv(tmp_path / "d.parquet", rows)
-    with caplog.at_level(logging.WARNING, logger="data.formats"):
+    with caplog.at_level(logging.WARNING, logger="ddpo.data.formats"):
         records = load("rlhf-v", path, skip_bad_rows=True)
     assert [r.row_index for r in records] == [0, 2, 3, 5]
     assert len(records.skipped) == 2 and "row 1" in records.skipped[0] and "row 4" in records.skipped[1]

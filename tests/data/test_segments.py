@@ -5,7 +5,7 @@ what the loss makes of the masks (ddpo.loss.token_weights); `weighted` maps a ma
 """
 import pytest
 
-from data.segments import corrected_positions, corrected_word_spans, span_corrections, token_corrections, word_diff_corrections
+from ddpo.data.segments import corrected_positions, corrected_word_spans, span_corrections, token_corrections, word_diff_corrections
 
 G = 5.0
 

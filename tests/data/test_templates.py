@@ -3,8 +3,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from data.images import DataError
-from data.templates import (
+from ddpo.data.images import DataError
+from ddpo.data.templates import (
     SYSTEM_PROMPT,
     answer_text,
     check_image_tokens,

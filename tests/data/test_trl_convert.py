@@ -5,10 +5,10 @@ import datasets
 import pytest
 from fixtures import PAIRS, all_texts, png_bytes, rlhfv_rows, write_rlaifv, write_rlhfv
 
-from data.collator import PairCollator, PairDataset, PairEncoder
-from data.convert import main
-from data.formats import load_records
-from data.tokenizer import build_word_tokenizer
+from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
+from ddpo.data.convert import main
+from ddpo.data.formats import load_records
+from ddpo.data.tokenizer import build_word_tokenizer
 from ddpo.cli import main as ddpo_main
 from ddpo.config import DataConfig
 

@@ -8,7 +8,7 @@ from PIL import Image
 from ddpo.eval import cli as eval_cli
 from ddpo.eval.cli import main as eval_main
 from ddpo.eval.generation import GenerationConfig, generate_answers, truncate_at_stop
-from models.base import ImageTransform
+from ddpo.models.base import ImageTransform
 
 
 class FakeModel:
@@ -132,7 +132,7 @@ def test_objhal_generate_assigns_the_eight_prompts(tmp_path, fake_models_build):
 
 def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
     """Scoring an answers file: the ground truth is regenerated from the demo's test split (seed 0)."""
-    from data.synthetic.language import LanguageConfig, describe
+    from ddpo.data.synthetic.language import LanguageConfig, describe
     from ddpo.lab.demo import DemoSettings, split
     import numpy as np
     import json
@@ -146,7 +146,7 @@ def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
     out = tmp_path / "out.json"
     assert eval_main(["--benchmark", "synthetic", "--answers", str(path), "--output", str(out), "--num-images", "4"]) == 0
     metrics = json.loads(out.read_text())
-    from data.synthetic.metrics import evaluate
+    from ddpo.data.synthetic.metrics import evaluate
     from ddpo.lab.demo import synthetic_config
     world = synthetic_config(DemoSettings(seed=0))
     expected = evaluate(scenes, answers, world.world.partners, world.empty_cells)

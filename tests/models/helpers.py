@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from data.records import PairBatch
-from models.config import ModelConfig
+from ddpo.data.records import PairBatch
+from ddpo.models.config import ModelConfig
 
 ARCHS = ["llava", "muffin"]
 
 
 def tiny_model(arch: str, tokenizer, seed: int = 0, **overrides):
-    from models.build import build_model
+    from ddpo.models.build import build_model
 
     torch.manual_seed(seed)
     return build_model(ModelConfig(arch=arch, preset="tiny", **overrides), tokenizer=tokenizer)

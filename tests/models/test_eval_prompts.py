@@ -2,8 +2,8 @@
 import torch
 from PIL import Image
 
-from data.templates import SYSTEM_PROMPT, default_stop_strings, encode_prompt, prompt_text
-from models.build import load_model
+from ddpo.data.templates import SYSTEM_PROMPT, default_stop_strings, encode_prompt, prompt_text
+from ddpo.models.build import load_model
 from tests.models.helpers import tiny_model
 
 QUESTION = "Describe the image in detail ."

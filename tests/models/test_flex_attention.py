@@ -9,7 +9,7 @@ test. The compiled kernel itself is exercised by experiments/gpu_check.py on a G
 import pytest
 import torch
 
-from models.shared_prompt import shared_prompt_layout
+from ddpo.models.shared_prompt import shared_prompt_layout
 from tests.models.helpers import pair_batch, tiny_model
 
 

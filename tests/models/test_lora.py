@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from models.build import load_model
-from models.config import ConfigError
-from models.lora import lora_target_modules, save_lora_adapters
+from ddpo.models.build import load_model
+from ddpo.models.config import ConfigError
+from ddpo.models.lora import lora_target_modules, save_lora_adapters
 from tests.models.helpers import naive_token_logps, pair_batch, tiny_model
 
 LORA = dict(lora_r=4, lora_alpha=16, lora_dropout=0.0)

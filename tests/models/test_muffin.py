@@ -3,10 +3,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.config import ModelConfig
-from models.base import scatter_image_features
-from models.beit3 import POSITION_OFFSET, Multiway
-from models.build import build_model
+from ddpo.models.config import ModelConfig
+from ddpo.models.base import scatter_image_features
+from ddpo.models.beit3 import POSITION_OFFSET, Multiway
+from ddpo.models.build import build_model
 from tests.models.helpers import pair_batch, tiny_model
 
 

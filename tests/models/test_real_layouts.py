@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import models.muffin as muffin
-from data.templates import encode_answer, encode_prompt
-from models.config import ConfigError, ModelConfig
+import ddpo.models.muffin as muffin
+from ddpo.data.templates import encode_answer, encode_prompt
+from ddpo.models.config import ConfigError, ModelConfig
 from ddpo.reference import image_transform_fingerprint
-from models.build import build_model, load_model
-from models.muffin import VISION_POSITIONS_KEY, checkpoint_shards, interpolate_vision_positions, map_muffin_key, read_shard
-from models.replicas import muffin_vision_sizes_for_tests, write_llava_hf_checkpoint, write_muffin_checkpoint
+from ddpo.models.build import build_model, load_model
+from ddpo.models.muffin import VISION_POSITIONS_KEY, checkpoint_shards, interpolate_vision_positions, map_muffin_key, read_shard
+from ddpo.models.replicas import muffin_vision_sizes_for_tests, write_llava_hf_checkpoint, write_muffin_checkpoint
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_llava_hf_crop_equals_its_processor(tmp_path, hub_layout):
 
 
 def test_pad_mode_by_hand_and_in_the_fingerprint(word_tokenizer):
-    from models.base import ImageTransform
+    from ddpo.models.base import ImageTransform
 
     mean, std = (0.25, 0.5, 0.75), (0.5, 0.5, 0.5)
     image = Image.new("RGB", (4, 2), (255, 255, 255))  # white, wider than tall

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.shared_prompt import CHOSEN, PAD, PROMPT, REJECTED, shared_prompt_layout
+from ddpo.models.shared_prompt import CHOSEN, PAD, PROMPT, REJECTED, shared_prompt_layout
 from tests.models.helpers import pair_batch, tiny_model
 
 
@@ -99,8 +99,8 @@ def test_pairs_with_different_prompts_are_refused_by_name():
 
 
 def test_config_default_is_shared_prompt_and_model_default_matches():
-    from models.config import ModelConfig
-    from models.base import PreferenceModel
+    from ddpo.models.config import ModelConfig
+    from ddpo.models.base import PreferenceModel
 
     assert ModelConfig().shared_prompt is True
     assert PreferenceModel.shared_prompt is True
@@ -111,8 +111,8 @@ def test_shared_prompt_on_collated_batches_with_cached_reference(word_tokenizer,
     """Through the real encoder and collator (templates, end markers, padding side): same log-probs both ways."""
     from PIL import Image
 
-    from data.collator import PairCollator, PairEncoder
-    from data.records import PreferenceRecord
+    from ddpo.data.collator import PairCollator, PairEncoder
+    from ddpo.data.records import PreferenceRecord
 
     model = tiny_model("llava", word_tokenizer)
     texts = [("Describe the image in detail .", "there is a red circle at the top left .", "there is a blue square ."),

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from models.config import ConfigError, ModelConfig
-from models.build import build_model, load_model
+from ddpo.models.config import ConfigError, ModelConfig
+from ddpo.models.build import build_model, load_model
 from tests.models.helpers import naive_token_logps, pair_batch, tiny_model
 
 

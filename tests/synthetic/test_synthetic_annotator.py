@@ -5,10 +5,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data.synthetic.annotator import Correction, correct, ground
-from data.synthetic.language import LanguageConfig, describe, parse
-from data.synthetic.noise import NoiseConfig, noisy_caption
-from data.synthetic.world import Scene, WorldConfig, WorldObject, sample_scenes
+from ddpo.data.synthetic.annotator import Correction, correct, ground
+from ddpo.data.synthetic.language import LanguageConfig, describe, parse
+from ddpo.data.synthetic.noise import NoiseConfig, noisy_caption
+from ddpo.data.synthetic.world import Scene, WorldConfig, WorldObject, sample_scenes
 
 WORLD = WorldConfig()
 SCENE = Scene((WorldObject("circle", "red", "small", (0, 0)), WorldObject("circle", "red", "large", (1, 1)),
@@ -161,9 +161,9 @@ def test_a_second_indefinite_mention_of_a_lone_object_is_an_extra_object():
 
 def test_overlapping_count_and_colour_fixes_merge_into_one_correction():
     """A model wrote a wrong count and a wrong colour in one phrase: both are fixed, as one correction."""
-    from data.synthetic.annotator import correct
-    from data.synthetic.language import parse
-    from data.synthetic.world import Scene, WorldObject
+    from ddpo.data.synthetic.annotator import correct
+    from ddpo.data.synthetic.language import parse
+    from ddpo.data.synthetic.world import Scene, WorldObject
 
     scene = Scene((WorldObject("square", "purple", "small", (0, 0)), WorldObject("square", "blue", "large", (1, 1))))
     text = ("the image shows two objects. there are three green squares. a small purple square is at the top left. "

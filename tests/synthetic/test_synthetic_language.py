@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from data.synthetic.language import (CELLS, POSITIONS, LanguageConfig, build_tokenizer, describe, n_words, parse,
+from ddpo.data.synthetic.language import (CELLS, POSITIONS, LanguageConfig, build_tokenizer, describe, n_words, parse,
                                      relation_holds, vocabulary)
-from data.synthetic.noise import NoiseConfig, noisy_caption
-from data.synthetic.world import WorldConfig, sample_scenes
+from ddpo.data.synthetic.noise import NoiseConfig, noisy_caption
+from ddpo.data.synthetic.world import WorldConfig, sample_scenes
 
 WORLD = WorldConfig()
 

@@ -1,7 +1,7 @@
 import pytest
 
-from data.synthetic.metrics import evaluate
-from data.synthetic.world import Scene, WorldObject
+from ddpo.data.synthetic.metrics import evaluate
+from ddpo.data.synthetic.world import Scene, WorldObject
 
 SCENE = Scene((WorldObject("circle", "red", "small", (0, 0)), WorldObject("circle", "red", "large", (1, 1)),
                WorldObject("square", "blue", "large", (2, 2))))

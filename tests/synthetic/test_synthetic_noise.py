@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from data.synthetic.language import LanguageConfig
-from data.synthetic.noise import ERROR_TYPES, PAPER_MIX, NoiseConfig, calibrate, expected_errors, noisy_caption
-from data.synthetic.world import WorldConfig, sample_scenes
+from ddpo.data.synthetic.language import LanguageConfig
+from ddpo.data.synthetic.noise import ERROR_TYPES, PAPER_MIX, NoiseConfig, calibrate, expected_errors, noisy_caption
+from ddpo.data.synthetic.world import WorldConfig, sample_scenes
 
 WORLD = WorldConfig()
 LANG = LanguageConfig()

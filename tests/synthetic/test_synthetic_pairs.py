@@ -1,10 +1,10 @@
 import numpy as np
 
-from data.records import PreferenceRecord
-from data.synthetic.annotator import correct
-from data.synthetic.language import PROMPTS, LanguageConfig, build_tokenizer
-from data.synthetic.pairs import SyntheticConfig, records_from_answers, sft_examples, synthetic_records
-from data.synthetic.world import Scene, WorldConfig, WorldObject, render
+from ddpo.data.records import PreferenceRecord
+from ddpo.data.synthetic.annotator import correct
+from ddpo.data.synthetic.language import PROMPTS, LanguageConfig, build_tokenizer
+from ddpo.data.synthetic.pairs import SyntheticConfig, records_from_answers, sft_examples, synthetic_records
+from ddpo.data.synthetic.world import Scene, WorldConfig, WorldObject, render
 
 
 def test_sft_examples_are_deterministic_and_well_formed():

@@ -6,11 +6,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data.synthetic.annotator import correct, ground
-from data.synthetic.language import POSITIONS, LanguageConfig, n_words, parse
-from data.synthetic.metrics import companion_context, evaluate, gate_figures
-from data.synthetic.priors import PriorConfig, believe, prior_caption, prior_statistics
-from data.synthetic.world import Scene, WorldConfig, WorldObject, partner_cell, render, sample_scenes
+from ddpo.data.synthetic.annotator import correct, ground
+from ddpo.data.synthetic.language import POSITIONS, LanguageConfig, n_words, parse
+from ddpo.data.synthetic.metrics import companion_context, evaluate, gate_figures
+from ddpo.data.synthetic.priors import PriorConfig, believe, prior_caption, prior_statistics
+from ddpo.data.synthetic.world import Scene, WorldConfig, WorldObject, partner_cell, render, sample_scenes
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "bar", "moon")
 PARTNERS = {"square": "circle", "triangle": "star", "cross": "ring"}
@@ -175,7 +175,7 @@ def test_caption_statistics_are_in_the_papers_range():
     assert all(stats["errors_per_caption"][t] > 0 for t in ("object", "count", "attribute", "position"))
     # no sentence of a caption is unparseable, and no word is outside the world's vocabulary
     rng = np.random.default_rng(0)
-    from data.synthetic.language import vocabulary
+    from ddpo.data.synthetic.language import vocabulary
     vocab = set(vocabulary(WORLD))
     for scene in sample_scenes(300, 6, WORLD):
         text = prior_caption(scene, rng, WORLD, LANGUAGE, PRIORS).text

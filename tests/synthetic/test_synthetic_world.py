@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data.synthetic.world import COLOR_RGB, GRID, Scene, WorldConfig, WorldObject, render, sample_scenes
+from ddpo.data.synthetic.world import COLOR_RGB, GRID, Scene, WorldConfig, WorldObject, render, sample_scenes
 
 
 def test_scenes_are_deterministic_per_seed():
