@@ -5,6 +5,7 @@ and never shadows a user's own `data` or `models` package.
 Lower bounds only: cluster users bring their own CUDA build of torch. The versions known to work
 together on a CPU machine are pinned in requirements.txt.
 """
+
 from setuptools import find_packages, setup
 
 setup(

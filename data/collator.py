@@ -17,11 +17,13 @@ the row and its lengths (a counted skip with `skip_bad_rows`). The prompt (with 
 never cut: if it leaves no room for an answer the pair is a `DataError`, or a counted skip in
 `PairDataset(skip_bad_rows=True)`.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -30,8 +32,14 @@ from transformers import PreTrainedTokenizerBase
 from ddpo.data import segments as seg
 from ddpo.data.images import DataError, as_pil
 from ddpo.data.records import IGNORE_INDEX, PairBatch, PreferenceRecord
-from ddpo.data.templates import (check_image_tokens, encode_answer, encode_answer_with_offsets, encode_prompt, image_token_ids,
-                            role_prefix_length)
+from ddpo.data.templates import (
+    check_image_tokens,
+    encode_answer,
+    encode_answer_with_offsets,
+    encode_prompt,
+    image_token_ids,
+    role_prefix_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +60,13 @@ class EncodedPair:
     rejected_corrected: list[bool]
     images: list[Image.Image]
     row_index: int
-    ref_chosen_logps: Optional[list[float]] = None  # len(chosen_ids) when cached
-    ref_rejected_logps: Optional[list[float]] = None
+    ref_chosen_logps: list[float] | None = None  # len(chosen_ids) when cached
+    ref_rejected_logps: list[float] | None = None
     truncated_tokens: int = 0  # answer tokens cut to fit max_length (chosen + rejected)
-    chosen_severity: Optional[list[float]] = None  # len(chosen_ids): annotated severity weight per token, 0 = none
-    rejected_severity: Optional[list[float]] = None
-    ref_corrupted_chosen_logps: Optional[list[float]] = None  # len(chosen_ids) when cached (corrupted images)
-    ref_corrupted_rejected_logps: Optional[list[float]] = None
+    chosen_severity: list[float] | None = None  # len(chosen_ids): annotated severity weight per token, 0 = none
+    rejected_severity: list[float] | None = None
+    ref_corrupted_chosen_logps: list[float] | None = None  # len(chosen_ids) when cached (corrupted images)
+    ref_corrupted_rejected_logps: list[float] | None = None
 
 
 class PairEncoder:
@@ -82,7 +90,9 @@ class PairEncoder:
         if segments not in SEGMENT_MODES:
             raise ValueError(f"segments must be one of {', '.join(SEGMENT_MODES)}, got '{segments}'")
         if segment_diff not in ("answer", "muffin") or label_span not in ("answer", "muffin"):
-            raise ValueError(f"segment_diff and label_span must be 'answer' or 'muffin', got {segment_diff!r}, {label_span!r}")
+            raise ValueError(
+                f"segment_diff and label_span must be 'answer' or 'muffin', got {segment_diff!r}, {label_span!r}"
+            )
         # Exact replication of the released Muffin code (off by default; docs/REPRODUCING.md):
         self.segment_diff = segment_diff  # 'muffin': diff prompt (minus BOS) + answer, difflib autojunk on
         self.label_span = label_span  # 'muffin': the '### Assistant:' role prefix is labelled with the answer
@@ -93,18 +103,29 @@ class PairEncoder:
         self.num_truncated = 0  # pairs whose answers were cut, in this process
 
     @classmethod
-    def from_config(cls, data_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_placeholder: str) -> "PairEncoder":
+    def from_config(cls, data_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_placeholder: str) -> PairEncoder:
         """From the `data` config section (`ddpo.config.DataConfig`)."""
-        return cls(tokenizer, data_cfg.template, image_placeholder, data_cfg.max_length, data_cfg.segments,
-                   data_cfg.min_match, data_cfg.include_insertions, data_cfg.segment_diff, data_cfg.label_span,
-                   data_cfg.long_answers)
+        return cls(
+            tokenizer,
+            data_cfg.template,
+            image_placeholder,
+            data_cfg.max_length,
+            data_cfg.segments,
+            data_cfg.min_match,
+            data_cfg.include_insertions,
+            data_cfg.segment_diff,
+            data_cfg.label_span,
+            data_cfg.long_answers,
+        )
 
     def encode_prompt(self, record: PreferenceRecord) -> list[int]:
         """Prompt ids, checked: the image tokens exactly once, and room left for at least one answer token."""
         ids = encode_prompt(self.template, self.tokenizer, record.prompt, self.image_placeholder)
         check_image_tokens(ids, self.placeholder_ids, where=f"{record.where()}, field 'prompt'")
         if len(ids) >= self.max_length:
-            raise DataError(f"{record.where()}, field 'prompt': prompt + image tokens take {len(ids)} tokens, leaving no room for an answer within data.max_length {self.max_length}; raise data.max_length or shorten the question")
+            raise DataError(
+                f"{record.where()}, field 'prompt': prompt + image tokens take {len(ids)} tokens, leaving no room for an answer within data.max_length {self.max_length}; raise data.max_length or shorten the question"
+            )
         return ids
 
     def _answer(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -112,23 +133,43 @@ class PairEncoder:
             return encode_answer_with_offsets(self.template, self.tokenizer, text)
         return encode_answer(self.template, self.tokenizer, text), []
 
-    def _corrections(self, record: PreferenceRecord, chosen: tuple, rejected: tuple,
-                     prompt_ids: Sequence[int] = ()) -> tuple[list[bool], list[bool]]:
+    def _corrections(
+        self, record: PreferenceRecord, chosen: tuple, rejected: tuple, prompt_ids: Sequence[int] = ()
+    ) -> tuple[list[bool], list[bool]]:
         (chosen_ids, chosen_offsets), (rejected_ids, rejected_offsets) = chosen, rejected
         if self.segments == "token_diff":
             if self.segment_diff == "muffin":  # the released code: whole sequences minus BOS, autojunk on
-                return seg.token_corrections(chosen_ids, rejected_ids, self.min_match, self.include_insertions,
-                                             context=prompt_ids[1:], autojunk=True)
+                return seg.token_corrections(
+                    chosen_ids,
+                    rejected_ids,
+                    self.min_match,
+                    self.include_insertions,
+                    context=prompt_ids[1:],
+                    autojunk=True,
+                )
             return seg.token_corrections(chosen_ids, rejected_ids, self.min_match, self.include_insertions)
         if self.segments == "word_diff":
-            return seg.word_diff_corrections(record.chosen, record.rejected, chosen_offsets, rejected_offsets, self.min_match, self.include_insertions)
+            return seg.word_diff_corrections(
+                record.chosen,
+                record.rejected,
+                chosen_offsets,
+                rejected_offsets,
+                self.min_match,
+                self.include_insertions,
+            )
         if self.segments == "spans":
             if record.chosen_spans is None or record.rejected_spans is None:
-                raise DataError(f"{record.where()}, fields 'chosen_spans'/'rejected_spans': data.segments is 'spans' but the row has no span annotations; add them or use data.segments token_diff")
-            return seg.span_corrections(chosen_offsets, record.chosen_spans), seg.span_corrections(rejected_offsets, record.rejected_spans)
+                raise DataError(
+                    f"{record.where()}, fields 'chosen_spans'/'rejected_spans': data.segments is 'spans' but the row has no span annotations; add them or use data.segments token_diff"
+                )
+            return seg.span_corrections(chosen_offsets, record.chosen_spans), seg.span_corrections(
+                rejected_offsets, record.rejected_spans
+            )
         return [False] * len(chosen_ids), [False] * len(rejected_ids)
 
-    def _severity(self, record: PreferenceRecord, text: str, spans, role_tokens: int, length: int, field: str) -> Optional[list[float]]:
+    def _severity(
+        self, record: PreferenceRecord, text: str, spans, role_tokens: int, length: int, field: str
+    ) -> list[float] | None:
         """Per-token severity weights of an answer from [start, end, weight] character spans: the largest
         weight of the spans a token overlaps, 0 where it overlaps none (the role prefix included)."""
         if spans is None:
@@ -136,15 +177,21 @@ class PairEncoder:
         _, offsets = encode_answer_with_offsets(self.template, self.tokenizer, text)
         offsets = [(0, 0)] * role_tokens + list(offsets)
         if len(offsets) != length:
-            raise DataError(f"{record.where()}, field '{field}': the answer's offsets cover {len(offsets)} tokens, its ids {length}; "
-                            "this tokenizer/template cannot map character spans to tokens")
+            raise DataError(
+                f"{record.where()}, field '{field}': the answer's offsets cover {len(offsets)} tokens, its ids {length}; "
+                "this tokenizer/template cannot map character spans to tokens"
+            )
         return [max((w for s, e, w in spans if s < end and start < e), default=0.0) for start, end in offsets]
 
-    def _check_ref(self, record: PreferenceRecord, logps: Optional[list[float]], kept: int, total: int, field: str) -> None:
+    def _check_ref(
+        self, record: PreferenceRecord, logps: list[float] | None, kept: int, total: int, field: str
+    ) -> None:
         """Cached log-probs cover exactly the kept answer tokens: the cache was computed from these cut answers."""
         if logps is not None and len(logps) != kept:
             cut = f" ({total} before cutting to data.max_length {self.max_length})" if kept != total else ""
-            raise DataError(f"{record.where()}, field '{field}': the reference cache holds {len(logps)} log-probs for this answer's {kept} tokens{cut}; the cache does not match this data: recompute it (`ddpo precompute-ref`)")
+            raise DataError(
+                f"{record.where()}, field '{field}': the reference cache holds {len(logps)} log-probs for this answer's {kept} tokens{cut}; the cache does not match this data: recompute it (`ddpo precompute-ref`)"
+            )
 
     def check_lengths(self, record: PreferenceRecord) -> tuple[int, int, int]:
         """(prompt, chosen, rejected) token counts; a DataError when the prompt leaves no room for an answer,
@@ -156,7 +203,9 @@ class PairEncoder:
 
     def _check_room(self, record: PreferenceRecord, prompt: int, chosen: int, rejected: int) -> None:
         if self.long_answers == "error" and prompt + max(chosen, rejected) > self.max_length:
-            raise DataError(f"{record.where()}, fields 'chosen'/'rejected': prompt {prompt} + answers {chosen}/{rejected} tokens exceed data.max_length {self.max_length}; raise data.max_length, shorten the answers, set data.long_answers truncate, or drop the row (data.skip_bad_rows)")
+            raise DataError(
+                f"{record.where()}, fields 'chosen'/'rejected': prompt {prompt} + answers {chosen}/{rejected} tokens exceed data.max_length {self.max_length}; raise data.max_length, shorten the answers, set data.long_answers truncate, or drop the row (data.skip_bad_rows)"
+            )
 
     def encode(self, record: PreferenceRecord) -> EncodedPair:
         if len(record.images) != 1:
@@ -168,17 +217,39 @@ class PairEncoder:
             prompt_ids, role = prompt_ids[:-k], prompt_ids[-k:]
             chosen = (role + chosen[0], [(0, 0)] * k + chosen[1] if chosen[1] else [])
             rejected = (role + rejected[0], [(0, 0)] * k + rejected[1] if rejected[1] else [])
-        chosen_corrected, rejected_corrected = self._corrections(record, chosen, rejected, prompt_ids)  # on full answers
+        chosen_corrected, rejected_corrected = self._corrections(
+            record, chosen, rejected, prompt_ids
+        )  # on full answers
         chosen_ids, rejected_ids = chosen[0], rejected[0]
         self._check_room(record, len(prompt_ids), len(chosen_ids), len(rejected_ids))
         room = self.max_length - len(prompt_ids)
-        self._check_ref(record, record.ref_chosen_logps, min(len(chosen_ids), room), len(chosen_ids), "ref_chosen_logps")
-        self._check_ref(record, record.ref_rejected_logps, min(len(rejected_ids), room), len(rejected_ids), "ref_rejected_logps")
-        self._check_ref(record, record.ref_corrupted_chosen_logps, min(len(chosen_ids), room), len(chosen_ids), "ref_corrupted_chosen_logps")
-        self._check_ref(record, record.ref_corrupted_rejected_logps, min(len(rejected_ids), room), len(rejected_ids), "ref_corrupted_rejected_logps")
+        self._check_ref(
+            record, record.ref_chosen_logps, min(len(chosen_ids), room), len(chosen_ids), "ref_chosen_logps"
+        )
+        self._check_ref(
+            record, record.ref_rejected_logps, min(len(rejected_ids), room), len(rejected_ids), "ref_rejected_logps"
+        )
+        self._check_ref(
+            record,
+            record.ref_corrupted_chosen_logps,
+            min(len(chosen_ids), room),
+            len(chosen_ids),
+            "ref_corrupted_chosen_logps",
+        )
+        self._check_ref(
+            record,
+            record.ref_corrupted_rejected_logps,
+            min(len(rejected_ids), room),
+            len(rejected_ids),
+            "ref_corrupted_rejected_logps",
+        )
         role = len(prompt_ids_full) - len(prompt_ids) if self.label_span == "muffin" else 0
-        chosen_severity = self._severity(record, record.chosen, record.chosen_severity, role, len(chosen_ids), "chosen_severity")
-        rejected_severity = self._severity(record, record.rejected, record.rejected_severity, role, len(rejected_ids), "rejected_severity")
+        chosen_severity = self._severity(
+            record, record.chosen, record.chosen_severity, role, len(chosen_ids), "chosen_severity"
+        )
+        rejected_severity = self._severity(
+            record, record.rejected, record.rejected_severity, role, len(rejected_ids), "rejected_severity"
+        )
         cut = max(len(chosen_ids) - room, 0) + max(len(rejected_ids) - room, 0)
         if cut:  # counted for the whole dataset by PairDataset; here per pair at debug level only
             self.num_truncated += 1
@@ -186,12 +257,17 @@ class PairEncoder:
         keep = lambda values: None if values is None else list(values[:room])  # noqa: E731
         return EncodedPair(
             prompt_ids=prompt_ids,
-            chosen_ids=keep(chosen_ids), rejected_ids=keep(rejected_ids),
-            chosen_corrected=keep(chosen_corrected), rejected_corrected=keep(rejected_corrected),
-            images=list(record.images), row_index=record.row_index,
-            ref_chosen_logps=record.ref_chosen_logps, ref_rejected_logps=record.ref_rejected_logps,
+            chosen_ids=keep(chosen_ids),
+            rejected_ids=keep(rejected_ids),
+            chosen_corrected=keep(chosen_corrected),
+            rejected_corrected=keep(rejected_corrected),
+            images=list(record.images),
+            row_index=record.row_index,
+            ref_chosen_logps=record.ref_chosen_logps,
+            ref_rejected_logps=record.ref_rejected_logps,
             truncated_tokens=cut,
-            chosen_severity=keep(chosen_severity), rejected_severity=keep(rejected_severity),
+            chosen_severity=keep(chosen_severity),
+            rejected_severity=keep(rejected_severity),
             ref_corrupted_chosen_logps=record.ref_corrupted_chosen_logps,
             ref_corrupted_rejected_logps=record.ref_corrupted_rejected_logps,
         )
@@ -220,13 +296,27 @@ class PairDataset(torch.utils.data.Dataset):
             if prompt + max(chosen, rejected) > encoder.max_length:
                 self.truncated.append((record.row_index, prompt, chosen, rejected))
         if self.skipped:
-            logger.warning("skipped %d of %d pairs that cannot fit data.max_length %d (data.skip_bad_rows); first: %s", len(self.skipped), len(records), encoder.max_length, self.skipped[0])
+            logger.warning(
+                "skipped %d of %d pairs that cannot fit data.max_length %d (data.skip_bad_rows); first: %s",
+                len(self.skipped),
+                len(records),
+                encoder.max_length,
+                self.skipped[0],
+            )
         if self.truncated:
             row, prompt, chosen, rejected = max(self.truncated, key=lambda t: t[1] + max(t[2], t[3]))
             logger.warning(
                 "%d of %d pairs have an answer longer than the room data.max_length %d leaves after the prompt: it is cut "
                 "from its end, in training and in the reference cache alike (data.long_answers truncate). Longest: row %d, "
-                "prompt %d + answers %d/%d tokens", len(self.truncated), len(self.records), encoder.max_length, row, prompt, chosen, rejected)
+                "prompt %d + answers %d/%d tokens",
+                len(self.truncated),
+                len(self.records),
+                encoder.max_length,
+                row,
+                prompt,
+                chosen,
+                rejected,
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -243,7 +333,7 @@ class PairCollator:
         self,
         pad_token_id: int,
         padding_side: Literal["right", "left"] = "right",
-        image_transform: Optional[Callable[[list[Image.Image]], Any]] = None,
+        image_transform: Callable[[list[Image.Image]], Any] | None = None,
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got '{padding_side}'")
@@ -254,16 +344,40 @@ class PairCollator:
             raise ValueError("cannot collate an empty list of pairs")
         has_ref = [p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs]
         if any(has_ref) and not all(has_ref):
-            raise ValueError(f"rows {[p.row_index for p, h in zip(pairs, has_ref) if not h]} have no cached reference log-probs while others do; recompute the cache")
-        has_corrupted_ref = [p.ref_corrupted_chosen_logps is not None and p.ref_corrupted_rejected_logps is not None for p in pairs]
+            raise ValueError(
+                f"rows {[p.row_index for p, h in zip(pairs, has_ref) if not h]} have no cached reference log-probs while others do; recompute the cache"
+            )
+        has_corrupted_ref = [
+            p.ref_corrupted_chosen_logps is not None and p.ref_corrupted_rejected_logps is not None for p in pairs
+        ]
         if any(has_corrupted_ref) and not all(has_corrupted_ref):
-            raise ValueError(f"rows {[p.row_index for p, h in zip(pairs, has_corrupted_ref) if not h]} have no cached corrupted-image reference log-probs while others do; recompute the cache")
+            raise ValueError(
+                f"rows {[p.row_index for p, h in zip(pairs, has_corrupted_ref) if not h]} have no cached corrupted-image reference log-probs while others do; recompute the cache"
+            )
         has_severity = any(p.chosen_severity is not None or p.rejected_severity is not None for p in pairs)
         # (prompt, answer, corrected, ref, corrupted-image ref, severity) per row: chosen rows first, then rejected rows.
-        rows = [(p.prompt_ids, p.chosen_ids, p.chosen_corrected, p.ref_chosen_logps, p.ref_corrupted_chosen_logps,
-                 p.chosen_severity) for p in pairs]
-        rows += [(p.prompt_ids, p.rejected_ids, p.rejected_corrected, p.ref_rejected_logps, p.ref_corrupted_rejected_logps,
-                  p.rejected_severity) for p in pairs]
+        rows = [
+            (
+                p.prompt_ids,
+                p.chosen_ids,
+                p.chosen_corrected,
+                p.ref_chosen_logps,
+                p.ref_corrupted_chosen_logps,
+                p.chosen_severity,
+            )
+            for p in pairs
+        ]
+        rows += [
+            (
+                p.prompt_ids,
+                p.rejected_ids,
+                p.rejected_corrected,
+                p.ref_rejected_logps,
+                p.ref_corrupted_rejected_logps,
+                p.rejected_severity,
+            )
+            for p in pairs
+        ]
         T = max(len(row[0]) + len(row[1]) for row in rows)
         n = len(rows)
         input_ids = torch.full((n, T), self.pad_token_id, dtype=torch.long)
@@ -281,31 +395,46 @@ class PairCollator:
             input_ids[r, start:a1] = torch.tensor(prompt + answer, dtype=torch.long)
             attention_mask[r, start:a1] = 1
             labels[r, a0:a1] = torch.tensor(answer, dtype=torch.long)
-            corrected[r, a0 - 1:a1 - 1] = torch.tensor(marked, dtype=torch.bool)  # logits at t predict token t+1
+            corrected[r, a0 - 1 : a1 - 1] = torch.tensor(marked, dtype=torch.bool)  # logits at t predict token t+1
             for target, values in ((ref, ref_logps), (corrupted_ref, corrupted_logps), (severity, weights)):
                 if target is not None and values is not None:
-                    target[r, a0 - 1:a1 - 1] = torch.tensor(values, dtype=torch.float32)
+                    target[r, a0 - 1 : a1 - 1] = torch.tensor(values, dtype=torch.float32)
         pixel_values = None
         if self.image_transform is not None:
             pixel_values = torch.as_tensor(self.image_transform([as_pil(p.images[0]) for p in pairs]))
         return PairBatch(
-            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-            corrected=corrected, ref_token_logps=ref, row_indices=[p.row_index for p in pairs],
-            severity=severity, ref_corrupted_token_logps=corrupted_ref,
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            corrected=corrected,
+            ref_token_logps=ref,
+            row_indices=[p.row_index for p in pairs],
+            severity=severity,
+            ref_corrupted_token_logps=corrupted_ref,
         )
 
 
 # ----------------------------------------------------------------------------------------------
 # Single sequences (SFT, scoring): one (image, prompt, answer) per row, no pairs
 # ----------------------------------------------------------------------------------------------
-def encode_sequences(tokenizer: PreTrainedTokenizerBase, template: str, image_placeholder: str, prompts: Sequence[str],
-                     answers: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+def encode_sequences(
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    image_placeholder: str,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) per example; the answer ids (end marker included) are the labelled tokens."""
-    return [(encode_prompt(template, tokenizer, p, image_placeholder), encode_answer(template, tokenizer, a))
-            for p, a in zip(prompts, answers)]
+    return [
+        (encode_prompt(template, tokenizer, p, image_placeholder), encode_answer(template, tokenizer, a))
+        for p, a in zip(prompts, answers)
+    ]
 
 
-def collate_sequences(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_sequences(
+    encoded: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX outside answers), each [B, T]."""
     length = max(len(p) + len(a) for p, a in encoded)
     ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
@@ -315,5 +444,5 @@ def collate_sequences(encoded: Sequence[tuple[list[int], list[int]]], pad_id: in
         n = len(p) + len(a)
         ids[row, :n] = torch.tensor(p + a)
         mask[row, :n] = 1
-        labels[row, len(p):n] = torch.tensor(a)
+        labels[row, len(p) : n] = torch.tensor(a)
     return ids, mask, labels

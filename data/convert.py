@@ -14,6 +14,7 @@ texts, and the image decoded in full (a missing file, corrupt or degenerate imag
 and field): a bad row stops the conversion, or with `--skip-bad-rows` (as `data.skip_bad_rows`) is
 dropped and counted. Image bytes are copied, not re-encoded (an image given as a file path is embedded).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import datasets
 
@@ -31,9 +31,24 @@ logger = logging.getLogger(__name__)
 
 TRL_FEATURES = datasets.Features(
     {
-        "prompt": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
-        "chosen": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
-        "rejected": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "prompt": [
+            {
+                "role": datasets.Value("string"),
+                "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+            }
+        ],
+        "chosen": [
+            {
+                "role": datasets.Value("string"),
+                "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+            }
+        ],
+        "rejected": [
+            {
+                "role": datasets.Value("string"),
+                "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+            }
+        ],
         "images": datasets.List(datasets.Image()),
     }
 )
@@ -59,15 +74,28 @@ def to_trl_row(row: dict, index: int, fmt: str, source: str, skip_bad_rows: bool
     }
 
 
-def convert(fmt: str, input_path: str, split: str = "train", test_size: float = 0.01, seed: int = 42,
-            num_proc: Optional[int] = None, skip_bad_rows: bool = False) -> datasets.DatasetDict:
+def convert(
+    fmt: str,
+    input_path: str,
+    split: str = "train",
+    test_size: float = 0.01,
+    seed: int = 42,
+    num_proc: int | None = None,
+    skip_bad_rows: bool = False,
+) -> datasets.DatasetDict:
     ds = open_dataset(input_path, split)
     missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in ds.column_names]
     if missing:
-        raise DataError(f"{input_path}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format needs {', '.join(REQUIRED_COLUMNS[fmt])}")
+        raise DataError(
+            f"{input_path}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format needs {', '.join(REQUIRED_COLUMNS[fmt])}"
+        )
     trl = ds.map(
-        to_trl_row, fn_kwargs={"fmt": fmt, "source": input_path, "skip_bad_rows": skip_bad_rows}, with_indices=True,
-        num_proc=num_proc, remove_columns=ds.column_names, features=datasets.Features({**TRL_FEATURES, "error": datasets.Value("string")}),
+        to_trl_row,
+        fn_kwargs={"fmt": fmt, "source": input_path, "skip_bad_rows": skip_bad_rows},
+        with_indices=True,
+        num_proc=num_proc,
+        remove_columns=ds.column_names,
+        features=datasets.Features({**TRL_FEATURES, "error": datasets.Value("string")}),
         desc="to TRL format",
     )
     errors = [e for e in trl["error"] if e is not None]
@@ -77,7 +105,9 @@ def convert(fmt: str, input_path: str, split: str = "train", test_size: float = 
         trl = trl.filter(lambda error: error is None, input_columns="error")
     trl = trl.remove_columns("error")
     if len(trl) < 2:
-        raise DataError(f"{input_path}: {len(trl)} usable row(s) ({len(errors)} skipped); a train/test split needs at least 2")
+        raise DataError(
+            f"{input_path}: {len(trl)} usable row(s) ({len(errors)} skipped); a train/test split needs at least 2"
+        )
     return trl.train_test_split(test_size=test_size, seed=seed)
 
 
@@ -100,16 +130,24 @@ Load with `datasets.load_from_disk(DIR)`. The license and terms of use are those
 """
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddpo convert", description="Convert RLHF-V / RLAIF-V data to TRL's conversational preference format.")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ddpo convert", description="Convert RLHF-V / RLAIF-V data to TRL's conversational preference format."
+    )
     parser.add_argument("--format", required=True, choices=["rlaif-v", "rlhf-v"], help="schema of the input")
     parser.add_argument("--input", required=True, help="local parquet file, folder of shards, or hub id")
     parser.add_argument("--output", required=True, help="output folder (datasets.load_from_disk)")
     parser.add_argument("--split", default="train", help="split of the input to convert")
-    parser.add_argument("--test-size", type=float, default=0.01, help="fraction (or count, if >= 1) of rows in the test split")
+    parser.add_argument(
+        "--test-size", type=float, default=0.01, help="fraction (or count, if >= 1) of rows in the test split"
+    )
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/test split")
     parser.add_argument("--num-proc", type=int, default=None, help="worker processes for the row conversion")
-    parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows (bad texts, missing or corrupt images) with a counted, logged summary instead of stopping at the first (as data.skip_bad_rows)")
+    parser.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="drop malformed rows (bad texts, missing or corrupt images) with a counted, logged summary instead of stopping at the first (as data.skip_bad_rows)",
+    )
     parser.add_argument("--push-to-hub", action="store_true", help="also push the result to the Hugging Face Hub")
     parser.add_argument("--repo-id", default=None, help="hub dataset repo for --push-to-hub")
     args = parser.parse_args(argv)
@@ -127,12 +165,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"ddpo convert: wrote {', '.join(f'{k} ({len(v)} rows)' for k, v in splits.items())} to {out}")
     if args.push_to_hub:
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            print("ddpo convert: --push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it (and log in with `hf auth login`), or upload DIR later", file=sys.stderr)
+            print(
+                "ddpo convert: --push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it (and log in with `hf auth login`), or upload DIR later",
+                file=sys.stderr,
+            )
             return 2
         try:
             splits.push_to_hub(args.repo_id)
         except Exception as e:  # network, auth, permissions: all mean the same to the user
-            print(f"ddpo convert: could not push to {args.repo_id} ({type(e).__name__}: {str(e)[:200]}); check the network and your login (`hf auth login`); the local copy in {out} is complete", file=sys.stderr)
+            print(
+                f"ddpo convert: could not push to {args.repo_id} ({type(e).__name__}: {str(e)[:200]}); check the network and your login (`hf auth login`); the local copy in {out} is complete",
+                file=sys.stderr,
+            )
             return 2
         print(f"ddpo convert: pushed to https://huggingface.co/datasets/{args.repo_id}")
     return 0

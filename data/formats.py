@@ -24,13 +24,15 @@ Every row is validated: a bad one raises `DataError` naming the row, the field a
 `data.skip_bad_rows`, is skipped, counted in `.skipped` and summarised in one log warning.
 A literal "<image>" in a question (LLaVA-style data) is removed: the template inserts the image.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import datasets
 from datasets import Image as ImageFeature
@@ -39,7 +41,16 @@ from ddpo.data.images import ArrowImage, DataError, EncodedImage, load_checked_i
 from ddpo.data.jsonl import jsonl_lines, parse_json_object
 from ddpo.data.records import PreferenceRecord
 
-__all__ = ["DataError", "LoadedRecords", "load_records", "open_dataset", "parse_pair_texts", "row_texts", "FORMATS", "REQUIRED_COLUMNS"]
+__all__ = [
+    "DataError",
+    "LoadedRecords",
+    "load_records",
+    "open_dataset",
+    "parse_pair_texts",
+    "row_texts",
+    "FORMATS",
+    "REQUIRED_COLUMNS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +72,7 @@ class IdenticalAnswers(DataError):
 class LoadedRecords(list):
     """`list[PreferenceRecord]` plus `skipped`: one message per row dropped by `data.skip_bad_rows`."""
 
-    def __init__(self, records: tuple = (), skipped: Optional[list[str]] = None):
+    def __init__(self, records: tuple = (), skipped: list[str] | None = None):
         super().__init__(records)
         self.skipped: list[str] = skipped or []
 
@@ -74,54 +85,75 @@ def _text(value: Any, where: str, field: str) -> str:
     if value is None:
         raise DataError(f"{where}, field '{field}': missing; every row needs a non-empty '{field}' string")
     if not isinstance(value, str):
-        raise DataError(f"{where}, field '{field}': expected a string, got {type(value).__name__} ({str(value)[:40]!r}); fix the row's type")
+        raise DataError(
+            f"{where}, field '{field}': expected a string, got {type(value).__name__} ({str(value)[:40]!r}); fix the row's type"
+        )
     if not value.strip():
         raise DataError(f"{where}, field '{field}': empty; fill it in or drop the row (data.skip_bad_rows)")
     return value
 
 
-def parse_pair_texts(question: Any, chosen: Any, rejected: Any, where: str, question_field: str = "question") -> tuple[str, str, str]:
+def parse_pair_texts(
+    question: Any, chosen: Any, rejected: Any, where: str, question_field: str = "question"
+) -> tuple[str, str, str]:
     """Checked (question, chosen, rejected); a literal '<image>' tag is removed from the question."""
     question = _IMAGE_TAG.sub(" ", _text(question, where, question_field)).strip()
     if not question:
         raise DataError(f"{where}, field '{question_field}': holds only an image tag; add the question text")
     chosen, rejected = _text(chosen, where, "chosen"), _text(rejected, where, "rejected")
     if chosen.strip() == rejected.strip():
-        raise IdenticalAnswers(f"{where}, fields 'chosen'/'rejected': identical answers carry no preference signal (skipped)")
+        raise IdenticalAnswers(
+            f"{where}, fields 'chosen'/'rejected': identical answers carry no preference signal (skipped)"
+        )
     return question, chosen, rejected
 
 
-def _spans(value: Any, text: str, where: str, field: str) -> Optional[list[tuple[int, int]]]:
+def _spans(value: Any, text: str, where: str, field: str) -> list[tuple[int, int]] | None:
     if value is None:
         return None
     ok = isinstance(value, list) and all(
-        isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in s) for s in value
+        isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in s)
+        for s in value
     )
     if not ok:
-        raise DataError(f"{where}, field '{field}': expected a list of [start, end] integer pairs, got {str(value)[:60]}")
+        raise DataError(
+            f"{where}, field '{field}': expected a list of [start, end] integer pairs, got {str(value)[:60]}"
+        )
     spans = [(int(s), int(e)) for s, e in value]
     for s, e in spans:
         if not 0 <= s < e <= len(text):
-            raise DataError(f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer (need 0 <= start < end <= length)")
+            raise DataError(
+                f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer (need 0 <= start < end <= length)"
+            )
     return spans
 
 
-def _severity(value: Any, text: str, where: str, field: str) -> Optional[list[tuple[int, int, float]]]:
+def _severity(value: Any, text: str, where: str, field: str) -> list[tuple[int, int, float]] | None:
     """Severity annotations: [[start, end, weight], ...] character spans with a weight > 0 each."""
     if value is None:
         return None
     ok = isinstance(value, list) and all(
-        isinstance(s, (list, tuple)) and len(s) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in s[:2])
-        and isinstance(s[2], (int, float)) and not isinstance(s[2], bool) for s in value
+        isinstance(s, (list, tuple))
+        and len(s) == 3
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in s[:2])
+        and isinstance(s[2], (int, float))
+        and not isinstance(s[2], bool)
+        for s in value
     )
     if not ok:
-        raise DataError(f"{where}, field '{field}': expected a list of [start, end, weight] (two integers and a number), got {str(value)[:60]}")
+        raise DataError(
+            f"{where}, field '{field}': expected a list of [start, end, weight] (two integers and a number), got {str(value)[:60]}"
+        )
     spans = [(int(s), int(e), float(w)) for s, e, w in value]
     for s, e, w in spans:
         if not 0 <= s < e <= len(text):
-            raise DataError(f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer (need 0 <= start < end <= length)")
+            raise DataError(
+                f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer (need 0 <= start < end <= length)"
+            )
         if not w > 0 or w != w or w == float("inf"):
-            raise DataError(f"{where}, field '{field}': span [{s}, {e}] has weight {w}; severity weights must be finite and > 0")
+            raise DataError(
+                f"{where}, field '{field}': span [{s}, {e}] has weight {w}; severity weights must be finite and > 0"
+            )
     return spans
 
 
@@ -150,13 +182,19 @@ def _meta(row: dict) -> dict:
 def _rlhfv_texts(row: dict, where: str) -> tuple[str, str, str]:
     raw = row.get("text")
     if not isinstance(raw, str):
-        raise DataError(f"{where}, field 'text': expected a JSON string with question/chosen/rejected, got {type(raw).__name__}")
+        raise DataError(
+            f"{where}, field 'text': expected a JSON string with question/chosen/rejected, got {type(raw).__name__}"
+        )
     try:
         text = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}, field 'text': not valid JSON ({e}); it must be a JSON object with question, chosen, rejected") from None
+        raise DataError(
+            f"{where}, field 'text': not valid JSON ({e}); it must be a JSON object with question, chosen, rejected"
+        ) from None
     if not isinstance(text, dict):
-        raise DataError(f"{where}, field 'text': expected a JSON object with question/chosen/rejected, got a JSON {type(text).__name__}")
+        raise DataError(
+            f"{where}, field 'text': expected a JSON object with question/chosen/rejected, got a JSON {type(text).__name__}"
+        )
     return parse_pair_texts(text.get("question"), text.get("chosen"), text.get("rejected"), where + " (in 'text')")
 
 
@@ -175,15 +213,23 @@ def _parquet_row(fmt: str, row: dict, i: int, source: str) -> PreferenceRecord:
     question, chosen, rejected = row_texts(fmt, row, where)
     idx = row.get("idx")
     return PreferenceRecord(
-        images=[row_image(row.get("image"), where, "image")], prompt=question, chosen=chosen, rejected=rejected,
-        row_index=i, source=source, idx=None if idx is None else str(idx), meta=_meta(row),
+        images=[row_image(row.get("image"), where, "image")],
+        prompt=question,
+        chosen=chosen,
+        rejected=rejected,
+        row_index=i,
+        source=source,
+        idx=None if idx is None else str(idx),
+        meta=_meta(row),
     )
 
 
 def _message_text(messages: Any, role: str, where: str, field: str) -> tuple[str, int]:
     """Text of the last `role` message in a TRL message list, and its number of image parts."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise DataError(f"{where}, field '{field}': expected a list of {{role, content}} messages, got {type(messages).__name__}")
+        raise DataError(
+            f"{where}, field '{field}': expected a list of {{role, content}} messages, got {type(messages).__name__}"
+        )
     turns = [m for m in messages if m.get("role") == role]
     if not turns:
         raise DataError(f"{where}, field '{field}': no '{role}' message; TRL preference rows need one")
@@ -206,24 +252,40 @@ def _trl_row(row: dict, i: int, source: str) -> PreferenceRecord:
     question, chosen, rejected = parse_pair_texts(question, chosen, rejected, where, question_field="prompt")
     images = row.get("images")
     if not isinstance(images, list) or len(images) != 1:
-        raise DataError(f"{where}, field 'images': expected a list with exactly one image, got {len(images) if isinstance(images, list) else type(images).__name__}")
+        raise DataError(
+            f"{where}, field 'images': expected a list with exactly one image, got {len(images) if isinstance(images, list) else type(images).__name__}"
+        )
     if image_parts != 1:
-        raise DataError(f"{where}, field 'prompt': the user message has {image_parts} image parts; it needs exactly one ({{'type': 'image'}}) for its one image")
+        raise DataError(
+            f"{where}, field 'prompt': the user message has {image_parts} image parts; it needs exactly one ({{'type': 'image'}}) for its one image"
+        )
     return PreferenceRecord(
-        images=[row_image(images[0], where, "images")], prompt=question, chosen=chosen, rejected=rejected,
-        row_index=i, source=source, idx=None if row.get("idx") is None else str(row["idx"]),
+        images=[row_image(images[0], where, "images")],
+        prompt=question,
+        chosen=chosen,
+        rejected=rejected,
+        row_index=i,
+        source=source,
+        idx=None if row.get("idx") is None else str(row["idx"]),
     )
 
 
 def _jsonl_row(row: dict, i: int, source: str, image_dir: Path) -> PreferenceRecord:
     where = f"row {i} (line {i + 1}) of {source}"
     question_field = "question" if "question" in row else "prompt"
-    question, chosen, rejected = parse_pair_texts(row.get(question_field), row.get("chosen"), row.get("rejected"), where, question_field)
+    question, chosen, rejected = parse_pair_texts(
+        row.get(question_field), row.get("chosen"), row.get("rejected"), where, question_field
+    )
     image = _text(row.get("image"), where, "image")
     idx = row.get("idx")
     return PreferenceRecord(
-        images=[load_checked_image(path=image_dir / image, where=where, field="image")], prompt=question,
-        chosen=chosen, rejected=rejected, row_index=i, source=source, idx=None if idx is None else str(idx),
+        images=[load_checked_image(path=image_dir / image, where=where, field="image")],
+        prompt=question,
+        chosen=chosen,
+        rejected=rejected,
+        row_index=i,
+        source=source,
+        idx=None if idx is None else str(idx),
         chosen_spans=_spans(row.get("chosen_spans"), chosen, where, "chosen_spans"),
         rejected_spans=_spans(row.get("rejected_spans"), rejected, where, "rejected_spans"),
         chosen_severity=_severity(row.get("chosen_severity"), chosen, where, "chosen_severity"),
@@ -249,7 +311,9 @@ def open_dataset(path: str, split: str) -> datasets.Dataset:
         elif local.is_file():
             builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}.get(local.suffix)
             if builder is None:
-                raise DataError(f"{path}: unsupported file type '{local.suffix}'; pass a .parquet/.json/.jsonl file or a folder")
+                raise DataError(
+                    f"{path}: unsupported file type '{local.suffix}'; pass a .parquet/.json/.jsonl file or a folder"
+                )
             ds = datasets.load_dataset(builder, data_files=str(local), split="train")  # one file = one split
         elif local.is_dir():
             ds = datasets.load_dataset(str(local))
@@ -261,7 +325,9 @@ def open_dataset(path: str, split: str) -> datasets.Dataset:
             except DataError:
                 raise
             except Exception as e:  # offline, unknown id, no access: all end the same way
-                raise DataError(f"{path}: could not reach hub dataset '{path}' ({type(e).__name__}: {str(e)[:200]}); download it and pass a local path as data.path") from None
+                raise DataError(
+                    f"{path}: could not reach hub dataset '{path}' ({type(e).__name__}: {str(e)[:200]}); download it and pass a local path as data.path"
+                ) from None
     except DataError:
         raise
     except Exception as e:
@@ -283,17 +349,25 @@ def _dataset_rows(data_cfg: Any, fmt: str) -> tuple[Iterator[tuple[int, Any]], C
     source = str(data_cfg.path)
     missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in ds.column_names]
     if missing:
-        raise DataError(f"{source}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format needs {', '.join(REQUIRED_COLUMNS[fmt])}")
+        raise DataError(
+            f"{source}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format needs {', '.join(REQUIRED_COLUMNS[fmt])}"
+        )
     if fmt == "trl":
         return enumerate(ds), lambda row, i: _in_arrow(_trl_row(row, i, source), ds, i, "images", 0)
     return enumerate(ds), lambda row, i: _in_arrow(_parquet_row(fmt, row, i, source), ds, i, "image", None)
 
 
-def _in_arrow(record: PreferenceRecord, ds: datasets.Dataset, i: int, column: str, item: Optional[int]) -> PreferenceRecord:
+def _in_arrow(
+    record: PreferenceRecord, ds: datasets.Dataset, i: int, column: str, item: int | None
+) -> PreferenceRecord:
     """Swap a checked image that came as inline bytes for a reference into the memory-mapped dataset
     (images given as file paths stay as they are)."""
-    record.images = [ArrowImage(ds, i, column, item, image.size, image.where, image.field)
-                     if isinstance(image, EncodedImage) and image.inline else image for image in record.images]
+    record.images = [
+        ArrowImage(ds, i, column, item, image.size, image.where, image.field)
+        if isinstance(image, EncodedImage) and image.inline
+        else image
+        for image in record.images
+    ]
     return record
 
 
@@ -314,7 +388,11 @@ def _jsonl_rows(data_cfg: Any) -> tuple[Iterator[tuple[int, Any]], Callable[[Any
 def _synthetic(data_cfg: Any, seed: int) -> list[PreferenceRecord]:
     from ddpo.data.synthetic import synthetic_records  # numpy/PIL world code, only when asked for
 
-    n = data_cfg.synthetic_pairs if data_cfg.max_samples is None else min(data_cfg.synthetic_pairs, data_cfg.max_samples)
+    n = (
+        data_cfg.synthetic_pairs
+        if data_cfg.max_samples is None
+        else min(data_cfg.synthetic_pairs, data_cfg.max_samples)
+    )
     return synthetic_records(n, seed)
 
 
@@ -346,8 +424,14 @@ def load_records(data_cfg: Any, seed: int = 0) -> LoadedRecords:
     if records.skipped:
         shown = "\n  ".join(records.skipped[:5]) + ("\n  ..." if len(records.skipped) > 5 else "")
         identical = sum("identical answers" in m for m in records.skipped)
-        logger.warning("%s: skipped %d of %d rows (%d with identical answers; the rest by data.skip_bad_rows):\n  %s",
-                       data_cfg.path, len(records.skipped), seen, identical, shown)
+        logger.warning(
+            "%s: skipped %d of %d rows (%d with identical answers; the rest by data.skip_bad_rows):\n  %s",
+            data_cfg.path,
+            len(records.skipped),
+            seen,
+            identical,
+            shown,
+        )
     if not records:
         raise DataError(f"{data_cfg.path}: no usable rows ({len(records.skipped)} skipped, {seen} read)")
     return records

@@ -14,12 +14,13 @@ image folders) are kept compressed (`EncodedImage`). `experiments/dataset_image_
 both. An image is decoded again when a batch is built (`as_pil`), which costs far less than the
 model's forward pass.
 """
+
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -31,7 +32,7 @@ class DataError(ValueError):
 
 
 def decode_image(
-    data: Optional[bytes] = None, path: Optional[str | Path] = None, *, where: str, field: str = "image"
+    data: bytes | None = None, path: str | Path | None = None, *, where: str, field: str = "image"
 ) -> Image.Image:
     """Decode inline `data` (preferred) or the file at `path` into an RGB image.
 
@@ -42,7 +43,9 @@ def decode_image(
     if data is None:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"{where}, field '{field}': image file not found: {path}; check the path or the image folder (data.image_dir)")
+            raise DataError(
+                f"{where}, field '{field}': image file not found: {path}; check the path or the image folder (data.image_dir)"
+            )
         data = path.read_bytes()
     if not isinstance(data, (bytes, bytearray)):
         raise DataError(f"{where}, field '{field}': image bytes must be bytes, got {type(data).__name__}")
@@ -50,10 +53,14 @@ def decode_image(
         image = Image.open(io.BytesIO(data))
         image.load()  # decode now: a truncated or corrupt file fails here, with the row in the message
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{where}, field '{field}': image could not be decoded ({type(e).__name__}: {e}); re-export the image or drop the row (data.skip_bad_rows)") from None
+        raise DataError(
+            f"{where}, field '{field}': image could not be decoded ({type(e).__name__}: {e}); re-export the image or drop the row (data.skip_bad_rows)"
+        ) from None
     width, height = image.size
     if min(width, height) < MIN_IMAGE_SIDE:
-        raise DataError(f"{where}, field '{field}': image is {width}x{height} pixels, each side must be >= {MIN_IMAGE_SIDE}; fix or drop the row (data.skip_bad_rows)")
+        raise DataError(
+            f"{where}, field '{field}': image is {width}x{height} pixels, each side must be >= {MIN_IMAGE_SIDE}; fix or drop the row (data.skip_bad_rows)"
+        )
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -72,8 +79,9 @@ class EncodedImage:
         return decode_image(self.data, where=self.where, field=self.field)
 
 
-def load_checked_image(data: Optional[bytes] = None, path: Optional[str | Path] = None, *, where: str,
-                       field: str = "image") -> EncodedImage:
+def load_checked_image(
+    data: bytes | None = None, path: str | Path | None = None, *, where: str, field: str = "image"
+) -> EncodedImage:
     """Check an image completely now (same errors as `decode_image`) and keep its compressed bytes."""
     inline = data is not None
     if data is None and path is not None and Path(path).is_file():
@@ -88,8 +96,16 @@ class ArrowImage:
 
     mode = "RGB"  # what decode() returns
 
-    def __init__(self, table: Any, row: int, column: str, item: Optional[int], size: tuple[int, int], where: str,
-                 field: str = "image"):
+    def __init__(
+        self,
+        table: Any,
+        row: int,
+        column: str,
+        item: int | None,
+        size: tuple[int, int],
+        where: str,
+        field: str = "image",
+    ):
         self.table, self.row, self.column, self.item = table, row, column, item
         self.size, self.where, self.field = size, where, field
 
@@ -106,6 +122,6 @@ class ArrowImage:
 StoredImage = Union[EncodedImage, ArrowImage]  # what records hold: checked, compressed, decoded on use
 
 
-def as_pil(image: Union[Image.Image, StoredImage]) -> Image.Image:
+def as_pil(image: Image.Image | StoredImage) -> Image.Image:
     """The RGB PIL image of a record's image, whichever form the record holds."""
     return image.decode() if isinstance(image, (EncodedImage, ArrowImage)) else image

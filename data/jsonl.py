@@ -1,11 +1,13 @@
 """JSON-lines files, the one reader: training data (data/formats), evaluation answers (ddpo/eval),
 answers to score (ddpo/online/scoring). Errors name the file and line."""
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ddpo.data.images import DataError
 

@@ -1,8 +1,8 @@
 """The two data types everything else agrees on: one preference pair, and a collated batch of pairs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 import torch
 from PIL import Image
@@ -24,17 +24,17 @@ class PreferenceRecord:
     rejected: str
     row_index: int
     source: str = ""
-    idx: Optional[str] = None
-    chosen_spans: Optional[list[tuple[int, int]]] = None
-    rejected_spans: Optional[list[tuple[int, int]]] = None
-    ref_chosen_logps: Optional[list[float]] = None
-    ref_rejected_logps: Optional[list[float]] = None
+    idx: str | None = None
+    chosen_spans: list[tuple[int, int]] | None = None
+    rejected_spans: list[tuple[int, int]] | None = None
+    ref_chosen_logps: list[float] | None = None
+    ref_rejected_logps: list[float] | None = None
     # severity annotations (HSA-DPO / OPA-DPO style): [start, end, weight] character spans of each answer
-    chosen_severity: Optional[list[tuple[int, int, float]]] = None
-    rejected_severity: Optional[list[tuple[int, int, float]]] = None
+    chosen_severity: list[tuple[int, int, float]] | None = None
+    rejected_severity: list[tuple[int, int, float]] | None = None
     # cached reference log-probs of the answers given the corrupted image (mDPO's conditional term)
-    ref_corrupted_chosen_logps: Optional[list[float]] = None
-    ref_corrupted_rejected_logps: Optional[list[float]] = None
+    ref_corrupted_chosen_logps: list[float] | None = None
+    ref_corrupted_rejected_logps: list[float] | None = None
     meta: dict = field(default_factory=dict)
 
     def where(self) -> str:
@@ -52,17 +52,17 @@ class PairBatch:
     into weights with `loss.gamma` (ddpo/loss.py): the data carries no gamma.
     """
 
-    pixel_values: Optional[torch.Tensor]  # [B, C, H, W], each pair's image once
+    pixel_values: torch.Tensor | None  # [B, C, H, W], each pair's image once
     input_ids: torch.Tensor  # [2B, T] long
     attention_mask: torch.Tensor  # [2B, T] long
     labels: torch.Tensor  # [2B, T] long, IGNORE_INDEX (-100) outside answers
     corrected: torch.Tensor  # [2B, T-1] bool
-    ref_token_logps: Optional[torch.Tensor] = None  # [2B, T-1] float
+    ref_token_logps: torch.Tensor | None = None  # [2B, T-1] float
     row_indices: list[int] = field(default_factory=list)  # [B]
     # Optional extras of the dense methods (docs/DENSE_METHODS.md); None unless the data or a corruption sets them.
-    severity: Optional[torch.Tensor] = None  # [2B, T-1] float: annotated severity weight per answer token, 0 = none
-    ref_corrupted_token_logps: Optional[torch.Tensor] = None  # [2B, T-1] float: cached reference, corrupted images
-    image_keep: Optional[torch.Tensor] = None  # [B, N] float: 0 = this image token's features are masked
+    severity: torch.Tensor | None = None  # [2B, T-1] float: annotated severity weight per answer token, 0 = none
+    ref_corrupted_token_logps: torch.Tensor | None = None  # [2B, T-1] float: cached reference, corrupted images
+    image_keep: torch.Tensor | None = None  # [B, N] float: 0 = this image token's features are masked
 
     @property
     def answer_mask(self) -> torch.Tensor:
@@ -73,7 +73,7 @@ class PairBatch:
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
-    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "PairBatch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PairBatch:
         """Move tensors to `device`; `dtype` applies to pixel values only (ids and masks keep theirs)."""
         moved = {}
         for f in fields(self):

@@ -37,11 +37,12 @@ Where this differs from the original code (thunlp/Muffin `utils/diff_lib.py`, ca
 `word_diff_corrections` runs the same gap algorithm on words instead of token ids (an ablation that
 makes the segments independent of the tokenizer), then maps the corrected words to tokens as spans.
 """
+
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 Span = tuple[int, int]  # [start, end) character offsets
 
@@ -49,7 +50,10 @@ _WORD = re.compile(r"\w+|[^\w\s]+")  # the word split of data/tokenizer.py's Whi
 
 
 def corrected_positions(
-    rejected: Sequence[Hashable], chosen: Sequence[Hashable], min_match: int = 3, include_insertions: bool = False,
+    rejected: Sequence[Hashable],
+    chosen: Sequence[Hashable],
+    min_match: int = 3,
+    include_insertions: bool = False,
     autojunk: bool = False,
 ) -> tuple[set[int], set[int]]:
     """Positions of corrected items: (in rejected, in chosen), by the gap algorithm of the module doc
@@ -88,9 +92,12 @@ def token_corrections(
     tokens before both answers (the prompt minus BOS: system, image tokens, question, role prefix) are
     diffed with them, under difflib's default autojunk; only the answers' marks are returned."""
     n = len(context)
-    rejected_marked, chosen_marked = corrected_positions([*context, *rejected_ids], [*context, *chosen_ids], min_match,
-                                                         include_insertions, autojunk)
-    return [i + n in chosen_marked for i in range(len(chosen_ids))], [i + n in rejected_marked for i in range(len(rejected_ids))]
+    rejected_marked, chosen_marked = corrected_positions(
+        [*context, *rejected_ids], [*context, *chosen_ids], min_match, include_insertions, autojunk
+    )
+    return [i + n in chosen_marked for i in range(len(chosen_ids))], [
+        i + n in rejected_marked for i in range(len(rejected_ids))
+    ]
 
 
 def span_corrections(offsets: Sequence[Span], spans: Sequence[Span]) -> list[bool]:
@@ -108,8 +115,9 @@ def words_with_spans(text: str) -> tuple[list[str], list[Span]]:
     return [m.group() for m in matches], [m.span() for m in matches]
 
 
-def corrected_word_spans(chosen_text: str, rejected_text: str, min_match: int = 3,
-                         include_insertions: bool = False) -> tuple[list[Span], list[Span]]:
+def corrected_word_spans(
+    chosen_text: str, rejected_text: str, min_match: int = 3, include_insertions: bool = False
+) -> tuple[list[Span], list[Span]]:
     """The gap algorithm on words (min_match counted in words): character spans of the corrected words
     of (chosen, rejected) -- the same form as explicit span annotations."""
     chosen_words, chosen_spans = words_with_spans(chosen_text)

@@ -28,11 +28,12 @@ Difference from the original Muffin code: there, the `### Assistant:` role prefi
 (LLaVA: N x "<image>"; Muffin: "<im_start>" + 64 x "<im_patch>" + "<im_end>"). `check_image_tokens`
 verifies that a prompt holds exactly those ids, contiguously.
 """
+
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -50,7 +51,7 @@ IMAGE_MARKER = "<image>"  # what a chat template must render for an image conten
 @dataclass(frozen=True)
 class TextTemplate:
     prompt: str  # with {system}, {image}, {question}; ends with the assistant role prefix
-    answer: Optional[str]  # with {answer}: the labelled text; None = a generation-only template
+    answer: str | None  # with {answer}: the labelled text; None = a generation-only template
     append_eos: bool  # end the answer with the tokenizer's EOS id
     stop_strings: tuple[str, ...] = ()  # generation stops here (templates whose answers end without EOS)
     generated_prefix: str = ""  # a role prefix the model writes itself before its answer (removed from answers)
@@ -58,11 +59,21 @@ class TextTemplate:
 
 
 TEXT_TEMPLATES = {
-    "vicuna_v0": TextTemplate("{system}\n\n### Human: {image}\n{question}\n### Assistant:", " {answer}\n###", append_eos=False,
-                              stop_strings=("###",), role_prefix="### Assistant:"),
+    "vicuna_v0": TextTemplate(
+        "{system}\n\n### Human: {image}\n{question}\n### Assistant:",
+        " {answer}\n###",
+        append_eos=False,
+        stop_strings=("###",),
+        role_prefix="### Assistant:",
+    ),
     "llava_v1": TextTemplate("{system} USER: {image}\n{question} ASSISTANT:", " {answer}", append_eos=True),
-    "rlhfv_eval": TextTemplate("{system}\n###Human: {question}\n{image}\n###", None, append_eos=False,
-                               stop_strings=("###",), generated_prefix="Assistant:"),
+    "rlhfv_eval": TextTemplate(
+        "{system}\n###Human: {question}\n{image}\n###",
+        None,
+        append_eos=False,
+        stop_strings=("###",),
+        generated_prefix="Assistant:",
+    ),
 }
 TRAINING_TEMPLATES = (*(name for name, t in TEXT_TEMPLATES.items() if t.answer is not None), "chat_template")
 TEMPLATES = (*TRAINING_TEMPLATES, *(name for name, t in TEXT_TEMPLATES.items() if t.answer is None))
@@ -83,8 +94,10 @@ def _check_template(template: str) -> None:
 def _check_trainable(template: str) -> None:
     _check_template(template)
     if template not in TRAINING_TEMPLATES:
-        raise ValueError(f"template '{template}' is a generation prompt only (an evaluation protocol's layout) and labels "
-                         f"no answers; train with one of {', '.join(TRAINING_TEMPLATES)}")
+        raise ValueError(
+            f"template '{template}' is a generation prompt only (an evaluation protocol's layout) and labels "
+            f"no answers; train with one of {', '.join(TRAINING_TEMPLATES)}"
+        )
 
 
 def default_stop_strings(template: str) -> tuple[str, ...]:
@@ -120,7 +133,9 @@ def prompt_text(template: str, tokenizer: PreTrainedTokenizerBase, question: str
         return _fill(TEXT_TEMPLATES[template].prompt, system=SYSTEM_PROMPT, image=image_placeholder, question=question)
     rendered = _render_chat_prompt(tokenizer, question)
     if rendered.count(IMAGE_MARKER) != 1:
-        raise ValueError(f"the tokenizer's chat template rendered {rendered.count(IMAGE_MARKER)} '{IMAGE_MARKER}' markers for one image part (need exactly 1); use a multimodal chat template or vicuna_v0/llava_v1")
+        raise ValueError(
+            f"the tokenizer's chat template rendered {rendered.count(IMAGE_MARKER)} '{IMAGE_MARKER}' markers for one image part (need exactly 1); use a multimodal chat template or vicuna_v0/llava_v1"
+        )
     return rendered.replace(IMAGE_MARKER, image_placeholder)
 
 
@@ -133,20 +148,24 @@ def answer_text(template: str, tokenizer: PreTrainedTokenizerBase, answer: str) 
     question = "Q"  # any question: the answer text is what the full conversation adds to the prompt
     prompt = _render_chat_prompt(tokenizer, question)
     full = tokenizer.apply_chat_template(_chat_messages(question, answer), tokenize=False)
-    if not full.startswith(prompt) or answer not in full[len(prompt):]:
-        raise ValueError("the tokenizer's chat template does not render a conversation as prompt (with generation prompt) + answer; use vicuna_v0 or llava_v1")
-    text = full[len(prompt):]
+    if not full.startswith(prompt) or answer not in full[len(prompt) :]:
+        raise ValueError(
+            "the tokenizer's chat template does not render a conversation as prompt (with generation prompt) + answer; use vicuna_v0 or llava_v1"
+        )
+    text = full[len(prompt) :]
     start = text.index(answer)
-    if not text[start + len(answer):].strip():  # only whitespace after the answer (llava-hf): EOS follows it
-        text = text[:start + len(answer)]
+    if not text[start + len(answer) :].strip():  # only whitespace after the answer (llava-hf): EOS follows it
+        text = text[: start + len(answer)]
     return text, start
 
 
 def _chat_needs_eos(tokenizer: PreTrainedTokenizerBase, answer_text_: str) -> bool:
     """chat_template: True when the rendered answer lacks the EOS token (it is appended, so it is trained)."""
     if tokenizer.eos_token is None:
-        raise ValueError("template 'chat_template' renders answers without an end marker and the tokenizer has no eos_token: "
-                         "a model trained on it would never learn to stop; set tokenizer.eos_token or use llava_v1/vicuna_v0")
+        raise ValueError(
+            "template 'chat_template' renders answers without an end marker and the tokenizer has no eos_token: "
+            "a model trained on it would never learn to stop; set tokenizer.eos_token or use llava_v1/vicuna_v0"
+        )
     return tokenizer.eos_token not in answer_text_
 
 
@@ -156,12 +175,16 @@ def _appends_eos(template: str, tokenizer: PreTrainedTokenizerBase, text: str) -
     return _chat_needs_eos(tokenizer, text)
 
 
-def encode_prompt(template: str, tokenizer: PreTrainedTokenizerBase, question: str, image_placeholder: str) -> list[int]:
+def encode_prompt(
+    template: str, tokenizer: PreTrainedTokenizerBase, question: str, image_placeholder: str
+) -> list[int]:
     """BOS + system + user turn (image placeholder, question) + assistant role prefix: the generation prompt."""
     text = prompt_text(template, tokenizer, question, image_placeholder)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     # Text templates never hold BOS; a chat template may render it itself (then the ids start with it).
-    if tokenizer.bos_token_id is not None and (template in TEXT_TEMPLATES or not ids or ids[0] != tokenizer.bos_token_id):
+    if tokenizer.bos_token_id is not None and (
+        template in TEXT_TEMPLATES or not ids or ids[0] != tokenizer.bos_token_id
+    ):
         ids = [tokenizer.bos_token_id, *ids]
     return ids
 
@@ -172,8 +195,10 @@ def role_prefix_length(template: str, tokenizer: PreTrainedTokenizerBase, questi
     _check_template(template)
     role = TEXT_TEMPLATES[template].role_prefix if template in TEXT_TEMPLATES else ""
     if not role:
-        raise ValueError(f"data.label_span 'muffin' labels the '### Assistant:' role prefix of vicuna_v0 (Muffin's layout); "
-                         f"template '{template}' has none: use data.label_span 'answer'")
+        raise ValueError(
+            f"data.label_span 'muffin' labels the '### Assistant:' role prefix of vicuna_v0 (Muffin's layout); "
+            f"template '{template}' has none: use data.label_span 'answer'"
+        )
     text = prompt_text(template, tokenizer, question, image_placeholder)
     start = text.rindex(role)
     if not tokenizer.is_fast:
@@ -228,6 +253,8 @@ def check_image_tokens(prompt_ids: Sequence[int], placeholder_ids: Sequence[int]
     wrong = {i: counts[i] for i in expected if counts[i] != expected[i]}
     # With the counts right, the placeholder can only start at the first occurrence of its first id.
     start = list(prompt_ids).index(placeholder_ids[0]) if not wrong else 0
-    contiguous = list(prompt_ids[start:start + len(placeholder_ids)]) == list(placeholder_ids)
+    contiguous = list(prompt_ids[start : start + len(placeholder_ids)]) == list(placeholder_ids)
     if wrong or not contiguous:
-        raise DataError(f"{where}: the prompt must hold the image tokens exactly once ({dict(expected)} by id), found {wrong or 'them split apart'}; remove image markers such as '<image>' from the question text")
+        raise DataError(
+            f"{where}: the prompt must hold the image tokens exactly once ({dict(expected)} by id), found {wrong or 'them split apart'}; remove image markers such as '<image>' from the question text"
+        )

@@ -5,10 +5,11 @@ use a word-level tokenizer built here. It is a genuine `PreTrainedTokenizerFast`
 reloads with `AutoTokenizer`, returns offsets, and carries the image special tokens that the
 LLaVA (`<image>`) and Muffin (`<im_start>`, `<im_patch>`, `<im_end>`) templates need.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast

@@ -20,6 +20,7 @@ Loading unpickles nothing arbitrary: every file, DeepSpeed's included, is read w
 `torch.load(weights_only=True)`, with only the few DeepSpeed classes its optimizer states hold
 (`DEEPSPEED_SAFE_GLOBALS`) allowed.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +97,11 @@ def save(engine, output_dir: str | os.PathLike, step: int, trainer_state: dict, 
     dist.barrier()
     final = root / name
     if dist.rank() == 0:
-        files = {str(f.relative_to(root / tmp_tag)): f.stat().st_size for f in sorted((root / tmp_tag).rglob("*")) if f.is_file()}
+        files = {
+            str(f.relative_to(root / tmp_tag)): f.stat().st_size
+            for f in sorted((root / tmp_tag).rglob("*"))
+            if f.is_file()
+        }
         state = {**trainer_state, "files": files}  # written last: its presence means every file above is complete
         (root / tmp_tag / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
@@ -129,7 +134,7 @@ def _step_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def incomplete_reason(path: Path) -> Optional[str]:
+def incomplete_reason(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from, or None when it is complete."""
     if not path.is_dir():
         return f"{path} does not exist"
@@ -151,7 +156,7 @@ def incomplete_reason(path: Path) -> Optional[str]:
     return None
 
 
-def find(output_dir: str | os.PathLike, resume: str) -> Optional[Path]:
+def find(output_dir: str | os.PathLike, resume: str) -> Path | None:
     """Resolve `train.resume` ('none' | 'auto' | a checkpoint directory) to a complete checkpoint or None.
 
     'auto': the newest complete checkpoint, normally the one `latest` names; when `latest` names a missing
@@ -165,7 +170,9 @@ def find(output_dir: str | os.PathLike, resume: str) -> Optional[Path]:
         path = Path(resume)
         reason = incomplete_reason(path)
         if reason:
-            raise CheckpointError(f"train.resume={resume}: not a complete checkpoint: {reason}. Pass another checkpoints/step-* directory or 'auto'")
+            raise CheckpointError(
+                f"train.resume={resume}: not a complete checkpoint: {reason}. Pass another checkpoints/step-* directory or 'auto'"
+            )
         return path
     root = checkpoint_root(output_dir)
     latest_file = root / "latest"
@@ -253,10 +260,14 @@ def load(engine, path: Path) -> dict:
     finally:
         del checkpoint_engine.load  # back to the class's method
     if load_path is None:  # DeepSpeed only logs a warning when the model states file is absent
-        raise CheckpointError(f"{path}: DeepSpeed found no model states to load; delete the folder to resume from the previous checkpoint")
+        raise CheckpointError(
+            f"{path}: DeepSpeed found no model states to load; delete the folder to resume from the previous checkpoint"
+        )
     rng_file = path / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():
         set_rng_state(safe_load(rng_file))
     else:
-        logger.warning("%s missing: this rank's RNG streams are not restored (the run continues, but not bit for bit)", rng_file)
+        logger.warning(
+            "%s missing: this rank's RNG streams are not restored (the run continues, but not bit for bit)", rng_file
+        )
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))

@@ -11,17 +11,18 @@ A data, config, checkpoint or reference-cache error (and a non-finite loss) ends
 `precompute-ref` with one message on stderr and exit code 1, on each rank that hit it; `--debug`
 anywhere on the command line, or DDPO_DEBUG=1, shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from ddpo.data import convert
-from ddpo.data.images import DataError
 from ddpo import distributed as dist
 from ddpo.checkpoint import CheckpointError
 from ddpo.config import Config, ConfigError, fields_help, load_config
+from ddpo.data import convert
+from ddpo.data.images import DataError
 from ddpo.reference import ReferenceCacheError
 from ddpo.trainer import Trainer, precompute_reference
 
@@ -38,7 +39,9 @@ def config_command(name: str, summary: str, run: Callable[[Config], None]) -> Co
         debug = "--debug" in argv or os.environ.get("DDPO_DEBUG", "0").lower() not in ("", "0", "false", "no")
         argv = [a for a in argv if a != "--debug"]
         if not argv or argv[0] in ("-h", "--help"):
-            print(f"usage: ddpo {name} CONFIG.yaml [--<section>.<field> VALUE ...] [--debug]\n\n{summary}\n\nFields (any can be set in the YAML or overridden on the command line):{fields_help()}")
+            print(
+                f"usage: ddpo {name} CONFIG.yaml [--<section>.<field> VALUE ...] [--debug]\n\n{summary}\n\nFields (any can be set in the YAML or overridden on the command line):{fields_help()}"
+            )
             return 0
         try:
             cfg = load_config(argv[0], argv[1:])
@@ -64,7 +67,14 @@ def train(cfg: Config) -> None:
 
 COMMANDS: dict[str, tuple[str, Command]] = {
     "train": ("train a policy with (dense) DPO", config_command("train", "Train a policy with dense DPO.", train)),
-    "precompute-ref": ("cache reference per-token log-probs", config_command("precompute-ref", "Run the reference model once over the data and cache per-token log-probs.", precompute_reference)),
+    "precompute-ref": (
+        "cache reference per-token log-probs",
+        config_command(
+            "precompute-ref",
+            "Run the reference model once over the data and cache per-token log-probs.",
+            precompute_reference,
+        ),
+    ),
     "convert": ("convert RLHF-V / RLAIF-V data to TRL's preference format", convert.main),
 }
 
@@ -72,8 +82,10 @@ COMMANDS: dict[str, tuple[str, Command]] = {
 def dispatch(commands: dict[str, tuple[str, Command]], argv: list[str]) -> int:
     """Run `argv[0]` of `commands` on the rest of argv; usage on no command or --help."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ddpo COMMAND [ARGS ...]\n\nDense Direct Preference Optimization for multimodal LLMs.\n\ncommands:\n"
-              + "\n".join(f"  {k:<16}{v[0]}" for k, v in commands.items()))
+        print(
+            "usage: ddpo COMMAND [ARGS ...]\n\nDense Direct Preference Optimization for multimodal LLMs.\n\ncommands:\n"
+            + "\n".join(f"  {k:<16}{v[0]}" for k, v in commands.items())
+        )
         return 0
     command, rest = argv[0], argv[1:]
     if command not in commands:

@@ -9,6 +9,7 @@
 `python -m ddpo ...` is the same command. This is the top of the package: it imports the wings, and
 nothing in the package imports it.
 """
+
 from __future__ import annotations
 
 import sys

@@ -5,6 +5,7 @@ command line as `--<section>.<field> VALUE` (`--loss.gamma 5`). Every field carr
 (`metadata["help"]`) that `ddpo train --help` prints. Unknown keys, wrong types and invalid
 combinations fail at start-up with a message that names the key and what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -25,49 +26,113 @@ from ddpo.models.config import ConfigError, ModelConfig, config_field
 
 @dataclass
 class DataConfig:
-    format: Literal["rlhf-v", "rlaif-v", "trl", "jsonl", "synthetic"] = config_field("rlhf-v", "Dataset schema: RLHF-V-Dataset, RLAIF-V-Dataset, TRL conversational preference, JSONL + image folder, or the synthetic world.")
-    path: Optional[str] = config_field(None, "Local file/directory or hub id of the dataset (unused for 'synthetic').")
+    format: Literal["rlhf-v", "rlaif-v", "trl", "jsonl", "synthetic"] = config_field(
+        "rlhf-v",
+        "Dataset schema: RLHF-V-Dataset, RLAIF-V-Dataset, TRL conversational preference, JSONL + image folder, or the synthetic world.",
+    )
+    path: str | None = config_field(None, "Local file/directory or hub id of the dataset (unused for 'synthetic').")
     split: str = config_field("train", "Split to train on.")
-    image_dir: Optional[str] = config_field(None, "Folder that JSONL `image` paths are relative to (format 'jsonl').")
-    template: Literal["vicuna_v0", "llava_v1", "chat_template"] = config_field("vicuna_v0", "Conversation template: Vicuna v0 (### Human/### Assistant, Muffin), LLaVA v1 (USER/ASSISTANT), or the tokenizer's own chat template.")
-    max_length: int = config_field(2048, "Longest prompt + image tokens + answer; longer answers are cut from their end (counted), a prompt that cannot fit is an error or a counted skip.")
-    max_samples: Optional[int] = config_field(None, "Use only the first N rows (after filtering); null = all.")
+    image_dir: str | None = config_field(None, "Folder that JSONL `image` paths are relative to (format 'jsonl').")
+    template: Literal["vicuna_v0", "llava_v1", "chat_template"] = config_field(
+        "vicuna_v0",
+        "Conversation template: Vicuna v0 (### Human/### Assistant, Muffin), LLaVA v1 (USER/ASSISTANT), or the tokenizer's own chat template.",
+    )
+    max_length: int = config_field(
+        2048,
+        "Longest prompt + image tokens + answer; longer answers are cut from their end (counted), a prompt that cannot fit is an error or a counted skip.",
+    )
+    max_samples: int | None = config_field(None, "Use only the first N rows (after filtering); null = all.")
     padding_side: Literal["right", "left"] = config_field("right", "Side that batches are padded on.")
-    skip_bad_rows: bool = config_field(False, "Skip malformed rows with a counted, logged summary instead of stopping at the first one.")
-    long_answers: Literal["truncate", "error"] = config_field("truncate", "An answer longer than the room max_length leaves after its prompt: 'truncate' cuts it from its end (the pairs cut are counted in one log line at start), 'error' stops naming the row and its lengths (with skip_bad_rows: a counted skip).")
-    segments: Literal["token_diff", "word_diff", "spans", "none"] = config_field("token_diff", "How corrected segments are found: RLHF-V token-id diff, a word-level diff mapped to tokens, explicit character spans in the data, or none (vanilla DPO weights).")
-    min_match: int = config_field(3, "Diff matching blocks shorter than this many tokens are absorbed into the surrounding edit (RLHF-V: 3).")
-    include_insertions: bool = config_field(False, "Also weigh gaps present on one side only (pure insertions/deletions); RLHF-V weighs replacements only.")
-    segment_diff: Literal["answer", "muffin"] = config_field("answer", "token_diff input: 'answer' = the two answers, plain longest-match diff; 'muffin' = exact replication of the released code: prompt (minus BOS) + answer, difflib autojunk on (changes which tokens get gamma on long sequences).")
-    label_span: Literal["answer", "muffin"] = config_field("answer", "Labelled tokens: 'answer' = the answer and its end marker; 'muffin' = also the '### Assistant:' role prefix, as the released Muffin code (vicuna_v0 only).")
+    skip_bad_rows: bool = config_field(
+        False, "Skip malformed rows with a counted, logged summary instead of stopping at the first one."
+    )
+    long_answers: Literal["truncate", "error"] = config_field(
+        "truncate",
+        "An answer longer than the room max_length leaves after its prompt: 'truncate' cuts it from its end (the pairs cut are counted in one log line at start), 'error' stops naming the row and its lengths (with skip_bad_rows: a counted skip).",
+    )
+    segments: Literal["token_diff", "word_diff", "spans", "none"] = config_field(
+        "token_diff",
+        "How corrected segments are found: RLHF-V token-id diff, a word-level diff mapped to tokens, explicit character spans in the data, or none (vanilla DPO weights).",
+    )
+    min_match: int = config_field(
+        3, "Diff matching blocks shorter than this many tokens are absorbed into the surrounding edit (RLHF-V: 3)."
+    )
+    include_insertions: bool = config_field(
+        False, "Also weigh gaps present on one side only (pure insertions/deletions); RLHF-V weighs replacements only."
+    )
+    segment_diff: Literal["answer", "muffin"] = config_field(
+        "answer",
+        "token_diff input: 'answer' = the two answers, plain longest-match diff; 'muffin' = exact replication of the released code: prompt (minus BOS) + answer, difflib autojunk on (changes which tokens get gamma on long sequences).",
+    )
+    label_span: Literal["answer", "muffin"] = config_field(
+        "answer",
+        "Labelled tokens: 'answer' = the answer and its end marker; 'muffin' = also the '### Assistant:' role prefix, as the released Muffin code (vicuna_v0 only).",
+    )
     synthetic_pairs: int = config_field(64, "Number of preference pairs generated when format is 'synthetic'.")
-    length_grouping: bool = config_field(False, "Group pairs of similar length into batches to cut padding (changes the data order, seeded).")
+    length_grouping: bool = config_field(
+        False, "Group pairs of similar length into batches to cut padding (changes the data order, seeded)."
+    )
 
 
 @dataclass
 class LossConfig:
     beta: float = config_field(0.5, "DPO temperature beta (RLHF-V paper 0.5, released command 0.1).")
-    gamma: float = config_field(5.0, "Weight of tokens inside corrected segments; unchanged tokens weigh 1; gamma 1 = vanilla DPO.")
-    normalize: Literal["mean", "sum"] = config_field("mean", "Sequence log-prob: 'mean' = weighted mean (paper Eq. 5), 'sum' = weighted sum (released RLHF-V code).")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = config_field("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge.")
+    gamma: float = config_field(
+        5.0, "Weight of tokens inside corrected segments; unchanged tokens weigh 1; gamma 1 = vanilla DPO."
+    )
+    normalize: Literal["mean", "sum"] = config_field(
+        "mean", "Sequence log-prob: 'mean' = weighted mean (paper Eq. 5), 'sum' = weighted sum (released RLHF-V code)."
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = config_field(
+        "sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge."
+    )
     label_smoothing: float = config_field(0.0, "Conservative DPO epsilon in [0, 0.5) (sigmoid only).")
     reference_free: bool = config_field(False, "Ignore the reference model (its log-ratio is taken as 0).")
-    sft_weight: float = config_field(0.0, "Weight alpha of an SFT term: mean negative token log-prob of the chosen answer (RPO-style mixing).")
-    sft_form: Literal["token_mean", "released"] = config_field("token_mean", "SFT term: 'token_mean' = unweighted mean NLL per chosen answer token in the batch; 'released' = minus the chosen answer's weighted sequence log-prob (gamma weights, loss.normalize), averaged over pairs, as the released RLHF-V code (SFT_weight env).")
+    sft_weight: float = config_field(
+        0.0, "Weight alpha of an SFT term: mean negative token log-prob of the chosen answer (RPO-style mixing)."
+    )
+    sft_form: Literal["token_mean", "released"] = config_field(
+        "token_mean",
+        "SFT term: 'token_mean' = unweighted mean NLL per chosen answer token in the batch; 'released' = minus the chosen answer's weighted sequence log-prob (gamma weights, loss.normalize), averaged over pairs, as the released RLHF-V code (SFT_weight env).",
+    )
     # The dense methods (docs/DENSE_METHODS.md): one weight source, and extra terms that are off at 0.
-    token_weights: Literal["segments", "severity", "visual", "length"] = config_field("segments", "Where token weights come from: 'segments' = gamma on corrected segments (DDPO); 'severity' = the data's annotated severity weights (HSA-DPO/OPA-DPO style; loss.gamma must be 1); 'visual' = TPO's self-calibrated weights from the policy's log-prob gap between the real and the corrupted image (loss.corruption); 'length' = LD-DPO: the longer answer's tail weighs loss.ld_alpha.")
-    ld_alpha: float = config_field(1.0, "LD-DPO: weight in [0, 1] of the answer tokens past the shorter answer's length (token_weights 'length').")
-    image_conditional_weight: float = config_field(0.0, "mDPO's conditional preference term (chosen answer given the real image preferred to it given the corrupted image, loss.corruption); its weight, 0 = off. One extra policy forward per step.")
-    anchor_weight: float = config_field(0.0, "mDPO's reward anchor -log sigmoid(beta * chosen log-ratio); its weight, 0 = off.")
-    tdpo_alpha: float = config_field(0.0, "TDPO's sequential-KL weight alpha inside the margin (CHiP uses it); 0 = off. Needs train.reference live (the full reference distribution at each answer position).")
-    corruption: Literal["mask_tokens", "mask_patches", "noise"] = config_field("noise", "Corrupted image of the conditional term and the visual weights: mask_tokens (zero a share of the image tokens' features), mask_patches (blank a share of the pixel grid cells), noise (forward diffusion at level loss.corruption_strength). Seeded per pair.")
-    corruption_strength: float = config_field(0.5, "Share of image tokens / grid cells masked, or the diffusion noise level s (sqrt(1-s) x + sqrt(s) eps); in (0, 1].")
-    corruption_seed: int = config_field(0, "Seed of the corruptions (each pair: this seed and its source row), so a pair's corrupted view is the same in every epoch and in the reference cache.")
+    token_weights: Literal["segments", "severity", "visual", "length"] = config_field(
+        "segments",
+        "Where token weights come from: 'segments' = gamma on corrected segments (DDPO); 'severity' = the data's annotated severity weights (HSA-DPO/OPA-DPO style; loss.gamma must be 1); 'visual' = TPO's self-calibrated weights from the policy's log-prob gap between the real and the corrupted image (loss.corruption); 'length' = LD-DPO: the longer answer's tail weighs loss.ld_alpha.",
+    )
+    ld_alpha: float = config_field(
+        1.0, "LD-DPO: weight in [0, 1] of the answer tokens past the shorter answer's length (token_weights 'length')."
+    )
+    image_conditional_weight: float = config_field(
+        0.0,
+        "mDPO's conditional preference term (chosen answer given the real image preferred to it given the corrupted image, loss.corruption); its weight, 0 = off. One extra policy forward per step.",
+    )
+    anchor_weight: float = config_field(
+        0.0, "mDPO's reward anchor -log sigmoid(beta * chosen log-ratio); its weight, 0 = off."
+    )
+    tdpo_alpha: float = config_field(
+        0.0,
+        "TDPO's sequential-KL weight alpha inside the margin (CHiP uses it); 0 = off. Needs train.reference live (the full reference distribution at each answer position).",
+    )
+    corruption: Literal["mask_tokens", "mask_patches", "noise"] = config_field(
+        "noise",
+        "Corrupted image of the conditional term and the visual weights: mask_tokens (zero a share of the image tokens' features), mask_patches (blank a share of the pixel grid cells), noise (forward diffusion at level loss.corruption_strength). Seeded per pair.",
+    )
+    corruption_strength: float = config_field(
+        0.5,
+        "Share of image tokens / grid cells masked, or the diffusion noise level s (sqrt(1-s) x + sqrt(s) eps); in (0, 1].",
+    )
+    corruption_seed: int = config_field(
+        0,
+        "Seed of the corruptions (each pair: this seed and its source row), so a pair's corrupted view is the same in every epoch and in the reference cache.",
+    )
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = config_field("runs/ddpo", "Directory for checkpoints, metrics.jsonl, the resolved config and the final model.")
+    output_dir: str = config_field(
+        "runs/ddpo", "Directory for checkpoints, metrics.jsonl, the resolved config and the final model."
+    )
     seed: int = config_field(42, "Seed of every random generator (data order, dropout, init).")
     epochs: float = config_field(1.0, "Passes over the data when max_steps is not set.")
     max_steps: int = config_field(-1, "Optimizer steps to run; -1 = derived from epochs.")
@@ -79,31 +144,46 @@ class TrainConfig:
     adam_beta2: float = config_field(0.999, "AdamW beta2.")
     adam_eps: float = config_field(1e-8, "AdamW epsilon.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = config_field("cosine", "Decay after the warm-up.")
-    warmup_ratio: float = config_field(0.1, "Fraction of the steps spent warming the learning rate up from 0 (paper 10%).")
+    warmup_ratio: float = config_field(
+        0.1, "Fraction of the steps spent warming the learning rate up from 0 (paper 10%)."
+    )
     max_grad_norm: float = config_field(1.0, "Gradient clipping norm; 0 = off.")
     save_steps: int = config_field(0, "Write a resumable checkpoint every N optimizer steps; 0 = only at the end.")
     save_total_limit: int = config_field(2, "Keep this many most recent step checkpoints; 0 = keep all.")
     logging_steps: int = config_field(1, "Write metrics every N optimizer steps.")
-    resume: str = config_field("none", "'none', 'auto' (latest checkpoint in output_dir, if any) or a checkpoint directory.")
-    reference: Literal["cached", "live"] = config_field("cached", "Reference log-probs: 'cached' = precomputed per-token cache, no reference model held; 'live' = a frozen reference model.")
-    reference_cache: Optional[str] = config_field(None, "Directory of the reference log-prob cache; null = <output_dir>/reference_cache.")
+    resume: str = config_field(
+        "none", "'none', 'auto' (latest checkpoint in output_dir, if any) or a checkpoint directory."
+    )
+    reference: Literal["cached", "live"] = config_field(
+        "cached",
+        "Reference log-probs: 'cached' = precomputed per-token cache, no reference model held; 'live' = a frozen reference model.",
+    )
+    reference_cache: str | None = config_field(
+        None, "Directory of the reference log-prob cache; null = <output_dir>/reference_cache."
+    )
     num_threads: int = config_field(0, "CPU threads per process (torch.set_num_threads); 0 = leave torch's default.")
 
 
 @dataclass
 class DeepSpeedConfig:
-    config: Optional[str] = config_field(None, "DeepSpeed JSON file (configs/deepspeed/*.json); null = built from the fields below.")
-    zero_stage: Optional[int] = config_field(None, "ZeRO stage 0, 1, 2 or 3; null = the JSON's stage (0 without a JSON).")
-    bf16: Literal["auto", "true", "false"] = config_field("auto", "bfloat16 training: auto = on where the accelerator supports it, off on CPU.")
+    config: str | None = config_field(
+        None, "DeepSpeed JSON file (configs/deepspeed/*.json); null = built from the fields below."
+    )
+    zero_stage: int | None = config_field(None, "ZeRO stage 0, 1, 2 or 3; null = the JSON's stage (0 without a JSON).")
+    bf16: Literal["auto", "true", "false"] = config_field(
+        "auto", "bfloat16 training: auto = on where the accelerator supports it, off on CPU."
+    )
     offload_optimizer: bool = config_field(False, "Keep optimizer states on the CPU (ZeRO-2/3).")
 
 
 @dataclass
 class LoggingConfig:
-    wandb: Literal["disabled", "offline", "online"] = config_field("disabled", "Weights & Biases mode; 'online' needs WANDB_API_KEY in the environment.")
+    wandb: Literal["disabled", "offline", "online"] = config_field(
+        "disabled", "Weights & Biases mode; 'online' needs WANDB_API_KEY in the environment."
+    )
     project: str = config_field("ddpo", "wandb project.")
-    entity: Optional[str] = config_field(None, "wandb entity (team); null = your default.")
-    run_name: Optional[str] = config_field(None, "Run name; null = the output directory's name.")
+    entity: str | None = config_field(None, "wandb entity (team); null = your default.")
+    run_name: str | None = config_field(None, "Run name; null = the output directory's name.")
     progress_bar: bool = config_field(True, "Show a tqdm progress bar on rank 0.")
 
 
@@ -119,13 +199,26 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Cross-field checks; each message names the key(s) and the fix."""
         m, d, l, t, ds = self.model, self.data, self.loss, self.train, self.deepspeed
         try:  # the loss section's checks live with the loss (one home)
-            check_loss_settings(l.beta, l.gamma, l.normalize, l.loss_type, l.label_smoothing, l.sft_weight, l.sft_form,
-                                l.token_weights, l.ld_alpha, l.image_conditional_weight, l.anchor_weight, l.tdpo_alpha,
-                                l.corruption, l.corruption_strength)
+            check_loss_settings(
+                l.beta,
+                l.gamma,
+                l.normalize,
+                l.loss_type,
+                l.label_smoothing,
+                l.sft_weight,
+                l.sft_form,
+                l.token_weights,
+                l.ld_alpha,
+                l.image_conditional_weight,
+                l.anchor_weight,
+                l.tdpo_alpha,
+                l.corruption,
+                l.corruption_strength,
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         checks = [
@@ -137,31 +230,60 @@ class Config:
             (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping)"),
             (t.save_steps >= 0 and t.logging_steps >= 1, "train.save_steps must be >= 0 and train.logging_steps >= 1"),
             (ds.zero_stage in (None, 0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}"),
-            (ds.config is None or Path(ds.config).is_file(), f"deepspeed.config: file not found: {ds.config} (see configs/deepspeed/)"),
+            (
+                ds.config is None or Path(ds.config).is_file(),
+                f"deepspeed.config: file not found: {ds.config} (see configs/deepspeed/)",
+            ),
             (d.max_length >= 16, "data.max_length must be >= 16"),
             (d.min_match >= 1, "data.min_match must be >= 1"),
-            (d.format == "synthetic" or d.path, f"data.path is required for data.format '{d.format}' (a local path or hub id)"),
+            (
+                d.format == "synthetic" or d.path,
+                f"data.path is required for data.format '{d.format}' (a local path or hub id)",
+            ),
             (d.format != "jsonl" or d.image_dir, "data.image_dir is required for data.format 'jsonl'"),
-            (d.label_span == "answer" or d.template == "vicuna_v0",
-             f"data.label_span 'muffin' labels vicuna_v0's '### Assistant:' role prefix (Muffin's layout); data.template is '{d.template}'"),
-            (d.segment_diff == "answer" or d.segments == "token_diff",
-             f"data.segment_diff 'muffin' is the released token-id diff: it needs data.segments 'token_diff', not '{d.segments}'"),
+            (
+                d.label_span == "answer" or d.template == "vicuna_v0",
+                f"data.label_span 'muffin' labels vicuna_v0's '### Assistant:' role prefix (Muffin's layout); data.template is '{d.template}'",
+            ),
+            (
+                d.segment_diff == "answer" or d.segments == "token_diff",
+                f"data.segment_diff 'muffin' is the released token-id diff: it needs data.segments 'token_diff', not '{d.segments}'",
+            ),
             (m.image_size is None or m.image_size > 0, "model.image_size must be > 0"),
-            (not (t.reference == "cached" and l.reference_free), "loss.reference_free needs no reference: set train.reference to 'live' or drop reference_free"),
-            (l.tdpo_alpha == 0 or (t.reference == "live" and not l.reference_free),
-             f"loss.tdpo_alpha {l.tdpo_alpha} (TDPO's sequential KL) needs the reference's full next-token distribution at every "
-             "answer position, which the per-token reference cache does not hold (docs/DENSE_METHODS.md measures why): set "
-             "train.reference live (and loss.reference_free false), or loss.tdpo_alpha 0"),
-            (l.tdpo_alpha == 0 or ds.zero_stage != 3, "loss.tdpo_alpha > 0 reads the LM heads outside the forward pass, which "
-             "ZeRO-3 partitions: use deepspeed.zero_stage 0, 1 or 2, or loss.tdpo_alpha 0"),
+            (
+                not (t.reference == "cached" and l.reference_free),
+                "loss.reference_free needs no reference: set train.reference to 'live' or drop reference_free",
+            ),
+            (
+                l.tdpo_alpha == 0 or (t.reference == "live" and not l.reference_free),
+                f"loss.tdpo_alpha {l.tdpo_alpha} (TDPO's sequential KL) needs the reference's full next-token distribution at every "
+                "answer position, which the per-token reference cache does not hold (docs/DENSE_METHODS.md measures why): set "
+                "train.reference live (and loss.reference_free false), or loss.tdpo_alpha 0",
+            ),
+            (
+                l.tdpo_alpha == 0 or ds.zero_stage != 3,
+                "loss.tdpo_alpha > 0 reads the LM heads outside the forward pass, which "
+                "ZeRO-3 partitions: use deepspeed.zero_stage 0, 1 or 2, or loss.tdpo_alpha 0",
+            ),
             (m.logps_chunk_size >= 1, "model.logps_chunk_size must be >= 1"),
-            (m.attn_implementation != "flex_attention" or importlib.util.find_spec("torch.nn.attention.flex_attention") is not None,
-             "model.attn_implementation 'flex_attention' needs torch >= 2.5 (torch.nn.attention.flex_attention); upgrade torch or use 'sdpa'"),
+            (
+                m.attn_implementation != "flex_attention"
+                or importlib.util.find_spec("torch.nn.attention.flex_attention") is not None,
+                "model.attn_implementation 'flex_attention' needs torch >= 2.5 (torch.nn.attention.flex_attention); upgrade torch or use 'sdpa'",
+            ),
             (m.lora_r >= 0, "model.lora_r must be >= 0 (0 = full fine-tuning)"),
-            (not (m.freeze_vision_tower and m.freeze_projector and m.freeze_llm and m.lora_r == 0),
-             "model.freeze_vision_tower, freeze_projector and freeze_llm are all true: nothing would train"),
-            (not m.freeze_vision_experts or m.arch == "muffin", "model.freeze_vision_experts applies to model.arch 'muffin' only"),
-            (t.resume in ("none", "auto") or Path(t.resume).is_dir(), f"train.resume must be 'none', 'auto' or an existing checkpoint directory, got '{t.resume}'"),
+            (
+                not (m.freeze_vision_tower and m.freeze_projector and m.freeze_llm and m.lora_r == 0),
+                "model.freeze_vision_tower, freeze_projector and freeze_llm are all true: nothing would train",
+            ),
+            (
+                not m.freeze_vision_experts or m.arch == "muffin",
+                "model.freeze_vision_experts applies to model.arch 'muffin' only",
+            ),
+            (
+                t.resume in ("none", "auto") or Path(t.resume).is_dir(),
+                f"train.resume must be 'none', 'auto' or an existing checkpoint directory, got '{t.resume}'",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -169,7 +291,9 @@ class Config:
         return self
 
 
-SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else eval(f.type) for f in dataclasses.fields(Config)}
+SECTIONS: dict[str, type] = {
+    f.name: f.type if isinstance(f.type, type) else eval(f.type) for f in dataclasses.fields(Config)
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +378,9 @@ def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
 def _set(cfg: Config, dotted: str, value: Any, from_string: bool) -> None:
     section_name, _, field_name = dotted.partition(".")
     if section_name not in SECTIONS or not field_name:
-        raise ConfigError(f"unknown config key '{dotted}': keys are <section>.<field> with section one of {', '.join(SECTIONS)}")
+        raise ConfigError(
+            f"unknown config key '{dotted}': keys are <section>.<field> with section one of {', '.join(SECTIONS)}"
+        )
     section = getattr(cfg, section_name)
     types_ = _field_types(type(section))
     if field_name not in types_:
@@ -277,7 +403,7 @@ def _flatten(mapping: Any, source: str) -> list[tuple[str, Any]]:
     return items
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- `--section.field VALUE` overrides, then validation."""
     cfg = Config()
     if path is not None:
@@ -302,7 +428,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"unexpected argument '{arg}': overrides look like --<section>.<field> VALUE (e.g. --loss.gamma 5)")
+            raise ConfigError(
+                f"unexpected argument '{arg}': overrides look like --<section>.<field> VALUE (e.g. --loss.gamma 5)"
+            )
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1

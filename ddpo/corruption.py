@@ -14,6 +14,7 @@ Each pair's corruption is drawn from its own generator, seeded by (seed, the pai
 pair is corrupted the same way in every epoch, batch make-up and process: the reference log-probs of
 the corrupted view can be cached once (ddpo/reference.py) and a resumed run sees the same views.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,9 @@ def corrupt_batch(batch: PairBatch, kind: str, strength: float, seed: int, num_i
     if not 0 < strength <= 1:
         raise ValueError(f"corrupt_batch: strength must be in (0, 1] (loss.corruption_strength), got {strength}")
     if batch.pixel_values is None:
-        raise ValueError("corrupt_batch: the batch has no images; the image-conditional terms and visual weights need them")
+        raise ValueError(
+            "corrupt_batch: the batch has no images; the image-conditional terms and visual weights need them"
+        )
     pixels = batch.pixel_values
     if kind == "mask_tokens":
         masked = round(strength * num_image_tokens)
@@ -55,9 +58,11 @@ def corrupt_batch(batch: PairBatch, kind: str, strength: float, seed: int, num_i
         for i, row in enumerate(batch.row_indices):
             for cell in torch.randperm(grid * grid, generator=_generator(seed, row))[:masked].tolist():
                 r, c = divmod(cell, grid)
-                out[i, :, ys[r]:ys[r + 1], xs[c]:xs[c + 1]] = 0
+                out[i, :, ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = 0
     else:  # noise
         for i, row in enumerate(batch.row_indices):
             eps = torch.randn(pixels.shape[1:], generator=_generator(seed, row), dtype=torch.float32)
-            out[i] = (math.sqrt(1 - strength) * pixels[i].float() + math.sqrt(strength) * eps.to(pixels.device)).to(pixels.dtype)
+            out[i] = (math.sqrt(1 - strength) * pixels[i].float() + math.sqrt(strength) * eps.to(pixels.device)).to(
+                pixels.dtype
+            )
     return dataclasses.replace(batch, pixel_values=out)

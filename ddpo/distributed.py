@@ -4,6 +4,7 @@ On a CPU-only machine DeepSpeed needs `DS_ACCELERATOR=cpu` before it is imported
 started without a launcher needs RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (otherwise DeepSpeed looks
 for MPI). Everything here is idempotent.
 """
+
 from __future__ import annotations
 
 import os

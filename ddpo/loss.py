@@ -18,9 +18,10 @@ reference log-probs with the same weights and normalisation, as RLHF-V does.
 Settings are checked once, where they are set (`check_settings`: by the config at start-up and by
 `DDPOLoss.__init__`); the per-batch functions check only the tensors they are given.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,9 @@ def weighted_logps(token_logps: Tensor, weights: Tensor, normalize: str) -> Tens
         )
     broken = (inside & ~torch.isfinite(token_logps)).any(1)
     if broken.any():
-        raise ValueError(f"weighted_logps: NaN/inf token log-probs inside the response (weight > 0) in rows {_rows(broken)}")
+        raise ValueError(
+            f"weighted_logps: NaN/inf token log-probs inside the response (weight > 0) in rows {_rows(broken)}"
+        )
     # `where`, not multiplication: 0 * NaN outside the response would still be NaN.
     total = torch.where(inside, weights * token_logps, torch.zeros_like(token_logps)).sum(dim=1)
     if normalize == "sum":
@@ -75,11 +78,22 @@ def weighted_logps(token_logps: Tensor, weights: Tensor, normalize: str) -> Tens
 SFT_FORMS = ("token_mean", "released")
 
 
-def check_settings(beta: float = 0.5, gamma: float = 5.0, normalize: str = "mean", loss_type: str = "sigmoid",
-                   label_smoothing: float = 0.0, sft_weight: float = 0.0, sft_form: str = "token_mean",
-                   token_weights: str = "segments", ld_alpha: float = 1.0, image_conditional_weight: float = 0.0,
-                   anchor_weight: float = 0.0, tdpo_alpha: float = 0.0, corruption: str = "noise",
-                   corruption_strength: float = 0.5) -> None:
+def check_settings(
+    beta: float = 0.5,
+    gamma: float = 5.0,
+    normalize: str = "mean",
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    sft_form: str = "token_mean",
+    token_weights: str = "segments",
+    ld_alpha: float = 1.0,
+    image_conditional_weight: float = 0.0,
+    anchor_weight: float = 0.0,
+    tdpo_alpha: float = 0.0,
+    corruption: str = "noise",
+    corruption_strength: float = 0.5,
+) -> None:
     """The one check of the loss settings (the `loss:` config section); messages name the config key."""
     checks = [
         (beta > 0, f"loss.beta must be > 0, got {beta}"),
@@ -87,18 +101,33 @@ def check_settings(beta: float = 0.5, gamma: float = 5.0, normalize: str = "mean
         (normalize in NORMALIZATIONS, f"loss.normalize must be one of {NORMALIZATIONS}, got {normalize!r}"),
         (loss_type in LOSS_TYPES, f"loss.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}"),
         (0 <= label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {label_smoothing}"),
-        (label_smoothing == 0 or loss_type == "sigmoid",
-         f"loss.label_smoothing is only defined for loss.loss_type 'sigmoid', got {loss_type!r}"),
+        (
+            label_smoothing == 0 or loss_type == "sigmoid",
+            f"loss.label_smoothing is only defined for loss.loss_type 'sigmoid', got {loss_type!r}",
+        ),
         (sft_weight >= 0, f"loss.sft_weight must be >= 0, got {sft_weight}"),
         (sft_form in SFT_FORMS, f"loss.sft_form must be one of {SFT_FORMS}, got {sft_form!r}"),
-        (token_weights in TOKEN_WEIGHT_SOURCES, f"loss.token_weights must be one of {TOKEN_WEIGHT_SOURCES}, got {token_weights!r}"),
-        (gamma == 1 or token_weights == "segments",
-         f"loss.gamma {gamma} weighs corrected segments, but loss.token_weights is {token_weights!r}: set loss.gamma 1 "
-         "or loss.token_weights segments (one weight source at a time)"),
-        (0 <= ld_alpha <= 1, f"loss.ld_alpha must be in [0, 1] (LD-DPO's weight of the longer answer's tail), got {ld_alpha}"),
-        (ld_alpha == 1 or token_weights == "length",
-         f"loss.ld_alpha {ld_alpha} only acts with loss.token_weights 'length' (it is {token_weights!r}): set one or drop the other"),
-        (image_conditional_weight >= 0, f"loss.image_conditional_weight must be >= 0 (0 = off), got {image_conditional_weight}"),
+        (
+            token_weights in TOKEN_WEIGHT_SOURCES,
+            f"loss.token_weights must be one of {TOKEN_WEIGHT_SOURCES}, got {token_weights!r}",
+        ),
+        (
+            gamma == 1 or token_weights == "segments",
+            f"loss.gamma {gamma} weighs corrected segments, but loss.token_weights is {token_weights!r}: set loss.gamma 1 "
+            "or loss.token_weights segments (one weight source at a time)",
+        ),
+        (
+            0 <= ld_alpha <= 1,
+            f"loss.ld_alpha must be in [0, 1] (LD-DPO's weight of the longer answer's tail), got {ld_alpha}",
+        ),
+        (
+            ld_alpha == 1 or token_weights == "length",
+            f"loss.ld_alpha {ld_alpha} only acts with loss.token_weights 'length' (it is {token_weights!r}): set one or drop the other",
+        ),
+        (
+            image_conditional_weight >= 0,
+            f"loss.image_conditional_weight must be >= 0 (0 = off), got {image_conditional_weight}",
+        ),
         (anchor_weight >= 0, f"loss.anchor_weight must be >= 0 (0 = off), got {anchor_weight}"),
         (tdpo_alpha >= 0, f"loss.tdpo_alpha must be >= 0 (0 = off), got {tdpo_alpha}"),
         (corruption in CORRUPTIONS, f"loss.corruption must be one of {CORRUPTIONS}, got {corruption!r}"),
@@ -112,13 +141,13 @@ def check_settings(beta: float = 0.5, gamma: float = 5.0, normalize: str = "mean
 def dpo_loss(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
-    ref_chosen: Optional[Tensor],
-    ref_rejected: Optional[Tensor],
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     reference_free: bool = False,
-    margin_offset: Optional[Tensor] = None,
+    margin_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair preference loss from sequence log-probs, all [B] -> (losses, chosen_rewards, rejected_rewards).
 
@@ -195,15 +224,31 @@ class DDPOLoss(nn.Module):
         tdpo_alpha: float = 0.0,
     ):
         super().__init__()
-        check_settings(beta, gamma, normalize, loss_type, label_smoothing, sft_weight, sft_form, token_weights, ld_alpha,
-                       image_conditional_weight, anchor_weight, tdpo_alpha)
+        check_settings(
+            beta,
+            gamma,
+            normalize,
+            loss_type,
+            label_smoothing,
+            sft_weight,
+            sft_form,
+            token_weights,
+            ld_alpha,
+            image_conditional_weight,
+            anchor_weight,
+            tdpo_alpha,
+        )
         self.beta, self.gamma, self.normalize, self.loss_type = beta, gamma, normalize, loss_type
         self.label_smoothing, self.reference_free, self.sft_weight = label_smoothing, reference_free, sft_weight
         self.sft_form, self.token_weights, self.ld_alpha = sft_form, token_weights, ld_alpha
-        self.image_conditional_weight, self.anchor_weight, self.tdpo_alpha = image_conditional_weight, anchor_weight, tdpo_alpha
+        self.image_conditional_weight, self.anchor_weight, self.tdpo_alpha = (
+            image_conditional_weight,
+            anchor_weight,
+            tdpo_alpha,
+        )
 
     @classmethod
-    def from_config(cls, loss_cfg: Any) -> "DDPOLoss":
+    def from_config(cls, loss_cfg: Any) -> DDPOLoss:
         """From a `ddpo.config.LossConfig` (or anything with the same attributes)."""
         return cls(
             beta=loss_cfg.beta,
@@ -238,14 +283,22 @@ class DDPOLoss(nn.Module):
         return self.tdpo_alpha > 0
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, gamma={self.gamma}, normalize={self.normalize!r}, loss_type={self.loss_type!r}, "
-                f"label_smoothing={self.label_smoothing}, reference_free={self.reference_free}, sft_weight={self.sft_weight}, "
-                f"sft_form={self.sft_form!r}, token_weights={self.token_weights!r}, ld_alpha={self.ld_alpha}, "
-                f"image_conditional_weight={self.image_conditional_weight}, anchor_weight={self.anchor_weight}, "
-                f"tdpo_alpha={self.tdpo_alpha}")
+        return (
+            f"beta={self.beta}, gamma={self.gamma}, normalize={self.normalize!r}, loss_type={self.loss_type!r}, "
+            f"label_smoothing={self.label_smoothing}, reference_free={self.reference_free}, sft_weight={self.sft_weight}, "
+            f"sft_form={self.sft_form!r}, token_weights={self.token_weights!r}, ld_alpha={self.ld_alpha}, "
+            f"image_conditional_weight={self.image_conditional_weight}, anchor_weight={self.anchor_weight}, "
+            f"tdpo_alpha={self.tdpo_alpha}"
+        )
 
-    def weights(self, answer_mask: Tensor, corrected_mask: Tensor, severity: Optional[Tensor] = None,
-                real_logps: Optional[Tensor] = None, corrupted_logps: Optional[Tensor] = None) -> Tensor:
+    def weights(
+        self,
+        answer_mask: Tensor,
+        corrected_mask: Tensor,
+        severity: Tensor | None = None,
+        real_logps: Tensor | None = None,
+        corrupted_logps: Tensor | None = None,
+    ) -> Tensor:
         """Per-token weights [2B, T] from `loss.token_weights`' source (ddpo/token_weights.py)."""
         if self.token_weights == "segments":
             return token_weights(answer_mask, corrected_mask, self.gamma)
@@ -253,28 +306,32 @@ class DDPOLoss(nn.Module):
             return length_weights(answer_mask, self.ld_alpha)
         if self.token_weights == "severity":
             if severity is None:
-                raise ValueError("DDPOLoss: loss.token_weights is 'severity' but the batch carries no severity annotations "
-                                 "(`chosen_severity` / `rejected_severity` in the data, docs/DENSE_METHODS.md); add them or "
-                                 "use loss.token_weights segments")
+                raise ValueError(
+                    "DDPOLoss: loss.token_weights is 'severity' but the batch carries no severity annotations "
+                    "(`chosen_severity` / `rejected_severity` in the data, docs/DENSE_METHODS.md); add them or "
+                    "use loss.token_weights segments"
+                )
             return severity_weights(answer_mask, severity)
         if real_logps is None or corrupted_logps is None:
-            raise ValueError("DDPOLoss: loss.token_weights 'visual' needs the policy's log-probs given the real and the "
-                             "corrupted images (`corrupted=`)")
+            raise ValueError(
+                "DDPOLoss: loss.token_weights 'visual' needs the policy's log-probs given the real and the "
+                "corrupted images (`corrupted=`)"
+            )
         return visual_weights(answer_mask, real_logps, corrupted_logps)
 
     def forward(
         self,
         policy_chosen_token_logps: Tensor,
         policy_rejected_token_logps: Tensor,
-        ref_chosen_token_logps: Optional[Tensor],
-        ref_rejected_token_logps: Optional[Tensor],
+        ref_chosen_token_logps: Tensor | None,
+        ref_rejected_token_logps: Tensor | None,
         answer_mask: Tensor,
         corrected_mask: Tensor,
         *,
-        severity: Optional[Tensor] = None,
-        corrupted: Optional[tuple[Tensor, Tensor]] = None,
-        ref_corrupted_chosen_token_logps: Optional[Tensor] = None,
-        kl: Optional[tuple[Tensor, Tensor]] = None,
+        severity: Tensor | None = None,
+        corrupted: tuple[Tensor, Tensor] | None = None,
+        ref_corrupted_chosen_token_logps: Tensor | None = None,
+        kl: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Token log-probs [B, T] (aligned with labels[:, 1:]; reference ones may be None when
         reference_free); masks [2B, T] bool in `PairBatch` row order (chosen rows, then rejected rows):
@@ -286,11 +343,15 @@ class DDPOLoss(nn.Module):
         of the (chosen, rejected) rows [B, T] each (tdpo_alpha)."""
         b = policy_chosen_token_logps.shape[0]
         if answer_mask.shape[0] != 2 * b:
-            raise ValueError(f"DDPOLoss: the masks hold {answer_mask.shape[0]} rows for {b} pairs; pass them in PairBatch "
-                             "layout, [2B, T]: chosen rows, then rejected rows")
+            raise ValueError(
+                f"DDPOLoss: the masks hold {answer_mask.shape[0]} rows for {b} pairs; pass them in PairBatch "
+                "layout, [2B, T]: chosen rows, then rejected rows"
+            )
         if self.needs_corrupted_view and corrupted is None:
-            raise ValueError("DDPOLoss: loss.token_weights 'visual' and loss.image_conditional_weight need the policy's "
-                             "log-probs given corrupted images (`corrupted=`)")
+            raise ValueError(
+                "DDPOLoss: loss.token_weights 'visual' and loss.image_conditional_weight need the policy's "
+                "log-probs given corrupted images (`corrupted=`)"
+            )
         real = corrupted_all = None
         if self.token_weights == "visual":
             real = torch.cat([policy_chosen_token_logps, policy_rejected_token_logps])
@@ -315,8 +376,15 @@ class DDPOLoss(nn.Module):
             kl_rejected = torch.where(answer_mask[b:], kl[1], torch.zeros_like(kl[1])).sum(dim=1)
             kl_offset = self.tdpo_alpha * (kl_rejected - kl_chosen.detach())
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-            self.beta, self.loss_type, self.label_smoothing, self.reference_free, kl_offset,
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            self.beta,
+            self.loss_type,
+            self.label_smoothing,
+            self.reference_free,
+            kl_offset,
         )
         loss = losses.mean()
         extra_metrics: dict[str, Tensor] = {}
@@ -328,8 +396,10 @@ class DDPOLoss(nn.Module):
             if self.reference_free:
                 ref_corrupted = torch.zeros_like(corrupted_chosen)
             elif ref_corrupted_chosen_token_logps is None:
-                raise ValueError("DDPOLoss: loss.image_conditional_weight > 0 needs the reference's log-probs of the chosen "
-                                 "answers given corrupted images (`ref_corrupted_chosen_token_logps=`)")
+                raise ValueError(
+                    "DDPOLoss: loss.image_conditional_weight > 0 needs the reference's log-probs of the chosen "
+                    "answers given corrupted images (`ref_corrupted_chosen_token_logps=`)"
+                )
             else:
                 ref_corrupted = weighted_logps(ref_corrupted_chosen_token_logps, chosen_weights, self.normalize)
             conditional = -F.logsigmoid(self.beta * (chosen_margin - (corrupted_chosen - ref_corrupted))).mean()
@@ -346,7 +416,7 @@ class DDPOLoss(nn.Module):
             nll = -torch.where(answer, policy_chosen_token_logps, torch.zeros_like(policy_chosen_token_logps)).sum()
             loss = loss + self.sft_weight * nll / answer.sum().clamp(min=1)
 
-        def mean(t: Optional[Tensor]) -> Tensor:
+        def mean(t: Tensor | None) -> Tensor:
             return torch.zeros((), device=loss.device) if t is None else t.detach().float().mean()
 
         metrics = {

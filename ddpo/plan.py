@@ -11,11 +11,11 @@ The same integer arithmetic as the trainer (`Trainer._setup_steps` with `ddpo.sa
 prints before starting, so "7 epochs of 1.4k at batch 32 on 8 GPUs" can be checked before any GPU time
 is spent.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from ddpo.config import Config, ConfigError
 
@@ -49,13 +49,15 @@ class RunPlan:
         return self.pairs_seen / self.num_pairs
 
     def describe(self) -> str:
-        return (f"{self.num_pairs} pairs, {self.world_size} processes x {self.micro_batch_size} pairs x "
-                f"{self.gradient_accumulation_steps} accumulation = global batch {self.global_batch}; "
-                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps ({self.epochs:.2f} epochs, "
-                f"{self.pairs_seen} pairs seen), {self.warmup_steps} warm-up steps")
+        return (
+            f"{self.num_pairs} pairs, {self.world_size} processes x {self.micro_batch_size} pairs x "
+            f"{self.gradient_accumulation_steps} accumulation = global batch {self.global_batch}; "
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps ({self.epochs:.2f} epochs, "
+            f"{self.pairs_seen} pairs seen), {self.warmup_steps} warm-up steps"
+        )
 
 
-def nominal_num_pairs(cfg: Config) -> Optional[int]:
+def nominal_num_pairs(cfg: Config) -> int | None:
     """Pairs the config will train on, known before loading the data: the synthetic count, or a public
     set's size (capped by data.max_samples); None when only loading the data can tell."""
     if cfg.data.format == "synthetic":
@@ -78,9 +80,16 @@ def run_plan(cfg: Config, num_pairs: int, world_size: int = 1) -> RunPlan:
         raise ConfigError(
             f"{num_pairs} pairs cannot fill one optimizer step of global batch {global_batch} ({world_size} processes x "
             f"train.micro_batch_size {t.micro_batch_size} x train.gradient_accumulation_steps {t.gradient_accumulation_steps}): "
-            "use more data or a smaller batch")
+            "use more data or a smaller batch"
+        )
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
-    return RunPlan(num_pairs=num_pairs, world_size=world_size, micro_batch_size=t.micro_batch_size,
-                   gradient_accumulation_steps=t.gradient_accumulation_steps, global_batch=global_batch,
-                   steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                   warmup_steps=math.ceil(t.warmup_ratio * total_steps))
+    return RunPlan(
+        num_pairs=num_pairs,
+        world_size=world_size,
+        micro_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=math.ceil(t.warmup_ratio * total_steps),
+    )

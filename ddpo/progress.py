@@ -1,4 +1,5 @@
 """Progress bars that read well both in a terminal and in a log file."""
+
 from __future__ import annotations
 
 import sys

@@ -11,6 +11,7 @@ Layout of a cache directory:
     fingerprint.json    {"model": sha256, "dataset": ..., "template": ..., ...}
     logps.parquet       row_index:int64, chosen_logps:list<float32>, rejected_logps:list<float32>
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -27,8 +28,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from ddpo.data.images import ArrowImage, EncodedImage
 from ddpo import distributed as dist
+from ddpo.data.images import ArrowImage, EncodedImage
 from ddpo.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,12 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hash of every parameter and buffer (name, shape, dtype, values)."""
+
     def chunks():
         for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
             yield f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode()
             yield _tensor_bytes(tensor)
+
     return _sha(chunks())
 
 
@@ -72,6 +75,7 @@ def dataset_fingerprint(records) -> str:
             for image in r.images:  # compressed bytes when the record keeps them, else the pixels
                 yield f"{image.size}{image.mode}".encode()
                 yield image.data if isinstance(image, (EncodedImage, ArrowImage)) else image.tobytes()
+
     return _sha(chunks())
 
 
@@ -122,8 +126,9 @@ def corruption_fingerprint(loss_cfg) -> dict[str, str]:
 
 
 @torch.no_grad()
-def compute_answer_logps(model, dataset, collate, micro_batch_size: int, indices: list[int], progress: bool = False,
-                         transform=None):
+def compute_answer_logps(
+    model, dataset, collate, micro_batch_size: int, indices: list[int], progress: bool = False, transform=None
+):
     """Reference log-probs for `indices` of `dataset`: {row_index: (chosen list, rejected list)}.
     `transform(batch) -> batch` (optional) changes each collated batch first (a corruption of its images)."""
     was_training = model.training
@@ -145,7 +150,9 @@ def compute_answer_logps(model, dataset, collate, micro_batch_size: int, indices
     return out
 
 
-def write_cache(directory: str | os.PathLike, fp: dict[str, str], logps: dict[int, tuple[list[float], list[float]]]) -> Path:
+def write_cache(
+    directory: str | os.PathLike, fp: dict[str, str], logps: dict[int, tuple[list[float], list[float]]]
+) -> Path:
     """Write atomically: a temporary directory renamed into place."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
@@ -170,7 +177,9 @@ def read_cache(directory: str | os.PathLike, expected: dict[str, str]) -> dict[i
     directory = Path(directory)
     fp_file = directory / FINGERPRINT_FILE
     if not fp_file.is_file() or not (directory / LOGPS_FILE).is_file():
-        raise ReferenceCacheError(f"no reference cache in {directory}: run `ddpo precompute-ref CONFIG` or set train.reference live")
+        raise ReferenceCacheError(
+            f"no reference cache in {directory}: run `ddpo precompute-ref CONFIG` or set train.reference live"
+        )
     found = json.loads(fp_file.read_text(encoding="utf-8"))
     differing = [k for k in expected if found.get(k) != expected[k]]
     if differing:
@@ -183,12 +192,18 @@ def read_cache(directory: str | os.PathLike, expected: dict[str, str]) -> dict[i
     return {r: (c, j) for r, c, j in zip(table["row_index"], table["chosen_logps"], table["rejected_logps"])}
 
 
-def attach(records, cached: dict[int, tuple[list[float], list[float]]], directory,
-           fields: tuple[str, str] = ("ref_chosen_logps", "ref_rejected_logps")) -> None:
+def attach(
+    records,
+    cached: dict[int, tuple[list[float], list[float]]],
+    directory,
+    fields: tuple[str, str] = ("ref_chosen_logps", "ref_rejected_logps"),
+) -> None:
     """Put cached per-token log-probs onto the records' `fields` (by source row index)."""
     missing = [r.row_index for r in records if r.row_index not in cached]
     if missing:
-        raise ReferenceCacheError(f"reference cache {directory} lacks rows {missing[:10]}{'...' if len(missing) > 10 else ''}: recompute it")
+        raise ReferenceCacheError(
+            f"reference cache {directory} lacks rows {missing[:10]}{'...' if len(missing) > 10 else ''}: recompute it"
+        )
     for r in records:
         chosen, rejected = cached[r.row_index]
         setattr(r, fields[0], chosen)
@@ -206,10 +221,9 @@ def shard(num_items: int) -> list[int]:
 def gather(local: dict) -> dict:
     if dist.world_size() == 1:
         return local
-    parts: list[Optional[dict]] = [None] * dist.world_size()
+    parts: list[dict | None] = [None] * dist.world_size()
     torch.distributed.all_gather_object(parts, local)
     merged: dict = {}
     for part in parts:
         merged.update(part)
     return merged
-

@@ -4,9 +4,10 @@ The order of epoch e is a permutation drawn from `seed + e`; rank r takes every 
 of it. Position in the data is a pure function of the number of micro-batches consumed, so a resumed
 run sees exactly the batches the uninterrupted run would have seen, with no sampler state to save.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -27,7 +28,7 @@ class PairOrder:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        lengths: Optional[Sequence[int]] = None,
+        lengths: Sequence[int] | None = None,
         group_window: int = 64,
     ):
         self.num_items, self.micro_batch_size, self.seed = num_items, micro_batch_size, seed

@@ -1,9 +1,10 @@
 """The learning-rate schedule (one for every loop: the trainer's, the lab's SFT): linear warm-up, then
 constant, linear or cosine decay to 0 at the last step."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -24,4 +25,5 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine") -> 
         if schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return fn

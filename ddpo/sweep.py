@@ -27,6 +27,7 @@ starts the others. Afterwards every point's last metrics.jsonl row and its evalu
 prefixed `eval/<file stem>/`) are gathered into `results.csv` (one row per run), `summary.csv` (mean and standard
 deviation over seeds) and `results.md` (both), and `plot.png` draws the metrics against the first grid key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -74,14 +75,14 @@ class SweepSpec:
     base: str
     output_dir: Path
     grid: dict[str, list]
-    seeds: Optional[list[int]]
+    seeds: list[int] | None
     overrides: dict[str, Any]
     eval_files: list[str]
     plot_metrics: list[str]
     source: str = "<spec>"
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SweepSpec":
+    def load(cls, path: str | os.PathLike) -> SweepSpec:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"sweep spec not found: {path}")
@@ -89,12 +90,14 @@ class SweepSpec:
         return cls.from_dict(data, str(path))
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<spec>") -> "SweepSpec":
+    def from_dict(cls, data: dict, source: str = "<spec>") -> SweepSpec:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a sweep spec is a mapping with keys {', '.join(sorted(SPEC_KEYS))}")
         unknown = set(data) - SPEC_KEYS
         if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; a sweep spec has {', '.join(sorted(SPEC_KEYS))}")
+            raise ConfigError(
+                f"{source}: unknown key(s) {', '.join(sorted(unknown))}; a sweep spec has {', '.join(sorted(SPEC_KEYS))}"
+            )
         for key in ("base", "output_dir", "grid"):
             if key not in data:
                 raise ConfigError(f"{source}: '{key}' is required (see ddpo/sweep.py for the format)")
@@ -110,11 +113,20 @@ class SweepSpec:
         if not isinstance(eval_files, list) or not all(isinstance(f, str) for f in eval_files):
             raise ConfigError(f"{source}: 'eval_files' must be a list of file names, got {eval_files!r}")
         seeds = data.get("seeds")
-        if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds):
+        if seeds is not None and (
+            not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds
+        ):
             raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
-        return cls(base=str(data["base"]), output_dir=Path(data["output_dir"]), grid=dict(grid), seeds=seeds,
-                   overrides=dict(data.get("overrides") or {}), eval_files=eval_files,
-                   plot_metrics=list(data.get("plot_metrics") or DEFAULT_PLOT_METRICS), source=source)
+        return cls(
+            base=str(data["base"]),
+            output_dir=Path(data["output_dir"]),
+            grid=dict(grid),
+            seeds=seeds,
+            overrides=dict(data.get("overrides") or {}),
+            eval_files=eval_files,
+            plot_metrics=list(data.get("plot_metrics") or DEFAULT_PLOT_METRICS),
+            source=source,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,8 +195,13 @@ def point_status(run_dir: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # Launching
 # ----------------------------------------------------------------------------------------------
-def command(point: Point, launcher: str, hostfile: Optional[str] = None, num_gpus: Optional[int] = None,
-            master_port: Optional[int] = None) -> list[str]:
+def command(
+    point: Point,
+    launcher: str,
+    hostfile: str | None = None,
+    num_gpus: int | None = None,
+    master_port: int | None = None,
+) -> list[str]:
     """The command that trains one point (its config already says where to write and to resume)."""
     if launcher in ("local", "inline"):  # inline runs the same training in the sweep's own process
         return [sys.executable, "-m", "ddpo", "train", str(point.config_path)]
@@ -214,7 +231,7 @@ def hostfile_slots(hostfile: str) -> int:
     return total
 
 
-def describe_plan(point: Point, world_size: Optional[int]) -> str:
+def describe_plan(point: Point, world_size: int | None) -> str:
     """The point's run plan (ddpo/plan.py) on the data size its config implies."""
     cfg = load_config(point.config_path)
     pairs = nominal_num_pairs(cfg)
@@ -224,7 +241,11 @@ def describe_plan(point: Point, world_size: Optional[int]) -> str:
 
 
 def write_commands(path: Path, commands: list[list[str]]) -> None:
-    lines = ["#!/usr/bin/env bash", "# Written by ddpo/sweep.py: one training job per grid point (each resumes itself).", "set -e"]
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Written by ddpo/sweep.py: one training job per grid point (each resumes itself).",
+        "set -e",
+    ]
     path.write_text("\n".join([*lines, *map(shlex.join, commands)]) + "\n", encoding="utf-8")
 
 
@@ -251,8 +272,9 @@ def train_inline(point: Point) -> int:
     return 0
 
 
-def launch(spec: SweepSpec, points: list[Point], cmd_of, dry_run: bool, world_size: Optional[int],
-           inline: bool = False) -> list[str]:
+def launch(
+    spec: SweepSpec, points: list[Point], cmd_of, dry_run: bool, world_size: int | None, inline: bool = False
+) -> list[str]:
     """Run (or, dry, print) each unfinished point in turn; returns the names of points that failed."""
     failed = []
     for i, point in enumerate(points, 1):
@@ -301,7 +323,9 @@ def last_metrics(run_dir: Path) -> dict[str, float]:
     try:
         row = json.loads(lines[-1])
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: last line is not JSON ({e}); the run may have been killed mid-write: delete that line") from None
+        raise ValueError(
+            f"{path}: last line is not JSON ({e}); the run may have been killed mid-write: delete that line"
+        ) from None
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -382,24 +406,44 @@ def write_markdown(spec: SweepSpec, path: Path, rows: list[dict], summary: list[
     eval_columns = sorted({k for row in rows for k in row if k.startswith("eval/")})
     metrics = [m for m in TABLE_TRAIN_METRICS if any(m in row for row in rows)] + eval_columns
     run_columns = ["run", *keys, *(["train.seed"] if spec.seeds else []), "status", *metrics]
-    summary_rows = [{**{k: s[k] for k in keys}, "runs": f"{s['done']}/{s['runs']} done",
-                     **{m: (f"{s[f'{m} mean']:.4g} ± {s[f'{m} std']:.2g}" if f"{m} mean" in s else "") for m in metrics}}
-                    for s in summary]
-    text = [f"# Sweep {spec.output_dir.name}", "", f"Base config `{spec.base}`; grid {json.dumps(spec.grid)}; seeds {spec.seeds}.",
-            "Training metrics are each run's last logged step; `eval/<file>/*` come from its "
-            + ", ".join(f"`{f}`" for f in spec.eval_files) + ".", "", "## Per grid point (mean ± std over seeds)", "",
-            markdown_table(summary_rows, [*keys, "runs", *metrics]), "", "## Per run", "", markdown_table(rows, run_columns), ""]
+    summary_rows = [
+        {
+            **{k: s[k] for k in keys},
+            "runs": f"{s['done']}/{s['runs']} done",
+            **{m: (f"{s[f'{m} mean']:.4g} ± {s[f'{m} std']:.2g}" if f"{m} mean" in s else "") for m in metrics},
+        }
+        for s in summary
+    ]
+    text = [
+        f"# Sweep {spec.output_dir.name}",
+        "",
+        f"Base config `{spec.base}`; grid {json.dumps(spec.grid)}; seeds {spec.seeds}.",
+        "Training metrics are each run's last logged step; `eval/<file>/*` come from its "
+        + ", ".join(f"`{f}`" for f in spec.eval_files)
+        + ".",
+        "",
+        "## Per grid point (mean ± std over seeds)",
+        "",
+        markdown_table(summary_rows, [*keys, "runs", *metrics]),
+        "",
+        "## Per run",
+        "",
+        markdown_table(rows, run_columns),
+        "",
+    ]
     path.write_text("\n".join(text), encoding="utf-8")
 
 
-def plot(spec: SweepSpec, summary: list[dict], path: Path) -> Optional[Path]:
+def plot(spec: SweepSpec, summary: list[dict], path: Path) -> Path | None:
     """Each metric against the first grid key, one line per combination of the other keys, error bars = std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eval_metrics_ = sorted({k[: -len(" mean")] for s in summary for k in s if k.startswith("eval/") and k.endswith(" mean")})
+    eval_metrics_ = sorted(
+        {k[: -len(" mean")] for s in summary for k in s if k.startswith("eval/") and k.endswith(" mean")}
+    )
     metrics = [m for m in dict.fromkeys(spec.plot_metrics + eval_metrics_) if any(f"{m} mean" in s for s in summary)]
     if not metrics:
         return None
@@ -416,8 +460,14 @@ def plot(spec: SweepSpec, summary: list[dict], path: Path) -> Optional[Path]:
         for combo, members in lines.items():
             members = sorted((m for m in members if f"{metric} mean" in m), key=lambda m: position[m[x_key]])
             label = ", ".join(f"{names[k]}={v}" for k, v in zip(other, combo)) or None
-            ax.errorbar([position[m[x_key]] for m in members], [m[f"{metric} mean"] for m in members],
-                        yerr=[m[f"{metric} std"] for m in members], marker="o", capsize=3, label=label)
+            ax.errorbar(
+                [position[m[x_key]] for m in members],
+                [m[f"{metric} mean"] for m in members],
+                yerr=[m[f"{metric} std"] for m in members],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         if not numeric_x:
             ax.set_xticks(range(len(x_values)), [str(v) for v in x_values])
         ax.set_xlabel(names[x_key])
@@ -433,8 +483,11 @@ def plot(spec: SweepSpec, summary: list[dict], path: Path) -> Optional[Path]:
 def aggregate(spec: SweepSpec, points: list[Point]) -> dict[str, Path]:
     rows = collect(spec, points)
     summary = summarize(spec, rows)
-    out = {"csv": spec.output_dir / "results.csv", "summary_csv": spec.output_dir / "summary.csv",
-           "markdown": spec.output_dir / "results.md"}
+    out = {
+        "csv": spec.output_dir / "results.csv",
+        "summary_csv": spec.output_dir / "summary.csv",
+        "markdown": spec.output_dir / "results.md",
+    }
     write_csv(out["csv"], rows)
     write_csv(out["summary_csv"], summary)
     write_markdown(spec, out["markdown"], rows, summary)
@@ -472,19 +525,33 @@ def point_from_args(spec: SweepSpec, args: list[str]) -> Point:
 
 
 # ----------------------------------------------------------------------------------------------
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("spec", help="grid spec YAML (see experiments/sweeps/)")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                        help="local: `python -m ddpo train` per point, in sequence; inline: the same in this process "
-                             "(no start-up per point; CPU sweeps); deepspeed: a `deepspeed` job per point")
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="local",
+        help="local: `python -m ddpo train` per point, in sequence; inline: the same in this process "
+        "(no start-up per point; CPU sweeps); deepspeed: a `deepspeed` job per point",
+    )
     parser.add_argument("--hostfile", help="DeepSpeed hostfile (lines 'host slots=N') for a multi-node cluster")
     parser.add_argument("--num-gpus", type=int, help="GPUs per node for the deepspeed launcher (default: all)")
     parser.add_argument("--master-port", type=int, help="master port for the deepspeed launcher")
-    parser.add_argument("--dry-run", action="store_true", help="write the configs and commands.sh, print the commands and run plans; run nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write the configs and commands.sh, print the commands and run plans; run nothing",
+    )
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild results.md/csv and plot.png")
     parser.add_argument("--export-wandb", metavar="FILE", help="write the grid as a wandb sweep YAML and exit")
-    parser.add_argument("--wandb-point", action="store_true", help="(used by wandb agents) run the one point given by --key=value arguments")
+    parser.add_argument(
+        "--wandb-point",
+        action="store_true",
+        help="(used by wandb agents) run the one point given by --key=value arguments",
+    )
     args, rest = parser.parse_known_args(argv)
     if rest and not args.wandb_point:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -492,7 +559,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         spec = SweepSpec.load(args.spec)
         points = expand(spec)
         if args.export_wandb:
-            Path(args.export_wandb).write_text(yaml.safe_dump(wandb_sweep(spec, args.spec), sort_keys=False), encoding="utf-8")
+            Path(args.export_wandb).write_text(
+                yaml.safe_dump(wandb_sweep(spec, args.spec), sort_keys=False), encoding="utf-8"
+            )
             print(f"wrote {args.export_wandb}: run `wandb sweep {args.export_wandb}` then `wandb agent ID`")
             return 0
         if args.wandb_point:
@@ -501,7 +570,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         failed: list[str] = []
         if not args.aggregate_only:
             write_configs(spec, points)
-            world = 1 if args.launcher != "deepspeed" else (hostfile_slots(args.hostfile) if args.hostfile else args.num_gpus)
+            world = (
+                1
+                if args.launcher != "deepspeed"
+                else (hostfile_slots(args.hostfile) if args.hostfile else args.num_gpus)
+            )
             cmd_of = lambda p: command(p, args.launcher, args.hostfile, args.num_gpus, args.master_port)  # noqa: E731
             if not args.wandb_point:
                 write_commands(spec.output_dir / "commands.sh", [cmd_of(p) for p in points])

@@ -11,6 +11,7 @@ Eq. 5 mean), for the policy and the reference alike. Sources (docs/DENSE_METHODS
     length     LD-DPO style: 1 on the first min(|chosen|, |rejected|) answer tokens of both answers of a
                pair, alpha on the longer answer's tail
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,10 @@ TOKEN_WEIGHT_SOURCES = ("segments", "severity", "visual", "length")
 
 def _check_same_shape(name: str, answer_mask: Tensor, other: Tensor) -> None:
     if answer_mask.shape != other.shape:
-        raise ValueError(f"{name}: the answer mask and the per-token input masks differ in shape: "
-                         f"{tuple(answer_mask.shape)} vs {tuple(other.shape)} (both are aligned with labels[:, 1:])")
+        raise ValueError(
+            f"{name}: the answer mask and the per-token input masks differ in shape: "
+            f"{tuple(answer_mask.shape)} vs {tuple(other.shape)} (both are aligned with labels[:, 1:])"
+        )
 
 
 def token_weights(answer_mask: Tensor, corrected_mask: Tensor, gamma: float) -> Tensor:
@@ -40,7 +43,9 @@ def severity_weights(answer_mask: Tensor, severity: Tensor) -> Tensor:
     if (severity < 0).any() or not torch.isfinite(severity).all():
         raise ValueError("severity_weights: severity weights must be finite and >= 0 (0 = not annotated)")
     severity = severity.float()
-    return torch.where(answer_mask, torch.where(severity > 0, severity, torch.ones_like(severity)), torch.zeros_like(severity))
+    return torch.where(
+        answer_mask, torch.where(severity > 0, severity, torch.ones_like(severity)), torch.zeros_like(severity)
+    )
 
 
 def visual_weights(answer_mask: Tensor, real_logps: Tensor, corrupted_logps: Tensor) -> Tensor:
@@ -52,7 +57,11 @@ def visual_weights(answer_mask: Tensor, real_logps: Tensor, corrupted_logps: Ten
     _check_same_shape("visual_weights", answer_mask, corrupted_logps)
     b = answer_mask.shape[0] // 2
     # where(): log-probs outside the answer may be anything (they are never read)
-    gap = torch.where(answer_mask, real_logps.detach().float() - corrupted_logps.detach().float(), torch.zeros_like(real_logps, dtype=torch.float32))
+    gap = torch.where(
+        answer_mask,
+        real_logps.detach().float() - corrupted_logps.detach().float(),
+        torch.zeros_like(real_logps, dtype=torch.float32),
+    )
     s = torch.sigmoid(gap)
     weights = torch.cat([s[:b] + 0.5, 1.5 - s[b:]])
     return torch.where(answer_mask, weights, torch.zeros_like(weights))
@@ -62,7 +71,9 @@ def length_weights(answer_mask: Tensor, alpha: float) -> Tensor:
     """LD-DPO weights: answer token k of either answer of pair i weighs 1 while k < min(|chosen_i|,
     |rejected_i|) (the shared length) and alpha after it (the longer answer's tail)."""
     if answer_mask.shape[0] % 2:
-        raise ValueError(f"length_weights: the answer mask holds {answer_mask.shape[0]} rows; pass [2B, T] (chosen rows, then rejected)")
+        raise ValueError(
+            f"length_weights: the answer mask holds {answer_mask.shape[0]} rows; pass [2B, T] (chosen rows, then rejected)"
+        )
     b = answer_mask.shape[0] // 2
     position = answer_mask.long().cumsum(dim=1) - 1  # k of each answer token
     lengths = answer_mask.sum(dim=1)

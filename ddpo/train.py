@@ -1,14 +1,14 @@
 """`deepspeed -m ddpo.train CONFIG [--section.field VALUE ...]`: the entry point of each launched
 process (the launcher adds --local_rank, which the environment already carries)."""
+
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 from ddpo.cli import main as cli_main
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]
     return cli_main(["train", *argv])

@@ -17,6 +17,7 @@ One optimizer step, top to bottom (see `train`):
         engine.backward(loss)                                     DeepSpeed scales by 1/accumulation
     engine.step()                                                 clip, AdamW, LR schedule
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,26 +28,27 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ddpo import checkpoint, reference
+from ddpo import distributed as dist
+from ddpo.config import Config, save_config
+from ddpo.corruption import corrupt_batch
 from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
 from ddpo.data.formats import load_records
 from ddpo.data.images import DataError
 from ddpo.data.tokenizer import build_word_tokenizer
-from ddpo import checkpoint, distributed as dist, reference
-from ddpo.config import Config, save_config
-from ddpo.corruption import corrupt_batch
 from ddpo.loss import DDPOLoss
+from ddpo.models.build import build_model
+from ddpo.models.logps import chunked_token_kl
 from ddpo.plan import run_plan
 from ddpo.progress import progress_bar
 from ddpo.sampler import PairOrder
 from ddpo.schedule import lr_lambda
-from ddpo.models.build import build_model
-from ddpo.models.logps import chunked_token_kl
 
 logger = logging.getLogger("ddpo")
 
@@ -81,10 +83,10 @@ class TrainerCallback:
     """Hooks for experiments (exports, probes); every method is a no-op unless overridden. They run on
     every rank (a callback that saves must let every rank call `trainer.save`, a collective)."""
 
-    def on_log(self, trainer: "Trainer", record: dict) -> None:
+    def on_log(self, trainer: Trainer, record: dict) -> None:
         """After an optimizer step whose metrics were logged (`record` as written to metrics.jsonl)."""
 
-    def on_checkpoint(self, trainer: "Trainer", path: Path) -> None:
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         """After a checkpoint was written to `path` (every train.save_steps and at the end)."""
 
 
@@ -99,14 +101,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # setup
     # ------------------------------------------------------------------------------------------
-    def setup(self, for_reference_cache: bool = False) -> "Trainer":
+    def setup(self, for_reference_cache: bool = False) -> Trainer:
         cfg = self.cfg
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         torch.set_flush_denormal(True)  # tiny random models hit denormals on CPU: ~9x slower without this
         dist.init_distributed()
         self.is_main = dist.rank() == 0
-        logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if self.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+        )
         self._seed_everything(cfg.train.seed)
         self.device = dist.device()
         self.bf16 = cfg.deepspeed.bf16 == "true" or (
@@ -171,30 +175,43 @@ class Trainer:
         from transformers import AutoTokenizer
 
         if self.cfg.model.tokenizer:
-            return AutoTokenizer.from_pretrained(self.cfg.model.tokenizer, trust_remote_code=self.cfg.model.trust_remote_code)
+            return AutoTokenizer.from_pretrained(
+                self.cfg.model.tokenizer, trust_remote_code=self.cfg.model.trust_remote_code
+            )
         return build_word_tokenizer(t for r in self.records for t in (r.prompt, r.chosen, r.rejected))
 
     def _check_data_for_loss(self) -> None:
         if self.cfg.loss.token_weights == "severity" and not any(
-                r.chosen_severity or r.rejected_severity for r in self.dataset.records):
-            raise DataError(f"{self.cfg.data.path or self.cfg.data.format}: loss.token_weights is 'severity' but no row carries "
-                            "severity annotations (`chosen_severity` / `rejected_severity`: [[start, end, weight], ...], "
-                            "docs/DENSE_METHODS.md); add them or use loss.token_weights segments")
+            r.chosen_severity or r.rejected_severity for r in self.dataset.records
+        ):
+            raise DataError(
+                f"{self.cfg.data.path or self.cfg.data.format}: loss.token_weights is 'severity' but no row carries "
+                "severity annotations (`chosen_severity` / `rejected_severity`: [[start, end, weight], ...], "
+                "docs/DENSE_METHODS.md); add them or use loss.token_weights segments"
+            )
 
     # -- reference ------------------------------------------------------------------------------
-    def _reference_cache(self, corrupted: bool) -> tuple[Path, dict, Optional[Callable]]:
+    def _reference_cache(self, corrupted: bool) -> tuple[Path, dict, Callable | None]:
         """(directory, fingerprint, batch transform) of the plain cache or of the corrupted-image one."""
         fp = reference.fingerprint(self.model, self.records, self.cfg)
         if not corrupted:
             return self.reference_cache_dir, fp, None
-        return (reference.corrupted_cache_dir(self.reference_cache_dir, self.cfg.loss),
-                {**fp, **reference.corruption_fingerprint(self.cfg.loss)}, self._corrupt)
+        return (
+            reference.corrupted_cache_dir(self.reference_cache_dir, self.cfg.loss),
+            {**fp, **reference.corruption_fingerprint(self.cfg.loss)},
+            self._corrupt,
+        )
 
     def _compute_reference_cache(self, corrupted: bool = False) -> None:
         directory, fp, transform = self._reference_cache(corrupted)
         local = reference.compute_answer_logps(
-            self.model, self.dataset, self.collate, self.cfg.train.micro_batch_size,
-            reference.shard(len(self.dataset)), progress=self.is_main and self.cfg.logging.progress_bar, transform=transform,
+            self.model,
+            self.dataset,
+            self.collate,
+            self.cfg.train.micro_batch_size,
+            reference.shard(len(self.dataset)),
+            progress=self.is_main and self.cfg.logging.progress_bar,
+            transform=transform,
         )
         merged = reference.gather(local)
         if self.is_main:
@@ -208,13 +225,19 @@ class Trainer:
             logger.info("no reference cache at %s: computing it from the initial policy", directory)
             self._compute_reference_cache(corrupted)
         cached = reference.read_cache(directory, expected)
-        fields = ("ref_corrupted_chosen_logps", "ref_corrupted_rejected_logps") if corrupted else ("ref_chosen_logps", "ref_rejected_logps")
+        fields = (
+            ("ref_corrupted_chosen_logps", "ref_corrupted_rejected_logps")
+            if corrupted
+            else ("ref_chosen_logps", "ref_rejected_logps")
+        )
         reference.attach(self.records, cached, directory, fields)
 
     def _corrupt(self, batch):
         """The batch with its images corrupted (loss.corruption; seeded per pair, ddpo/corruption.py)."""
         loss = self.cfg.loss
-        return corrupt_batch(batch, loss.corruption, loss.corruption_strength, loss.corruption_seed, self.model.num_image_tokens)
+        return corrupt_batch(
+            batch, loss.corruption, loss.corruption_strength, loss.corruption_seed, self.model.num_image_tokens
+        )
 
     def _frozen_reference(self):
         import deepspeed
@@ -253,7 +276,11 @@ class Trainer:
         )
         plan = run_plan(self.cfg, len(self.dataset), dist.world_size())
         logger.info("run plan: %s", plan.describe())
-        self.steps_per_epoch, self.total_steps, self.warmup_steps = plan.steps_per_epoch, plan.total_steps, plan.warmup_steps
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = (
+            plan.steps_per_epoch,
+            plan.total_steps,
+            plan.warmup_steps,
+        )
 
     def _setup_engine(self) -> None:
         import deepspeed
@@ -261,7 +288,10 @@ class Trainer:
         cfg = self.cfg.train
         # fused: one kernel for all parameters; the per-tensor loop was ~30% of a small model's CPU step.
         optimizer = torch.optim.AdamW(
-            self._param_groups(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            self._param_groups(),
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
             fused=True,
         )
         # Built on torch's optimizer: ZeRO wraps it and reads the group learning rates from it.
@@ -269,7 +299,9 @@ class Trainer:
             optimizer, lr_lambda(self.total_steps, self.warmup_steps, cfg.lr_scheduler)
         )
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=self.scheduler,
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=self.scheduler,
             config=deepspeed_config(self.cfg, self.bf16),
         )
         if dist.world_size() == 1 and self.engine.zero_optimization_stage() == 0:
@@ -290,9 +322,19 @@ class Trainer:
                 "resuming at step %d with a different run length: the checkpoint's run planned %d steps (%d warm-up) "
                 "and this one plans %d (%d warm-up); the %s learning-rate schedule is re-planned from here: step %d "
                 "uses %.4g (the saved run's schedule: %.4g). Steps 1-%d followed the old schedule, so this run is not "
-                "the same as a %d-step run from scratch", self.step, saved_total, saved_warmup, self.total_steps,
-                self.warmup_steps, cfg.lr_scheduler, self.step + 1, cfg.learning_rate * schedule(self.step),
-                cfg.learning_rate * old(self.step), self.step, self.total_steps)
+                "the same as a %d-step run from scratch",
+                self.step,
+                saved_total,
+                saved_warmup,
+                self.total_steps,
+                self.warmup_steps,
+                cfg.lr_scheduler,
+                self.step + 1,
+                cfg.learning_rate * schedule(self.step),
+                cfg.learning_rate * old(self.step),
+                self.step,
+                self.total_steps,
+            )
         # LambdaLR's own formula, so an unchanged run continues bit for bit.
         optimizer, scheduler = self.scheduler.optimizer, self.scheduler
         scheduler.last_epoch = self.step
@@ -315,7 +357,12 @@ class Trainer:
         if self.is_main:
             self._keep_logged_steps(metrics_file)
         logged: list[dict] = []
-        bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", disable=not (self.is_main and self.cfg.logging.progress_bar))
+        bar = progress_bar(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            disable=not (self.is_main and self.cfg.logging.progress_bar),
+        )
         self.engine.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
@@ -346,7 +393,9 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                     if wandb_run is not None:
                         wandb_run.log(record, step=self.step)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False
+                    )
                 for callback in self.callbacks:
                     callback.on_log(self, record)
             bar.update(1)
@@ -363,10 +412,14 @@ class Trainer:
         """Forward one micro-batch of pairs and return (loss, metrics)."""
         b = batch.num_pairs
         tdpo = self.loss_fn.needs_kl  # TDPO's KL also reads the final hidden states (no extra forward)
-        chosen_logps, rejected_logps, *hidden = self.engine(batch, return_hidden=True) if tdpo else self.engine(batch)  # [B, T-1] each (model.shared_prompt: one packed row per pair)
+        chosen_logps, rejected_logps, *hidden = (
+            self.engine(batch, return_hidden=True) if tdpo else self.engine(batch)
+        )  # [B, T-1] each (model.shared_prompt: one packed row per pair)
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_chosen, ref_rejected, *ref_hidden = self.ref_model(batch, return_hidden=True) if tdpo else self.ref_model(batch)
+                ref_chosen, ref_rejected, *ref_hidden = (
+                    self.ref_model(batch, return_hidden=True) if tdpo else self.ref_model(batch)
+                )
             ref_chosen, ref_rejected = ref_chosen.float(), ref_rejected.float()
         elif batch.ref_token_logps is not None:
             ref_chosen, ref_rejected = batch.ref_token_logps[:b], batch.ref_token_logps[b:]
@@ -379,7 +432,9 @@ class Trainer:
             extras.update(self._corrupted_view(batch))
         if tdpo:
             extras["kl"] = self._token_kl(batch, hidden[0], ref_hidden[0])
-        loss, metrics = self.loss_fn(chosen_logps, rejected_logps, ref_chosen, ref_rejected, batch.answer_mask, batch.corrected, **extras)
+        loss, metrics = self.loss_fn(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, batch.answer_mask, batch.corrected, **extras
+        )
         finite = torch.tensor([float(torch.isfinite(loss))], device=loss.device)
         if dist.world_size() > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -401,15 +456,23 @@ class Trainer:
                 with torch.no_grad():
                     out["ref_corrupted_chosen_token_logps"] = self.ref_model(corrupted)[0].float()
             else:
-                out["ref_corrupted_chosen_token_logps"] = batch.ref_corrupted_token_logps[:batch.num_pairs]
+                out["ref_corrupted_chosen_token_logps"] = batch.ref_corrupted_token_logps[: batch.num_pairs]
         return out
 
     def _token_kl(self, batch, hidden, ref_hidden) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position KL(reference || policy) of the chosen and the rejected rows (TDPO), [B, T-1] each."""
         policy_head, reference_head = self.model.lm_head, self.ref_model.lm_head
-        kl = chunked_token_kl(hidden, policy_head.weight, ref_hidden, reference_head.weight, batch.labels,
-                              chunk_size=self.model.logps_chunk_size, policy_bias=policy_head.bias, reference_bias=reference_head.bias)
-        return kl[:batch.num_pairs], kl[batch.num_pairs:]
+        kl = chunked_token_kl(
+            hidden,
+            policy_head.weight,
+            ref_hidden,
+            reference_head.weight,
+            batch.labels,
+            chunk_size=self.model.logps_chunk_size,
+            policy_bias=policy_head.bias,
+            reference_bias=reference_head.bias,
+        )
+        return kl[: batch.num_pairs], kl[batch.num_pairs :]
 
     def _grad_norm(self) -> float:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -418,7 +481,11 @@ class Trainer:
     def _log_record(self, step_metrics: dict, lr: float, grad_norm, elapsed: float, pairs: int, tokens: int) -> dict:
         names = sorted(step_metrics)
         reduced = dist.all_reduce_mean(torch.stack([step_metrics[n] for n in names]))
-        record = {"step": self.step, "epoch": round(self.micro_batches_done / self.order.batches_per_epoch, 4), "lr": lr}
+        record = {
+            "step": self.step,
+            "epoch": round(self.micro_batches_done / self.order.batches_per_epoch, 4),
+            "lr": lr,
+        }
         record.update({n: float(v) for n, v in zip(names, reduced)})
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
@@ -437,7 +504,12 @@ class Trainer:
         lines = metrics_file.read_text(encoding="utf-8").splitlines()
         kept = [line for line in lines if _logged_step(line) <= self.step]  # a row cut by a kill is dropped too
         if len(kept) != len(lines):
-            logger.info("%s: dropped %d rows past step %d (logged again by this run)", metrics_file, len(lines) - len(kept), self.step)
+            logger.info(
+                "%s: dropped %d rows past step %d (logged again by this run)",
+                metrics_file,
+                len(lines) - len(kept),
+                self.step,
+            )
             checkpoint.write_text_atomic(metrics_file, "".join(line + "\n" for line in kept))
 
     def _start_wandb(self):
@@ -447,22 +519,30 @@ class Trainer:
         import wandb
 
         return wandb.init(
-            mode=mode, project=self.cfg.logging.project, entity=self.cfg.logging.entity,
-            name=self.cfg.logging.run_name or self.output_dir.name, config=self.cfg.to_dict(), dir=str(self.output_dir),
+            mode=mode,
+            project=self.cfg.logging.project,
+            entity=self.cfg.logging.entity,
+            name=self.cfg.logging.run_name or self.output_dir.name,
+            config=self.cfg.to_dict(),
+            dir=str(self.output_dir),
         )
 
     # ------------------------------------------------------------------------------------------
     # save
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "micro_batches_done": self.micro_batches_done, "total_steps": self.total_steps,
-                 "warmup_steps": self.warmup_steps}
+        state = {
+            "step": self.step,
+            "micro_batches_done": self.micro_batches_done,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
         path = checkpoint.save(self.engine, self.output_dir, self.step, state, self.cfg.train.save_total_limit)
         for callback in self.callbacks:
             callback.on_checkpoint(self, path)
         return path
 
-    def save(self, directory: Optional[str | os.PathLike] = None) -> Path:
+    def save(self, directory: str | os.PathLike | None = None) -> Path:
         """Export the policy in Hugging Face format (`models.build.load_model` reloads it)."""
         import deepspeed
 

@@ -23,6 +23,7 @@ after one warm-up. The last two lines printed are
     .venv/bin/python experiments/bench_logps.py [--reps 3] [--chunk-size 256] [--threads 2]
     python experiments/bench_logps.py --device cuda --dtype bfloat16 --hidden 4096 --vocab 32064  # LLaVA-1.5-7B's head
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,18 +126,24 @@ def main(argv=None) -> None:
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             results[head, variant] = json.loads(done.stdout.strip().splitlines()[-1])
 
-    print(f"B={args.batch} T={args.length} V={args.vocab} H={args.hidden} {args.dtype} on {args.device}, fwd+bwd, "
-          f"chunk {args.chunk_size}, median of {args.reps} after 1 warm-up, {args.threads} thread(s)")
+    print(
+        f"B={args.batch} T={args.length} V={args.vocab} H={args.hidden} {args.dtype} on {args.device}, fwd+bwd, "
+        f"chunk {args.chunk_size}, median of {args.reps} after 1 warm-up, {args.threads} thread(s)"
+    )
     print(f"{'head':<11}{'variant':<10}{'peak MB':>10}{'seconds':>10}{'sum logps':>16}")
     for r in results.values():
         note = "" if r["reliable"] else "  (lower bound: set-up peaked higher)"
-        print(f"{r['head']:<11}{r['variant']:<10}{r['peak_mb']:>10.0f}{r['seconds']:>10.2f}{r['sum_logps']:>16.2f}{note}")
+        print(
+            f"{r['head']:<11}{r['variant']:<10}{r['peak_mb']:>10.0f}{r['seconds']:>10.2f}{r['sum_logps']:>16.2f}{note}"
+        )
     weight_mb = args.vocab * args.hidden * getattr(torch, args.dtype).itemsize / MB
     print(f"(the trainable head's weight gradient alone: {weight_mb:.0f} MB, in both variants)")
     for head in ("frozen", "trainable"):
         naive, chunked = results[head, "naive"], results[head, "chunked"]
-        print(f"{head} head: memory_ratio={chunked['peak_mb'] / naive['peak_mb']:.3f} "
-              f"time_ratio={chunked['seconds'] / naive['seconds']:.2f}")
+        print(
+            f"{head} head: memory_ratio={chunked['peak_mb'] / naive['peak_mb']:.3f} "
+            f"time_ratio={chunked['seconds'] / naive['seconds']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ TRL is an optional benchmark dependency (requirements-bench.txt: trl==1.16.0, in
                                                        # autocast); step times after a synchronize; peak memory
                                                        # from the CUDA allocator
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -74,10 +75,18 @@ LADDER = {
     "grouped": ("cached", True, True, True),
     "floor": ("cached", True, True, True),
 }
-TRL_MISSING = ("TRL is not installed: .venv/bin/pip install --no-deps -r requirements-bench.txt (trl==1.16.0), "
-               "or leave 'trl' out of --modes")
-CHILD_ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
-                 TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+TRL_MISSING = (
+    "TRL is not installed: .venv/bin/pip install --no-deps -r requirements-bench.txt (trl==1.16.0), "
+    "or leave 'trl' out of --modes"
+)
+CHILD_ENV = dict(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    WANDB_MODE="disabled",
+    TOKENIZERS_PARALLELISM="false",
+    PYTHONPATH=str(REPO),
+)
 DEVICE = "cpu"  # the child's --device
 
 
@@ -108,8 +117,17 @@ def write_fixture(workdir: Path, seed: int = 0) -> None:
             question = " ".join(rng.choices(words, k=rng.randint(*QUESTION_WORDS)))
             chosen = rng.choices(words, k=rng.randint(*ANSWER_WORDS))
             rejected = [rng.choice(words) if rng.random() < 0.15 else w for w in chosen]  # hallucinated words
-            f.write(json.dumps({"image": f"{i}.png", "question": question, "chosen": " ".join(chosen),
-                                "rejected": " ".join(rejected)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "image": f"{i}.png",
+                        "question": question,
+                        "chosen": " ".join(chosen),
+                        "rejected": " ".join(rejected),
+                    }
+                )
+                + "\n"
+            )
 
 
 def ddpo_config(workdir: Path, mode: str, max_steps: int, threads: int, run_dir: Path):
@@ -123,7 +141,12 @@ def ddpo_config(workdir: Path, mode: str, max_steps: int, threads: int, run_dir:
     cfg.data.template, cfg.data.max_length, cfg.data.length_grouping = TEMPLATE, 512, grouped
     cfg.loss.beta, cfg.loss.gamma = 0.1, 5.0
     t = cfg.train
-    t.output_dir, t.max_steps, t.micro_batch_size, t.gradient_accumulation_steps = str(run_dir), max_steps, BATCH_PAIRS, 1
+    t.output_dir, t.max_steps, t.micro_batch_size, t.gradient_accumulation_steps = (
+        str(run_dir),
+        max_steps,
+        BATCH_PAIRS,
+        1,
+    )
     t.learning_rate, t.warmup_ratio, t.lr_scheduler, t.max_grad_norm = 1e-5, 0.0, "constant", 1.0
     t.reference, t.reference_cache, t.num_threads = reference, str(workdir / "reference_cache"), threads
     cfg.deepspeed.config = str(REPO / "configs" / "deepspeed" / "zero0.json")
@@ -189,12 +212,12 @@ class Baton:
 class Runner:
     """Times one mode's optimizer steps: `begin_step()` waits for the turn, `end_step()` records and hands it on."""
 
-    def __init__(self, name: str, baton: Optional[Baton], total_steps: int):
+    def __init__(self, name: str, baton: Baton | None, total_steps: int):
         self.name, self.baton, self.total = name, baton, total_steps
         self.step_s: list[float] = []
         self.memory = PeakMemory()
         self.peak_mb = float("nan")
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.losses: list[float] = []
 
     def begin_step(self) -> None:
@@ -258,7 +281,9 @@ def setup_floor(workdir: Path, runner: Runner, threads: int) -> Callable[[], obj
     trainer = Trainer(ddpo_config(workdir, "floor", runner.total, threads, run_dir)).setup()
     model = trainer.model.train()
     data = trainer.order.iterate(0)
-    batches = [trainer.collate([trainer.dataset[i] for i in next(data)[1]]).to(trainer.device) for _ in range(runner.total)]
+    batches = [
+        trainer.collate([trainer.dataset[i] for i in next(data)[1]]).to(trainer.device) for _ in range(runner.total)
+    ]
 
     def train() -> None:
         for batch in batches:
@@ -299,14 +324,36 @@ def setup_trl(workdir: Path, runner: Runner, threads: int) -> Callable[[], objec
     }
     torch.manual_seed(cfg.train.seed)
     model = random_llava("bench", tokenizer)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     args = DPOConfig(
-        output_dir=str(run_dir), per_device_train_batch_size=BATCH_PAIRS, gradient_accumulation_steps=1,
-        max_steps=runner.total, learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-        beta=0.1, bf16=DEVICE == "cuda", gradient_checkpointing=False, max_length=512, use_cpu=DEVICE == "cpu", seed=cfg.train.seed,
-        save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+        output_dir=str(run_dir),
+        per_device_train_batch_size=BATCH_PAIRS,
+        gradient_accumulation_steps=1,
+        max_steps=runner.total,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        beta=0.1,
+        bf16=DEVICE == "cuda",
+        gradient_checkpointing=False,
+        max_length=512,
+        use_cpu=DEVICE == "cpu",
+        seed=cfg.train.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
@@ -314,8 +361,14 @@ def setup_trl(workdir: Path, runner: Runner, threads: int) -> Callable[[], objec
         def on_step_end(self, *args, **kwargs):
             runner.end_step()
 
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, processing_class=processor,
-                         train_dataset=Dataset.from_dict(rows), callbacks=[StepTimer()])
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        processing_class=processor,
+        train_dataset=Dataset.from_dict(rows),
+        callbacks=[StepTimer()],
+    )
     return trainer.train
 
 
@@ -337,7 +390,9 @@ def child(args) -> None:
     if args.child == "prepare":  # the reference cache every cached mode reads (fingerprint-checked)
         from ddpo.trainer import Trainer
 
-        Trainer(ddpo_config(workdir, "cached", 1, args.threads, workdir / "runs" / "prepare")).setup(for_reference_cache=True)
+        Trainer(ddpo_config(workdir, "cached", 1, args.threads, workdir / "runs" / "prepare")).setup(
+            for_reference_cache=True
+        )
         return
     if args.child == "timing":  # every mode in this process, alternating step by step
         modes = args.modes.split(",")
@@ -351,12 +406,12 @@ def child(args) -> None:
             t.start()
         for t in threads:
             t.join()
-        result = {m: {"step_s": r.step_s[args.warmup:], "losses": r.losses} for m, r in runners.items()}
+        result = {m: {"step_s": r.step_s[args.warmup :], "losses": r.losses} for m, r in runners.items()}
     else:  # "memory:<mode>": one mode alone in a fresh process
         mode = args.child.split(":", 1)[1]
         runners = {mode: Runner(mode, None, total)}
         runners[mode].run(setup(mode, workdir, runners[mode], args.threads))
-        result = {mode: {"peak_mb": runners[mode].peak_mb, "step_s": runners[mode].step_s[args.warmup:]}}
+        result = {mode: {"peak_mb": runners[mode].peak_mb, "step_s": runners[mode].step_s[args.warmup :]}}
     for m, r in runners.items():
         if r.error is not None:
             raise RuntimeError(f"mode '{m}' failed") from r.error
@@ -366,27 +421,48 @@ def child(args) -> None:
 
 
 def spawn(child_name: str, args, workdir: Path, modes: list[str], steps: int, warmup: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(CHILD_ENV, OMP_NUM_THREADS=str(args.threads))
     if args.device == "cpu":  # DeepSpeed (and so our trainer) would take a GPU where one exists
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, __file__, "--child", child_name, "--workdir", str(workdir), "--steps", str(steps),
-               "--warmup", str(warmup), "--threads", str(args.threads), "--modes", ",".join(modes), "--device", args.device]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        child_name,
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--threads",
+        str(args.threads),
+        "--modes",
+        ",".join(modes),
+        "--device",
+        args.device,
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child '{child_name}' failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT "):]) if lines else {}
+    return json.loads(lines[-1][len("RESULT ") :]) if lines else {}
 
 
 # ------------------------------------------------------------------------------------------------
 # Padding: fraction of padded tokens per epoch, without and with length grouping
 # ------------------------------------------------------------------------------------------------
 def padding_report(workdir: Path) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
     from ddpo.data.collator import PairDataset, PairEncoder
     from ddpo.data.formats import load_records
     from ddpo.sampler import PairOrder
-    from transformers import AutoTokenizer
 
     cfg = ddpo_config(workdir, "grouped", 1, 1, workdir / "runs" / "padding")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
@@ -444,8 +520,10 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     write_fixture(workdir)
     padding = padding_report(workdir)
-    print(f"{PAIRS} pairs, batch {BATCH_PAIRS}, prompt {padding.pop('prompt tokens (mean)'):.1f} tokens "
-          f"(64 image), answers {padding.pop('answer tokens (mean)'):.1f} tokens; {args.threads} threads; {args.device}; fixture {workdir}")
+    print(
+        f"{PAIRS} pairs, batch {BATCH_PAIRS}, prompt {padding.pop('prompt tokens (mean)'):.1f} tokens "
+        f"(64 image), answers {padding.pop('answer tokens (mean)'):.1f} tokens; {args.threads} threads; {args.device}; fixture {workdir}"
+    )
     if any(LADDER.get(m, ("",))[0] == "cached" for m in modes):
         spawn("prepare", args, workdir, modes, 1, 0)
 
@@ -457,8 +535,12 @@ def main() -> None:
             step_s[m] += out[m]["step_s"]
         if repeat == 0:  # same computation check: the cached modes see the same data order until `grouped`
             print("  final loss: " + ", ".join(f"{m} {out[m]['losses'][-1]:.6f}" for m in modes if out[m]["losses"]))
-        print(f"  timing run {repeat}: " + ", ".join(f"{m} {1e3 * statistics.median(out[m]['step_s']):.0f}" for m in modes)
-              + " ms/step", flush=True)
+        print(
+            f"  timing run {repeat}: "
+            + ", ".join(f"{m} {1e3 * statistics.median(out[m]['step_s']):.0f}" for m in modes)
+            + " ms/step",
+            flush=True,
+        )
     peak_mb = {}
     for m in modes:  # a fresh process per mode: the RSS high-water mark of its steps alone
         peak_mb[m] = spawn(f"memory:{m}", args, workdir, [m], args.memory_steps, 1)[m]["peak_mb"]
@@ -472,10 +554,13 @@ def main() -> None:
         q = statistics.quantiles(step_s[m], n=4)
         vs_trl = f"{ms[m] / ms['trl']:.3f}" if "trl" in ms else "-"
         vs_floor = f"{ms[m] / ms['floor']:.2f}" if "floor" in ms else "-"
-        print(f"{m:<12}{ms[m]:>9.1f}{f'{1e3 * q[0]:.0f}-{1e3 * q[2]:.0f}':>14}{peak_mb[m]:>10.0f}{vs_trl:>8}{vs_floor:>10}")
+        print(
+            f"{m:<12}{ms[m]:>9.1f}{f'{1e3 * q[0]:.0f}-{1e3 * q[2]:.0f}':>14}{peak_mb[m]:>10.0f}{vs_trl:>8}{vs_floor:>10}"
+        )
     ours = [m for m in modes if m in OURS]
     if "trl" in ms and ours:
         print(f"ratio_vs_trl={min(ms[m] for m in ours) / ms['trl']:.3f}")
+
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,7 @@ v1 world (`--world v1`, the negative control; its committed results in experimen
 one demo directory, one policy (--method) both sampling and scoring, rows greedy / random-of-N (one
 seeded draw) / best-of-N / oracle-of-N for N in --ns (default 1 4 16), samples at temperature 1.0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,13 +48,13 @@ from pathlib import Path
 
 import torch
 
-from ddpo.data.synthetic.metrics import evaluate
 from ddpo.config import load_config
+from ddpo.data.synthetic.metrics import evaluate
 from ddpo.lab.demo import DemoSettings, evaluate_model, generation_options, run, split, synthetic_config
+from ddpo.models.build import load_model
 from ddpo.online.best_of_n import pair_agreement, pick_best, sample_candidates, score_candidates
 from ddpo.online.feedback import OracleFeedback, Query
 from ddpo.online.scoring import answer_token_logps, rewards_from_logps, segment_weights
-from ddpo.models.build import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,15 +89,28 @@ def experiment(args: argparse.Namespace) -> dict:
     scenes, images, prompts, _ = split(settings, args.split, n_images)
     started = time.perf_counter()
     options = generation_options(settings, template)
-    candidates = sample_candidates(policy, images, prompts, max(ns), template, temperature=args.temperature,
-                                   seed=args.seed, max_new_tokens=options["max_new_tokens"], batch_size=options["batch_size"])
+    candidates = sample_candidates(
+        policy,
+        images,
+        prompts,
+        max(ns),
+        template,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_new_tokens=options["max_new_tokens"],
+        batch_size=options["batch_size"],
+    )
     timings["sample"] = time.perf_counter() - started
     started = time.perf_counter()
-    rewards = score_candidates(policy, reference, images, prompts, candidates, args.beta, template, args.variant, args.batch_size)
+    rewards = score_candidates(
+        policy, reference, images, prompts, candidates, args.beta, template, args.variant, args.batch_size
+    )
     timings["score"] = time.perf_counter() - started
     oracle = OracleFeedback()
-    oracle_scores = [oracle.score(Query(image, prompt, {"scene": scene}), group)
-                     for scene, image, prompt, group in zip(scenes, images, prompts, candidates)]
+    oracle_scores = [
+        oracle.score(Query(image, prompt, {"scene": scene}), group)
+        for scene, image, prompt, group in zip(scenes, images, prompts, candidates)
+    ]
 
     methods: dict[str, dict] = {"greedy": greedy}
     for n in ns:
@@ -114,10 +128,22 @@ def experiment(args: argparse.Namespace) -> dict:
                     total += 1
                     agree += (values[i] - values[j]) * (truth[i] - truth[j]) > 0
     return {
-        "methods": methods, "ns": ns, "images": n_images, "split": args.split,
-        "reward_oracle_pair_agreement": agree / max(total, 1), "pairs_compared": total,
-        "settings": {"demo_dir": str(demo), "seed": args.seed, "quick": args.quick, "policy": args.method,
-                     "beta": args.beta, "variant": args.variant, "temperature": args.temperature, "template": template},
+        "methods": methods,
+        "ns": ns,
+        "images": n_images,
+        "split": args.split,
+        "reward_oracle_pair_agreement": agree / max(total, 1),
+        "pairs_compared": total,
+        "settings": {
+            "demo_dir": str(demo),
+            "seed": args.seed,
+            "quick": args.quick,
+            "policy": args.method,
+            "beta": args.beta,
+            "variant": args.variant,
+            "temperature": args.temperature,
+            "template": template,
+        },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "samples": {"prompt": prompts[0], "candidates": candidates[0][:4], "rewards": rewards[0][:4]},
     }
@@ -129,17 +155,26 @@ def results_table(results: dict, command: str) -> str:
         f"Best-of-N with the implicit reward (variant {s['variant']}, beta {s['beta']}) on the synthetic benchmark: "
         f"{results['images']} {results['split']} images, policy runs/{s['policy']}/final, reference sft, "
         f"samples at temperature {s['temperature']}, seed {s['seed']}.",
-        "", "Command:", "", f"    {command}", "",
+        "",
+        "Command:",
+        "",
+        f"    {command}",
+        "",
         "| method | response hallucination | mention hallucination | object recall | words / answer | attribute err. | position err. | count err. |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in results["methods"].items():
-        lines.append(f"| {name} | {m['response_hallucination_rate']:.3f} | {m['mention_hallucination_rate']:.3f} | "
-                     f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} | {m['attribute_error_rate']:.3f} | "
-                     f"{m['position_error_rate']:.3f} | {m['count_error_rate']:.3f} |")
-    lines += ["", f"Implicit reward vs oracle on pairs of samples of one image with different oracle scores: "
-                  f"{results['reward_oracle_pair_agreement']:.3f} agreement over {results['pairs_compared']} pairs (0.5 = chance).",
-              f"Timings (s): {results['timings_s']}"]
+        lines.append(
+            f"| {name} | {m['response_hallucination_rate']:.3f} | {m['mention_hallucination_rate']:.3f} | "
+            f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} | {m['attribute_error_rate']:.3f} | "
+            f"{m['position_error_rate']:.3f} | {m['count_error_rate']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Implicit reward vs oracle on pairs of samples of one image with different oracle scores: "
+        f"{results['reward_oracle_pair_agreement']:.3f} agreement over {results['pairs_compared']} pairs (0.5 = chance).",
+        f"Timings (s): {results['timings_s']}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -169,11 +204,23 @@ def plot(results: dict, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # v2 world: SFT samples, every implicit reward of both trained policies, several seeds
 # ------------------------------------------------------------------------------------------------
-V2_POLICIES = {"dpo_mean": {"loss.gamma": 1.0}, "ddpo_mean_g5": {"loss.gamma": 5.0}}  # demo.yaml: Eq. 5 mean, beta 0.5, lr 3e-6
+V2_POLICIES = {
+    "dpo_mean": {"loss.gamma": 1.0},
+    "ddpo_mean_g5": {"loss.gamma": 5.0},
+}  # demo.yaml: Eq. 5 mean, beta 0.5, lr 3e-6
 VARIANTS = ("sum", "mean", "segment")
 SEGMENT_GAMMA = 5.0  # the segment variant's weight on tokens that differ from the SFT model's greedy answer
-METRICS = ("mention_hallucination_rate", "response_hallucination_rate", "companion_rate", "object_recall",
-           "mean_response_words", "attribute_error_rate", "position_error_rate", "count_error_rate", "empty_error_rate")
+METRICS = (
+    "mention_hallucination_rate",
+    "response_hallucination_rate",
+    "companion_rate",
+    "object_recall",
+    "mean_response_words",
+    "attribute_error_rate",
+    "position_error_rate",
+    "count_error_rate",
+    "empty_error_rate",
+)
 
 
 def reward_names() -> list[str]:
@@ -190,8 +237,9 @@ def lab_statistics():
 
 def v2_seed(args: argparse.Namespace, seed: int) -> dict:
     """One seed's rows and agreements (module doc); cached as JSON next to the seed's models."""
-    settings = DemoSettings(output_dir=str(args.lab_dir / f"seed{seed}"), seed=seed, num_threads=args.num_threads,
-                            methods=dict(V2_POLICIES))
+    settings = DemoSettings(
+        output_dir=str(args.lab_dir / f"seed{seed}"), seed=seed, num_threads=args.num_threads, methods=dict(V2_POLICIES)
+    )
     lab = Path(settings.output_dir)
     ns = sorted(set(args.ns))
     n_images = args.images or settings.test_images
@@ -213,30 +261,46 @@ def v2_seed(args: argparse.Namespace, seed: int) -> dict:
 
     started = time.perf_counter()
     n_max = max(ns)
-    candidates = sample_candidates(sft, images, prompts, n_max, template, temperature=args.temperature, seed=seed * 1000 + 7,
-                                   max_new_tokens=options["max_new_tokens"], batch_size=options["batch_size"])
+    candidates = sample_candidates(
+        sft,
+        images,
+        prompts,
+        n_max,
+        template,
+        temperature=args.temperature,
+        seed=seed * 1000 + 7,
+        max_new_tokens=options["max_new_tokens"],
+        batch_size=options["batch_size"],
+    )
     timings["sample"] = time.perf_counter() - started
     started = time.perf_counter()
     flat_images = [image for image in images for _ in range(n_max)]
     flat_prompts = [prompt for prompt in prompts for _ in range(n_max)]
     flat = [answer for group in candidates for answer in group]
     reference = answer_token_logps(sft, flat_images, flat_prompts, flat, template, args.batch_size)
-    weights = [segment_weights(sft.tokenizer, template, answer, greedy["sft"][i // n_max], SEGMENT_GAMMA) for i, answer in enumerate(flat)]
+    weights = [
+        segment_weights(sft.tokenizer, template, answer, greedy["sft"][i // n_max], SEGMENT_GAMMA)
+        for i, answer in enumerate(flat)
+    ]
     rewards: dict[str, list[list[float]]] = {}
     for name, model in policies.items():
         logps = answer_token_logps(model, flat_images, flat_prompts, flat, template, args.batch_size)
         for variant in VARIANTS:
             values = rewards_from_logps(logps, reference, args.beta, variant, weights)
-            rewards[f"{name}/{variant}"] = [values[i * n_max:(i + 1) * n_max] for i in range(len(images))]
+            rewards[f"{name}/{variant}"] = [values[i * n_max : (i + 1) * n_max] for i in range(len(images))]
     timings["score"] = time.perf_counter() - started
     started = time.perf_counter()
     oracle = OracleFeedback(cfg.empty_cells)
-    oracle_scores = [oracle.score(Query(image, prompt, {"scene": scene}), group)
-                     for scene, image, prompt, group in zip(scenes, images, prompts, candidates)]
+    oracle_scores = [
+        oracle.score(Query(image, prompt, {"scene": scene}), group)
+        for scene, image, prompt, group in zip(scenes, images, prompts, candidates)
+    ]
     rows = {f"greedy:{name}": score(answers) for name, answers in greedy.items()}
     for n in ns:
         pooled = [(scene, answer) for scene, group in zip(scenes, candidates) for answer in group[:n]]
-        rows[f"random-of-{n}"] = evaluate([sc for sc, _ in pooled], [a for _, a in pooled], cfg.world.partners, cfg.empty_cells)
+        rows[f"random-of-{n}"] = evaluate(
+            [sc for sc, _ in pooled], [a for _, a in pooled], cfg.world.partners, cfg.empty_cells
+        )
         for name, values in rewards.items():
             rows[f"best-of-{n}:{name}"] = score(pick_best(candidates, values, first_n=n))
         rows[f"oracle-of-{n}"] = score(pick_best(candidates, oracle_scores, first_n=n))
@@ -247,22 +311,40 @@ def v2_seed(args: argparse.Namespace, seed: int) -> dict:
     timings["evaluate"] = time.perf_counter() - started
     tokens = [len(w) for w in weights]
     result = {
-        "seed": seed, "split": args.split, "images": n_images, "ns": ns, "rows": rows, "agreement": agreement,
+        "seed": seed,
+        "split": args.split,
+        "images": n_images,
+        "ns": ns,
+        "rows": rows,
+        "agreement": agreement,
         "oracle_errors_per_sample": -statistics.fmean(v for group in oracle_scores for v in group),
         "segment_token_share": sum(int((w != 1).sum()) for w in weights) / sum(tokens),
         "answer_tokens": statistics.fmean(tokens),
-        "settings": {"temperature": args.temperature, "beta": args.beta, "segment_gamma": SEGMENT_GAMMA, "template": template,
-                     "sampler": "sft", "policies": V2_POLICIES},
+        "settings": {
+            "temperature": args.temperature,
+            "beta": args.beta,
+            "segment_gamma": SEGMENT_GAMMA,
+            "template": template,
+            "sampler": "sft",
+            "policies": V2_POLICIES,
+        },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "examples": {"prompt": prompts[0], "greedy_sft": greedy["sft"][0], "candidates": candidates[0][:3],
-                     "oracle": oracle_scores[0][:3], "rewards": {k: v[0][:3] for k, v in rewards.items()}},
+        "examples": {
+            "prompt": prompts[0],
+            "greedy_sft": greedy["sft"][0],
+            "candidates": candidates[0][:3],
+            "oracle": oracle_scores[0][:3],
+            "rewards": {k: v[0][:3] for k, v in rewards.items()},
+        },
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(cache)
     # every sample and score, for re-analysis without resampling
-    (cache.with_suffix(".samples.json")).write_text(json.dumps({"candidates": candidates, "oracle": oracle_scores, "rewards": rewards}))
+    (cache.with_suffix(".samples.json")).write_text(
+        json.dumps({"candidates": candidates, "oracle": oracle_scores, "rewards": rewards})
+    )
     return result
 
 
@@ -270,7 +352,9 @@ def v2_comparisons(ns: list[int], primary: str) -> dict[str, tuple[str, str]]:
     """label -> (row a, row b) of the a - b differences; the first is the primary."""
     big = max(n for n in ns if n > 1) if any(n > 1 for n in ns) else ns[0]
     first = 16 if 16 in ns else big
-    out = {f"best-of-{first}:{primary} - random-of-{first} (primary)": (f"best-of-{first}:{primary}", f"random-of-{first}")}
+    out = {
+        f"best-of-{first}:{primary} - random-of-{first} (primary)": (f"best-of-{first}:{primary}", f"random-of-{first}")
+    }
     for n in ns:
         if n == 1:
             continue
@@ -290,15 +374,29 @@ def v2_aggregate(per_seed: dict[int, dict], primary: str) -> dict:
     seeds = sorted(per_seed)
     ns = per_seed[seeds[0]]["ns"]
     rows = list(per_seed[seeds[0]]["rows"])
-    summary = {row: {m: (statistics.fmean(per_seed[s]["rows"][row][m] for s in seeds),
-                         statistics.stdev([per_seed[s]["rows"][row][m] for s in seeds]) if len(seeds) > 1 else 0.0)
-                     for m in METRICS} for row in rows}
-    agreement = {name: stats.interval([per_seed[s]["agreement"][name]["agreement"] for s in seeds]) for name in reward_names()}
+    summary = {
+        row: {
+            m: (
+                statistics.fmean(per_seed[s]["rows"][row][m] for s in seeds),
+                statistics.stdev([per_seed[s]["rows"][row][m] for s in seeds]) if len(seeds) > 1 else 0.0,
+            )
+            for m in METRICS
+        }
+        for row in rows
+    }
+    agreement = {
+        name: stats.interval([per_seed[s]["agreement"][name]["agreement"] for s in seeds]) for name in reward_names()
+    }
     agreement_differences = {}
-    for a, b in (("ddpo_mean_g5/sum", "dpo_mean/sum"), ("ddpo_mean_g5/sum", "ddpo_mean_g5/mean"),
-                 ("ddpo_mean_g5/segment", "ddpo_mean_g5/sum"), ("dpo_mean/segment", "dpo_mean/sum")):
+    for a, b in (
+        ("ddpo_mean_g5/sum", "dpo_mean/sum"),
+        ("ddpo_mean_g5/sum", "ddpo_mean_g5/mean"),
+        ("ddpo_mean_g5/segment", "ddpo_mean_g5/sum"),
+        ("dpo_mean/segment", "dpo_mean/sum"),
+    ):
         agreement_differences[f"{a} - {b}"] = stats.interval(
-            [per_seed[s]["agreement"][a]["agreement"] - per_seed[s]["agreement"][b]["agreement"] for s in seeds])
+            [per_seed[s]["agreement"][a]["agreement"] - per_seed[s]["agreement"][b]["agreement"] for s in seeds]
+        )
     differences = {}
     for label, (a, b) in v2_comparisons(ns, primary).items():
         differences[label] = {}
@@ -307,8 +405,17 @@ def v2_aggregate(per_seed: dict[int, dict], primary: str) -> dict:
             differences[label][m] = (*stats.interval(diffs), stats.p_value(diffs))
     primary_label = next(iter(differences))
     holm = stats.holm({k: v["mention_hallucination_rate"][3] for k, v in differences.items() if k != primary_label})
-    return {"seeds": seeds, "ns": ns, "primary": primary, "summary": summary, "agreement": agreement,
-            "agreement_differences": agreement_differences, "differences": differences, "holm": holm, "primary_label": primary_label}
+    return {
+        "seeds": seeds,
+        "ns": ns,
+        "primary": primary,
+        "summary": summary,
+        "agreement": agreement,
+        "agreement_differences": agreement_differences,
+        "differences": differences,
+        "holm": holm,
+        "primary_label": primary_label,
+    }
 
 
 def v2_table(agg: dict, per_seed: dict[int, dict], command: str) -> str:
@@ -320,11 +427,17 @@ def v2_table(agg: dict, per_seed: dict[int, dict], command: str) -> str:
         f"the SFT model at T {s['temperature']}; rewards beta {s['beta']} * (log pi - log pi_sft) of the DPO (gamma 1) and DDPO "
         f"(gamma 5) policies (Eq. 5 mean, lr 3e-6), variants sum / mean / segment (gamma {s['segment_gamma']} on tokens that "
         f"differ from the SFT model's greedy answer); greedy decoding for the greedy rows. Primary reward: {agg['primary']}.",
-        "", "Command:", "", f"    {command}", "",
+        "",
+        "Command:",
+        "",
+        f"    {command}",
+        "",
         f"Oracle errors per sample (mean over seeds): {statistics.fmean(per_seed[k]['oracle_errors_per_sample'] for k in seeds):.2f}; "
         f"answer tokens {statistics.fmean(per_seed[k]['answer_tokens'] for k in seeds):.1f}; share of tokens the segment variant "
-        f"weights by gamma: {statistics.fmean(per_seed[k]['segment_token_share'] for k in seeds):.3f}.", "",
-        "### Rows: mean ± std over seeds", "",
+        f"weights by gamma: {statistics.fmean(per_seed[k]['segment_token_share'] for k in seeds):.3f}.",
+        "",
+        "### Rows: mean ± std over seeds",
+        "",
         "| row | mention hall. | response hall. | companion rate | recall | words | attribute err. | position err. | count err. | empty-cell err. |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -332,24 +445,51 @@ def v2_table(agg: dict, per_seed: dict[int, dict], command: str) -> str:
         cells = [f3(*m[k]) for k in METRICS if k != "mean_response_words"]
         cells.insert(4, f"{m['mean_response_words'][0]:.1f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", "### Agreement with the oracle on pairs of samples with different oracle scores (0.5 = chance)", "",
-              "mean [95% t-interval over seeds]; pairs per seed in brackets", "", "| reward | agreement | per seed |", "|---|---|---|"]
+    lines += [
+        "",
+        "### Agreement with the oracle on pairs of samples with different oracle scores (0.5 = chance)",
+        "",
+        "mean [95% t-interval over seeds]; pairs per seed in brackets",
+        "",
+        "| reward | agreement | per seed |",
+        "|---|---|---|",
+    ]
     for name, (mean, lo, hi) in agg["agreement"].items():
-        per = ", ".join(f"{per_seed[k]['agreement'][name]['agreement']:.3f} ({per_seed[k]['agreement'][name]['pairs']})" for k in seeds)
+        per = ", ".join(
+            f"{per_seed[k]['agreement'][name]['agreement']:.3f} ({per_seed[k]['agreement'][name]['pairs']})"
+            for k in seeds
+        )
         lines.append(f"| {name} | {mean:.3f} [{lo:.3f}, {hi:.3f}] | {per} |")
-    lines += ["", "Agreement differences (a - b), paired over seeds: " + "; ".join(
-        f"{label} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" for label, (mean, lo, hi) in agg["agreement_differences"].items()) + "."]
-    lines += ["", "### Paired differences (a - b): mean [95% t-interval over seeds]; p: paired t-test, Holm-adjusted over the "
-              "secondary comparisons (the primary is not adjusted)", "",
-              "| comparison | mention hall. | p (Holm) | response hall. | recall | words |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Agreement differences (a - b), paired over seeds: "
+        + "; ".join(
+            f"{label} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            for label, (mean, lo, hi) in agg["agreement_differences"].items()
+        )
+        + ".",
+    ]
+    lines += [
+        "",
+        "### Paired differences (a - b): mean [95% t-interval over seeds]; p: paired t-test, Holm-adjusted over the "
+        "secondary comparisons (the primary is not adjusted)",
+        "",
+        "| comparison | mention hall. | p (Holm) | response hall. | recall | words |",
+        "|---|---|---|---|---|---|",
+    ]
     fmt = lambda v, d=3: f"{v[0]:+.{d}f} [{v[1]:+.{d}f}, {v[2]:+.{d}f}]"  # noqa: E731
     for label, row in agg["differences"].items():
         p = row["mention_hallucination_rate"][3] if label == agg["primary_label"] else agg["holm"][label]
-        lines.append(f"| {label} | {fmt(row['mention_hallucination_rate'])} | {p:.3f} | {fmt(row['response_hallucination_rate'])} | "
-                     f"{fmt(row['object_recall'])} | {fmt(row['mean_response_words'], 1)} |")
+        lines.append(
+            f"| {label} | {fmt(row['mention_hallucination_rate'])} | {p:.3f} | {fmt(row['response_hallucination_rate'])} | "
+            f"{fmt(row['object_recall'])} | {fmt(row['mean_response_words'], 1)} |"
+        )
     times = {k: round(sum(per_seed[s]["timings_s"].get(k, 0) for s in seeds), 1) for k in first["timings_s"]}
-    lines += ["", f"Wall time of each step (s, one thread, summed over seeds; on a shared machine it exceeds the CPU time): "
-                  f"{times}; total {sum(times.values()):.0f} s"]
+    lines += [
+        "",
+        f"Wall time of each step (s, one thread, summed over seeds; on a shared machine it exceeds the CPU time): "
+        f"{times}; total {sum(times.values()):.0f} s",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -361,14 +501,33 @@ def v2_plot(agg: dict, path: Path) -> None:
 
     ns, summary = agg["ns"], agg["summary"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, metric, label in zip(axes, ("mention_hallucination_rate", "object_recall", "mean_response_words"),
-                                 ("mention-level object hallucination", "object recall", "words per answer")):
-        ax.errorbar(ns, [summary[f"random-of-{n}"][metric][0] for n in ns], [summary[f"random-of-{n}"][metric][1] for n in ns],
-                    fmt="s--", color="gray", capsize=2, label="random-of-N (SFT samples)")
-        ax.errorbar(ns, [summary[f"oracle-of-{n}"][metric][0] for n in ns], [summary[f"oracle-of-{n}"][metric][1] for n in ns],
-                    fmt="^:", color="black", capsize=2, label="oracle-of-N")
+    for ax, metric, label in zip(
+        axes,
+        ("mention_hallucination_rate", "object_recall", "mean_response_words"),
+        ("mention-level object hallucination", "object recall", "words per answer"),
+    ):
+        ax.errorbar(
+            ns,
+            [summary[f"random-of-{n}"][metric][0] for n in ns],
+            [summary[f"random-of-{n}"][metric][1] for n in ns],
+            fmt="s--",
+            color="gray",
+            capsize=2,
+            label="random-of-N (SFT samples)",
+        )
+        ax.errorbar(
+            ns,
+            [summary[f"oracle-of-{n}"][metric][0] for n in ns],
+            [summary[f"oracle-of-{n}"][metric][1] for n in ns],
+            fmt="^:",
+            color="black",
+            capsize=2,
+            label="oracle-of-N",
+        )
         for name, style in zip(reward_names(), ("o-", "o--", "o:", "d-", "d--", "d:")):
-            ax.plot(ns, [summary[f"best-of-{n}:{name}"][metric][0] for n in ns], style, ms=4, label=f"best-of-N, {name}")
+            ax.plot(
+                ns, [summary[f"best-of-{n}:{name}"][metric][0] for n in ns], style, ms=4, label=f"best-of-N, {name}"
+            )
         for name, color in (("sft", "tab:gray"), ("ddpo_mean_g5", "tab:red")):
             ax.axhline(summary[f"greedy:{name}"][metric][0], color=color, lw=0.8, label=f"greedy {name}")
         ax.set_xscale("log", base=2)
@@ -383,7 +542,9 @@ def v2_plot(agg: dict, path: Path) -> None:
 
 def main_v2(args: argparse.Namespace, command: str) -> int:
     if args.primary not in reward_names():
-        raise SystemExit(f"--primary must be one of {', '.join(reward_names())} (chosen on validation), got {args.primary!r}")
+        raise SystemExit(
+            f"--primary must be one of {', '.join(reward_names())} (chosen on validation), got {args.primary!r}"
+        )
     per_seed = {seed: v2_seed(args, seed) for seed in args.seeds}
     agg = v2_aggregate(per_seed, args.primary)
     stem = "results" if args.split == "test" else "validation"
@@ -399,25 +560,48 @@ def main_v2(args: argparse.Namespace, command: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world", choices=("v2", "v1"), default="v2", help="v2 (default) or v1, the negative control (module doc)")
-    parser.add_argument("--lab-dir", type=Path, default=Path("runs/v2lab"), help="v2: the lab's seed directories LAB/seed<S>")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 3], help="v2: the lab's seeds (each its own SFT model)")
-    parser.add_argument("--primary", default="ddpo_mean_g5/sum", help="v2: the pre-registered reward, <policy>/<variant>")
-    parser.add_argument("--demo-dir", type=Path, default=Path("runs/best_of_n/seed0"), help="v1: a `ddpo demo` output directory (made if missing)")
+    parser.add_argument(
+        "--world", choices=("v2", "v1"), default="v2", help="v2 (default) or v1, the negative control (module doc)"
+    )
+    parser.add_argument(
+        "--lab-dir", type=Path, default=Path("runs/v2lab"), help="v2: the lab's seed directories LAB/seed<S>"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 3], help="v2: the lab's seeds (each its own SFT model)"
+    )
+    parser.add_argument(
+        "--primary", default="ddpo_mean_g5/sum", help="v2: the pre-registered reward, <policy>/<variant>"
+    )
+    parser.add_argument(
+        "--demo-dir",
+        type=Path,
+        default=Path("runs/best_of_n/seed0"),
+        help="v1: a `ddpo demo` output directory (made if missing)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="v1: the demo's seed (and the sampling seed)")
     parser.add_argument("--quick", action="store_true", help="v1: the demo's --quick sizes (smoke run)")
     parser.add_argument("--train-config", default=None, help="v1: the demo's ddpo train YAML")
     parser.add_argument("--method", default="ddpo", help="v1: which demo run is the policy: runs/<method>/final")
     parser.add_argument("--ns", type=int, nargs="+", default=None, help="N values (v2 default 1 4 16 64; v1 1 4 16)")
     parser.add_argument("--split", choices=("val", "test"), default="test")
-    parser.add_argument("--images", type=int, default=None, help="first images of the split (default: the demo's test_images)")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (v2 default 0.7, the lab's; v1 1.0)")
-    parser.add_argument("--beta", type=float, default=None, help="reward beta (v2 default 0.5, the training beta; v1 0.1)")
+    parser.add_argument(
+        "--images", type=int, default=None, help="first images of the split (default: the demo's test_images)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (v2 default 0.7, the lab's; v1 1.0)"
+    )
+    parser.add_argument(
+        "--beta", type=float, default=None, help="reward beta (v2 default 0.5, the training beta; v1 0.1)"
+    )
     parser.add_argument("--variant", choices=("sum", "mean", "segment"), default="sum", help="v1: the reward variant")
     parser.add_argument("--batch-size", type=int, default=64, help="scoring batch")
     parser.add_argument("--num-threads", type=int, default=2)
-    parser.add_argument("--results", type=Path, default=None,
-                        help="results directory (default experiments/results/best_of_n_v2; v1: experiments/results/best_of_n)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="results directory (default experiments/results/best_of_n_v2; v1: experiments/results/best_of_n)",
+    )
     args = parser.parse_args(argv)
     v2 = args.world == "v2"
     args.ns = args.ns or ([1, 4, 16, 64] if v2 else [1, 4, 16])

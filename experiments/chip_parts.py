@@ -6,6 +6,7 @@ Trains the chip recipe (configs/methods/chip.yaml) at lr 3e-6 three ways from se
 pairs: without TDPO's KL, without the cross-modal (conditional) term, and with the KL alone (gamma 1,
 no conditional term); prints validation mention-level hallucination, recall and drift per run.
 """
+
 import json
 from pathlib import Path
 
@@ -30,8 +31,10 @@ def main() -> None:
     run(DemoSettings(output_dir=str(OUT), seed=0, methods=methods, validation_only=True, num_threads=2))
     results = json.loads((OUT / "results.json").read_text())
     for name, m in results["validation"].items():
-        print(f"{name}: mention hallucination {m['mention_hallucination_rate']:.3f}, recall {m['object_recall']:.3f}, "
-              f"drift {results['drift'][name]:+.4f}")
+        print(
+            f"{name}: mention hallucination {m['mention_hallucination_rate']:.3f}, recall {m['object_recall']:.3f}, "
+            f"drift {results['drift'][name]:+.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ all image bytes (~160 KB per row), which is what the in-memory variant keeps on 
 
     .venv/bin/python experiments/dataset_image_memory.py [--rows 2000 --side 480]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,24 @@ def write_dataset(folder: Path, rows: int, side: int) -> int:
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
         total += len(buffer.getvalue())
-        records.append({"question": f"What is in picture {i}?", "chosen": "A gradient.", "rejected": "A cat.",
-                        "image": {"bytes": buffer.getvalue(), "path": None}, "idx": str(i)})
-    features = datasets.Features({"question": datasets.Value("string"), "chosen": datasets.Value("string"),
-                                  "rejected": datasets.Value("string"), "image": datasets.Image(), "idx": datasets.Value("string")})
+        records.append(
+            {
+                "question": f"What is in picture {i}?",
+                "chosen": "A gradient.",
+                "rejected": "A cat.",
+                "image": {"bytes": buffer.getvalue(), "path": None},
+                "idx": str(i),
+            }
+        )
+    features = datasets.Features(
+        {
+            "question": datasets.Value("string"),
+            "chosen": datasets.Value("string"),
+            "rejected": datasets.Value("string"),
+            "image": datasets.Image(),
+            "idx": datasets.Value("string"),
+        }
+    )
     half = rows // 2
     for k, part in enumerate((records[:half], records[half:])):
         datasets.Dataset.from_list(part, features=features).to_parquet(str(folder / f"RLAIF-V-Dataset_{k:03d}.parquet"))
@@ -67,9 +82,9 @@ def child(variant: str, folder: str, cache: str) -> None:
     import datasets
 
     datasets.config.HF_DATASETS_CACHE = cache
+    from ddpo.config import DataConfig
     from ddpo.data.formats import load_records, open_dataset
     from ddpo.data.images import EncodedImage
-    from ddpo.config import DataConfig
 
     cfg = DataConfig(format="rlaif-v", path=folder)
     open_dataset(folder, "train")  # converts the parquet files into the Arrow cache: measure a warm load
@@ -82,9 +97,17 @@ def child(variant: str, folder: str, cache: str) -> None:
         for r in records:
             r.images = [EncodedImage(r.images[0].data, r.images[0].size, r.images[0].where)]
     gc.collect()
-    print(json.dumps({"variant": variant, "rows": len(records), "rss_growth_kib": rss_kib() - before,
-                      "file_growth_kib": rss_kib("RssFile") - before_file,
-                      "kind": type(records[0].images[0]).__name__}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "rows": len(records),
+                "rss_growth_kib": rss_kib() - before,
+                "file_growth_kib": rss_kib("RssFile") - before_file,
+                "kind": type(records[0].images[0]).__name__,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -98,19 +121,31 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         total = write_dataset(Path(tmp) / "data", args.rows, args.side)
-        print(f"dataset: {args.rows} rows, {total / 2**20:.0f} MB of JPEG ({total / args.rows / 1024:.0f} KB per image)")
+        print(
+            f"dataset: {args.rows} rows, {total / 2**20:.0f} MB of JPEG ({total / args.rows / 1024:.0f} KB per image)"
+        )
         for variant in ("arrow", "in-memory"):
-            out = subprocess.run([sys.executable, __file__, "--child", variant, str(Path(tmp) / "data"), str(Path(tmp) / "cache")],
-                                 check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            out = (
+                subprocess.run(
+                    [sys.executable, __file__, "--child", variant, str(Path(tmp) / "data"), str(Path(tmp) / "cache")],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             r = json.loads(out)
             per_row = r["rss_growth_kib"] * 1024 / r["rows"]
             if variant == "arrow":
                 at_scale = per_row * RLAIFV_ROWS
             else:  # what a row holds scales with its image bytes
                 at_scale = (per_row - total / args.rows + RLAIFV_IMAGE_BYTES_PER_ROW) * RLAIFV_ROWS
-            print(f"{variant:10s} ({r['kind']}): private memory +{r['rss_growth_kib'] / 1024:.1f} MB = {per_row / 1024:.2f} KB per row"
-                  f" -> RLAIF-V's {RLAIFV_ROWS} rows: {at_scale / 2**30:.2f} GB per rank"
-                  f" (mapped-file pages touched: {r['file_growth_kib'] / 1024:.0f} MB, shared)")
+            print(
+                f"{variant:10s} ({r['kind']}): private memory +{r['rss_growth_kib'] / 1024:.1f} MB = {per_row / 1024:.2f} KB per row"
+                f" -> RLAIF-V's {RLAIFV_ROWS} rows: {at_scale / 2**30:.2f} GB per rank"
+                f" (mapped-file pages touched: {r['file_growth_kib'] / 1024:.0f} MB, shared)"
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ unchanged tokens of each side, and the share of all |log-ratio| mass that sits o
 (the corrected tokens' share of the tokens is printed beside it). The mechanism behind the v2 lab's
 matched-drift result: under the sum, does DDPO move the edits and leave the rest?
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,16 @@ def locality(seed_dir: Path, seed: int, runs: list[str]) -> dict:
     records = load_records(cfg.data, seed=seed)
     sft = load_model(seed_dir / "sft")
     dataset = PairDataset(records, PairEncoder.from_config(cfg.data, sft.tokenizer, sft.image_placeholder))
-    collate = PairCollator(pad_token_id=sft.tokenizer.pad_token_id, padding_side=cfg.data.padding_side,
-                           image_transform=sft.preprocess_images)
+    collate = PairCollator(
+        pad_token_id=sft.tokenizer.pad_token_id,
+        padding_side=cfg.data.padding_side,
+        image_transform=sft.preprocess_images,
+    )
     # encoded and collated once (images decoded once), then run through every model
-    batches = [collate([dataset[i] for i in range(start, min(start + 64, len(dataset)))]) for start in range(0, len(dataset), 64)]
+    batches = [
+        collate([dataset[i] for i in range(start, min(start + 64, len(dataset)))])
+        for start in range(0, len(dataset), 64)
+    ]
     reference = token_logps(sft, batches)
     out = {}
     for run in runs:
@@ -61,7 +68,9 @@ def locality(seed_dir: Path, seed: int, runs: list[str]) -> dict:
             mass["all"] += float(ratio[answer].abs().sum())
         row = {k: sums[k] / max(counts[k], 1) for k in sums}
         row["corrected_share_of_movement"] = mass["corrected"] / mass["all"]
-        row["corrected_share_of_tokens"] = (counts["chosen_corrected"] + counts["rejected_corrected"]) / sum(counts.values())
+        row["corrected_share_of_tokens"] = (counts["chosen_corrected"] + counts["rejected_corrected"]) / sum(
+            counts.values()
+        )
         out[run] = row
     return out
 
@@ -70,7 +79,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lab-dir", default="runs/synthetic_v2")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 3, 4, 5])
-    parser.add_argument("--runs", nargs="+", default=["dpo_sum_lr1e-05", "ddpo_sum_g5_tuned", "dpo_mean_lr1e-05", "ddpo_mean_g5_tuned"])
+    parser.add_argument(
+        "--runs", nargs="+", default=["dpo_sum_lr1e-05", "ddpo_sum_g5_tuned", "dpo_mean_lr1e-05", "ddpo_mean_g5_tuned"]
+    )
     parser.add_argument("--output", default=None, help="write the per-seed numbers as JSON here")
     args = parser.parse_args(argv)
     per_seed = {s: locality(Path(args.lab_dir) / f"seed{s}", s, args.runs) for s in args.seeds}
@@ -78,7 +89,11 @@ def main(argv=None) -> int:
     print("| run | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for run in args.runs:
-        print(f"| {run} | " + " | ".join(f"{statistics.fmean(per_seed[s][run][k] for s in args.seeds):+.4f}" for k in keys) + " |")
+        print(
+            f"| {run} | "
+            + " | ".join(f"{statistics.fmean(per_seed[s][run][k] for s in args.seeds):+.4f}" for k in keys)
+            + " |"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(per_seed, indent=2))
     return 0

@@ -46,6 +46,7 @@ gradient partition (DeepSpeed 0.19 `stage_1_and_2.py`: +4 bytes per parameter, ~
 one GPU, more than an H200's 139 GiB usable), ZeRO-3 one sub-group at a time; so ZeRO-3 runs first and a
 stage that fails (out of memory, say) is recorded in the table, not fatal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,11 +60,11 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
 
 @dataclass(frozen=True)
 class Size:
@@ -101,15 +102,32 @@ def build_model(size: Size, tokenizer, checkpointing: bool = True):
 
     from ddpo.models.llava import IMAGE_TOKEN, LlavaPreferenceModel
 
-    vision = CLIPVisionConfig(hidden_size=size.vision_width, intermediate_size=4 * size.vision_width,
-                              num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
-                              image_size=size.image_size, patch_size=size.patch)
-    text = LlamaConfig(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.ffn,
-                       num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
-                       max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=(size.image_size // size.patch) ** 2, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=size.vision_width,
+        intermediate_size=4 * size.vision_width,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads,
+        image_size=size.image_size,
+        patch_size=size.patch,
+    )
+    text = LlamaConfig(
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.ffn,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(size.image_size // size.patch) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     # Build directly in bf16 on the device: a 7B fp32 copy on the host would need 28 GB and minutes.
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     with torch.device(device):
@@ -142,10 +160,15 @@ def random_batch(model, pairs: int, prompt_len: int, answer_len: int, vocab: int
     labels = input_ids.clone()
     labels[:, : len(rows[0][0])] = IGNORE_INDEX
     size = model.image_transform.size
-    return PairBatch(pixel_values=torch.randn(pairs, 3, size, size, generator=g), input_ids=input_ids,
-                     attention_mask=torch.ones(2 * pairs, T, dtype=torch.long), labels=labels,
-                     corrected=torch.zeros(2 * pairs, T - 1, dtype=torch.bool), ref_token_logps=torch.zeros(2 * pairs, T - 1),
-                     row_indices=list(range(pairs)))
+    return PairBatch(
+        pixel_values=torch.randn(pairs, 3, size, size, generator=g),
+        input_ids=input_ids,
+        attention_mask=torch.ones(2 * pairs, T, dtype=torch.long),
+        labels=labels,
+        corrected=torch.zeros(2 * pairs, T - 1, dtype=torch.bool),
+        ref_token_logps=torch.zeros(2 * pairs, T - 1),
+        row_indices=list(range(pairs)),
+    )
 
 
 LAYOUTS = ("two_rows", "shared", "packed_flex")
@@ -157,7 +180,7 @@ def use_layout(model, layout: str) -> bool:
     return layout != "two_rows"
 
 
-def layout_skip_reason(layout: str, cuda: bool) -> Optional[str]:
+def layout_skip_reason(layout: str, cuda: bool) -> str | None:
     from ddpo.models.base import flex_attention_has_cpu_backward
 
     if layout == "packed_flex" and not cuda and not flex_attention_has_cpu_backward():
@@ -184,8 +207,19 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
     from ddpo.trainer import deepspeed_config
 
     cuda = torch.cuda.is_available()
-    cfg = load_config(None, ["--data.format", "synthetic", "--deepspeed.config", str(REPO / f"configs/deepspeed/zero{stage}.json"),
-                             "--train.micro_batch_size", str(args.pairs), "--train.learning_rate", "1e-6"])
+    cfg = load_config(
+        None,
+        [
+            "--data.format",
+            "synthetic",
+            "--deepspeed.config",
+            str(REPO / f"configs/deepspeed/zero{stage}.json"),
+            "--train.micro_batch_size",
+            str(args.pairs),
+            "--train.learning_rate",
+            "1e-6",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(size, tokenizer, args.checkpointing)
     params = sum(p.numel() for p in model.parameters())
@@ -201,13 +235,24 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
     # Exactness before any step: the same weights, every layout against two rows.
     with torch.no_grad():
         reference = torch.cat(engine(batch, shared_prompt=use_layout(model, "two_rows"))).float()
-        max_diff = {layout: float((torch.cat(engine(batch, shared_prompt=use_layout(model, layout))).float() - reference).abs().max())
-                    for layout, skip in layouts if skip is None}
+        max_diff = {
+            layout: float(
+                (torch.cat(engine(batch, shared_prompt=use_layout(model, layout))).float() - reference).abs().max()
+            )
+            for layout, skip in layouts
+            if skip is None
+        }
 
     results = []
     for layout, skip in layouts:
-        row = {"zero_stage": stage, "layout": layout, "parameters": params, "bf16": True,
-               "gradient_checkpointing": args.checkpointing, "pairs": b}
+        row = {
+            "zero_stage": stage,
+            "layout": layout,
+            "parameters": params,
+            "bf16": True,
+            "gradient_checkpointing": args.checkpointing,
+            "pairs": b,
+        }
         started_case = time.perf_counter()
         if skip is None and started_case > deadline:
             skip = f"time budget ({args.time_budget_s:g} s) spent before this case"
@@ -222,8 +267,14 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
         for step in range(args.warmup + args.steps):
             started = time.perf_counter()
             chosen, rejected = engine(batch, shared_prompt=shared)
-            loss, _ = loss_fn(chosen.float(), rejected.float(), batch.ref_token_logps[:b], batch.ref_token_logps[b:],
-                              batch.answer_mask, batch.corrected)
+            loss, _ = loss_fn(
+                chosen.float(),
+                rejected.float(),
+                batch.ref_token_logps[:b],
+                batch.ref_token_logps[b:],
+                batch.answer_mask,
+                batch.corrected,
+            )
             engine.backward(loss)
             engine.step()
             if cuda:
@@ -235,15 +286,23 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
             raise FloatingPointError(f"ZeRO-{stage} {layout}: non-finite loss {losses}")
         step_time = statistics.median(times)
         pair_tokens, run_tokens = int(batch.attention_mask.sum()), decoder_tokens(batch, layout)
-        results.append({
-            **row, "pair_tokens_per_step": pair_tokens, "decoder_tokens_per_step": run_tokens,
-            "step_time_s": round(step_time, 4), "pair_tokens_per_s": round(pair_tokens / step_time, 1),
-            "mfu": None if args.peak_tflops is None else round(6 * params * run_tokens / step_time / (args.peak_tflops * 1e12), 4),
-            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "max_abs_logp_diff_vs_two_rows": max_diff[layout], "losses": [round(x, 5) for x in losses],
-            "case_seconds": round(time.perf_counter() - started_case, 1),
-        })
+        results.append(
+            {
+                **row,
+                "pair_tokens_per_step": pair_tokens,
+                "decoder_tokens_per_step": run_tokens,
+                "step_time_s": round(step_time, 4),
+                "pair_tokens_per_s": round(pair_tokens / step_time, 1),
+                "mfu": None
+                if args.peak_tflops is None
+                else round(6 * params * run_tokens / step_time / (args.peak_tflops * 1e12), 4),
+                "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                "max_abs_logp_diff_vs_two_rows": max_diff[layout],
+                "losses": [round(x, 5) for x in losses],
+                "case_seconds": round(time.perf_counter() - started_case, 1),
+            }
+        )
     engine.destroy()
     del engine, model, optimizer
     gc.collect()
@@ -264,19 +323,31 @@ def run_script(script: str, script_args: str, timeout_s: int) -> tuple[dict, lis
     if timeout_s < 20:
         return {"command": " ".join(command), "skipped": "time budget spent"}, []
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     except subprocess.TimeoutExpired:
         return {"command": " ".join(command), "skipped": f"timed out after {timeout_s} s"}, []
     lines = done.stdout.strip().splitlines()
-    return {"command": " ".join(command), "returncode": done.returncode, "output": lines[-20:],
-            "stderr_tail": done.stderr.strip().splitlines()[-5:]}, lines
+    return {
+        "command": " ".join(command),
+        "returncode": done.returncode,
+        "output": lines[-20:],
+        "stderr_tail": done.stderr.strip().splitlines()[-5:],
+    }, lines
 
 
 def run_ladder(args, seconds_left: int) -> dict:
     """experiments/bench_step.py (TRL vs ours; on the GPU where there is one), reduced; its ratio_vs_trl."""
     record, lines = run_script("bench_step.py", args.ladder_args, min(args.ladder_timeout_s, seconds_left))
-    record["ratio_vs_trl"] = next((float(line.split("=")[1]) for line in reversed(lines) if line.startswith("ratio_vs_trl=")), None)
+    record["ratio_vs_trl"] = next(
+        (float(line.split("=")[1]) for line in reversed(lines) if line.startswith("ratio_vs_trl=")), None
+    )
     return record
 
 
@@ -291,21 +362,29 @@ def run_head_bench(args, seconds_left: int) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    head = (f"GPU check: {report['device']}; preset {report['preset']} ({report['parameters'] / 1e6:.1f} M parameters); "
-            f"{report['args']['pairs']} pair(s)/step, prompt {report['args']['prompt_len']} + image tokens, answers "
-            f"{report['args']['answer_len']}; bf16, gradient checkpointing {'on' if report['args']['checkpointing'] else 'off'}; "
-            f"median of {report['args']['steps']} steps after {report['args']['warmup']}; wall {report['wall_s']:.0f} s\n\n")
-    lines = ["| ZeRO | layout | decoder tokens/step | s/step | pair tokens/s | vs two rows | peak memory GiB | MFU | max abs Δlogp vs two rows |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = (
+        f"GPU check: {report['device']}; preset {report['preset']} ({report['parameters'] / 1e6:.1f} M parameters); "
+        f"{report['args']['pairs']} pair(s)/step, prompt {report['args']['prompt_len']} + image tokens, answers "
+        f"{report['args']['answer_len']}; bf16, gradient checkpointing {'on' if report['args']['checkpointing'] else 'off'}; "
+        f"median of {report['args']['steps']} steps after {report['args']['warmup']}; wall {report['wall_s']:.0f} s\n\n"
+    )
+    lines = [
+        "| ZeRO | layout | decoder tokens/step | s/step | pair tokens/s | vs two rows | peak memory GiB | MFU | max abs Δlogp vs two rows |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["results"]:
         if "skipped" in r:
             lines.append(f"| {r['zero_stage']} | {r['layout']} | skipped: {r['skipped']} | | | | | | |")
             continue
-        memory = r["peak_gpu_memory_gib"] if r["peak_gpu_memory_gib"] is not None else f"{r['peak_host_rss_gib']} (host RSS)"
+        memory = (
+            r["peak_gpu_memory_gib"] if r["peak_gpu_memory_gib"] is not None else f"{r['peak_host_rss_gib']} (host RSS)"
+        )
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
-        lines.append(f"| {r['zero_stage']} | {r['layout']} | {r['decoder_tokens_per_step']} | {r['step_time_s']:.3f} | "
-                     f"{r['pair_tokens_per_s']:.0f} | {r.get('speedup_vs_two_rows', float('nan')):.2f} | {memory} | {mfu} | "
-                     f"{r['max_abs_logp_diff_vs_two_rows']:.2e} |")
+        lines.append(
+            f"| {r['zero_stage']} | {r['layout']} | {r['decoder_tokens_per_step']} | {r['step_time_s']:.3f} | "
+            f"{r['pair_tokens_per_s']:.0f} | {r.get('speedup_vs_two_rows', float('nan')):.2f} | {memory} | {mfu} | "
+            f"{r['max_abs_logp_diff_vs_two_rows']:.2e} |"
+        )
     table = head + "\n".join(lines) + "\n"
 
     def status(record: dict) -> str:  # why an extra has no numbers, if it has none
@@ -329,34 +408,68 @@ def markdown_table(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=["auto", *PRESETS], default="auto", help="model size (auto: largest that fits; tiny on CPU)")
+    parser.add_argument(
+        "--preset", choices=["auto", *PRESETS], default="auto", help="model size (auto: largest that fits; tiny on CPU)"
+    )
     parser.add_argument("--layers", type=int, help="override the preset's number of decoder layers")
-    parser.add_argument("--stages", type=int, nargs="+", default=[3, 2], choices=[2, 3],
-                        help="ZeRO stages to run, in this order (3 first: the target case; at 7B on one 141 GB GPU, ZeRO-2's "
-                             "whole-partition float32 gradient copy may not fit, and a failed stage is recorded, not fatal)")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS, help="pair-batch layouts to run")
+    parser.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        default=[3, 2],
+        choices=[2, 3],
+        help="ZeRO stages to run, in this order (3 first: the target case; at 7B on one 141 GB GPU, ZeRO-2's "
+        "whole-partition float32 gradient copy may not fit, and a failed stage is recorded, not fatal)",
+    )
+    parser.add_argument(
+        "--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS, help="pair-batch layouts to run"
+    )
     parser.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2 rows each)")
     parser.add_argument("--prompt-len", type=int, default=64, help="text tokens of each prompt (plus the image tokens)")
     parser.add_argument("--answer-len", type=int, default=256, help="tokens of each answer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (per layout)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (median reported)")
-    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", help="gradient checkpointing off")
-    parser.add_argument("--peak-tflops", type=float, help="peak bf16 dense TFLOP/s of one GPU for MFU (default: 989, H100/H200 SXM, on a GPU; none on CPU)")
-    parser.add_argument("--time-budget-s", type=float, default=540, help="skip (and record) cases that would start later than this")
-    parser.add_argument("--ladder", action="store_true", help="also run experiments/bench_step.py (TRL vs ours; on the GPU where there is one)")
-    parser.add_argument("--ladder-args", default="--steps 5 --warmup 2 --repeats 1 --modes trl,shared,grouped,floor",
-                        help="arguments for bench_step.py with --ladder")
+    parser.add_argument(
+        "--no-checkpointing", dest="checkpointing", action="store_false", help="gradient checkpointing off"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="peak bf16 dense TFLOP/s of one GPU for MFU (default: 989, H100/H200 SXM, on a GPU; none on CPU)",
+    )
+    parser.add_argument(
+        "--time-budget-s", type=float, default=540, help="skip (and record) cases that would start later than this"
+    )
+    parser.add_argument(
+        "--ladder",
+        action="store_true",
+        help="also run experiments/bench_step.py (TRL vs ours; on the GPU where there is one)",
+    )
+    parser.add_argument(
+        "--ladder-args",
+        default="--steps 5 --warmup 2 --repeats 1 --modes trl,shared,grouped,floor",
+        help="arguments for bench_step.py with --ladder",
+    )
     parser.add_argument("--ladder-timeout-s", type=int, default=400)
-    parser.add_argument("--head-bench", action="store_true", help="also run experiments/bench_logps.py (chunked vs naive LM head)")
-    parser.add_argument("--head-bench-args", default="--device cuda --dtype bfloat16 --hidden 4096 --vocab 32064 --reps 5",
-                        help="arguments for bench_logps.py with --head-bench (default: LLaVA-1.5-7B's head on the GPU)")
+    parser.add_argument(
+        "--head-bench", action="store_true", help="also run experiments/bench_logps.py (chunked vs naive LM head)"
+    )
+    parser.add_argument(
+        "--head-bench-args",
+        default="--device cuda --dtype bfloat16 --hidden 4096 --vocab 32064 --reps 5",
+        help="arguments for bench_logps.py with --head-bench (default: LLaVA-1.5-7B's head on the GPU)",
+    )
     parser.add_argument("--head-bench-timeout-s", type=int, default=120)
-    parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "gpu_check"), help="directory for gpu_check.json and gpu_check.md")
+    parser.add_argument(
+        "--out",
+        default=str(REPO / "experiments" / "results" / "gpu_check"),
+        help="directory for gpu_check.json and gpu_check.md",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
-    from ddpo.data.tokenizer import build_word_tokenizer
     from ddpo import distributed
+    from ddpo.data.tokenizer import build_word_tokenizer
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated torch.distributed calls
 
@@ -373,29 +486,47 @@ def main(argv=None) -> int:
         size = Size(**{**size.__dict__, "layers": args.layers})
     tokenizer = build_word_tokenizer(["a random weights check"])
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
-    print(f"device {device}; preset {preset} ({size.layers} decoder layers); {args.pairs} pair(s)/step, "
-          f"prompt {args.prompt_len} + image tokens, answers {args.answer_len}; bf16, gradient checkpointing "
-          f"{'on' if args.checkpointing else 'off'}", flush=True)
+    print(
+        f"device {device}; preset {preset} ({size.layers} decoder layers); {args.pairs} pair(s)/step, "
+        f"prompt {args.prompt_len} + image tokens, answers {args.answer_len}; bf16, gradient checkpointing "
+        f"{'on' if args.checkpointing else 'off'}",
+        flush=True,
+    )
     deadline = started + args.time_budget_s
     results = []
     for stage in args.stages:
         if time.perf_counter() > deadline:
-            results += [{"zero_stage": stage, "layout": layout, "skipped": f"time budget ({args.time_budget_s:g} s) spent"}
-                        for layout in args.layouts]
+            results += [
+                {"zero_stage": stage, "layout": layout, "skipped": f"time budget ({args.time_budget_s:g} s) spent"}
+                for layout in args.layouts
+            ]
             continue
         try:
             rows = run_stage(stage, args, size, tokenizer, deadline)
         except Exception as error:  # noqa: BLE001 - recorded in the table (a GPU run must still write it)
-            rows = [{"zero_stage": stage, "layout": layout, "skipped": f"ZeRO-{stage} failed: {type(error).__name__}: {error}"[:300]}
-                    for layout in args.layouts]
+            rows = [
+                {
+                    "zero_stage": stage,
+                    "layout": layout,
+                    "skipped": f"ZeRO-{stage} failed: {type(error).__name__}: {error}"[:300],
+                }
+                for layout in args.layouts
+            ]
         gc.collect()  # a failed stage's engine goes with its traceback: free its GPU memory for the next stage
         if cuda:
             torch.cuda.empty_cache()
         for r in rows:
             print(json.dumps(r), flush=True)
         results += rows
-    report = {"device": device, "preset": preset, "parameters": next((r["parameters"] for r in results if "parameters" in r), 0),
-              "torch": torch.__version__, "args": vars(args), "results": results}
+    report = {
+        "device": device,
+        "preset": preset,
+        "parameters": next((r["parameters"] for r in results if "parameters" in r), 0),
+        "torch": torch.__version__,
+        "args": vars(args),
+        "results": results,
+    }
+
     def seconds_left() -> int:  # the extras, too, end by the time budget (+45 s to write the table)
         return int(started + args.time_budget_s + 45 - time.perf_counter())
 

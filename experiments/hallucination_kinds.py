@@ -13,6 +13,7 @@ Each model answers the split's images greedily; every hallucinated object mentio
 
 A model is given by its directory under DIR ("sft", or a run name: DIR/runs/<name>/final).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ddpo.config import load_config
 from ddpo.data.synthetic.annotator import ground
 from ddpo.data.synthetic.language import parse
-from ddpo.config import load_config
 from ddpo.lab.demo import DemoSettings, generation_options, split, synthetic_config
 from ddpo.models.build import load_model
 

@@ -33,6 +33,7 @@ is only ever evaluated for models already chosen. Per round: test metrics (greed
 SFT model (mean per-token log-ratio on the SFT model's greedy validation answers). A finished round
 (ROUND/selected.json) is skipped when the command is rerun. Results: RESULTS/results.{md,json}, plot.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,21 +50,52 @@ from pathlib import Path
 import torch
 
 from ddpo.config import load_config
-from ddpo.lab.demo import DemoSettings, answer_token_logps, drift, evaluate_model, generation_options, run, split, synthetic_config
+from ddpo.lab.demo import (
+    DemoSettings,
+    answer_token_logps,
+    drift,
+    evaluate_model,
+    generation_options,
+    run,
+    split,
+    synthetic_config,
+)
+from ddpo.models.build import load_model
 from ddpo.online.best_of_n import sample_candidates
-from ddpo.online.feedback import DivideAndConquerFeedback, ModelYesNoLabeler, OracleFeedback, Query, SyntheticClaimSplitter
+from ddpo.online.feedback import (
+    DivideAndConquerFeedback,
+    ModelYesNoLabeler,
+    OracleFeedback,
+    Query,
+    SyntheticClaimSplitter,
+)
 from ddpo.online.pairs import build_pairs
 from ddpo.plan import run_plan
 from ddpo.trainer import Trainer, TrainerCallback
-from ddpo.models.build import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("iterate")
-SHOWN = ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words",
-         "attribute_error_rate", "position_error_rate", "count_error_rate")
-SHOWN_V2 = ("mention_hallucination_rate", "response_hallucination_rate", "companion_rate", "object_recall", "mean_response_words",
-            "attribute_error_rate", "position_error_rate", "count_error_rate", "empty_error_rate")
+SHOWN = (
+    "response_hallucination_rate",
+    "mention_hallucination_rate",
+    "object_recall",
+    "mean_response_words",
+    "attribute_error_rate",
+    "position_error_rate",
+    "count_error_rate",
+)
+SHOWN_V2 = (
+    "mention_hallucination_rate",
+    "response_hallucination_rate",
+    "companion_rate",
+    "object_recall",
+    "mean_response_words",
+    "attribute_error_rate",
+    "position_error_rate",
+    "count_error_rate",
+    "empty_error_rate",
+)
 RECALL_SLACK = 0.02  # v2 selection: an export may not cost more validation recall than this vs SFT (the lab's rule)
 
 
@@ -113,21 +145,53 @@ def write_pairs(pairs, images, prompts, directory: Path) -> Path:
             name = f"{p.prompt_index:05d}.png"
             if not (directory / "images" / name).is_file():
                 images[p.prompt_index].save(directory / "images" / name)
-            f.write(json.dumps({"idx": f"r-{i}", "image": name, "question": prompts[p.prompt_index],
-                                "chosen": p.chosen, "rejected": p.rejected, "chosen_score": p.chosen_score,
-                                "rejected_score": p.rejected_score}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "idx": f"r-{i}",
+                        "image": name,
+                        "question": prompts[p.prompt_index],
+                        "chosen": p.chosen,
+                        "rejected": p.rejected,
+                        "chosen_score": p.chosen_score,
+                        "rejected_score": p.rejected_score,
+                    }
+                )
+                + "\n"
+            )
     return directory / "train.jsonl"
 
 
 def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_pairs: int, out: Path) -> list[Path]:
     """`ddpo train` from `base` on the round's pairs with exports every 1/4 epoch; the exports, in step order."""
     overrides = [
-        "--model.name_or_path", str(base), "--data.format", "jsonl", "--data.path", str(train_file),
-        "--data.image_dir", str(train_file.parent / "images"), "--train.output_dir", str(out),
-        "--train.seed", str(settings.seed), "--train.reference_cache", str(out / "reference_cache"),
-        "--train.num_threads", str(settings.num_threads), "--train.epochs", str(args.epochs),
-        "--train.max_steps", str(args.max_steps), "--train.save_total_limit", "1",
-        "--loss.gamma", str(args.gamma), "--logging.progress_bar", "false", *settings.train_overrides,
+        "--model.name_or_path",
+        str(base),
+        "--data.format",
+        "jsonl",
+        "--data.path",
+        str(train_file),
+        "--data.image_dir",
+        str(train_file.parent / "images"),
+        "--train.output_dir",
+        str(out),
+        "--train.seed",
+        str(settings.seed),
+        "--train.reference_cache",
+        str(out / "reference_cache"),
+        "--train.num_threads",
+        str(settings.num_threads),
+        "--train.epochs",
+        str(args.epochs),
+        "--train.max_steps",
+        str(args.max_steps),
+        "--train.save_total_limit",
+        "1",
+        "--loss.gamma",
+        str(args.gamma),
+        "--logging.progress_bar",
+        "false",
+        *settings.train_overrides,
     ]
     cfg = load_config(settings.train_config, overrides)
     plan = run_plan(cfg, num_pairs)
@@ -137,8 +201,17 @@ def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_
     return sorted((out / "exports").iterdir())
 
 
-def run_round(args, settings: DemoSettings, directory: Path, base: Path, prompt_range: tuple[int, int], sample_seed: int,
-              template: str, feedback, sft_validation: dict | None) -> dict:
+def run_round(
+    args,
+    settings: DemoSettings,
+    directory: Path,
+    base: Path,
+    prompt_range: tuple[int, int],
+    sample_seed: int,
+    template: str,
+    feedback,
+    sft_validation: dict | None,
+) -> dict:
     """One sample -> label -> pairs -> train -> select round from `base` on the preference images
     [lo, hi) -> its record (cached in DIRECTORY/selected.json)."""
     if (directory / "selected.json").is_file():
@@ -149,23 +222,46 @@ def run_round(args, settings: DemoSettings, directory: Path, base: Path, prompt_
     scenes, images, prompts = scenes[lo:hi], images[lo:hi], prompts[lo:hi]
     policy = load_model(base)
     options = generation_options(settings, template)
-    candidates = sample_candidates(policy, images, prompts, args.samples, template, temperature=args.temperature,
-                                   seed=sample_seed, max_new_tokens=options["max_new_tokens"], batch_size=options["batch_size"])
-    scores = [feedback.score(Query(image, prompt, {"scene": scene}), group)
-              for scene, image, prompt, group in zip(scenes, images, prompts, candidates)]
+    candidates = sample_candidates(
+        policy,
+        images,
+        prompts,
+        args.samples,
+        template,
+        temperature=args.temperature,
+        seed=sample_seed,
+        max_new_tokens=options["max_new_tokens"],
+        batch_size=options["batch_size"],
+    )
+    scores = [
+        feedback.score(Query(image, prompt, {"scene": scene}), group)
+        for scene, image, prompt, group in zip(scenes, images, prompts, candidates)
+    ]
     pairs, pair_stats = build_pairs(candidates, scores, per_prompt=args.pairs_per_prompt, seed=sample_seed)
     logger.info("%s: %s", directory.name, pair_stats)
     if not pairs:
-        raise SystemExit(f"{directory}: no pair has a score gap >= 1 among {args.samples} samples of {len(prompts)} prompts; sample more")
+        raise SystemExit(
+            f"{directory}: no pair has a score gap >= 1 among {args.samples} samples of {len(prompts)} prompts; sample more"
+        )
     train_file = write_pairs(pairs, images, prompts, directory / "pairs")
     exports = train_round(args, settings, base, train_file, len(pairs), directory / "run")
     validation = {}
     for export in exports:
         validation[export.name], _ = evaluate_model(load_model(export), settings, "val", settings.val_images, template)
-    best = directory / "run" / "exports" / select(validation, args.world, sft_validation)  # validation only: test is not read
+    best = (
+        directory / "run" / "exports" / select(validation, args.world, sft_validation)
+    )  # validation only: test is not read
     test, samples = evaluate_model(load_model(best), settings, "test", settings.test_images, template)
-    record = {"round": directory.name, "prompts": [lo, hi], "selected": str(best), "pairs": pair_stats, "validation": validation,
-              "test": test, "sample_answers": samples[:3], "seconds": round(time.perf_counter() - started, 1)}
+    record = {
+        "round": directory.name,
+        "prompts": [lo, hi],
+        "selected": str(best),
+        "pairs": pair_stats,
+        "validation": validation,
+        "test": test,
+        "sample_answers": samples[:3],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     (directory / "selected.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -198,14 +294,25 @@ def run_seed(args, seed: int) -> dict:
     reference_logps = answer_token_logps(sft_model, val_prompts, val_answers, val_images, template)
 
     def drift_of(path: str) -> float:
-        return drift(answer_token_logps(load_model(path), val_prompts, val_answers, val_images, template), reference_logps)
+        return drift(
+            answer_token_logps(load_model(path), val_prompts, val_answers, val_images, template), reference_logps
+        )
 
     test, _ = evaluate_model(sft_model, settings, "test", settings.test_images, template)
     rounds = [{"round": 0, "selected": str(sft), "test": test, "validation": {"sft": sft_validation}, "drift": 0.0}]
     base = sft
     for k in range(1, args.rounds + 1):
-        record = run_round(args, settings, out / "iterate" / f"round{k}", base, ((k - 1) * args.prompts, k * args.prompts),
-                           settings.seed * 1000 + k, template, feedback, sft_validation)
+        record = run_round(
+            args,
+            settings,
+            out / "iterate" / f"round{k}",
+            base,
+            ((k - 1) * args.prompts, k * args.prompts),
+            settings.seed * 1000 + k,
+            template,
+            feedback,
+            sft_validation,
+        )
         rounds.append({**record, "round": k, "drift": drift_of(record["selected"])})
         base = Path(rounds[-1]["selected"])
     result = {"rounds": rounds}
@@ -214,8 +321,17 @@ def run_seed(args, seed: int) -> dict:
         chosen = {str(r["round"]): r["validation"][Path(r["selected"]).name if r["round"] else "sft"] for r in rounds}
         result["picked_round"] = int(select(chosen, "v2", sft_validation))
     if args.one_round:
-        record = run_round(args, settings, out / "one_round" / "round1", sft, (0, args.rounds * args.prompts),
-                           settings.seed * 1000 + 101, template, feedback, sft_validation)
+        record = run_round(
+            args,
+            settings,
+            out / "one_round" / "round1",
+            sft,
+            (0, args.rounds * args.prompts),
+            settings.seed * 1000 + 101,
+            template,
+            feedback,
+            sft_validation,
+        )
         result["one_round"] = {**record, "drift": drift_of(record["selected"])}
     return result
 
@@ -254,17 +370,26 @@ def differences(per_seed: dict[int, dict], rounds: int) -> dict:
     stats = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stats)
     rows = {seed: rows_of(result) for seed, result in per_seed.items()}
-    pairs = {"picked on validation - one round (primary)": ("picked on validation", "one round, same prompts"),
-             f"round {rounds} - one round": (f"round {rounds}", "one round, same prompts"),
-             **{f"round {k} - SFT": (f"round {k}", "round 0") for k in range(1, rounds + 1)},
-             "one round - SFT": ("one round, same prompts", "round 0")}
+    pairs = {
+        "picked on validation - one round (primary)": ("picked on validation", "one round, same prompts"),
+        f"round {rounds} - one round": (f"round {rounds}", "one round, same prompts"),
+        **{f"round {k} - SFT": (f"round {k}", "round 0") for k in range(1, rounds + 1)},
+        "one round - SFT": ("one round, same prompts", "round 0"),
+    }
     out = {}
     for label, (a, b) in pairs.items():
         if not all(a in r and b in r for r in rows.values()):
             continue
         out[label] = {}
-        for metric in ("mention_hallucination_rate", "response_hallucination_rate", "companion_rate", "object_recall",
-                       "position_error_rate", "attribute_error_rate", "mean_response_words"):
+        for metric in (
+            "mention_hallucination_rate",
+            "response_hallucination_rate",
+            "companion_rate",
+            "object_recall",
+            "position_error_rate",
+            "attribute_error_rate",
+            "mean_response_words",
+        ):
             diffs = [r[a]["test"][metric] - r[b]["test"][metric] for r in rows.values()]
             out[label][metric] = (*stats.interval(diffs), stats.p_value(diffs))
     primary = next(iter(out), None)
@@ -272,39 +397,69 @@ def differences(per_seed: dict[int, dict], rounds: int) -> dict:
     return {"differences": out, "holm": holm, "primary": primary}
 
 
-def results_table(table: list[dict], args: argparse.Namespace, command: str, metrics: tuple[str, ...],
-                  per_seed: dict[int, dict], diffs: dict | None) -> str:
+def results_table(
+    table: list[dict],
+    args: argparse.Namespace,
+    command: str,
+    metrics: tuple[str, ...],
+    per_seed: dict[int, dict],
+    diffs: dict | None,
+) -> str:
     lines = [
         f"Iterative online DDPO on the synthetic world {args.world} ({args.feedback} feedback): {args.prompts} prompts x {args.samples} "
         f"samples per round at temperature {args.temperature}, {args.pairs_per_prompt} pairs per prompt, gamma {args.gamma}, "
         f"{args.epochs if args.max_steps < 0 else args.max_steps} {'epochs' if args.max_steps < 0 else 'steps'} per round; test split, greedy, "
         f"mean ± std over seeds {args.seeds}. Round 0 = SFT.",
-        "", "Command:", "", f"    {command}", "",
+        "",
+        "Command:",
+        "",
+        f"    {command}",
+        "",
     ]
     if args.world == "v2":
         picks = ", ".join(f"seed {s}: round {r['picked_round']}" for s, r in per_seed.items() if "picked_round" in r)
-        lines += [f"Round picked on validation (rounds 0..{args.rounds}, the lab's rule): {picks}.", "",
-                  "Drift: mean per-token log-ratio of the row's model to SFT on SFT's greedy validation answers.", ""]
+        lines += [
+            f"Round picked on validation (rounds 0..{args.rounds}, the lab's rule): {picks}.",
+            "",
+            "Drift: mean per-token log-ratio of the row's model to SFT on SFT's greedy validation answers.",
+            "",
+        ]
     names = {m: m.replace("_rate", "").replace("_", " ").replace("mean response words", "words") for m in metrics}
-    lines += ["| row | pairs | " + " | ".join(names[m] for m in metrics) + " | drift |", "|---" * (len(metrics) + 3) + "|"]
+    lines += [
+        "| row | pairs | " + " | ".join(names[m] for m in metrics) + " | drift |",
+        "|---" * (len(metrics) + 3) + "|",
+    ]
     for row in table:
-        cells = " | ".join(f"{row[m][0]:.3f} ± {row[m][1]:.3f}" if m != "mean_response_words" else f"{row[m][0]:.1f} ± {row[m][1]:.1f}"
-                           for m in metrics)
+        cells = " | ".join(
+            f"{row[m][0]:.3f} ± {row[m][1]:.3f}" if m != "mean_response_words" else f"{row[m][0]:.1f} ± {row[m][1]:.1f}"
+            for m in metrics
+        )
         lines.append(f"| {row['row']} | {row['pairs']:.0f} | {cells} | {row['drift']:+.4f} |")
     if diffs and diffs["differences"]:
         fmt = lambda v, d=3: f"{v[0]:+.{d}f} [{v[1]:+.{d}f}, {v[2]:+.{d}f}]"  # noqa: E731
-        lines += ["", "Paired differences (a - b), test: mean [95% t-interval over seeds]; p: paired t-test on mention-level "
-                  "hallucination, Holm-adjusted over the secondary comparisons (the primary is not adjusted)", "",
-                  "| comparison | mention hall. | p (Holm) | response hall. | companion rate | recall | position err. | attribute err. | words |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Paired differences (a - b), test: mean [95% t-interval over seeds]; p: paired t-test on mention-level "
+            "hallucination, Holm-adjusted over the secondary comparisons (the primary is not adjusted)",
+            "",
+            "| comparison | mention hall. | p (Holm) | response hall. | companion rate | recall | position err. | attribute err. | words |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for label, row in diffs["differences"].items():
             p = row["mention_hallucination_rate"][3] if label == diffs["primary"] else diffs["holm"][label]
-            lines.append(f"| {label} | {fmt(row['mention_hallucination_rate'])} | {p:.3f} | {fmt(row['response_hallucination_rate'])} | "
-                         f"{fmt(row['companion_rate'])} | {fmt(row['object_recall'])} | {fmt(row['position_error_rate'])} | "
-                         f"{fmt(row['attribute_error_rate'])} | {fmt(row['mean_response_words'], 1)} |")
-    seconds = sum(r.get("seconds", 0) for result in per_seed.values() for r in [*result["rounds"], result.get("one_round", {})])
-    lines += ["", f"Wall time of the rounds (sample, label, train, validation and test evaluation; summed over seeds and rows; "
-                  f"on a shared machine it exceeds the CPU time): {seconds:.0f} s"]
+            lines.append(
+                f"| {label} | {fmt(row['mention_hallucination_rate'])} | {p:.3f} | {fmt(row['response_hallucination_rate'])} | "
+                f"{fmt(row['companion_rate'])} | {fmt(row['object_recall'])} | {fmt(row['position_error_rate'])} | "
+                f"{fmt(row['attribute_error_rate'])} | {fmt(row['mean_response_words'], 1)} |"
+            )
+    seconds = sum(
+        r.get("seconds", 0) for result in per_seed.values() for r in [*result["rounds"], result.get("one_round", {})]
+    )
+    lines += [
+        "",
+        f"Wall time of the rounds (sample, label, train, validation and test evaluation; summed over seeds and rows; "
+        f"on a shared machine it exceeds the CPU time): {seconds:.0f} s",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -314,17 +469,33 @@ def plot(table: list[dict], path: Path, metrics: tuple[str, ...]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("mention_hallucination_rate", "object_recall", "position_error_rate") if "companion_rate" in metrics else SHOWN[:3]
+    shown = (
+        ("mention_hallucination_rate", "object_recall", "position_error_rate")
+        if "companion_rate" in metrics
+        else SHOWN[:3]
+    )
     rounds = [row for row in table if row["row"].startswith("round ")]
     extra = [row for row in table if not row["row"].startswith("round ")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     x = [int(row["row"].split()[1]) for row in rounds]
     for ax, metric in zip(axes, shown):
-        ax.errorbar(x, [row[metric][0] for row in rounds], yerr=[row[metric][1] for row in rounds], marker="o", capsize=3,
-                    label="loop: round k's selected export")
+        ax.errorbar(
+            x,
+            [row[metric][0] for row in rounds],
+            yerr=[row[metric][1] for row in rounds],
+            marker="o",
+            capsize=3,
+            label="loop: round k's selected export",
+        )
         for row, style in zip(extra, ("r*", "gs")):
-            ax.errorbar([x[-1] + 0.15 if "picked" in row["row"] else x[-1] + 0.3], [row[metric][0]], yerr=[row[metric][1]],
-                        fmt=style, capsize=3, label=row["row"])
+            ax.errorbar(
+                [x[-1] + 0.15 if "picked" in row["row"] else x[-1] + 0.3],
+                [row[metric][0]],
+                yerr=[row[metric][1]],
+                fmt=style,
+                capsize=3,
+                label=row["row"],
+            )
         ax.set_xticks(x)
         ax.set_xlabel("round (0 = SFT)")
         ax.set_ylabel(f"{metric.replace('_', ' ')}\n(test, greedy; mean ± std over seeds)", fontsize=8)
@@ -337,11 +508,17 @@ def plot(table: list[dict], path: Path, metrics: tuple[str, ...]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world", choices=("v2", "v1"), default="v2", help="v2 (default) or v1, the negative control (module doc)")
+    parser.add_argument(
+        "--world", choices=("v2", "v1"), default="v2", help="v2 (default) or v1, the negative control (module doc)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=4, help="K (RLAIF-V: 4)")
-    parser.add_argument("--one-round", action="store_true", help="also train once from SFT on all K rounds' prompts (module doc)")
-    parser.add_argument("--sft-from", type=Path, default=None, help="copy SFT models (and gate.json) from DIR/seed<S> when missing")
+    parser.add_argument(
+        "--one-round", action="store_true", help="also train once from SFT on all K rounds' prompts (module doc)"
+    )
+    parser.add_argument(
+        "--sft-from", type=Path, default=None, help="copy SFT models (and gate.json) from DIR/seed<S> when missing"
+    )
     parser.add_argument("--prompts", type=int, default=400, help="fresh prompts per round")
     parser.add_argument("--samples", type=int, default=8, help="N samples per prompt")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -350,15 +527,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labeler", default=None, help="divide-and-conquer: the labeler model directory")
     parser.add_argument("--gamma", type=float, default=1.0, help="DDPO gamma (RLAIF-V trains plain DPO: 1)")
     parser.add_argument("--epochs", type=float, default=2.0, help="epochs per round (RLAIF-V: 4, selecting every 1/4)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps per round instead of epochs (smoke tests)")
+    parser.add_argument(
+        "--max-steps", type=int, default=-1, help="optimizer steps per round instead of epochs (smoke tests)"
+    )
     parser.add_argument("--quick", action="store_true", help="the demo's --quick sizes (smoke run)")
-    parser.add_argument("--train-config", default=None, help="ddpo train YAML (default: the demo's configs/synthetic/demo.yaml)")
+    parser.add_argument(
+        "--train-config", default=None, help="ddpo train YAML (default: the demo's configs/synthetic/demo.yaml)"
+    )
     parser.add_argument("--num-threads", type=int, default=2)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/iterate_v2"))
-    parser.add_argument("--results", type=Path, default=None,
-                        help="results directory (default experiments/results/iterate_v2; v1: experiments/results/iterate)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="results directory (default experiments/results/iterate_v2; v1: experiments/results/iterate)",
+    )
     args = parser.parse_args(argv)
-    args.results = args.results or REPO / "experiments" / "results" / ("iterate_v2" if args.world == "v2" else "iterate")
+    args.results = args.results or REPO / "experiments" / "results" / (
+        "iterate_v2" if args.world == "v2" else "iterate"
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.num_threads)
     per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
@@ -367,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     diffs = differences(per_seed, args.rounds) if args.world == "v2" and len(args.seeds) > 1 else None
     command = "python experiments/iterate.py " + " ".join(shlex.quote(a) for a in argv)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "results.json").write_text(json.dumps({"command": command, "rows": table, "differences": diffs, "per_seed": per_seed},
-                                                          indent=2))
+    (args.results / "results.json").write_text(
+        json.dumps({"command": command, "rows": table, "differences": diffs, "per_seed": per_seed}, indent=2)
+    )
     text = results_table(table, args, command, metrics, per_seed, diffs)
     (args.results / "results.md").write_text(text)
     plot(table, args.results / "plot.png", metrics)

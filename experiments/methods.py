@@ -15,6 +15,7 @@ all. The lr of each recipe is the one with the lowest validation mention-level h
 the grid's lrs that keep object recall within RECALL_SLACK of SFT (synthetic_v2's rule). Finished stages
 and runs are skipped on a rerun; seed 0's compare runs reuse its grid runs at the chosen lr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,17 @@ from pathlib import Path
 import yaml
 
 from ddpo.lab.demo import DemoSettings, GateError, run
-from experiments.synthetic_v2 import CLAIM_ERRORS, PRIMARY, RECALL_SLACK, best_lr, fmt, holm, interval, p_value, seed_dots
+from experiments.synthetic_v2 import (
+    CLAIM_ERRORS,
+    PRIMARY,
+    RECALL_SLACK,
+    best_lr,
+    fmt,
+    holm,
+    interval,
+    p_value,
+    seed_dots,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO / "configs" / "methods"
@@ -50,8 +61,13 @@ def recipe_overrides(name: str) -> dict:
 
 
 def settings_for(args, seed: int, methods: dict, validation_only: bool = False) -> DemoSettings:
-    common = dict(output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, methods=methods,
-                  validation_only=validation_only, num_threads=args.num_threads)
+    common = dict(
+        output_dir=str(Path(args.output_dir) / f"seed{seed}"),
+        seed=seed,
+        methods=methods,
+        validation_only=validation_only,
+        num_threads=args.num_threads,
+    )
     return DemoSettings.quick(**common) if args.quick else DemoSettings(**common)
 
 
@@ -61,22 +77,37 @@ def grid_name(recipe: str, lr: float) -> str:
 
 def lr_grid(args) -> dict:
     grid = QUICK_GRID if args.quick else GRID
-    methods = {grid_name(r, lr): {**recipe_overrides(r), "train.learning_rate": lr} for r in args.recipes for lr in grid}
+    methods = {
+        grid_name(r, lr): {**recipe_overrides(r), "train.learning_rate": lr} for r in args.recipes for lr in grid
+    }
     settings = settings_for(args, 0, methods, validation_only=True)
     run(settings)
     results = json.loads((Path(settings.output_dir) / "results.json").read_text())
-    (Path(settings.output_dir) / "grid_results.json").write_text(json.dumps(results, indent=2))  # compare rewrites results.json
+    (Path(settings.output_dir) / "grid_results.json").write_text(
+        json.dumps(results, indent=2)
+    )  # compare rewrites results.json
     validation, sft_recall = results["validation"], results["validation"]["sft"]["object_recall"]
     choice = {recipe: best_lr(validation, {lr: grid_name(recipe, lr) for lr in grid}) for recipe in args.recipes}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"lr grid, seed 0, validation split (greedy); recall bar: SFT {sft_recall:.3f} - {RECALL_SLACK}", "",
-             "| run | mention hallucination | recall | drift | chosen |", "|---|---|---|---|---|"]
+    lines = [
+        f"lr grid, seed 0, validation split (greedy); recall bar: SFT {sft_recall:.3f} - {RECALL_SLACK}",
+        "",
+        "| run | mention hallucination | recall | drift | chosen |",
+        "|---|---|---|---|---|",
+    ]
     for name, m in validation.items():
         recipe = name.rsplit("_lr", 1)[0]
         chosen = name != "sft" and grid_name(recipe, choice.get(recipe, -1)) == name
-        lines.append(f"| {name} | {m[PRIMARY]:.3f} | {m['object_recall']:.3f} | {results['drift'][name]:+.3f} | {'yes' if chosen else ''} |")
-    lines += ["", f"choice: {json.dumps(choice)}", "", "command: python -m experiments.methods " + " ".join(sys.argv[1:])]
+        lines.append(
+            f"| {name} | {m[PRIMARY]:.3f} | {m['object_recall']:.3f} | {results['drift'][name]:+.3f} | {'yes' if chosen else ''} |"
+        )
+    lines += [
+        "",
+        f"choice: {json.dumps(choice)}",
+        "",
+        "command: python -m experiments.methods " + " ".join(sys.argv[1:]),
+    ]
     (out / "lr_grid.md").write_text("\n".join(lines) + "\n")
     (out / "lr_choice.json").write_text(json.dumps(choice, indent=2))
     print("\n".join(lines))
@@ -112,19 +143,30 @@ def compare(args) -> int:
     def drifts(name: str) -> list[float]:
         return [per_seed[s]["drift"][name] for s in seeds]
 
-    lines = ["Dense-method recipes on the v2 synthetic lab, test split, greedy decoding. Command:", "",
-             "    python -m experiments.methods " + " ".join(sys.argv[1:]), "",
-             f"Seeds {seeds}; lr per recipe (seed 0 validation, lr_choice.json): {json.dumps(choice)}", "",
-             "Pairs per seed: " + ", ".join(f"{s}: {per_seed[s]['pairs']['pairs_used']}" for s in seeds), "",
-             "### Mean ± std over seeds", "",
-             "| recipe | mention hall. | recall | attribute err | position err | count err | words | drift |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "Dense-method recipes on the v2 synthetic lab, test split, greedy decoding. Command:",
+        "",
+        "    python -m experiments.methods " + " ".join(sys.argv[1:]),
+        "",
+        f"Seeds {seeds}; lr per recipe (seed 0 validation, lr_choice.json): {json.dumps(choice)}",
+        "",
+        "Pairs per seed: " + ", ".join(f"{s}: {per_seed[s]['pairs']['pairs_used']}" for s in seeds),
+        "",
+        "### Mean ± std over seeds",
+        "",
+        "| recipe | mention hall. | recall | attribute err | position err | count err | words | drift |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in names:
         cells = []
         for key in TABLE_KEYS:
             v = values(name, key)
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells.append(f"{statistics.fmean(v):.1f} ± {sd:.1f}" if key == "mean_response_words" else f"{statistics.fmean(v):.3f} ± {sd:.3f}")
+            cells.append(
+                f"{statistics.fmean(v):.1f} ± {sd:.1f}"
+                if key == "mean_response_words"
+                else f"{statistics.fmean(v):.3f} ± {sd:.3f}"
+            )
         d = drifts(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.fmean(d):+.3f} |")
     table, pvalues = {}, {}
@@ -132,25 +174,45 @@ def compare(args) -> int:
         if recipe == BASELINE:
             continue
         label = f"{recipe} - {BASELINE}"
-        table[label] = {key: (*interval([a - b for a, b in zip(values(recipe, key), values(BASELINE, key))]),)
-                        for key in TABLE_KEYS}
+        table[label] = {
+            key: (*interval([a - b for a, b in zip(values(recipe, key), values(BASELINE, key))]),) for key in TABLE_KEYS
+        }
         table[label]["drift"] = interval([a - b for a, b in zip(drifts(recipe), drifts(BASELINE))])
         pvalues[label] = p_value([a - b for a, b in zip(values(recipe, PRIMARY), values(BASELINE, PRIMARY))])
     adjusted = holm(pvalues) if pvalues else {}
-    lines += ["", f"### Paired differences vs {BASELINE} (test, greedy): mean [95% t-interval over seeds]; p: paired t-test "
-              f"on mention hallucination, Holm-adjusted over the {len(pvalues)} comparisons", "",
-              "| comparison | mention hall. | p (Holm) | recall | attribute err | position err | count err | drift |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"### Paired differences vs {BASELINE} (test, greedy): mean [95% t-interval over seeds]; p: paired t-test "
+        f"on mention hallucination, Holm-adjusted over the {len(pvalues)} comparisons",
+        "",
+        "| comparison | mention hall. | p (Holm) | recall | attribute err | position err | count err | drift |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, row in table.items():
-        lines.append(f"| {label} | {fmt(*row[PRIMARY])} | {adjusted[label]:.3f} | {fmt(*row['object_recall'])} | "
-                     + " | ".join(fmt(*row[k]) for k in CLAIM_ERRORS[:3]) + f" | {fmt(*row['drift'])} |")
+        lines.append(
+            f"| {label} | {fmt(*row[PRIMARY])} | {adjusted[label]:.3f} | {fmt(*row['object_recall'])} | "
+            + " | ".join(fmt(*row[k]) for k in CLAIM_ERRORS[:3])
+            + f" | {fmt(*row['drift'])} |"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    (out / "comparison.json").write_text(json.dumps({
-        "seeds": seeds, "lr": choice, "recipes": {r: recipe_overrides(r) for r in recipes}, "differences": table, "holm": adjusted,
-        "wall_s": round(time.perf_counter() - started, 1),
-        "per_seed": {s: {k: per_seed[s].get(k) for k in ("methods", "validation", "drift", "gate", "pairs", "timings_s")} for s in seeds},
-    }, indent=2))
+    (out / "comparison.json").write_text(
+        json.dumps(
+            {
+                "seeds": seeds,
+                "lr": choice,
+                "recipes": {r: recipe_overrides(r) for r in recipes},
+                "differences": table,
+                "holm": adjusted,
+                "wall_s": round(time.perf_counter() - started, 1),
+                "per_seed": {
+                    s: {k: per_seed[s].get(k) for k in ("methods", "validation", "drift", "gate", "pairs", "timings_s")}
+                    for s in seeds
+                },
+            },
+            indent=2,
+        )
+    )
     plot(per_seed, seeds, names, out / "comparison.png")
     print("\n".join(lines))
     return 0
@@ -162,13 +224,24 @@ def plot(per_seed: dict, seeds: list, names: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = ((PRIMARY, "mention-level object hallucination"), ("object_recall", "object recall"),
-              ("attribute_error_rate", "attribute error rate"))
+    panels = (
+        (PRIMARY, "mention-level object hallucination"),
+        ("object_recall", "object recall"),
+        ("attribute_error_rate", "attribute error rate"),
+    )
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(16, 3.8))
     for ax, (key, label) in zip(axes, panels):
-        seed_dots(ax, {n: [per_seed[s]["methods"][n][key] for s in seeds] for n in names}, f"{label}\n(test, greedy; dots = seeds)")
-    seed_dots(axes[-1], {n: [per_seed[s]["drift"][n] for s in seeds] for n in names},
-              "drift from SFT: mean per-token log-ratio\non SFT's validation answers (dots = seeds)", color="#dd8452")
+        seed_dots(
+            ax,
+            {n: [per_seed[s]["methods"][n][key] for s in seeds] for n in names},
+            f"{label}\n(test, greedy; dots = seeds)",
+        )
+    seed_dots(
+        axes[-1],
+        {n: [per_seed[s]["drift"][n] for s in seeds] for n in names},
+        "drift from SFT: mean per-token log-ratio\non SFT's validation answers (dots = seeds)",
+        color="#dd8452",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -179,12 +252,23 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=("lr-grid", "compare", "all"))
     parser.add_argument("--output-dir", default="runs/methods")
     parser.add_argument("--results", default=str(REPO / "experiments" / "results" / "methods"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 3, 4, 5], help="the v2 lab's seeds whose SFT model passes the gate")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 3, 4, 5],
+        help="the v2 lab's seeds whose SFT model passes the gate",
+    )
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--num-threads", type=int, default=1)
-    parser.add_argument("--aggregate-only", action="store_true",
-                        help="compare: only the table, from each seed's results.json (seeds run as separate processes)")
-    parser.add_argument("--quick", action="store_true", help="the lab's --quick sizes and a 2-point lr grid: a smoke run")
+    parser.add_argument(
+        "--aggregate-only",
+        action="store_true",
+        help="compare: only the table, from each seed's results.json (seeds run as separate processes)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the lab's --quick sizes and a 2-point lr grid: a smoke run"
+    )
     args = parser.parse_args(argv)
     if BASELINE not in args.recipes:
         parser.error(f"--recipes must include the baseline '{BASELINE}' (the differences are taken against it)")

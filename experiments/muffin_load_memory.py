@@ -18,6 +18,7 @@ straight to the GPU and the host holds ~one shard).
 
     .venv/bin/python experiments/muffin_load_memory.py [--hidden 1024 --layers 8 --shards 8] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-MB = 2 ** 20
+MB = 2**20
 
 
 def rss_kib(field: str) -> int:
@@ -43,8 +44,8 @@ def child(variant: str, directory: str) -> None:
 
     torch.set_num_threads(1)
     import ddpo.models.muffin as muffin
-    from ddpo.models.config import ModelConfig
     from ddpo.models.build import build_model
+    from ddpo.models.config import ModelConfig
     from ddpo.models.replicas import muffin_vision_sizes_for_tests
 
     muffin.BEIT3_SIZES = muffin_vision_sizes_for_tests()  # keep the tower tiny: the LLM is what is measured
@@ -64,8 +65,16 @@ def child(variant: str, directory: str) -> None:
         muffin.load_muffin_checkpoint(model, state)
     peak = rss_kib("VmHWM")
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"variant": variant, "peak_above_start_mb": (peak - before) / 1024, "model_mb": model_bytes / MB,
-                      "dtype": str(next(model.parameters()).dtype)}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "peak_above_start_mb": (peak - before) / 1024,
+                "model_mb": model_bytes / MB,
+                "dtype": str(next(model.parameters()).dtype),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -86,18 +95,34 @@ def main() -> None:
     muffin.BEIT3_SIZES = muffin_vision_sizes_for_tests()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(args.out or tmp) / "rlhfv_replica"
-        write_muffin_checkpoint(directory, num_shards=args.shards, hidden=args.hidden, layers=args.layers,
-                                heads=16, intermediate=args.intermediate)
+        write_muffin_checkpoint(
+            directory,
+            num_shards=args.shards,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=16,
+            intermediate=args.intermediate,
+        )
         total, largest = replica_bytes(directory)
         print(f"replica: {args.shards} shards, {total / MB:.0f} MB float32 in all, largest shard {largest / MB:.0f} MB")
         for variant in ("streamed", "all-at-once"):
-            out = subprocess.run([sys.executable, __file__, "--child", variant, str(directory)], check=True,
-                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            out = (
+                subprocess.run(
+                    [sys.executable, __file__, "--child", variant, str(directory)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             r = json.loads(out)
             over = r["peak_above_start_mb"] - r["model_mb"]
-            print(f"{variant:12s} peak RSS growth {r['peak_above_start_mb']:7.0f} MB = final model {r['model_mb']:.0f} MB "
-                  f"({r['dtype']}) + {over:.0f} MB ({over * MB / largest:.2f} x the largest shard, "
-                  f"{over * MB / total:.2f} x the checkpoint)")
+            print(
+                f"{variant:12s} peak RSS growth {r['peak_above_start_mb']:7.0f} MB = final model {r['model_mb']:.0f} MB "
+                f"({r['dtype']}) + {over:.0f} MB ({over * MB / largest:.2f} x the largest shard, "
+                f"{over * MB / total:.2f} x the checkpoint)"
+            )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Runs (the paper's Figure 2 axis is the pair count; gamma 1 is vanilla DPO):
                                            same step size
     dpo_sum_p{200,800}, ddpo_sum_g5_p{200,800}   fewer preference pairs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,12 @@ def grid() -> dict[str, dict]:
     runs: dict[str, dict] = {"dpo_sum": {"loss.gamma": 1.0, "loss.normalize": "sum"}}
     runs.update({f"ddpo_sum_g{g}": {"loss.gamma": float(g), "loss.normalize": "sum"} for g in (2, 5, 10)})
     runs["dpo_mean"] = {"loss.gamma": 1.0, "loss.normalize": "mean", "loss.beta": MEAN_BETA}
-    runs.update({f"ddpo_mean_g{g}": {"loss.gamma": float(g), "loss.normalize": "mean", "loss.beta": MEAN_BETA} for g in (2, 5, 10)})
+    runs.update(
+        {
+            f"ddpo_mean_g{g}": {"loss.gamma": float(g), "loss.normalize": "mean", "loss.beta": MEAN_BETA}
+            for g in (2, 5, 10)
+        }
+    )
     for pairs in (200, 800):
         runs[f"dpo_sum_p{pairs}"] = {"loss.gamma": 1.0, "loss.normalize": "sum", "data.max_samples": pairs}
         runs[f"ddpo_sum_g5_p{pairs}"] = {"loss.gamma": 5.0, "loss.normalize": "sum", "data.max_samples": pairs}
@@ -59,13 +65,29 @@ def aggregate(per_seed: dict[int, dict], split: str) -> dict[str, dict[str, tupl
 def write_tables(table: dict, seeds: list[int], pairs: dict, results_dir: Path, command: str) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     header = "| method | response hallucination | mention hallucination | object recall | words / answer |"
-    lines = [f"Synthetic ablation, test split, mean ± std over seeds {seeds}. Command:", "", f"    {command}", "",
-             f"Preference pairs per seed: {pairs}", "", header, "|---|---|---|---|---|"]
+    lines = [
+        f"Synthetic ablation, test split, mean ± std over seeds {seeds}. Command:",
+        "",
+        f"    {command}",
+        "",
+        f"Preference pairs per seed: {pairs}",
+        "",
+        header,
+        "|---|---|---|---|---|",
+    ]
     for method, m in table.items():
-        cells = " | ".join(f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k != "mean_response_words" else f"{m[k][0]:.1f} ± {m[k][1]:.1f}" for k in METRICS)
+        cells = " | ".join(
+            f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k != "mean_response_words" else f"{m[k][0]:.1f} ± {m[k][1]:.1f}"
+            for k in METRICS
+        )
         lines.append(f"| {method} | {cells} |")
-    lines += ["", "Claim errors (wrong claims / claims of the type, about correctly named objects):", "",
-              "| method | attribute | position | count |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Claim errors (wrong claims / claims of the type, about correctly named objects):",
+        "",
+        "| method | attribute | position | count |",
+        "|---|---|---|---|",
+    ]
     for method, m in table.items():
         lines.append(f"| {method} | " + " | ".join(f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in CLAIM_ERRORS) + " |")
     (results_dir / "results.md").write_text("\n".join(lines) + "\n")
@@ -90,13 +112,22 @@ def plot(table: dict, results_dir: Path) -> None:
         stds = [table[n][key][1] for n in names]
         ax_gamma.errorbar([1, 2, 5, 10], means, yerr=stds, marker="o", capsize=3, label=f"normalize={norm}")
     ax_gamma.axhline(table["sft"][key][0], color="gray", ls="--", label="SFT")
-    ax_gamma.set(xscale="log", xlabel="gamma (1 = vanilla DPO)", ylabel="response hallucination (test)", title="vs gamma")
+    ax_gamma.set(
+        xscale="log", xlabel="gamma (1 = vanilla DPO)", ylabel="response hallucination (test)", title="vs gamma"
+    )
     ax_gamma.set_xticks([1, 2, 5, 10], ["1", "2", "5", "10"])
     ax_gamma.legend(fontsize=8)
     for name, label in (("dpo_sum", "DPO"), ("ddpo_sum_g5", "DDPO gamma 5")):
         names = [f"{name}_p200", f"{name}_p800", name]
         xs = [200, 800, 1400]
-        ax_pairs.errorbar(xs, [table[n][key][0] for n in names], yerr=[table[n][key][1] for n in names], marker="o", capsize=3, label=label)
+        ax_pairs.errorbar(
+            xs,
+            [table[n][key][0] for n in names],
+            yerr=[table[n][key][1] for n in names],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     ax_pairs.axhline(table["sft"][key][0], color="gray", ls="--", label="SFT")
     ax_pairs.set(xlabel="preference pairs (1400 = all, capped)", title="vs preference data (paper Fig. 2 axis)")
     ax_pairs.legend(fontsize=8)
@@ -121,11 +152,18 @@ def main(argv=None) -> int:
         per_seed[seed] = json.loads((Path(settings.output_dir) / "results.json").read_text())
         pairs[seed] = per_seed[seed]["pairs"]["pairs_used"]
     results_dir = Path(args.results)
-    command = "python experiments/synthetic_ablation.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--aggregate-only")
+    command = "python experiments/synthetic_ablation.py " + " ".join(
+        a for a in (sys.argv[1:] if argv is None else argv) if a != "--aggregate-only"
+    )
     table = aggregate(per_seed, "methods")
     write_tables(table, args.seeds, pairs, results_dir, command)
     (results_dir / "validation.json").write_text(json.dumps(aggregate(per_seed, "validation"), indent=2))
-    (results_dir / "per_seed.json").write_text(json.dumps({s: {k: r[k] for k in ("methods", "validation", "pairs", "timings_s")} for s, r in per_seed.items()}, indent=2))
+    (results_dir / "per_seed.json").write_text(
+        json.dumps(
+            {s: {k: r[k] for k in ("methods", "validation", "pairs", "timings_s")} for s, r in per_seed.items()},
+            indent=2,
+        )
+    )
     plot(table, results_dir)
     print((results_dir / "results.md").read_text())
     return 0

@@ -24,6 +24,7 @@ choice (`lr_choice.json`). Parts of the ablation (`--parts`):
                                                              (gamma as weighting vs gamma as a larger step)
 Finished stages and runs are skipped on a rerun.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,10 @@ def answer_tokens(train_file: Path) -> float:
 def grid_name(overrides: dict) -> str:
     """The lr-grid run's name for these settings (seed 0 reuses it instead of retraining)."""
     gamma = overrides["loss.gamma"]
-    return (f"{'dpo' if gamma == 1 else 'ddpo'}_{overrides['loss.normalize']}{'' if gamma == 1 else f'_g{gamma:g}'}"
-            f"_lr{overrides['train.learning_rate']:g}")
+    return (
+        f"{'dpo' if gamma == 1 else 'ddpo'}_{overrides['loss.normalize']}{'' if gamma == 1 else f'_g{gamma:g}'}"
+        f"_lr{overrides['train.learning_rate']:g}"
+    )
 
 
 def best_lr(validation: dict, runs: dict[float, str]) -> float:
@@ -167,7 +170,10 @@ def _betainc(a: float, b: float, x: float) -> float:
     d = 1.0 / d
     h = d
     for m in range(1, 200):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
             c = 1.0 + num / c if abs(1.0 + num / c) > 1e-300 else 1e-300
@@ -187,8 +193,13 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
 
 def lr_grid(args) -> int:
     norm = args.normalize
-    settings = DemoSettings(output_dir=str(Path(args.output_dir) / "seed0"), seed=0, methods=grid_methods(norm),
-                            validation_only=True, num_threads=args.num_threads)
+    settings = DemoSettings(
+        output_dir=str(Path(args.output_dir) / "seed0"),
+        seed=0,
+        methods=grid_methods(norm),
+        validation_only=True,
+        num_threads=args.num_threads,
+    )
     run(settings)
     results = json.loads((Path(settings.output_dir) / "results.json").read_text())
     validation = results["validation"]
@@ -196,19 +207,32 @@ def lr_grid(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     choice_file = out / "lr_choice.json"
     if norm == "mean":
-        lrs = {"mean": choose(validation, "mean", MEAN_GRID), "answer_tokens": answer_tokens(Path(settings.output_dir) / "pairs" / "train.jsonl")}
+        lrs = {
+            "mean": choose(validation, "mean", MEAN_GRID),
+            "answer_tokens": answer_tokens(Path(settings.output_dir) / "pairs" / "train.jsonl"),
+        }
         lrs["sum"] = dict(lrs["mean"])  # until the sum's own grid has run (lr-grid --normalize sum)
     else:
         lrs = json.loads(choice_file.read_text())
         lrs["sum"] = choose(validation, "sum", SUM_GRID)
     stem = "lr_grid" if norm == "mean" else "lr_grid_sum"
-    lines = [f"lr grid ({norm}), seed 0, validation split (greedy); drift = mean per-token log-ratio to SFT on SFT's validation answers", "",
-             "| run | mention hallucination | response hallucination | companion rate | recall | words | drift |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"lr grid ({norm}), seed 0, validation split (greedy); drift = mean per-token log-ratio to SFT on SFT's validation answers",
+        "",
+        "| run | mention hallucination | response hallucination | companion rate | recall | words | drift |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, m in validation.items():
-        lines.append(f"| {name} | {m[PRIMARY]:.3f} | {m['response_hallucination_rate']:.3f} | {m['companion_rate']:.3f} | "
-                     f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} | {results['drift'][name]:+.3f} |")
-    lines += ["", f"choice: {json.dumps(lrs)}", "command: python experiments/synthetic_v2.py lr-grid --normalize "
-              f"{norm} --output-dir {args.output_dir} --results {args.results}"]
+        lines.append(
+            f"| {name} | {m[PRIMARY]:.3f} | {m['response_hallucination_rate']:.3f} | {m['companion_rate']:.3f} | "
+            f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} | {results['drift'][name]:+.3f} |"
+        )
+    lines += [
+        "",
+        f"choice: {json.dumps(lrs)}",
+        "command: python experiments/synthetic_v2.py lr-grid --normalize "
+        f"{norm} --output-dir {args.output_dir} --results {args.results}",
+    ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot_grid(validation, results["drift"], out / f"{stem}.png", norm)
     choice_file.write_text(json.dumps(lrs, indent=2))
@@ -225,8 +249,12 @@ def ablation(args) -> int:
     if args.stages:  # the stages before training need no lr: run them while the lr grid runs
         for seed in args.seeds:
             try:
-                run(DemoSettings(output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, num_threads=args.num_threads),
-                    args.stages)
+                run(
+                    DemoSettings(
+                        output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, num_threads=args.num_threads
+                    ),
+                    args.stages,
+                )
             except GateError as error:  # that seed's lab is invalid; the others still run
                 print(f"seed {seed}: {error}", flush=True)
         return 0
@@ -234,13 +262,20 @@ def ablation(args) -> int:
     methods = ablation_methods(lrs, args.parts)
     per_seed = {}
     for seed in args.seeds:
-        settings = DemoSettings(output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, methods=methods,
-                                num_threads=args.num_threads)
+        settings = DemoSettings(
+            output_dir=str(Path(args.output_dir) / f"seed{seed}"),
+            seed=seed,
+            methods=methods,
+            num_threads=args.num_threads,
+        )
         runs = Path(settings.output_dir) / "runs"
         for name, overrides in methods.items():  # the lr grid's identical runs (seed 0) are reused, not retrained
             twin = runs / grid_name(overrides) if "data.max_samples" not in overrides else runs / name
-            if set(overrides) == {"loss.gamma", "loss.normalize", "train.learning_rate"} and (twin / "final").is_dir() \
-                    and not (runs / name).exists():
+            if (
+                set(overrides) == {"loss.gamma", "loss.normalize", "train.learning_rate"}
+                and (twin / "final").is_dir()
+                and not (runs / name).exists()
+            ):
                 (runs / name).symlink_to(twin.name, target_is_directory=True)
         if not args.aggregate_only:
             run(settings)
@@ -252,70 +287,148 @@ def ablation(args) -> int:
     def values(split: str, name: str, key: str) -> list[float]:
         return [per_seed[s][split][name][key] for s in seeds]
 
-    lines = [f"v2 synthetic ablation, seeds {seeds}, test split. Command:", "", "    " + " ".join(["python experiments/synthetic_v2.py", *sys.argv[1:]]), "",
-             f"lr (validation choice, lr_choice.json): {json.dumps(lrs)}", "",
-             "Gate per seed (single-object accuracy / recall without anchor / companion rate): " + "; ".join(
-                 f"{s}: {per_seed[s]['gate']['single_object_accuracy']:.3f} / {per_seed[s]['gate']['recall_without_anchor']:.3f} / "
-                 f"{per_seed[s]['gate']['companion_rate']:.3f}" for s in seeds), "",
-             "Pairs per seed: " + ", ".join(f"{s}: {per_seed[s]['pairs']['pairs_used']}" for s in seeds) + "; segments per pair "
-             + ", ".join(f"{per_seed[s]['pairs']['segments_per_pair']:.2f}" for s in seeds), ""]
+    lines = [
+        f"v2 synthetic ablation, seeds {seeds}, test split. Command:",
+        "",
+        "    " + " ".join(["python experiments/synthetic_v2.py", *sys.argv[1:]]),
+        "",
+        f"lr (validation choice, lr_choice.json): {json.dumps(lrs)}",
+        "",
+        "Gate per seed (single-object accuracy / recall without anchor / companion rate): "
+        + "; ".join(
+            f"{s}: {per_seed[s]['gate']['single_object_accuracy']:.3f} / {per_seed[s]['gate']['recall_without_anchor']:.3f} / "
+            f"{per_seed[s]['gate']['companion_rate']:.3f}"
+            for s in seeds
+        ),
+        "",
+        "Pairs per seed: "
+        + ", ".join(f"{s}: {per_seed[s]['pairs']['pairs_used']}" for s in seeds)
+        + "; segments per pair "
+        + ", ".join(f"{per_seed[s]['pairs']['segments_per_pair']:.2f}" for s in seeds),
+        "",
+    ]
     for split, title in (("methods", "greedy"), ("sampled", "sampled, T 0.7")):
-        lines += [f"### Test, {title}: mean ± std over seeds", "",
-                  "| run | mention hall. | response hall. | companion rate | non-target mentions | recall | words | attribute err | position err | count err | drift |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### Test, {title}: mean ± std over seeds",
+            "",
+            "| run | mention hall. | response hall. | companion rate | non-target mentions | recall | words | attribute err | position err | count err | drift |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name in names:
             cells = []
-            for key in (PRIMARY, "response_hallucination_rate", "companion_rate", "nontarget_mention_rate", "object_recall",
-                        "mean_response_words", "attribute_error_rate", "position_error_rate", "count_error_rate"):
+            for key in (
+                PRIMARY,
+                "response_hallucination_rate",
+                "companion_rate",
+                "nontarget_mention_rate",
+                "object_recall",
+                "mean_response_words",
+                "attribute_error_rate",
+                "position_error_rate",
+                "count_error_rate",
+            ):
                 v = values(split, name, key)
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
-                cells.append(f"{statistics.fmean(v):.1f} ± {sd:.1f}" if key == "mean_response_words" else f"{statistics.fmean(v):.3f} ± {sd:.3f}")
+                cells.append(
+                    f"{statistics.fmean(v):.1f} ± {sd:.1f}"
+                    if key == "mean_response_words"
+                    else f"{statistics.fmean(v):.3f} ± {sd:.3f}"
+                )
             d = [per_seed[s]["drift"][name] for s in seeds]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.fmean(d):+.3f} |")
         lines.append("")
 
     comparisons = {}  # name -> (a, b): a - b
-    for a, b in (("ddpo_mean_g5", "dpo_mean"), ("dpo_mean", "sft"), ("ddpo_mean_g5", "sft"), ("ddpo_mean_g2", "dpo_mean"),
-                 ("ddpo_mean_g10", "dpo_mean"), ("ddpo_sum_g5", "dpo_sum"), ("dpo_sum", "sft"), ("ddpo_sum_g5", "sft"),
-                 ("ddpo_sum_g2", "dpo_sum"), ("ddpo_sum_g10", "dpo_sum"), ("ddpo_mean_g5_p200", "dpo_mean_p200"),
-                 ("ddpo_mean_g5_p800", "dpo_mean_p800"), ("ddpo_sum_g5_p200", "dpo_sum_p200"), ("ddpo_sum_g5_p800", "dpo_sum_p800"),
-                 ("ddpo_mean_g5_tuned", "dpo_mean_lr1e-05"), ("ddpo_sum_g5_tuned", "dpo_sum"), ("ddpo_mean_g5_tuned", "dpo_mean_tuned"),
-                 ("ddpo_mean_g5_tuned", "dpo_mean"), ("dpo_mean_tuned", "ddpo_mean_g5")):
+    for a, b in (
+        ("ddpo_mean_g5", "dpo_mean"),
+        ("dpo_mean", "sft"),
+        ("ddpo_mean_g5", "sft"),
+        ("ddpo_mean_g2", "dpo_mean"),
+        ("ddpo_mean_g10", "dpo_mean"),
+        ("ddpo_sum_g5", "dpo_sum"),
+        ("dpo_sum", "sft"),
+        ("ddpo_sum_g5", "sft"),
+        ("ddpo_sum_g2", "dpo_sum"),
+        ("ddpo_sum_g10", "dpo_sum"),
+        ("ddpo_mean_g5_p200", "dpo_mean_p200"),
+        ("ddpo_mean_g5_p800", "dpo_mean_p800"),
+        ("ddpo_sum_g5_p200", "dpo_sum_p200"),
+        ("ddpo_sum_g5_p800", "dpo_sum_p800"),
+        ("ddpo_mean_g5_tuned", "dpo_mean_lr1e-05"),
+        ("ddpo_sum_g5_tuned", "dpo_sum"),
+        ("ddpo_mean_g5_tuned", "dpo_mean_tuned"),
+        ("ddpo_mean_g5_tuned", "dpo_mean"),
+        ("dpo_mean_tuned", "ddpo_mean_g5"),
+    ):
         if a in names and b in names:
             comparisons[f"{a} - {b}"] = (a, b)
     table = {}
     for label, (a, b) in comparisons.items():
         table[label] = {}
-        for key in (PRIMARY, "response_hallucination_rate", "companion_rate", "nontarget_mention_rate", "object_recall", "mean_response_words"):
+        for key in (
+            PRIMARY,
+            "response_hallucination_rate",
+            "companion_rate",
+            "nontarget_mention_rate",
+            "object_recall",
+            "mean_response_words",
+        ):
             diffs = [x - y for x, y in zip(values("methods", a, key), values("methods", b, key))]
             table[label][key] = (*interval(diffs), p_value(diffs))
     primary = "ddpo_mean_g5 - dpo_mean"
     secondary = {k: v[PRIMARY][3] for k, v in table.items() if k != primary}
     adjusted = holm(secondary)
-    lines += ["### Paired differences (test, greedy): mean [95% t-interval over seeds]; p: paired t-test, Holm-adjusted over the "
-              "secondary comparisons (the primary, ddpo_mean_g5 - dpo_mean, is not adjusted)", "",
-              "| comparison | mention hall. | p (Holm) | response hall. | companion rate | non-target mentions | recall | words |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "### Paired differences (test, greedy): mean [95% t-interval over seeds]; p: paired t-test, Holm-adjusted over the "
+        "secondary comparisons (the primary, ddpo_mean_g5 - dpo_mean, is not adjusted)",
+        "",
+        "| comparison | mention hall. | p (Holm) | response hall. | companion rate | non-target mentions | recall | words |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, row in table.items():
         p = row[PRIMARY][3] if label == primary else adjusted[label]
-        lines.append(f"| {label} | {fmt(*row[PRIMARY][:3])} | {p:.3f} | {fmt(*row['response_hallucination_rate'][:3])} | "
-                     f"{fmt(*row['companion_rate'][:3])} | {fmt(*row['nontarget_mention_rate'][:3])} | {fmt(*row['object_recall'][:3])} | "
-                     f"{fmt(*row['mean_response_words'][:3], digits=1)} |")
+        lines.append(
+            f"| {label} | {fmt(*row[PRIMARY][:3])} | {p:.3f} | {fmt(*row['response_hallucination_rate'][:3])} | "
+            f"{fmt(*row['companion_rate'][:3])} | {fmt(*row['nontarget_mention_rate'][:3])} | {fmt(*row['object_recall'][:3])} | "
+            f"{fmt(*row['mean_response_words'][:3], digits=1)} |"
+        )
     matched = matched_drift(per_seed, seeds, names)
     if matched:
-        lines += ["", "### At matched drift (test, greedy): DDPO minus DPO read at DDPO's drift, DPO piecewise linear in drift "
-                  "over its runs at several lrs; mean [95% t-interval over seeds]", "",
-                  "| DDPO run | its drift | DPO runs (their drift) | mention hall. | p (unadjusted) | companion rate | recall | extrapolated seeds |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### At matched drift (test, greedy): DDPO minus DPO read at DDPO's drift, DPO piecewise linear in drift "
+            "over its runs at several lrs; mean [95% t-interval over seeds]",
+            "",
+            "| DDPO run | its drift | DPO runs (their drift) | mention hall. | p (unadjusted) | companion rate | recall | extrapolated seeds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, row in matched.items():
             curve = ", ".join(f"{n} ({d:+.4f})" for n, d in zip(row["dpo_runs"], row["dpo_drift"]))
-            lines.append(f"| {name} | {row['drift']:+.4f} | {curve} | "
-                         f"{fmt(*row[PRIMARY])} | {row['p']:.3f} | {fmt(*row['companion_rate'])} | {fmt(*row['object_recall'])} | {row['extrapolated']} |")
+            lines.append(
+                f"| {name} | {row['drift']:+.4f} | {curve} | "
+                f"{fmt(*row[PRIMARY])} | {row['p']:.3f} | {fmt(*row['companion_rate'])} | {fmt(*row['object_recall'])} | {row['extrapolated']} |"
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{args.name}.json").write_text(json.dumps({"seeds": seeds, "lr": lrs, "differences": table, "holm": adjusted, "matched_drift": matched,
-                                                   "per_seed": {s: {k: per_seed[s].get(k) for k in ("methods", "sampled", "validation", "drift", "gate", "pairs", "timings_s")}
-                                                                for s in seeds}}, indent=2))
+    (out / f"{args.name}.json").write_text(
+        json.dumps(
+            {
+                "seeds": seeds,
+                "lr": lrs,
+                "differences": table,
+                "holm": adjusted,
+                "matched_drift": matched,
+                "per_seed": {
+                    s: {
+                        k: per_seed[s].get(k)
+                        for k in ("methods", "sampled", "validation", "drift", "gate", "pairs", "timings_s")
+                    }
+                    for s in seeds
+                },
+            },
+            indent=2,
+        )
+    )
     plot(per_seed, seeds, names, out / f"{args.name}.png")
     print("\n".join(lines))
     return 0
@@ -331,7 +444,9 @@ def at_drift(points: list[tuple[float, float]], d: float) -> tuple[float, bool]:
     return (y0 + (d - d0) / (d1 - d0) * (y1 - y0) if d1 != d0 else y0), not inside
 
 
-def matched_differences(ladders: list[list[tuple[float, float]]], drifts: list[float], values: list[float]) -> tuple[list[float], int]:
+def matched_differences(
+    ladders: list[list[tuple[float, float]]], drifts: list[float], values: list[float]
+) -> tuple[list[float], int]:
     """Per seed, a DDPO run's metric minus DPO's read at the run's drift off that seed's DPO ladder
     [(drift, metric) per lr]; and the number of seeds where the read was extrapolated."""
     diffs, extrapolated = [], 0
@@ -354,12 +469,18 @@ def matched_drift(per_seed: dict, seeds: list, names: list[str]) -> dict:
         for name in (f"ddpo_{norm}_g5", f"ddpo_{norm}_g5_tuned"):
             if name not in names:
                 continue
-            row: dict = {"drift": statistics.fmean(per_seed[s]["drift"][name] for s in seeds), "extrapolated": 0,
-                         "dpo_runs": curve, "dpo_drift": [statistics.fmean(per_seed[s]["drift"][n] for s in seeds) for n in curve]}
+            row: dict = {
+                "drift": statistics.fmean(per_seed[s]["drift"][name] for s in seeds),
+                "extrapolated": 0,
+                "dpo_runs": curve,
+                "dpo_drift": [statistics.fmean(per_seed[s]["drift"][n] for s in seeds) for n in curve],
+            }
             for key in (PRIMARY, "companion_rate", "object_recall"):
                 diffs, outside = matched_differences(
                     [[(per_seed[s]["drift"][n], per_seed[s]["methods"][n][key]) for n in curve] for s in seeds],
-                    [per_seed[s]["drift"][name] for s in seeds], [per_seed[s]["methods"][name][key] for s in seeds])
+                    [per_seed[s]["drift"][name] for s in seeds],
+                    [per_seed[s]["methods"][name][key] for s in seeds],
+                )
                 row[key] = interval(diffs)
                 if key == PRIMARY:
                     row["p"], row["extrapolated"] = p_value(diffs), outside
@@ -383,9 +504,16 @@ def plot(per_seed: dict, seeds: list, names: list[str], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label in zip(axes, (PRIMARY, "companion_rate", "object_recall"),
-                              ("mention-level object hallucination", "companion rate (absent partner named)", "object recall")):
-        seed_dots(ax, {n: [per_seed[s]["methods"][n][key] for s in seeds] for n in names}, f"{label}\n(test, greedy; dots = seeds)")
+    for ax, key, label in zip(
+        axes,
+        (PRIMARY, "companion_rate", "object_recall"),
+        ("mention-level object hallucination", "companion rate (absent partner named)", "object recall"),
+    ):
+        seed_dots(
+            ax,
+            {n: [per_seed[s]["methods"][n][key] for s in seeds] for n in names},
+            f"{label}\n(test, greedy; dots = seeds)",
+        )
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -400,16 +528,22 @@ def plot_grid(validation: dict, drift: dict, path: Path, norm: str = "mean") -> 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, label in zip(axes, (PRIMARY, "companion_rate", "object_recall"),
-                              ("mention-level object hallucination", "companion rate", "object recall")):
+    for ax, key, label in zip(
+        axes,
+        (PRIMARY, "companion_rate", "object_recall"),
+        ("mention-level object hallucination", "companion rate", "object recall"),
+    ):
         for prefix, name in ((f"dpo_{norm}_lr", "DPO (γ 1)"), (f"ddpo_{norm}_g5_lr", "DDPO (γ 5)")):
             runs = sorted((r for r in validation if r.startswith(prefix)), key=lambda r: -drift[r])
             ax.plot([-drift[r] for r in runs], [validation[r][key] for r in runs], marker="o", label=name)
             for r in runs:
-                ax.annotate(r[len(prefix):], (-drift[r], validation[r][key]), fontsize=6)
+                ax.annotate(r[len(prefix) :], (-drift[r], validation[r][key]), fontsize=6)
         ax.axhline(validation["sft"][key], color="gray", ls="--", label="SFT")
         ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set(xlabel="drift from SFT: -(mean per-token log-ratio) on validation answers", ylabel=f"{label}\n(validation, greedy, seed 0)")
+        ax.set(
+            xlabel="drift from SFT: -(mean per-token log-ratio) on validation answers",
+            ylabel=f"{label}\n(validation, greedy, seed 0)",
+        )
         ax.xaxis.label.set_size(7)
         ax.yaxis.label.set_size(8)
     axes[0].legend(fontsize=7)
@@ -430,14 +564,28 @@ def main(argv=None) -> int:
             p.add_argument("--normalize", choices=("mean", "sum"), default="mean")
         if name == "ablation":
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-            p.add_argument("--parts", nargs="+", default=["primary", "sum", "tuned"],
-                           choices=("primary", "gamma", "sum", "sumgamma", "pairs", "sumpairs", "matched", "tuned"))
+            p.add_argument(
+                "--parts",
+                nargs="+",
+                default=["primary", "sum", "tuned"],
+                choices=("primary", "gamma", "sum", "sumgamma", "pairs", "sumpairs", "matched", "tuned"),
+            )
             p.add_argument("--aggregate-only", action="store_true")
-            p.add_argument("--name", default="ablation", help="stem of the tables, JSON and plot written under --results")
-            p.add_argument("--results-file", default="results.json",
-                           help="each seed's results file to aggregate (a copy, when later runs rewrote results.json)")
-            p.add_argument("--stages", nargs="+", default=None, choices=("sft", "gate", "sample", "annotate"),
-                           help="only these stages for the seeds (no training, no table)")
+            p.add_argument(
+                "--name", default="ablation", help="stem of the tables, JSON and plot written under --results"
+            )
+            p.add_argument(
+                "--results-file",
+                default="results.json",
+                help="each seed's results file to aggregate (a copy, when later runs rewrote results.json)",
+            )
+            p.add_argument(
+                "--stages",
+                nargs="+",
+                default=None,
+                choices=("sft", "gate", "sample", "annotate"),
+                help="only these stages for the seeds (no training, no table)",
+            )
     p = sub.add_parser("grid-plot", help="lr_grid.png from an lr_grid.md table (no model run)")
     p.add_argument("--results", default=str(REPO / "experiments" / "results" / "synthetic_v2"))
     args = parser.parse_args(argv)
@@ -451,8 +599,12 @@ def grid_plot_from_table(results: Path) -> int:
     for line in (results / "lr_grid.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 7 and cells[0] not in ("run", "---"):
-            validation[cells[0]] = {PRIMARY: float(cells[1]), "response_hallucination_rate": float(cells[2]),
-                                    "companion_rate": float(cells[3]), "object_recall": float(cells[4])}
+            validation[cells[0]] = {
+                PRIMARY: float(cells[1]),
+                "response_hallucination_rate": float(cells[2]),
+                "companion_rate": float(cells[3]),
+                "object_recall": float(cells[4]),
+            }
             drift[cells[0]] = float(cells[6])
     plot_grid(validation, drift, results / "lr_grid.png")
     return 0

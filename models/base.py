@@ -14,13 +14,14 @@ module holds what is shared:
 * `generate(images, prompts, ...)`: batched, left-padded generation through the HF model's `generate`.
 * freezing (`ModelConfig.freeze_*`), learning-rate-0 parameters, gradient checkpointing, saving.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +35,6 @@ from ddpo.models.logps import chunked_token_logps
 from ddpo.models.lora import merged_lora_state_dict
 from ddpo.models.processor import save_processor
 from ddpo.models.shared_prompt import shared_prompt_layout
-
 
 DDPO_MODEL_FILE = "ddpo_model.json"
 
@@ -75,7 +75,9 @@ class ImageTransform:
 
     def __post_init__(self) -> None:
         if self.mode not in IMAGE_MODES:
-            raise ValueError(f"image preprocessing mode '{self.mode}' is not one of {', '.join(IMAGE_MODES)} (model.image_mode)")
+            raise ValueError(
+                f"image preprocessing mode '{self.mode}' is not one of {', '.join(IMAGE_MODES)} (model.image_mode)"
+            )
 
     def square(self, image: Image.Image) -> Image.Image:
         """One RGB PIL image -> the size x size RGB image the tower sees (before scaling)."""
@@ -151,8 +153,10 @@ class StopOnStrings(StoppingCriteria):
         self.tokenizer, self.stop_strings, self.prompt_length = tokenizer, list(stop_strings), prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor([any(stop in text for stop in self.stop_strings) for text in texts], device=input_ids.device)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor(
+            [any(stop in text for stop in self.stop_strings) for text in texts], device=input_ids.device
+        )
 
 
 class PreferenceModel(nn.Module):
@@ -171,8 +175,15 @@ class PreferenceModel(nn.Module):
     # Ablation for benchmarks only: False encodes each pair's image twice, once per row, as peers do.
     image_once_per_pair: bool = True
 
-    def __init__(self, hf_model: nn.Module, tokenizer, image_transform: ImageTransform, image_token_id: int,
-                 num_image_tokens: int, logps_chunk_size: int = 256):
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer,
+        image_transform: ImageTransform,
+        image_token_id: int,
+        num_image_tokens: int,
+        logps_chunk_size: int = 256,
+    ):
         super().__init__()
         self.hf_model = hf_model
         self.tokenizer = tokenizer
@@ -193,20 +204,28 @@ class PreferenceModel(nn.Module):
         """[B, C, H, W] -> [B, N, D_llm]: vision tower + projector."""
         raise NotImplementedError
 
-    def decoder_hidden_states(self, inputs_embeds: torch.Tensor, attention_mask,
-                              position_ids: torch.Tensor) -> torch.Tensor:
+    def decoder_hidden_states(
+        self, inputs_embeds: torch.Tensor, attention_mask, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """[R, T, D] embeddings -> [R, T, D] final hidden states (after the last norm). Both architectures
         keep their decoder at `hf_model.model.language_model`; `attention_mask` may be 2-D, a 4-D bias or
         (flex_attention) a `BlockMask`."""
         decoder = self.hf_model.model.language_model
-        if (self.decoder_attention == "flex_attention" and inputs_embeds.device.type == "cpu" and torch.is_grad_enabled()
-                and (inputs_embeds.requires_grad or any(p.requires_grad for p in decoder.parameters()))
-                and not flex_attention_has_cpu_backward()):
+        if (
+            self.decoder_attention == "flex_attention"
+            and inputs_embeds.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and (inputs_embeds.requires_grad or any(p.requires_grad for p in decoder.parameters()))
+            and not flex_attention_has_cpu_backward()
+        ):
             raise RuntimeError(
                 f"model.attn_implementation 'flex_attention': PyTorch's FlexAttention has no backward pass on CPU "
                 f"(torch {torch.__version__}); train on a CUDA device, or set model.attn_implementation: sdpa (the same "
-                "mask as a dense bias, same results). Forward-only use on CPU (torch.no_grad: reference log-probs, eval) works.")
-        out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+                "mask as a dense bias, same results). Forward-only use on CPU (torch.no_grad: reference log-probs, eval) works."
+            )
+        out = decoder(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         return out.last_hidden_state
 
     @property
@@ -214,7 +233,7 @@ class PreferenceModel(nn.Module):
         """The decoder's attention implementation: 'sdpa', 'eager' or 'flex_attention' (`model.attn_implementation`)."""
         return self.hf_model.model.language_model.config._attn_implementation
 
-    def set_decoder_attention(self, implementation: str) -> "PreferenceModel":
+    def set_decoder_attention(self, implementation: str) -> PreferenceModel:
         """Switch the decoder (only: vision towers keep theirs) to `implementation`; returns self."""
         self.hf_model.model.language_model.set_attn_implementation(implementation)
         return self
@@ -244,8 +263,13 @@ class PreferenceModel(nn.Module):
         """list of B PIL images -> [B, C, H, W] float32 (deterministic)."""
         return self.image_transform(images)
 
-    def _input_embeddings(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                          image_index: Optional[torch.Tensor], image_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _input_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_index: torch.Tensor | None,
+        image_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings [R, T, D] with image features at the image tokens; image_index [R] maps rows to images;
         image_keep [B, N] (optional) multiplies each image's token features (0 = masked, ddpo/corruption.py)."""
         inputs_embeds = self.hf_model.get_input_embeddings()(input_ids)
@@ -262,16 +286,29 @@ class PreferenceModel(nn.Module):
         return inputs_embeds
 
     def _answer_logps(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return chunked_token_logps(hidden, self.lm_head.weight, labels, IGNORE_INDEX, self.logps_chunk_size,
-                                   lm_head_bias=self.lm_head.bias)
+        return chunked_token_logps(
+            hidden, self.lm_head.weight, labels, IGNORE_INDEX, self.logps_chunk_size, lm_head_bias=self.lm_head.bias
+        )
 
-    def _sequence_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                         image_index: Optional[torch.Tensor] = None, image_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _sequence_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_index: torch.Tensor | None = None,
+        image_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         inputs_embeds = self._input_embeddings(input_ids, pixel_values, image_index, image_keep)
         return self.decoder_hidden_states(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask))
 
-    def sequence_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                             pixel_values: Optional[torch.Tensor], image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def sequence_token_logps(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-token log-probs [R, T-1] (float32) of `labels[:, 1:]`, 0 where the label is -100.
 
         input_ids / attention_mask / labels [R, T]; pixel_values [B, C, H, W] encoded once; image_index
@@ -285,9 +322,15 @@ class PreferenceModel(nn.Module):
         if batch.pixel_values is not None:  # check the two-row batch, so errors name its rows
             check_image_token_counts(batch.input_ids, self.image_token_id, self.num_image_tokens)
         layout = shared_prompt_layout(batch.input_ids, batch.attention_mask, batch.labels, self.tokenizer.pad_token_id)
-        inputs_embeds = self._input_embeddings(layout.input_ids, batch.pixel_values, None, batch.image_keep)  # packed row i -> image i
+        inputs_embeds = self._input_embeddings(
+            layout.input_ids, batch.pixel_values, None, batch.image_keep
+        )  # packed row i -> image i
         # flex_attention takes the structure as a block mask (skips masked blocks); sdpa / eager a dense bias.
-        mask = layout.block_mask() if self.decoder_attention == "flex_attention" else layout.attention_bias(inputs_embeds.dtype)
+        mask = (
+            layout.block_mask()
+            if self.decoder_attention == "flex_attention"
+            else layout.attention_bias(inputs_embeds.dtype)
+        )
         hidden = self.decoder_hidden_states(inputs_embeds, mask, layout.position_ids)
         return hidden.reshape(-1, hidden.shape[-1])[layout.source]  # [2B, T, D]: back in the two-row layout
 
@@ -295,23 +338,30 @@ class PreferenceModel(nn.Module):
         """Per-token log-probs [2B, T-1] of a pair batch, each pair's prompt (and image) run once."""
         return self._answer_logps(self.shared_prompt_hidden_states(batch), batch.labels)
 
-    def pair_hidden_states(self, batch: PairBatch, shared_prompt: Optional[bool] = None) -> torch.Tensor:
+    def pair_hidden_states(self, batch: PairBatch, shared_prompt: bool | None = None) -> torch.Tensor:
         """Final hidden states [2B, T, D] of a pair batch (chosen rows, then rejected rows). Image i serves rows
         i and B + i; `shared_prompt` (default: the model's) runs each pair as one packed row, same result."""
         pairs = batch.num_pairs
         if batch.pixel_values is not None and batch.pixel_values.shape[0] != pairs:
-            raise ValueError(f"PairBatch has {pairs} pairs but {batch.pixel_values.shape[0]} images: expected one image per pair")
+            raise ValueError(
+                f"PairBatch has {pairs} pairs but {batch.pixel_values.shape[0]} images: expected one image per pair"
+            )
         if self.shared_prompt if shared_prompt is None else shared_prompt:
             return self.shared_prompt_hidden_states(batch)
         if self.image_once_per_pair or batch.pixel_values is None:
             image_index = torch.arange(pairs, device=batch.input_ids.device).repeat(2)
-            return self._sequence_hidden(batch.input_ids, batch.attention_mask, batch.pixel_values, image_index, batch.image_keep)
+            return self._sequence_hidden(
+                batch.input_ids, batch.attention_mask, batch.pixel_values, image_index, batch.image_keep
+            )
         # benchmark ablation: every row encodes its own copy of its pair's image
         keep = None if batch.image_keep is None else batch.image_keep.repeat(2, 1)
-        return self._sequence_hidden(batch.input_ids, batch.attention_mask, batch.pixel_values.repeat(2, 1, 1, 1), None, keep)
+        return self._sequence_hidden(
+            batch.input_ids, batch.attention_mask, batch.pixel_values.repeat(2, 1, 1, 1), None, keep
+        )
 
-    def pair_token_logps(self, batch: PairBatch, shared_prompt: Optional[bool] = None,
-                         return_hidden: bool = False) -> tuple[torch.Tensor, ...]:
+    def pair_token_logps(
+        self, batch: PairBatch, shared_prompt: bool | None = None, return_hidden: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """(chosen [B, T-1], rejected [B, T-1]) per-token log-probs, aligned with `batch.labels[:, 1:]`;
         with `return_hidden`, also the final hidden states [2B, T, D] (TDPO's KL reads the full distribution)."""
         hidden = self.pair_hidden_states(batch, shared_prompt)
@@ -319,17 +369,29 @@ class PreferenceModel(nn.Module):
         pairs = batch.num_pairs
         return (logps[:pairs], logps[pairs:], hidden) if return_hidden else (logps[:pairs], logps[pairs:])
 
-    def forward(self, batch: PairBatch, shared_prompt: Optional[bool] = None,
-                return_hidden: bool = False) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, batch: PairBatch, shared_prompt: bool | None = None, return_hidden: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """Same as `pair_token_logps` (what a DeepSpeed engine calls)."""
         return self.pair_token_logps(batch, shared_prompt, return_hidden)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], template: Optional[str] = None,
-                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 num_beams: int = 1, seed: Optional[int] = None, stop_strings: Optional[Sequence[str]] = None,
-                 batch_size: int = 8, repetition_penalty: float = 1.0) -> list[str]:
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        template: str | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_beams: int = 1,
+        seed: int | None = None,
+        stop_strings: Sequence[str] | None = None,
+        batch_size: int = 8,
+        repetition_penalty: float = 1.0,
+    ) -> list[str]:
         """Answers to `prompts` (one image each), generated in left-padded batches.
 
         Returns the generated text only: no prompt, cut before the first stop string, no eos/pad, stripped,
@@ -348,23 +410,35 @@ class PreferenceModel(nn.Module):
         answers: list[str] = []
         try:
             for start in range(0, len(prompts), batch_size):
-                ids = [encode_prompt(template, self.tokenizer, p, self.image_placeholder) for p in prompts[start:start + batch_size]]
+                ids = [
+                    encode_prompt(template, self.tokenizer, p, self.image_placeholder)
+                    for p in prompts[start : start + batch_size]
+                ]
                 input_ids, attention_mask = self._left_pad(ids)
-                pixel_values = self.preprocess_images(images[start:start + batch_size]).to(self.device, self.dtype)
-                options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
-                               repetition_penalty=repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
-                               eos_token_id=self.tokenizer.eos_token_id)
+                pixel_values = self.preprocess_images(images[start : start + batch_size]).to(self.device, self.dtype)
+                options = dict(
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    num_beams=num_beams,
+                    repetition_penalty=repetition_penalty,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )
                 if do_sample:
                     options.update(temperature=temperature, top_p=top_p)
                 if stop_strings:
-                    options.update(stopping_criteria=StoppingCriteriaList(
-                        [StopOnStrings(self.tokenizer, stop_strings, input_ids.shape[1])]))
+                    options.update(
+                        stopping_criteria=StoppingCriteriaList(
+                            [StopOnStrings(self.tokenizer, stop_strings, input_ids.shape[1])]
+                        )
+                    )
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                     if seed is not None:
                         torch.manual_seed(seed + start)
-                    out = self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                                 pixel_values=pixel_values, **options)
-                answers += [self._decode_answer(row, stop_strings, prefix) for row in out[:, input_ids.shape[1]:]]
+                    out = self.hf_model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **options
+                    )
+                answers += [self._decode_answer(row, stop_strings, prefix) for row in out[:, input_ids.shape[1] :]]
         finally:
             self.train(was_training)
         return answers
@@ -376,7 +450,7 @@ class PreferenceModel(nn.Module):
         mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences], device=self.device)
         return ids, mask
 
-    def _decode_answer(self, new_tokens: torch.Tensor, stop_strings: Optional[Sequence[str]], prefix: str = "") -> str:
+    def _decode_answer(self, new_tokens: torch.Tensor, stop_strings: Sequence[str] | None, prefix: str = "") -> str:
         tokens = new_tokens.tolist()
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos in tokens:
@@ -385,7 +459,7 @@ class PreferenceModel(nn.Module):
         for stop in stop_strings or ():
             text = text.split(stop, 1)[0]
         text = text.strip()
-        return text[len(prefix):].strip() if prefix and text.startswith(prefix) else text
+        return text[len(prefix) :].strip() if prefix and text.startswith(prefix) else text
 
     # -- training set-up -------------------------------------------------------------------------
     def apply_freezing(self, vision_tower: bool = False, projector: bool = False, llm: bool = False) -> None:
@@ -400,7 +474,7 @@ class PreferenceModel(nn.Module):
         self.hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     # -- saving ----------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, template: Optional[str] = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, template: str | None = None) -> None:
         """HF model (safetensors) + tokenizer + `ddpo_model.json` (arch, template, image transform);
         `models.build.load_model` reloads it. Also the processor and a chat template rendering `template`
         (default: the model's, `self.template`) so transformers and TRL open it too (`models.processor`)."""
@@ -410,6 +484,11 @@ class PreferenceModel(nn.Module):
         self.tokenizer.save_pretrained(directory)
         template = template or self.template
         save_processor(self, directory, template)
-        info = {"arch": self.arch, "template": template, "image_transform": asdict(self.image_transform),
-                "logps_chunk_size": self.logps_chunk_size, "format_version": 1}
+        info = {
+            "arch": self.arch,
+            "template": template,
+            "image_transform": asdict(self.image_transform),
+            "logps_chunk_size": self.logps_chunk_size,
+            "format_version": 1,
+        }
         (directory / DDPO_MODEL_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")

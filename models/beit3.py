@@ -18,6 +18,7 @@ FFN after the activation (`ffn_layernorm`).
 Parameter names follow torchscale's so that a Muffin checkpoint maps by prefix only
 (`models/muffin.py` holds the table), e.g. `beit3.encoder.layers.0.self_attn.q_proj.A.weight`.
 """
+
 from __future__ import annotations
 
 import math
@@ -131,8 +132,16 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """Position embeddings + layers + final multiway LayerNorm."""
 
-    def __init__(self, dim: int, num_layers: int, num_heads: int, ffn_dim: int, eps: float,
-                 num_vision_positions: int, max_source_positions: int):
+    def __init__(
+        self,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        ffn_dim: int,
+        eps: float,
+        num_vision_positions: int,
+        max_source_positions: int,
+    ):
         super().__init__()
         self.embed_positions = Multiway(
             nn.Embedding(num_vision_positions + POSITION_OFFSET, dim),
@@ -162,13 +171,28 @@ class Encoder(nn.Module):
 class BEiT3(nn.Module):
     """The `beit3` module of a Muffin vision tower (vision embedding + multiway encoder)."""
 
-    def __init__(self, image_size: int, patch_size: int, dim: int, num_layers: int, num_heads: int,
-                 ffn_dim: int, eps: float = 1e-5, max_source_positions: int = 1024):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        ffn_dim: int,
+        eps: float = 1e-5,
+        max_source_positions: int = 1024,
+    ):
         super().__init__()
         self.vision_embed = VisionEmbedding(image_size, patch_size, dim)
-        self.encoder = Encoder(dim, num_layers, num_heads, ffn_dim, eps,
-                               num_vision_positions=self.vision_embed.num_patches + 1,
-                               max_source_positions=max_source_positions)
+        self.encoder = Encoder(
+            dim,
+            num_layers,
+            num_heads,
+            ffn_dim,
+            eps,
+            num_vision_positions=self.vision_embed.num_patches + 1,
+            max_source_positions=max_source_positions,
+        )
 
 
 class Beit3QueryEncoder(nn.Module):

@@ -16,13 +16,13 @@ LLaVA of the benchmarks.
 LoRA adapters (`model.lora_r > 0`) are models/lora.py; `load_model` on a directory written by
 `save_lora_adapters` rebuilds base + adapters.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -31,17 +31,52 @@ from ddpo.models.base import DDPO_MODEL_FILE, ImageTransform, PreferenceModel
 from ddpo.models.config import ConfigError, ModelConfig
 from ddpo.models.llava import IMAGE_TOKEN, LlavaPreferenceModel
 from ddpo.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LORA_ADAPTER, apply_lora
-from ddpo.models.muffin import (IMAGE_PATCH_TOKEN, MuffinConfig, MuffinForCausalLM, MuffinPreferenceModel,
-                           apply_sub_ln_init, build_empty_muffin, checkpoint_image_size, load_muffin_checkpoint,
-                           muffin_config_from_original)
+from ddpo.models.muffin import (
+    IMAGE_PATCH_TOKEN,
+    MuffinConfig,
+    MuffinForCausalLM,
+    MuffinPreferenceModel,
+    apply_sub_ln_init,
+    build_empty_muffin,
+    checkpoint_image_size,
+    load_muffin_checkpoint,
+    muffin_config_from_original,
+)
 
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(vision_width=64, vision_layers=2, vision_heads=4, image_size=32, patch=8, queries=8,
-                 text_width=64, text_layers=2, text_heads=4),
-    "small": dict(vision_width=128, vision_layers=2, vision_heads=4, image_size=48, patch=8, queries=16,
-                  text_width=128, text_layers=2, text_heads=4),
-    "bench": dict(vision_width=256, vision_layers=4, vision_heads=4, image_size=64, patch=8, queries=64,
-                  text_width=256, text_layers=4, text_heads=4),
+    "tiny": dict(
+        vision_width=64,
+        vision_layers=2,
+        vision_heads=4,
+        image_size=32,
+        patch=8,
+        queries=8,
+        text_width=64,
+        text_layers=2,
+        text_heads=4,
+    ),
+    "small": dict(
+        vision_width=128,
+        vision_layers=2,
+        vision_heads=4,
+        image_size=48,
+        patch=8,
+        queries=16,
+        text_width=128,
+        text_layers=2,
+        text_heads=4,
+    ),
+    "bench": dict(
+        vision_width=256,
+        vision_layers=4,
+        vision_heads=4,
+        image_size=64,
+        patch=8,
+        queries=64,
+        text_width=256,
+        text_layers=4,
+        text_heads=4,
+    ),
 }
 
 
@@ -55,41 +90,74 @@ def resolve_dtype(name: str) -> torch.dtype:
 def _text_config(preset: dict, tokenizer) -> LlamaConfig:
     width = preset["text_width"]
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
-        num_hidden_layers=preset["text_layers"], num_attention_heads=preset["text_heads"],
-        num_key_value_heads=preset["text_heads"], max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=preset["text_layers"],
+        num_attention_heads=preset["text_heads"],
+        num_key_value_heads=preset["text_heads"],
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
 
 
-def random_llava(preset_name: str, tokenizer, image_size: Optional[int] = None, attn_implementation: str = "sdpa",
-                 patch_size: Optional[int] = None, vision_feature_layer: int = -2) -> LlavaForConditionalGeneration:
+def random_llava(
+    preset_name: str,
+    tokenizer,
+    image_size: int | None = None,
+    attn_implementation: str = "sdpa",
+    patch_size: int | None = None,
+    vision_feature_layer: int = -2,
+) -> LlavaForConditionalGeneration:
     """A randomly initialised LLaVA-1.5-shaped model (CLIP tower, 2-layer GELU projector, Llama) of a preset's size."""
     p = PRESETS[preset_name]
     size, patch = image_size or p["image_size"], patch_size or p["patch"]
     if size % patch:
         raise ConfigError(f"model.image_size {size} must be a multiple of the patch size {patch} (model.patch_size)")
-    vision = CLIPVisionConfig(hidden_size=p["vision_width"], intermediate_size=4 * p["vision_width"],
-                              num_hidden_layers=p["vision_layers"], num_attention_heads=p["vision_heads"],
-                              image_size=size, patch_size=patch)
-    config = LlavaConfig(vision_config=vision, text_config=_text_config(p, tokenizer),
-                         image_token_index=_token_id(tokenizer, IMAGE_TOKEN),
-                         image_seq_length=(size // patch) ** 2, vision_feature_layer=vision_feature_layer,
-                         vision_feature_select_strategy="default", attn_implementation=attn_implementation)
+    vision = CLIPVisionConfig(
+        hidden_size=p["vision_width"],
+        intermediate_size=4 * p["vision_width"],
+        num_hidden_layers=p["vision_layers"],
+        num_attention_heads=p["vision_heads"],
+        image_size=size,
+        patch_size=patch,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(p, tokenizer),
+        image_token_index=_token_id(tokenizer, IMAGE_TOKEN),
+        image_seq_length=(size // patch) ** 2,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        attn_implementation=attn_implementation,
+    )
     return LlavaForConditionalGeneration(config)
 
 
-def random_muffin(preset_name: str, tokenizer, image_size: Optional[int] = None, attn_implementation: str = "sdpa",
-                  patch_size: Optional[int] = None) -> MuffinForCausalLM:
+def random_muffin(
+    preset_name: str,
+    tokenizer,
+    image_size: int | None = None,
+    attn_implementation: str = "sdpa",
+    patch_size: int | None = None,
+) -> MuffinForCausalLM:
     """A randomly initialised Muffin (BEiT-3 + queries + linear projector + Llama) of a preset's size."""
     p = PRESETS[preset_name]
     size, patch = image_size or p["image_size"], patch_size or p["patch"]
     if size % patch:
         raise ConfigError(f"model.image_size {size} must be a multiple of the patch size {patch} (model.patch_size)")
     config = MuffinConfig(
-        text_config=_text_config(p, tokenizer), vision_image_size=size, vision_patch_size=patch,
-        vision_hidden_size=p["vision_width"], vision_num_layers=p["vision_layers"], vision_num_heads=p["vision_heads"],
-        vision_ffn_dim=4 * p["vision_width"], num_query=p["queries"], image_token_id=_token_id(tokenizer, IMAGE_PATCH_TOKEN),
+        text_config=_text_config(p, tokenizer),
+        vision_image_size=size,
+        vision_patch_size=patch,
+        vision_hidden_size=p["vision_width"],
+        vision_num_layers=p["vision_layers"],
+        vision_num_heads=p["vision_heads"],
+        vision_ffn_dim=4 * p["vision_width"],
+        num_query=p["queries"],
+        image_token_id=_token_id(tokenizer, IMAGE_PATCH_TOKEN),
         attn_implementation=attn_implementation,
     )
     model = MuffinForCausalLM(config)
@@ -99,23 +167,33 @@ def random_muffin(preset_name: str, tokenizer, image_size: Optional[int] = None,
 
 def _token_id(tokenizer, token: str) -> int:
     if token not in tokenizer.get_vocab():
-        raise ConfigError(f"the tokenizer has no '{token}' token: add it as a special token (data/tokenizer.py adds the image tokens)")
+        raise ConfigError(
+            f"the tokenizer has no '{token}' token: add it as a special token (data/tokenizer.py adds the image tokens)"
+        )
     return tokenizer.convert_tokens_to_ids(token)
 
 
-def build_model(cfg: ModelConfig, tokenizer=None, device: Optional[torch.device | str] = None) -> PreferenceModel:
+def build_model(cfg: ModelConfig, tokenizer=None, device: torch.device | str | None = None) -> PreferenceModel:
     """The model the `model:` section describes: a checkpoint (`name_or_path`), or a random-init preset
     (optionally filled from an original Muffin checkpoint), with freezing, checkpointing and dtype applied.
     `device`: where an original Muffin checkpoint's shards go as they are read (the trainer's device)."""
     if cfg.attn_implementation == "flex_attention":  # built with sdpa, then only the decoder switches
-        return build_model(replace(cfg, attn_implementation="sdpa"), tokenizer, device).set_decoder_attention("flex_attention")
+        return build_model(replace(cfg, attn_implementation="sdpa"), tokenizer, device).set_decoder_attention(
+            "flex_attention"
+        )
     dtype = resolve_dtype(cfg.dtype)
     if tokenizer is None and cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     if cfg.name_or_path:
-        model = load_model(cfg.name_or_path, tokenizer=tokenizer, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=cfg.trust_remote_code, logps_chunk_size=cfg.logps_chunk_size,
-                           freeze_vision_experts=cfg.freeze_vision_experts)
+        model = load_model(
+            cfg.name_or_path,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            logps_chunk_size=cfg.logps_chunk_size,
+            freeze_vision_experts=cfg.freeze_vision_experts,
+        )
         if model.arch != cfg.arch:
             raise ConfigError(f"model.arch is '{cfg.arch}' but {cfg.name_or_path} holds a '{model.arch}' model")
     else:
@@ -131,27 +209,34 @@ def build_model(cfg: ModelConfig, tokenizer=None, device: Optional[torch.device 
     return model
 
 
-def _random_init(cfg: ModelConfig, tokenizer, device: Optional[torch.device | str] = None) -> PreferenceModel:
+def _random_init(cfg: ModelConfig, tokenizer, device: torch.device | str | None = None) -> PreferenceModel:
     muffin_dir = Path(cfg.muffin_checkpoint) if cfg.muffin_checkpoint else None
     if muffin_dir is not None and cfg.arch != "muffin":
         raise ConfigError("model.muffin_checkpoint needs model.arch 'muffin'")
     if tokenizer is None and muffin_dir is not None and (muffin_dir / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(muffin_dir, cfg.trust_remote_code)
     if tokenizer is None:
-        raise ConfigError(f"a random-init '{cfg.arch}' model (model.name_or_path null) needs a tokenizer: "
-                          "pass one to build_model or set model.tokenizer")
+        raise ConfigError(
+            f"a random-init '{cfg.arch}' model (model.name_or_path null) needs a tokenizer: "
+            "pass one to build_model or set model.tokenizer"
+        )
     if cfg.arch == "llava":
-        return LlavaPreferenceModel(random_llava(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation, cfg.patch_size,
-                                                 cfg.vision_feature_layer),
-                                    tokenizer, logps_chunk_size=cfg.logps_chunk_size)
+        return LlavaPreferenceModel(
+            random_llava(
+                cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation, cfg.patch_size, cfg.vision_feature_layer
+            ),
+            tokenizer,
+            logps_chunk_size=cfg.logps_chunk_size,
+        )
     if muffin_dir is not None and (muffin_dir / "config.json").is_file():  # a full original checkpoint directory
         hf = _load_original_muffin(cfg, muffin_dir, tokenizer, device)
     else:
         hf = random_muffin(cfg.preset, tokenizer, cfg.image_size, cfg.attn_implementation, cfg.patch_size)
         if muffin_dir is not None:  # a bare state dict (file, or a directory of shards) onto the preset's shape
             load_muffin_checkpoint(hf, muffin_dir, interpolate_positions=cfg.interpolate_positions)
-    return MuffinPreferenceModel(hf, tokenizer, logps_chunk_size=cfg.logps_chunk_size,
-                                 freeze_vision_experts=cfg.freeze_vision_experts)
+    return MuffinPreferenceModel(
+        hf, tokenizer, logps_chunk_size=cfg.logps_chunk_size, freeze_vision_experts=cfg.freeze_vision_experts
+    )
 
 
 def _load_original_muffin(cfg: ModelConfig, muffin_dir: Path, tokenizer, device) -> MuffinForCausalLM:
@@ -160,14 +245,17 @@ def _load_original_muffin(cfg: ModelConfig, muffin_dir: Path, tokenizer, device)
     original = json.loads((muffin_dir / "config.json").read_text(encoding="utf-8"))
     own_size = checkpoint_image_size(original)
     if cfg.image_size and cfg.image_size != own_size and not cfg.interpolate_positions:
-        raise ConfigError(f"model.image_size is {cfg.image_size} but {muffin_dir} is a {own_size}-px checkpoint "
-                          f"(mm_vision_tower '{original.get('mm_vision_tower')}'): set model.image_size to {own_size} "
-                          "or null, or set model.interpolate_positions: true to resize its BEiT-3 position embeddings "
-                          "(what RLHF-V did to train Muffin-13B's 672-px tower at 448)")
+        raise ConfigError(
+            f"model.image_size is {cfg.image_size} but {muffin_dir} is a {own_size}-px checkpoint "
+            f"(mm_vision_tower '{original.get('mm_vision_tower')}'): set model.image_size to {own_size} "
+            "or null, or set model.interpolate_positions: true to resize its BEiT-3 position embeddings "
+            "(what RLHF-V did to train Muffin-13B's 672-px tower at 448)"
+        )
     config = muffin_config_from_original(original, _token_id(tokenizer, IMAGE_PATCH_TOKEN), cfg.image_size or own_size)
     hf = build_empty_muffin(config, cfg.attn_implementation)
-    load_muffin_checkpoint(hf, muffin_dir, dtype=resolve_dtype(cfg.dtype), device=device,
-                           interpolate_positions=cfg.interpolate_positions)
+    load_muffin_checkpoint(
+        hf, muffin_dir, dtype=resolve_dtype(cfg.dtype), device=device, interpolate_positions=cfg.interpolate_positions
+    )
     return hf
 
 
@@ -178,8 +266,10 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ImportError, ValueError, OSError) as e:
         if (Path(path) / "tokenizer.model").is_file() and not (Path(path) / "tokenizer.json").is_file():
-            raise ConfigError(f"{path}: its tokenizer is a SentencePiece tokenizer.model, which needs the `sentencepiece` "
-                              f"package (pinned in requirements.txt; `pip install -r requirements.txt`): {e}") from e
+            raise ConfigError(
+                f"{path}: its tokenizer is a SentencePiece tokenizer.model, which needs the `sentencepiece` "
+                f"package (pinned in requirements.txt; `pip install -r requirements.txt`): {e}"
+            ) from e
         raise
 
 
@@ -189,42 +279,72 @@ def _load_lora_adapters(path: Path, **load_options) -> PreferenceModel:
 
     config = LoraConfig.from_pretrained(str(path))
     if not config.base_model_name_or_path:
-        raise ConfigError(f"{path / ADAPTER_CONFIG_FILE}: base_model_name_or_path is empty; set it to the base checkpoint")
+        raise ConfigError(
+            f"{path / ADAPTER_CONFIG_FILE}: base_model_name_or_path is empty; set it to the base checkpoint"
+        )
     model = load_model(config.base_model_name_or_path, **load_options)
     inject_adapter_in_model(config, model.hf_model, adapter_name=LORA_ADAPTER)
-    result = set_peft_model_state_dict(model.hf_model, load_file(path / ADAPTER_WEIGHTS_FILE), adapter_name=LORA_ADAPTER)
+    result = set_peft_model_state_dict(
+        model.hf_model, load_file(path / ADAPTER_WEIGHTS_FILE), adapter_name=LORA_ADAPTER
+    )
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
-        raise ConfigError(f"{path / ADAPTER_WEIGHTS_FILE} lacks adapter weights, e.g. {missing[0]}: it does not match the base model")
+        raise ConfigError(
+            f"{path / ADAPTER_WEIGHTS_FILE} lacks adapter weights, e.g. {missing[0]}: it does not match the base model"
+        )
     return model
 
 
-def load_model(path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dtype] = None,
-               attn_implementation: str = "sdpa", trust_remote_code: bool = False, logps_chunk_size: Optional[int] = None,
-               freeze_vision_experts: bool = False, device: Optional[torch.device | str] = None) -> PreferenceModel:
+def load_model(
+    path: str | os.PathLike,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    logps_chunk_size: int | None = None,
+    freeze_vision_experts: bool = False,
+    device: torch.device | str | None = None,
+) -> PreferenceModel:
     """Reload a `PreferenceModel.save_pretrained` directory, or open an HF LLaVA checkpoint (local dir or hub
     id) or an original RLHF-V / Muffin checkpoint directory (model_type 'beit3_llava'); on `device` if given.
     attn_implementation 'flex_attention' applies to the decoder only; vision towers (no mask) keep sdpa."""
     if attn_implementation == "flex_attention":
-        return load_model(path, tokenizer, dtype, "sdpa", trust_remote_code, logps_chunk_size, freeze_vision_experts,
-                          device).set_decoder_attention("flex_attention")
+        return load_model(
+            path, tokenizer, dtype, "sdpa", trust_remote_code, logps_chunk_size, freeze_vision_experts, device
+        ).set_decoder_attention("flex_attention")
     if (Path(path) / ADAPTER_CONFIG_FILE).is_file():  # save_lora_adapters: base + adapters
-        return _load_lora_adapters(Path(path), tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation,
-                                   trust_remote_code=trust_remote_code, logps_chunk_size=logps_chunk_size,
-                                   freeze_vision_experts=freeze_vision_experts)
+        return _load_lora_adapters(
+            Path(path),
+            tokenizer=tokenizer,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            logps_chunk_size=logps_chunk_size,
+            freeze_vision_experts=freeze_vision_experts,
+        )
     path = str(path)
     info_file = Path(path) / DDPO_MODEL_FILE
     info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
     tokenizer = tokenizer or load_tokenizer(path, trust_remote_code)
     if not info and _arch_of_checkpoint(path, trust_remote_code) == ORIGINAL_MUFFIN_TYPE:  # released RLHF-V / Muffin
-        cfg = ModelConfig(arch="muffin", muffin_checkpoint=path, attn_implementation=attn_implementation,
-                          dtype={torch.bfloat16: "bfloat16"}.get(dtype, "float32"), freeze_vision_experts=freeze_vision_experts,
-                          **({"logps_chunk_size": logps_chunk_size} if logps_chunk_size else {}))
+        cfg = ModelConfig(
+            arch="muffin",
+            muffin_checkpoint=path,
+            attn_implementation=attn_implementation,
+            dtype={torch.bfloat16: "bfloat16"}.get(dtype, "float32"),
+            freeze_vision_experts=freeze_vision_experts,
+            **({"logps_chunk_size": logps_chunk_size} if logps_chunk_size else {}),
+        )
         return _random_init(cfg, tokenizer, device)
-    options = dict(dtype=dtype or torch.float32, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    options = dict(
+        dtype=dtype or torch.float32, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+    )
     arch = info.get("arch") or _arch_of_checkpoint(path, trust_remote_code)
-    transform = ImageTransform(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["image_transform"].items()}) \
-        if "image_transform" in info else _hf_image_transform(path)
+    transform = (
+        ImageTransform(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["image_transform"].items()})
+        if "image_transform" in info
+        else _hf_image_transform(path)
+    )
     chunk = logps_chunk_size or info.get("logps_chunk_size", 256)
     if arch == "llava":
         hf = LlavaForConditionalGeneration.from_pretrained(path, **options)
@@ -253,7 +373,7 @@ def _arch_of_checkpoint(path: str, trust_remote_code: bool) -> str:
     return {"llava": "llava", MuffinConfig.model_type: "muffin"}.get(model_type, model_type)
 
 
-def _hf_image_transform(path: str) -> Optional[ImageTransform]:
+def _hf_image_transform(path: str) -> ImageTransform | None:
     """Image size/mean/std/mode from an HF checkpoint's `preprocessor_config.json` (llava-hf; or the
     `image_processor` of its `processor_config.json`); None = the tower's defaults.
 
@@ -280,7 +400,7 @@ def _hf_image_transform(path: str) -> Optional[ImageTransform]:
     return ImageTransform(int(side), tuple(spec["image_mean"]), tuple(spec["image_std"]), mode)
 
 
-def _checkpoint_json(path: str, name: str) -> Optional[dict]:
+def _checkpoint_json(path: str, name: str) -> dict | None:
     file = Path(path) / name
     if not file.is_file():
         if Path(path).is_dir():

@@ -10,9 +10,8 @@ class indexes the features into the 2B rows, scatters them at the `<image>` posi
 language model backbone alone (`model.language_model`), so the LM head is applied only to answer
 positions by the chunked log-prob path.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -39,21 +38,34 @@ class LlavaPreferenceModel(PreferenceModel):
     arch = "llava"
     template = "llava_v1"
 
-    def __init__(self, hf_model: LlavaForConditionalGeneration, tokenizer, image_transform: Optional[ImageTransform] = None,
-                 logps_chunk_size: int = 256):
+    def __init__(
+        self,
+        hf_model: LlavaForConditionalGeneration,
+        tokenizer,
+        image_transform: ImageTransform | None = None,
+        logps_chunk_size: int = 256,
+    ):
         config = hf_model.config
         token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if token_id != config.image_token_id:
-            raise ValueError(f"tokenizer id of {IMAGE_TOKEN} is {token_id} but the model config says "
-                             f"{config.image_token_id}: use the tokenizer the model was built/saved with")
+            raise ValueError(
+                f"tokenizer id of {IMAGE_TOKEN} is {token_id} but the model config says "
+                f"{config.image_token_id}: use the tokenizer the model was built/saved with"
+            )
         if not isinstance(config.vision_feature_layer, int):
             raise ValueError("only a single vision_feature_layer is supported (LLaVA-1.5 uses -2)")
         vision = config.vision_config
         num_tokens = (vision.image_size // vision.patch_size) ** 2
         if config.vision_feature_select_strategy == "full":
             num_tokens += 1
-        super().__init__(hf_model, tokenizer, image_transform or default_image_transform(vision), token_id,
-                         num_tokens, logps_chunk_size)
+        super().__init__(
+            hf_model,
+            tokenizer,
+            image_transform or default_image_transform(vision),
+            token_id,
+            num_tokens,
+            logps_chunk_size,
+        )
 
     @property
     def image_placeholder(self) -> str:

@@ -21,9 +21,8 @@ backward pass, a gradient of the same size. Here:
 Matmuls run in the inputs' dtype (bf16 stays bf16, as in the naive head; no float32 copy of the LM
 head); logsumexp, softmax and the gradient sums over the vocabulary run in float32.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +173,9 @@ def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
             f"{tuple(logits.shape)} and labels {tuple(labels.shape)}"
         )
     if not logits.is_floating_point() or labels.is_floating_point():
-        raise ValueError(f"token_logps: logits must be floating point and labels integer, got {logits.dtype} and {labels.dtype}")
+        raise ValueError(
+            f"token_logps: logits must be floating point and labels integer, got {logits.dtype} and {labels.dtype}"
+        )
     if logits.shape[1] < 2:
         return logits.new_zeros(logits.shape[0], 0, dtype=_compute_dtype(logits))
     return _TokenLogps.apply(logits, labels, ignore_index)
@@ -201,8 +202,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                ignore_index: int, chunk_size: int) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int, chunk_size: int
+    ) -> Tensor:
         batch, length, width = hidden.shape
         vocab = weight.shape[0]
         flat = hidden.reshape(batch * length, width)
@@ -251,7 +253,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             batch, length, width = ctx.hidden_shape
             grad = grad_output.reshape(-1)[out]
             grad_hidden = torch.zeros(batch * length, width, dtype=ctx.hidden_dtype, device=grad_output.device)
-            grad_hidden.index_copy_(0, src, (d_hidden.to(grad.dtype) * grad[:, None]).to(ctx.hidden_dtype))  # one rounding
+            grad_hidden.index_copy_(
+                0, src, (d_hidden.to(grad.dtype) * grad[:, None]).to(ctx.hidden_dtype)
+            )  # one rounding
             return grad_hidden.view(batch, length, width), None, None, None, None, None
         return _head_gradients(ctx, grad_output)
 
@@ -288,7 +292,9 @@ def _head_gradients(ctx, grad_output: Tensor):
         if kept is not None:
             softmax = kept
         else:
-            logits = _chunk_logits(h, w, None if bias is None else bias[cols], buffer[: len(src) * len(w)].view(len(src), len(w)))
+            logits = _chunk_logits(
+                h, w, None if bias is None else bias[cols], buffer[: len(src) * len(w)].view(len(src), len(w))
+            )
             softmax = logits.sub_(lse[:, None]).exp_()
         d_logits = softmax.mul_(-grad[:, None])  # -g * softmax, this block's columns
         inside = (targets >= cols.start) & (targets < cols.stop)
@@ -314,7 +320,7 @@ def _head_gradients(ctx, grad_output: Tensor):
     return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: Tensor) -> Tensor:
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor) -> Tensor:
     """[C, H] @ [V, H].T (+ [V]) in the inputs' dtype -> [C, V] written into the first C rows of `buffer` (compute dtype)."""
     out = buffer[: len(hidden)]
     if hidden.dtype == buffer.dtype:
@@ -332,7 +338,7 @@ def chunked_token_logps(
     labels: Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 256,
-    lm_head_bias: Optional[Tensor] = None,
+    lm_head_bias: Tensor | None = None,
 ) -> Tensor:
     """`token_logps(F.linear(hidden, lm_head_weight, lm_head_bias), labels)` without the [B, T, V] logits.
 
@@ -375,8 +381,8 @@ def chunked_token_kl(
     labels: Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 256,
-    policy_bias: Optional[Tensor] = None,
-    reference_bias: Optional[Tensor] = None,
+    policy_bias: Tensor | None = None,
+    reference_bias: Tensor | None = None,
 ) -> Tensor:
     """Per-position KL(reference || policy) of the next-token distributions, [B, T-1] float32 aligned with
     labels[:, 1:], 0 where the next label is `ignore_index` (TDPO's sequential KL sums it over an answer).
@@ -386,8 +392,10 @@ def chunked_token_kl(
     gradient flows to the policy's hidden states and head through plain autograd (each chunk's [chunk, V]
     softmax is kept for the backward pass: memory grows with answer tokens x vocabulary)."""
     if policy_hidden.shape != reference_hidden.shape or policy_hidden.shape[:2] != labels.shape:
-        raise ValueError(f"chunked_token_kl: policy and reference hidden states must be [B, T, H] with labels [B, T]; got "
-                         f"{tuple(policy_hidden.shape)}, {tuple(reference_hidden.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"chunked_token_kl: policy and reference hidden states must be [B, T, H] with labels [B, T]; got "
+            f"{tuple(policy_hidden.shape)}, {tuple(reference_hidden.shape)} and {tuple(labels.shape)}"
+        )
     out = policy_hidden.new_zeros(labels.shape[0], max(labels.shape[1] - 1, 0), dtype=torch.float32)
     if labels.shape[1] < 2:
         return out
@@ -398,7 +406,7 @@ def chunked_token_kl(
     reference_bias = None if reference_bias is None else reference_bias.float()
     values = []
     for start in range(0, len(rows), chunk_size):
-        r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
+        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
         policy_logits = F.linear(policy_hidden[r, c].float(), policy_head, policy_bias)
         reference_logits = F.linear(reference_hidden[r, c].float(), reference_head, reference_bias)
         reference_logp = reference_logits.log_softmax(-1)

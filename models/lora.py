@@ -6,11 +6,11 @@ Saving writes the adapters merged into the base weights: a plain checkpoint that
 without peft. `save_lora_adapters` writes the adapters alone (peft format, a few hundred MB at 7B)
 next to a named base checkpoint; `load_model` on that directory rebuilds base + adapters.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -32,14 +32,19 @@ def lora_target_modules(model: nn.Module, target: str = "all-linear") -> list[st
     otherwise a comma-separated list of module names (`q_proj,v_proj`) matched against each name's last part.
     """
     llm = {id(p) for p in model.parameter_parts()["llm"]}
-    linears = [name for name, module in model.hf_model.named_modules()
-               if isinstance(module, nn.Linear) and id(module.weight) in llm and module is not model.lm_head]
+    linears = [
+        name
+        for name, module in model.hf_model.named_modules()
+        if isinstance(module, nn.Linear) and id(module.weight) in llm and module is not model.lm_head
+    ]
     if target != "all-linear":
         wanted = {t.strip() for t in target.split(",") if t.strip()}
         linears = [name for name in linears if name.rsplit(".", 1)[-1] in wanted]
         if not linears:
-            raise ConfigError(f"model.lora_target '{target}' matches no linear layer of the language model; use 'all-linear' "
-                              "or names such as q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+            raise ConfigError(
+                f"model.lora_target '{target}' matches no linear layer of the language model; use 'all-linear' "
+                "or names such as q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+            )
     return linears
 
 
@@ -47,8 +52,13 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     """Inject LoRA adapters (rank cfg.lora_r) in place; only they keep requires_grad."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                        target_modules=lora_target_modules(model, cfg.lora_target))
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        target_modules=lora_target_modules(model, cfg.lora_target),
+    )
     model.requires_grad_(False)
     inject_adapter_in_model(config, model.hf_model, adapter_name=LORA_ADAPTER)  # marks only the adapters trainable
     return model
@@ -60,7 +70,7 @@ def _lora_layers(hf_model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in hf_model.named_modules() if isinstance(module, LoraLayer)}
 
 
-def merged_lora_state_dict(hf_model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+def merged_lora_state_dict(hf_model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The HF state dict with every adapter folded into its base weight (W + alpha/r * B A) and the
     plain module names (`q_proj.weight`, not `q_proj.base_layer.weight`); None if there is no LoRA."""
     layers = _lora_layers(hf_model)
@@ -71,10 +81,10 @@ def merged_lora_state_dict(hf_model: nn.Module) -> Optional[dict[str, torch.Tens
         prefix = f"{name}."
         for key in [k for k in state if k.startswith(prefix)]:
             tensor = state.pop(key)
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             if not rest.startswith("base_layer."):
                 continue  # lora_A / lora_B: folded into the weight
-            rest = rest[len("base_layer."):]
+            rest = rest[len("base_layer.") :]
             if rest == "weight":
                 tensor = (tensor.float() + layer.get_delta_weight(LORA_ADAPTER).float()).to(tensor.dtype)
             state[prefix + rest] = tensor

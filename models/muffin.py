@@ -31,6 +31,7 @@ RLHF-V freezing policy (`freeze_vision_experts`): learning rate 0 on every BEiT-
 vision expert (`.A.` in its name, the vision position embedding included) and on the patch embedding
 (`beit3.vision_embed`). The 64 queries, the language experts, the projector and the LLM train.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,6 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -101,12 +101,19 @@ class MuffinModel(MuffinPreTrainedModel):
     def __init__(self, config: MuffinConfig):
         super().__init__(config)
         self.vision_tower = Beit3QueryEncoder(
-            image_size=config.vision_image_size, patch_size=config.vision_patch_size, dim=config.vision_hidden_size,
-            num_layers=config.vision_num_layers, num_heads=config.vision_num_heads, ffn_dim=config.vision_ffn_dim,
-            eps=config.vision_layernorm_eps, max_source_positions=config.vision_max_source_positions,
+            image_size=config.vision_image_size,
+            patch_size=config.vision_patch_size,
+            dim=config.vision_hidden_size,
+            num_layers=config.vision_num_layers,
+            num_heads=config.vision_num_heads,
+            ffn_dim=config.vision_ffn_dim,
+            eps=config.vision_layernorm_eps,
+            max_source_positions=config.vision_max_source_positions,
         )
         if config.num_query > config.vision_max_source_positions - 2:
-            raise ValueError(f"num_query {config.num_query} exceeds BEiT-3's {config.vision_max_source_positions - 2} text positions")
+            raise ValueError(
+                f"num_query {config.num_query} exceeds BEiT-3's {config.vision_max_source_positions - 2} text positions"
+            )
         self.query = nn.Parameter(torch.zeros(config.num_query, config.vision_hidden_size))
         self.mm_projector = nn.Linear(config.vision_hidden_size, config.text_config.hidden_size)
         self.language_model = LlamaModel(config.text_config)
@@ -122,9 +129,17 @@ class MuffinModel(MuffinPreTrainedModel):
         """[B, 3, S, S] -> [B, num_query, D_llm]."""
         return self.mm_projector(self.vision_tower(pixel_values, self.query))
 
-    def forward(self, input_ids: Optional[torch.LongTensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.LongTensor] = None,
-                cache=None, inputs_embeds: Optional[torch.Tensor] = None, use_cache: Optional[bool] = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -134,8 +149,14 @@ class MuffinModel(MuffinPreTrainedModel):
                 raise ValueError("pixel_values need input_ids to locate the <im_patch> tokens")
             features = self.get_image_features(pixel_values.to(inputs_embeds.dtype))
             inputs_embeds = scatter_image_features(inputs_embeds, input_ids, self.config.image_token_id, features)
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, use_cache=use_cache, **kwargs)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
 
 
 class MuffinForCausalLM(MuffinPreTrainedModel, GenerationMixin):
@@ -154,16 +175,35 @@ class MuffinForCausalLM(MuffinPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: Optional[torch.LongTensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.LongTensor] = None,
-                cache=None, inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
-                use_cache: Optional[bool] = None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
-        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                             position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
 
@@ -174,18 +214,30 @@ class MuffinPreferenceModel(PreferenceModel):
     arch = "muffin"
     template = "vicuna_v0"
 
-    def __init__(self, hf_model: MuffinForCausalLM, tokenizer, image_transform: Optional[ImageTransform] = None,
-                 logps_chunk_size: int = 256, freeze_vision_experts: bool = False):
+    def __init__(
+        self,
+        hf_model: MuffinForCausalLM,
+        tokenizer,
+        image_transform: ImageTransform | None = None,
+        logps_chunk_size: int = 256,
+        freeze_vision_experts: bool = False,
+    ):
         config = hf_model.config
         patch_id = tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
         if patch_id != config.image_token_id:
-            raise ValueError(f"tokenizer id of {IMAGE_PATCH_TOKEN} is {patch_id} but the model config says "
-                             f"{config.image_token_id}: use the tokenizer saved with the model")
+            raise ValueError(
+                f"tokenizer id of {IMAGE_PATCH_TOKEN} is {patch_id} but the model config says "
+                f"{config.image_token_id}: use the tokenizer saved with the model"
+            )
         for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN):
             if token not in tokenizer.get_vocab():
                 raise ValueError(f"the tokenizer lacks {token}: add it as a special token (Muffin's image delimiters)")
-        image_transform = image_transform or ImageTransform(config.vision_image_size, MUFFIN_IMAGE_MEAN, MUFFIN_IMAGE_STD)
-        super().__init__(hf_model, tokenizer, image_transform, config.image_token_id, config.num_query, logps_chunk_size)
+        image_transform = image_transform or ImageTransform(
+            config.vision_image_size, MUFFIN_IMAGE_MEAN, MUFFIN_IMAGE_STD
+        )
+        super().__init__(
+            hf_model, tokenizer, image_transform, config.image_token_id, config.num_query, logps_chunk_size
+        )
         self.freeze_vision_experts = freeze_vision_experts
 
     @property
@@ -233,7 +285,7 @@ _DROPPED_KEYS = re.compile(
 )
 
 
-def map_muffin_key(name: str) -> Optional[str]:
+def map_muffin_key(name: str) -> str | None:
     """Original checkpoint name -> our name, or None for a parameter we do not use."""
     if _DROPPED_KEYS.search(name):
         return None
@@ -266,17 +318,23 @@ def checkpoint_shards(path: str | os.PathLike) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: not a shard index with a 'weight_map' ({e}); re-save the checkpoint") from None
+                raise ValueError(
+                    f"{index}: not a shard index with a 'weight_map' ({e}); re-save the checkpoint"
+                ) from None
             shards = [path / f for f in dict.fromkeys(weight_map.values())]
             missing = [str(f) for f in shards if not f.is_file()]
             if missing:
-                raise FileNotFoundError(f"{index} names shards that are not there: {missing[:3]}; download the whole checkpoint")
+                raise FileNotFoundError(
+                    f"{index} names shards that are not there: {missing[:3]}; download the whole checkpoint"
+                )
             return sorted(shards)
     for name in SINGLE_FILES:
         if (path / name).is_file():
             return [path / name]
-    raise FileNotFoundError(f"{path}: no {' / '.join(INDEX_FILES)} and no {' / '.join(SINGLE_FILES)}; "
-                            "point model.muffin_checkpoint at the checkpoint directory or at one weight file")
+    raise FileNotFoundError(
+        f"{path}: no {' / '.join(INDEX_FILES)} and no {' / '.join(SINGLE_FILES)}; "
+        "point model.muffin_checkpoint at the checkpoint directory or at one weight file"
+    )
 
 
 def read_shard(file: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -323,9 +381,13 @@ def interpolate_vision_positions(weight: torch.Tensor, grid: int) -> torch.Tenso
 VISION_POSITIONS_KEY = "model.vision_tower.beit3.encoder.embed_positions.A.weight"
 
 
-def load_muffin_checkpoint(model: MuffinForCausalLM, path_or_state: str | os.PathLike | dict,
-                           dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None,
-                           interpolate_positions: bool = False) -> dict[str, list[str]]:
+def load_muffin_checkpoint(
+    model: MuffinForCausalLM,
+    path_or_state: str | os.PathLike | dict,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    interpolate_positions: bool = False,
+) -> dict[str, list[str]]:
     """Load an original RLHF-V / Muffin checkpoint into `model` through the key table above, one shard at
     a time: each shard is read, renamed, cast to `dtype` (default: the model's) and moved to `device`
     (default: CPU) before the next is opened, so host memory holds about one shard beyond the model.
@@ -353,10 +415,18 @@ def load_muffin_checkpoint(model: MuffinForCausalLM, path_or_state: str | os.Pat
             if target == VISION_POSITIONS_KEY and tuple(tensor.shape) != shape and interpolate_positions:
                 tensor = interpolate_vision_positions(tensor, math.isqrt(shape[0] - POSITION_OFFSET - 1))
             if tuple(tensor.shape) != shape:
-                hint = (" (the checkpoint's image resolution differs: set model.image_size to the checkpoint's, or "
-                        "model.interpolate_positions: true to resize BEiT-3's position embeddings)") if target == VISION_POSITIONS_KEY else ""
-                raise ValueError(f"Muffin checkpoint key {name} (-> {target}) has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {shape}: the model config does not match the checkpoint{hint}")
+                hint = (
+                    (
+                        " (the checkpoint's image resolution differs: set model.image_size to the checkpoint's, or "
+                        "model.interpolate_positions: true to resize BEiT-3's position embeddings)"
+                    )
+                    if target == VISION_POSITIONS_KEY
+                    else ""
+                )
+                raise ValueError(
+                    f"Muffin checkpoint key {name} (-> {target}) has shape {tuple(tensor.shape)}, "
+                    f"the model expects {shape}: the model config does not match the checkpoint{hint}"
+                )
             mapped[target] = tensor.to(device=device or "cpu", dtype=dtype or own_dtype)
             loaded.append(name)
         model.load_state_dict(mapped, strict=False, assign=True)
@@ -364,8 +434,10 @@ def load_muffin_checkpoint(model: MuffinForCausalLM, path_or_state: str | os.Pat
         del state, mapped  # drop this shard before the next is read
     missing = sorted(set(ours) - covered)
     if missing or unexpected:
-        raise ValueError(f"Muffin checkpoint does not match the model: {len(missing)} missing (e.g. {missing[:5]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:5]}); check vision/text sizes and num_query")
+        raise ValueError(
+            f"Muffin checkpoint does not match the model: {len(missing)} missing (e.g. {missing[:5]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:5]}); check vision/text sizes and num_query"
+        )
     return {"loaded": sorted(loaded), "dropped": sorted(dropped)}
 
 
@@ -392,7 +464,7 @@ def checkpoint_image_size(original: dict) -> int:
     return int(match.group(3))
 
 
-def muffin_config_from_original(original: dict, image_token_id: int, image_size: Optional[int] = None) -> MuffinConfig:
+def muffin_config_from_original(original: dict, image_token_id: int, image_size: int | None = None) -> MuffinConfig:
     """MuffinConfig from an original Muffin `config.json` (model_type 'beit3_llava': LLaMA fields +
     `mm_vision_tower` like 'beit3_large_patch16_448' + `num_query`); `image_size` replaces the
     checkpoint's resolution (its position embeddings then need `interpolate_vision_positions`)."""
@@ -406,12 +478,22 @@ def muffin_config_from_original(original: dict, image_token_id: int, image_size:
     # Not the special-token ids: the released configs say bos 0, eos 1, pad -1 (an early LLaMA conversion
     # bug; the tokenizer's are 1, 2 and <unk>/<pad>), and pad -1 would make the last row of the embedding
     # table (`<im_end>`) a padding row that never gets a gradient.
-    text = {k: v for k, v in original.items()
-            if k not in ("architectures", "model_type", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id")}
+    text = {
+        k: v
+        for k, v in original.items()
+        if k
+        not in ("architectures", "model_type", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id")
+    }
     return MuffinConfig(
-        text_config=LlamaConfig(**text), vision_image_size=image, vision_patch_size=patch, vision_hidden_size=width,
-        vision_num_layers=layers, vision_num_heads=heads, vision_ffn_dim=4 * width,
-        num_query=original.get("num_query", 64), image_token_id=image_token_id,
+        text_config=LlamaConfig(**text),
+        vision_image_size=image,
+        vision_patch_size=patch,
+        vision_hidden_size=width,
+        vision_num_layers=layers,
+        vision_num_heads=heads,
+        vision_ffn_dim=4 * width,
+        num_query=original.get("num_query", 64),
+        image_token_id=image_token_id,
     )
 
 

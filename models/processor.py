@@ -19,13 +19,13 @@ transformers' default image backend is torchvision when it is installed; its bic
 PIL's, so pixel values may differ. `AutoProcessor.from_pretrained(DIR, backend="pil")` gives the
 training pixels exactly (the tests run without torchvision, on the PIL backend).
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaProcessor
 
@@ -38,13 +38,26 @@ def image_processor_config(transform) -> dict:
     """Keyword arguments of the transformers image processor that computes `transform` (an ImageTransform)."""
     size = transform.size
     mode = getattr(transform, "mode", "resize")
-    common = dict(do_convert_rgb=True, do_resize=True, resample=BICUBIC, do_rescale=True, rescale_factor=1 / 255,
-                  do_normalize=True, image_mean=list(transform.mean), image_std=list(transform.std))
+    common = dict(
+        do_convert_rgb=True,
+        do_resize=True,
+        resample=BICUBIC,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(transform.mean),
+        image_std=list(transform.std),
+    )
     if mode == "resize":  # straight to size x size
         return dict(common, size={"height": size, "width": size}, do_center_crop=False)
     # 'crop': short side to `size`, centre crop; 'pad': the same after padding to a square (a no-op crop)
-    return dict(common, size={"shortest_edge": size}, do_center_crop=True, crop_size={"height": size, "width": size},
-                **({"do_pad": True} if mode == "pad" else {}))
+    return dict(
+        common,
+        size={"shortest_edge": size},
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        **({"do_pad": True} if mode == "pad" else {}),
+    )
 
 
 def image_processor(transform):
@@ -71,32 +84,48 @@ def chat_template(template: str) -> str:
     between, _, generation_prompt = rest.partition("{question}")
     before_system, _, after_system = before_image.partition("{system}")
     answer_before, _, answer_after = (spec.answer or "").partition("{answer}")
-    text_of = ("{%- if message.content is string %}{{ message.content }}{% else %}"
-               "{%- for part in message.content if part.type == 'text' %}{{ part.text }}{% endfor %}{% endif -%}")
-    return "".join([
-        "{%- set system = messages[0].content if messages[0].role == 'system' else none -%}",
-        "{%- set turns = messages[1:] if system is not none else messages -%}",
-        "{%- if turns | length == 0 or turns | length > 2 or turns[0].role != 'user' or "
-        "(turns | length == 2 and turns[1].role != 'assistant') -%}",
-        "{{ raise_exception('this chat template renders one user turn, optionally followed by one assistant turn') }}",
-        "{%- endif -%}",
-        "{%- if bos_token %}{{ bos_token }}{% endif -%}",
-        _literal(before_system),
-        "{%- if system is not none %}{% set message = messages[0] %}", text_of, "{% else %}", _literal(SYSTEM_PROMPT), "{% endif -%}",
-        _literal(after_system),
-        "{%- set message = turns[0] -%}",
-        "{%- if message.content is not string %}{% for part in message.content if part.type == 'image' %}",
-        _literal(IMAGE_MARKER), "{% endfor %}{% endif -%}",
-        _literal(between), text_of,
-        "{%- if turns | length == 2 or add_generation_prompt %}", _literal(generation_prompt), "{% endif -%}",
-        "{%- if turns | length == 2 %}{% set message = turns[1] %}",
-        "{{ raise_exception('this template is for generation only') }}" if spec.answer is None else
-        _literal(answer_before) + text_of + _literal(answer_after) + ("{{ eos_token }}" if spec.append_eos else ""),
-        "{% endif -%}",
-    ])
+    text_of = (
+        "{%- if message.content is string %}{{ message.content }}{% else %}"
+        "{%- for part in message.content if part.type == 'text' %}{{ part.text }}{% endfor %}{% endif -%}"
+    )
+    return "".join(
+        [
+            "{%- set system = messages[0].content if messages[0].role == 'system' else none -%}",
+            "{%- set turns = messages[1:] if system is not none else messages -%}",
+            "{%- if turns | length == 0 or turns | length > 2 or turns[0].role != 'user' or "
+            "(turns | length == 2 and turns[1].role != 'assistant') -%}",
+            "{{ raise_exception('this chat template renders one user turn, optionally followed by one assistant turn') }}",
+            "{%- endif -%}",
+            "{%- if bos_token %}{{ bos_token }}{% endif -%}",
+            _literal(before_system),
+            "{%- if system is not none %}{% set message = messages[0] %}",
+            text_of,
+            "{% else %}",
+            _literal(SYSTEM_PROMPT),
+            "{% endif -%}",
+            _literal(after_system),
+            "{%- set message = turns[0] -%}",
+            "{%- if message.content is not string %}{% for part in message.content if part.type == 'image' %}",
+            _literal(IMAGE_MARKER),
+            "{% endfor %}{% endif -%}",
+            _literal(between),
+            text_of,
+            "{%- if turns | length == 2 or add_generation_prompt %}",
+            _literal(generation_prompt),
+            "{% endif -%}",
+            "{%- if turns | length == 2 %}{% set message = turns[1] %}",
+            "{{ raise_exception('this template is for generation only') }}"
+            if spec.answer is None
+            else _literal(answer_before)
+            + text_of
+            + _literal(answer_after)
+            + ("{{ eos_token }}" if spec.append_eos else ""),
+            "{% endif -%}",
+        ]
+    )
 
 
-def save_processor(model, directory: str | os.PathLike, template: Optional[str] = None) -> None:
+def save_processor(model, directory: str | os.PathLike, template: str | None = None) -> None:
     """Write the image processor, the chat template and (LLaVA) the processor of `model` into `directory`.
 
     `template` (a `data.template` name) is what the model was trained with; 'chat_template' or None keep
@@ -111,9 +140,13 @@ def save_processor(model, directory: str | os.PathLike, template: Optional[str] 
     if model.arch == "llava":
         config = model.hf_model.config
         processor = LlavaProcessor(
-            image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
-            patch_size=config.vision_config.patch_size, vision_feature_select_strategy=config.vision_feature_select_strategy,
-            image_token=tokenizer.convert_ids_to_tokens(model.image_token_id), num_additional_image_tokens=1,  # the CLS token
+            image_processor=images,
+            tokenizer=tokenizer,
+            chat_template=tokenizer.chat_template,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            image_token=tokenizer.convert_ids_to_tokens(model.image_token_id),
+            num_additional_image_tokens=1,  # the CLS token
         )
         processor.save_pretrained(directory)
     else:

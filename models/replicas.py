@@ -18,6 +18,7 @@ config keys), not on sizes. These writers produce what a user downloads, at any 
 
 `experiments/muffin_load_memory.py` measures loading memory on a large replica.
 """
+
 from __future__ import annotations
 
 import io
@@ -38,7 +39,8 @@ LLAVA_HF_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 _SPM_TEXTS = [
-    SYSTEM_PROMPT, "### Human: What is in the picture? ### Assistant: There is a red circle at the top left.",
+    SYSTEM_PROMPT,
+    "### Human: What is in the picture? ### Assistant: There is a red circle at the top left.",
     "USER: ASSISTANT: Describe the image in detail. A dog sits on a couch next to two cats and a frisbee.",
     "Provide a thorough description of the given image. 0123456789 yes no",
 ]
@@ -60,44 +62,100 @@ def write_sentencepiece_tokenizer(directory: Path, vocab_size: int = 400) -> int
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_SPM_TEXTS * 10), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, split_digits=True,
-        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+        sentence_iterator=iter(_SPM_TEXTS * 10),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
     )
     (directory / "tokenizer.model").write_bytes(buffer.getvalue())
     return vocab_size
 
 
 def _added_token(content: str) -> dict:
-    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
-            "single_word": False}
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    }
 
 
 def write_muffin_tokenizer(directory: Path) -> int:
     """RLHF-V's tokenizer files (LLaMA-1 SentencePiece + 4 added tokens); returns the full vocabulary size."""
     base = write_sentencepiece_tokenizer(directory)
     (directory / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(MUFFIN_ADDED_TOKENS)}))
-    (directory / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "<unk>"}))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 2048,
-        "pad_token": None, "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
-        "bos_token": _added_token("<s>"), "eos_token": _added_token("</s>"), "unk_token": _added_token("<unk>"),
-    }))
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "<unk>"})
+    )
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": 2048,
+                "pad_token": None,
+                "padding_side": "right",
+                "sp_model_kwargs": {},
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": _added_token("<s>"),
+                "eos_token": _added_token("</s>"),
+                "unk_token": _added_token("<unk>"),
+            }
+        )
+    )
     return base + len(MUFFIN_ADDED_TOKENS)
 
 
-def muffin_original_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4,
-                           intermediate: int = 64, tower: str = "beit3_large_patch16_448", num_query: int = 8) -> dict:
+def muffin_original_config(
+    vocab_size: int,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 64,
+    tower: str = "beit3_large_patch16_448",
+    num_query: int = 8,
+) -> dict:
     """The released `config.json` keys (openbmb/RLHF-V), with the sizes given."""
     return {
-        "_name_or_path": "replica", "architectures": ["Beit3LlavaLlamaForCausalLM"], "bos_token_id": 0, "eos_token_id": 1,
-        "freeze_mm_mlp_adapter": False, "fully_tune": True, "hidden_act": "silu", "hidden_size": hidden,
-        "initializer_range": 0.02, "intermediate_size": intermediate, "max_sequence_length": 2048,
-        "mm_use_im_start_end": True, "mm_vision_tower": tower, "model_type": "beit3_llava",
-        "num_attention_heads": heads, "num_hidden_layers": layers, "num_query": num_query, "pad_token_id": -1,
-        "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "torch_dtype": "float32",
-        "transformers_version": "4.28.0.dev0", "tune_mm_mlp_adapter": False, "use_cache": False, "use_mm_proj": True,
+        "_name_or_path": "replica",
+        "architectures": ["Beit3LlavaLlamaForCausalLM"],
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "freeze_mm_mlp_adapter": False,
+        "fully_tune": True,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate,
+        "max_sequence_length": 2048,
+        "mm_use_im_start_end": True,
+        "mm_vision_tower": tower,
+        "model_type": "beit3_llava",
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_query": num_query,
+        "pad_token_id": -1,
+        "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.28.0.dev0",
+        "tune_mm_mlp_adapter": False,
+        "use_cache": False,
+        "use_mm_proj": True,
         "vocab_size": vocab_size,
     }
 
@@ -114,7 +172,9 @@ def original_muffin_state_dict(model) -> dict[str, torch.Tensor]:
     state["model.vision_tower.beit3.vision_embed.mask_token"] = torch.randn(1, 1, dim)
     head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
     for i in range(config.text_config.num_hidden_layers):
-        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (
+            torch.arange(0, head_dim, 2).float() / head_dim
+        )
     return state
 
 
@@ -135,12 +195,14 @@ def write_sharded_bin(directory: Path, state: dict[str, torch.Tensor], num_shard
         files.append(file)
         weight_map.update({name: file.name for name in shard})
     (directory / "pytorch_model.bin.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return files
 
 
-def write_muffin_checkpoint(directory: str | Path, num_shards: int = 3, tower: str = "beit3_large_patch16_448",
-                            seed: int = 0, **sizes) -> Path:
+def write_muffin_checkpoint(
+    directory: str | Path, num_shards: int = 3, tower: str = "beit3_large_patch16_448", seed: int = 0, **sizes
+) -> Path:
     """A released-layout RLHF-V / Muffin checkpoint with random weights (see the module docstring).
     `sizes`: hidden, layers, heads, intermediate, num_query of the LLaMA part (BEiT-3's from BEIT3_SIZES)."""
     from ddpo.models.muffin import MuffinForCausalLM, muffin_config_from_original
@@ -150,8 +212,17 @@ def write_muffin_checkpoint(directory: str | Path, num_shards: int = 3, tower: s
     vocab = write_muffin_tokenizer(directory)
     original = muffin_original_config(vocab, tower=tower, **sizes)
     (directory / "config.json").write_text(json.dumps(original, indent=2))
-    (directory / "generation_config.json").write_text(json.dumps(
-        {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "transformers_version": "4.28.0.dev0"}))
+    (directory / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "_from_model_config": True,
+                "bos_token_id": 0,
+                "eos_token_id": 1,
+                "pad_token_id": 0,
+                "transformers_version": "4.28.0.dev0",
+            }
+        )
+    )
     torch.manual_seed(seed)
     model = MuffinForCausalLM(muffin_config_from_original(original, image_token_id=vocab - 3))
     write_sharded_bin(directory, original_muffin_state_dict(model), num_shards)
@@ -159,15 +230,23 @@ def write_muffin_checkpoint(directory: str | Path, num_shards: int = 3, tower: s
     return directory
 
 
-def write_llava_hf_checkpoint(directory: str | Path, image_size: int = 32, patch_size: int = 8, seed: int = 0,
-                              hub_layout: bool = True) -> Path:
+def write_llava_hf_checkpoint(
+    directory: str | Path, image_size: int = 32, patch_size: int = 8, seed: int = 0, hub_layout: bool = True
+) -> Path:
     """What `LlavaForConditionalGeneration.save_pretrained` + `LlavaProcessor.save_pretrained` write for a
     llava-1.5-*-hf model: safetensors + config, CLIP image processor (shortest_edge + centre crop),
     a Llama tokenizer with `<image>` and `<pad>` added, and llava-hf's chat template. `hub_layout`
     also writes `preprocessor_config.json`, as the hub repos have it (transformers 5 nests the image
     processor in `processor_config.json` instead)."""
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     from ddpo.models.llava import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 
@@ -181,19 +260,48 @@ def write_llava_hf_checkpoint(directory: str | Path, image_size: int = 32, patch
     tokenizer.add_tokens(["<image>"], special_tokens=True)  # llava-hf: <image> = 32000, <pad> = 32001
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.chat_template = LLAVA_HF_CHAT_TEMPLATE
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                                         do_center_crop=True, image_mean=list(CLIP_IMAGE_MEAN), image_std=list(CLIP_IMAGE_STD))
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA_HF_CHAT_TEMPLATE)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=image_size, patch_size=patch_size)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        image_mean=list(CLIP_IMAGE_MEAN),
+        image_std=list(CLIP_IMAGE_STD),
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_HF_CHAT_TEMPLATE,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -20,6 +20,7 @@ Needs a decoder that takes a prepared 4-D mask and explicit position ids: transf
 eager attention takes the additive [B, 1, L, L] bias (`attention_bias`), with flex_attention the
 `BlockMask` (`block_mask`); masking_utils passes either through unchanged. Both come from `may_attend`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ import torch
 from torch import Tensor
 
 from ddpo.data.records import IGNORE_INDEX
-
 
 # Segment ids of packed positions.
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
@@ -48,7 +48,9 @@ class SharedPromptLayout:
         keeps its own key, so padding rows have no all-masked softmax (which would give NaN).
         """
         index = torch.arange(self.segments.shape[1], device=self.segments.device)
-        allowed = may_attend(self.segments[:, :, None], self.segments[:, None, :], index[None, :, None], index[None, None, :])
+        allowed = may_attend(
+            self.segments[:, :, None], self.segments[:, None, :], index[None, :, None], index[None, None, :]
+        )
         bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -75,11 +77,15 @@ def may_attend(query_segment: Tensor, key_segment: Tensor, query_index: Tensor, 
 
     Causal, no key on padding, no rejected query on a chosen key; every query keeps its own key.
     """
-    allowed = (query_index >= key_index) & (key_segment != PAD) & ~((query_segment == REJECTED) & (key_segment == CHOSEN))
+    allowed = (
+        (query_index >= key_index) & (key_segment != PAD) & ~((query_segment == REJECTED) & (key_segment == CHOSEN))
+    )
     return allowed | (query_index == key_index)
 
 
-def shared_prompt_layout(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, pad_token_id: int) -> SharedPromptLayout:
+def shared_prompt_layout(
+    input_ids: Tensor, attention_mask: Tensor, labels: Tensor, pad_token_id: int
+) -> SharedPromptLayout:
     """Pack a two-row pair batch: input_ids / attention_mask / labels [2B, T] (rows i and B + i are pair i).
 
     A row's prompt is its real tokens before its first labelled token; its answer is every real token
@@ -88,7 +94,9 @@ def shared_prompt_layout(input_ids: Tensor, attention_mask: Tensor, labels: Tens
     """
     rows, length = input_ids.shape
     if rows % 2:
-        raise ValueError(f"shared_prompt_layout: {rows} rows; a pair batch has 2B rows (chosen 0..B-1, rejected B..2B-1)")
+        raise ValueError(
+            f"shared_prompt_layout: {rows} rows; a pair batch has 2B rows (chosen 0..B-1, rejected B..2B-1)"
+        )
     pairs = rows // 2
     device = input_ids.device
     real = attention_mask.bool()
@@ -100,7 +108,7 @@ def shared_prompt_layout(input_ids: Tensor, attention_mask: Tensor, labels: Tens
     prompt_len = first_label - start  # [2B]
     answer_len = count - prompt_len  # [2B]
 
-    contiguous = (real.long().sum(1) == (real & (index >= start[:, None]) & (index < (start + count)[:, None])).sum(1))
+    contiguous = real.long().sum(1) == (real & (index >= start[:, None]) & (index < (start + count)[:, None])).sum(1)
     if not contiguous.all():
         row = int((~contiguous).nonzero()[0, 0])
         raise ValueError(f"shared_prompt_layout: row {row} has padding between real tokens; pad on one side only")
@@ -114,24 +122,31 @@ def shared_prompt_layout(input_ids: Tensor, attention_mask: Tensor, labels: Tens
         same = ((aligned[:pairs] == aligned[pairs:]) | ~in_prompt).all(1)
     if not same.all():
         pair = int((~same).nonzero()[0, 0])
-        raise ValueError(f"shared_prompt_layout: rows {pair} and {pair + pairs} (pair {pair}) do not share one prompt "
-                         f"(prompt lengths {int(P[pair])} and {int(P_rej[pair])}); build batches with data.collator.PairCollator "
-                         "or set model.shared_prompt false")
+        raise ValueError(
+            f"shared_prompt_layout: rows {pair} and {pair + pairs} (pair {pair}) do not share one prompt "
+            f"(prompt lengths {int(P[pair])} and {int(P_rej[pair])}); build batches with data.collator.PairCollator "
+            "or set model.shared_prompt false"
+        )
 
     A_c, A_r = answer_len[:pairs], answer_len[pairs:]
     total = P + A_c + A_r  # [B] packed lengths
     L = int(total.max())
     pos = torch.arange(L, device=device)[None, :]  # [1, L]
     P_, Ac_, tot_ = P[:, None], A_c[:, None], total[:, None]
-    segments = torch.where(pos < P_, PROMPT, torch.where(pos < P_ + Ac_, CHOSEN, torch.where(pos < tot_, REJECTED, PAD)))
+    segments = torch.where(
+        pos < P_, PROMPT, torch.where(pos < P_ + Ac_, CHOSEN, torch.where(pos < tot_, REJECTED, PAD))
+    )
     # Rotary positions: the rejected answer restarts where the prompt ends, as in its own row.
     position_ids = torch.where(segments == REJECTED, pos - Ac_, pos).masked_fill(segments == PAD, 0)
     # Where each packed token comes from: prompt and chosen from the chosen row, the rejected answer from its row.
     chosen_col = start[:pairs, None] + pos
     rejected_col = start[pairs:, None] + pos - Ac_
     col = torch.where(segments == REJECTED, rejected_col, chosen_col).clamp(0, length - 1)
-    src_row = torch.where(segments == REJECTED, torch.arange(pairs, 2 * pairs, device=device)[:, None],
-                          torch.arange(pairs, device=device)[:, None])
+    src_row = torch.where(
+        segments == REJECTED,
+        torch.arange(pairs, 2 * pairs, device=device)[:, None],
+        torch.arange(pairs, device=device)[:, None],
+    )
     packed_ids = input_ids[src_row, col].masked_fill(segments == PAD, pad_token_id)
 
     # Row r, position t -> packed position: t - start for the chosen row; the rejected row's answer sits after the chosen one.

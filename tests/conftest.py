@@ -1,4 +1,5 @@
 """Shared test set-up: offline, deterministic, CPU-only, small thread count."""
+
 import os
 
 # Before any HF import: never touch the network (an accidental hub id would retry for ~26 s).

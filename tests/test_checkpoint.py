@@ -4,6 +4,7 @@ One 4-step run saves step-2 and step-4 (module fixture); each test copies it, da
 crash, a full disk or a bad copy would, and resumes with `--train.resume auto` to the same 4 steps.
 Falling back to step-2 must then give steps 3 and 4 exactly as the undamaged run had them.
 """
+
 import argparse
 import json
 import shutil
@@ -15,8 +16,22 @@ from test_trainer import THREADS, TINY, metrics, run_ddpo
 
 from ddpo import checkpoint
 
-COMMON = ("--train.num_threads", THREADS, "--logging.progress_bar", "false", "--train.learning_rate", "1e-3",
-          "--data.synthetic_pairs", "16", "--train.max_steps", "4", "--train.save_steps", "2", "--train.save_total_limit", "0")
+COMMON = (
+    "--train.num_threads",
+    THREADS,
+    "--logging.progress_bar",
+    "false",
+    "--train.learning_rate",
+    "1e-3",
+    "--data.synthetic_pairs",
+    "16",
+    "--train.max_steps",
+    "4",
+    "--train.save_steps",
+    "2",
+    "--train.save_total_limit",
+    "0",
+)
 
 
 def _train(out: Path, *overrides: str, expect_ok: bool = True):
@@ -107,7 +122,11 @@ def test_no_complete_checkpoint_is_an_error_not_a_fresh_start(run):
         (run / "checkpoints" / step / "trainer_state.json").unlink()
     proc = _train(run, "--train.resume", "auto", expect_ok=False)
     assert proc.returncode != 0
-    assert "no checkpoint in" in proc.stderr and "is complete" in proc.stderr and "step-000004 has no trainer_state.json" in proc.stderr
+    assert (
+        "no checkpoint in" in proc.stderr
+        and "is complete" in proc.stderr
+        and "step-000004 has no trainer_state.json" in proc.stderr
+    )
     assert len(metrics(run)) == 4  # nothing trained, nothing logged
 
 
@@ -115,7 +134,7 @@ def test_damaged_file_of_the_right_size_is_an_error_naming_it(run):
     """Corruption the size check cannot see: the load names the file and what to do."""
     weights = run / "checkpoints" / "step-000004" / "mp_rank_00_model_states.pt"
     data = bytearray(weights.read_bytes())
-    data[len(data) // 3: len(data) // 3 + 4096] = b"\0" * 4096
+    data[len(data) // 3 : len(data) // 3 + 4096] = b"\0" * 4096
     data[:64] = b"\0" * 64
     weights.write_bytes(bytes(data))
     proc = _train(run, "--train.resume", "auto", expect_ok=False)

@@ -1,12 +1,21 @@
 """A data or config error ends `ddpo train` with one message and a non-zero code, not a traceback dump."""
+
 from test_trainer import TINY, run_ddpo
 
 BAD_DATA = ("--data.max_length", "80", "--data.long_answers", "error")  # every synthetic answer is too long
 
 
 def test_data_error_is_one_message_and_exit_code_1(tmp_path):
-    proc = run_ddpo("train", TINY, "--train.output_dir", str(tmp_path / "run"), "--logging.progress_bar", "false", *BAD_DATA,
-                    expect_ok=False)
+    proc = run_ddpo(
+        "train",
+        TINY,
+        "--train.output_dir",
+        str(tmp_path / "run"),
+        "--logging.progress_bar",
+        "false",
+        *BAD_DATA,
+        expect_ok=False,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ddpo train: error: ")]
@@ -14,8 +23,17 @@ def test_data_error_is_one_message_and_exit_code_1(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = run_ddpo("train", TINY, "--train.output_dir", str(tmp_path / "run"), "--logging.progress_bar", "false", *BAD_DATA,
-                    "--debug", expect_ok=False)
+    proc = run_ddpo(
+        "train",
+        TINY,
+        "--train.output_dir",
+        str(tmp_path / "run"),
+        "--logging.progress_bar",
+        "false",
+        *BAD_DATA,
+        "--debug",
+        expect_ok=False,
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "DataError" in proc.stderr
 
 

@@ -1,4 +1,5 @@
 """Typed config: YAML loading, command-line overrides, validation messages, every shipped YAML loads."""
+
 import dataclasses
 import subprocess
 import sys
@@ -25,10 +26,14 @@ def test_every_shipped_yaml_loads(path, monkeypatch):
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("loss:\n  beta: 0.1\n  gamma: 1.1\n  normalize: sum\ntrain:\n  learning_rate: 5e-7\n  max_steps: 10\ndata:\n  format: synthetic\n")
+    path.write_text(
+        "loss:\n  beta: 0.1\n  gamma: 1.1\n  normalize: sum\ntrain:\n  learning_rate: 5e-7\n  max_steps: 10\ndata:\n  format: synthetic\n"
+    )
     cfg = load_config(path, ["--loss.gamma", "5", "--train.seed=7", "--model.name_or_path", "null"])
     assert (cfg.loss.beta, cfg.loss.gamma, cfg.loss.normalize) == (0.1, 5.0, "sum")
-    assert cfg.train.learning_rate == 5e-7 and isinstance(cfg.train.learning_rate, float)  # YAML 1.1 reads 5e-7 as a string
+    assert cfg.train.learning_rate == 5e-7 and isinstance(
+        cfg.train.learning_rate, float
+    )  # YAML 1.1 reads 5e-7 as a string
     assert cfg.train.seed == 7 and cfg.train.max_steps == 10 and cfg.model.name_or_path is None
 
 
@@ -48,14 +53,20 @@ def test_resolved_config_round_trips(tmp_path):
         (["--model.freeze_llm", "maybe"], "model.freeze_llm: expected a boolean"),
         (["--loss.gamma", "0.5"], "loss.gamma must be >= 1"),
         (["--loss.beta", "0"], "loss.beta must be > 0"),
-        (["--loss.loss_type", "ipo", "--loss.label_smoothing", "0.1"], "label_smoothing is only defined for loss.loss_type 'sigmoid'"),
+        (
+            ["--loss.loss_type", "ipo", "--loss.label_smoothing", "0.1"],
+            "label_smoothing is only defined for loss.loss_type 'sigmoid'",
+        ),
         (["--data.format", "rlhf-v"], "data.path is required for data.format 'rlhf-v'"),
         (["--loss.reference_free", "true"], "loss.reference_free needs no reference"),
         (["--model.freeze_vision_experts", "true"], "applies to model.arch 'muffin' only"),
         (["--deepspeed.config", "nope.json"], "deepspeed.config: file not found"),
         (["--train.resume", "/no/such/dir"], "train.resume must be 'none', 'auto' or an existing checkpoint directory"),
         (["--data.template", "llava_v1", "--data.label_span", "muffin"], "data.label_span 'muffin' labels vicuna_v0's"),
-        (["--data.segments", "word_diff", "--data.segment_diff", "muffin"], "data.segment_diff 'muffin' is the released token-id diff"),
+        (
+            ["--data.segments", "word_diff", "--data.segment_diff", "muffin"],
+            "data.segment_diff 'muffin' is the released token-id diff",
+        ),
         (["--loss.sft_form", "sum"], "loss.sft_form: expected one of 'token_mean', 'released'"),
         (["--model.image_mode", "squash"], "model.image_mode: expected one of"),
         (["loss.gamma", "2"], "overrides look like --<section>.<field> VALUE"),
@@ -87,15 +98,29 @@ def test_every_field_is_documented_in_help():
 
 
 def test_train_help_from_the_console():
-    out = subprocess.run([sys.executable, "-m", "ddpo", "train", "--help"], capture_output=True, text=True, check=True).stdout
-    for key in ("--train.output_dir", "--train.max_steps", "--train.save_steps", "--train.resume", "--train.seed",
-                "--train.reference", "--loss.beta", "--loss.gamma", "--loss.normalize", "--loss.loss_type"):
+    out = subprocess.run(
+        [sys.executable, "-m", "ddpo", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for key in (
+        "--train.output_dir",
+        "--train.max_steps",
+        "--train.save_steps",
+        "--train.resume",
+        "--train.seed",
+        "--train.reference",
+        "--loss.beta",
+        "--loss.gamma",
+        "--loss.normalize",
+        "--loss.loss_type",
+    ):
         assert key in out
 
 
 def test_train_with_bad_config_exits_2_and_names_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("loss:\n  gamma: 0\n")
-    run = subprocess.run([sys.executable, "-m", "ddpo", "train", str(tmp_path / "c.yaml")], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "ddpo", "train", str(tmp_path / "c.yaml")], capture_output=True, text=True
+    )
     assert run.returncode == 2 and "loss.gamma must be >= 1" in run.stderr
 
 

@@ -1,5 +1,6 @@
 """`ddpo demo --quick`: the whole synthetic pipeline runs and writes well-formed results (numbers at this
 size are meaningless; the full demo's are in README/experiments)."""
+
 import json
 import os
 import subprocess
@@ -10,17 +11,32 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_quick_demo_writes_results(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "ddpo", "demo", "--quick", "--output-dir", str(out)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpo", "demo", "--quick", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == set(results["sampled"]) == set(results["drift"]) == {"sft", "dpo", "ddpo"}
     for metrics in [*results["methods"].values(), *results["sampled"].values()]:
-        for key in ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "companion_rate",
-                    "nontarget_mention_rate"):
+        for key in (
+            "response_hallucination_rate",
+            "mention_hallucination_rate",
+            "object_recall",
+            "companion_rate",
+            "nontarget_mention_rate",
+        ):
             assert 0.0 <= metrics[key] <= 1.0
         assert metrics["mean_response_words"] > 0
     assert results["drift"]["sft"] == 0.0  # the SFT model against itself
@@ -58,8 +74,14 @@ def check_eval_is_cached_and_sft_continues(out):
     for table in ("methods", "validation", "sampled", "drift"):
         assert again[table] == before[table]
 
-    longer = demo.DemoSettings.quick(output_dir=str(out / "longer"), answer_words=45, sft_init=str(out / "sft"), sft_steps=3,
-                                     sft_examples=24, sft_batch_size=8)
+    longer = demo.DemoSettings.quick(
+        output_dir=str(out / "longer"),
+        answer_words=45,
+        sft_init=str(out / "sft"),
+        sft_steps=3,
+        sft_examples=24,
+        sft_batch_size=8,
+    )
     demo.run(longer, ["sft"])
     start, after = demo.load_model(out / "sft"), demo.load_model(out / "longer" / "sft")
     tower = [k for k in start.state_dict() if "vision_tower" in k]
@@ -74,12 +96,18 @@ def test_demo_fails_loudly_when_the_sft_model_misses_the_gate(tmp_path, monkeypa
     out = tmp_path / "demo"
     (out / "sft").mkdir(parents=True)
     (out / "sft" / "sft_losses.json").write_text("[1.0, 0.5]")
-    figures = {"single_object_accuracy": 0.79, "recall_without_anchor": 0.99, "companion_rate": 0.6,
-               "passed": False, "failed": ["single_object_accuracy 0.790 < 0.98"]}
+    figures = {
+        "single_object_accuracy": 0.79,
+        "recall_without_anchor": 0.99,
+        "companion_rate": 0.6,
+        "passed": False,
+        "failed": ["single_object_accuracy 0.790 < 0.98"],
+    }
     monkeypatch.setattr(demo, "load_model", lambda path: None, raising=False)
     monkeypatch.setattr(demo, "perception_gate", lambda model, settings, template: dict(figures))
     settings = demo.DemoSettings(output_dir=str(out))
     import pytest
+
     with pytest.raises(demo.GateError, match="single_object_accuracy 0.790 < 0.98"):
         demo.stage_gate(settings, out)
     assert json.loads((out / "gate.json").read_text())["passed"] is False

@@ -1,5 +1,6 @@
 """The dense-regime map's pieces: its runs, the 55-word point's links to the lab, and the arithmetic of
 its gaps, matched-drift reads and Holm correction."""
+
 import json
 from pathlib import Path
 
@@ -11,25 +12,58 @@ from experiments.synthetic_v2 import T95
 
 def test_runs_of_each_part_carry_their_settings():
     runs = dense_regime.methods(["primary", "rescaled", "sumtuned"], tokens=60.0)
-    assert runs["dpo_mean"] == {"loss.gamma": 1.0, "loss.normalize": "mean", "train.learning_rate": 3e-6, "loss.beta": 0.5}
+    assert runs["dpo_mean"] == {
+        "loss.gamma": 1.0,
+        "loss.normalize": "mean",
+        "train.learning_rate": 3e-6,
+        "loss.beta": 0.5,
+    }
     assert runs["ddpo_mean_g5"]["loss.gamma"] == 5.0 and runs["ddpo_mean_g5"]["loss.beta"] == 0.5
     # the rescaled mean: beta x the point's answer tokens, the normalisation still the mean
-    assert runs["ddpo_rescaled_g5"] == {"loss.gamma": 5.0, "loss.normalize": "mean", "train.learning_rate": 3e-6, "loss.beta": 30.0}
-    assert runs["ddpo_sum_g5_lr3e-05"] == {"loss.gamma": 5.0, "loss.normalize": "sum", "train.learning_rate": 3e-5, "loss.beta": 0.5}
-    assert set(runs) == {"dpo_mean", "ddpo_mean_g5", "dpo_rescaled", "ddpo_rescaled_g5", "ddpo_sum_g5_lr3e-05", "dpo_sum_lr3e-05"}
+    assert runs["ddpo_rescaled_g5"] == {
+        "loss.gamma": 5.0,
+        "loss.normalize": "mean",
+        "train.learning_rate": 3e-6,
+        "loss.beta": 30.0,
+    }
+    assert runs["ddpo_sum_g5_lr3e-05"] == {
+        "loss.gamma": 5.0,
+        "loss.normalize": "sum",
+        "train.learning_rate": 3e-5,
+        "loss.beta": 0.5,
+    }
+    assert set(runs) == {
+        "dpo_mean",
+        "ddpo_mean_g5",
+        "dpo_rescaled",
+        "ddpo_rescaled_g5",
+        "ddpo_sum_g5_lr3e-05",
+        "dpo_sum_lr3e-05",
+    }
 
 
 def test_other_lengths_continue_the_middle_sft_model(tmp_path):
     short = dense_regime.settings_for(tmp_path, 3, 15, num_threads=1)
     assert short.sft_init == str(tmp_path / "seed3" / "words55" / "sft") and short.sft_steps == 300
-    assert short.answer_words == 15 and short.sampled_eval is False and short.output_dir == str(tmp_path / "seed3" / "words15")
+    assert (
+        short.answer_words == 15
+        and short.sampled_eval is False
+        and short.output_dir == str(tmp_path / "seed3" / "words15")
+    )
     middle = dense_regime.settings_for(tmp_path, 3, 55, num_threads=1)
     assert middle.sft_init is None
 
 
 def test_the_middle_point_links_the_labs_model_pairs_and_identical_runs(tmp_path):
     lab = tmp_path / "lab" / "seed0"
-    for name in ("sft", "pairs", "reference_cache", "runs/dpo_mean/final", "runs/ddpo_sum_g5_tuned/final", "runs/ddpo_mean_g2"):
+    for name in (
+        "sft",
+        "pairs",
+        "reference_cache",
+        "runs/dpo_mean/final",
+        "runs/ddpo_sum_g5_tuned/final",
+        "runs/ddpo_mean_g2",
+    ):
         (lab / name).mkdir(parents=True)
     (lab / "gate.json").write_text("{}")
     point = tmp_path / "map" / "seed0" / "words55"
@@ -46,19 +80,36 @@ def test_the_middle_point_links_the_labs_model_pairs_and_identical_runs(tmp_path
 def write_point(root: Path, seed: int, length: int, values: dict, drift: dict) -> None:
     out = dense_regime.point_dir(root, seed, length)
     out.mkdir(parents=True)
-    metrics = {r: {k: (v if k == dense_regime.PRIMARY else 0.5) for k in (*dense_regime.REPORTED, "mean_response_words")}
-               for r, v in values.items()}
+    metrics = {
+        r: {k: (v if k == dense_regime.PRIMARY else 0.5) for k in (*dense_regime.REPORTED, "mean_response_words")}
+        for r, v in values.items()
+    }
     pairs = {"rejected_words": 50.0, "pairs_used": 1000, "segments_per_pair": 2.0, "corrected_word_share": 0.1}
-    (out / "results.json").write_text(json.dumps({"methods": metrics, "validation": metrics, "drift": drift, "pairs": pairs,
-                                                  "gate": {"single_object_accuracy": 1.0, "recall_without_anchor": 0.97, "companion_rate": 0.4}}))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "methods": metrics,
+                "validation": metrics,
+                "drift": drift,
+                "pairs": pairs,
+                "gate": {"single_object_accuracy": 1.0, "recall_without_anchor": 0.97, "companion_rate": 0.4},
+            }
+        )
+    )
 
 
 def test_gaps_matched_drift_and_holm_by_hand(tmp_path):
     # two seeds at 120 words: DPO's ladder 3e-6 (drift -0.01) and 1e-5 (drift -0.03), DDPO between them
-    per_seed = {0: ({"sft": 0.20, "dpo_mean": 0.10, "dpo_mean_lr1e-05": 0.06, "ddpo_mean_g5": 0.07, "ddpo_mean_g10": 0.09},
-                    {"sft": 0.0, "dpo_mean": -0.01, "dpo_mean_lr1e-05": -0.03, "ddpo_mean_g5": -0.02, "ddpo_mean_g10": -0.01}),
-                1: ({"sft": 0.30, "dpo_mean": 0.20, "dpo_mean_lr1e-05": 0.10, "ddpo_mean_g5": 0.17, "ddpo_mean_g10": 0.20},
-                    {"sft": 0.0, "dpo_mean": -0.02, "dpo_mean_lr1e-05": -0.04, "ddpo_mean_g5": -0.03, "ddpo_mean_g10": -0.02})}
+    per_seed = {
+        0: (
+            {"sft": 0.20, "dpo_mean": 0.10, "dpo_mean_lr1e-05": 0.06, "ddpo_mean_g5": 0.07, "ddpo_mean_g10": 0.09},
+            {"sft": 0.0, "dpo_mean": -0.01, "dpo_mean_lr1e-05": -0.03, "ddpo_mean_g5": -0.02, "ddpo_mean_g10": -0.01},
+        ),
+        1: (
+            {"sft": 0.30, "dpo_mean": 0.20, "dpo_mean_lr1e-05": 0.10, "ddpo_mean_g5": 0.17, "ddpo_mean_g10": 0.20},
+            {"sft": 0.0, "dpo_mean": -0.02, "dpo_mean_lr1e-05": -0.04, "ddpo_mean_g5": -0.03, "ddpo_mean_g10": -0.02},
+        ),
+    }
     for seed, (values, drift) in per_seed.items():
         write_point(tmp_path, seed, 120, values, drift)
     table = dense_regime.collect(tmp_path, [0, 1, 2], [15, 120])
@@ -69,7 +120,7 @@ def test_gaps_matched_drift_and_holm_by_hand(tmp_path):
     assert low == pytest.approx(-0.03) and high == pytest.approx(-0.03)
     g10 = gaps["ddpo_mean_g10"][dense_regime.PRIMARY]
     assert g10[0] == pytest.approx(-0.005)  # -0.01 and 0.00
-    assert g10[2] - g10[0] == pytest.approx(T95[1] * 0.00707107 / 2 ** 0.5, rel=1e-5)
+    assert g10[2] - g10[0] == pytest.approx(T95[1] * 0.00707107 / 2**0.5, rel=1e-5)
     # matched drift: DPO at drift -0.02 is halfway up its ladder (0.08 for seed 0, 0.15 for seed 1)
     row = dense_regime.matched(table["120"])["ddpo_mean_g5"]
     assert row[dense_regime.PRIMARY][0] == pytest.approx((0.07 - 0.08 + 0.17 - 0.15) / 2)
@@ -91,13 +142,22 @@ def test_weighted_share_is_gammas_share_of_the_token_weight():
 
 
 def test_aggregate_without_runs_uses_the_committed_json(tmp_path, capsys):
-    write_point(tmp_path / "runs", 0, 55, {"sft": 0.2, "dpo_mean": 0.1, "ddpo_mean_g5": 0.1}, {"sft": 0.0, "dpo_mean": -0.01, "ddpo_mean_g5": -0.01})
+    write_point(
+        tmp_path / "runs",
+        0,
+        55,
+        {"sft": 0.2, "dpo_mean": 0.1, "ddpo_mean_g5": 0.1},
+        {"sft": 0.0, "dpo_mean": -0.01, "ddpo_mean_g5": -0.01},
+    )
     results = tmp_path / "results"
     assert dense_regime.main(["aggregate", "--output-dir", str(tmp_path / "runs"), "--results", str(results)]) == 0
     made = (results / "results.md").read_text()
     assert dense_regime.main(["aggregate", "--output-dir", str(tmp_path / "none"), "--results", str(results)]) == 0
     assert (results / "results.md").read_text().split("\n", 3)[3] == made.split("\n", 3)[3]  # all but the command line
-    assert dense_regime.main(["aggregate", "--output-dir", str(tmp_path / "none"), "--results", str(tmp_path / "empty")]) == 2
+    assert (
+        dense_regime.main(["aggregate", "--output-dir", str(tmp_path / "none"), "--results", str(tmp_path / "empty")])
+        == 2
+    )
 
 
 def test_segment_subsets_select_by_the_trainers_segment_count(tmp_path, monkeypatch):
@@ -107,7 +167,10 @@ def test_segment_subsets_select_by_the_trainers_segment_count(tmp_path, monkeypa
     base = "at the top left is a red circle . at the center is a blue star . the background is dark gray ."
     one = base.replace("red", "green")  # one corrected segment
     two = base.replace("red", "green").replace("blue", "pink")  # two, far apart
-    rows = [{"image": f"{i}.png", "question": "q", "chosen": base, "rejected": r} for i, r in enumerate([one, two, one, two, one])]
+    rows = [
+        {"image": f"{i}.png", "question": "q", "chosen": base, "rejected": r}
+        for i, r in enumerate([one, two, one, two, one])
+    ]
     (out / "pairs" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     files = dense_regime.segment_subsets(out)
     picked = {k: [json.loads(line)["image"] for line in f.read_text().splitlines()] for k, f in files.items()}
@@ -130,8 +193,12 @@ def test_a_points_eval_covers_every_finished_run_not_only_this_calls_parts(tmp_p
     for name in ("dpo_mean", "ddpo_sum_g5"):  # finished earlier, by another part
         (out / "runs" / name / "final").mkdir(parents=True)
     calls = []
-    monkeypatch.setattr(dense_regime, "run", lambda settings, stages: calls.append((stages, dict(settings.methods or {}))))
-    monkeypatch.setattr(dense_regime, "train_runs", lambda settings, out: calls.append((["train"], dict(settings.methods))))
+    monkeypatch.setattr(
+        dense_regime, "run", lambda settings, stages: calls.append((stages, dict(settings.methods or {})))
+    )
+    monkeypatch.setattr(
+        dense_regime, "train_runs", lambda settings, out: calls.append((["train"], dict(settings.methods)))
+    )
     dense_regime.run_point(tmp_path, 0, 15, ["primary"], None, 1)
     assert [stages for stages, _ in calls] == [["sft", "gate", "sample", "annotate"], ["train"], ["eval"]]
     assert set(calls[1][1]) == {"dpo_mean", "ddpo_mean_g5"}  # trained: this call's parts

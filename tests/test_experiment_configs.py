@@ -1,5 +1,6 @@
 """The full-scale experiment configs against the paper's and the released commands' hyperparameters, and
 every shipped config resolved into a runnable plan (ddpo/plan.py, the trainer's own step arithmetic)."""
+
 import math
 from pathlib import Path
 
@@ -16,27 +17,74 @@ EXPERIMENT_DIRS = ("rlhfv", "rlaifv", "ablations")  # the paper reproductions; t
 # Sources: docs/PAPER_FACTS.md §3.1 (released RLHF-V command), §3.2 (paper: §4.1 + App. C),
 # §3.3 (RLAIF-V llava15_train.sh and the LoRA variant), §4.2 (Table 3, Figure 2).
 PAPER = dict(
-    arch="muffin", beta=0.5, gamma=5.0, normalize="mean", segments="token_diff", learning_rate=5e-7, warmup_ratio=0.1,
-    lr_scheduler="cosine", weight_decay=0.0, world_size=8, global_batch=32, epochs=7.0, max_steps=-1, num_pairs=1401,
-    total_steps=301, zero_stage=3, bf16="true", gradient_checkpointing=True, image_size=448, lora_r=0,
-    freeze_vision_experts=True, template="vicuna_v0", max_length=2048,
+    arch="muffin",
+    beta=0.5,
+    gamma=5.0,
+    normalize="mean",
+    segments="token_diff",
+    learning_rate=5e-7,
+    warmup_ratio=0.1,
+    lr_scheduler="cosine",
+    weight_decay=0.0,
+    world_size=8,
+    global_batch=32,
+    epochs=7.0,
+    max_steps=-1,
+    num_pairs=1401,
+    total_steps=301,
+    zero_stage=3,
+    bf16="true",
+    gradient_checkpointing=True,
+    image_size=448,
+    lora_r=0,
+    freeze_vision_experts=True,
+    template="vicuna_v0",
+    max_length=2048,
 )
 RELEASED = dict(
-    PAPER, beta=0.1, gamma=1.1, normalize="sum", warmup_ratio=0.03, global_batch=8, epochs=None, max_steps=2160,
-    num_pairs=5733, total_steps=2160,
+    PAPER,
+    beta=0.1,
+    gamma=1.1,
+    normalize="sum",
+    warmup_ratio=0.03,
+    global_batch=8,
+    epochs=None,
+    max_steps=2160,
+    num_pairs=5733,
+    total_steps=2160,
 )
 RLAIFV = dict(
-    arch="llava", beta=0.1, gamma=1.0, normalize="sum", segments="none", learning_rate=5e-7, warmup_ratio=0.05,
-    lr_scheduler="cosine", weight_decay=0.01, world_size=8, global_batch=8, epochs=None, max_steps=2672, num_pairs=83132,
-    total_steps=2672, zero_stage=2, bf16="true", gradient_checkpointing=True, image_size=None, lora_r=0,
-    freeze_vision_experts=False, template="llava_v1", max_length=2048,
+    arch="llava",
+    beta=0.1,
+    gamma=1.0,
+    normalize="sum",
+    segments="none",
+    learning_rate=5e-7,
+    warmup_ratio=0.05,
+    lr_scheduler="cosine",
+    weight_decay=0.01,
+    world_size=8,
+    global_batch=8,
+    epochs=None,
+    max_steps=2672,
+    num_pairs=83132,
+    total_steps=2672,
+    zero_stage=2,
+    bf16="true",
+    gradient_checkpointing=True,
+    image_size=None,
+    lora_r=0,
+    freeze_vision_experts=False,
+    template="llava_v1",
+    max_length=2048,
 )
 EXPECTED = {
     "rlhfv/paper.yaml": PAPER,
     "rlhfv/released.yaml": RELEASED,
     "rlaifv/llava15_7b.yaml": RLAIFV,
-    "rlaifv/llava15_7b_lora.yaml": dict(RLAIFV, learning_rate=1e-5, lora_r=64, lora_alpha=16, lora_dropout=0.05,
-                                        lora_target="all-linear"),
+    "rlaifv/llava15_7b_lora.yaml": dict(
+        RLAIFV, learning_rate=1e-5, lora_r=64, lora_alpha=16, lora_dropout=0.05, lora_target="all-linear"
+    ),
     "ablations/vanilla_dpo.yaml": dict(PAPER, gamma=1.0, segments="none"),
     "ablations/sum_normalization.yaml": dict(PAPER, normalize="sum"),
     "ablations/data_200.yaml": dict(PAPER, num_pairs=200, total_steps=42),
@@ -72,19 +120,37 @@ def test_every_experiment_config_is_in_the_table():
 def test_hyperparameters_match_the_paper_and_released_commands(name):
     cfg, want = load_config(REPO / "configs" / name), EXPECTED[name]
     m, d, l, t = cfg.model, cfg.data, cfg.loss, cfg.train
-    assert (m.arch, l.beta, l.gamma, l.normalize, d.segments) == (want["arch"], want["beta"], want["gamma"], want["normalize"], want["segments"])
+    assert (m.arch, l.beta, l.gamma, l.normalize, d.segments) == (
+        want["arch"],
+        want["beta"],
+        want["gamma"],
+        want["normalize"],
+        want["segments"],
+    )
     assert (t.learning_rate, t.warmup_ratio, t.lr_scheduler, t.weight_decay) == (
-        want["learning_rate"], want["warmup_ratio"], want["lr_scheduler"], want["weight_decay"])
+        want["learning_rate"],
+        want["warmup_ratio"],
+        want["lr_scheduler"],
+        want["weight_decay"],
+    )
     assert t.max_steps == want["max_steps"]
     if want["epochs"] is not None:
         assert t.epochs == want["epochs"]
     assert deepspeed_config(cfg, bf16=True)["zero_optimization"]["stage"] == want["zero_stage"]
     assert cfg.deepspeed.bf16 == want["bf16"] and m.gradient_checkpointing == want["gradient_checkpointing"]
     assert (m.image_size, m.freeze_vision_experts, d.template, d.max_length) == (
-        want["image_size"], want["freeze_vision_experts"], want["template"], want["max_length"])
+        want["image_size"],
+        want["freeze_vision_experts"],
+        want["template"],
+        want["max_length"],
+    )
     assert m.lora_r == want["lora_r"]
     if m.lora_r:
-        assert (m.lora_alpha, m.lora_dropout, m.lora_target) == (want["lora_alpha"], want["lora_dropout"], want["lora_target"])
+        assert (m.lora_alpha, m.lora_dropout, m.lora_target) == (
+            want["lora_alpha"],
+            want["lora_dropout"],
+            want["lora_target"],
+        )
     # Real hub ids; Muffin starts from the original RLHF-V SFT checkpoint.
     assert d.path in HUB_IDS
     if m.arch == "muffin":
@@ -99,12 +165,20 @@ def test_run_plan_reaches_the_stated_global_batch_and_steps(name):
     pairs = nominal_num_pairs(cfg)
     assert pairs == want["num_pairs"]
     plan = run_plan(cfg, pairs, world_size=want["world_size"])
-    assert plan.world_size * plan.micro_batch_size * plan.gradient_accumulation_steps == plan.global_batch == want["global_batch"]
+    assert (
+        plan.world_size * plan.micro_batch_size * plan.gradient_accumulation_steps
+        == plan.global_batch
+        == want["global_batch"]
+    )
     assert plan.total_steps == want["total_steps"]
     if want["epochs"] is not None:
         # steps = epochs x data / batch, less the tail of each epoch that fills no whole step
         assert plan.total_steps == math.ceil(want["epochs"] * (pairs // want["global_batch"]))
-        assert want["epochs"] * pairs / want["global_batch"] - want["epochs"] <= plan.total_steps <= want["epochs"] * pairs / want["global_batch"]
+        assert (
+            want["epochs"] * pairs / want["global_batch"] - want["epochs"]
+            <= plan.total_steps
+            <= want["epochs"] * pairs / want["global_batch"]
+        )
     assert plan.warmup_steps == math.ceil(want["warmup_ratio"] * want["total_steps"])
 
 
@@ -117,7 +191,9 @@ def test_every_shipped_config_resolves_into_a_runnable_plan(path):
     pairs = nominal_num_pairs(cfg) or world * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
     plan = run_plan(cfg, pairs, world)
     assert plan.total_steps >= 1 and 0 <= plan.warmup_steps < plan.total_steps
-    assert plan.pairs_seen == plan.total_steps * world * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
+    assert (
+        plan.pairs_seen == plan.total_steps * world * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ABLATED))
@@ -134,16 +210,21 @@ def test_headers_name_the_source_expected_numbers_hardware_and_launch(name):
     assert "Reproduces:" in text and "Hardware:" in text and "Run plan:" in text
     assert any("--module ddpo.train" in line and f"configs/{name}" in line for line in header)
     plan = run_plan(load_config(REPO / "configs" / name), EXPECTED[name]["num_pairs"], EXPECTED[name]["world_size"])
-    assert f"{plan.total_steps} steps" in text or f"max_steps {plan.total_steps}" in text  # the header's plan is the real one
+    assert (
+        f"{plan.total_steps} steps" in text or f"max_steps {plan.total_steps}" in text
+    )  # the header's plan is the real one
     assert f"{plan.warmup_steps} warm-up steps" in text
 
 
-@pytest.mark.parametrize("num_pairs, overrides", [
-    (100, []),
-    (1401, ["--train.epochs", "7", "--train.micro_batch_size", "2", "--train.gradient_accumulation_steps", "2"]),
-    (37, ["--train.epochs", "2.5", "--train.micro_batch_size", "3", "--train.warmup_ratio", "0.3"]),
-    (64, ["--train.max_steps", "11", "--train.gradient_accumulation_steps", "4"]),
-])
+@pytest.mark.parametrize(
+    "num_pairs, overrides",
+    [
+        (100, []),
+        (1401, ["--train.epochs", "7", "--train.micro_batch_size", "2", "--train.gradient_accumulation_steps", "2"]),
+        (37, ["--train.epochs", "2.5", "--train.micro_batch_size", "3", "--train.warmup_ratio", "0.3"]),
+        (64, ["--train.max_steps", "11", "--train.gradient_accumulation_steps", "4"]),
+    ],
+)
 def test_run_plan_is_the_trainers_arithmetic(num_pairs, overrides):
     cfg = load_config(None, ["--data.format", "synthetic", *overrides])
     trainer = Trainer(cfg)
@@ -151,12 +232,28 @@ def test_run_plan_is_the_trainers_arithmetic(num_pairs, overrides):
     trainer._setup_steps()
     plan = run_plan(cfg, num_pairs, world_size=1)
     assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (
-        trainer.steps_per_epoch, trainer.total_steps, trainer.warmup_steps)
+        trainer.steps_per_epoch,
+        trainer.total_steps,
+        trainer.warmup_steps,
+    )
 
 
 def test_run_plan_numbers_and_errors():
-    cfg = load_config(None, ["--data.format", "synthetic", "--train.epochs", "7", "--train.micro_batch_size", "2",
-                             "--train.gradient_accumulation_steps", "2", "--train.warmup_ratio", "0.1"])
+    cfg = load_config(
+        None,
+        [
+            "--data.format",
+            "synthetic",
+            "--train.epochs",
+            "7",
+            "--train.micro_batch_size",
+            "2",
+            "--train.gradient_accumulation_steps",
+            "2",
+            "--train.warmup_ratio",
+            "0.1",
+        ],
+    )
     plan = run_plan(cfg, 1401, world_size=8)
     # 1401 // 32 = 43 steps/epoch (25 pairs of each epoch's tail dropped); 7 x 43 = 301; ceil(30.1) = 31
     assert (plan.global_batch, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (32, 43, 301, 31)

@@ -1,5 +1,6 @@
 """experiments/gpu_check.py end to end at the tiny preset on CPU: every case runs or says why not, and the
 JSON and the Markdown table are written."""
+
 import json
 import os
 import subprocess
@@ -13,9 +14,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_tiny_on_cpu_writes_json_and_table(tmp_path):
-    command = [sys.executable, str(REPO / "experiments" / "gpu_check.py"), "--preset", "tiny", "--pairs", "2",
-               "--prompt-len", "8", "--answer-len", "12", "--warmup", "1", "--steps", "2", "--out", str(tmp_path),
-               "--head-bench", "--head-bench-args=--device cpu --threads 1 --batch 1 --length 64 --vocab 500 --hidden 32 --reps 1"]
+    command = [
+        sys.executable,
+        str(REPO / "experiments" / "gpu_check.py"),
+        "--preset",
+        "tiny",
+        "--pairs",
+        "2",
+        "--prompt-len",
+        "8",
+        "--answer-len",
+        "12",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--head-bench",
+        "--head-bench-args=--device cpu --threads 1 --batch 1 --length 64 --vocab 500 --hidden 32 --reps 1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,6 +1,7 @@
 """The import graph of the repository, read with `ast` (no module is imported): imports point down the
 floors data -> models -> ddpo core -> wings -> the `ddpo` command -> experiments, with no cycle, no
 `sys.path` edit and no use of another module's private (`_name`) names. docs/ARCHITECTURE.md has the map."""
+
 import ast
 from pathlib import Path
 
@@ -11,8 +12,23 @@ FOLDERS = ("data", "models", "ddpo", "experiments")
 PACKAGES = ("ddpo", "experiments")  # the import names: data/ and models/ are ddpo.data and ddpo.models
 
 # The core, named one by one: a new module of ddpo/ must be placed on a floor here on purpose.
-CORE = {"ddpo", "ddpo.checkpoint", "ddpo.cli", "ddpo.config", "ddpo.corruption", "ddpo.distributed", "ddpo.loss", "ddpo.plan",
-        "ddpo.progress", "ddpo.reference", "ddpo.sampler", "ddpo.schedule", "ddpo.token_weights", "ddpo.train", "ddpo.trainer"}
+CORE = {
+    "ddpo",
+    "ddpo.checkpoint",
+    "ddpo.cli",
+    "ddpo.config",
+    "ddpo.corruption",
+    "ddpo.distributed",
+    "ddpo.loss",
+    "ddpo.plan",
+    "ddpo.progress",
+    "ddpo.reference",
+    "ddpo.sampler",
+    "ddpo.schedule",
+    "ddpo.token_weights",
+    "ddpo.train",
+    "ddpo.trainer",
+}
 WINGS = ("ddpo.eval", "ddpo.lab", "ddpo.online", "ddpo.sweep")
 COMMAND = {"ddpo.commands", "ddpo.__main__"}
 FLOORS = ["data", "models", "ddpo core", "ddpo wings", "ddpo command", "experiments"]
@@ -49,7 +65,12 @@ def imports(module: str) -> list[tuple[str, list[str], int]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] in PACKAGES]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] in PACKAGES:
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] in PACKAGES
+        ):
             names = [a.name for a in node.names]
             # `from ddpo import sweep` imports the module ddpo.sweep
             found += [(f"{node.module}.{n}", [], node.lineno) for n in names if f"{node.module}.{n}" in MODULES]
@@ -68,8 +89,12 @@ def test_every_module_has_a_floor_and_imports_resolve():
 
 
 def test_imports_only_point_down():
-    upward = [f"{m} ({floor(m)}) -> {t} ({floor(t)})" for m, targets in GRAPH.items() for t in targets
-              if FLOORS.index(floor(t)) > FLOORS.index(floor(m))]
+    upward = [
+        f"{m} ({floor(m)}) -> {t} ({floor(t)})"
+        for m, targets in GRAPH.items()
+        for t in targets
+        if FLOORS.index(floor(t)) > FLOORS.index(floor(m))
+    ]
     assert not upward, "upward imports:\n" + "\n".join(sorted(upward))
 
 
@@ -115,15 +140,24 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 
 def test_no_private_names_across_modules():
-    private = [f"{m}:{line} takes {n} from {t}" for m in MODULES for t, names, line in imports(m) for n in names
-               if n.startswith("_") and not n.startswith("__")]
+    private = [
+        f"{m}:{line} takes {n} from {t}"
+        for m in MODULES
+        for t, names, line in imports(m)
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert not private, "\n".join(private)
 
 
 @pytest.mark.parametrize("root", ["data", "models", "ddpo", "experiments", "tests"])
 def test_no_sys_path_edits(root):
-    edits = [str(p.relative_to(REPO)) for p in (REPO / root).rglob("*.py")
-             if p != Path(__file__) and any(s in p.read_text(encoding="utf-8") for s in ("sys.path.insert", "sys.path.append"))]
+    edits = [
+        str(p.relative_to(REPO))
+        for p in (REPO / root).rglob("*.py")
+        if p != Path(__file__)
+        and any(s in p.read_text(encoding="utf-8") for s in ("sys.path.insert", "sys.path.append"))
+    ]
     assert not edits, f"sys.path edits in {edits}: import through the installed packages (pip install -e .)"
 
 

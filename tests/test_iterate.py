@@ -1,5 +1,6 @@
 """Online feedback (ddpo.online.feedback), RLAIF-V pair construction (ddpo.online.pairs), and one tiny round of
 experiments/iterate.py end to end."""
+
 import json
 import os
 import random
@@ -12,8 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpo.online.feedback import (DivideAndConquerFeedback, ModelYesNoLabeler, OracleFeedback, Query, SentenceSplitter,
-                           SyntheticClaimSplitter, claim_question)
+from ddpo.online.feedback import (
+    DivideAndConquerFeedback,
+    ModelYesNoLabeler,
+    OracleFeedback,
+    Query,
+    SentenceSplitter,
+    SyntheticClaimSplitter,
+    claim_question,
+)
 from ddpo.online.pairs import Pair, balance_lengths, build_pairs, candidate_pairs, sample_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +60,12 @@ def words(n: int) -> str:
 
 def test_balance_lengths_drops_the_most_shortening_pairs_until_means_match():
     # chosen - rejected word differences: -5, +1, -1, +2 (total -3 < 0)
-    pairs = [Pair(0, words(1), words(6), 0, -1), Pair(1, words(4), words(3), 0, -1),
-             Pair(2, words(2), words(3), 0, -1), Pair(3, words(5), words(3), 0, -1)]
+    pairs = [
+        Pair(0, words(1), words(6), 0, -1),
+        Pair(1, words(4), words(3), 0, -1),
+        Pair(2, words(2), words(3), 0, -1),
+        Pair(3, words(5), words(3), 0, -1),
+    ]
     kept = balance_lengths(pairs)
     assert [p.prompt_index for p in kept] == [1, 2, 3]  # dropping the -5 pair is enough (total +2)
     assert sum(len(p.chosen.split()) for p in kept) >= sum(len(p.rejected.split()) for p in kept)
@@ -102,8 +114,12 @@ def test_oracle_scores_count_wrong_claims_and_unreadable_sentences():
 
 def test_claim_splitters():
     text = "the image shows two objects. a red circle is at the top left. purple banana! nothing else is visible."
-    assert SentenceSplitter().split(text) == ["the image shows two objects.", "a red circle is at the top left.",
-                                              "purple banana!", "nothing else is visible."]
+    assert SentenceSplitter().split(text) == [
+        "the image shows two objects.",
+        "a red circle is at the top left.",
+        "purple banana!",
+        "nothing else is visible.",
+    ]
     assert SyntheticClaimSplitter().split(text) == SentenceSplitter().split(text)  # unreadable sentences included
     assert claim_question("a red circle is at the top left.") == "is it true that a red circle is at the top left?"
 
@@ -127,13 +143,15 @@ def test_divide_and_conquer_scores_minus_rejected_claims():
     answers = [" ".join(true), true[0] + " a blue square is at the center.", "a cat. a dog. " + true[1]]
     assert feedback.score(Query(BLANK, "q"), answers) == [0.0, -1.0, -2.0]
     assert labeler.asked == 7  # one question per claim
-    assert feedback.judge(Query(BLANK, "q"), answers[1:2]) == [[(true[0], True), ("a blue square is at the center.", False)]]
+    assert feedback.judge(Query(BLANK, "q"), answers[1:2]) == [
+        [(true[0], True), ("a blue square is at the center.", False)]
+    ]
 
 
 def test_model_labeler_reads_the_yes_and_no_word_log_probs(word_tokenizer):
     from ddpo.config import ModelConfig
-    from ddpo.online.scoring import answer_token_logps
     from ddpo.models.build import build_model
+    from ddpo.online.scoring import answer_token_logps
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="llava", preset="tiny"), tokenizer=word_tokenizer).eval()
@@ -143,12 +161,16 @@ def test_model_labeler_reads_the_yes_and_no_word_log_probs(word_tokenizer):
     got = labeler.batch_yes_no_logprobs([BLANK, BLANK], questions)
     for word, column in (("yes", 0), ("no", 1)):
         full = answer_token_logps(model, [BLANK, BLANK], questions, [word, word], "vicuna_v0")
-        assert [g[column] for g in got] == pytest.approx([float(t[0]) for t in full], abs=1e-6)  # the word, not the end marker
+        assert [g[column] for g in got] == pytest.approx(
+            [float(t[0]) for t in full], abs=1e-6
+        )  # the word, not the end marker
     assert labeler.yes_no_logprobs(BLANK, questions[0]) == pytest.approx(got[0], abs=1e-6)
     with pytest.raises(ValueError, match="cannot write any of"):
         ModelYesNoLabeler(model, "vicuna_v0", yes_words=("Absolutely",))
     # plugged into the divide-and-conquer source: one score per answer, minus the claims it rejects
-    scores = DivideAndConquerFeedback(SentenceSplitter(), labeler).score(Query(BLANK, "q"), ["a red circle . a dog .", "one ."])
+    scores = DivideAndConquerFeedback(SentenceSplitter(), labeler).score(
+        Query(BLANK, "q"), ["a red circle . a dog .", "one ."]
+    )
     assert len(scores) == 2 and all(-s in (0, 1, 2) for s in scores)
 
 
@@ -156,28 +178,64 @@ def test_model_labeler_reads_the_yes_and_no_word_log_probs(word_tokenizer):
 # one tiny round end to end
 # ------------------------------------------------------------------------------------------------
 def test_one_tiny_round_end_to_end(tmp_path):
-    from ddpo.data.synthetic.language import build_tokenizer
     from ddpo.config import ModelConfig
+    from ddpo.data.synthetic.language import build_tokenizer
     from ddpo.lab.demo import DemoSettings, synthetic_config
     from ddpo.models.build import build_model
 
     out = tmp_path / "iterate"
     torch.manual_seed(0)
-    sft = build_model(ModelConfig(arch="llava", preset="tiny"), tokenizer=build_tokenizer(synthetic_config(DemoSettings.quick()).world))
+    sft = build_model(
+        ModelConfig(arch="llava", preset="tiny"),
+        tokenizer=build_tokenizer(synthetic_config(DemoSettings.quick()).world),
+    )
     sft.save_pretrained(out / "seed0" / "sft")  # round 0 exists: no SFT training here
     (out / "seed0" / "gate.json").write_text(json.dumps({"passed": True}))  # and its gate: the v2 world checks it
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)
+    )
     results = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "experiments/iterate.py", "--quick", "--seeds", "0", "--rounds", "1", "--prompts", "8",
-         "--samples", "4", "--max-steps", "2", "--num-threads", "1", "--output-dir", str(out), "--results", str(results)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        [
+            sys.executable,
+            "experiments/iterate.py",
+            "--quick",
+            "--seeds",
+            "0",
+            "--rounds",
+            "1",
+            "--prompts",
+            "8",
+            "--samples",
+            "4",
+            "--max-steps",
+            "2",
+            "--num-threads",
+            "1",
+            "--output-dir",
+            str(out),
+            "--results",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     round1 = json.loads((out / "seed0" / "iterate" / "round1" / "selected.json").read_text())
     assert round1["pairs"]["pairs"] >= 4 and round1["pairs"]["pairs"] <= 2 * 8
     assert round1["pairs"]["chosen_words"] >= round1["pairs"]["rejected_words"]
-    rows = [json.loads(line) for line in (out / "seed0" / "iterate" / "round1" / "pairs" / "train.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (out / "seed0" / "iterate" / "round1" / "pairs" / "train.jsonl").read_text().splitlines()
+    ]
     assert all(r["chosen_score"] - r["rejected_score"] >= 1 for r in rows)
     # 2 steps, exported every step; the selected one is one of them, evaluated on validation
     exports = sorted(p.name for p in (out / "seed0" / "iterate" / "round1" / "run" / "exports").iterdir())

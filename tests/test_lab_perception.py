@@ -1,11 +1,12 @@
 """The v2 lab's perception pretraining and the demo's pieces around the SFT model: per-cell labels,
 the loss plateau, the drift measure."""
+
 import pytest
 import torch
 
+from ddpo.config import ModelConfig
 from ddpo.data.synthetic.language import build_tokenizer
 from ddpo.data.synthetic.world import Scene, WorldObject, render
-from ddpo.config import ModelConfig
 from ddpo.lab.demo import DemoSettings, cell_targets, drift, loss_plateau, synthetic_config
 from ddpo.lab.sft import PerceptionSettings, pretrain_perception
 from ddpo.models.build import build_model
@@ -29,13 +30,17 @@ def test_pretrain_perception_trains_the_vision_side_only_and_learns():
     world = synthetic_config(settings).world
     cfg = ModelConfig(arch="llava", preset="tiny", image_size=48, patch_size=16, vision_feature_layer=-1)
     model = build_model(cfg, tokenizer=build_tokenizer(world))
-    scenes = [Scene((WorldObject(shape, color, "large", (k % 3, (k // 3) % 3)),)) for k, (shape, color) in
-              enumerate((s, c) for s in world.shapes[:4] for c in world.colors[:2])]
+    scenes = [
+        Scene((WorldObject(shape, color, "large", (k % 3, (k // 3) % 3)),))
+        for k, (shape, color) in enumerate((s, c) for s in world.shapes[:4] for c in world.colors[:2])
+    ]
     images = [render(s, world) for s in scenes]
     targets, classes = cell_targets(scenes, world, model.num_image_tokens)
     llm_before = [p.detach().clone() for p in model.parameter_parts()["llm"]]
     vision_before = [p.detach().clone() for p in model.parameter_parts()["vision_tower"]]
-    losses = pretrain_perception(model, images, targets, classes, PerceptionSettings(steps=60, batch_size=8, learning_rate=3e-3))
+    losses = pretrain_perception(
+        model, images, targets, classes, PerceptionSettings(steps=60, batch_size=8, learning_rate=3e-3)
+    )
     assert len(losses) == 60 and sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert all(torch.equal(a, b) for a, b in zip(llm_before, model.parameter_parts()["llm"]))
     assert any(not torch.equal(a, b) for a, b in zip(vision_before, model.parameter_parts()["vision_tower"]))

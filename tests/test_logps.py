@@ -1,4 +1,5 @@
 """models.logps against the naive `F.linear -> log_softmax -> gather` path, written independently here."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,7 +173,9 @@ def test_chunked_ignored_positions_are_zero_with_zero_gradient():
     h, w = hidden.detach().requires_grad_(), weight.detach().clone().requires_grad_()
     out = chunked_token_logps(h, w, everything_ignored)
     out.sum().backward()
-    assert torch.equal(out, torch.zeros(3, 12, dtype=torch.float64)) and torch.all(h.grad == 0) and torch.all(w.grad == 0)
+    assert (
+        torch.equal(out, torch.zeros(3, 12, dtype=torch.float64)) and torch.all(h.grad == 0) and torch.all(w.grad == 0)
+    )
 
 
 class OpRecorder(TorchDispatchMode):
@@ -218,7 +221,10 @@ def test_chunked_bf16_matmuls_in_bf16_statistics_in_float32(trainable_head, chun
     naive_token_logps(F.linear(h64, w64), labels).backward(grad_out.double())
     pairs = [(hidden, h, h64)] + ([(weight, w, w64)] if trainable_head else [])
     for ours, naive, exact in pairs:
-        error, naive_error = (ours.grad.double() - exact.grad).abs().max(), (naive.grad.double() - exact.grad).abs().max()
+        error, naive_error = (
+            (ours.grad.double() - exact.grad).abs().max(),
+            (naive.grad.double() - exact.grad).abs().max(),
+        )
         assert error <= 2 * naive_error + 1e-3, (float(error), float(naive_error))
 
 
@@ -254,7 +260,9 @@ def test_chunked_trainable_head_backward_recomputes_by_vocabulary_block():
     with OpRecorder() as backward:
         out.sum().backward()
     block = 5 * 17 // n
-    assert forward.count("mm", "addmm", "addmm_") == -(-n // 5) and backward.count("mm", "addmm", "addmm_") == 3 * -(-17 // block)
+    assert forward.count("mm", "addmm", "addmm_") == -(-n // 5) and backward.count("mm", "addmm", "addmm_") == 3 * -(
+        -17 // block
+    )
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

@@ -4,11 +4,11 @@ Notation: L(x) = -log sigma(x) = log(1 + exp(-x)). Useful values:
 L(1) = 0.3132617, L(0.5) = 0.4740770, L(0) = log 2 = 0.6931472, L(-0.5) = 0.9740770,
 L(-1) = 1.3132617, L(-1.5) = 1.7014133, L(-3.5) = 3.5297504, L(-10) = 10.0000454.
 """
+
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ddpo.loss import DDPOLoss, check_settings, dpo_loss, token_weights, weighted_logps
 
@@ -37,8 +37,12 @@ def test_weighted_mean_is_invariant_to_scaling_the_weights():
     g = torch.Generator().manual_seed(0)
     token_logps = -torch.rand(4, 9, generator=g, dtype=torch.float64) * 5
     weights = torch.rand(4, 9, generator=g, dtype=torch.float64) * (torch.rand(4, 9, generator=g) > 0.3)
-    torch.testing.assert_close(weighted_logps(token_logps, 7 * weights, "mean"), weighted_logps(token_logps, weights, "mean"))
-    torch.testing.assert_close(weighted_logps(token_logps, 7 * weights, "sum"), 7 * weighted_logps(token_logps, weights, "sum"))
+    torch.testing.assert_close(
+        weighted_logps(token_logps, 7 * weights, "mean"), weighted_logps(token_logps, weights, "mean")
+    )
+    torch.testing.assert_close(
+        weighted_logps(token_logps, 7 * weights, "sum"), 7 * weighted_logps(token_logps, weights, "sum")
+    )
 
 
 def test_weighted_logps_errors():
@@ -49,7 +53,9 @@ def test_weighted_logps_errors():
         weighted_logps(lp, w, "max")
     bad = lp.clone()
     bad[0, 1], bad[2, 3] = float("nan"), float("-inf")
-    with pytest.raises(ValueError, match=r"NaN/inf token log-probs inside the response \(weight > 0\) in rows \[0, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"NaN/inf token log-probs inside the response \(weight > 0\) in rows \[0, 2\]"
+    ):
         weighted_logps(bad, w, "sum")
     neg = w.clone()
     neg[1, 0] = -1
@@ -122,7 +128,9 @@ def test_settings_are_checked_in_one_place():
 
 
 def test_dpo_loss_errors():
-    with pytest.raises(ValueError, match=r"dpo_loss: loss_type must be one of \('sigmoid', 'ipo', 'hinge'\), got 'kto'"):
+    with pytest.raises(
+        ValueError, match=r"dpo_loss: loss_type must be one of \('sigmoid', 'ipo', 'hinge'\), got 'kto'"
+    ):
         dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="kto")
     with pytest.raises(ValueError, match=r"must all be \[B\]; got \[\(3,\), \(2,\), \(3,\), \(3,\)\]"):
         dpo_loss(PC, PR[:2], RC, RR, beta=0.1)
@@ -257,7 +265,9 @@ def test_gradients_match_naive_formula(loss_type, eps, normalize):
     wc[:, -2:] = 0  # outside the answer
     wr[0, :3] = 0
     beta = 0.7
-    loss, _ = DDPOLoss(beta=beta, gamma=5.0, normalize=normalize, loss_type=loss_type, label_smoothing=eps)(pc, pr, rc, rr, *masks(wc, wr, 5.0))
+    loss, _ = DDPOLoss(beta=beta, gamma=5.0, normalize=normalize, loss_type=loss_type, label_smoothing=eps)(
+        pc, pr, rc, rr, *masks(wc, wr, 5.0)
+    )
     grads = torch.autograd.grad(loss, (pc, pr))
     ref = naive_ddpo(pc, pr, wc, wr, rc, rr, beta, normalize, loss_type, eps)
     ref_grads = torch.autograd.grad(ref, (pc, pr))
@@ -303,7 +313,13 @@ def test_module_errors_and_config():
     with pytest.raises(ValueError, match="gamma must be >= 1"):
         DDPOLoss(gamma=0.5)
     module = DDPOLoss.from_config(LossConfig(beta=0.1, gamma=2.5, normalize="sum", loss_type="ipo", sft_weight=0.2))
-    assert (module.beta, module.gamma, module.normalize, module.loss_type, module.sft_weight) == (0.1, 2.5, "sum", "ipo", 0.2)
+    assert (module.beta, module.gamma, module.normalize, module.loss_type, module.sft_weight) == (
+        0.1,
+        2.5,
+        "sum",
+        "ipo",
+        0.2,
+    )
     assert (module.label_smoothing, module.reference_free) == (0.0, False)
 
     pc, pr, wc, wr, rc, rr = two_pairs()
@@ -331,7 +347,9 @@ def test_released_sft_form_by_hand():
     x 0.5 = 2.75, about 4x the token-mean form's 0.7 here (sum over ~2.5 tokens, gamma 3 on one)."""
     pc, pr, wc, wr, rc, rr = two_pairs()
     plain, _ = DDPOLoss(beta=1.0, gamma=G3, normalize="sum")(pc, pr, rc, rr, *masks(wc, wr))
-    released, _ = DDPOLoss(beta=1.0, gamma=G3, normalize="sum", sft_weight=0.5, sft_form="released")(pc, pr, rc, rr, *masks(wc, wr))
+    released, _ = DDPOLoss(beta=1.0, gamma=G3, normalize="sum", sft_weight=0.5, sft_form="released")(
+        pc, pr, rc, rr, *masks(wc, wr)
+    )
     assert released.item() == pytest.approx(plain.item() + 2.75, abs=1e-12)
     # with normalize 'mean' it is the weighted mean: pair 0 -10 / 5 = -2, pair 1 -0.5 -> 0.5 x 1.25 = 0.625
     plain_mean, _ = DDPOLoss(beta=1.0, gamma=G3)(pc, pr, rc, rr, *masks(wc, wr))

@@ -4,6 +4,7 @@ the data path, and the recipes: their values against the doc's table, and each o
 
 L(x) = -log sigma(x): L(1.5) = 0.2014133, L(1) = 0.3132617, L(0.5) = 0.4740770, L(0) = log 2.
 """
+
 import math
 import re
 from dataclasses import replace
@@ -14,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ddpo.data.collator import PairCollator, PairEncoder
-from ddpo.data.records import PairBatch, PreferenceRecord
 from ddpo.config import ConfigError, load_config
 from ddpo.corruption import corrupt_batch
+from ddpo.data.collator import PairCollator, PairEncoder
+from ddpo.data.records import PairBatch, PreferenceRecord
 from ddpo.loss import DDPOLoss, dpo_loss, weighted_logps
-from ddpo.token_weights import length_weights, severity_weights, token_weights, visual_weights
 from ddpo.models.logps import chunked_token_kl
+from ddpo.token_weights import length_weights, severity_weights, visual_weights
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (REPO / "configs" / "methods").glob("*.yaml"))
@@ -40,8 +41,10 @@ def t(*rows) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 def test_length_weights_by_hand():
     # pair 0: chosen 3 answer tokens, rejected 5 -> shared 3; pair 1: chosen 2, rejected 1 -> shared 1
-    answer = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
-    expected = torch.tensor([[0, 1, 1, 1, 0, 0], [1, .5, 0, 0, 0, 0], [1, 1, 1, .5, .5, 0], [0, 0, 0, 0, 0, 1]])
+    answer = torch.tensor(
+        [[0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool
+    )
+    expected = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 0.5, 0, 0, 0, 0], [1, 1, 1, 0.5, 0.5, 0], [0, 0, 0, 0, 0, 1]])
     assert torch.equal(length_weights(answer, 0.5), expected)
     assert torch.equal(length_weights(answer, 1.0), answer.float())  # alpha 1: plain DPO
 
@@ -59,8 +62,9 @@ def test_visual_weights_by_hand():
     real = torch.tensor([[-1.0, -2.0, float("nan")], [-1.0, -3.0, -2.0]])
     corrupted = torch.tensor([[-3.0, -2.0, 0.0], [-1.0, -1.0, -2.5]])
     s = torch.sigmoid
-    expected = torch.tensor([[s(torch.tensor(2.0)) + 0.5, 1.0, 0.0],
-                             [1.0, 1.5 - s(torch.tensor(-2.0)), 1.5 - s(torch.tensor(0.5))]])
+    expected = torch.tensor(
+        [[s(torch.tensor(2.0)) + 0.5, 1.0, 0.0], [1.0, 1.5 - s(torch.tensor(-2.0)), 1.5 - s(torch.tensor(0.5))]]
+    )
     torch.testing.assert_close(visual_weights(answer, real, corrupted), expected)
     real.requires_grad_(True)
     assert not visual_weights(answer, real, corrupted).requires_grad  # computed without gradient (TPO)
@@ -76,9 +80,20 @@ def random_batch(b=3, T=7, seed=0):
     answer[:, 0] = True
     corrected = (torch.rand(2 * b, T, generator=g) > 0.6) & answer
     severity = torch.where(torch.rand(2 * b, T, generator=g) > 0.7, 2.5 * torch.ones(2 * b, T), torch.zeros(2 * b, T))
-    return dict(pc=lp(), pr=lp(), rc=lp(), rr=lp(), cc=lp(), cr=lp(), rcc=lp(), answer=answer, corrected=corrected,
-                severity=severity, klc=torch.rand(b, T, generator=g, dtype=torch.float64),
-                klr=torch.rand(b, T, generator=g, dtype=torch.float64))
+    return dict(
+        pc=lp(),
+        pr=lp(),
+        rc=lp(),
+        rr=lp(),
+        cc=lp(),
+        cr=lp(),
+        rcc=lp(),
+        answer=answer,
+        corrected=corrected,
+        severity=severity,
+        klc=torch.rand(b, T, generator=g, dtype=torch.float64),
+        klr=torch.rand(b, T, generator=g, dtype=torch.float64),
+    )
 
 
 def naive_total(x, beta, normalize, weights, cond=0.0, anchor=0.0, alpha=0.0) -> torch.Tensor:
@@ -129,15 +144,24 @@ def hand_weights(x, source, gamma=1.0, alpha=1.0):
 
 
 @pytest.mark.parametrize("normalize", ["sum", "mean"])
-@pytest.mark.parametrize("source, gamma, alpha", [("segments", 5.0, 1.0), ("severity", 1.0, 1.0), ("length", 1.0, 0.3),
-                                                  ("visual", 1.0, 1.0)])
+@pytest.mark.parametrize(
+    "source, gamma, alpha", [("segments", 5.0, 1.0), ("severity", 1.0, 1.0), ("length", 1.0, 0.3), ("visual", 1.0, 1.0)]
+)
 def test_each_weight_source_equals_the_naive_loss_value_and_gradient(source, gamma, alpha, normalize):
     x = random_batch()
     for k in ("pc", "pr", "cc"):
         x[k].requires_grad_(True)
     loss_fn = DDPOLoss(beta=0.7, gamma=gamma, normalize=normalize, token_weights=source, ld_alpha=alpha)
-    loss, _ = loss_fn(x["pc"], x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"], severity=x["severity"],
-                      corrupted=(x["cc"], x["cr"]))
+    loss, _ = loss_fn(
+        x["pc"],
+        x["pr"],
+        x["rc"],
+        x["rr"],
+        x["answer"],
+        x["corrected"],
+        severity=x["severity"],
+        corrupted=(x["cc"], x["cr"]),
+    )
     naive = naive_total(x, 0.7, normalize, hand_weights(x, source, gamma, alpha))
     torch.testing.assert_close(loss, naive)
     grads = torch.autograd.grad(loss, [x["pc"], x["pr"]])
@@ -157,13 +181,16 @@ def test_conditional_and_anchor_terms_by_hand():
     rc, rr = t([-1.5, -2.0]), t([-1.0, -2.0])  # ref_c = -3.5, ref_r = -3: D_w = 0.5, D_l = -1 -> h = 1.5
     cc, rcc = t([-1.0, -1.5]), t([-1.0, -1.0])  # D(y_w | I') = -2.5 + 2 = -0.5 -> conditional margin 1
     loss_fn = DDPOLoss(beta=1.0, gamma=1.0, normalize="sum", image_conditional_weight=1.0, anchor_weight=1.0)
-    loss, metrics = loss_fn(pc, pr, rc, rr, answer, torch.zeros_like(answer), corrupted=(cc, cc),
-                            ref_corrupted_chosen_token_logps=rcc)
+    loss, metrics = loss_fn(
+        pc, pr, rc, rr, answer, torch.zeros_like(answer), corrupted=(cc, cc), ref_corrupted_chosen_token_logps=rcc
+    )
     assert loss.item() == pytest.approx(L(1.5) + L(1.0) + L(0.5), abs=1e-12)
     assert metrics["loss/conditional"].item() == pytest.approx(L(1.0), abs=1e-12)
     assert metrics["loss/anchor"].item() == pytest.approx(L(0.5), abs=1e-12)
     weighted = DDPOLoss(beta=1.0, gamma=1.0, normalize="sum", image_conditional_weight=0.2, anchor_weight=3.0)
-    value, _ = weighted(pc, pr, rc, rr, answer, torch.zeros_like(answer), corrupted=(cc, cc), ref_corrupted_chosen_token_logps=rcc)
+    value, _ = weighted(
+        pc, pr, rc, rr, answer, torch.zeros_like(answer), corrupted=(cc, cc), ref_corrupted_chosen_token_logps=rcc
+    )
     assert value.item() == pytest.approx(L(1.5) + 0.2 * L(1.0) + 3.0 * L(0.5), abs=1e-12)
 
 
@@ -172,9 +199,20 @@ def test_conditional_anchor_and_tdpo_value_and_gradient_against_the_naive_formul
     x = random_batch(seed=3)
     for k in ("pc", "pr", "cc", "klc", "klr"):
         x[k].requires_grad_(True)
-    loss_fn = DDPOLoss(beta=0.4, gamma=3.0, normalize=normalize, image_conditional_weight=0.5, anchor_weight=2.0, tdpo_alpha=0.3)
-    loss, metrics = loss_fn(x["pc"], x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"], corrupted=(x["cc"], x["cr"]),
-                            ref_corrupted_chosen_token_logps=x["rcc"], kl=(x["klc"], x["klr"]))
+    loss_fn = DDPOLoss(
+        beta=0.4, gamma=3.0, normalize=normalize, image_conditional_weight=0.5, anchor_weight=2.0, tdpo_alpha=0.3
+    )
+    loss, metrics = loss_fn(
+        x["pc"],
+        x["pr"],
+        x["rc"],
+        x["rr"],
+        x["answer"],
+        x["corrected"],
+        corrupted=(x["cc"], x["cr"]),
+        ref_corrupted_chosen_token_logps=x["rcc"],
+        kl=(x["klc"], x["klr"]),
+    )
     naive = naive_total(x, 0.4, normalize, hand_weights(x, "segments", 3.0), cond=0.5, anchor=2.0, alpha=0.3)
     torch.testing.assert_close(loss, naive)
     inputs = [x["pc"], x["pr"], x["cc"], x["klc"], x["klr"]]
@@ -191,7 +229,9 @@ def test_tdpo_gradient_in_closed_form():
     answer = torch.tensor([[True, True, False], [True, False, False]])
     z = torch.zeros(1, 3, dtype=torch.float64)
     klc, klr = t([0.2, 0.1, 9.0]).requires_grad_(True), t([0.4, 9.0, 9.0]).requires_grad_(True)
-    loss, _ = DDPOLoss(beta=2.0, gamma=1.0, normalize="sum", tdpo_alpha=0.5)(z, z, z, z, answer, torch.zeros_like(answer), kl=(klc, klr))
+    loss, _ = DDPOLoss(beta=2.0, gamma=1.0, normalize="sum", tdpo_alpha=0.5)(
+        z, z, z, z, answer, torch.zeros_like(answer), kl=(klc, klr)
+    )
     h = -0.5 * (0.4 - 0.3)  # h = 0 from the log-probs; the offset uses answer tokens only
     assert loss.item() == pytest.approx(L(2.0 * h), abs=1e-12)
     gc, gr = torch.autograd.grad(loss, [klc, klr], allow_unused=True)
@@ -203,29 +243,56 @@ def test_tdpo_gradient_in_closed_form():
 def test_every_extra_off_or_neutral_reduces_to_dpo():
     x = random_batch(seed=5)
     for normalize in ("sum", "mean"):
-        plain, _ = DDPOLoss(beta=0.3, gamma=1.0, normalize=normalize)(x["pc"], x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"])
+        plain, _ = DDPOLoss(beta=0.3, gamma=1.0, normalize=normalize)(
+            x["pc"], x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"]
+        )
         b = x["pc"].shape[0]
         w = x["answer"].double()
-        dpo, _, _ = dpo_loss(weighted_logps(x["pc"], w[:b], normalize), weighted_logps(x["pr"], w[b:], normalize),
-                             weighted_logps(x["rc"], w[:b], normalize), weighted_logps(x["rr"], w[b:], normalize), 0.3)
+        dpo, _, _ = dpo_loss(
+            weighted_logps(x["pc"], w[:b], normalize),
+            weighted_logps(x["pr"], w[b:], normalize),
+            weighted_logps(x["rc"], w[:b], normalize),
+            weighted_logps(x["rr"], w[b:], normalize),
+            0.3,
+        )
         torch.testing.assert_close(plain, dpo.mean())
         neutral = {  # each source / term at its neutral input gives the same loss
-            "severity": dict(token_weights="severity"), "length": dict(token_weights="length", ld_alpha=1.0),
-            "visual": dict(token_weights="visual"), "tdpo": dict(tdpo_alpha=0.7),
+            "severity": dict(token_weights="severity"),
+            "length": dict(token_weights="length", ld_alpha=1.0),
+            "visual": dict(token_weights="visual"),
+            "tdpo": dict(tdpo_alpha=0.7),
         }
         for name, settings in neutral.items():
             loss, _ = DDPOLoss(beta=0.3, gamma=1.0, normalize=normalize, **settings)(
-                x["pc"], x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"], severity=torch.zeros_like(x["severity"]),
-                corrupted=(x["pc"], x["pr"]), kl=(torch.zeros_like(x["klc"]), torch.zeros_like(x["klr"])))
+                x["pc"],
+                x["pr"],
+                x["rc"],
+                x["rr"],
+                x["answer"],
+                x["corrected"],
+                severity=torch.zeros_like(x["severity"]),
+                corrupted=(x["pc"], x["pr"]),
+                kl=(torch.zeros_like(x["klc"]), torch.zeros_like(x["klr"])),
+            )
             torch.testing.assert_close(loss, plain, msg=name)
     # the conditional term with the corrupted view equal to the real one is log 2 and pushes nothing
     pc = x["pc"].clone().requires_grad_(True)
     loss_fn = DDPOLoss(beta=0.3, gamma=1.0, normalize="sum", image_conditional_weight=1.0)
-    loss, metrics = loss_fn(pc, x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"], corrupted=(pc, x["pr"]),
-                            ref_corrupted_chosen_token_logps=x["rc"])
+    loss, metrics = loss_fn(
+        pc,
+        x["pr"],
+        x["rc"],
+        x["rr"],
+        x["answer"],
+        x["corrected"],
+        corrupted=(pc, x["pr"]),
+        ref_corrupted_chosen_token_logps=x["rc"],
+    )
     assert metrics["loss/conditional"].item() == pytest.approx(LOG2)
     plain_pc = x["pc"].clone().requires_grad_(True)
-    plain, _ = DDPOLoss(beta=0.3, gamma=1.0, normalize="sum")(plain_pc, x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"])
+    plain, _ = DDPOLoss(beta=0.3, gamma=1.0, normalize="sum")(
+        plain_pc, x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"]
+    )
     torch.testing.assert_close(torch.autograd.grad(loss, pc)[0], torch.autograd.grad(plain, plain_pc)[0])
 
 
@@ -244,14 +311,17 @@ def test_missing_inputs_and_bad_settings_are_named():
         DDPOLoss(gamma=1.0, ld_alpha=0.5)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--loss.tdpo_alpha", "0.5"], "loss.tdpo_alpha 0.5 .* set train.reference live"),
-    (["--loss.tdpo_alpha", "0.5", "--train.reference", "live", "--deepspeed.zero_stage", "3"], "ZeRO-3"),
-    (["--loss.corruption", "blur"], "loss.corruption: expected one of"),
-    (["--loss.corruption_strength", "0"], r"loss.corruption_strength must be in \(0, 1\]"),
-    (["--loss.token_weights", "severity"], "set loss.gamma 1"),
-    (["--loss.anchor_weight", "-1"], "loss.anchor_weight must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--loss.tdpo_alpha", "0.5"], "loss.tdpo_alpha 0.5 .* set train.reference live"),
+        (["--loss.tdpo_alpha", "0.5", "--train.reference", "live", "--deepspeed.zero_stage", "3"], "ZeRO-3"),
+        (["--loss.corruption", "blur"], "loss.corruption: expected one of"),
+        (["--loss.corruption_strength", "0"], r"loss.corruption_strength must be in \(0, 1\]"),
+        (["--loss.token_weights", "severity"], "set loss.gamma 1"),
+        (["--loss.anchor_weight", "-1"], "loss.anchor_weight must be >= 0"),
+    ],
+)
 def test_config_refuses_bad_method_settings_at_start_up(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["--data.format", "synthetic", *overrides])
@@ -264,7 +334,10 @@ def test_chunked_token_kl_equals_the_full_softmax_kl_in_value_and_gradient():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
     head = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    ref_hidden, ref_head = torch.randn(3, 6, 5, generator=g, dtype=torch.float64), torch.randn(11, 5, generator=g, dtype=torch.float64)
+    ref_hidden, ref_head = (
+        torch.randn(3, 6, 5, generator=g, dtype=torch.float64),
+        torch.randn(11, 5, generator=g, dtype=torch.float64),
+    )
     labels = torch.randint(11, (3, 6), generator=g)
     labels[0, :3], labels[2, 4:] = -100, -100
     kl = chunked_token_kl(hidden, head, ref_hidden, ref_head, labels, chunk_size=4)
@@ -273,7 +346,9 @@ def test_chunked_token_kl_equals_the_full_softmax_kl_in_value_and_gradient():
     naive = torch.where(labels[:, 1:] != -100, full, torch.zeros_like(full))
     torch.testing.assert_close(kl.double(), naive, atol=1e-6, rtol=1e-6)  # float32 inside
     w = torch.rand(kl.shape, generator=g, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad((kl * w).sum(), [hidden, head]), torch.autograd.grad((naive * w).sum(), [hidden, head])):
+    for a, b in zip(
+        torch.autograd.grad((kl * w).sum(), [hidden, head]), torch.autograd.grad((naive * w).sum(), [hidden, head])
+    ):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
     assert torch.equal(chunked_token_kl(ref_hidden, ref_head, ref_hidden, ref_head, labels), torch.zeros(3, 5))
 
@@ -285,8 +360,14 @@ def image_batch(rows, seed=0):
     g = torch.Generator().manual_seed(seed)
     b = len(rows)
     ids = torch.ones(2 * b, 4, dtype=torch.long)
-    return PairBatch(pixel_values=torch.randn(b, 3, 12, 12, generator=g), input_ids=ids, attention_mask=ids.clone(),
-                     labels=ids.clone(), corrected=torch.zeros(2 * b, 3, dtype=torch.bool), row_indices=list(rows))
+    return PairBatch(
+        pixel_values=torch.randn(b, 3, 12, 12, generator=g),
+        input_ids=ids,
+        attention_mask=ids.clone(),
+        labels=ids.clone(),
+        corrected=torch.zeros(2 * b, 3, dtype=torch.bool),
+        row_indices=list(rows),
+    )
 
 
 def test_noise_is_the_diffusion_step_and_depends_only_on_seed_and_row():
@@ -294,10 +375,13 @@ def test_noise_is_the_diffusion_step_and_depends_only_on_seed_and_row():
     out = corrupt_batch(batch, "noise", 0.36, seed=1, num_image_tokens=9)
     eps = torch.randn(3, 12, 12, generator=torch.Generator().manual_seed(1 * 1_000_003 + 3))
     torch.testing.assert_close(out.pixel_values[1], 0.8 * batch.pixel_values[1] + 0.6 * eps)
-    alone = corrupt_batch(replace(batch, pixel_values=batch.pixel_values[1:], row_indices=[3]), "noise", 0.36, seed=1,
-                          num_image_tokens=9)
+    alone = corrupt_batch(
+        replace(batch, pixel_values=batch.pixel_values[1:], row_indices=[3]), "noise", 0.36, seed=1, num_image_tokens=9
+    )
     assert torch.equal(alone.pixel_values[0], out.pixel_values[1])  # batch make-up does not matter
-    assert not torch.equal(corrupt_batch(batch, "noise", 0.36, seed=2, num_image_tokens=9).pixel_values, out.pixel_values)
+    assert not torch.equal(
+        corrupt_batch(batch, "noise", 0.36, seed=2, num_image_tokens=9).pixel_values, out.pixel_values
+    )
     assert torch.equal(batch.pixel_values, image_batch([7, 3]).pixel_values)  # the input is not modified
 
 
@@ -310,7 +394,9 @@ def test_masks_hide_the_stated_share():
     cells = (patches.pixel_values == 0).all(1).reshape(2, 3, 4, 3, 4).all(4).all(2)
     assert cells.sum((1, 2)).tolist() == [4, 4]
     kept = ~cells.repeat_interleave(4, 1).repeat_interleave(4, 2)
-    assert torch.equal(patches.pixel_values.permute(1, 0, 2, 3)[:, kept], batch.pixel_values.permute(1, 0, 2, 3)[:, kept])
+    assert torch.equal(
+        patches.pixel_values.permute(1, 0, 2, 3)[:, kept], batch.pixel_values.permute(1, 0, 2, 3)[:, kept]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,15 +408,22 @@ def tiny(request):
     from ddpo.models.build import build_model
     from ddpo.models.config import ModelConfig
 
-    tokenizer = build_word_tokenizer(["there is a red circle and a blue square in the picture .", "Describe the image ."])
+    tokenizer = build_word_tokenizer(
+        ["there is a red circle and a blue square in the picture .", "Describe the image ."]
+    )
     torch.manual_seed(0)
     return build_model(ModelConfig(arch="llava", preset="tiny"), tokenizer=tokenizer)
 
 
 def tiny_batch(model, severity=None):
-    record = PreferenceRecord(images=[Image.new("RGB", (20, 20), (200, 30, 30))], prompt="Describe the image .",
-                              chosen="there is a red circle .", rejected="there is a blue square .", row_index=4,
-                              rejected_severity=severity)
+    record = PreferenceRecord(
+        images=[Image.new("RGB", (20, 20), (200, 30, 30))],
+        prompt="Describe the image .",
+        chosen="there is a red circle .",
+        rejected="there is a blue square .",
+        row_index=4,
+        rejected_severity=severity,
+    )
     encoder = PairEncoder(model.tokenizer, "vicuna_v0", model.image_placeholder, 256)
     return PairCollator(model.tokenizer.pad_token_id, image_transform=model.preprocess_images)([encoder.encode(record)])
 
@@ -343,7 +436,9 @@ def test_model_masks_image_token_features(tiny):
         masked = corrupt_batch(batch, "mask_tokens", 1.0, 0, tiny.num_image_tokens)
         shared, rows = tiny(masked, shared_prompt=True), tiny(masked, shared_prompt=False)
         # every image token masked: another image gives the same log-probs
-        other = corrupt_batch(replace(batch, pixel_values=batch.pixel_values * 0 + 5), "mask_tokens", 1.0, 0, tiny.num_image_tokens)
+        other = corrupt_batch(
+            replace(batch, pixel_values=batch.pixel_values * 0 + 5), "mask_tokens", 1.0, 0, tiny.num_image_tokens
+        )
         masked_other = tiny(other)
     assert all(torch.equal(a, b) for a, b in zip(plain, kept))
     for a, b in zip(shared, rows):
@@ -376,7 +471,9 @@ def doc_recipes() -> dict[str, dict[str, str]]:
 
 
 def test_every_recipe_is_in_the_doc_table():
-    assert set(doc_recipes()) == set(RECIPES) == {"ddpo_paper", "ddpo_released", "dpo", "chip", "mdpo", "hsa_dpo", "tpo"}
+    assert (
+        set(doc_recipes()) == set(RECIPES) == {"ddpo_paper", "ddpo_released", "dpo", "chip", "mdpo", "hsa_dpo", "tpo"}
+    )
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -405,16 +502,51 @@ def test_every_recipe_trains_through_ddpo_train(tmp_path):
 
     from test_trainer import THREADS, _env, metrics
 
-    common = ["--train.max_steps", "2", "--train.micro_batch_size", "2", "--data.synthetic_pairs", "8",
-              "--train.num_threads", THREADS, "--logging.progress_bar", "false"]
-    runs = [["train", str(REPO / "configs" / "methods" / f"{name}.yaml"), "--train.output_dir", str(tmp_path / name), *common]
-            for name in RECIPES]
+    common = [
+        "--train.max_steps",
+        "2",
+        "--train.micro_batch_size",
+        "2",
+        "--data.synthetic_pairs",
+        "8",
+        "--train.num_threads",
+        THREADS,
+        "--logging.progress_bar",
+        "false",
+    ]
+    runs = [
+        [
+            "train",
+            str(REPO / "configs" / "methods" / f"{name}.yaml"),
+            "--train.output_dir",
+            str(tmp_path / name),
+            *common,
+        ]
+        for name in RECIPES
+    ]
     # mDPO's conditional term with a live reference: the corrupted view's reference computed on the fly
-    runs.append(["train", str(REPO / "configs" / "methods" / "mdpo.yaml"), "--train.output_dir", str(tmp_path / "mdpo_live"),
-                 "--train.reference", "live", *common])
-    script = "import json, sys; from ddpo.cli import main; sys.exit(max(main(argv) for argv in json.loads(sys.argv[1])))"
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True, env=_env(), cwd=REPO,
-                          timeout=900)
+    runs.append(
+        [
+            "train",
+            str(REPO / "configs" / "methods" / "mdpo.yaml"),
+            "--train.output_dir",
+            str(tmp_path / "mdpo_live"),
+            "--train.reference",
+            "live",
+            *common,
+        ]
+    )
+    script = (
+        "import json, sys; from ddpo.cli import main; sys.exit(max(main(argv) for argv in json.loads(sys.argv[1])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(runs)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     for name in RECIPES:
         out = tmp_path / name

@@ -1,6 +1,7 @@
 """The v2 studies' new pieces: rewards from cached log-probs, the reward/oracle pair agreement, the oracle's
 reading of "at X is nothing.", the v2 checkpoint selection rule, and both experiment scripts end to end on
 tiny models (best-of-N on a two-seed lab, the online loop with the one-round baseline)."""
+
 import importlib.util
 import json
 import os
@@ -62,10 +63,12 @@ def test_oracle_counts_a_nothing_claim_at_an_occupied_cell_as_one_error():
     from ddpo.data.synthetic.world import Scene, WorldObject
 
     scene = Scene((WorldObject("circle", "red", "large", (0, 0)), WorldObject("square", "blue", "large", (1, 1))))
-    answers = ["at the top left is a red circle. at the center is a blue square.",
-               "at the top left is a red circle. at the center is a blue square. at the top center is nothing.",
-               "at the top left is nothing. at the center is a blue square.",
-               "at the top left is a red circle. at the center is a blue square. at the top center is a red circle."]
+    answers = [
+        "at the top left is a red circle. at the center is a blue square.",
+        "at the top left is a red circle. at the center is a blue square. at the top center is nothing.",
+        "at the top left is nothing. at the center is a blue square.",
+        "at the top left is a red circle. at the center is a blue square. at the top center is a red circle.",
+    ]
     for empty_cells in (False, True):
         scores = OracleFeedback(empty_cells).score(Query(Image.new("RGB", (8, 8)), "q", {"scene": scene}), answers)
         assert scores == [0.0, 0.0, -1.0, -1.0]
@@ -76,7 +79,11 @@ def test_v2_selection_takes_the_least_hallucination_within_the_recall_bar():
     sft = {"object_recall": 0.93, "mention_hallucination_rate": 0.13, "response_hallucination_rate": 0.3}
     validation = {
         "a": {"object_recall": 0.92, "mention_hallucination_rate": 0.11, "response_hallucination_rate": 0.20},
-        "b": {"object_recall": 0.90, "mention_hallucination_rate": 0.05, "response_hallucination_rate": 0.10},  # recall 0.03 below SFT
+        "b": {
+            "object_recall": 0.90,
+            "mention_hallucination_rate": 0.05,
+            "response_hallucination_rate": 0.10,
+        },  # recall 0.03 below SFT
         "c": {"object_recall": 0.95, "mention_hallucination_rate": 0.11, "response_hallucination_rate": 0.25},
     }
     assert select(validation, "v2", sft) == "a"  # b is out (recall); a and c tie on hallucination: the earlier
@@ -88,8 +95,8 @@ def test_v2_selection_takes_the_least_hallucination_within_the_recall_bar():
 
 
 def tiny_models(seed_dirs, methods):
-    from ddpo.data.synthetic.language import build_tokenizer
     from ddpo.config import ModelConfig
+    from ddpo.data.synthetic.language import build_tokenizer
     from ddpo.lab.demo import DemoSettings, synthetic_config
     from ddpo.models.build import build_model
 
@@ -97,7 +104,9 @@ def tiny_models(seed_dirs, methods):
     for k, directory in enumerate(seed_dirs):
         for j, target in enumerate(["sft", *[f"runs/{m}/final" for m in methods]]):
             torch.manual_seed(10 * k + j)
-            build_model(ModelConfig(arch="llava", preset="tiny"), tokenizer=tokenizer).save_pretrained(directory / target)
+            build_model(ModelConfig(arch="llava", preset="tiny"), tokenizer=tokenizer).save_pretrained(
+                directory / target
+            )
         (directory / "gate.json").write_text(json.dumps({"passed": True}))
 
 
@@ -111,15 +120,36 @@ def test_best_of_n_v2_end_to_end(tmp_path):
         for name in ("answers.jsonl", "train.jsonl"):
             (directory / "pairs" / name).write_text("")
     results = tmp_path / "results"
-    argv = ["--lab-dir", str(lab), "--seeds", "0", "1", "--split", "val", "--images", "3", "--ns", "1", "2", "4",
-            "--num-threads", "1", "--results", str(results)]
+    argv = [
+        "--lab-dir",
+        str(lab),
+        "--seeds",
+        "0",
+        "1",
+        "--split",
+        "val",
+        "--images",
+        "3",
+        "--ns",
+        "1",
+        "2",
+        "4",
+        "--num-threads",
+        "1",
+        "--results",
+        str(results),
+    ]
     assert module.main(argv) == 0
     out = json.loads((results / "validation.json").read_text())
     seed0 = out["per_seed"]["0"]
     rows = seed0["rows"]
-    assert set(rows) == {"greedy:sft", "greedy:dpo_mean", "greedy:ddpo_mean_g5",
-                         *[f"{k}-of-{n}" for n in (1, 2, 4) for k in ("random", "oracle")],
-                         *[f"best-of-{n}:{r}" for n in (1, 2, 4) for r in module.reward_names()]}
+    assert set(rows) == {
+        "greedy:sft",
+        "greedy:dpo_mean",
+        "greedy:ddpo_mean_g5",
+        *[f"{k}-of-{n}" for n in (1, 2, 4) for k in ("random", "oracle")],
+        *[f"best-of-{n}:{r}" for n in (1, 2, 4) for r in module.reward_names()],
+    }
     # N = 1: nothing to choose, every pick is the first sample; random-of-N pools the first N samples
     assert all(rows[f"best-of-1:{r}"] == rows["random-of-1"] == rows["oracle-of-1"] for r in module.reward_names())
     assert rows["random-of-4"]["num_responses"] == 12.0 and rows["best-of-4:dpo_mean/sum"]["num_responses"] == 3.0
@@ -141,13 +171,45 @@ def test_best_of_n_v2_end_to_end(tmp_path):
 def test_iterate_v2_rounds_and_one_round_baseline_end_to_end(tmp_path):
     out = tmp_path / "iterate"
     tiny_models([out / "seed0", out / "seed1"], [])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)
+    )
     results = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "experiments/iterate.py", "--quick", "--seeds", "0", "1", "--rounds", "2", "--one-round", "--prompts", "6",
-         "--samples", "4", "--max-steps", "2", "--num-threads", "1", "--output-dir", str(out), "--results", str(results)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        [
+            sys.executable,
+            "experiments/iterate.py",
+            "--quick",
+            "--seeds",
+            "0",
+            "1",
+            "--rounds",
+            "2",
+            "--one-round",
+            "--prompts",
+            "6",
+            "--samples",
+            "4",
+            "--max-steps",
+            "2",
+            "--num-threads",
+            "1",
+            "--output-dir",
+            str(out),
+            "--results",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     seed0 = out / "seed0"
     one = json.loads((seed0 / "one_round" / "round1" / "selected.json").read_text())

@@ -1,4 +1,5 @@
 """Implicit-reward scoring (ddpo.online.scoring), best-of-N (ddpo.online.best_of_n) and its experiment script."""
+
 import copy
 import importlib.util
 import json
@@ -8,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpo.data.templates import encode_answer, encode_prompt
-from ddpo.online.best_of_n import best_of_n, pick_best, sample_candidates
 from ddpo.config import ModelConfig
-from ddpo.online.scoring import answer_token_logps, implicit_rewards, main as score_main
+from ddpo.data.templates import encode_answer, encode_prompt
 from ddpo.models.build import build_model
+from ddpo.online.best_of_n import best_of_n, pick_best, sample_candidates
+from ddpo.online.scoring import answer_token_logps, implicit_rewards
+from ddpo.online.scoring import main as score_main
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "vicuna_v0"
@@ -34,10 +36,12 @@ def image(seed: int) -> Image.Image:
 def models():
     from ddpo.data.tokenizer import build_word_tokenizer
 
-    tokenizer = build_word_tokenizer([
-        "there is a red circle at the top left and a blue square in the center .",
-        "Describe the image in detail . one two three four green dog",
-    ])
+    tokenizer = build_word_tokenizer(
+        [
+            "there is a red circle at the top left and a blue square in the center .",
+            "Describe the image in detail . one two three four green dog",
+        ]
+    )
     return tiny(tokenizer, 0), tiny(tokenizer, 1)
 
 
@@ -49,22 +53,34 @@ def naive_answer_logps(model, img: Image.Image, prompt: str, answer: str) -> tor
     with torch.no_grad():
         logits = model.hf_model(input_ids=ids, pixel_values=model.preprocess_images([img])).logits[0].float()
     logps = logits[:-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-    return logps[len(prompt_ids) - 1:]
+    return logps[len(prompt_ids) - 1 :]
 
 
 def test_policy_equal_to_reference_gives_zero_reward(models):
     policy, _ = models
     images = [image(i) for i in range(3)]
     for variant in ("sum", "mean", "segment"):
-        rewards = implicit_rewards(policy, copy.deepcopy(policy), images, [PROMPT] * 3, ANSWERS, beta=0.5,
-                                   template=TEMPLATE, variant=variant, reference_answers=[ANSWERS[0]] * 3)
+        rewards = implicit_rewards(
+            policy,
+            copy.deepcopy(policy),
+            images,
+            [PROMPT] * 3,
+            ANSWERS,
+            beta=0.5,
+            template=TEMPLATE,
+            variant=variant,
+            reference_answers=[ANSWERS[0]] * 3,
+        )
         assert rewards == pytest.approx([0.0, 0.0, 0.0], abs=1e-5)
 
 
 def test_rewards_are_beta_times_log_prob_differences(models):
     policy, reference = models
     images = [image(i) for i in range(3)]
-    naive = [(naive_answer_logps(policy, im, PROMPT, a), naive_answer_logps(reference, im, PROMPT, a)) for im, a in zip(images, ANSWERS)]
+    naive = [
+        (naive_answer_logps(policy, im, PROMPT, a), naive_answer_logps(reference, im, PROMPT, a))
+        for im, a in zip(images, ANSWERS)
+    ]
     # Batched (padding, several rows) equals the one-row full-logit computation.
     for got, (p, _) in zip(answer_token_logps(policy, images, [PROMPT] * 3, ANSWERS, TEMPLATE, batch_size=3), naive):
         torch.testing.assert_close(got, p, atol=1e-5, rtol=1e-5)
@@ -85,8 +101,18 @@ def test_segment_reward_upweights_tokens_that_differ_from_the_reference_answer(m
     delta = naive_answer_logps(policy, img, PROMPT, answer) - naive_answer_logps(reference, img, PROMPT, answer)
     red = answer.split().index("red")  # word-level tokenizer: token i = word i; only "red" is replaced
     gamma, beta = 5.0, 1.0
-    segment = implicit_rewards(policy, reference, [img], [PROMPT], [answer], beta, TEMPLATE, "segment",
-                               reference_answers=[ref_answer], gamma=gamma)[0]
+    segment = implicit_rewards(
+        policy,
+        reference,
+        [img],
+        [PROMPT],
+        [answer],
+        beta,
+        TEMPLATE,
+        "segment",
+        reference_answers=[ref_answer],
+        gamma=gamma,
+    )[0]
     assert segment == pytest.approx(float(delta.sum()) + (gamma - 1) * float(delta[red]), abs=1e-4)
     # Without a reference answer, every weight is 1: the summed reward.
     plain = implicit_rewards(policy, reference, [img], [PROMPT], [answer], beta, TEMPLATE, "segment")[0]
@@ -100,7 +126,13 @@ def test_a_policy_trained_to_prefer_an_answer_ranks_it_first(models):
     policy = copy.deepcopy(reference)
     img = image(3)
     target = ANSWERS[1]
-    sft(policy, [img] * 4, [PROMPT] * 4, [target] * 4, SFTSettings(steps=15, batch_size=4, learning_rate=1e-2, template=TEMPLATE))
+    sft(
+        policy,
+        [img] * 4,
+        [PROMPT] * 4,
+        [target] * 4,
+        SFTSettings(steps=15, batch_size=4, learning_rate=1e-2, template=TEMPLATE),
+    )
     candidates = [[ANSWERS[0], ANSWERS[2], target]]
     best, rewards = best_of_n(policy, reference, [img], [PROMPT], candidates, beta=0.1, template=TEMPLATE)
     assert best == [target]
@@ -130,12 +162,31 @@ def test_score_command_writes_rewards_next_to_the_answers(models, tmp_path):
     reference.save_pretrained(tmp_path / "reference")
     (tmp_path / "images").mkdir()
     image(0).save(tmp_path / "images" / "a.png")
-    rows = [{"image": "a.png", "question": PROMPT, "answer": ANSWERS[0]},
-            {"image": "a.png", "prompt": PROMPT, "answers": ANSWERS[1:], "reference": ANSWERS[0]}]
+    rows = [
+        {"image": "a.png", "question": PROMPT, "answer": ANSWERS[0]},
+        {"image": "a.png", "prompt": PROMPT, "answers": ANSWERS[1:], "reference": ANSWERS[0]},
+    ]
     answers = tmp_path / "answers.jsonl"
     answers.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert score_main(["--policy", str(tmp_path / "policy"), "--reference", str(tmp_path / "reference"), "--answers", str(answers),
-                       "--image-dir", str(tmp_path / "images"), "--beta", "0.5", "--variant", "mean"]) == 0
+    assert (
+        score_main(
+            [
+                "--policy",
+                str(tmp_path / "policy"),
+                "--reference",
+                str(tmp_path / "reference"),
+                "--answers",
+                str(answers),
+                "--image-dir",
+                str(tmp_path / "images"),
+                "--beta",
+                "0.5",
+                "--variant",
+                "mean",
+            ]
+        )
+        == 0
+    )
     scored = [json.loads(line) for line in (tmp_path / "answers.scored.jsonl").read_text().splitlines()]
     expected = implicit_rewards(policy, reference, [image(0)] * 3, [PROMPT] * 3, ANSWERS, 0.5, TEMPLATE, "mean")
     assert scored[0]["reward"] == pytest.approx(expected[0], abs=1e-5)
@@ -145,7 +196,18 @@ def test_score_command_writes_rewards_next_to_the_answers(models, tmp_path):
 
 def test_score_command_names_the_bad_row(tmp_path, capsys):
     (tmp_path / "answers.jsonl").write_text(json.dumps({"image": "a.png", "question": "q"}) + "\n")
-    code = score_main(["--policy", "p", "--reference", "r", "--answers", str(tmp_path / "answers.jsonl"), "--image-dir", str(tmp_path)])
+    code = score_main(
+        [
+            "--policy",
+            "p",
+            "--reference",
+            "r",
+            "--answers",
+            str(tmp_path / "answers.jsonl"),
+            "--image-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "row 0 (line 1)" in err and "'answer'/'answers'" in err
@@ -168,10 +230,32 @@ def test_best_of_n_experiment_end_to_end(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results_dir = tmp_path / "results"
-    assert module.main(["--world", "v1", "--demo-dir", str(demo), "--quick", "--images", "6", "--ns", "1", "2", "4",
-                        "--num-threads", "1", "--results", str(results_dir)]) == 0
+    assert (
+        module.main(
+            [
+                "--world",
+                "v1",
+                "--demo-dir",
+                str(demo),
+                "--quick",
+                "--images",
+                "6",
+                "--ns",
+                "1",
+                "2",
+                "4",
+                "--num-threads",
+                "1",
+                "--results",
+                str(results_dir),
+            ]
+        )
+        == 0
+    )
     results = json.loads((results_dir / "results.json").read_text())
-    assert list(results["methods"]) == ["greedy"] + [f"{k}-of-{n}" for n in (1, 2, 4) for k in ("random", "best", "oracle")]
+    assert list(results["methods"]) == ["greedy"] + [
+        f"{k}-of-{n}" for n in (1, 2, 4) for k in ("random", "best", "oracle")
+    ]
     for metrics in results["methods"].values():
         assert metrics["num_responses"] == 6.0
     # With N = 1 there is nothing to choose: best, random and oracle pick the same sample.

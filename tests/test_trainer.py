@@ -4,6 +4,7 @@ Runs go through `python -m ddpo train` (one plain process) or the `deepspeed` la
 gloo on CPU), each with a clean environment and its own port, so no distributed state leaks between
 tests.
 """
+
 import json
 import os
 import socket
@@ -23,9 +24,20 @@ THREADS = os.environ.get("DDPO_TEST_THREADS", "1")
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", OMP_NUM_THREADS=THREADS, PYTHONPATH=str(REPO))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS=THREADS,
+        PYTHONPATH=str(REPO),
+    )
     return env
 
 
@@ -36,14 +48,26 @@ def _port() -> int:
 
 
 def run_ddpo(*args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "ddpo", *args], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpo", *args], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600
+    )
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"ddpo {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
 def train(out: Path, *overrides: str, config: str = TINY) -> list[dict]:
-    run_ddpo("train", config, "--train.output_dir", str(out), "--train.num_threads", THREADS, "--logging.progress_bar", "false", *overrides)
+    run_ddpo(
+        "train",
+        config,
+        "--train.output_dir",
+        str(out),
+        "--train.num_threads",
+        THREADS,
+        "--logging.progress_bar",
+        "false",
+        *overrides,
+    )
     return metrics(out)
 
 
@@ -59,7 +83,7 @@ def paired(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
 
 
 LOGP_KEYS = ("logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
-FLOAT32_EPS = 2.0 ** -23
+FLOAT32_EPS = 2.0**-23
 
 
 def logp_noise(record: dict, beta: float = 0.1, ulps: int = 8) -> float:
@@ -71,8 +95,23 @@ def logp_noise(record: dict, beta: float = 0.1, ulps: int = 8) -> float:
     return ulps * FLOAT32_EPS * beta * sum(abs(record[k]) for k in LOGP_KEYS)
 
 
-METRIC_KEYS = {"step", "epoch", "lr", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "grad_norm", "samples_per_s", "tokens_per_s"}
+METRIC_KEYS = {
+    "step",
+    "epoch",
+    "lr",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/ref_chosen",
+    "logps/ref_rejected",
+    "grad_norm",
+    "samples_per_s",
+    "tokens_per_s",
+}
 
 
 def test_tiny_config_trains_logs_and_exports(tmp_path):
@@ -87,15 +126,34 @@ def test_tiny_config_trains_logs_and_exports(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
     # The exported model reloads with from_pretrained and gives the trained model's log-probs.
     check = subprocess.run(
-        [sys.executable, "-c", "import sys; from ddpo.models.build import load_model; m = load_model(sys.argv[1]); print(type(m).__name__, m.image_placeholder.count('<image>'))", str(out / "final")],
-        capture_output=True, text=True, env=_env(), cwd=REPO,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from ddpo.models.build import load_model; m = load_model(sys.argv[1]); print(type(m).__name__, m.image_placeholder.count('<image>'))",
+            str(out / "final"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
     )
     assert check.returncode == 0, check.stderr[-3000:]
 
 
 def test_loss_goes_down_on_a_learnable_set(tmp_path):
-    logged = train(tmp_path / "run", "--train.max_steps", "30", "--train.learning_rate", "3e-3", "--train.warmup_ratio", "0",
-                   "--data.synthetic_pairs", "32", "--train.logging_steps", "1")
+    logged = train(
+        tmp_path / "run",
+        "--train.max_steps",
+        "30",
+        "--train.learning_rate",
+        "3e-3",
+        "--train.warmup_ratio",
+        "0",
+        "--data.synthetic_pairs",
+        "32",
+        "--train.logging_steps",
+        "1",
+    )
     first, last = sum(m["loss"] for m in logged[:3]) / 3, sum(m["loss"] for m in logged[-3:]) / 3
     assert last < 0.5 * first, (first, last)
     assert logged[-1]["rewards/accuracies"] == 1.0
@@ -103,7 +161,16 @@ def test_loss_goes_down_on_a_learnable_set(tmp_path):
 
 def test_batch_times_accumulation_invariance(tmp_path):
     """8 pairs x 1 micro-batch and 2 pairs x 4 micro-batches give the same optimizer step."""
-    common = ("--train.max_steps", "2", "--train.warmup_ratio", "0", "--train.learning_rate", "1e-3", "--data.synthetic_pairs", "32")
+    common = (
+        "--train.max_steps",
+        "2",
+        "--train.warmup_ratio",
+        "0",
+        "--train.learning_rate",
+        "1e-3",
+        "--data.synthetic_pairs",
+        "32",
+    )
     a = train(tmp_path / "a", *common, "--train.micro_batch_size", "8", "--train.gradient_accumulation_steps", "1")
     b = train(tmp_path / "b", *common, "--train.micro_batch_size", "2", "--train.gradient_accumulation_steps", "4")
     for ma, mb in paired(a, b):
@@ -121,8 +188,23 @@ def test_resume_is_exact(tmp_path):
     # An interrupted run: same schedule (max_steps 6), then resumed from its step-3 checkpoint as if it had
     # died right after writing it.
     out = tmp_path / "split"
-    run_ddpo("train", TINY, "--train.output_dir", str(out), "--train.num_threads", THREADS, "--logging.progress_bar", "false",
-             *common, "--train.max_steps", "6", "--train.save_steps", "3", "--train.save_total_limit", "0")
+    run_ddpo(
+        "train",
+        TINY,
+        "--train.output_dir",
+        str(out),
+        "--train.num_threads",
+        THREADS,
+        "--logging.progress_bar",
+        "false",
+        *common,
+        "--train.max_steps",
+        "6",
+        "--train.save_steps",
+        "3",
+        "--train.save_total_limit",
+        "0",
+    )
     (out / "metrics.jsonl").unlink()
     resumed = train(out, *common, "--train.max_steps", "6", "--train.resume", str(out / "checkpoints" / "step-000003"))
     assert [m["step"] for m in resumed] == [4, 5, 6]
@@ -147,13 +229,28 @@ def test_cached_reference_equals_live_reference(tmp_path):
 def test_changing_gamma_reuses_the_reference_cache(tmp_path):
     """gamma acts in the loss on cached per-token log-probs: a cache made under one gamma serves another."""
     cache = tmp_path / "cache"
-    run_ddpo("precompute-ref", TINY, "--train.output_dir", str(tmp_path / "pre"), "--train.reference_cache", str(cache),
-             "--logging.progress_bar", "false")
+    run_ddpo(
+        "precompute-ref",
+        TINY,
+        "--train.output_dir",
+        str(tmp_path / "pre"),
+        "--train.reference_cache",
+        str(cache),
+        "--logging.progress_bar",
+        "false",
+    )
     written = (cache / "logps.parquet").stat().st_mtime_ns, (cache / "fingerprint.json").read_text()
     runs = {}
     for gamma in ("1.0", "5.0"):
-        runs[gamma] = train(tmp_path / f"gamma{gamma}", "--train.max_steps", "2", "--train.reference_cache", str(cache),
-                            "--loss.gamma", gamma)
+        runs[gamma] = train(
+            tmp_path / f"gamma{gamma}",
+            "--train.max_steps",
+            "2",
+            "--train.reference_cache",
+            str(cache),
+            "--loss.gamma",
+            gamma,
+        )
         assert ((cache / "logps.parquet").stat().st_mtime_ns, (cache / "fingerprint.json").read_text()) == written
     for one, five in paired(runs["1.0"], runs["5.0"]):
         assert one["logps/ref_chosen"] != five["logps/ref_chosen"]  # same cache, weighted by each run's gamma
@@ -169,9 +266,25 @@ def test_cache_with_wrong_fingerprint_is_refused(tmp_path):
 
 
 def _deepspeed(out: Path, nproc: int, *overrides: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(_port()),
-           "--module", "ddpo.train", TINY, "--train.output_dir", str(out), "--train.num_threads", THREADS,
-           "--logging.progress_bar", "false", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(_port()),
+        "--module",
+        "ddpo.train",
+        TINY,
+        "--train.output_dir",
+        str(out),
+        "--train.num_threads",
+        THREADS,
+        "--logging.progress_bar",
+        "false",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return metrics(out)
@@ -187,7 +300,9 @@ def test_two_processes_match_one(tmp_path, stage):
         ds_config = tmp_path / "zero3_all.json"
         ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     single = train(tmp_path / "single", *common, "--train.micro_batch_size", "4")
-    multi = _deepspeed(tmp_path / f"zero{stage}", 2, *common, "--train.micro_batch_size", "2", "--deepspeed.config", str(ds_config))
+    multi = _deepspeed(
+        tmp_path / f"zero{stage}", 2, *common, "--train.micro_batch_size", "2", "--deepspeed.config", str(ds_config)
+    )
     for ms, mm in paired(single, multi):
         assert ms["logps/chosen"] == pytest.approx(mm["logps/chosen"], rel=1e-4)
         for key in ("loss", "rewards/margins"):

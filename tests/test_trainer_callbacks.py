@@ -1,5 +1,6 @@
 """TrainerCallback: on_log sees exactly the records written to metrics.jsonl, on_checkpoint every
 checkpoint as it lands (a complete directory). Run in a fresh subprocess, like every trainer test."""
+
 import json
 import subprocess
 import sys
@@ -34,7 +35,9 @@ trainer.train()
 
 def test_callbacks_see_every_logged_record_and_checkpoint(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), TINY], capture_output=True, text=True, env=_env(), timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(out), TINY], capture_output=True, text=True, env=_env(), timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = json.loads((out / "callbacks.json").read_text())
     written = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,6 +1,7 @@
 """Answers longer than the room max_length leaves: cut the same way in the reference cache and in training."""
+
 import pytest
-from test_trainer import TINY, THREADS, logp_noise, metrics, paired, run_ddpo
+from test_trainer import THREADS, TINY, logp_noise, metrics, paired, run_ddpo
 
 # The tiny config's prompts (system prompt, question, 16 image tokens) take ~65 tokens: at 80 most
 # synthetic answers are cut.
@@ -8,8 +9,19 @@ SHORT = ("--data.max_length", "80", "--train.max_steps", "3", "--train.learning_
 
 
 def _train(out, *overrides, expect_ok=True):
-    return run_ddpo("train", TINY, "--train.output_dir", str(out), "--train.num_threads", THREADS,
-                    "--logging.progress_bar", "false", *SHORT, *overrides, expect_ok=expect_ok)
+    return run_ddpo(
+        "train",
+        TINY,
+        "--train.output_dir",
+        str(out),
+        "--train.num_threads",
+        THREADS,
+        "--logging.progress_bar",
+        "false",
+        *SHORT,
+        *overrides,
+        expect_ok=expect_ok,
+    )
 
 
 def test_cut_answers_train_with_a_cached_reference_as_with_a_live_one(tmp_path):

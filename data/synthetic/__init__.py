@@ -9,6 +9,7 @@ systematic caption noise, an oracle that corrects answers minimally, exact metri
     metrics.py    evaluate (hallucination rates, recall, length, per-type error rates)
     pairs.py      SyntheticConfig, sft_examples, synthetic_records, records_from_answers
 """
+
 from ddpo.data.synthetic.annotator import Annotation, Correction, correct, ground
 from ddpo.data.synthetic.language import PROMPTS, LanguageConfig, build_tokenizer, describe, parse, vocabulary
 from ddpo.data.synthetic.metrics import evaluate
@@ -18,8 +19,33 @@ from ddpo.data.synthetic.priors import PriorConfig, believe, prior_caption
 from ddpo.data.synthetic.world import Scene, WorldConfig, WorldObject, render, sample_scene, sample_scenes
 
 __all__ = [
-    "Annotation", "Correction", "correct", "ground", "PROMPTS", "LanguageConfig", "build_tokenizer", "describe",
-    "parse", "vocabulary", "evaluate", "PAPER_MIX", "NoiseConfig", "calibrate", "expected_errors", "noisy_caption",
-    "SyntheticConfig", "records_from_answers", "sft_examples", "synthetic_records", "Scene", "WorldConfig",
-    "WorldObject", "render", "sample_scene", "sample_scenes", "PriorConfig", "believe", "prior_caption",
+    "Annotation",
+    "Correction",
+    "correct",
+    "ground",
+    "PROMPTS",
+    "LanguageConfig",
+    "build_tokenizer",
+    "describe",
+    "parse",
+    "vocabulary",
+    "evaluate",
+    "PAPER_MIX",
+    "NoiseConfig",
+    "calibrate",
+    "expected_errors",
+    "noisy_caption",
+    "SyntheticConfig",
+    "records_from_answers",
+    "sft_examples",
+    "synthetic_records",
+    "Scene",
+    "WorldConfig",
+    "WorldObject",
+    "render",
+    "sample_scene",
+    "sample_scenes",
+    "PriorConfig",
+    "believe",
+    "prior_caption",
 ]

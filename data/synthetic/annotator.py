@@ -21,26 +21,47 @@ without one (a second "a red circle" in a scene with one circle), is a hallucina
 their shape and may share it. The claims that disagree with the matched object are its errors: the
 minimal set of words to change.
 """
+
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
-from ddpo.data.synthetic.language import (CELLS, NUMBERS, OPPOSITE, POSITIONS, RELATIONS, Claim, Empty, Instance, Mention, Parse, Word, parse,
-                                     plural, relation_holds)
+from ddpo.data.synthetic.language import (
+    CELLS,
+    NUMBERS,
+    OPPOSITE,
+    POSITIONS,
+    RELATIONS,
+    Claim,
+    Empty,
+    Instance,
+    Mention,
+    Parse,
+    Word,
+    parse,
+    plural,
+    relation_holds,
+)
 from ddpo.data.synthetic.world import Scene, WorldObject
 
 # Claim kind -> correction type, in the paper's categories (relations are its "other").
-CORRECTION_TYPE = {"object": "object", "color": "attribute", "size": "attribute", "position": "position",
-                   "count": "count", "relation": "relation"}
+CORRECTION_TYPE = {
+    "object": "object",
+    "color": "attribute",
+    "size": "attribute",
+    "position": "position",
+    "count": "count",
+    "relation": "relation",
+}
 
 
 @dataclass(frozen=True)
 class Verdict:
     claim: Claim
     correct: bool
-    truth: Optional[str] = None  # what to write instead when wrong; None = the claim's unit must be deleted
+    truth: str | None = None  # what to write instead when wrong; None = the claim's unit must be deleted
 
 
 @dataclass
@@ -48,7 +69,7 @@ class Grounding:
     """A parsed text checked against a scene."""
 
     parse: Parse
-    referents: list[Optional[WorldObject]]  # per mention: the object an instance mention describes (else None)
+    referents: list[WorldObject | None]  # per mention: the object an instance mention describes (else None)
     hallucinated: list[bool]  # per mention: names an object that is not there (see the module doc)
     retarget: dict[int, WorldObject]  # hallucinated instance mentions fixable by renaming: the object they become
     verdicts: list[Verdict]
@@ -67,14 +88,16 @@ def _agreement(m: Mention, o: WorldObject) -> tuple[int, bool, bool]:
     shape does, whether its position does)."""
     shape = m.shape_name == o.shape
     at = m.position_name == POSITIONS[o.cell]
-    agree = shape + (m.color is not None and m.color.text == o.color) + (m.size is not None and m.size.text == o.size) + at
+    agree = (
+        shape + (m.color is not None and m.color.text == o.color) + (m.size is not None and m.size.text == o.size) + at
+    )
     return int(agree), shape, at
 
 
-def _resolve(scene: Scene, mentions: list[Mention], empty_cells: bool = False) -> list[Optional[WorldObject]]:
+def _resolve(scene: Scene, mentions: list[Mention], empty_cells: bool = False) -> list[WorldObject | None]:
     """Per mention, the object it describes (None: a count mention, a definite mention of an absent
     shape, or an indefinite mention left without an object)."""
-    referents: list[Optional[WorldObject]] = [None] * len(mentions)
+    referents: list[WorldObject | None] = [None] * len(mentions)
     order = {o.cell: i for i, o in enumerate(scene.objects)}
 
     def key(k: int, o: WorldObject) -> tuple:
@@ -85,7 +108,9 @@ def _resolve(scene: Scene, mentions: list[Mention], empty_cells: bool = False) -
     #    then same position, then reading order)
     indefinite = [k for k, m in enumerate(mentions) if m.is_instance and m.det.text != "the"]
     used: set[tuple[int, int]] = set()
-    candidates = [(k, o) for k in indefinite for o in scene.objects if not empty_cells or any(_agreement(mentions[k], o)[1:])]
+    candidates = [
+        (k, o) for k in indefinite for o in scene.objects if not empty_cells or any(_agreement(mentions[k], o)[1:])
+    ]
     for _, k, o in sorted((key(k, o), k, o) for k, o in candidates):
         if referents[k] is None and o.cell not in used:
             referents[k] = o
@@ -110,13 +135,15 @@ def ground(scene: Scene, parsed: Parse, empty_cells: bool = False) -> Grounding:
     present = scene.shapes()
     # hallucinated: an instance mention naming a shape its object does not have (or with no object
     # left for it), a count mention of an absent shape
-    hallucinated = [(referents[k] is None or referents[k].shape != m.shape_name) if m.is_instance else m.shape_name not in present
-                    for k, m in enumerate(mentions)]
+    hallucinated = [
+        (referents[k] is None or referents[k].shape != m.shape_name) if m.is_instance else m.shape_name not in present
+        for k, m in enumerate(mentions)
+    ]
     retarget = {k: o for k, o in enumerate(referents) if hallucinated[k] and o is not None}
 
     # count mentions ("two red circles"): a colour / size no object of that shape has is the error,
     # then the number is checked for the corrected kind
-    count_filter: dict[int, tuple[Optional[str], Optional[str]]] = {}
+    count_filter: dict[int, tuple[str | None, str | None]] = {}
     for k, m in enumerate(mentions):
         if m.number is not None and not hallucinated[k]:
             same_shape = [o for o in scene.objects if o.shape == m.shape_name]
@@ -140,7 +167,9 @@ def ground(scene: Scene, parsed: Parse, empty_cells: bool = False) -> Grounding:
             verdicts.append(Verdict(c, there is None, None if there is None else there.shape))
         elif k is None:  # the overview's total
             verdicts.append(Verdict(c, int(c.value) == len(scene.objects), str(len(scene.objects))))
-        elif (hallucinated[k] and c.kind != "relation") or (c.kind == "relation" and None in (referents[k], referents[c.target])):
+        elif (hallucinated[k] and c.kind != "relation") or (
+            c.kind == "relation" and None in (referents[k], referents[c.target])
+        ):
             continue  # part of a hallucinated mention: corrected (renamed or deleted) as one object error
         elif c.kind == "relation" and referents[k] is referents[c.target]:
             continue  # an object related to itself ("a red circle is left of the red circle"): no direction to check
@@ -203,12 +232,12 @@ class Annotation:
 
     status: Literal["hallucinated", "clean", "unparseable", "empty"]
     original: str
-    corrected: Optional[str] = None
+    corrected: str | None = None
     corrections: list[Correction] = field(default_factory=list)
     unparsed: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _rewrite(text: str, kind: str, changes: list[tuple[Word, str]]) -> Optional[Correction]:
+def _rewrite(text: str, kind: str, changes: list[tuple[Word, str]]) -> Correction | None:
     """One correction spanning the changed words, the words between them kept as they are."""
     edits = tuple(sorted((w.start, w.end, new) for w, new in changes if w.text != new))
     if not edits:
@@ -217,7 +246,7 @@ def _rewrite(text: str, kind: str, changes: list[tuple[Word, str]]) -> Optional[
     return Correction(kind, (start, end), _splice(text, start, end, edits), edits)
 
 
-def _count_changes(parsed: Parse, k: Optional[int], sentence: int, truth: int) -> list[tuple[Word, str]]:
+def _count_changes(parsed: Parse, k: int | None, sentence: int, truth: int) -> list[tuple[Word, str]]:
     """The words a count correction rewrites: the number, and the noun and verb when 1 <-> many."""
     s = parsed.sentences[sentence]
     if k is None:  # overview: "the image shows two objects"
@@ -248,7 +277,7 @@ def _deletions(text: str, parsed: Parse, doomed: set[int]) -> list[tuple[int, in
     # consecutive deleted sentences form one block, which takes the space after it (before it, at the end)
     blocks: list[list[int]] = []
     for a, b in sorted(sentences):
-        if blocks and not text[blocks[-1][1]:a].strip():
+        if blocks and not text[blocks[-1][1] : a].strip():
             blocks[-1][1] = b
         else:
             blocks.append([a, b])
@@ -281,7 +310,9 @@ def _empty_cell_fixes(scene: Scene, text: str, g: Grounding, doomed: set[int]) -
     for v in g.errors:
         if v.claim.kind == "empty":
             o = scene.at(CELLS[v.claim.value])
-            new = Instance(None, o.color, o.shape, o.cell, position_first=True).text() if o.cell not in described else ""
+            new = (
+                Instance(None, o.color, o.shape, o.cell, position_first=True).text() if o.cell not in described else ""
+            )
             fixes.append(Correction("object", v.claim.span, new))
     return fixes
 
@@ -303,8 +334,11 @@ def correct(scene: Scene, text: str, empty_cells: bool = False) -> Annotation:
     corrections += [Correction("object", span, "") for span in _deletions(text, parsed, doomed)]
     for v in g.errors:
         c, k = v.claim, v.claim.mention
-        if c.kind == "empty" or (k is not None and (k in doomed or g.hallucinated[k] and k not in g.retarget)) \
-                or (c.target is not None and c.target in doomed):
+        if (
+            c.kind == "empty"
+            or (k is not None and (k in doomed or g.hallucinated[k] and k not in g.retarget))
+            or (c.target is not None and c.target in doomed)
+        ):
             continue  # handled above: a deletion or an empty-cell replacement
         if c.kind == "object":  # rename to the object at the claimed position, with its attributes
             m, o = parsed.mentions[k], g.retarget[k]
@@ -333,7 +367,7 @@ def correct(scene: Scene, text: str, empty_cells: bool = False) -> Annotation:
 
     pieces, cursor = [], 0
     for c in kept:
-        pieces += [text[cursor:c.span[0]], c.replacement]
+        pieces += [text[cursor : c.span[0]], c.replacement]
         cursor = c.span[1]
     corrected = "".join(pieces) + text[cursor:]
     if not corrected.strip():

@@ -18,15 +18,26 @@ and char spans; sentences that fit no rule are reported in `Parse.unparsed`, nev
 Everything is lower case, and punctuation attaches to the previous word exactly as the word-level
 tokenizer's decoder writes it, so `decode(encode(caption)) == caption`.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import numpy as np
 
-from ddpo.data.synthetic.world import ALL_SHAPES, COL_NAMES, COLOR_RGB, GRID, ROW_NAMES, SIZES, Scene, WorldConfig, WorldObject
+from ddpo.data.synthetic.world import (
+    ALL_SHAPES,
+    COL_NAMES,
+    COLOR_RGB,
+    GRID,
+    ROW_NAMES,
+    SIZES,
+    Scene,
+    WorldConfig,
+    WorldObject,
+)
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 POSITIONS: dict[tuple[int, int], str] = {
@@ -34,7 +45,12 @@ POSITIONS: dict[tuple[int, int], str] = {
 }
 CELLS: dict[str, tuple[int, int]] = {name: cell for cell, name in POSITIONS.items()}
 RELATIONS = ("above", "below", "to the left of", "to the right of", "next to")
-OPPOSITE = {"above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of"}
+OPPOSITE = {
+    "above": "below",
+    "below": "above",
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+}
 # Sentences that are true of every image: they give detailed answers their length without adding facts,
 # like the "the image depicts a simple scene" parts of a real MLLM's description.
 FILLERS = (
@@ -48,8 +64,11 @@ FILLERS = (
     "all shapes are seen from the front.",
 )
 PROMPTS: dict[str, tuple[str, ...]] = {
-    "detailed": ("describe the image in detail.", "give a detailed description of the picture.",
-                 "what do you see in this image? describe it in detail."),
+    "detailed": (
+        "describe the image in detail.",
+        "give a detailed description of the picture.",
+        "what do you see in this image? describe it in detail.",
+    ),
     "short": ("what is in the image?", "list the objects in the picture."),
 }
 
@@ -82,7 +101,7 @@ class Ref:
 
     shape: str
     color: str
-    size: Optional[str] = None
+    size: str | None = None
 
     def words(self) -> str:
         return " ".join(w for w in ("the", self.size, self.color, self.shape) if w)
@@ -109,7 +128,7 @@ class Group:
 
 @dataclass
 class Instance:
-    size: Optional[str]  # None: the v2 world has one size and never says it
+    size: str | None  # None: the v2 world has one size and never says it
     color: str
     shape: str
     cell: tuple[int, int]
@@ -181,7 +200,9 @@ class LanguageConfig:
     """How scenes are described."""
 
     style: Literal["short", "detailed"] = "detailed"  # one listing sentence, or a long RLHF-V-like description
-    target_words: int = 60  # detailed style: optional sentences are added while the answer stays within this many words (15-120)
+    target_words: int = (
+        60  # detailed style: optional sentences are added while the answer stays within this many words (15-120)
+    )
 
     def __post_init__(self) -> None:
         if self.style not in ("short", "detailed"):
@@ -190,7 +211,7 @@ class LanguageConfig:
             raise ValueError(f"LanguageConfig.target_words must be in [5, 400], got {self.target_words}")
 
 
-def unique_ref(obj: WorldObject, scene: Scene) -> Optional[Ref]:
+def unique_ref(obj: WorldObject, scene: Scene) -> Ref | None:
     """The shortest definite reference that picks out `obj` alone, or None if none does."""
     if scene.count(obj.shape, obj.color) == 1:
         return Ref(obj.shape, obj.color)
@@ -213,7 +234,7 @@ def plan_description(scene: Scene, rng: np.random.Generator, cfg: LanguageConfig
     kinds = list(dict.fromkeys((o.shape, o.color) for o in scene.objects))  # first-appearance order
     groups = [Group(s, c, scene.count(s, c)) for s, c in kinds]
     relations = []
-    pairs = [(a, b) for i, a in enumerate(scene.objects) for b in scene.objects[i + 1:]]  # each pair once
+    pairs = [(a, b) for i, a in enumerate(scene.objects) for b in scene.objects[i + 1 :]]  # each pair once
     for i in rng.permutation(len(pairs)):
         a, b = pairs[i] if rng.random() < 0.5 else pairs[i][::-1]
         ref_a, ref_b = unique_ref(a, scene), unique_ref(b, scene)
@@ -274,9 +295,9 @@ class Mention:
     det: Word
     shape: Word
     sentence: int
-    size: Optional[Word] = None
-    color: Optional[Word] = None
-    position: Optional[tuple[Word, ...]] = None  # the words after "at the"
+    size: Word | None = None
+    color: Word | None = None
+    position: tuple[Word, ...] | None = None  # the words after "at the"
 
     @property
     def shape_name(self) -> str:
@@ -287,7 +308,7 @@ class Mention:
         return self.shape.text != self.shape_name
 
     @property
-    def number(self) -> Optional[int]:
+    def number(self) -> int | None:
         return NUMBERS.index(self.det.text) if self.det.text in NUMBERS else None
 
     @property
@@ -295,7 +316,7 @@ class Mention:
         return self.det.text in _ARTICLES
 
     @property
-    def position_name(self) -> Optional[str]:
+    def position_name(self) -> str | None:
         return " ".join(w.text for w in self.position) if self.position else None
 
     @property
@@ -325,13 +346,13 @@ class Sentence:
     start: int
     end: int
     mentions: list[int] = field(default_factory=list)
-    verb: Optional[Word] = None  # "is"/"are" of "there is ..." (agrees with the first item)
-    total: Optional[Word] = None  # overview: the number word
-    noun: Optional[Word] = None  # overview: "object"/"objects"
-    position: Optional[tuple[Word, ...]] = None  # empty: the words after "at the" of "at the <position> is nothing."
+    verb: Word | None = None  # "is"/"are" of "there is ..." (agrees with the first item)
+    total: Word | None = None  # overview: the number word
+    noun: Word | None = None  # overview: "object"/"objects"
+    position: tuple[Word, ...] | None = None  # empty: the words after "at the" of "at the <position> is nothing."
 
     @property
-    def position_name(self) -> Optional[str]:
+    def position_name(self) -> str | None:
         return " ".join(w.text for w in self.position) if self.position else None
 
 
@@ -344,8 +365,8 @@ class Claim:
     value: str  # the claimed shape / colour / size / position name / number (digits) / relation
     span: tuple[int, int]  # char span of the words that state it
     sentence: int
-    mention: Optional[int] = None  # the noun phrase it is about (None: the overview's total count)
-    target: Optional[int] = None  # relation: the other noun phrase
+    mention: int | None = None  # the noun phrase it is about (None: the overview's total count)
+    target: int | None = None  # relation: the other noun phrase
 
 
 @dataclass
@@ -370,11 +391,15 @@ class Parse:
                 if w is not None:
                     claims.append(Claim(kind, w.text, (w.start, w.end), m.sentence, k))
             if m.position:
-                claims.append(Claim("position", m.position_name, (m.position[0].start, m.position[-1].end), m.sentence, k))
+                claims.append(
+                    Claim("position", m.position_name, (m.position[0].start, m.position[-1].end), m.sentence, k)
+                )
             if m.number is not None:
                 claims.append(Claim("count", str(m.number), (m.det.start, m.det.end), m.sentence, k))
         for r in self.relations:
-            claims.append(Claim("relation", r.relation, (r.words[0].start, r.words[-1].end), r.sentence, r.subject, r.target))
+            claims.append(
+                Claim("relation", r.relation, (r.words[0].start, r.words[-1].end), r.sentence, r.subject, r.target)
+            )
         return claims
 
 
@@ -387,20 +412,20 @@ class _Cursor:
     def done(self) -> bool:
         return self.i == len(self.words)
 
-    def take(self, *sequence: str) -> Optional[tuple[Word, ...]]:
-        got = self.words[self.i:self.i + len(sequence)]
+    def take(self, *sequence: str) -> tuple[Word, ...] | None:
+        got = self.words[self.i : self.i + len(sequence)]
         if [w.text for w in got] == list(sequence):
             self.i += len(sequence)
             return tuple(got)
         return None
 
-    def take_any(self, options: set[str] | tuple[str, ...]) -> Optional[Word]:
+    def take_any(self, options: set[str] | tuple[str, ...]) -> Word | None:
         if not self.done() and self.words[self.i].text in options:
             self.i += 1
             return self.words[self.i - 1]
         return None
 
-    def mention(self, sentence: int, with_position: bool) -> Optional[Mention]:
+    def mention(self, sentence: int, with_position: bool) -> Mention | None:
         start = self.i
         det = self.take_any((*_ARTICLES, *NUMBERS))
         size = self.take_any(_SIZES)
@@ -412,18 +437,18 @@ class _Cursor:
         position = self.position() if with_position else None
         return Mention(det, shape, sentence, size, color, position)
 
-    def position(self) -> Optional[tuple[Word, ...]]:
+    def position(self) -> tuple[Word, ...] | None:
         start = self.i
         if self.take("at", "the"):
             for n in (2, 1):
-                got = self.words[self.i:self.i + n]
+                got = self.words[self.i : self.i + n]
                 if len(got) == n and " ".join(w.text for w in got) in CELLS:
                     self.i += n
                     return tuple(got)
         self.i = start
         return None
 
-    def relation(self) -> Optional[tuple[Word, ...]]:
+    def relation(self) -> tuple[Word, ...] | None:
         for r in sorted(RELATIONS, key=len, reverse=True):
             got = self.take(*r.split())
             if got:
@@ -447,7 +472,9 @@ def _sentences(text: str) -> list[list[Word]]:
 _FILLER_WORDS = {tuple(m.group() for m in _TOKEN.finditer(f))[:-1] for f in FILLERS}
 
 
-def _parse_sentence(words: list[Word], index: int, n_mentions: int) -> Optional[tuple[Sentence, list[Mention], list[RelationMention]]]:
+def _parse_sentence(
+    words: list[Word], index: int, n_mentions: int
+) -> tuple[Sentence, list[Mention], list[RelationMention]] | None:
     """Try each sentence rule in turn; None if none matches the whole sentence."""
     start, end = words[0].start, words[-1].end
     body = words[:-1] if any(ch in words[-1].text for ch in ".!?") else words
@@ -532,10 +559,13 @@ def vocabulary(cfg: WorldConfig) -> list[str]:
         *(["at the is nothing"] if cfg.adjacent_partners else []),  # v2 only: v1's ids stay as they were
         " ".join(NUMBERS[1:]),
         " ".join(f"{s} {plural(s)}" for s in cfg.shapes),
-        " ".join(cfg.colors), " ".join(cfg.sizes),
-        " ".join(POSITIONS.values()), " ".join(RELATIONS),
+        " ".join(cfg.colors),
+        " ".join(cfg.sizes),
+        " ".join(POSITIONS.values()),
+        " ".join(RELATIONS),
         "the image shows object objects . there is are a an and at ,",
-        *FILLERS, *(p for prompts in PROMPTS.values() for p in prompts),
+        *FILLERS,
+        *(p for prompts in PROMPTS.values() for p in prompts),
     ]
     return list(dict.fromkeys(words_of(texts)))
 

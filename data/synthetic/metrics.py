@@ -5,28 +5,38 @@ mention, next to object recall and answer length, so that saying less cannot pas
 less; the other claim types get their own error rates. Sentences the parser cannot read contribute no
 claims; `unparsed_rate` reports how many responses had any.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from ddpo.data.synthetic.annotator import ground
 from ddpo.data.synthetic.language import n_words, parse
 from ddpo.data.synthetic.world import Scene, partner_cell
 
-CLAIM_GROUPS = {"attribute": ("color", "size"), "position": ("position",), "count": ("count",), "relation": ("relation",),
-                "empty": ("empty",)}
+CLAIM_GROUPS = {
+    "attribute": ("color", "size"),
+    "position": ("position",),
+    "count": ("count",),
+    "relation": ("relation",),
+    "empty": ("empty",),
+}
 
 
 def companion_context(scene: Scene, partners: dict[str, str]) -> set[str]:
     """The partner shapes a co-occurrence prior would invent in `scene`: those of present anchors whose
     partner shape is absent and whose `partner_cell` is empty."""
     present = scene.shapes()
-    return {partners[o.shape] for o in scene.objects
-            if o.shape in partners and partners[o.shape] not in present and scene.at(partner_cell(o.cell)) is None}
+    return {
+        partners[o.shape]
+        for o in scene.objects
+        if o.shape in partners and partners[o.shape] not in present and scene.at(partner_cell(o.cell)) is None
+    }
 
 
-def evaluate(scenes: Sequence[Scene], answers: Sequence[str], partners: Optional[dict[str, str]] = None,
-             empty_cells: bool = False) -> dict[str, float]:
+def evaluate(
+    scenes: Sequence[Scene], answers: Sequence[str], partners: dict[str, str] | None = None, empty_cells: bool = False
+) -> dict[str, float]:
     """Metrics over paired `scenes` and `answers`:
 
     response_hallucination_rate  responses with >= 1 hallucinated object mention / responses with >= 1 object mention
@@ -88,8 +98,14 @@ def evaluate(scenes: Sequence[Scene], answers: Sequence[str], partners: Optional
     return out
 
 
-def gate_figures(single_scenes: Sequence[Scene], single_answers: Sequence[str], scenes: Sequence[Scene],
-                 answers: Sequence[str], partners: dict[str, str], empty_cells: bool = False) -> dict[str, float]:
+def gate_figures(
+    single_scenes: Sequence[Scene],
+    single_answers: Sequence[str],
+    scenes: Sequence[Scene],
+    answers: Sequence[str],
+    partners: dict[str, str],
+    empty_cells: bool = False,
+) -> dict[str, float]:
     """The perception gate's figures, from greedy answers on held-out images:
 
     single_object_accuracy  one-object images whose object is named with its shape (recalled) / images
@@ -103,6 +119,11 @@ def gate_figures(single_scenes: Sequence[Scene], single_answers: Sequence[str], 
     plain = [k for k, s in enumerate(scenes) if not s.shapes() & set(partners)]
     recall = evaluate([scenes[k] for k in plain], [answers[k] for k in plain], empty_cells=empty_cells)["object_recall"]
     companion = evaluate(scenes, answers, partners, empty_cells)["companion_rate"]
-    return {"single_object_accuracy": single, "recall_without_anchor": recall, "companion_rate": companion,
-            "single_object_images": float(len(single_scenes)), "scenes_without_anchor": float(len(plain)),
-            "scenes_with_companion_context": float(sum(bool(companion_context(s, partners)) for s in scenes))}
+    return {
+        "single_object_accuracy": single,
+        "recall_without_anchor": recall,
+        "companion_rate": companion,
+        "single_object_images": float(len(single_scenes)),
+        "scenes_without_anchor": float(len(plain)),
+        "scenes_with_companion_context": float(sum(bool(companion_context(s, partners)) for s in scenes)),
+    }

@@ -25,17 +25,29 @@ the SFT model is then about the share of scenes with an object-error context: wi
 ~0.6 x that (25%). Fewer partner pairs or a higher co-occurrence probability lower it (2 pairs: 14%). `calibrate` instead sets the probabilities for a target number of errors per answer in a
 target type mix (e.g. the paper's, `PAPER_MIX`), for the v1 dense-regime study (experiments/results/dense_regime/v1).
 """
+
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
-from ddpo.data.synthetic.language import (CELLS, OPPOSITE, POSITIONS, Group, Instance, Item, LanguageConfig, ObjectList, Overview,
-                                     Relation, plan_description, realize)
+from ddpo.data.synthetic.language import (
+    CELLS,
+    OPPOSITE,
+    POSITIONS,
+    Group,
+    Instance,
+    Item,
+    LanguageConfig,
+    ObjectList,
+    Overview,
+    Relation,
+    plan_description,
+    realize,
+)
 from ddpo.data.synthetic.world import Scene, WorldConfig, sample_scenes
 
 ERROR_TYPES = ("object", "attribute", "position", "count", "relation")
@@ -52,11 +64,15 @@ class NoiseConfig:
     attribute_prob: float = 0.6  # per object with a confusable colour: the confused colour is said
     color_confusions: dict[str, str] = field(default_factory=lambda: {"pink": "red", "purple": "blue"})  # true -> said
     position_prob: float = 0.6  # per object in a biased cell: the biased cell is said
-    position_bias: dict[str, str] = field(default_factory=lambda: {p: "center" for p in ("top center", "middle left", "middle right", "bottom center")})
+    position_bias: dict[str, str] = field(
+        default_factory=lambda: {p: "center" for p in ("top center", "middle left", "middle right", "bottom center")}
+    )
     count_prob: float = 0.6  # per count >= count_min: said one higher
     count_min: int = 2  # smallest count that gets over-counted
     relation_prob: float = 0.6  # per relation sentence with a confusable relation: the confused one is said
-    relation_confusions: dict[str, str] = field(default_factory=lambda: dict(OPPOSITE))  # left <-> right, above <-> below
+    relation_confusions: dict[str, str] = field(
+        default_factory=lambda: dict(OPPOSITE)
+    )  # left <-> right, above <-> below
 
     def __post_init__(self) -> None:
         for t in ERROR_TYPES:
@@ -69,7 +85,7 @@ class NoiseConfig:
         if bad:
             raise ValueError(f"NoiseConfig.position_bias: unknown positions {bad}; positions are {list(CELLS)}")
 
-    def only(self, error_type: str, prob: float = 1.0) -> "NoiseConfig":
+    def only(self, error_type: str, prob: float = 1.0) -> NoiseConfig:
         """A copy with one error type at `prob` and every other type off."""
         return dataclasses.replace(self, **{f"{t}_prob": (prob if t == error_type else 0.0) for t in ERROR_TYPES})
 
@@ -105,7 +121,9 @@ def _insert(plan: list[Item], after: Instance, new: Instance) -> None:
             return
 
 
-def add_noise(scene: Scene, plan: list[Item], rng: np.random.Generator, world: WorldConfig, cfg: NoiseConfig) -> list[InjectedError]:
+def add_noise(
+    scene: Scene, plan: list[Item], rng: np.random.Generator, world: WorldConfig, cfg: NoiseConfig
+) -> list[InjectedError]:
     """Inject the configured errors into `plan` (in place); returns what was injected.
 
     Every opportunity draws its random numbers whatever the probabilities, so changing one type's
@@ -134,7 +152,9 @@ def add_noise(scene: Scene, plan: list[Item], rng: np.random.Generator, world: W
         else:
             victim = next((i for i in instances if i.shape not in (a, b) and id(i) not in touched), None)
             if victim is not None:
-                errors.append(InjectedError("object", f"called the {victim.shape} at the {POSITIONS[victim.cell]} a {b}"))
+                errors.append(
+                    InjectedError("object", f"called the {victim.shape} at the {POSITIONS[victim.cell]} a {b}")
+                )
                 victim.shape = b
                 touched.add(id(victim))
 
@@ -151,7 +171,9 @@ def add_noise(scene: Scene, plan: list[Item], rng: np.random.Generator, world: W
         biased = cfg.position_bias.get(POSITIONS[inst.cell])
         other = scene.at(CELLS[biased]) if biased else None
         if biased and (other is None or other.shape != inst.shape) and u_position < cfg.position_prob:
-            errors.append(InjectedError("position", f"put the {inst.shape} at the {POSITIONS[inst.cell]} at the {biased}"))
+            errors.append(
+                InjectedError("position", f"put the {inst.shape} at the {POSITIONS[inst.cell]} at the {biased}")
+            )
             inst.cell = CELLS[biased]
             touched.add(id(inst))
 
@@ -173,16 +195,18 @@ def add_noise(scene: Scene, plan: list[Item], rng: np.random.Generator, world: W
     return errors
 
 
-def noisy_caption(scene: Scene, rng: np.random.Generator, world: WorldConfig, language: LanguageConfig,
-                  cfg: NoiseConfig) -> NoisyCaption:
+def noisy_caption(
+    scene: Scene, rng: np.random.Generator, world: WorldConfig, language: LanguageConfig, cfg: NoiseConfig
+) -> NoisyCaption:
     """A description of `scene` with the configured biases (deterministic given the rng state)."""
     plan = plan_description(scene, rng, language)
     errors = add_noise(scene, plan, rng, world, cfg)
     return NoisyCaption(realize(plan), plan, errors)
 
 
-def expected_errors(world: WorldConfig, language: LanguageConfig, cfg: NoiseConfig, n: int = 1000,
-                    seed: int = 0) -> dict[str, float]:
+def expected_errors(
+    world: WorldConfig, language: LanguageConfig, cfg: NoiseConfig, n: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """Measured on `n` scenes: mean injected errors per caption by type, their sum (`total`) and the
     share of captions with at least one object error (`object_captions`)."""
     rng = np.random.default_rng(seed)
@@ -198,8 +222,16 @@ def expected_errors(world: WorldConfig, language: LanguageConfig, cfg: NoiseConf
     return out
 
 
-def calibrate(errors_per_answer: float, mix: dict[str, float], world: WorldConfig, language: LanguageConfig,
-              base: Optional[NoiseConfig] = None, n: int = 1000, seed: int = 0, strict: bool = True) -> NoiseConfig:
+def calibrate(
+    errors_per_answer: float,
+    mix: dict[str, float],
+    world: WorldConfig,
+    language: LanguageConfig,
+    base: NoiseConfig | None = None,
+    n: int = 1000,
+    seed: int = 0,
+    strict: bool = True,
+) -> NoiseConfig:
     """Probabilities for `errors_per_answer` expected errors per caption split by `mix` (shares that
     sum to 1, e.g. PAPER_MIX). Opportunities are measured on `n` scenes; a type whose share needs more
     than one error per opportunity is capped at probability 1. strict: raise (naming the type) if it
@@ -209,18 +241,24 @@ def calibrate(errors_per_answer: float, mix: dict[str, float], world: WorldConfi
     base = base or NoiseConfig()
     if abs(sum(mix.values()) - 1) > 1e-6 or set(mix) - set(ERROR_TYPES):
         raise ValueError(f"calibrate: mix must give shares of {ERROR_TYPES} summing to 1, got {mix}")
-    have = {t: expected_errors(world, language, base.only(t, 1.0), n, seed)[t] for t in ERROR_TYPES}  # opportunities per caption
+    have = {
+        t: expected_errors(world, language, base.only(t, 1.0), n, seed)[t] for t in ERROR_TYPES
+    }  # opportunities per caption
     want = {t: errors_per_answer * mix.get(t, 0.0) for t in ERROR_TYPES}
     if strict:
         for t in ERROR_TYPES:
             if want[t] > 1.1 * have[t]:
-                raise ValueError(f"calibrate: {want[t]:.2f} '{t}' errors per answer wanted but the world offers only "
-                                 f"{have[t]:.2f} opportunities; lower errors_per_answer, the '{t}' share, or enlarge the world "
-                                 f"(more objects, longer answers)")
+                raise ValueError(
+                    f"calibrate: {want[t]:.2f} '{t}' errors per answer wanted but the world offers only "
+                    f"{have[t]:.2f} opportunities; lower errors_per_answer, the '{t}' share, or enlarge the world "
+                    f"(more objects, longer answers)"
+                )
     else:
         if errors_per_answer > 1.1 * sum(have.values()):
-            raise ValueError(f"calibrate: {errors_per_answer:.2f} errors per answer wanted but the world offers only "
-                             f"{sum(have.values()):.2f} opportunities in all; lower errors_per_answer or enlarge the world")
+            raise ValueError(
+                f"calibrate: {errors_per_answer:.2f} errors per answer wanted but the world offers only "
+                f"{sum(have.values()):.2f} opportunities in all; lower errors_per_answer or enlarge the world"
+            )
         capped: set[str] = set()
         while True:  # cap the types that run out and hand their excess to the others, until none runs out
             over = [t for t in ERROR_TYPES if t not in capped and want[t] > have[t]]

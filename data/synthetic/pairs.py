@@ -8,11 +8,12 @@ Preference pairs come from two places:
                           pipeline); clean and unreadable answers make no pair and are counted.
 In both, the trainer sees only the two texts: it re-finds the corrected segments by diffing them.
 """
+
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,7 +34,7 @@ class SyntheticConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
-    priors: Optional[PriorConfig] = None
+    priors: PriorConfig | None = None
 
     @property
     def empty_cells(self) -> bool:
@@ -60,7 +61,7 @@ def _prompt(rng: np.random.Generator, style: str) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def sft_examples(n: int, seed: int, cfg: Optional[SyntheticConfig] = None) -> list[SFTExample]:
+def sft_examples(n: int, seed: int, cfg: SyntheticConfig | None = None) -> list[SFTExample]:
     """`n` (image, prompt, noisy caption) triples for supervised fine-tuning; deterministic per seed."""
     cfg = cfg or SyntheticConfig()
     rng = np.random.default_rng(seed)
@@ -85,7 +86,9 @@ def severity_spans(corrections) -> list[tuple[int, int, float]]:
     return [(c.span[0], c.span[1], SEVERITY.get(c.type, 1.5)) for c in corrections if c.span[0] < c.span[1]]
 
 
-def synthetic_records(n: int, seed: int, cfg: Optional[SyntheticConfig] = None, max_tries: int = 20) -> list[PreferenceRecord]:
+def synthetic_records(
+    n: int, seed: int, cfg: SyntheticConfig | None = None, max_tries: int = 20
+) -> list[PreferenceRecord]:
     """`n` preference pairs: rejected = a noisy description with at least one injected error (noise
     redrawn up to `max_tries` times per scene, then a new scene), chosen = its oracle correction.
     Deterministic per seed. `meta` holds the scene, the injected errors and the corrections."""
@@ -102,17 +105,30 @@ def synthetic_records(n: int, seed: int, cfg: Optional[SyntheticConfig] = None, 
         annotation = correct(scene, noisy.text)
         if annotation.status != "hallucinated":
             continue  # no error drawn for this scene (or none left after correction): next scene
-        records.append(PreferenceRecord(
-            images=[render(scene, cfg.world)], prompt=prompt, chosen=annotation.corrected, rejected=noisy.text,
-            row_index=len(records), source=f"synthetic(seed={seed})", idx=f"synthetic-{seed}-{len(records)}",
-            meta={"scene": scene, "errors": noisy.errors, "corrections": annotation.corrections},
-            rejected_severity=severity_spans(annotation.corrections),
-        ))
+        records.append(
+            PreferenceRecord(
+                images=[render(scene, cfg.world)],
+                prompt=prompt,
+                chosen=annotation.corrected,
+                rejected=noisy.text,
+                row_index=len(records),
+                source=f"synthetic(seed={seed})",
+                idx=f"synthetic-{seed}-{len(records)}",
+                meta={"scene": scene, "errors": noisy.errors, "corrections": annotation.corrections},
+                rejected_severity=severity_spans(annotation.corrections),
+            )
+        )
     return records
 
 
-def records_from_answers(scenes: Sequence[Scene], images: Sequence[Image.Image], prompts: Sequence[str],
-                         answers: Sequence[str], source: str = "sampled", empty_cells: bool = False) -> tuple[list[PreferenceRecord], dict]:
+def records_from_answers(
+    scenes: Sequence[Scene],
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    source: str = "sampled",
+    empty_cells: bool = False,
+) -> tuple[list[PreferenceRecord], dict]:
     """Model answers -> preference pairs through the oracle annotator.
 
     Returns the records (row_index = the answer's index) and stats: counts of answers, pairs, clean,
@@ -120,8 +136,10 @@ def records_from_answers(scenes: Sequence[Scene], images: Sequence[Image.Image],
     rejected and chosen answers.
     """
     if not len(scenes) == len(images) == len(prompts) == len(answers):
-        raise ValueError(f"records_from_answers: got {len(scenes)} scenes, {len(images)} images, {len(prompts)} prompts "
-                         f"and {len(answers)} answers; pass one of each per answer")
+        raise ValueError(
+            f"records_from_answers: got {len(scenes)} scenes, {len(images)} images, {len(prompts)} prompts "
+            f"and {len(answers)} answers; pass one of each per answer"
+        )
     records: list[PreferenceRecord] = []
     status: Counter = Counter()
     for i, (scene, image, prompt, answer) in enumerate(zip(scenes, images, prompts, answers)):
@@ -129,11 +147,19 @@ def records_from_answers(scenes: Sequence[Scene], images: Sequence[Image.Image],
         status[annotation.status] += 1
         if annotation.status != "hallucinated":
             continue
-        records.append(PreferenceRecord(
-            images=[image], prompt=prompt, chosen=annotation.corrected, rejected=answer, row_index=i, source=source,
-            idx=f"{source}-{i}", meta={"scene": scene, "corrections": annotation.corrections},
-            rejected_severity=severity_spans(annotation.corrections),
-        ))
+        records.append(
+            PreferenceRecord(
+                images=[image],
+                prompt=prompt,
+                chosen=annotation.corrected,
+                rejected=answer,
+                row_index=i,
+                source=source,
+                idx=f"{source}-{i}",
+                meta={"scene": scene, "corrections": annotation.corrections},
+                rejected_severity=severity_spans(annotation.corrections),
+            )
+        )
     return records, pair_stats(records, answers=len(answers), status=status)
 
 
@@ -148,7 +174,7 @@ def diff_segments(rejected: str, chosen: str, min_match: int = 3) -> tuple[int, 
     return runs, len(marked)
 
 
-def pair_stats(records: Sequence[PreferenceRecord], answers: Optional[int] = None, status: Optional[Counter] = None) -> dict:
+def pair_stats(records: Sequence[PreferenceRecord], answers: int | None = None, status: Counter | None = None) -> dict:
     """Counts of answers, pairs, clean, unparseable and empty answers, corrections per type (from each
     record's meta) and their mix, mean corrections per pair, mean corrected segments per pair as the
     trainer's diff finds them (RLHF-V: 2.65), the share of rejected words inside them, mean words of the
@@ -158,8 +184,11 @@ def pair_stats(records: Sequence[PreferenceRecord], answers: Optional[int] = Non
     pairs = max(len(records), 1)
     diffs = [diff_segments(r.rejected, r.chosen) for r in records]
     return {
-        "answers": len(records) if answers is None else answers, "pairs": len(records), "clean": status["clean"],
-        "unparseable": status["unparseable"], "empty": status["empty"],
+        "answers": len(records) if answers is None else answers,
+        "pairs": len(records),
+        "clean": status["clean"],
+        "unparseable": status["unparseable"],
+        "empty": status["empty"],
         "corrections": dict(sorted(types.items())),
         "correction_mix": {t: n / max(sum(types.values()), 1) for t, n in sorted(types.items())},
         "corrections_per_pair": sum(types.values()) / pairs,

@@ -23,6 +23,7 @@ Detailed captions (~55 words): an overview (with probability `overview_prob`), t
 believed object and per stated-empty cell in reading order, then true-of-every-image filler sentences
 while the answer stays within `target_words`. Objects have one size, so sizes are never said.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ddpo.data.synthetic.language import (CELLS, FILLERS, POSITIONS, Empty, Filler, Instance, Item, LanguageConfig, Overview,
-                                     n_words, realize)
+from ddpo.data.synthetic.language import (
+    CELLS,
+    FILLERS,
+    POSITIONS,
+    Empty,
+    Filler,
+    Instance,
+    Item,
+    LanguageConfig,
+    Overview,
+    n_words,
+    realize,
+)
 from ddpo.data.synthetic.noise import InjectedError, NoisyCaption
 from ddpo.data.synthetic.world import GRID, Scene, WorldConfig, WorldObject, partner_cell, sample_scenes
 
@@ -62,7 +74,9 @@ class PriorConfig:
                 raise ValueError(f"PriorConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         bad = [p for p in self.position_bias if p not in CELLS or p == "center"]
         if bad:
-            raise ValueError(f"PriorConfig.position_bias: {bad} are not non-centre positions; positions are {list(CELLS)}")
+            raise ValueError(
+                f"PriorConfig.position_bias: {bad} are not non-centre positions; positions are {list(CELLS)}"
+            )
 
 
 @dataclass
@@ -107,7 +121,9 @@ def believe(scene: Scene, rng: np.random.Generator, world: WorldConfig, cfg: Pri
         objects[new.cell] = new
     believed = Scene(tuple(sorted(objects.values(), key=lambda o: o.cell)))
     true_cells = {o.cell for o in scene.objects}
-    empty_in_both = [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in objects and (r, c) not in true_cells]
+    empty_in_both = [
+        (r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in objects and (r, c) not in true_cells
+    ]
     stated = [cell for cell in empty_in_both if rng.random() < cfg.empty_prob or cell in contrast]
     if len(believed.objects) != len(scene.objects):
         errors.append(InjectedError("count", f"{len(believed.objects)} objects for {len(scene.objects)}"))
@@ -130,8 +146,9 @@ def plan_believed(belief: Belief, rng: np.random.Generator, language: LanguageCo
     return plan
 
 
-def prior_caption(scene: Scene, rng: np.random.Generator, world: WorldConfig, language: LanguageConfig,
-                  cfg: PriorConfig) -> NoisyCaption:
+def prior_caption(
+    scene: Scene, rng: np.random.Generator, world: WorldConfig, language: LanguageConfig, cfg: PriorConfig
+) -> NoisyCaption:
     """A v2 caption of `scene`: its believed scene described (deterministic given the rng state). Count
     errors count the overview only when the caption has one."""
     belief = believe(scene, rng, world, cfg)
@@ -140,7 +157,9 @@ def prior_caption(scene: Scene, rng: np.random.Generator, world: WorldConfig, la
     return NoisyCaption(realize(plan), plan, errors)
 
 
-def prior_statistics(world: WorldConfig, language: LanguageConfig, cfg: PriorConfig, n: int = 2000, seed: int = 0) -> dict:
+def prior_statistics(
+    world: WorldConfig, language: LanguageConfig, cfg: PriorConfig, n: int = 2000, seed: int = 0
+) -> dict:
     """Measured on `n` captions: errors per caption by type, their mix, the share of captions with an
     invented object, and mean words per caption."""
     rng = np.random.default_rng(seed)
@@ -152,5 +171,9 @@ def prior_statistics(world: WorldConfig, language: LanguageConfig, cfg: PriorCon
         with_object += any(e.type == "object" for e in caption.errors)
         words += n_words(caption.text)
     total = sum(counts.values())
-    return {"errors_per_caption": {t: counts[t] / n for t in PRIOR_TYPES}, "mix": {t: counts[t] / max(total, 1) for t in PRIOR_TYPES},
-            "object_captions": with_object / n, "words": words / n}
+    return {
+        "errors_per_caption": {t: counts[t] / n for t in PRIOR_TYPES},
+        "mix": {t: counts[t] / max(total, 1) for t in PRIOR_TYPES},
+        "object_captions": with_object / n,
+        "words": words / n,
+    }

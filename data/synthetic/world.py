@@ -5,6 +5,7 @@ is the complete ground truth of its image. Some shapes have a *frequent partner*
 with probability `cooccurrence_prob` when the shape is present: a real co-occurrence statistic that
 the caption noise (noise.py) then over-generalises, the way MLLMs mention a fork next to every plate.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -68,8 +69,12 @@ class WorldConfig:
     shapes: tuple[str, ...] = SHAPES  # object categories (the nouns of the captions)
     colors: tuple[str, ...] = tuple(COLOR_RGB)  # colour attribute values; each must be a key of COLOR_RGB
     sizes: tuple[str, ...] = SIZES  # size attribute values ("small" / "large")
-    repeat_prob: float = 0.25  # chance that a new object repeats an existing object's shape and colour (makes counts > 1)
-    partners: dict[str, str] = field(default_factory=lambda: {"circle": "square", "triangle": "diamond", "cross": "circle", "diamond": "triangle"})  # shape -> its frequent partner
+    repeat_prob: float = (
+        0.25  # chance that a new object repeats an existing object's shape and colour (makes counts > 1)
+    )
+    partners: dict[str, str] = field(
+        default_factory=lambda: {"circle": "square", "triangle": "diamond", "cross": "circle", "diamond": "triangle"}
+    )  # shape -> its frequent partner
     cooccurrence_prob: float = 0.25  # chance that a present shape's partner is added to the scene (if there is room)
     jitter: int = 2  # max pixel offset of an object inside its cell (visual variety; not part of any claim)
     background: tuple[int, int, int] = (40, 40, 40)  # dark gray background colour
@@ -79,13 +84,17 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
-            raise ValueError(f"WorldConfig: need 1 <= min_objects <= max_objects <= 9, got {self.min_objects}, {self.max_objects}")
+            raise ValueError(
+                f"WorldConfig: need 1 <= min_objects <= max_objects <= 9, got {self.min_objects}, {self.max_objects}"
+            )
         unknown = [c for c in self.colors if c not in COLOR_RGB]
         if unknown:
             raise ValueError(f"WorldConfig.colors: no RGB value for {unknown}; known colours are {sorted(COLOR_RGB)}")
         for a, b in self.partners.items():
             if a not in self.shapes or b not in self.shapes or a == b:
-                raise ValueError(f"WorldConfig.partners: '{a}' -> '{b}' must map a shape to a different shape of {self.shapes}")
+                raise ValueError(
+                    f"WorldConfig.partners: '{a}' -> '{b}' must map a shape to a different shape of {self.shapes}"
+                )
         unknown = [s for s in self.shapes if s not in ALL_SHAPES]
         if unknown:
             raise ValueError(f"WorldConfig.shapes: cannot draw {unknown}; drawable shapes are {ALL_SHAPES}")
@@ -124,8 +133,13 @@ def _sample_adjacent(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
         partner, u, partner_color = cfg.partners.get(shape), rng.random(), str(rng.choice(cfg.colors))
         target = partner_cell(cell)
         present = {s for s, _ in placed.values()}
-        if (partner and partner not in present and target in free and len(placed) < cfg.max_objects
-                and u < cfg.cooccurrence_prob):
+        if (
+            partner
+            and partner not in present
+            and target in free
+            and len(placed) < cfg.max_objects
+            and u < cfg.cooccurrence_prob
+        ):
             free.remove(target)
             placed[target] = (partner, partner_color)
     objects = []
@@ -177,8 +191,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
     if shape == "cross":
         t = r / 3
-        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx + t, cy + t),
-                (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+        return [
+            (cx - t, cy - r),
+            (cx + t, cy - r),
+            (cx + t, cy - t),
+            (cx + r, cy - t),
+            (cx + r, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + r),
+            (cx - t, cy + r),
+            (cx - t, cy + t),
+            (cx - r, cy + t),
+            (cx - r, cy - t),
+            (cx - t, cy - t),
+        ]
     if shape == "star":  # five points, inner radius 0.45 r
         radii = [r if k % 2 == 0 else 0.45 * r for k in range(10)]
         return [(cx + radii[k] * np.sin(np.pi * k / 5), cy - radii[k] * np.cos(np.pi * k / 5)) for k in range(10)]

@@ -10,20 +10,34 @@ inside the wheel (offline, ~1 MB). Two deliberate differences, both so that voca
 a word that is itself in the synonym vocabulary is kept as it is ("corgi" would otherwise become
 "corgus" through lemminflect's rules for unknown words), and the vocabulary is lower-cased ("iPhone").
 """
+
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 ASSETS = Path(__file__).parent / "assets"
 SYNONYMS_FILE = ASSETS / "coco_synonyms.txt"
 
 # Bigrams that are not themselves COCO synonyms but decide what a word means (RLHF-V's extra rules).
 _NON_OBJECT_BIGRAMS = ("home plate", "train track")  # consume "plate"/"train": not the object
-_YOUNG_OR_ADULT = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
+_YOUNG_OR_ADULT = (
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "animal",
+    "cub",
+)
 _PASSENGER = ("jet", "train")
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # hyphenated compounds stay one token, like NLTK
@@ -41,7 +55,7 @@ class CocoVocabulary:
     bigrams: dict[str, str]
 
     @classmethod
-    def from_file(cls, path: Optional[str | Path] = None) -> "CocoVocabulary":
+    def from_file(cls, path: str | Path | None = None) -> CocoVocabulary:
         path = Path(path) if path else SYNONYMS_FILE
         synonym_to_class: dict[str, str] = {}
         for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -50,8 +64,10 @@ class CocoVocabulary:
                 continue
             for name in names:
                 if synonym_to_class.setdefault(name, names[0]) != names[0]:
-                    raise ValueError(f"{path}:{line_no}: synonym '{name}' already belongs to class "
-                                     f"'{synonym_to_class[name]}'; each synonym may name one class only")
+                    raise ValueError(
+                        f"{path}:{line_no}: synonym '{name}' already belongs to class "
+                        f"'{synonym_to_class[name]}'; each synonym may name one class only"
+                    )
         bigrams = {w: w for w in synonym_to_class if len(w.split()) >= 2}
         bigrams.update({w: w for w in _NON_OBJECT_BIGRAMS})
         for animal in _YOUNG_OR_ADULT:
@@ -98,7 +114,7 @@ def merge_bigrams(words: Sequence[str], vocab: CocoVocabulary, keep_unmatched: b
     out: list[str] = []
     i = 0
     while i < len(words):
-        pair = " ".join(words[i:i + 2])
+        pair = " ".join(words[i : i + 2])
         if pair in vocab.bigrams:
             out.append(vocab.bigrams[pair])
             i += 2
@@ -116,7 +132,7 @@ def words_to_mentions(words: Sequence[str], vocab: CocoVocabulary) -> list[tuple
     return [(w, vocab.synonym_to_class[w]) for w in words if w in vocab.synonym_to_class]
 
 
-def text_to_mentions(text: str, vocab: Optional[CocoVocabulary] = None) -> list[tuple[str, str]]:
+def text_to_mentions(text: str, vocab: CocoVocabulary | None = None) -> list[tuple[str, str]]:
     """COCO object mentions in free text, one per occurrence: [(word, class), ...].
 
     >>> text_to_mentions("Two dogs chase a frisbee near a hot dog stand.")
@@ -126,7 +142,7 @@ def text_to_mentions(text: str, vocab: Optional[CocoVocabulary] = None) -> list[
     return words_to_mentions(merge_bigrams(lemmatize(tokenize(text), vocab), vocab), vocab)
 
 
-def names_to_mentions(names: Sequence[str], vocab: Optional[CocoVocabulary] = None) -> list[tuple[str, str]]:
+def names_to_mentions(names: Sequence[str], vocab: CocoVocabulary | None = None) -> list[tuple[str, str]]:
     """COCO mentions from object names extracted by an LLM (one name per object, e.g. "red car").
 
     RLHF-V parses "a {name}" with spaCy: a known bigram wins, else runs of nouns. Without a POS tagger we
@@ -153,7 +169,7 @@ class ChairSample:
     """One scored answer: its COCO mentions and which of them are not in the image's ground truth."""
 
     mentions: list[tuple[str, str]]  # (word, class), one per counted mention
-    ground_truth: set[str]            # classes present in the image
+    ground_truth: set[str]  # classes present in the image
     num_words: int
 
     @property
@@ -165,11 +181,11 @@ class ChairSample:
         return {c for _, c in self.mentions if c in self.ground_truth}
 
 
-def _ratio(num: float, den: float) -> Optional[float]:
+def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
-def chair_metrics(samples: Sequence[ChairSample]) -> dict[str, Optional[float]]:
+def chair_metrics(samples: Sequence[ChairSample]) -> dict[str, float | None]:
     """Object HalBench metrics over answers; rates are fractions in [0, 1] (the paper prints ×100).
 
     - response_hallucination_rate: answers with >= 1 hallucinated mention / answers with >= 1 COCO mention
@@ -185,7 +201,9 @@ def chair_metrics(samples: Sequence[ChairSample]) -> dict[str, Optional[float]]:
     answers_with_objects = sum(1 for s in samples if s.mentions)
     return {
         "response_hallucination_rate": _ratio(hallucinated_answers, answers_with_objects),
-        "mention_hallucination_rate": _ratio(sum(len(s.hallucinated) for s in samples), sum(len(s.mentions) for s in samples)),
+        "mention_hallucination_rate": _ratio(
+            sum(len(s.hallucinated) for s in samples), sum(len(s.mentions) for s in samples)
+        ),
         "chair_s": _ratio(hallucinated_answers, n),
         "recall": _ratio(sum(len(s.correct_classes) for s in samples), sum(len(s.ground_truth) for s in samples)),
         "mean_response_words": _ratio(sum(s.num_words for s in samples), n),

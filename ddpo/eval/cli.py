@@ -20,14 +20,16 @@ cached in OUT.judge_cache.jsonl (or --judge-cache): a re-run only asks for what 
 A benchmark is an entry of BENCHMARKS: name -> Benchmark(questions, read_answers, score), three plain
 functions of the parsed arguments.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,8 +46,8 @@ Rows = list[dict[str, Any]]
 
 
 class Benchmark(NamedTuple):
-    questions: Callable[[argparse.Namespace], Rows]      # rows with "image" (path) and "question" (prompt)
-    read_answers: Callable[[argparse.Namespace], Rows]   # rows of an answers file, ready for `score`
+    questions: Callable[[argparse.Namespace], Rows]  # rows with "image" (path) and "question" (prompt)
+    read_answers: Callable[[argparse.Namespace], Rows]  # rows of an answers file, ready for `score`
     score: Callable[[argparse.Namespace, Rows], tuple[dict[str, Any], Rows]]
 
 
@@ -59,11 +61,19 @@ def _image_path(args: argparse.Namespace, name: str) -> str:
     return str(Path(args.image_dir) / name) if args.image_dir else name
 
 
-def _judge_client(args: argparse.Namespace, default_model: str, temperature: float, max_tokens: Optional[int]) -> JudgeClient:
-    return JudgeClient(model=args.judge_model or default_model, base_url=args.judge_base_url,
-                       api_key_env=args.judge_api_key_env, temperature=temperature, max_tokens=max_tokens,
-                       timeout_s=args.judge_timeout, max_retries=args.judge_retries,
-                       requests_per_minute=args.judge_rpm)
+def _judge_client(
+    args: argparse.Namespace, default_model: str, temperature: float, max_tokens: int | None
+) -> JudgeClient:
+    return JudgeClient(
+        model=args.judge_model or default_model,
+        base_url=args.judge_base_url,
+        api_key_env=args.judge_api_key_env,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        timeout_s=args.judge_timeout,
+        max_retries=args.judge_retries,
+        requests_per_minute=args.judge_rpm,
+    )
 
 
 def _judge_cache(args: argparse.Namespace) -> JudgeCache:
@@ -79,8 +89,13 @@ def _objhal_questions(args: argparse.Namespace) -> Rows:
     for i, r in enumerate(yesno.read_records(args.questions)):
         if "image_id" not in r or "image" not in r:
             raise ValueError(f"{args.questions}: record {i} needs 'image_id' and 'image' (a file in --image-dir)")
-        rows.append({"image_id": r["image_id"], "image": _image_path(args, r["image"]),
-                     "question": r.get("question") or prompts[i % len(prompts)]})
+        rows.append(
+            {
+                "image_id": r["image_id"],
+                "image": _image_path(args, r["image"]),
+                "question": r.get("question") or prompts[i % len(prompts)],
+            }
+        )
     return rows
 
 
@@ -88,7 +103,9 @@ def _objhal_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any],
     _require(args, "annotations")
     extractor = None
     if args.extractor == "llm":
-        client = _judge_client(args, objhal.LLM_EXTRACTOR_MODEL, objhal.LLM_EXTRACTOR_TEMPERATURE, objhal.LLM_EXTRACTOR_MAX_TOKENS)
+        client = _judge_client(
+            args, objhal.LLM_EXTRACTOR_MODEL, objhal.LLM_EXTRACTOR_TEMPERATURE, objhal.LLM_EXTRACTOR_MAX_TOKENS
+        )
         extractor = (client, _judge_cache(args))
     return objhal.score_objhal(rows, args.annotations, extractor)
 
@@ -96,7 +113,9 @@ def _objhal_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any],
 # --- MMHal-Bench -----------------------------------------------------------------------------------
 def _mmhal_image(args: argparse.Namespace, record: dict[str, Any]) -> str:
     """The image of a record in --image-dir: the file name of `image_src`, else `{image_id}.jpg/.png`."""
-    names = [Path(str(record.get("image_src", ""))).name] + [f"{record.get('image_id')}{ext}" for ext in (".jpg", ".png")]
+    names = [Path(str(record.get("image_src", ""))).name] + [
+        f"{record.get('image_id')}{ext}" for ext in (".jpg", ".png")
+    ]
     for name in filter(None, names):
         if (Path(args.image_dir) / name).exists():
             return str(Path(args.image_dir) / name)
@@ -105,8 +124,10 @@ def _mmhal_image(args: argparse.Namespace, record: dict[str, Any]) -> str:
 
 def _mmhal_questions(args: argparse.Namespace) -> Rows:
     _require(args, "image_dir")
-    return [{"index": i, "question_type": r["question_type"], "question": r["question"], "image": _mmhal_image(args, r)}
-            for i, r in enumerate(mmhal.load_questions(args.questions))]
+    return [
+        {"index": i, "question_type": r["question_type"], "question": r["question"], "image": _mmhal_image(args, r)}
+        for i, r in enumerate(mmhal.load_questions(args.questions))
+    ]
 
 
 def _mmhal_read_answers(args: argparse.Namespace) -> Rows:
@@ -117,7 +138,9 @@ def _mmhal_read_answers(args: argparse.Namespace) -> Rows:
 def _mmhal_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any], Rows]:
     questions = mmhal.load_questions(args.questions)
     client = _judge_client(args, mmhal.JUDGE_MODEL, temperature=0.0, max_tokens=None)
-    return mmhal.score_mmhal(questions, [r["answer"] for r in sorted(rows, key=lambda r: r["index"])], client, _judge_cache(args))
+    return mmhal.score_mmhal(
+        questions, [r["answer"] for r in sorted(rows, key=lambda r: r["index"])], client, _judge_cache(args)
+    )
 
 
 # --- POPE / AMBER ----------------------------------------------------------------------------------
@@ -128,7 +151,10 @@ def _pope_questions(args: argparse.Namespace) -> Rows:
 
 def _amber_questions(args: argparse.Namespace) -> Rows:
     _require(args, "questions", "annotations")
-    return [{**q, "image": _image_path(args, q["image"])} for q in yesno.load_amber_questions(args.questions, args.annotations)]
+    return [
+        {**q, "image": _image_path(args, q["image"])}
+        for q in yesno.load_amber_questions(args.questions, args.annotations)
+    ]
 
 
 def _yesno_read_answers(load_questions: Callable[[argparse.Namespace], Rows]) -> Callable[[argparse.Namespace], Rows]:
@@ -186,8 +212,12 @@ BENCHMARKS: dict[str, Benchmark] = {
     "synthetic": Benchmark(_synthetic_questions, _synthetic_read_answers, _synthetic_score),
     "objhal": Benchmark(_objhal_questions, lambda a: objhal.read_answers(a.answers), _objhal_score),
     "mmhal": Benchmark(_mmhal_questions, _mmhal_read_answers, _mmhal_score),
-    "pope": Benchmark(_pope_questions, _yesno_read_answers(_pope_questions), lambda a, rows: yesno.score_yes_no(rows, positive="yes")),
-    "amber": Benchmark(_amber_questions, _yesno_read_answers(_amber_questions), lambda a, rows: yesno.score_yes_no(rows, positive="no")),
+    "pope": Benchmark(
+        _pope_questions, _yesno_read_answers(_pope_questions), lambda a, rows: yesno.score_yes_no(rows, positive="yes")
+    ),
+    "amber": Benchmark(
+        _amber_questions, _yesno_read_answers(_amber_questions), lambda a, rows: yesno.score_yes_no(rows, positive="no")
+    ),
 }
 
 
@@ -198,31 +228,62 @@ def _sibling(output: str, suffix: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ddpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ddpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory (models.build.load_model) to generate answers with")
     src.add_argument("--answers", help="score this answers file instead of generating")
     p.add_argument("--output", required=True, help="metrics JSON; OUT.samples.jsonl / OUT.answers.jsonl go next to it")
-    p.add_argument("--questions", help="objhal: JSONL {image_id, image[, question]}; mmhal: template JSON (default: the shipped 96); pope: JSONL {question_id, image, text, label}; amber: query_discriminative*.json")
-    p.add_argument("--annotations", help="objhal: directory with COCO instances_*.json and captions_*.json; amber: annotations.json")
+    p.add_argument(
+        "--questions",
+        help="objhal: JSONL {image_id, image[, question]}; mmhal: template JSON (default: the shipped 96); pope: JSONL {question_id, image, text, label}; amber: query_discriminative*.json",
+    )
+    p.add_argument(
+        "--annotations",
+        help="objhal: directory with COCO instances_*.json and captions_*.json; amber: annotations.json",
+    )
     p.add_argument("--image-dir", help="folder that question image names are relative to")
-    p.add_argument("--num-images", type=int, default=600, help="synthetic: test images of the `ddpo demo` world (seed --seed)")
-    p.add_argument("--extractor", choices=["rules", "llm"], default="rules", help="objhal object extraction: rule-based CHAIR (offline) or a chat model")
+    p.add_argument(
+        "--num-images", type=int, default=600, help="synthetic: test images of the `ddpo demo` world (seed --seed)"
+    )
+    p.add_argument(
+        "--extractor",
+        choices=["rules", "llm"],
+        default="rules",
+        help="objhal object extraction: rule-based CHAIR (offline) or a chat model",
+    )
     g = p.add_argument_group("judge / LLM extractor (OpenAI-compatible chat completions)")
-    g.add_argument("--judge-model", help=f"default: {mmhal.JUDGE_MODEL} (mmhal), {objhal.LLM_EXTRACTOR_MODEL} (objhal) — the papers' models, since retired")
+    g.add_argument(
+        "--judge-model",
+        help=f"default: {mmhal.JUDGE_MODEL} (mmhal), {objhal.LLM_EXTRACTOR_MODEL} (objhal) — the papers' models, since retired",
+    )
     g.add_argument("--judge-base-url", default=DEFAULT_BASE_URL)
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     g.add_argument("--judge-rpm", type=float, default=None, help="at most this many requests per minute")
     g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request")
-    g.add_argument("--judge-retries", type=int, default=5, help="retries of failed requests (429/5xx/timeouts), with backoff")
+    g.add_argument(
+        "--judge-retries", type=int, default=5, help="retries of failed requests (429/5xx/timeouts), with backoff"
+    )
     g.add_argument("--judge-cache", help="JSONL cache of judged items (default OUT.judge_cache.jsonl)")
-    gen = p.add_argument_group("generation (defaults: the --protocol preset, else the model's template, greedy, 512 tokens)")
-    gen.add_argument("--protocol", choices=sorted(protocols.PROTOCOLS), default=None,
-                     help="a paper's evaluation settings: rlhfv (Muffin/RLHF-V), rlaifv-llava (RLAIF-V, LLaVA-1.5)")
+    gen = p.add_argument_group(
+        "generation (defaults: the --protocol preset, else the model's template, greedy, 512 tokens)"
+    )
+    gen.add_argument(
+        "--protocol",
+        choices=sorted(protocols.PROTOCOLS),
+        default=None,
+        help="a paper's evaluation settings: rlhfv (Muffin/RLHF-V), rlaifv-llava (RLAIF-V, LLaVA-1.5)",
+    )
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bfloat16 on a GPU that supports it")
+    gen.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="auto: bfloat16 on a GPU that supports it",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam search")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -230,11 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=int, default=None, help="RLHF-V and RLAIF-V evaluate with 3 beams")
     gen.add_argument("--repetition-penalty", type=float, default=None, help="RLHF-V evaluates with 1.1")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--stop", action="append", default=None,
-                     help="stop string (repeatable); default: the template's ('###' for vicuna_v0/rlhfv_eval, none for EOS templates)")
-    gen.add_argument("--image-mode", choices=["pad", "crop", "resize"], default=None,
-                     help="how non-square images become square (default: the protocol's, else the model's)")
-    gen.add_argument("--template", default=None, help="conversation template (default: the protocol's, else the model's)")
+    gen.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        help="stop string (repeatable); default: the template's ('###' for vicuna_v0/rlhfv_eval, none for EOS templates)",
+    )
+    gen.add_argument(
+        "--image-mode",
+        choices=["pad", "crop", "resize"],
+        default=None,
+        help="how non-square images become square (default: the protocol's, else the model's)",
+    )
+    gen.add_argument(
+        "--template", default=None, help="conversation template (default: the protocol's, else the model's)"
+    )
     gen.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. ' Answer yes or no.'")
     return p
 
@@ -251,10 +322,18 @@ def generation_config(args: argparse.Namespace, model_template: str) -> Generati
     else:
         stops = list(default_stop_strings(template))
     pick = lambda flag, default: default if flag is None else flag  # noqa: E731
-    return GenerationConfig(max_new_tokens=pick(args.max_new_tokens, preset.max_new_tokens), do_sample=args.do_sample,
-                            temperature=args.temperature, top_p=args.top_p, num_beams=pick(args.num_beams, preset.num_beams),
-                            repetition_penalty=pick(args.repetition_penalty, preset.repetition_penalty), seed=args.seed,
-                            stop_strings=stops, template=template, batch_size=args.batch_size)
+    return GenerationConfig(
+        max_new_tokens=pick(args.max_new_tokens, preset.max_new_tokens),
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_beams=pick(args.num_beams, preset.num_beams),
+        repetition_penalty=pick(args.repetition_penalty, preset.repetition_penalty),
+        seed=args.seed,
+        stop_strings=stops,
+        template=template,
+        batch_size=args.batch_size,
+    )
 
 
 def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
@@ -269,13 +348,19 @@ def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
     answers_path = _sibling(args.output, ".answers.jsonl")
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     with answers_path.open("w", encoding="utf-8") as f:
+
         def write(start: int, answers: list[str]) -> None:
-            for q, a in zip(questions[start:start + len(answers)], answers):
+            for q, a in zip(questions[start : start + len(answers)], answers):
                 f.write(json.dumps({**q, "answer": a}, ensure_ascii=False) + "\n")
             f.flush()
 
-        answers = generate_answers(model, [q["image"] for q in questions],
-                                   [q["question"] + args.prompt_suffix for q in questions], config, on_batch=write)
+        answers = generate_answers(
+            model,
+            [q["image"] for q in questions],
+            [q["question"] + args.prompt_suffix for q in questions],
+            config,
+            on_batch=write,
+        )
     print(f"ddpo eval: wrote {len(answers)} answers to {answers_path}")
     return [{**q, "answer": a} for q, a in zip(questions, answers)]
 

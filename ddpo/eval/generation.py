@@ -8,11 +8,13 @@ generated with seed `seed + k`, so a run is reproducible for a fixed seed and ba
 not share one random stream. Answers are cut at the first stop string (in case the model keeps it) and
 stripped.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -27,7 +29,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     stop_strings: list[str] = field(default_factory=list)
-    template: Optional[str] = None  # None: the model's default conversation template
+    template: str | None = None  # None: the model's default conversation template
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -60,16 +62,21 @@ def load_image(path: str | Path) -> Image.Image:
         raise FileNotFoundError(f"cannot open image {path}: {e}; check --image-dir") from e
 
 
-def generate_answers(model: Any, image_paths: Sequence[str | Path], prompts: Sequence[str], config: GenerationConfig,
-                     on_batch: Optional[Callable[[int, list[str]], None]] = None) -> list[str]:
+def generate_answers(
+    model: Any,
+    image_paths: Sequence[str | Path],
+    prompts: Sequence[str],
+    config: GenerationConfig,
+    on_batch: Callable[[int, list[str]], None] | None = None,
+) -> list[str]:
     """One answer per (image, prompt). `on_batch(start_index, answers)` is called after each batch
     (used to write answers as they come)."""
     if len(image_paths) != len(prompts):
         raise ValueError(f"{len(image_paths)} images for {len(prompts)} prompts")
     answers: list[str] = []
     for batch_index, start in enumerate(range(0, len(prompts), config.batch_size)):
-        batch_prompts = list(prompts[start:start + config.batch_size])
-        images = [load_image(p) for p in image_paths[start:start + config.batch_size]]
+        batch_prompts = list(prompts[start : start + config.batch_size])
+        images = [load_image(p) for p in image_paths[start : start + config.batch_size]]
         outputs = model.generate(images, batch_prompts, **config.model_kwargs(batch_index))
         if len(outputs) != len(batch_prompts):
             raise RuntimeError(f"model.generate returned {len(outputs)} answers for a batch of {len(batch_prompts)}")

@@ -9,6 +9,7 @@
   returns the last reply with `parsed=None`, so callers count it as unparsed instead of scoring it.
 - `JudgeCache` appends one JSON line per judged item; a re-run skips items already in it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +19,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -38,12 +40,12 @@ class JudgeClient:
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.0
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
     timeout_s: float = 60.0
     max_retries: int = 5
-    backoff_s: float = 2.0        # first wait; doubles per retry
+    backoff_s: float = 2.0  # first wait; doubles per retry
     max_backoff_s: float = 60.0
-    requests_per_minute: Optional[float] = None
+    requests_per_minute: float | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -52,8 +54,10 @@ class JudgeClient:
     def _api_key(self) -> str:
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise JudgeError(f"no API key: set the environment variable {self.api_key_env} "
-                             "(keys are never taken from the command line)")
+            raise JudgeError(
+                f"no API key: set the environment variable {self.api_key_env} "
+                "(keys are never taken from the command line)"
+            )
         return key
 
     def _wait_for_rate_limit(self) -> None:
@@ -76,14 +80,17 @@ class JudgeClient:
         with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
             return json.loads(response.read().decode("utf-8"))
 
-    def chat(self, messages: list[dict[str, str]], temperature: Optional[float] = None) -> str:
+    def chat(self, messages: list[dict[str, str]], temperature: float | None = None) -> str:
         """The assistant's reply text; retries transient failures, raises JudgeError otherwise."""
-        payload: dict[str, Any] = {"model": self.model, "messages": messages,
-                                   "temperature": self.temperature if temperature is None else temperature}
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature if temperature is None else temperature,
+        }
         if self.max_tokens is not None:
             payload["max_tokens"] = self.max_tokens
         last_error = ""
-        server_wait: Optional[float] = None  # a Retry-After the server asked for
+        server_wait: float | None = None  # a Retry-After the server asked for
         for attempt in range(self.max_retries + 1):
             if attempt:
                 backoff = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
@@ -113,7 +120,7 @@ class JudgeClient:
         raise JudgeError(f"judge API {self.base_url} failed {self.max_retries + 1} times; last error: {last_error}")
 
 
-def _reply_content(body: Any) -> Optional[str]:
+def _reply_content(body: Any) -> str | None:
     try:
         content = body["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -123,13 +130,14 @@ def _reply_content(body: Any) -> Optional[str]:
 
 @dataclass
 class Judgement:
-    reply: str                 # the last reply received
-    parsed: Any                # parse(reply), or None when no reply could be parsed
+    reply: str  # the last reply received
+    parsed: Any  # parse(reply), or None when no reply could be parsed
     attempts: int
 
 
-def judge(client: JudgeClient, messages: list[dict[str, str]], parse: Callable[[str], Optional[T]],
-          parse_attempts: int = 3) -> Judgement:
+def judge(
+    client: JudgeClient, messages: list[dict[str, str]], parse: Callable[[str], T | None], parse_attempts: int = 3
+) -> Judgement:
     """Ask until `parse(reply)` is not None, at most `parse_attempts` times."""
     reply = ""
     for attempt in range(1, parse_attempts + 1):
@@ -149,7 +157,7 @@ class JudgeCache:
     """Append-only JSONL of judged items: {"key", "item", "reply", "parsed"}. Only parsed items are
     written, so a re-run asks again for the ones that stayed unparsed."""
 
-    def __init__(self, path: Optional[str | Path]):
+    def __init__(self, path: str | Path | None):
         self.path = Path(path) if path else None
         self.entries: dict[str, dict[str, Any]] = {}
         if self.path and self.path.exists():
@@ -163,7 +171,7 @@ class JudgeCache:
                     # A line cut by an interrupted run: ignore it; the item is judged again.
                     continue
 
-    def get(self, key: str) -> Optional[dict[str, Any]]:
+    def get(self, key: str) -> dict[str, Any] | None:
         return self.entries.get(key)
 
     def put(self, key: str, item: Any, judgement: Judgement) -> None:
@@ -175,8 +183,14 @@ class JudgeCache:
                 f.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
-def cached_judge(client: JudgeClient, cache: JudgeCache, item: Any, messages: list[dict[str, str]],
-                 parse: Callable[[str], Optional[T]], parse_attempts: int = 3) -> Judgement:
+def cached_judge(
+    client: JudgeClient,
+    cache: JudgeCache,
+    item: Any,
+    messages: list[dict[str, str]],
+    parse: Callable[[str], T | None],
+    parse_attempts: int = 3,
+) -> Judgement:
     """`judge` through the cache: a cached verdict is returned without calling the API."""
     key = cache_key(client.model, messages)
     entry = cache.get(key)

@@ -8,25 +8,27 @@ Scores (RLHF-V `eval/eval_gpt_mmhal.py`, `summarize_gpt_mmhal_review.py`), over 
 A reply without exactly one "Rating: N" is asked again; if it stays unparsed it is counted in
 `num_unparsed` and left out of every score (RLHF-V counted it as 0).
 """
+
 from __future__ import annotations
 
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
+from ddpo.data.jsonl import json_objects
 from ddpo.eval.chair import ASSETS
 from ddpo.eval.judge import JudgeCache, JudgeClient, cached_judge
-from ddpo.data.jsonl import json_objects
 
 QUESTIONS_FILE = ASSETS / "mmhal_bench_questions.json"
 JUDGE_MODEL = "gpt-4-0314"  # RLHF-V's (retired); RLAIF-V used gpt-4-1106-preview
 _RATING = re.compile(r"rating\s*:\s*\**\s*([0-6])(?!\.?\d)", re.IGNORECASE)  # "Rating: 4.5" is no rating
 
 
-def load_questions(path: Optional[str | Path] = None) -> list[dict[str, Any]]:
+def load_questions(path: str | Path | None = None) -> list[dict[str, Any]]:
     """MMHal-Bench records (the shipped 96 by default); checks the fields the judge needs."""
     path = Path(path) if path else QUESTIONS_FILE
     records = json.loads(path.read_text(encoding="utf-8"))
@@ -56,7 +58,7 @@ def judge_messages(record: dict[str, Any], answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def parse_rating(reply: str) -> Optional[int]:
+def parse_rating(reply: str) -> int | None:
     """The rating if the reply names exactly one distinct "Rating: N" (N in 0..6), else None."""
     found = {int(m) for m in _RATING.findall(reply)}
     return found.pop() if len(found) == 1 else None
@@ -67,15 +69,17 @@ def informativeness(rating: int) -> float:
     return (rating - 3 if rating >= 3 else rating) / 3
 
 
-def mmhal_metrics(ratings: Sequence[Optional[int]], question_types: Sequence[str]) -> dict[str, Any]:
+def mmhal_metrics(ratings: Sequence[int | None], question_types: Sequence[str]) -> dict[str, Any]:
     """Scores over parsed ratings (None = unparsed, left out)."""
     parsed = [(r, t) for r, t in zip(ratings, question_types) if r is not None]
     n = len(parsed)
 
-    def summary(rs: list[int]) -> dict[str, Optional[float]]:
-        return {"average_score": sum(rs) / len(rs) if rs else None,
-                "hallucination_rate": sum(r < 3 for r in rs) / len(rs) if rs else None,
-                "count": len(rs)}
+    def summary(rs: list[int]) -> dict[str, float | None]:
+        return {
+            "average_score": sum(rs) / len(rs) if rs else None,
+            "hallucination_rate": sum(r < 3 for r in rs) / len(rs) if rs else None,
+            "count": len(rs),
+        }
 
     by_type: dict[str, list[int]] = defaultdict(list)
     for r, t in parsed:
@@ -96,14 +100,16 @@ def read_answers(path: str | Path, questions: Sequence[dict[str, Any]]) -> list[
     - JSONL with one {"index": i, "answer": str} per line (what `ddpo eval --benchmark mmhal` writes)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    answers: list[Optional[str]] = [None] * len(questions)
+    answers: list[str | None] = [None] * len(questions)
     if path.suffix == ".json":
         records = json.loads(text)
         if not isinstance(records, list) or len(records) != len(questions):
             raise ValueError(f"{path}: expected a JSON list of {len(questions)} MMHal records with 'model_answer'")
         for i, r in enumerate(records):
             if r.get("question") != questions[i]["question"]:
-                raise ValueError(f"{path}: record {i} asks {r.get('question')!r}, expected {questions[i]['question']!r}; keep the question order")
+                raise ValueError(
+                    f"{path}: record {i} asks {r.get('question')!r}, expected {questions[i]['question']!r}; keep the question order"
+                )
             answers[i] = r.get("model_answer")
     else:
         for where, row in json_objects(path):
@@ -117,19 +123,38 @@ def read_answers(path: str | Path, questions: Sequence[dict[str, Any]]) -> list[
     return answers  # type: ignore[return-value]
 
 
-def score_mmhal(questions: Sequence[dict[str, Any]], answers: Sequence[str], client: JudgeClient,
-                cache: JudgeCache, parse_attempts: int = 3) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score_mmhal(
+    questions: Sequence[dict[str, Any]],
+    answers: Sequence[str],
+    client: JudgeClient,
+    cache: JudgeCache,
+    parse_attempts: int = 3,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Judge every answer (cached ones are not asked again) and compute the scores."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(answers)} answers for {len(questions)} MMHal-Bench questions")
-    ratings: list[Optional[int]] = []
+    ratings: list[int | None] = []
     details = []
     for i, (record, answer) in enumerate(zip(questions, answers)):
-        judgement = cached_judge(client, cache, {"index": i, "question": record["question"]},
-                                 judge_messages(record, answer), parse_rating, parse_attempts)
+        judgement = cached_judge(
+            client,
+            cache,
+            {"index": i, "question": record["question"]},
+            judge_messages(record, answer),
+            parse_rating,
+            parse_attempts,
+        )
         ratings.append(judgement.parsed)
-        details.append({"index": i, "question_type": record["question_type"], "question": record["question"],
-                        "answer": answer, "rating": judgement.parsed, "judge_reply": judgement.reply})
+        details.append(
+            {
+                "index": i,
+                "question_type": record["question_type"],
+                "question": record["question"],
+                "answer": answer,
+                "rating": judgement.parsed,
+                "judge_reply": judgement.reply,
+            }
+        )
     metrics = mmhal_metrics(ratings, [q["question_type"] for q in questions])
     metrics["judge_model"] = client.model
     return metrics, details

@@ -5,17 +5,27 @@ through the synonym list) ∪ objects found in its COCO reference captions by th
 pipeline (`chair.text_to_mentions`). RLHF-V reads `instances_{train,val}2014.json` and
 `captions_{train,val}2014.json`; here every `instances_*.json` / `captions_*.json` in the directory is read.
 """
+
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
-from ddpo.eval.chair import ASSETS, ChairSample, CocoVocabulary, chair_metrics, default_vocabulary, names_to_mentions, text_to_mentions
-from ddpo.eval.judge import JudgeCache, JudgeClient, cached_judge
 from ddpo.data.jsonl import json_objects
+from ddpo.eval.chair import (
+    ASSETS,
+    ChairSample,
+    CocoVocabulary,
+    chair_metrics,
+    default_vocabulary,
+    names_to_mentions,
+    text_to_mentions,
+)
+from ddpo.eval.judge import JudgeCache, JudgeClient, cached_judge
 
 LLM_EXTRACTOR_MODEL = "gpt-3.5-turbo-0613"  # RLHF-V's (retired); pass another with --judge-model
 LLM_EXTRACTOR_TEMPERATURE = 0.2
@@ -38,13 +48,16 @@ def _read_json(path: Path) -> Any:
 def _coco_files(annotations_dir: Path, kind: str) -> list[Path]:
     files = sorted(annotations_dir.glob(f"{kind}_*.json"))
     if not files:
-        raise FileNotFoundError(f"no {kind}_*.json in {annotations_dir}: put the COCO 2014 annotations there "
-                                f"({kind}_train2014.json and {kind}_val2014.json from annotations_trainval2014.zip)")
+        raise FileNotFoundError(
+            f"no {kind}_*.json in {annotations_dir}: put the COCO 2014 annotations there "
+            f"({kind}_train2014.json and {kind}_val2014.json from annotations_trainval2014.zip)"
+        )
     return files
 
 
-def load_ground_truth(annotations_dir: str | Path, image_ids: Sequence[int],
-                      vocab: Optional[CocoVocabulary] = None) -> dict[int, set[str]]:
+def load_ground_truth(
+    annotations_dir: str | Path, image_ids: Sequence[int], vocab: CocoVocabulary | None = None
+) -> dict[int, set[str]]:
     """COCO classes present in each requested image (instances ∪ reference captions)."""
     vocab = vocab or default_vocabulary()
     annotations_dir = Path(annotations_dir)
@@ -60,13 +73,17 @@ def load_ground_truth(annotations_dir: str | Path, image_ids: Sequence[int],
                 if ann["image_id"] in wanted:
                     name = names[ann["category_id"]]
                     if name not in vocab.synonym_to_class:
-                        raise ValueError(f"{path}: category '{name}' is not in the synonym list; "
-                                         "use the COCO 2014 annotations or a synonym file that names it")
+                        raise ValueError(
+                            f"{path}: category '{name}' is not in the synonym list; "
+                            "use the COCO 2014 annotations or a synonym file that names it"
+                        )
                     objects[ann["image_id"]].add(vocab.synonym_to_class[name])
                     annotated.add(ann["image_id"])
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a COCO instances file (missing {e}); expected 'categories', "
-                             "'annotations' with 'image_id' and 'category_id'") from e
+            raise ValueError(
+                f"{path}: not a COCO instances file (missing {e}); expected 'categories', "
+                "'annotations' with 'image_id' and 'category_id'"
+            ) from e
     for path in _coco_files(annotations_dir, "captions"):
         data = _read_json(path)
         try:
@@ -75,16 +92,19 @@ def load_ground_truth(annotations_dir: str | Path, image_ids: Sequence[int],
                     objects[ann["image_id"]].update(c for _, c in text_to_mentions(ann["caption"], vocab))
                     annotated.add(ann["image_id"])
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a COCO captions file (missing {e}); expected 'annotations' "
-                             "with 'image_id' and 'caption'") from e
+            raise ValueError(
+                f"{path}: not a COCO captions file (missing {e}); expected 'annotations' with 'image_id' and 'caption'"
+            ) from e
     missing = sorted(wanted - annotated)
     if missing:
-        raise ValueError(f"{len(missing)} image id(s) have no COCO annotation in {annotations_dir} "
-                         f"(first: {missing[:5]}); Object HalBench images come from COCO train/val 2014")
+        raise ValueError(
+            f"{len(missing)} image id(s) have no COCO annotation in {annotations_dir} "
+            f"(first: {missing[:5]}); Object HalBench images come from COCO train/val 2014"
+        )
     return objects
 
 
-def parse_object_list(reply: str) -> Optional[list[str]]:
+def parse_object_list(reply: str) -> list[str] | None:
     """The JSON list of names in an extractor reply (whole reply, or a list on its last line); None if absent."""
     candidates = [reply.strip()]
     lines = reply.strip().splitlines()
@@ -118,8 +138,9 @@ def extraction_messages(question: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": prompt}]  # RLHF-V sends it as the system message
 
 
-def extract_with_llm(client: JudgeClient, cache: JudgeCache, question: str, answer: str,
-                     item: Any = None) -> Optional[list[str]]:
+def extract_with_llm(
+    client: JudgeClient, cache: JudgeCache, question: str, answer: str, item: Any = None
+) -> list[str] | None:
     """Object names in an answer by the chat model; [] for answers of <= 3 words (as RLHF-V); None if unparsed."""
     if len(answer.split()) <= 3:
         return []
@@ -144,9 +165,12 @@ def normalize_answer_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     return {**row, "image_id": image_id, "answer": answer}
 
 
-def score_objhal(rows: Sequence[dict[str, Any]], annotations_dir: str | Path,
-                 extractor: Optional[tuple[JudgeClient, JudgeCache]] = None,
-                 vocab: Optional[CocoVocabulary] = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score_objhal(
+    rows: Sequence[dict[str, Any]],
+    annotations_dir: str | Path,
+    extractor: tuple[JudgeClient, JudgeCache] | None = None,
+    vocab: CocoVocabulary | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics and per-answer details. `extractor=None`: rule-based mentions (every occurrence counts);
     else (client, cache): LLM-extracted names, de-duplicated per answer. Unparsed extractions are left
     out of the metrics and counted in `num_unparsed`."""
@@ -161,7 +185,9 @@ def score_objhal(rows: Sequence[dict[str, Any]], annotations_dir: str | Path,
         if extractor is None:
             mentions = text_to_mentions(row["answer"], vocab)
         else:
-            names = extract_with_llm(*extractor, row.get("question", ""), row["answer"], item={"index": i, "image_id": row["image_id"]})
+            names = extract_with_llm(
+                *extractor, row.get("question", ""), row["answer"], item={"index": i, "image_id": row["image_id"]}
+            )
             if names is None:
                 unparsed += 1
                 details.append({**row, "unparsed": True})
@@ -170,9 +196,15 @@ def score_objhal(rows: Sequence[dict[str, Any]], annotations_dir: str | Path,
             extra["extracted_names"] = names
         sample = ChairSample(mentions, ground_truth[row["image_id"]], len(row["answer"].split()))
         samples.append(sample)
-        details.append({**row, **extra, "mentions": [list(m) for m in mentions],
-                        "hallucinated": [list(m) for m in sample.hallucinated],
-                        "ground_truth": sorted(sample.ground_truth)})
+        details.append(
+            {
+                **row,
+                **extra,
+                "mentions": [list(m) for m in mentions],
+                "hallucinated": [list(m) for m in sample.hallucinated],
+                "ground_truth": sorted(sample.ground_truth),
+            }
+        )
     metrics: dict[str, Any] = dict(chair_metrics(samples))
     metrics["num_answers"] = len(rows)
     metrics["num_scored"] = len(samples)

@@ -24,36 +24,57 @@ generation only (`--image-mode` overrides it); the model's own mode is what it t
 Without a preset, `ddpo eval` uses the model's template (the one it was trained with, else its
 architecture's), that template's stop strings, greedy decoding and 512 new tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
 class Protocol:
     """Generation settings of one paper's evaluation; None = the model's own (template) default."""
 
-    template: Optional[str]
+    template: str | None
     num_beams: int
     max_new_tokens: int
     repetition_penalty: float
-    stop_strings: Optional[tuple[str, ...]]  # None = the template's (data.templates.default_stop_strings)
-    image_mode: Optional[str]  # models.base.IMAGE_MODES; None = the model's
+    stop_strings: tuple[str, ...] | None  # None = the template's (data.templates.default_stop_strings)
+    image_mode: str | None  # models.base.IMAGE_MODES; None = the model's
     source: str
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "rlhfv": Protocol(template="rlhfv_eval", num_beams=3, max_new_tokens=1024, repetition_penalty=1.1,
-                      stop_strings=("###",), image_mode="resize", source="RLHF-V (Muffin muffin_vqa.py): Object HalBench, MMHal-Bench"),
-    "rlaifv-llava": Protocol(template="llava_v1", num_beams=3, max_new_tokens=1024, repetition_penalty=1.0,
-                             stop_strings=(), image_mode="pad", source="RLAIF-V's LLaVA-1.5 evaluation (llava_v1, 3 beams, temperature 0)"),
+    "rlhfv": Protocol(
+        template="rlhfv_eval",
+        num_beams=3,
+        max_new_tokens=1024,
+        repetition_penalty=1.1,
+        stop_strings=("###",),
+        image_mode="resize",
+        source="RLHF-V (Muffin muffin_vqa.py): Object HalBench, MMHal-Bench",
+    ),
+    "rlaifv-llava": Protocol(
+        template="llava_v1",
+        num_beams=3,
+        max_new_tokens=1024,
+        repetition_penalty=1.0,
+        stop_strings=(),
+        image_mode="pad",
+        source="RLAIF-V's LLaVA-1.5 evaluation (llava_v1, 3 beams, temperature 0)",
+    ),
 }
-DEFAULT = Protocol(template=None, num_beams=1, max_new_tokens=512, repetition_penalty=1.0, stop_strings=None,
-                   image_mode=None, source="ddpo default: the model's template and stop strings, greedy")
+DEFAULT = Protocol(
+    template=None,
+    num_beams=1,
+    max_new_tokens=512,
+    repetition_penalty=1.0,
+    stop_strings=None,
+    image_mode=None,
+    source="ddpo default: the model's template and stop strings, greedy",
+)
 
 
-def resolve(name: Optional[str]) -> Protocol:
+def resolve(name: str | None) -> Protocol:
     if name is None:
         return DEFAULT
     if name not in PROTOCOLS:

@@ -12,13 +12,15 @@ Answer normalization (`normalize_yes_no`), applied to the model's free text:
 Metrics treat one answer as the positive class: "yes" for POPE (the object is there), "no" for AMBER
 (AMBER scores the detection of hallucination probes, so its precision/recall are about "no").
 """
+
 from __future__ import annotations
 
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from ddpo.data.jsonl import json_objects
 
@@ -26,7 +28,7 @@ _SENTENCE_END = re.compile(r"[.!?\n]")
 _WORD = re.compile(r"[a-z']+")
 
 
-def normalize_yes_no(answer: str) -> Optional[str]:
+def normalize_yes_no(answer: str) -> str | None:
     """'yes', 'no' or None (see the module docstring for the rules)."""
     first_sentence = _SENTENCE_END.split(answer.strip().lower(), maxsplit=1)[0]
     words = _WORD.findall(first_sentence)
@@ -41,11 +43,11 @@ def normalize_yes_no(answer: str) -> Optional[str]:
     return None
 
 
-def _ratio(num: int, den: int) -> Optional[float]:
+def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
-def yes_no_metrics(predictions: Sequence[Optional[str]], labels: Sequence[str], positive: str = "yes") -> dict[str, Any]:
+def yes_no_metrics(predictions: Sequence[str | None], labels: Sequence[str], positive: str = "yes") -> dict[str, Any]:
     """Accuracy, precision, recall, F1 (of `positive`), yes-ratio; fractions in [0, 1], null if undefined."""
     if positive not in ("yes", "no"):
         raise ValueError(f"positive must be 'yes' or 'no', got {positive!r}")
@@ -78,7 +80,9 @@ def score_yes_no(rows: Sequence[dict[str, Any]], positive: str) -> tuple[dict[st
     for i, row in enumerate(rows):
         label = str(row.get("label", "")).strip().lower()
         if label not in ("yes", "no"):
-            raise ValueError(f"row {i} (question_id {row.get('question_id')!r}): label must be 'yes' or 'no', got {row.get('label')!r}")
+            raise ValueError(
+                f"row {i} (question_id {row.get('question_id')!r}): label must be 'yes' or 'no', got {row.get('label')!r}"
+            )
         if not isinstance(row.get("answer"), str):
             raise ValueError(f"row {i} (question_id {row.get('question_id')!r}): 'answer' must be a string")
         details.append({**row, "label": label, "prediction": normalize_yes_no(row["answer"])})
@@ -88,8 +92,10 @@ def score_yes_no(rows: Sequence[dict[str, Any]], positive: str) -> tuple[dict[st
         if d.get("category") is not None:
             by_category[str(d["category"])].append(d)
     if by_category:
-        metrics["per_category"] = {c: yes_no_metrics([d["prediction"] for d in ds], [d["label"] for d in ds], positive)
-                                   for c, ds in sorted(by_category.items())}
+        metrics["per_category"] = {
+            c: yes_no_metrics([d["prediction"] for d in ds], [d["label"] for d in ds], positive)
+            for c, ds in sorted(by_category.items())
+        }
     return metrics, details
 
 
@@ -112,8 +118,15 @@ def load_pope_questions(path: str | Path) -> list[dict[str, Any]]:
         question = r.get("text", r.get("question"))
         if "question_id" not in r or "image" not in r or not isinstance(question, str) or "label" not in r:
             raise ValueError(f"{path}: record {i} needs 'question_id', 'image', 'text' and 'label' (POPE format)")
-        questions.append({"question_id": r["question_id"], "image": r["image"], "question": question,
-                          "label": r["label"], "category": r.get("category")})
+        questions.append(
+            {
+                "question_id": r["question_id"],
+                "image": r["image"],
+                "question": question,
+                "label": r["label"],
+                "category": r.get("category"),
+            }
+        )
     return questions
 
 
@@ -125,12 +138,21 @@ def load_amber_questions(query_path: str | Path, annotations_path: str | Path) -
     for i, r in enumerate(read_records(query_path)):
         qid = r.get("id")
         if not isinstance(qid, int) or not 1 <= qid <= len(annotations):
-            raise ValueError(f"{query_path}: record {i} has id {qid!r}, not an entry of {annotations_path} (1..{len(annotations)})")
+            raise ValueError(
+                f"{query_path}: record {i} has id {qid!r}, not an entry of {annotations_path} (1..{len(annotations)})"
+            )
         truth = annotations[qid - 1]
         if str(truth.get("type", "")).startswith("generative"):
             raise ValueError(f"{query_path}: id {qid} is a generative AMBER query; use query_discriminative*.json")
-        questions.append({"question_id": qid, "image": r["image"], "question": r["query"],
-                          "label": truth["truth"], "category": truth["type"]})
+        questions.append(
+            {
+                "question_id": qid,
+                "image": r["image"],
+                "question": r["query"],
+                "label": truth["truth"],
+                "category": truth["type"],
+            }
+        )
     return questions
 
 

@@ -4,11 +4,12 @@ A plain, single-process loop (AdamW, warm-up + cosine from ddpo/schedule.py, cli
 create the SFT model whose hallucinations DPO and DDPO then correct. Loss = mean negative log-prob of
 the answer tokens, computed through the same `sequence_token_logps` path as preference training.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -30,16 +31,24 @@ class SFTSettings:
     seed: int = 0
 
 
-def sft(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str], settings: SFTSettings,
-        on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
+def sft(
+    model,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    settings: SFTSettings,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Fine-tune `model` in place on the triples; returns the loss of every step.
 
     Batches are drawn from a seeded permutation (reshuffled each epoch); images are preprocessed once.
     """
     if not len(images) == len(prompts) == len(answers):
-        raise ValueError(f"sft: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; pass one of each per example")
+        raise ValueError(
+            f"sft: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; pass one of each per example"
+        )
     encoded = encode_sequences(model.tokenizer, settings.template, model.image_placeholder, prompts, answers)
-    pixels = torch.cat([model.preprocess_images(images[i:i + 256]) for i in range(0, len(images), 256)])
+    pixels = torch.cat([model.preprocess_images(images[i : i + 256]) for i in range(0, len(images), 256)])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     warmup = max(1, math.ceil(settings.warmup_ratio * settings.steps))
@@ -51,7 +60,7 @@ def sft(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: S
     for step in range(settings.steps):
         if len(order) < settings.batch_size:
             order += torch.randperm(len(encoded), generator=generator).tolist()
-        batch, order = order[: settings.batch_size], order[settings.batch_size:]
+        batch, order = order[: settings.batch_size], order[settings.batch_size :]
         ids, mask, labels = collate_sequences([encoded[i] for i in batch], model.tokenizer.pad_token_id)
         logps = model.sequence_token_logps(ids, mask, labels, pixels[batch].to(model.dtype))
         loss = -logps.sum() / (labels[:, 1:] != IGNORE_INDEX).sum()
@@ -76,32 +85,43 @@ class PerceptionSettings:
     seed: int = 0
 
 
-def pretrain_perception(model, images: Sequence[Image.Image], targets: torch.Tensor, num_classes: Sequence[int],
-                        settings: PerceptionSettings) -> list[float]:
+def pretrain_perception(
+    model,
+    images: Sequence[Image.Image],
+    targets: torch.Tensor,
+    num_classes: Sequence[int],
+    settings: PerceptionSettings,
+) -> list[float]:
     """Teach the vision side to see before captioning, as LLaVA starts from a pretrained CLIP tower.
 
     targets [n_images, image_tokens, K] (long): for each image token, K labels (e.g. the shape and the
     colour of the object in the cell the token covers, class 0 = empty); one linear head per label on
     the projected image features (`model.encode_images`), cross-entropy summed over labels. Trains the
     vision tower and the projector only; the heads are thrown away. Returns the loss of every step."""
-    pixels = torch.cat([model.preprocess_images(images[i:i + 256]) for i in range(0, len(images), 256)])
+    pixels = torch.cat([model.preprocess_images(images[i : i + 256]) for i in range(0, len(images), 256)])
     features = model.encode_images(pixels[:1].to(model.dtype))
     if targets.shape[:2] != (len(images), features.shape[1]) or targets.shape[2] != len(num_classes):
-        raise ValueError(f"pretrain_perception: targets must be [{len(images)}, {features.shape[1]}, {len(num_classes)}] "
-                         f"(images, image tokens, labels), got {list(targets.shape)}")
+        raise ValueError(
+            f"pretrain_perception: targets must be [{len(images)}, {features.shape[1]}, {len(num_classes)}] "
+            f"(images, image tokens, labels), got {list(targets.shape)}"
+        )
     generator = torch.Generator().manual_seed(settings.seed)
     heads = torch.nn.ModuleList(torch.nn.Linear(features.shape[-1], n) for n in num_classes)
     parts = model.parameter_parts()
     params = [*parts["vision_tower"], *parts["projector"], *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps))
+    )
     losses = []
     model.train()
     for _ in range(settings.steps):
         batch = torch.randint(len(images), (settings.batch_size,), generator=generator)
         feats = model.encode_images(pixels[batch].to(model.dtype)).float()
-        loss = sum(torch.nn.functional.cross_entropy(head(feats).flatten(0, 1), targets[batch, :, k].flatten())
-                   for k, head in enumerate(heads))
+        loss = sum(
+            torch.nn.functional.cross_entropy(head(feats).flatten(0, 1), targets[batch, :, k].flatten())
+            for k, head in enumerate(heads)
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -6,9 +6,10 @@
 The reward is `ddpo.online.scoring.implicit_rewards` (the trained policy against its reference model), so a
 DPO-trained model serves as its own reward model (RLAIF-V's inference-time scaling).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -16,9 +17,18 @@ from PIL import Image
 from ddpo.online.scoring import implicit_rewards
 
 
-def sample_candidates(model, images: Sequence[Image.Image], prompts: Sequence[str], n: int, template: str,
-                      temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 64, top_p: float = 1.0,
-                      batch_size: int = 64) -> list[list[str]]:
+def sample_candidates(
+    model,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    n: int,
+    template: str,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+) -> list[list[str]]:
     """n sampled answers per prompt ([len(prompts)][n]); reproducible for a given seed and batch size.
 
     The prompts are repeated n times in one generation call, so the N samples share batches.
@@ -27,28 +37,48 @@ def sample_candidates(model, images: Sequence[Image.Image], prompts: Sequence[st
         raise ValueError(f"n must be >= 1, got {n}")
     repeated_images = [image for image in images for _ in range(n)]
     repeated_prompts = [prompt for prompt in prompts for _ in range(n)]
-    flat = model.generate(repeated_images, repeated_prompts, template=template, max_new_tokens=max_new_tokens,
-                          do_sample=True, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
-    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+    flat = model.generate(
+        repeated_images,
+        repeated_prompts,
+        template=template,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def score_candidates(policy, reference, images: Sequence[Image.Image], prompts: Sequence[str],
-                     candidates: Sequence[Sequence[str]], beta: float, template: str, variant: str = "sum",
-                     batch_size: int = 16) -> list[list[float]]:
+def score_candidates(
+    policy,
+    reference,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    beta: float,
+    template: str,
+    variant: str = "sum",
+    batch_size: int = 16,
+) -> list[list[float]]:
     """Implicit rewards of every candidate, shaped like `candidates`; all are scored in shared batches."""
     flat_images = [image for image, group in zip(images, candidates) for _ in group]
     flat_prompts = [prompt for prompt, group in zip(prompts, candidates) for _ in group]
     flat_answers = [answer for group in candidates for answer in group]
-    flat = implicit_rewards(policy, reference, flat_images, flat_prompts, flat_answers, beta, template, variant, batch_size)
+    flat = implicit_rewards(
+        policy, reference, flat_images, flat_prompts, flat_answers, beta, template, variant, batch_size
+    )
     out, start = [], 0
     for group in candidates:
-        out.append(flat[start:start + len(group)])
+        out.append(flat[start : start + len(group)])
         start += len(group)
     return out
 
 
-def pick_best(candidates: Sequence[Sequence[str]], rewards: Sequence[Sequence[float]],
-              first_n: Optional[int] = None) -> list[str]:
+def pick_best(
+    candidates: Sequence[Sequence[str]], rewards: Sequence[Sequence[float]], first_n: int | None = None
+) -> list[str]:
     """Per prompt, the candidate with the highest reward among the first `first_n` (all by default);
     ties go to the earliest candidate."""
     best = []
@@ -60,9 +90,17 @@ def pick_best(candidates: Sequence[Sequence[str]], rewards: Sequence[Sequence[fl
     return best
 
 
-def best_of_n(policy, reference, images: Sequence[Image.Image], prompts: Sequence[str],
-              candidates: Sequence[Sequence[str]], beta: float, template: str, variant: str = "sum",
-              batch_size: int = 16) -> tuple[list[str], list[list[float]]]:
+def best_of_n(
+    policy,
+    reference,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    beta: float,
+    template: str,
+    variant: str = "sum",
+    batch_size: int = 16,
+) -> tuple[list[str], list[list[float]]]:
     """(the highest-reward candidate per prompt, every candidate's reward)."""
     rewards = score_candidates(policy, reference, images, prompts, candidates, beta, template, variant, batch_size)
     return pick_best(candidates, rewards), rewards

@@ -17,12 +17,14 @@ Any causal LM / MLLM plugs in as a labeler through `YesNoLabeler.yes_no_logprobs
 RLAIF-V's splitter is a fine-tuned Llama-3-8B that also writes the questions; here splitting and
 question writing are two small interfaces with rule-based defaults.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Protocol
 
 from PIL import Image
 
@@ -121,8 +123,14 @@ class ModelYesNoLabeler:
     their probabilities add. Spellings the tokenizer cannot represent (its unknown token) are skipped.
     """
 
-    def __init__(self, model, template: str, yes_words: Sequence[str] = ("yes",), no_words: Sequence[str] = ("no",),
-                 batch_size: int = 32):
+    def __init__(
+        self,
+        model,
+        template: str,
+        yes_words: Sequence[str] = ("yes",),
+        no_words: Sequence[str] = ("no",),
+        batch_size: int = 32,
+    ):
         self.model, self.template, self.batch_size = model, template, batch_size
         self.yes = self._spellings(yes_words)
         self.no = self._spellings(no_words)
@@ -137,17 +145,23 @@ class ModelYesNoLabeler:
             if n and tokenizer.unk_token_id not in ids[:n]:
                 out.append((word, n))
         if not out:
-            raise ValueError(f"the labeler's tokenizer cannot write any of {list(words)} (unknown token): give spellings it knows")
+            raise ValueError(
+                f"the labeler's tokenizer cannot write any of {list(words)} (unknown token): give spellings it knows"
+            )
         return out
 
     def _word_logps(self, images: Sequence[Image.Image], questions: Sequence[str], spellings) -> list[float]:
         per_spelling = []
         for word, n in spellings:
-            logps = answer_token_logps(self.model, images, questions, [word] * len(questions), self.template, self.batch_size)
+            logps = answer_token_logps(
+                self.model, images, questions, [word] * len(questions), self.template, self.batch_size
+            )
             per_spelling.append([float(t[:n].sum()) for t in logps])
         return [_logsumexp(values) for values in zip(*per_spelling)]
 
-    def batch_yes_no_logprobs(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[tuple[float, float]]:
+    def batch_yes_no_logprobs(
+        self, images: Sequence[Image.Image], questions: Sequence[str]
+    ) -> list[tuple[float, float]]:
         if not questions:
             return []
         return list(zip(self._word_logps(images, questions, self.yes), self._word_logps(images, questions, self.no)))
@@ -164,8 +178,9 @@ def _logsumexp(values: Sequence[float]) -> float:
 class DivideAndConquerFeedback:
     """RLAIF-V's divide-and-conquer feedback: score = -(claims the labeler rejects)."""
 
-    def __init__(self, splitter: ClaimSplitter, labeler: YesNoLabeler,
-                 to_question: Callable[[str], str] = claim_question):
+    def __init__(
+        self, splitter: ClaimSplitter, labeler: YesNoLabeler, to_question: Callable[[str], str] = claim_question
+    ):
         self.splitter, self.labeler, self.to_question = splitter, labeler, to_question
 
     def judge(self, query: Query, answers: Sequence[str]) -> list[list[tuple[str, bool]]]:
@@ -173,14 +188,14 @@ class DivideAndConquerFeedback:
         in one batch when it offers `batch_yes_no_logprobs`."""
         claims = [self.splitter.split(answer) for answer in answers]
         questions = [self.to_question(c) for group in claims for c in group]
-        batch: Optional[Callable] = getattr(self.labeler, "batch_yes_no_logprobs", None)
+        batch: Callable | None = getattr(self.labeler, "batch_yes_no_logprobs", None)
         if batch is not None:
             logps = batch([query.image] * len(questions), questions)
         else:
             logps = [self.labeler.yes_no_logprobs(query.image, q) for q in questions]
         verdicts, k = [], 0
         for group in claims:
-            verdicts.append([(c, yes > no) for c, (yes, no) in zip(group, logps[k:k + len(group)])])
+            verdicts.append([(c, yes > no) for c, (yes, no) in zip(group, logps[k : k + len(group)])])
             k += len(group)
         return verdicts
 

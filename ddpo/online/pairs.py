@@ -16,12 +16,13 @@ words), drop the pair whose chosen answer is shortest relative to its rejected o
 word difference, ties: the later pair). What is left has mean chosen length >= mean rejected length,
 and the pairs that do not shorten are never dropped.
 """
+
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,14 @@ def candidate_pairs(answers: Sequence[str], scores: Sequence[float], min_gap: fl
     return [(i, j) for i in usable for j in usable if scores[i] - scores[j] >= min_gap and answers[i] != answers[j]]
 
 
-def sample_pairs(prompt_index: int, answers: Sequence[str], scores: Sequence[float], per_prompt: int,
-                 rng: random.Random, min_gap: float = 1.0) -> list[Pair]:
+def sample_pairs(
+    prompt_index: int,
+    answers: Sequence[str],
+    scores: Sequence[float],
+    per_prompt: int,
+    rng: random.Random,
+    min_gap: float = 1.0,
+) -> list[Pair]:
     """Up to `per_prompt` pairs of one prompt's answers, drawn without replacement from `candidate_pairs`."""
     options = candidate_pairs(answers, scores, min_gap)
     picked = rng.sample(options, min(per_prompt, len(options)))
@@ -70,21 +77,33 @@ def balance_lengths(pairs: Sequence[Pair]) -> list[Pair]:
     return [pairs[k] for k in kept]
 
 
-def build_pairs(answers: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], per_prompt: int = 2,
-                min_gap: float = 1.0, seed: int = 0, balance: bool = True) -> tuple[list[Pair], dict]:
+def build_pairs(
+    answers: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float]],
+    per_prompt: int = 2,
+    min_gap: float = 1.0,
+    seed: int = 0,
+    balance: bool = True,
+) -> tuple[list[Pair], dict]:
     """All prompts' pairs (steps 1-3 of the module doc) and counts for the log: prompts, prompts with
     a pair, pairs before and after the length filter, mean words of chosen and rejected answers."""
     if len(answers) != len(scores):
         raise ValueError(f"{len(answers)} prompts of answers but {len(scores)} of scores")
     rng = random.Random(seed)
-    pairs = [p for k, (group, values) in enumerate(zip(answers, scores))
-             for p in sample_pairs(k, group, values, per_prompt, rng, min_gap)]
+    pairs = [
+        p
+        for k, (group, values) in enumerate(zip(answers, scores))
+        for p in sample_pairs(k, group, values, per_prompt, rng, min_gap)
+    ]
     kept = balance_lengths(pairs) if balance else pairs
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     stats = {
-        "prompts": len(answers), "prompts_with_pairs": len({p.prompt_index for p in pairs}),
-        "pairs_sampled": len(pairs), "pairs": len(kept),
-        "chosen_words": mean([n_words(p.chosen) for p in kept]), "rejected_words": mean([n_words(p.rejected) for p in kept]),
+        "prompts": len(answers),
+        "prompts_with_pairs": len({p.prompt_index for p in pairs}),
+        "pairs_sampled": len(pairs),
+        "pairs": len(kept),
+        "chosen_words": mean([n_words(p.chosen) for p in kept]),
+        "rejected_words": mean([n_words(p.rejected) for p in kept]),
         "score_gap": mean([p.chosen_score - p.rejected_score for p in kept]),
     }
     return kept, stats

@@ -25,14 +25,15 @@ Answers JSONL, one object per line:
 The output repeats every row with `reward` (for `answer`) or `rewards` (for `answers`) added; by default
 it is written next to the answers as `<name>.scored.jsonl`.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from PIL import Image
@@ -44,40 +45,53 @@ from ddpo.data.records import IGNORE_INDEX
 from ddpo.data.segments import token_corrections
 from ddpo.data.templates import TEMPLATES, encode_answer
 from ddpo.loss import token_weights
-from ddpo.reference import answer_logps
 from ddpo.models.build import load_model
-
+from ddpo.reference import answer_logps
 
 VARIANTS = ("sum", "mean", "segment")
 
 
 @torch.no_grad()
-def answer_token_logps(model, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str],
-                       template: str, batch_size: int = 16) -> list[torch.Tensor]:
+def answer_token_logps(
+    model,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    template: str,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
     """Per-answer-token log-probs under `model`: one float32 tensor [n_answer_tokens] per answer.
 
     Each (image, prompt, answer) is scored as a "chosen"-like sequence: the template's prompt ids, then
     the labelled answer ids (answer + end marker), exactly the tokens training puts weights on.
     """
     if not len(images) == len(prompts) == len(answers):
-        raise ValueError(f"answer_token_logps: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; pass one of each per answer")
+        raise ValueError(
+            f"answer_token_logps: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; pass one of each per answer"
+        )
     encoded = encode_sequences(model.tokenizer, template, model.image_placeholder, prompts, answers)
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
     try:
         for start in range(0, len(encoded), batch_size):
-            ids, mask, labels = collate_sequences(encoded[start:start + batch_size], model.tokenizer.pad_token_id)
-            pixels = model.preprocess_images(images[start:start + batch_size]).to(model.device, model.dtype)
-            logps = model.sequence_token_logps(ids.to(model.device), mask.to(model.device), labels.to(model.device), pixels)
-            out += [torch.tensor(row, dtype=torch.float32) for row in answer_logps(logps.cpu(), labels[:, 1:] != IGNORE_INDEX)]
+            ids, mask, labels = collate_sequences(encoded[start : start + batch_size], model.tokenizer.pad_token_id)
+            pixels = model.preprocess_images(images[start : start + batch_size]).to(model.device, model.dtype)
+            logps = model.sequence_token_logps(
+                ids.to(model.device), mask.to(model.device), labels.to(model.device), pixels
+            )
+            out += [
+                torch.tensor(row, dtype=torch.float32)
+                for row in answer_logps(logps.cpu(), labels[:, 1:] != IGNORE_INDEX)
+            ]
     finally:
         model.train(was_training)
     return out
 
 
-def segment_weights(tokenizer, template: str, answer: str, reference_answer: Optional[str], gamma: float,
-                    min_match: int = 3) -> torch.Tensor:
+def segment_weights(
+    tokenizer, template: str, answer: str, reference_answer: str | None, gamma: float, min_match: int = 3
+) -> torch.Tensor:
     """[n_answer_tokens] weights of `answer`: gamma where its tokens replace tokens of `reference_answer`
     (RLHF-V's token diff), 1 elsewhere; all ones without a reference answer. The same corrected mask ->
     weights path as training (`data.segments` finds the tokens, `ddpo.loss.token_weights` weighs them)."""
@@ -88,9 +102,19 @@ def segment_weights(tokenizer, template: str, answer: str, reference_answer: Opt
     return token_weights(torch.ones(len(ids), dtype=torch.bool), torch.tensor(corrected, dtype=torch.bool), gamma)
 
 
-def implicit_rewards(policy, reference, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str],
-                     beta: float, template: str, variant: str = "sum", batch_size: int = 16,
-                     reference_answers: Optional[Sequence[Optional[str]]] = None, gamma: float = 5.0) -> list[float]:
+def implicit_rewards(
+    policy,
+    reference,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    beta: float,
+    template: str,
+    variant: str = "sum",
+    batch_size: int = 16,
+    reference_answers: Sequence[str | None] | None = None,
+    gamma: float = 5.0,
+) -> list[float]:
     """The implicit reward of each answer (module doc): a list of floats, one per answer.
 
     `policy` and `reference` are `PreferenceModel`s sharing a tokenizer; `reference_answers` (one per
@@ -101,18 +125,29 @@ def implicit_rewards(policy, reference, images: Sequence[Image.Image], prompts: 
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if reference_answers is not None and len(reference_answers) != len(answers):
-        raise ValueError(f"{len(reference_answers)} reference answers for {len(answers)} answers; give one (or None) per answer")
+        raise ValueError(
+            f"{len(reference_answers)} reference answers for {len(answers)} answers; give one (or None) per answer"
+        )
     policy_logps = answer_token_logps(policy, images, prompts, answers, template, batch_size)
     reference_logps = answer_token_logps(reference, images, prompts, answers, template, batch_size)
     weights = None
     if variant == "segment":
-        weights = [segment_weights(policy.tokenizer, template, answer, None if reference_answers is None else reference_answers[i], gamma)
-                   for i, answer in enumerate(answers)]
+        weights = [
+            segment_weights(
+                policy.tokenizer, template, answer, None if reference_answers is None else reference_answers[i], gamma
+            )
+            for i, answer in enumerate(answers)
+        ]
     return rewards_from_logps(policy_logps, reference_logps, beta, variant, weights)
 
 
-def rewards_from_logps(policy_logps: Sequence[torch.Tensor], reference_logps: Sequence[torch.Tensor], beta: float,
-                       variant: str = "sum", weights: Optional[Sequence[torch.Tensor]] = None) -> list[float]:
+def rewards_from_logps(
+    policy_logps: Sequence[torch.Tensor],
+    reference_logps: Sequence[torch.Tensor],
+    beta: float,
+    variant: str = "sum",
+    weights: Sequence[torch.Tensor] | None = None,
+) -> list[float]:
     """The implicit reward of each answer from its per-token log-probs under the policy and the reference
     (module doc); `weights` (one [n_answer_tokens] tensor per answer, `segment_weights`) only for `segment`.
     Lets one reference pass serve several policies and variants."""
@@ -123,8 +158,10 @@ def rewards_from_logps(policy_logps: Sequence[torch.Tensor], reference_logps: Se
     rewards = []
     for i, (p, r) in enumerate(zip(policy_logps, reference_logps, strict=True)):
         if p.shape != r.shape:
-            raise ValueError(f"answer {i}: the policy sees {len(p)} answer tokens, the reference {len(r)}; "
-                             "the two models must share a tokenizer (the reference is the policy's starting model)")
+            raise ValueError(
+                f"answer {i}: the policy sees {len(p)} answer tokens, the reference {len(r)}; "
+                "the two models must share a tokenizer (the reference is the policy's starting model)"
+            )
         ratio = p - r
         if variant == "sum":
             value = ratio.sum()
@@ -149,10 +186,14 @@ def read_answers(path: Path, image_dir: Path) -> tuple[list[dict], list[Image.Im
         row = parse_json_object(line, where)
         question = row.get("question", row.get("prompt"))
         if not isinstance(question, str):
-            raise DataError(f"{where}, field 'question': missing or not a string; give the prompt as `question` (or `prompt`)")
+            raise DataError(
+                f"{where}, field 'question': missing or not a string; give the prompt as `question` (or `prompt`)"
+            )
         has_one, has_many = isinstance(row.get("answer"), str), isinstance(row.get("answers"), list)
         if has_one == has_many:
-            raise DataError(f"{where}, field 'answer'/'answers': give exactly one of `answer` (a string) or `answers` (a list of strings)")
+            raise DataError(
+                f"{where}, field 'answer'/'answers': give exactly one of `answer` (a string) or `answers` (a list of strings)"
+            )
         if has_many and not all(isinstance(a, str) for a in row["answers"]):
             raise DataError(f"{where}, field 'answers': every candidate must be a string")
         if row.get("reference") is not None and not isinstance(row["reference"], str):
@@ -164,8 +205,17 @@ def read_answers(path: Path, image_dir: Path) -> tuple[list[dict], list[Image.Im
     return rows, images
 
 
-def score_rows(policy, reference, rows: list[dict], images: list[Image.Image], beta: float, template: str,
-               variant: str, batch_size: int, gamma: float) -> list[dict]:
+def score_rows(
+    policy,
+    reference,
+    rows: list[dict],
+    images: list[Image.Image],
+    beta: float,
+    template: str,
+    variant: str,
+    batch_size: int,
+    gamma: float,
+) -> list[dict]:
     """Rows with `reward` / `rewards` added; all candidates of all rows are scored in shared batches."""
     flat_images, flat_prompts, flat_answers, flat_refs, owners = [], [], [], [], []
     for k, (row, image) in enumerate(zip(rows, images)):
@@ -176,8 +226,19 @@ def score_rows(policy, reference, rows: list[dict], images: list[Image.Image], b
             flat_answers.append(answer)
             flat_refs.append(row.get("reference"))
             owners.append(k)
-    rewards = implicit_rewards(policy, reference, flat_images, flat_prompts, flat_answers, beta, template, variant,
-                               batch_size, flat_refs, gamma)
+    rewards = implicit_rewards(
+        policy,
+        reference,
+        flat_images,
+        flat_prompts,
+        flat_answers,
+        beta,
+        template,
+        variant,
+        batch_size,
+        flat_refs,
+        gamma,
+    )
     per_row: list[list[float]] = [[] for _ in rows]
     for k, reward in zip(owners, rewards):
         per_row[k].append(reward)
@@ -192,18 +253,31 @@ def score_rows(policy, reference, rows: list[dict], images: list[Image.Image], b
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddpo score", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ddpo score",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--policy", required=True, help="trained policy directory (e.g. RUN/final)")
     parser.add_argument("--reference", required=True, help="its reference (starting) model directory")
     parser.add_argument("--answers", required=True, help="answers JSONL (schema below)")
     parser.add_argument("--image-dir", required=True, help="folder that the rows' `image` paths are relative to")
-    parser.add_argument("--output", default=None, help="scored JSONL (default: <answers>.scored.jsonl next to the answers)")
+    parser.add_argument(
+        "--output", default=None, help="scored JSONL (default: <answers>.scored.jsonl next to the answers)"
+    )
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta the policy was trained with (default 0.1)")
     parser.add_argument("--variant", choices=VARIANTS, default="sum")
-    parser.add_argument("--gamma", type=float, default=5.0, help="segment variant: weight of tokens that differ from `reference`")
-    parser.add_argument("--template", choices=TEMPLATES, default="vicuna_v0", help="the conversation template the policy was trained with")
+    parser.add_argument(
+        "--gamma", type=float, default=5.0, help="segment variant: weight of tokens that differ from `reference`"
+    )
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default="vicuna_v0",
+        help="the conversation template the policy was trained with",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
@@ -219,12 +293,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"ddpo score: {e}", file=sys.stderr)
         return 2
     policy, reference = load_model(args.policy), load_model(args.reference)
-    scored = score_rows(policy, reference, rows, images, args.beta, args.template, args.variant, args.batch_size, args.gamma)
+    scored = score_rows(
+        policy, reference, rows, images, args.beta, args.template, args.variant, args.batch_size, args.gamma
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
         for row in scored:
             f.write(json.dumps(row) + "\n")
-    print(f"scored {sum(len(r.get('rewards', [0])) for r in scored)} answers of {len(scored)} rows ({args.variant}, beta {args.beta}) -> {output}")
+    print(
+        f"scored {sum(len(r.get('rewards', [0])) for r in scored)} answers of {len(scored)} rows ({args.variant}, beta {args.beta}) -> {output}"
+    )
     return 0
 
 

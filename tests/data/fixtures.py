@@ -2,12 +2,12 @@
 
 Rows are plain dicts in each schema, so a test can break one field and write the file.
 """
+
 from __future__ import annotations
 
 import io
 import json
 from pathlib import Path
-from typing import Optional
 
 import datasets
 from datasets import Features, Image, Value
@@ -15,11 +15,27 @@ from PIL import Image as PILImage
 
 # (question, chosen = corrected, rejected = original) in words the word tokenizer knows
 PAIRS = [
-    ("Describe the image in detail .", "there is a red circle at the top left .", "there is a blue circle at the top left ."),
+    (
+        "Describe the image in detail .",
+        "there is a red circle at the top left .",
+        "there is a blue circle at the top left .",
+    ),
     ("What is in the picture ?", "a cat and a dog are in the center .", "a cat and a frisbee are in the center ."),
-    ("How many objects are there ?", "there are two objects : a red square and a green triangle .", "there are three objects : a red square and a green triangle ."),
-    ("Describe the image in detail .", "a small yellow cat is at the bottom right .", "a large yellow dog is at the bottom right ."),
-    ("What is in the picture ?", "a blue square is in the center .", "a blue square and a red circle are in the center ."),
+    (
+        "How many objects are there ?",
+        "there are two objects : a red square and a green triangle .",
+        "there are three objects : a red square and a green triangle .",
+    ),
+    (
+        "Describe the image in detail .",
+        "a small yellow cat is at the bottom right .",
+        "a large yellow dog is at the bottom right .",
+    ),
+    (
+        "What is in the picture ?",
+        "a blue square is in the center .",
+        "a blue square and a red circle are in the center .",
+    ),
     ("How many objects are there ?", "there is one object .", "there are four objects ."),
 ]
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
@@ -107,35 +123,42 @@ def trl_rows(n: int = len(PAIRS)) -> list[dict]:
     ]
 
 
-def write_rlhfv(path: Path, rows: Optional[list[dict]] = None) -> Path:
+def write_rlhfv(path: Path, rows: list[dict] | None = None) -> Path:
     """RLHF-V-Dataset.parquet: one file."""
-    datasets.Dataset.from_list(rows if rows is not None else rlhfv_rows(), features=RLHFV_FEATURES).to_parquet(str(path))
+    datasets.Dataset.from_list(rows if rows is not None else rlhfv_rows(), features=RLHFV_FEATURES).to_parquet(
+        str(path)
+    )
     return path
 
 
-def write_rlaifv(folder: Path, rows: Optional[list[dict]] = None, shards: int = 2) -> Path:
+def write_rlaifv(folder: Path, rows: list[dict] | None = None, shards: int = 2) -> Path:
     """RLAIF-V-Dataset_000.parquet, _001, ...: rows split over `shards` files."""
     rows = rows if rows is not None else rlaifv_rows()
     folder.mkdir(parents=True, exist_ok=True)
     per = -(-len(rows) // shards)
     for s in range(shards):
-        part = rows[s * per:(s + 1) * per]
-        datasets.Dataset.from_list(part, features=RLAIFV_FEATURES).to_parquet(str(folder / f"RLAIF-V-Dataset_{s:03d}.parquet"))
+        part = rows[s * per : (s + 1) * per]
+        datasets.Dataset.from_list(part, features=RLAIFV_FEATURES).to_parquet(
+            str(folder / f"RLAIF-V-Dataset_{s:03d}.parquet")
+        )
     return folder
 
 
-def write_trl_parquet(path: Path, rows: Optional[list[dict]] = None) -> Path:
+def write_trl_parquet(path: Path, rows: list[dict] | None = None) -> Path:
     rows = rows if rows is not None else trl_rows()
     ds = datasets.Dataset.from_list(rows)
     ds.cast_column("images", datasets.List(Image())).to_parquet(str(path))
     return path
 
 
-def write_jsonl(folder: Path, rows: Optional[list[dict]] = None) -> Path:
+def write_jsonl(folder: Path, rows: list[dict] | None = None) -> Path:
     """data.jsonl + images/<i>.png; rows may carry chosen_spans / rejected_spans."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     if rows is None:
-        rows = [{"image": f"images/{i}.png", "question": q, "chosen": c, "rejected": r, "idx": i} for i, (q, c, r) in enumerate(PAIRS)]
+        rows = [
+            {"image": f"images/{i}.png", "question": q, "chosen": c, "rejected": r, "idx": i}
+            for i, (q, c, r) in enumerate(PAIRS)
+        ]
     for i in range(len(PAIRS)):
         (folder / "images" / f"{i}.png").write_bytes(png_bytes(COLORS[i % 6]))
     path = folder / "data.jsonl"

@@ -1,4 +1,5 @@
 """Encoding and collation: labels, corrected-token masks and reference log-probs at exactly the answer positions."""
+
 import logging
 
 import numpy as np
@@ -52,16 +53,29 @@ def add_ref(record: PreferenceRecord, enc: PairEncoder) -> PreferenceRecord:
 def naive_rows(pair, T, side, pad_id):
     """Reference layout built token by token: per-position label and corrected flag, then shifted by one."""
     out = []
-    for answer, w, ref in [(pair.chosen_ids, pair.chosen_corrected, pair.ref_chosen_logps), (pair.rejected_ids, pair.rejected_corrected, pair.ref_rejected_logps)]:
+    for answer, w, ref in [
+        (pair.chosen_ids, pair.chosen_corrected, pair.ref_chosen_logps),
+        (pair.rejected_ids, pair.rejected_corrected, pair.ref_rejected_logps),
+    ]:
         ids = pair.prompt_ids + answer
         labels = [-100] * len(pair.prompt_ids) + answer
         weight_at = [False] * len(pair.prompt_ids) + w  # corrected flag of the token at each position
         ref_at = [0.0] * len(pair.prompt_ids) + (ref or [0.0] * len(answer))
         pad = T - len(ids)
         if side == "right":
-            ids, labels, weight_at, ref_at = ids + [pad_id] * pad, labels + [-100] * pad, weight_at + [False] * pad, ref_at + [0.0] * pad
+            ids, labels, weight_at, ref_at = (
+                ids + [pad_id] * pad,
+                labels + [-100] * pad,
+                weight_at + [False] * pad,
+                ref_at + [0.0] * pad,
+            )
         else:
-            ids, labels, weight_at, ref_at = [pad_id] * pad + ids, [-100] * pad + labels, [False] * pad + weight_at, [0.0] * pad + ref_at
+            ids, labels, weight_at, ref_at = (
+                [pad_id] * pad + ids,
+                [-100] * pad + labels,
+                [False] * pad + weight_at,
+                [0.0] * pad + ref_at,
+            )
         out.append((ids, labels, weight_at[1:], ref_at[1:]))  # the mask aligns with labels[:, 1:]
     return out
 
@@ -73,7 +87,9 @@ def test_batch_matches_a_naive_token_by_token_layout(tokenizer, side):
     batch = PairCollator(tokenizer.pad_token_id, side, resize_normalize)(pairs)
     B, T = 3, batch.input_ids.shape[1]
     assert T == max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-    assert batch.corrected.shape == batch.ref_token_logps.shape == (2 * B, T - 1) and batch.corrected.dtype == torch.bool
+    assert (
+        batch.corrected.shape == batch.ref_token_logps.shape == (2 * B, T - 1) and batch.corrected.dtype == torch.bool
+    )
     for b, pair in enumerate(pairs):
         for row, (ids, labels, corrected, ref) in zip((b, B + b), naive_rows(pair, T, side, tokenizer.pad_token_id)):
             assert batch.input_ids[row].tolist() == ids
@@ -81,7 +97,9 @@ def test_batch_matches_a_naive_token_by_token_layout(tokenizer, side):
             assert batch.corrected[row].tolist() == corrected
             assert batch.answer_mask[row].tolist() == [label != -100 for label in labels[1:]]
             assert torch.allclose(batch.ref_token_logps[row], torch.tensor(ref))
-            assert batch.attention_mask[row].sum() == len(pair.prompt_ids) + (len(pair.chosen_ids) if row < B else len(pair.rejected_ids))
+            assert batch.attention_mask[row].sum() == len(pair.prompt_ids) + (
+                len(pair.chosen_ids) if row < B else len(pair.rejected_ids)
+            )
     assert batch.row_indices == [10, 11, 12]
     assert batch.pixel_values.shape == (3, 3, 4, 4)
     assert torch.allclose(batch.pixel_values[1, :, 0, 0], torch.tensor(COLORS[1], dtype=torch.float32) / 255)
@@ -134,7 +152,10 @@ def test_no_cache_gives_none_and_a_mixed_batch_is_an_error(tokenizer):
 def test_ref_logps_of_the_wrong_length_are_a_data_error(tokenizer):
     record = make_records()[0]
     record.ref_chosen_logps, record.ref_rejected_logps = [-0.1] * 3, [-0.1] * 3
-    with pytest.raises(DataError, match="row 10, field 'ref_chosen_logps': the reference cache holds 3 log-probs for this answer's 11 tokens; the cache does not match"):
+    with pytest.raises(
+        DataError,
+        match="row 10, field 'ref_chosen_logps': the reference cache holds 3 log-probs for this answer's 11 tokens; the cache does not match",
+    ):
         encoder(tokenizer).encode(record)
 
 
@@ -148,7 +169,10 @@ def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, cap
         dataset = PairDataset([record], enc)
     assert dataset.truncated == [(12, len(whole.prompt_ids), len(whole.chosen_ids), len(whole.rejected_ids))]
     assert f"1 of 1 pairs have an answer longer than the room data.max_length {enc.max_length} leaves" in caplog.text
-    assert f"row 12, prompt {len(whole.prompt_ids)} + answers {len(whole.chosen_ids)}/{len(whole.rejected_ids)} tokens" in caplog.text
+    assert (
+        f"row 12, prompt {len(whole.prompt_ids)} + answers {len(whole.chosen_ids)}/{len(whole.rejected_ids)} tokens"
+        in caplog.text
+    )
     before = enc.num_truncated
     cut = dataset[0]
     assert enc.num_truncated == before + 1
@@ -166,7 +190,10 @@ def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, cap
     assert cut.chosen_corrected == [True, True, True, False]
     # A cache that does not cover the kept tokens is blamed, naming both lengths.
     record.ref_chosen_logps = [-0.1] * len(whole.chosen_ids)
-    with pytest.raises(DataError, match=f"holds {len(whole.chosen_ids)} log-probs for this answer's 4 tokens \\({len(whole.chosen_ids)} before cutting to data.max_length {enc.max_length}\\)"):
+    with pytest.raises(
+        DataError,
+        match=f"holds {len(whole.chosen_ids)} log-probs for this answer's 4 tokens \\({len(whole.chosen_ids)} before cutting to data.max_length {enc.max_length}\\)",
+    ):
         enc.encode(record)
 
 
@@ -187,7 +214,9 @@ def test_prompt_that_cannot_fit_is_an_error_or_a_counted_skip(tokenizer, caplog)
     long_question = " ".join(["what"] * 60) + " ?"
     records[3].prompt = long_question
     enc = encoder(tokenizer, max_length=64)
-    with pytest.raises(DataError, match="row 13, field 'prompt': prompt \\+ image tokens take \\d+ tokens.*max_length 64"):
+    with pytest.raises(
+        DataError, match="row 13, field 'prompt': prompt \\+ image tokens take \\d+ tokens.*max_length 64"
+    ):
         PairDataset(records, enc)
     with caplog.at_level(logging.WARNING, logger="ddpo.data.collator"):
         dataset = PairDataset(records, enc, skip_bad_rows=True)
@@ -198,7 +227,9 @@ def test_prompt_that_cannot_fit_is_an_error_or_a_counted_skip(tokenizer, caplog)
 def test_dataset_is_lazy_and_deterministic_and_batches_through_a_dataloader(tokenizer):
     dataset = PairDataset(make_records(), encoder(tokenizer))
     assert dataset[2] == dataset[2]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=PairCollator(tokenizer.pad_token_id, image_transform=resize_normalize))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=4, collate_fn=PairCollator(tokenizer.pad_token_id, image_transform=resize_normalize)
+    )
     batches = list(loader)
     assert [b.num_pairs for b in batches] == [4, 2] and batches[1].row_indices == [14, 15]
     # both rows of a pair start with the same prompt
@@ -218,7 +249,10 @@ def test_segment_modes(tokenizer):
     # Character spans of exactly the corrected words give the word diff's mask.
     record.chosen_spans, record.rejected_spans = corrected_word_spans(record.chosen, record.rejected)
     from_spans = encoder(tokenizer, segments="spans").encode(record)
-    assert (from_spans.chosen_corrected, from_spans.rejected_corrected) == (word.chosen_corrected, word.rejected_corrected)
+    assert (from_spans.chosen_corrected, from_spans.rejected_corrected) == (
+        word.chosen_corrected,
+        word.rejected_corrected,
+    )
     record.chosen_spans, record.rejected_spans = [(0, 5)], []  # "there"
     spans = encoder(tokenizer, segments="spans").encode(record)
     assert spans.chosen_corrected == [True] + [False] * (len(spans.chosen_ids) - 1)

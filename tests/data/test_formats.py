@@ -1,19 +1,31 @@
 """Readers of the four formats on fixtures in the exact schemas, and one test per bad-input case."""
+
 import io
 import json
-import re
 import logging
+import re
 import time
 
 import datasets
 import numpy as np
 import pytest
+from fixtures import (
+    COLORS,
+    PAIRS,
+    png_bytes,
+    rlaifv_rows,
+    rlhfv_rows,
+    trl_rows,
+    write_jsonl,
+    write_rlaifv,
+    write_rlhfv,
+    write_trl_parquet,
+)
 from PIL import Image
-from fixtures import COLORS, PAIRS, png_bytes, rlaifv_rows, rlhfv_rows, trl_rows, write_jsonl, write_rlaifv, write_rlhfv, write_trl_parquet
 
+from ddpo.config import DataConfig
 from ddpo.data.formats import DataError, load_records
 from ddpo.data.images import ArrowImage, EncodedImage, as_pil
-from ddpo.config import DataConfig
 
 
 def load(fmt, path, **kw):
@@ -57,7 +69,9 @@ def test_rlaifv_sharded_parquet_folder(tmp_path):
 def test_trl_parquet_and_save_to_disk(tmp_path):
     check_all_rows(load("trl", write_trl_parquet(tmp_path / "trl.parquet")), "trl.parquet")
     ds = datasets.Dataset.from_list(trl_rows()).cast_column("images", datasets.List(datasets.Image()))
-    datasets.DatasetDict({"train": ds.select(range(4)), "test": ds.select(range(4, 6))}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict({"train": ds.select(range(4)), "test": ds.select(range(4, 6))}).save_to_disk(
+        str(tmp_path / "dd")
+    )
     test = load("trl", tmp_path / "dd", split="test")
     assert [r.chosen for r in test] == [PAIRS[4][1], PAIRS[5][1]]
     with pytest.raises(DataError, match="no split 'validation'.*train, test"):
@@ -155,7 +169,9 @@ def test_chosen_identical_to_rejected_is_a_counted_skip(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         records = load("rlhf-v", write_rlhfv(tmp_path / "d.parquet", rows))
     assert len(records) == len(rows) - 1 and 1 not in [r.row_index for r in records]
-    assert len(records.skipped) == 1 and re.search(r"row 1 of .*identical answers carry no preference signal", records.skipped[0])
+    assert len(records.skipped) == 1 and re.search(
+        r"row 1 of .*identical answers carry no preference signal", records.skipped[0]
+    )
     assert f"skipped 1 of {len(rows)} rows (1 with identical answers" in caplog.text
 
 
@@ -205,7 +221,9 @@ def test_odd_sized_image(tmp_path):
 
 
 def test_wrong_type_in_jsonl(tmp_path):
-    rows = [{"image": f"images/{i}.png", "question": q, "chosen": c, "rejected": r} for i, (q, c, r) in enumerate(PAIRS)]
+    rows = [
+        {"image": f"images/{i}.png", "question": q, "chosen": c, "rejected": r} for i, (q, c, r) in enumerate(PAIRS)
+    ]
     rows[2]["chosen"] = 3
     with pytest.raises(DataError, match=r"row 2 \(line 3\).*field 'chosen': expected a string, got int"):
         load("jsonl", write_jsonl(tmp_path / "j", rows))
@@ -247,7 +265,9 @@ def test_text_json_that_does_not_parse(tmp_path):
 
 
 def test_span_outside_the_answer(tmp_path):
-    rows = [{"image": f"images/{i}.png", "question": q, "chosen": c, "rejected": r} for i, (q, c, r) in enumerate(PAIRS)]
+    rows = [
+        {"image": f"images/{i}.png", "question": q, "chosen": c, "rejected": r} for i, (q, c, r) in enumerate(PAIRS)
+    ]
     rows[0]["chosen_spans"] = [[30, 99]]
     with pytest.raises(DataError, match="row 0 .*field 'chosen_spans': span \\[30, 99\\] is not inside"):
         load("jsonl", write_jsonl(tmp_path / "j", rows))

@@ -3,9 +3,16 @@
 The expectations are written as DDPO weights, G (gamma) on a corrected token and 1 elsewhere, which is
 what the loss makes of the masks (ddpo.loss.token_weights); `weighted` maps a mask to that form.
 """
+
 import pytest
 
-from ddpo.data.segments import corrected_positions, corrected_word_spans, span_corrections, token_corrections, word_diff_corrections
+from ddpo.data.segments import (
+    corrected_positions,
+    corrected_word_spans,
+    span_corrections,
+    token_corrections,
+    word_diff_corrections,
+)
 
 G = 5.0
 
@@ -152,7 +159,10 @@ def test_word_diff_equals_spans_of_the_corrected_words():
     assert [rejected[a:b] for a, b in rejected_spans] == ["blue", "right"]
     characters = lambda text: [(i, i + 1) for i, ch in enumerate(text) if ch != " "]  # noqa: E731  one token per letter
     by_words = word_diff_corrections(chosen, rejected, characters(chosen), characters(rejected), min_match=1)
-    by_spans = span_corrections(characters(chosen), chosen_spans), span_corrections(characters(rejected), rejected_spans)
+    by_spans = (
+        span_corrections(characters(chosen), chosen_spans),
+        span_corrections(characters(rejected), rejected_spans),
+    )
     assert by_words == by_spans
     assert sum(by_words[0]) == len("redleft") and sum(by_words[1]) == len("blueright")
 
@@ -163,8 +173,10 @@ def test_muffin_diff_keeps_a_short_match_that_extends_the_prompt():
     prompt_tail = [1, 2, 3]
     chosen, rejected = [5, 20, 30, 31, 32, 33], [5, 21, 30, 31, 32, 33]
     assert token_corrections(chosen, rejected, 3) == ([True, True, False, False, False, False],) * 2
-    assert token_corrections(chosen, rejected, 3, context=prompt_tail, autojunk=True) == \
-        ([False, True, False, False, False, False],) * 2
+    assert (
+        token_corrections(chosen, rejected, 3, context=prompt_tail, autojunk=True)
+        == ([False, True, False, False, False, False],) * 2
+    )
 
 
 def naive_released_marks(context, chosen, rejected, min_match=3):
@@ -173,7 +185,9 @@ def naive_released_marks(context, chosen, rejected, min_match=3):
     import difflib
 
     c, r = [*context, *chosen], [*context, *rejected]
-    blocks = [b for b in difflib.SequenceMatcher(None, r, c).get_matching_blocks() if b.size >= min_match or b.size == 0]
+    blocks = [
+        b for b in difflib.SequenceMatcher(None, r, c).get_matching_blocks() if b.size >= min_match or b.size == 0
+    ]
     marks_c, marks_r, i, j = set(), set(), 0, 0
     for b in blocks:
         if b.a > i and b.b > j:

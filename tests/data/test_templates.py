@@ -1,4 +1,5 @@
 """Conversation templates: exact texts, separately tokenized prompt/answer, image-token checks, offsets."""
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -28,12 +29,29 @@ CHAT_TEMPLATE = (
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """A byte-level BPE tokenizer trained here on the template and answer texts."""
-    texts = [SYSTEM_PROMPT, "### Human: ### Assistant: USER: ASSISTANT:", "What is in the picture? There is a red circle at the top left."] * 3
+    texts = [
+        SYSTEM_PROMPT,
+        "### Human: ### Assistant: USER: ASSISTANT:",
+        "What is in the picture? There is a red circle at the top left.",
+    ] * 3
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<pad>", "<s>", "</s>", "<image>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", additional_special_tokens=["<image>"])
+    backend.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+    )
 
 
 def test_vicuna_v0_text_and_ids(word_tokenizer):
@@ -64,7 +82,9 @@ def test_bpe_prompt_and_answer_concatenate_like_the_whole_text(bpe_tokenizer, te
     question, answer = "What is in the picture?", "There is a red circle."
     prompt_ids = encode_prompt(template, bpe_tokenizer, question, "<image>" * 3)
     answer_ids = encode_answer(template, bpe_tokenizer, answer)
-    whole = prompt_text(template, bpe_tokenizer, question, "<image>" * 3) + answer_text(template, bpe_tokenizer, answer)[0]
+    whole = (
+        prompt_text(template, bpe_tokenizer, question, "<image>" * 3) + answer_text(template, bpe_tokenizer, answer)[0]
+    )
     expected = [bpe_tokenizer.bos_token_id] + bpe_tokenizer(whole, add_special_tokens=False)["input_ids"]
     if template == "llava_v1":
         expected.append(bpe_tokenizer.eos_token_id)
@@ -113,6 +133,6 @@ def test_image_token_check(word_tokenizer):
     with pytest.raises(DataError, match="exactly once"):
         check_image_tokens(typed, placeholder)
     i = good.index(placeholder[0])
-    split = good[: i + 2] + [good[0]] + good[i + 2:]  # same counts, a BOS inside the image tokens
+    split = good[: i + 2] + [good[0]] + good[i + 2 :]  # same counts, a BOS inside the image tokens
     with pytest.raises(DataError, match="split apart"):
         check_image_tokens(split, placeholder)

@@ -1,10 +1,12 @@
 """A local stand-in for an OpenAI-compatible chat API, on 127.0.0.1 with an OS-chosen port."""
+
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
 import pytest
 
@@ -13,9 +15,13 @@ Reply = Union[tuple, Callable[[dict[str, Any]], tuple]]
 
 
 def chat_body(content: str, model: str = "judge-test") -> dict[str, Any]:
-    return {"id": "x", "object": "chat.completion", "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
 
 
 class FakeChatServer:
@@ -23,7 +29,7 @@ class FakeChatServer:
 
     def __init__(self) -> None:
         self.script: list[Reply] = []
-        self.default: Optional[Reply] = None
+        self.default: Reply | None = None
         self.requests: list[dict[str, Any]] = []
         server = self
 

@@ -1,4 +1,5 @@
 """Batched generation through a fake model, and `ddpo eval --model` end to end (POPE, Object HalBench)."""
+
 import json
 import random
 
@@ -40,16 +41,35 @@ def make_images(dir_, n):
 def test_batches_seeds_kwargs_and_stop_strings(tmp_path):
     paths = make_images(tmp_path, 5)
     prompts = [f"q{i}" for i in range(5)]
-    config = GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.7, top_p=0.9, num_beams=1, seed=11,
-                              stop_strings=["###"], template="llava_v1", batch_size=2)
+    config = GenerationConfig(
+        max_new_tokens=7,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        num_beams=1,
+        seed=11,
+        stop_strings=["###"],
+        template="llava_v1",
+        batch_size=2,
+    )
     model = FakeModel()
     seen = []
     answers = generate_answers(model, paths, prompts, config, on_batch=lambda start, a: seen.append((start, a)))
     assert [c["n"] for c in model.calls] == [2, 2, 1]
     assert [c["seed"] for c in model.calls] == [11, 12, 13]
     assert [c["sizes"] for c in model.calls][2] == [(12, 8)]
-    assert {k: model.calls[0][k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "num_beams", "stop_strings", "template")} == \
-        {"max_new_tokens": 7, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "num_beams": 1, "stop_strings": ["###"], "template": "llava_v1"}
+    assert {
+        k: model.calls[0][k]
+        for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "num_beams", "stop_strings", "template")
+    } == {
+        "max_new_tokens": 7,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "num_beams": 1,
+        "stop_strings": ["###"],
+        "template": "llava_v1",
+    }
     assert all(a.startswith(f"q{i} -> ") and "###" not in a and not a.endswith(" ") for i, a in enumerate(answers))
     assert [s for s, _ in seen] == [0, 2, 4] and sum((a for _, a in seen), []) == answers
     assert generate_answers(FakeModel(), paths, prompts, config) == answers  # same seed, same answers
@@ -59,7 +79,9 @@ def test_batches_seeds_kwargs_and_stop_strings(tmp_path):
 def test_template_left_to_model_when_unset_and_bad_configs(tmp_path):
     model = FakeModel()
     generate_answers(model, make_images(tmp_path, 1), ["q"], GenerationConfig())
-    assert "template" not in model.calls[0] and model.calls[0]["do_sample"] is False and model.calls[0]["num_beams"] == 1
+    assert (
+        "template" not in model.calls[0] and model.calls[0]["do_sample"] is False and model.calls[0]["num_beams"] == 1
+    )
     with pytest.raises(ValueError, match="temperature > 0"):
         GenerationConfig(do_sample=True, temperature=0.0)
     with pytest.raises(FileNotFoundError, match="cannot open image .*missing.png"):
@@ -78,7 +100,9 @@ def fake_models_build(monkeypatch):
 
     def load_model(path, **options):
         loaded["path"], loaded["options"] = path, options
-        loaded["model"] = FakeModel(lambda prompt, rng: "Yes, there is." if "dog" in prompt else "No, there is not.</s>junk")
+        loaded["model"] = FakeModel(
+            lambda prompt, rng: "Yes, there is." if "dog" in prompt else "No, there is not.</s>junk"
+        )
         return loaded["model"]
 
     monkeypatch.setattr(eval_cli, "load_model", load_model)
@@ -87,14 +111,52 @@ def fake_models_build(monkeypatch):
 
 def test_pope_generate_then_rescore(tmp_path, fake_models_build):
     make_images(tmp_path, 2)
-    questions = [{"question_id": 1, "image": "img0.png", "text": "Is there a dog in the image?", "label": "yes", "category": "random"},
-                 {"question_id": 2, "image": "img1.png", "text": "Is there a cat in the image?", "label": "yes", "category": "random"},
-                 {"question_id": 3, "image": "img0.png", "text": "Is there a car in the image?", "label": "no", "category": "adversarial"}]
+    questions = [
+        {
+            "question_id": 1,
+            "image": "img0.png",
+            "text": "Is there a dog in the image?",
+            "label": "yes",
+            "category": "random",
+        },
+        {
+            "question_id": 2,
+            "image": "img1.png",
+            "text": "Is there a cat in the image?",
+            "label": "yes",
+            "category": "random",
+        },
+        {
+            "question_id": 3,
+            "image": "img0.png",
+            "text": "Is there a car in the image?",
+            "label": "no",
+            "category": "adversarial",
+        },
+    ]
     qfile = tmp_path / "pope.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
     out = tmp_path / "run" / "pope.json"
-    argv = ["--benchmark", "pope", "--model", "ckpt-dir", "--questions", str(qfile), "--image-dir", str(tmp_path),
-            "--output", str(out), "--batch-size", "2", "--stop", "</s>", "--num-beams", "3", "--seed", "5"]
+    argv = [
+        "--benchmark",
+        "pope",
+        "--model",
+        "ckpt-dir",
+        "--questions",
+        str(qfile),
+        "--image-dir",
+        str(tmp_path),
+        "--output",
+        str(out),
+        "--batch-size",
+        "2",
+        "--stop",
+        "</s>",
+        "--num-beams",
+        "3",
+        "--seed",
+        "5",
+    ]
     assert eval_main(argv) == 0
     assert fake_models_build["path"] == "ckpt-dir"
     assert [c["num_beams"] for c in fake_models_build["model"].calls] == [3, 3]
@@ -104,7 +166,19 @@ def test_pope_generate_then_rescore(tmp_path, fake_models_build):
     answers = [json.loads(x) for x in (tmp_path / "run" / "pope.answers.jsonl").read_text().splitlines()]
     assert [a["answer"] for a in answers] == ["Yes, there is.", "No, there is not.", "No, there is not."]
     # the written answers file scores to the same metrics without a model
-    assert eval_main(["--benchmark", "pope", "--answers", str(tmp_path / "run" / "pope.answers.jsonl"), "--output", str(tmp_path / "re.json")]) == 0
+    assert (
+        eval_main(
+            [
+                "--benchmark",
+                "pope",
+                "--answers",
+                str(tmp_path / "run" / "pope.answers.jsonl"),
+                "--output",
+                str(tmp_path / "re.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "re.json").read_text())["accuracy"] == m["accuracy"]
 
 
@@ -114,14 +188,36 @@ def test_objhal_generate_assigns_the_eight_prompts(tmp_path, fake_models_build):
     make_images(tmp_path, 1)
     coco = tmp_path / "coco"
     coco.mkdir()
-    (coco / "instances_val2014.json").write_text(json.dumps({"categories": [{"id": 18, "name": "dog"}],
-                                                             "annotations": [{"image_id": 7, "category_id": 18}]}))
-    (coco / "captions_val2014.json").write_text(json.dumps({"annotations": [{"image_id": 7, "caption": "A dog on a couch."}]}))
+    (coco / "instances_val2014.json").write_text(
+        json.dumps({"categories": [{"id": 18, "name": "dog"}], "annotations": [{"image_id": 7, "category_id": 18}]})
+    )
+    (coco / "captions_val2014.json").write_text(
+        json.dumps({"annotations": [{"image_id": 7, "caption": "A dog on a couch."}]})
+    )
     qfile = tmp_path / "objhal.jsonl"
     qfile.write_text("".join(json.dumps({"image_id": 7, "image": "img0.png"}) + "\n" for _ in range(9)))
     out = tmp_path / "objhal.json"
-    assert eval_main(["--benchmark", "objhal", "--model", "ckpt", "--questions", str(qfile), "--image-dir", str(tmp_path),
-                      "--annotations", str(coco), "--output", str(out), "--prompt-suffix", " (dog)"]) == 0
+    assert (
+        eval_main(
+            [
+                "--benchmark",
+                "objhal",
+                "--model",
+                "ckpt",
+                "--questions",
+                str(qfile),
+                "--image-dir",
+                str(tmp_path),
+                "--annotations",
+                str(coco),
+                "--output",
+                str(out),
+                "--prompt-suffix",
+                " (dog)",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in (tmp_path / "objhal.answers.jsonl").read_text().splitlines()]
     prompts = description_prompts()
     assert len(prompts) == 8 and [r["question"] for r in rows] == prompts + prompts[:1]
@@ -132,10 +228,12 @@ def test_objhal_generate_assigns_the_eight_prompts(tmp_path, fake_models_build):
 
 def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
     """Scoring an answers file: the ground truth is regenerated from the demo's test split (seed 0)."""
+    import json
+
+    import numpy as np
+
     from ddpo.data.synthetic.language import LanguageConfig, describe
     from ddpo.lab.demo import DemoSettings, split
-    import numpy as np
-    import json
 
     scenes, _, _, _ = split(DemoSettings(seed=0), "test", 4)
     rng = np.random.default_rng(0)
@@ -144,10 +242,13 @@ def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps({"index": i, "answer": a}) + "\n" for i, a in enumerate(answers)))
     out = tmp_path / "out.json"
-    assert eval_main(["--benchmark", "synthetic", "--answers", str(path), "--output", str(out), "--num-images", "4"]) == 0
+    assert (
+        eval_main(["--benchmark", "synthetic", "--answers", str(path), "--output", str(out), "--num-images", "4"]) == 0
+    )
     metrics = json.loads(out.read_text())
     from ddpo.data.synthetic.metrics import evaluate
     from ddpo.lab.demo import synthetic_config
+
     world = synthetic_config(DemoSettings(seed=0))
     expected = evaluate(scenes, answers, world.world.partners, world.empty_cells)
     for key in ("response_hallucination_rate", "mention_hallucination_rate", "object_recall", "mean_response_words"):
@@ -158,7 +259,9 @@ def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
 def _pope_question_file(tmp_path):
     make_images(tmp_path, 1)
     qfile = tmp_path / "pope.jsonl"
-    qfile.write_text(json.dumps({"question_id": 1, "image": "img0.png", "text": "Is there a dog?", "label": "yes"}) + "\n")
+    qfile.write_text(
+        json.dumps({"question_id": 1, "image": "img0.png", "text": "Is there a dog?", "label": "yes"}) + "\n"
+    )
     return qfile
 
 
@@ -169,11 +272,34 @@ def test_rlhfv_protocol_is_one_flag_and_is_recorded(tmp_path, fake_models_build)
     """--protocol rlhfv gives Muffin's eval settings (muffin_vqa.py): image after the question, 3 beams,
     1024 new tokens, repetition penalty 1.1, stop at ###; the output JSON says so."""
     qfile, out = _pope_question_file(tmp_path), tmp_path / "rlhfv.json"
-    assert eval_main(["--benchmark", "pope", "--model", "ckpt", "--questions", str(qfile), "--image-dir", str(tmp_path),
-                      "--output", str(out), "--protocol", "rlhfv"]) == 0
+    assert (
+        eval_main(
+            [
+                "--benchmark",
+                "pope",
+                "--model",
+                "ckpt",
+                "--questions",
+                str(qfile),
+                "--image-dir",
+                str(tmp_path),
+                "--output",
+                str(out),
+                "--protocol",
+                "rlhfv",
+            ]
+        )
+        == 0
+    )
     call = fake_models_build["model"].calls[0]
-    expected = {"template": "rlhfv_eval", "num_beams": 3, "max_new_tokens": 1024, "repetition_penalty": 1.1,
-                "stop_strings": ["###"], "do_sample": False}
+    expected = {
+        "template": "rlhfv_eval",
+        "num_beams": 3,
+        "max_new_tokens": 1024,
+        "repetition_penalty": 1.1,
+        "stop_strings": ["###"],
+        "do_sample": False,
+    }
     assert {k: call[k] for k in GENERATION_KEYS} == expected
     recorded = json.loads(out.read_text())["generation"]
     assert recorded["protocol"] == "rlhfv" and {k: recorded[k] for k in GENERATION_KEYS} == expected
@@ -183,18 +309,32 @@ def test_rlhfv_protocol_is_one_flag_and_is_recorded(tmp_path, fake_models_build)
 def test_protocol_flags_override_and_defaults_follow_the_model(tmp_path, fake_models_build):
     qfile = _pope_question_file(tmp_path)
     base = ["--benchmark", "pope", "--model", "ckpt", "--questions", str(qfile), "--image-dir", str(tmp_path)]
-    assert eval_main(base + ["--output", str(tmp_path / "a.json"), "--protocol", "rlaifv-llava", "--num-beams", "1"]) == 0
+    assert (
+        eval_main(base + ["--output", str(tmp_path / "a.json"), "--protocol", "rlaifv-llava", "--num-beams", "1"]) == 0
+    )
     call = fake_models_build["model"].calls[0]
-    assert {k: call[k] for k in GENERATION_KEYS} == {"template": "llava_v1", "num_beams": 1, "max_new_tokens": 1024,
-                                                     "repetition_penalty": 1.0, "stop_strings": [], "do_sample": False}
+    assert {k: call[k] for k in GENERATION_KEYS} == {
+        "template": "llava_v1",
+        "num_beams": 1,
+        "max_new_tokens": 1024,
+        "repetition_penalty": 1.0,
+        "stop_strings": [],
+        "do_sample": False,
+    }
     assert json.loads((tmp_path / "a.json").read_text())["generation"]["image_mode"] == "pad"  # LLaVA's process_images
     assert fake_models_build["model"].image_transform.mode == "pad"
     # no preset: the model's template (FakeModel: llava_v1, an EOS template: no stop string), greedy, 512
     assert eval_main(base + ["--output", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["generation"]["image_mode"] == "crop"  # the model's own
     call = fake_models_build["model"].calls[0]
-    assert {k: call[k] for k in GENERATION_KEYS} == {"template": "llava_v1", "num_beams": 1, "max_new_tokens": 512,
-                                                     "repetition_penalty": 1.0, "stop_strings": [], "do_sample": False}
+    assert {k: call[k] for k in GENERATION_KEYS} == {
+        "template": "llava_v1",
+        "num_beams": 1,
+        "max_new_tokens": 512,
+        "repetition_penalty": 1.0,
+        "stop_strings": [],
+        "do_sample": False,
+    }
     # a Vicuna-v0 model (answers end with ### and no EOS) stops at ### by default
     assert eval_main(base + ["--output", str(tmp_path / "c.json"), "--template", "vicuna_v0"]) == 0
     assert fake_models_build["model"].calls[0]["stop_strings"] == ["###"]
@@ -202,5 +342,7 @@ def test_protocol_flags_override_and_defaults_follow_the_model(tmp_path, fake_mo
 
 def test_unknown_protocol_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        eval_main(["--benchmark", "pope", "--model", "m", "--output", str(tmp_path / "o.json"), "--protocol", "llava-2"])
+        eval_main(
+            ["--benchmark", "pope", "--model", "m", "--output", str(tmp_path / "o.json"), "--protocol", "llava-2"]
+        )
     assert "invalid choice" in capsys.readouterr().err

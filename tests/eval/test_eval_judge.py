@@ -1,4 +1,5 @@
 """The judge client against a local fake API: retries, errors, malformed replies, rate limit, cache."""
+
 import time
 
 import pytest
@@ -9,7 +10,9 @@ MESSAGES = [{"role": "user", "content": "rate this"}]
 
 
 def client_for(server, **kw) -> JudgeClient:
-    defaults = dict(model="judge-test", base_url=server.base_url, api_key_env="DDPO_TEST_JUDGE_KEY", backoff_s=0.01, timeout_s=5)
+    defaults = dict(
+        model="judge-test", base_url=server.base_url, api_key_env="DDPO_TEST_JUDGE_KEY", backoff_s=0.01, timeout_s=5
+    )
     return JudgeClient(**{**defaults, **kw})
 
 
@@ -36,7 +39,12 @@ def test_retry_after_header_overrides_backoff(chat_server):
 
 
 def test_malformed_replies_are_retried(chat_server):
-    chat_server.script = [(200, "not json at all"), (200, {"choices": []}), (200, {"choices": [{"message": {}}]}), chat_server.ok("fine")]
+    chat_server.script = [
+        (200, "not json at all"),
+        (200, {"choices": []}),
+        (200, {"choices": [{"message": {}}]}),
+        chat_server.ok("fine"),
+    ]
     assert client_for(chat_server).chat(MESSAGES) == "fine"
     assert len(chat_server.requests) == 4
 
@@ -86,18 +94,26 @@ def test_cache_resumes_and_retries_only_unparsed(chat_server, tmp_path):
     path = tmp_path / "cache.jsonl"
     chat_server.script = [chat_server.ok("1"), chat_server.ok("??")]
     client = client_for(chat_server)
-    first = [cached_judge(client, JudgeCache(path), i, [{"role": "user", "content": f"q{i}"}], parse, parse_attempts=1) for i in range(2)]
+    first = [
+        cached_judge(client, JudgeCache(path), i, [{"role": "user", "content": f"q{i}"}], parse, parse_attempts=1)
+        for i in range(2)
+    ]
     assert [j.parsed for j in first] == [1, None]
     with path.open("a") as f:
         f.write('{"key": "cut-off li')  # an interrupted write must not break the next run
     chat_server.requests.clear()
     chat_server.script = [chat_server.ok("2")]
     cache = JudgeCache(path)
-    second = [cached_judge(client, cache, i, [{"role": "user", "content": f"q{i}"}], parse, parse_attempts=1) for i in range(2)]
+    second = [
+        cached_judge(client, cache, i, [{"role": "user", "content": f"q{i}"}], parse, parse_attempts=1)
+        for i in range(2)
+    ]
     assert [j.parsed for j in second] == [1, 2]
     assert [r["json"]["messages"][0]["content"] for r in chat_server.requests] == ["q1"]  # q0 came from the cache
     # another judge model is another cache key: asked again
     chat_server.requests.clear()
     chat_server.script = [chat_server.ok("5")]
-    other = cached_judge(client_for(chat_server, model="other"), JudgeCache(path), 0, [{"role": "user", "content": "q0"}], parse)
+    other = cached_judge(
+        client_for(chat_server, model="other"), JudgeCache(path), 0, [{"role": "user", "content": "q0"}], parse
+    )
     assert other.parsed == 5 and len(chat_server.requests) == 1

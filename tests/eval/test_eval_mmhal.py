@@ -1,4 +1,5 @@
 """MMHal-Bench: rating parsing, scores by hand, judged end to end against the fake API."""
+
 import json
 import re
 
@@ -11,26 +12,39 @@ from ddpo.eval.cli import main as eval_main
 def test_shipped_questions_and_prompt():
     questions = mmhal.load_questions()
     assert len(questions) == 96
-    assert {q["question_type"] for q in questions} == {"attribute", "adversarial", "comparison", "counting",
-                                                       "relation", "environment", "holistic", "other"}
+    assert {q["question_type"] for q in questions} == {
+        "attribute",
+        "adversarial",
+        "comparison",
+        "counting",
+        "relation",
+        "environment",
+        "holistic",
+        "other",
+    }
     (message,) = mmhal.judge_messages(questions[0], "The cap is {yellow}.")
     assert message["role"] == "user"
-    assert message["content"].endswith("### Image Contents\nFire hydrant\n\n### Question\nWhat color is the fire hydrant cap in the picture?\n\n"
-                                       "### Standard Human-Generated Answer\nThe color of the fire hydrant cap in the image is yellow.\n\n"
-                                       "### LMM Response to Evaluate\nThe cap is {yellow}.\n")
+    assert message["content"].endswith(
+        "### Image Contents\nFire hydrant\n\n### Question\nWhat color is the fire hydrant cap in the picture?\n\n"
+        "### Standard Human-Generated Answer\nThe color of the fire hydrant cap in the image is yellow.\n\n"
+        "### LMM Response to Evaluate\nThe cap is {yellow}.\n"
+    )
     assert "- Rating: 6, very informative with good analysis or reasoning, no hallucination" in message["content"]
 
 
-@pytest.mark.parametrize("reply, rating", [
-    ("The answer is accurate.\nRating: 5, very informative, no hallucination", 5),
-    ("rating:3", 3),
-    ("**Rating:** 2", 2),
-    ("Rating: 4. Again, Rating: 4", 4),
-    ("Rating: 2 or maybe Rating: 5", None),   # two different ratings
-    ("Rating: 4.5", None),
-    ("Rating: 7", None),
-    ("I would rate it highly.", None),
-])
+@pytest.mark.parametrize(
+    "reply, rating",
+    [
+        ("The answer is accurate.\nRating: 5, very informative, no hallucination", 5),
+        ("rating:3", 3),
+        ("**Rating:** 2", 2),
+        ("Rating: 4. Again, Rating: 4", 4),
+        ("Rating: 2 or maybe Rating: 5", None),  # two different ratings
+        ("Rating: 4.5", None),
+        ("Rating: 7", None),
+        ("I would rate it highly.", None),
+    ],
+)
 def test_parse_rating(reply, rating):
     assert mmhal.parse_rating(reply) == rating
 
@@ -42,13 +56,16 @@ def test_metrics_by_hand():
     # informativeness: 6 -> 3/3, 2 -> 2/3, 4 -> 1/3, 0 -> 0, 3 -> 0
     assert m["informativeness"] == pytest.approx((1 + 2 / 3 + 1 / 3) / 5)
     assert m["num_unparsed"] == 1 and m["num_answers"] == 6
-    assert m["per_type"] == {"a": {"average_score": 4.0, "hallucination_rate": 0.5, "count": 2},
-                             "b": {"average_score": 4.0, "hallucination_rate": 0.0, "count": 1},
-                             "c": {"average_score": 1.5, "hallucination_rate": 0.5, "count": 2}}
+    assert m["per_type"] == {
+        "a": {"average_score": 4.0, "hallucination_rate": 0.5, "count": 2},
+        "b": {"average_score": 4.0, "hallucination_rate": 0.0, "count": 1},
+        "c": {"average_score": 1.5, "hallucination_rate": 0.5, "count": 2},
+    }
 
 
 def test_scores_answers_file_with_fake_judge(tmp_path, chat_server):
     questions = mmhal.load_questions()
+
     # The judge rates by the answer text: "good i" -> 6, "bad i" -> 1, "odd" -> unparseable.
     def reply(body):
         assert body["temperature"] == 0.0 and body["model"] == "gpt-4-test"
@@ -62,9 +79,23 @@ def test_scores_answers_file_with_fake_judge(tmp_path, chat_server):
     chat_server.default = reply
     answers = ["good" if i % 8 == 0 else "bad" if i % 8 == 1 else "odd" if i == 2 else "good" for i in range(96)]
     answers_file = tmp_path / "answers.jsonl"
-    answers_file.write_text("".join(json.dumps({"index": i, "answer": f"{a} {i}"}) + "\n" for i, a in enumerate(answers)))
-    argv = ["--benchmark", "mmhal", "--answers", str(answers_file), "--output", str(tmp_path / "m.json"),
-            "--judge-model", "gpt-4-test", "--judge-base-url", chat_server.base_url, "--judge-api-key-env", "DDPO_TEST_JUDGE_KEY"]
+    answers_file.write_text(
+        "".join(json.dumps({"index": i, "answer": f"{a} {i}"}) + "\n" for i, a in enumerate(answers))
+    )
+    argv = [
+        "--benchmark",
+        "mmhal",
+        "--answers",
+        str(answers_file),
+        "--output",
+        str(tmp_path / "m.json"),
+        "--judge-model",
+        "gpt-4-test",
+        "--judge-base-url",
+        chat_server.base_url,
+        "--judge-api-key-env",
+        "DDPO_TEST_JUDGE_KEY",
+    ]
     assert eval_main(argv) == 0
     m = json.loads((tmp_path / "m.json").read_text())
     # 95 parsed: 12 "bad" (type adversarial, index % 8 == 1) rated 1, 83 rated 6; question 2 unparsed after 3 asks

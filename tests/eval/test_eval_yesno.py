@@ -1,4 +1,5 @@
 """POPE / AMBER yes-no: answer normalization and metrics by hand; AMBER files end to end."""
+
 import json
 import random
 
@@ -8,15 +9,23 @@ from ddpo.eval.cli import main as eval_main
 from ddpo.eval.yesno import normalize_yes_no, yes_no_metrics
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("Yes", "yes"), ("yes.", "yes"), ("  YES!", "yes"), ("No", "no"), ("no, there is a cat.", "no"),
-    ("Yes, although it is not large.", "yes"),          # first word decides
-    ("There is not a dog in the image.", "no"),          # negation in the first sentence
-    ("There isn't a dog.", "no"),
-    ("There is a dog. There is no cat.", None),          # only the first sentence counts; no yes/no there
-    ("I think yes.", "yes"),
-    ("A dog.", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Yes", "yes"),
+        ("yes.", "yes"),
+        ("  YES!", "yes"),
+        ("No", "no"),
+        ("no, there is a cat.", "no"),
+        ("Yes, although it is not large.", "yes"),  # first word decides
+        ("There is not a dog in the image.", "no"),  # negation in the first sentence
+        ("There isn't a dog.", "no"),
+        ("There is a dog. There is no cat.", None),  # only the first sentence counts; no yes/no there
+        ("I think yes.", "yes"),
+        ("A dog.", None),
+        ("", None),
+    ],
+)
 def test_normalize_yes_no(answer, expected):
     assert normalize_yes_no(answer) == expected
 
@@ -54,17 +63,39 @@ def test_metrics_match_naive_confusion_counts():
 
 
 def test_amber_answers_end_to_end(tmp_path, capsys):
-    annotations = [{"id": 1, "type": "generative", "truth": ["dog"], "hallu": ["cat"]},
-                   {"id": 2, "type": "discriminative-hallucination", "truth": "no"},
-                   {"id": 3, "type": "discriminative-hallucination", "truth": "yes"},
-                   {"id": 4, "type": "discriminative-attribute-state", "truth": "no"},
-                   {"id": 5, "type": "discriminative-attribute-state", "truth": "yes"}]
+    annotations = [
+        {"id": 1, "type": "generative", "truth": ["dog"], "hallu": ["cat"]},
+        {"id": 2, "type": "discriminative-hallucination", "truth": "no"},
+        {"id": 3, "type": "discriminative-hallucination", "truth": "yes"},
+        {"id": 4, "type": "discriminative-attribute-state", "truth": "no"},
+        {"id": 5, "type": "discriminative-attribute-state", "truth": "yes"},
+    ]
     queries = [{"id": i, "image": f"AMBER_{i}.jpg", "query": f"Is there thing {i} in this image?"} for i in range(2, 6)]
-    responses = [{"id": 2, "response": "No"}, {"id": 3, "response": "No"}, {"id": 4, "response": "No"}, {"id": 5, "response": "Yes"}]
+    responses = [
+        {"id": 2, "response": "No"},
+        {"id": 3, "response": "No"},
+        {"id": 4, "response": "No"},
+        {"id": 5, "response": "Yes"},
+    ]
     for name, data in [("annotations.json", annotations), ("query.json", queries), ("responses.json", responses)]:
         (tmp_path / name).write_text(json.dumps(data))
-    assert eval_main(["--benchmark", "amber", "--answers", str(tmp_path / "responses.json"), "--questions", str(tmp_path / "query.json"),
-                      "--annotations", str(tmp_path / "annotations.json"), "--output", str(tmp_path / "a.json")]) == 0
+    assert (
+        eval_main(
+            [
+                "--benchmark",
+                "amber",
+                "--answers",
+                str(tmp_path / "responses.json"),
+                "--questions",
+                str(tmp_path / "query.json"),
+                "--annotations",
+                str(tmp_path / "annotations.json"),
+                "--output",
+                str(tmp_path / "a.json"),
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "a.json").read_text())
     # "no" is AMBER's positive class: tp 2 (ids 2, 4), fp 1 (id 3), fn 0
     assert m["accuracy"] == pytest.approx(3 / 4) and m["precision"] == pytest.approx(2 / 3) and m["recall"] == 1.0
@@ -72,6 +103,21 @@ def test_amber_answers_end_to_end(tmp_path, capsys):
     assert m["per_category"]["discriminative-attribute-state"]["accuracy"] == 1.0
 
     (tmp_path / "query_gen.json").write_text(json.dumps([{"id": 1, "image": "AMBER_1.jpg", "query": "Describe."}]))
-    assert eval_main(["--benchmark", "amber", "--answers", str(tmp_path / "responses.json"), "--questions", str(tmp_path / "query_gen.json"),
-                      "--annotations", str(tmp_path / "annotations.json"), "--output", str(tmp_path / "b.json")]) == 1
+    assert (
+        eval_main(
+            [
+                "--benchmark",
+                "amber",
+                "--answers",
+                str(tmp_path / "responses.json"),
+                "--questions",
+                str(tmp_path / "query_gen.json"),
+                "--annotations",
+                str(tmp_path / "annotations.json"),
+                "--output",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 1
+    )
     assert "id 1 is a generative AMBER query" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Fixtures of the model tests."""
+
 import pytest
 
 from tests.models.helpers import ARCHS

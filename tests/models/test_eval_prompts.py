@@ -1,4 +1,5 @@
 """Evaluation prompts and defaults on real (tiny) models: RLHF-V's layout by hand, templates per architecture."""
+
 import torch
 from PIL import Image
 
@@ -27,7 +28,9 @@ def test_rlhfv_eval_prompt_is_muffins_layout(word_tokenizer):
 def test_rlhfv_answers_lose_the_role_prefix_and_the_next_turn(word_tokenizer):
     model = tiny_model("muffin", word_tokenizer)
     # (this word tokenizer's decoder glues "###" to the previous word, so the next turn is cut at "Human")
-    generated = torch.tensor(word_tokenizer("Assistant : a red circle . Human : one", add_special_tokens=False)["input_ids"])
+    generated = torch.tensor(
+        word_tokenizer("Assistant : a red circle . Human : one", add_special_tokens=False)["input_ids"]
+    )
     prefix = word_tokenizer.decode(word_tokenizer("Assistant :", add_special_tokens=False)["input_ids"])
     assert model._decode_answer(generated, ["Human"], prefix) == "a red circle."
     assert model._decode_answer(generated, ["Human"]).startswith("Assistant")
@@ -38,7 +41,9 @@ def test_default_template_is_the_architectures_then_the_trained_one(word_tokeniz
     assert (llava.template, muffin.template) == ("llava_v1", "vicuna_v0")
     image = [Image.new("RGB", (30, 20), (200, 10, 10))]
     # generate() without a template uses the model's: same answer as naming it
-    assert llava.generate(image, [QUESTION], max_new_tokens=3) == llava.generate(image, [QUESTION], template="llava_v1", max_new_tokens=3)
+    assert llava.generate(image, [QUESTION], max_new_tokens=3) == llava.generate(
+        image, [QUESTION], template="llava_v1", max_new_tokens=3
+    )
     muffin.template = "llava_v1"  # what the trainer records (data.template)
     muffin.save_pretrained(tmp_path / "m")
     assert load_model(tmp_path / "m").template == "llava_v1"

@@ -6,6 +6,7 @@ which the compiled kernels must reproduce; it has a backward) with the CPU refus
 through transformers' real flex_attention path: the block mask, positions and gather are the code under
 test. The compiled kernel itself is exercised by experiments/gpu_check.py on a GPU.
 """
+
 import pytest
 import torch
 
@@ -40,8 +41,14 @@ def test_flex_shared_prompt_equals_two_rows_values_and_grads(arch, word_tokenize
     model = tiny_model(arch, word_tokenizer, attn_implementation="flex_attention")
     assert model.decoder_attention == "flex_attention"
     assert model.hf_model.config._attn_implementation == "sdpa"  # the vision side keeps sdpa
-    batch = pair_batch(model, word_tokenizer, prompt_lengths=[3, 6, 1], answer_lengths=[4, 7, 1, 6, 2, 5],
-                       padding_side=padding_side, seed=2)
+    batch = pair_batch(
+        model,
+        word_tokenizer,
+        prompt_lengths=[3, 6, 1],
+        answer_lengths=[4, 7, 1, 6, 2, 5],
+        padding_side=padding_side,
+        seed=2,
+    )
     weights = torch.rand(batch.answer_mask.shape, generator=torch.Generator().manual_seed(1))
 
     flex, flex_grads = _logps_and_grads(model, batch, weights, shared=True)

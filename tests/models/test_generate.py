@@ -1,4 +1,5 @@
 """Generation through the shared interface: strings, seeded sampling, left-padded batches = one by one."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +12,11 @@ PROMPTS = ["What is in the picture ?", "How many objects are there ?", "Describe
 
 @pytest.fixture
 def images():
-    return [Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (20, 50), (0, 0, 255)),
-            Image.fromarray(torch.randint(0, 255, (24, 24, 3), generator=torch.Generator().manual_seed(0)).byte().numpy())]
+    return [
+        Image.new("RGB", (40, 30), (255, 0, 0)),
+        Image.new("RGB", (20, 50), (0, 0, 255)),
+        Image.fromarray(torch.randint(0, 255, (24, 24, 3), generator=torch.Generator().manual_seed(0)).byte().numpy()),
+    ]
 
 
 def test_greedy_left_padded_batch_equals_one_by_one(arch, word_tokenizer, images):

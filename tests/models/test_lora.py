@@ -1,4 +1,5 @@
 """LoRA through peft (`model.lora_r > 0`): what trains, what it starts from, how it saves and reloads."""
+
 import pytest
 import torch
 
@@ -102,14 +103,45 @@ def test_trainer_runs_lora_and_exports_a_plain_checkpoint(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"
+    )
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "ddpo", "train", "configs/tiny.yaml", "--train.output_dir", str(out),
-                           "--train.max_steps", "2", "--train.num_threads", "1", "--logging.progress_bar", "false",
-                           "--data.synthetic_pairs", "16", "--model.lora_r", "4", "--train.learning_rate", "1e-2",
-                           "--model.gradient_checkpointing", "true"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddpo",
+            "train",
+            "configs/tiny.yaml",
+            "--train.output_dir",
+            str(out),
+            "--train.max_steps",
+            "2",
+            "--train.num_threads",
+            "1",
+            "--logging.progress_bar",
+            "false",
+            "--data.synthetic_pairs",
+            "16",
+            "--model.lora_r",
+            "4",
+            "--train.learning_rate",
+            "1e-2",
+            "--model.gradient_checkpointing",
+            "true",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # LoRA's B starts at 0: the first step's policy is the reference, so the DPO loss is exactly log 2.

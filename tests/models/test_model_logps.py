@@ -1,4 +1,5 @@
 """Per-token log-probs of both architectures: equal to the naive computation, padding-invariant, image once."""
+
 import pytest
 import torch
 
@@ -74,5 +75,6 @@ def test_logps_chunk_size_does_not_change_results(word_tokenizer):
     small = tiny_model("llava", word_tokenizer, logps_chunk_size=3)
     batch = pair_batch(big, word_tokenizer, [2, 4], [5, 6, 7, 3])
     with torch.no_grad():
-        torch.testing.assert_close(torch.cat(big.pair_token_logps(batch)), torch.cat(small.pair_token_logps(batch)),
-                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            torch.cat(big.pair_token_logps(batch)), torch.cat(small.pair_token_logps(batch)), atol=1e-6, rtol=1e-6
+        )

@@ -1,12 +1,13 @@
 """Muffin / BEiT-3 specifics: the original checkpoint's parameter names load onto ours, multiway split, positions."""
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from ddpo.models.config import ModelConfig
 from ddpo.models.base import scatter_image_features
 from ddpo.models.beit3 import POSITION_OFFSET, Multiway
 from ddpo.models.build import build_model
+from ddpo.models.config import ModelConfig
 from tests.models.helpers import pair_batch, tiny_model
 
 
@@ -40,9 +41,14 @@ def published_muffin_state_dict(model) -> dict[str, torch.Tensor]:
             shapes[f"{layer}.self_attn.{proj}_proj.weight"] = (text.hidden_size, text.hidden_size)
         for proj in "kv":
             shapes[f"{layer}.self_attn.{proj}_proj.weight"] = (text.num_key_value_heads * head, text.hidden_size)
-        shapes[f"{layer}.mlp.gate_proj.weight"] = shapes[f"{layer}.mlp.up_proj.weight"] = (text.intermediate_size, text.hidden_size)
+        shapes[f"{layer}.mlp.gate_proj.weight"] = shapes[f"{layer}.mlp.up_proj.weight"] = (
+            text.intermediate_size,
+            text.hidden_size,
+        )
         shapes[f"{layer}.mlp.down_proj.weight"] = (text.hidden_size, text.intermediate_size)
-        shapes[f"{layer}.input_layernorm.weight"] = shapes[f"{layer}.post_attention_layernorm.weight"] = (text.hidden_size,)
+        shapes[f"{layer}.input_layernorm.weight"] = shapes[f"{layer}.post_attention_layernorm.weight"] = (
+            text.hidden_size,
+        )
     for i in range(cfg.vision_num_layers):
         layer = f"model.vision_tower.beit3.encoder.layers.{i}"
         for expert in "AB":
@@ -53,7 +59,9 @@ def published_muffin_state_dict(model) -> dict[str, torch.Tensor]:
                 shapes[f"{layer}.{norm}.{expert}.weight"] = shapes[f"{layer}.{norm}.{expert}.bias"] = (D,)
             shapes[f"{layer}.ffn.{expert}.fc1.weight"], shapes[f"{layer}.ffn.{expert}.fc1.bias"] = (F, D), (F,)
             shapes[f"{layer}.ffn.{expert}.fc2.weight"], shapes[f"{layer}.ffn.{expert}.fc2.bias"] = (D, F), (D,)
-            shapes[f"{layer}.ffn.{expert}.ffn_layernorm.weight"] = shapes[f"{layer}.ffn.{expert}.ffn_layernorm.bias"] = (F,)
+            shapes[f"{layer}.ffn.{expert}.ffn_layernorm.weight"] = shapes[
+                f"{layer}.ffn.{expert}.ffn_layernorm.bias"
+            ] = (F,)
     return {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
 
 
@@ -62,15 +70,21 @@ def test_published_muffin_checkpoint_loads_every_parameter(word_tokenizer, tmp_p
     state = published_muffin_state_dict(reference)
     assert len(state) == sum(1 for _ in reference.hf_model.state_dict())  # same count, other names
     # Keys the original training deletes / old LLaMA buffers: present in some checkpoints, ignored.
-    extra = {"model.vision_tower.beit3.text_embed.weight": torch.zeros(5, 64),
-             "model.vision_tower.beit3.vision_embed.mask_token": torch.zeros(1, 1, 64),
-             "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8)}
+    extra = {
+        "model.vision_tower.beit3.text_embed.weight": torch.zeros(5, 64),
+        "model.vision_tower.beit3.vision_embed.mask_token": torch.zeros(1, 1, 64),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8),
+    }
     save_file({**state, **extra}, tmp_path / "muffin.safetensors")
 
-    model = build_model(ModelConfig(arch="muffin", preset="tiny", muffin_checkpoint=str(tmp_path / "muffin.safetensors")),
-                        tokenizer=word_tokenizer)
+    model = build_model(
+        ModelConfig(arch="muffin", preset="tiny", muffin_checkpoint=str(tmp_path / "muffin.safetensors")),
+        tokenizer=word_tokenizer,
+    )
     ours = dict(model.hf_model.named_parameters())
-    assert torch.equal(ours["model.language_model.layers.1.mlp.down_proj.weight"], state["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(
+        ours["model.language_model.layers.1.mlp.down_proj.weight"], state["model.layers.1.mlp.down_proj.weight"]
+    )
     assert torch.equal(ours["model.language_model.embed_tokens.weight"], state["model.embed_tokens.weight"])
     assert torch.equal(ours["model.query"], state["model.query"])
     qb = "model.vision_tower.beit3.encoder.layers.1.self_attn.q_proj.B.weight"
@@ -91,8 +105,14 @@ def test_mismatched_muffin_checkpoint_is_refused(word_tokenizer, tmp_path, chang
         state["model.query"] = torch.zeros(64, 64)
     save_file(state, tmp_path / "muffin.safetensors")
     cfg = ModelConfig(arch="muffin", preset="tiny", muffin_checkpoint=str(tmp_path / "muffin.safetensors"))
-    with pytest.raises(ValueError, match={"missing": "1 missing.*ffn.B.fc1.bias", "unexpected": "1 unexpected.*layers.9",
-                                          "shape": "model.query.*shape"}[change]):
+    with pytest.raises(
+        ValueError,
+        match={
+            "missing": "1 missing.*ffn.B.fc1.bias",
+            "unexpected": "1 unexpected.*layers.9",
+            "shape": "model.query.*shape",
+        }[change],
+    ):
         build_model(cfg, tokenizer=word_tokenizer)
 
 
@@ -109,8 +129,8 @@ def test_multiway_routes_tokens_before_split_to_A_and_the_rest_to_B():
 def test_beit3_positions_number_each_part_from_two(word_tokenizer):
     encoder = tiny_model("muffin", word_tokenizer).hf_model.model.vision_tower.beit3.encoder
     positions = encoder.positions(length=17 + 8, split=17, device=torch.device("cpu"))[0]
-    torch.testing.assert_close(positions[:17], encoder.embed_positions.A.weight[POSITION_OFFSET:POSITION_OFFSET + 17])
-    torch.testing.assert_close(positions[17:], encoder.embed_positions.B.weight[POSITION_OFFSET:POSITION_OFFSET + 8])
+    torch.testing.assert_close(positions[:17], encoder.embed_positions.A.weight[POSITION_OFFSET : POSITION_OFFSET + 17])
+    torch.testing.assert_close(positions[17:], encoder.embed_positions.B.weight[POSITION_OFFSET : POSITION_OFFSET + 8])
 
 
 def test_muffin_image_features_come_from_the_queries_and_see_the_image(word_tokenizer):

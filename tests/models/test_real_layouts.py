@@ -3,6 +3,7 @@
 RLHF-V / Muffin: sharded .bin + index + a pickled training_args.bin + SentencePiece-only tokenizer +
 the released config keys; llava-hf: what save_pretrained of the model and its processor write.
 """
+
 import json
 
 import numpy as np
@@ -12,11 +13,17 @@ from PIL import Image
 
 import ddpo.models.muffin as muffin
 from ddpo.data.templates import encode_answer, encode_prompt
-from ddpo.models.config import ConfigError, ModelConfig
-from ddpo.reference import image_transform_fingerprint
 from ddpo.models.build import build_model, load_model
-from ddpo.models.muffin import VISION_POSITIONS_KEY, checkpoint_shards, interpolate_vision_positions, map_muffin_key, read_shard
+from ddpo.models.config import ConfigError, ModelConfig
+from ddpo.models.muffin import (
+    VISION_POSITIONS_KEY,
+    checkpoint_shards,
+    interpolate_vision_positions,
+    map_muffin_key,
+    read_shard,
+)
 from ddpo.models.replicas import muffin_vision_sizes_for_tests, write_llava_hf_checkpoint, write_muffin_checkpoint
+from ddpo.reference import image_transform_fingerprint
 
 
 @pytest.fixture
@@ -60,8 +67,15 @@ def test_muffin_layout_loads_with_its_sentencepiece_tokenizer(tiny_beit3, tmp_pa
     # and it runs: the RLHF-V eval prompt tokenizes with SentencePiece and the model answers
     ids = encode_prompt("rlhfv_eval", tok, "Describe the image in detail.", model.image_placeholder)
     assert ids[0] == 1 and ids.count(401) == model.num_image_tokens and tok.unk_token_id not in ids
-    answer = model.generate([Image.new("RGB", (64, 48), (9, 99, 199))], ["Describe the image in detail."],
-                            template="rlhfv_eval", max_new_tokens=4, num_beams=3, repetition_penalty=1.1, stop_strings=["###"])
+    answer = model.generate(
+        [Image.new("RGB", (64, 48), (9, 99, 199))],
+        ["Describe the image in detail."],
+        template="rlhfv_eval",
+        max_new_tokens=4,
+        num_beams=3,
+        repetition_penalty=1.1,
+        stop_strings=["###"],
+    )
     assert isinstance(answer[0], str)
 
 
@@ -119,7 +133,10 @@ def test_position_interpolation_by_hand():
 
 def _images():
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((64, 48), (48, 64), (101, 37), (40, 40))]
+    return [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in ((64, 48), (48, 64), (101, 37), (40, 40))
+    ]
 
 
 @pytest.mark.parametrize("hub_layout", [True, False])
@@ -131,7 +148,9 @@ def test_llava_hf_crop_equals_its_processor(tmp_path, hub_layout):
     assert (model.image_transform.mode, model.image_transform.size, model.template) == ("crop", 32, "llava_v1")
     processor = AutoProcessor.from_pretrained(ckpt)
     images = _images()
-    expected = processor(images=images, text=["USER: <image>\nhi ASSISTANT:"] * len(images), return_tensors="pt")["pixel_values"]
+    expected = processor(images=images, text=["USER: <image>\nhi ASSISTANT:"] * len(images), return_tensors="pt")[
+        "pixel_values"
+    ]
     assert torch.allclose(model.preprocess_images(images), expected, rtol=0, atol=1e-6)
 
 
@@ -148,7 +167,9 @@ def test_pad_mode_by_hand_and_in_the_fingerprint(word_tokenizer):
     white = (1 - torch.tensor(mean)) / torch.tensor(std)
     assert torch.allclose(pixels[:, 1:3, :], white[:, None, None].expand(3, 2, 4), atol=1e-6)
     # squashing (resize) would make it all white; a square image is the same in every mode
-    assert torch.allclose(ImageTransform(4, mean, std, "resize")([image])[0], white[:, None, None].expand(3, 4, 4), atol=1e-6)
+    assert torch.allclose(
+        ImageTransform(4, mean, std, "resize")([image])[0], white[:, None, None].expand(3, 4, 4), atol=1e-6
+    )
     square = Image.fromarray(np.random.default_rng(1).integers(0, 256, (9, 9, 3), dtype=np.uint8))
     outs = [ImageTransform(6, mean, std, m)([square]) for m in ("pad", "crop", "resize")]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
@@ -158,7 +179,9 @@ def test_pad_mode_by_hand_and_in_the_fingerprint(word_tokenizer):
     model = tiny_model("llava", word_tokenizer)
     assert model.image_transform.mode == "pad"  # LLaVA-1.5's default
     before = image_transform_fingerprint(model)
-    model.image_transform = ImageTransform(model.image_transform.size, model.image_transform.mean, model.image_transform.std, "crop")
+    model.image_transform = ImageTransform(
+        model.image_transform.size, model.image_transform.mean, model.image_transform.std, "crop"
+    )
     assert image_transform_fingerprint(model) != before
     assert tiny_model("llava", word_tokenizer, image_mode="crop").image_transform.mode == "crop"  # model.image_mode
 
@@ -208,11 +231,43 @@ def test_ddpo_eval_on_a_released_muffin_checkpoint_with_the_rlhfv_protocol(tiny_
     ckpt = write_muffin_checkpoint(tmp_path / "RLHF-V", num_shards=2)
     Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "a.png")
     questions = tmp_path / "pope.jsonl"
-    questions.write_text(json.dumps({"question_id": 1, "image": "a.png", "text": "Is there a dog?", "label": "no"}) + "\n")
+    questions.write_text(
+        json.dumps({"question_id": 1, "image": "a.png", "text": "Is there a dog?", "label": "no"}) + "\n"
+    )
     out = tmp_path / "pope.json"
-    assert eval_main(["--benchmark", "pope", "--model", str(ckpt), "--questions", str(questions), "--image-dir", str(tmp_path),
-                      "--output", str(out), "--protocol", "rlhfv", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert (
+        eval_main(
+            [
+                "--benchmark",
+                "pope",
+                "--model",
+                str(ckpt),
+                "--questions",
+                str(questions),
+                "--image-dir",
+                str(tmp_path),
+                "--output",
+                str(out),
+                "--protocol",
+                "rlhfv",
+                "--max-new-tokens",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     generation = json.loads(out.read_text())["generation"]
-    assert {k: generation[k] for k in ("protocol", "template", "num_beams", "max_new_tokens", "repetition_penalty", "stop_strings")} == \
-        {"protocol": "rlhfv", "template": "rlhfv_eval", "num_beams": 3, "max_new_tokens": 3, "repetition_penalty": 1.1, "stop_strings": ["###"]}
+    assert {
+        k: generation[k]
+        for k in ("protocol", "template", "num_beams", "max_new_tokens", "repetition_penalty", "stop_strings")
+    } == {
+        "protocol": "rlhfv",
+        "template": "rlhfv_eval",
+        "num_beams": 3,
+        "max_new_tokens": 3,
+        "repetition_penalty": 1.1,
+        "stop_strings": ["###"],
+    }
     assert generation["image_mode"] == "resize"  # Muffin's eval transform

@@ -1,4 +1,5 @@
 """Shared-prompt forward: one packed [prompt | chosen | rejected] row per pair gives the two-row log-probs and gradients."""
+
 import pytest
 import torch
 
@@ -21,8 +22,14 @@ def _logps_and_grads(model, batch, weights, shared: bool):
 def test_shared_prompt_equals_two_rows_values_and_grads(arch, word_tokenizer, padding_side):
     model = tiny_model(arch, word_tokenizer)
     # Prompts of different lengths, chosen longer / shorter than rejected, a 1-token answer.
-    batch = pair_batch(model, word_tokenizer, prompt_lengths=[3, 6, 1], answer_lengths=[4, 7, 1, 6, 2, 5],
-                       padding_side=padding_side, seed=2)
+    batch = pair_batch(
+        model,
+        word_tokenizer,
+        prompt_lengths=[3, 6, 1],
+        answer_lengths=[4, 7, 1, 6, 2, 5],
+        padding_side=padding_side,
+        seed=2,
+    )
     weights = torch.rand(batch.answer_mask.shape, generator=torch.Generator().manual_seed(1))
 
     two_rows, two_row_grads = _logps_and_grads(model, batch, weights, shared=False)
@@ -99,8 +106,8 @@ def test_pairs_with_different_prompts_are_refused_by_name():
 
 
 def test_config_default_is_shared_prompt_and_model_default_matches():
-    from ddpo.models.config import ModelConfig
     from ddpo.models.base import PreferenceModel
+    from ddpo.models.config import ModelConfig
 
     assert ModelConfig().shared_prompt is True
     assert PreferenceModel.shared_prompt is True
@@ -115,10 +122,16 @@ def test_shared_prompt_on_collated_batches_with_cached_reference(word_tokenizer,
     from ddpo.data.records import PreferenceRecord
 
     model = tiny_model("llava", word_tokenizer)
-    texts = [("Describe the image in detail .", "there is a red circle at the top left .", "there is a blue square ."),
-             ("How many objects are there ?", "two .", "there are three objects : a cat , a dog and a frisbee .")]
-    records = [PreferenceRecord(images=[Image.new("RGB", (32, 32), (40 * i, 90, 200))], prompt=q, chosen=c, rejected=r, row_index=i)
-               for i, (q, c, r) in enumerate(texts)]
+    texts = [
+        ("Describe the image in detail .", "there is a red circle at the top left .", "there is a blue square ."),
+        ("How many objects are there ?", "two .", "there are three objects : a cat , a dog and a frisbee ."),
+    ]
+    records = [
+        PreferenceRecord(
+            images=[Image.new("RGB", (32, 32), (40 * i, 90, 200))], prompt=q, chosen=c, rejected=r, row_index=i
+        )
+        for i, (q, c, r) in enumerate(texts)
+    ]
     encoder = PairEncoder(word_tokenizer, template, model.image_placeholder, max_length=256)
     pairs = [encoder.encode(r) for r in records]
     for p in pairs:  # a cached reference travels in the batch unchanged
@@ -138,8 +151,12 @@ def test_shared_prompt_with_eager_attention(word_tokenizer):
     model = tiny_model("llava", word_tokenizer, attn_implementation="eager")
     batch = pair_batch(model, word_tokenizer, [2, 5], [3, 6, 4, 2], seed=7)
     with torch.no_grad():
-        torch.testing.assert_close(torch.cat(model.pair_token_logps(batch, shared_prompt=True)),
-                                   torch.cat(model.pair_token_logps(batch, shared_prompt=False)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.cat(model.pair_token_logps(batch, shared_prompt=True)),
+            torch.cat(model.pair_token_logps(batch, shared_prompt=False)),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_shared_prompt_with_gradient_checkpointing(word_tokenizer):

@@ -1,19 +1,22 @@
 """Training through the shared interface: a DPO step, freezing, RLHF-V's lr-0 vision experts, checkpointing, save/load."""
+
 import json
 
 import pytest
 import torch
 
-from ddpo.models.config import ConfigError, ModelConfig
 from ddpo.models.build import build_model, load_model
+from ddpo.models.config import ConfigError, ModelConfig
 from tests.models.helpers import naive_token_logps, pair_batch, tiny_model
 
 
 def _dpo_step(model, batch, zero_lr_names=()) -> float:
     """One AdamW step on a sigmoid DPO loss (reference log-probs 0), lr 0 on `zero_lr_names`."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if n not in zero_lr_names], "lr": 1e-2},
-              {"params": [p for n, p in named if n in zero_lr_names], "lr": 0.0}]
+    groups = [
+        {"params": [p for n, p in named if n not in zero_lr_names], "lr": 1e-2},
+        {"params": [p for n, p in named if n in zero_lr_names], "lr": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     chosen, rejected = model.pair_token_logps(batch)
     margin = (chosen * batch.answer_mask[:2]).sum(-1) - (rejected * batch.answer_mask[2:]).sum(-1)

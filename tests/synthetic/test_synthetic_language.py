@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
 
-from ddpo.data.synthetic.language import (CELLS, POSITIONS, LanguageConfig, build_tokenizer, describe, n_words, parse,
-                                     relation_holds, vocabulary)
+from ddpo.data.synthetic.language import (
+    CELLS,
+    POSITIONS,
+    LanguageConfig,
+    build_tokenizer,
+    describe,
+    n_words,
+    parse,
+    relation_holds,
+    vocabulary,
+)
 from ddpo.data.synthetic.noise import NoiseConfig, noisy_caption
 from ddpo.data.synthetic.world import WorldConfig, sample_scenes
 
@@ -15,8 +24,9 @@ def test_description_parses_back_to_exactly_the_scene(style):
     for scene in sample_scenes(300, 1, WORLD):
         p = parse(describe(scene, rng, LanguageConfig(style=style)))
         assert not p.unparsed
-        described = sorted((m.shape_name, m.color.text, m.size.text, CELLS[m.position_name])
-                           for m in p.mentions if m.position)
+        described = sorted(
+            (m.shape_name, m.color.text, m.size.text, CELLS[m.position_name]) for m in p.mentions if m.position
+        )
         assert described == sorted((o.shape, o.color, o.size, o.cell) for o in scene.objects)
         for m in p.mentions:
             if m.number is not None:  # "there are two red circles"
@@ -25,16 +35,24 @@ def test_description_parses_back_to_exactly_the_scene(style):
             if s.kind == "overview":
                 assert s.total.text == ["zero", "one", "two", "three", "four"][len(scene.objects)]
         for r in p.relations:  # definite references are unique, so each picks one object
-            a, b = ([o for o in scene.objects if o.shape == m.shape_name and o.color == m.color.text
-                     and (m.size is None or o.size == m.size.text)] for m in (p.mentions[r.subject], p.mentions[r.target]))
+            a, b = (
+                [
+                    o
+                    for o in scene.objects
+                    if o.shape == m.shape_name and o.color == m.color.text and (m.size is None or o.size == m.size.text)
+                ]
+                for m in (p.mentions[r.subject], p.mentions[r.target])
+            )
             assert len(a) == len(b) == 1 and relation_holds(r.relation, a[0].cell, b[0].cell)
 
 
 def test_claims_carry_exact_spans():
     text = "there are two red circles. a small red circle is at the top left, next to nothing"
     p = parse(text)
-    assert [(c.kind, c.value, text[c.span[0]:c.span[1]]) for c in p.claims] == [
-        ("object", "circle", "circles"), ("color", "red", "red"), ("count", "2", "two"),
+    assert [(c.kind, c.value, text[c.span[0] : c.span[1]]) for c in p.claims] == [
+        ("object", "circle", "circles"),
+        ("color", "red", "red"),
+        ("count", "2", "two"),
     ]
     assert [text[a:b] for a, b in p.unparsed] == ["a small red circle is at the top left, next to nothing"]
     rel = "the small red circle is to the left of the blue square."
@@ -43,8 +61,17 @@ def test_claims_carry_exact_spans():
 
 
 def test_parser_reports_garbage_and_never_raises():
-    for text in ["", ".", "red red red", "there is a", "a small red circle is at the", "the image shows objects.",
-                 "there is a red circle at the top left and and a square.", "?? ,, !!", "Circle. SQUARE is at top"]:
+    for text in [
+        "",
+        ".",
+        "red red red",
+        "there is a",
+        "a small red circle is at the",
+        "the image shows objects.",
+        "there is a red circle at the top left and and a square.",
+        "?? ,, !!",
+        "Circle. SQUARE is at top",
+    ]:
         p = parse(text)
         assert all(0 <= a < b <= len(text) for a, b in p.unparsed)
     assert parse("").claims == [] and parse("").unparsed == []

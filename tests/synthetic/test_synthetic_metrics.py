@@ -3,8 +3,13 @@ import pytest
 from ddpo.data.synthetic.metrics import evaluate
 from ddpo.data.synthetic.world import Scene, WorldObject
 
-SCENE = Scene((WorldObject("circle", "red", "small", (0, 0)), WorldObject("circle", "red", "large", (1, 1)),
-               WorldObject("square", "blue", "large", (2, 2))))
+SCENE = Scene(
+    (
+        WorldObject("circle", "red", "small", (0, 0)),
+        WorldObject("circle", "red", "large", (1, 1)),
+        WorldObject("square", "blue", "large", (2, 2)),
+    )
+)
 ONE = Scene((WorldObject("cross", "pink", "small", (2, 0)),))
 
 
@@ -31,7 +36,9 @@ def test_hand_made_responses():
     assert m["position_error_rate"] == 0.0 and m["count_error_rate"] == 0.0
     assert m["relation_error_rate"] == 0.0  # no graded relation claim
     assert m["unparsed_rate"] == 0.0 and m["num_responses"] == 4
-    wrong_place = evaluate([SCENE], ["a small red circle is at the bottom left. the small red circle is below the blue square."])
+    wrong_place = evaluate(
+        [SCENE], ["a small red circle is at the bottom left. the small red circle is below the blue square."]
+    )
     assert wrong_place["position_error_rate"] == 1.0 and wrong_place["relation_error_rate"] == 1.0
 
 

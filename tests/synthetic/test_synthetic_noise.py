@@ -48,7 +48,15 @@ def test_noise_is_deterministic():
 
 
 def test_calibrate_reaches_the_paper_mix_in_a_larger_world():
-    world = WorldConfig(partners={"circle": "square", "square": "triangle", "triangle": "diamond", "diamond": "cross", "cross": "circle"})
+    world = WorldConfig(
+        partners={
+            "circle": "square",
+            "square": "triangle",
+            "triangle": "diamond",
+            "diamond": "cross",
+            "cross": "circle",
+        }
+    )
     cfg = calibrate(2.5, PAPER_MIX, world, LANG, NoiseConfig(object_insert_share=0.5), n=300, seed=0)
     got = expected_errors(world, LANG, cfg, 500, seed=1)
     assert 2.0 < got["total"] < 2.8  # one error per phrase: errors on the same object crowd each other out
@@ -61,7 +69,15 @@ def test_calibrate_reaches_the_paper_mix_in_a_larger_world():
 def test_calibrate_spreads_a_missing_type_over_the_others_when_not_strict():
     # 30-word answers hold no relation sentences: their 12% goes to the other types in proportion
     lang = LanguageConfig(target_words=30)
-    world = WorldConfig(partners={"circle": "square", "square": "triangle", "triangle": "diamond", "diamond": "cross", "cross": "circle"})
+    world = WorldConfig(
+        partners={
+            "circle": "square",
+            "square": "triangle",
+            "triangle": "diamond",
+            "diamond": "cross",
+            "cross": "circle",
+        }
+    )
     cfg = calibrate(2.0, PAPER_MIX, world, lang, NoiseConfig(object_insert_share=0.5), n=300, seed=0, strict=False)
     assert cfg.relation_prob == 0.0
     got = expected_errors(world, lang, cfg, 500, seed=1)

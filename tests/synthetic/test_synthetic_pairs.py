@@ -43,7 +43,9 @@ def test_records_from_answers_counts_every_outcome():
     ]
     records, stats = records_from_answers([scene] * 4, [image] * 4, ["describe the image in detail."] * 4, answers)
     assert [r.row_index for r in records] == [1, 2]
-    assert records[0].chosen == answers[0] and records[1].chosen == answers[0]  # the triangle became the undescribed square
+    assert (
+        records[0].chosen == answers[0] and records[1].chosen == answers[0]
+    )  # the triangle became the undescribed square
     assert stats["answers"] == 4 and stats["pairs"] == 2 and stats["clean"] == 1 and stats["unparseable"] == 1
     assert stats["corrections"] == {"object": 1, "position": 1} and stats["corrections_per_pair"] == 1.0
     assert stats["rejected_words"] == (18 + 19) / 2 and stats["chosen_words"] == (19 + 19) / 2

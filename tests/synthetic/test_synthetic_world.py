@@ -21,7 +21,10 @@ def test_scenes_respect_the_config():
     assert np.mean([any(s.count(o.shape, o.color) > 1 for o in s.objects) for s in scenes]) > 0.15
     with_circle = [s for s in scenes if "circle" in s.shapes()]
     without = [s for s in scenes if "circle" not in s.shapes()]
-    assert np.mean(["square" in s.shapes() for s in with_circle]) > np.mean(["square" in s.shapes() for s in without]) + 0.05
+    assert (
+        np.mean(["square" in s.shapes() for s in with_circle])
+        > np.mean(["square" in s.shapes() for s in without]) + 0.05
+    )
 
 
 def test_render_is_deterministic_and_draws_each_object_in_its_cell():
