@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= disabled
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,14 @@ $(STAMP): requirements.txt requirements-bench.txt setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The unit tier: everything but the multi-process and end-to-end runs (marked slow); under 2 minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
 	$(VENV)/bin/ddpo demo --output-dir demo_output

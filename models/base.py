@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ddpo.data.collator import collate_sequences, encode_sequences
 from ddpo.data.records import IGNORE_INDEX, PairBatch
 from ddpo.data.templates import encode_prompt, generated_prefix
 from ddpo.models.logps import chunked_token_logps
@@ -492,3 +493,41 @@ class PreferenceModel(nn.Module):
             "format_version": 1,
         }
         (directory / DDPO_MODEL_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+
+@torch.no_grad()
+def answer_token_logps(
+    model: PreferenceModel,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    template: str,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """Per-answer-token log-probs under `model`: one float32 CPU tensor [n_answer_tokens] per answer.
+
+    Each (image, prompt, answer) is scored as a "chosen"-like sequence: the template's prompt ids, then
+    the labelled answer ids (answer + end marker), exactly the tokens training puts weights on. The
+    model is put in eval mode for the call (dropout off) and restored after.
+    """
+    if not len(images) == len(prompts) == len(answers):
+        raise ValueError(
+            f"answer_token_logps: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; "
+            "pass one of each per answer"
+        )
+    encoded = encode_sequences(model.tokenizer, template, model.image_placeholder, prompts, answers)
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(encoded), batch_size):
+            ids, mask, labels = collate_sequences(encoded[start : start + batch_size], model.tokenizer.pad_token_id)
+            pixels = model.preprocess_images(images[start : start + batch_size]).to(model.device, model.dtype)
+            logps = model.sequence_token_logps(
+                ids.to(model.device), mask.to(model.device), labels.to(model.device), pixels
+            )
+            keep = labels[:, 1:] != IGNORE_INDEX
+            out += [row[k].float() for row, k in zip(logps.cpu(), keep)]
+    finally:
+        model.train(was_training)
+    return out
