@@ -1,6 +1,6 @@
 """PreferenceRecord -> EncodedPair (token ids + which answer tokens were corrected) -> PairBatch (padded tensors).
 
-    encoder = PairEncoder(tokenizer, "vicuna_v0", model.image_placeholder, max_length=2048)
+    encoder = PairEncoder(tokenizer, model.image_placeholder, EncodingSettings("vicuna_v0", max_length=2048))
     dataset = PairDataset(records, encoder)                  # encodes lazily, deterministically
     loader = DataLoader(dataset, batch_size=B, collate_fn=PairCollator(pad_id, "right", model.preprocess_images))
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -69,98 +69,98 @@ class EncodedPair:
     ref_corrupted_rejected_logps: list[float] | None = None
 
 
+@dataclass(frozen=True)
+class EncodingSettings:
+    """How a record becomes token ids: the fields of the `data` config section (`ddpo.config.DataConfig`,
+    same names and defaults) that the encoder reads. `segment_diff` / `label_span` 'muffin' replicate the
+    released Muffin code exactly (docs/REPRODUCING.md): the diff runs over prompt (minus BOS) + answer with
+    difflib's autojunk on, and the '### Assistant:' role prefix is labelled with the answer."""
+
+    template: str = "vicuna_v0"
+    max_length: int = 2048
+    segments: SegmentsMode = "token_diff"
+    min_match: int = 3
+    include_insertions: bool = False
+    segment_diff: Literal["answer", "muffin"] = "answer"
+    label_span: Literal["answer", "muffin"] = "answer"
+    long_answers: LongAnswers = "truncate"
+
+    def __post_init__(self) -> None:
+        if self.long_answers not in LONG_ANSWER_MODES:
+            raise ValueError(
+                f"data.long_answers must be one of {', '.join(LONG_ANSWER_MODES)}, got '{self.long_answers}'"
+            )
+        if self.segments not in SEGMENT_MODES:
+            raise ValueError(f"data.segments must be one of {', '.join(SEGMENT_MODES)}, got '{self.segments}'")
+        if self.segment_diff not in ("answer", "muffin") or self.label_span not in ("answer", "muffin"):
+            raise ValueError(
+                "data.segment_diff and data.label_span must be 'answer' or 'muffin', got "
+                f"{self.segment_diff!r}, {self.label_span!r}"
+            )
+
+
 class PairEncoder:
     """Tokenizes a record with a conversation template and finds its corrected tokens (data.segments)."""
 
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        template: str,
-        image_placeholder: str,
-        max_length: int,
-        segments: SegmentsMode = "token_diff",
-        min_match: int = 3,
-        include_insertions: bool = False,
-        segment_diff: str = "answer",
-        label_span: str = "answer",
-        long_answers: LongAnswers = "truncate",
-    ):
-        if long_answers not in LONG_ANSWER_MODES:
-            raise ValueError(f"long_answers must be one of {', '.join(LONG_ANSWER_MODES)}, got '{long_answers}'")
-        if segments not in SEGMENT_MODES:
-            raise ValueError(f"segments must be one of {', '.join(SEGMENT_MODES)}, got '{segments}'")
-        if segment_diff not in ("answer", "muffin") or label_span not in ("answer", "muffin"):
-            raise ValueError(
-                f"segment_diff and label_span must be 'answer' or 'muffin', got {segment_diff!r}, {label_span!r}"
-            )
-        # Exact replication of the released Muffin code (off by default; docs/REPRODUCING.md):
-        self.segment_diff = segment_diff  # 'muffin': diff prompt (minus BOS) + answer, difflib autojunk on
-        self.label_span = label_span  # 'muffin': the '### Assistant:' role prefix is labelled with the answer
-        self.tokenizer, self.template, self.image_placeholder = tokenizer, template, image_placeholder
-        self.max_length, self.segments = max_length, segments
-        self.min_match, self.include_insertions, self.long_answers = min_match, include_insertions, long_answers
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_placeholder: str, settings: EncodingSettings):
+        self.tokenizer, self.image_placeholder, self.settings = tokenizer, image_placeholder, settings
         self.placeholder_ids = image_token_ids(tokenizer, image_placeholder)
         self.num_truncated = 0  # pairs whose answers were cut, in this process
 
     @classmethod
     def from_config(cls, data_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_placeholder: str) -> PairEncoder:
-        """From the `data` config section (`ddpo.config.DataConfig`)."""
-        return cls(
-            tokenizer,
-            data_cfg.template,
-            image_placeholder,
-            data_cfg.max_length,
-            data_cfg.segments,
-            data_cfg.min_match,
-            data_cfg.include_insertions,
-            data_cfg.segment_diff,
-            data_cfg.label_span,
-            data_cfg.long_answers,
-        )
+        """From the `data` config section (`ddpo.config.DataConfig`): its fields named as `EncodingSettings`'."""
+        settings = EncodingSettings(**{f.name: getattr(data_cfg, f.name) for f in fields(EncodingSettings)})
+        return cls(tokenizer, image_placeholder, settings)
 
     def encode_prompt(self, record: PreferenceRecord) -> list[int]:
         """Prompt ids, checked: the image tokens exactly once, and room left for at least one answer token."""
-        ids = encode_prompt(self.template, self.tokenizer, record.prompt, self.image_placeholder)
+        ids = encode_prompt(self.settings.template, self.tokenizer, record.prompt, self.image_placeholder)
         check_image_tokens(ids, self.placeholder_ids, where=f"{record.where()}, field 'prompt'")
-        if len(ids) >= self.max_length:
+        if len(ids) >= self.settings.max_length:
             raise DataError(
-                f"{record.where()}, field 'prompt': prompt + image tokens take {len(ids)} tokens, leaving no room for an answer within data.max_length {self.max_length}; raise data.max_length or shorten the question"
+                f"{record.where()}, field 'prompt': prompt + image tokens take {len(ids)} tokens, leaving no room for "
+                f"an answer within data.max_length {self.settings.max_length}; raise data.max_length or shorten the "
+                "question"
             )
         return ids
 
     def _answer(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        if self.segments in ("word_diff", "spans"):
-            return encode_answer_with_offsets(self.template, self.tokenizer, text)
-        return encode_answer(self.template, self.tokenizer, text), []
+        if self.settings.segments in ("word_diff", "spans"):
+            return encode_answer_with_offsets(self.settings.template, self.tokenizer, text)
+        return encode_answer(self.settings.template, self.tokenizer, text), []
 
     def _corrections(
         self, record: PreferenceRecord, chosen: tuple, rejected: tuple, prompt_ids: Sequence[int] = ()
     ) -> tuple[list[bool], list[bool]]:
         (chosen_ids, chosen_offsets), (rejected_ids, rejected_offsets) = chosen, rejected
-        if self.segments == "token_diff":
-            if self.segment_diff == "muffin":  # the released code: whole sequences minus BOS, autojunk on
+        if self.settings.segments == "token_diff":
+            if self.settings.segment_diff == "muffin":  # the released code: whole sequences minus BOS, autojunk on
                 return seg.token_corrections(
                     chosen_ids,
                     rejected_ids,
-                    self.min_match,
-                    self.include_insertions,
+                    self.settings.min_match,
+                    self.settings.include_insertions,
                     context=prompt_ids[1:],
                     autojunk=True,
                 )
-            return seg.token_corrections(chosen_ids, rejected_ids, self.min_match, self.include_insertions)
-        if self.segments == "word_diff":
+            return seg.token_corrections(
+                chosen_ids, rejected_ids, self.settings.min_match, self.settings.include_insertions
+            )
+        if self.settings.segments == "word_diff":
             return seg.word_diff_corrections(
                 record.chosen,
                 record.rejected,
                 chosen_offsets,
                 rejected_offsets,
-                self.min_match,
-                self.include_insertions,
+                self.settings.min_match,
+                self.settings.include_insertions,
             )
-        if self.segments == "spans":
+        if self.settings.segments == "spans":
             if record.chosen_spans is None or record.rejected_spans is None:
                 raise DataError(
-                    f"{record.where()}, fields 'chosen_spans'/'rejected_spans': data.segments is 'spans' but the row has no span annotations; add them or use data.segments token_diff"
+                    f"{record.where()}, fields 'chosen_spans'/'rejected_spans': data.segments is 'spans' but the row "
+                    "has no span annotations; add them or use data.segments token_diff"
                 )
             return seg.span_corrections(chosen_offsets, record.chosen_spans), seg.span_corrections(
                 rejected_offsets, record.rejected_spans
@@ -174,12 +174,12 @@ class PairEncoder:
         weight of the spans a token overlaps, 0 where it overlaps none (the role prefix included)."""
         if spans is None:
             return None
-        _, offsets = encode_answer_with_offsets(self.template, self.tokenizer, text)
+        _, offsets = encode_answer_with_offsets(self.settings.template, self.tokenizer, text)
         offsets = [(0, 0)] * role_tokens + list(offsets)
         if len(offsets) != length:
             raise DataError(
-                f"{record.where()}, field '{field}': the answer's offsets cover {len(offsets)} tokens, its ids {length}; "
-                "this tokenizer/template cannot map character spans to tokens"
+                f"{record.where()}, field '{field}': the answer's offsets cover {len(offsets)} tokens, its ids "
+                f"{length}; this tokenizer/template cannot map character spans to tokens"
             )
         return [max((w for s, e, w in spans if s < end and start < e), default=0.0) for start, end in offsets]
 
@@ -188,9 +188,10 @@ class PairEncoder:
     ) -> None:
         """Cached log-probs cover exactly the kept answer tokens: the cache was computed from these cut answers."""
         if logps is not None and len(logps) != kept:
-            cut = f" ({total} before cutting to data.max_length {self.max_length})" if kept != total else ""
+            cut = f" ({total} before cutting to data.max_length {self.settings.max_length})" if kept != total else ""
             raise DataError(
-                f"{record.where()}, field '{field}': the reference cache holds {len(logps)} log-probs for this answer's {kept} tokens{cut}; the cache does not match this data: recompute it (`ddpo precompute-ref`)"
+                f"{record.where()}, field '{field}': the reference cache holds {len(logps)} log-probs for this "
+                f"answer's {kept} tokens{cut}; the cache does not match this data: recompute it (`ddpo precompute-ref`)"
             )
 
     def check_lengths(self, record: PreferenceRecord) -> tuple[int, int, int]:
@@ -202,9 +203,11 @@ class PairEncoder:
         return prompt, chosen, rejected
 
     def _check_room(self, record: PreferenceRecord, prompt: int, chosen: int, rejected: int) -> None:
-        if self.long_answers == "error" and prompt + max(chosen, rejected) > self.max_length:
+        if self.settings.long_answers == "error" and prompt + max(chosen, rejected) > self.settings.max_length:
             raise DataError(
-                f"{record.where()}, fields 'chosen'/'rejected': prompt {prompt} + answers {chosen}/{rejected} tokens exceed data.max_length {self.max_length}; raise data.max_length, shorten the answers, set data.long_answers truncate, or drop the row (data.skip_bad_rows)"
+                f"{record.where()}, fields 'chosen'/'rejected': prompt {prompt} + answers {chosen}/{rejected} tokens "
+                f"exceed data.max_length {self.settings.max_length}; raise data.max_length, shorten the answers, set "
+                "data.long_answers truncate, or drop the row (data.skip_bad_rows)"
             )
 
     def encode(self, record: PreferenceRecord) -> EncodedPair:
@@ -212,8 +215,8 @@ class PairEncoder:
             raise DataError(f"{record.where()}, field 'images': {len(record.images)} images; a pair needs exactly one")
         prompt_ids = prompt_ids_full = self.encode_prompt(record)
         chosen, rejected = self._answer(record.chosen), self._answer(record.rejected)
-        if self.label_span == "muffin":  # the role prefix's tokens move from the prompt into both answers
-            k = role_prefix_length(self.template, self.tokenizer, record.prompt, self.image_placeholder)
+        if self.settings.label_span == "muffin":  # the role prefix's tokens move from the prompt into both answers
+            k = role_prefix_length(self.settings.template, self.tokenizer, record.prompt, self.image_placeholder)
             prompt_ids, role = prompt_ids[:-k], prompt_ids[-k:]
             chosen = (role + chosen[0], [(0, 0)] * k + chosen[1] if chosen[1] else [])
             rejected = (role + rejected[0], [(0, 0)] * k + rejected[1] if rejected[1] else [])
@@ -222,7 +225,7 @@ class PairEncoder:
         )  # on full answers
         chosen_ids, rejected_ids = chosen[0], rejected[0]
         self._check_room(record, len(prompt_ids), len(chosen_ids), len(rejected_ids))
-        room = self.max_length - len(prompt_ids)
+        room = self.settings.max_length - len(prompt_ids)
         self._check_ref(
             record, record.ref_chosen_logps, min(len(chosen_ids), room), len(chosen_ids), "ref_chosen_logps"
         )
@@ -243,7 +246,7 @@ class PairEncoder:
             len(rejected_ids),
             "ref_corrupted_rejected_logps",
         )
-        role = len(prompt_ids_full) - len(prompt_ids) if self.label_span == "muffin" else 0
+        role = len(prompt_ids_full) - len(prompt_ids) if self.settings.label_span == "muffin" else 0
         chosen_severity = self._severity(
             record, record.chosen, record.chosen_severity, role, len(chosen_ids), "chosen_severity"
         )
@@ -253,7 +256,9 @@ class PairEncoder:
         cut = max(len(chosen_ids) - room, 0) + max(len(rejected_ids) - room, 0)
         if cut:  # counted for the whole dataset by PairDataset; here per pair at debug level only
             self.num_truncated += 1
-            logger.debug("%s: answers cut by %d tokens to fit data.max_length %d", record.where(), cut, self.max_length)
+            logger.debug(
+                "%s: answers cut by %d tokens to fit data.max_length %d", record.where(), cut, self.settings.max_length
+            )
         keep = lambda values: None if values is None else list(values[:room])  # noqa: E731
         return EncodedPair(
             prompt_ids=prompt_ids,
@@ -293,25 +298,25 @@ class PairDataset(torch.utils.data.Dataset):
                 self.skipped.append(str(e))
                 continue
             self.records.append(record)
-            if prompt + max(chosen, rejected) > encoder.max_length:
+            if prompt + max(chosen, rejected) > encoder.settings.max_length:
                 self.truncated.append((record.row_index, prompt, chosen, rejected))
         if self.skipped:
             logger.warning(
                 "skipped %d of %d pairs that cannot fit data.max_length %d (data.skip_bad_rows); first: %s",
                 len(self.skipped),
                 len(records),
-                encoder.max_length,
+                encoder.settings.max_length,
                 self.skipped[0],
             )
         if self.truncated:
             row, prompt, chosen, rejected = max(self.truncated, key=lambda t: t[1] + max(t[2], t[3]))
             logger.warning(
-                "%d of %d pairs have an answer longer than the room data.max_length %d leaves after the prompt: it is cut "
-                "from its end, in training and in the reference cache alike (data.long_answers truncate). Longest: row %d, "
-                "prompt %d + answers %d/%d tokens",
+                "%d of %d pairs have an answer longer than the room data.max_length %d leaves after the prompt: "
+                "it is cut from its end, in training and in the reference cache alike (data.long_answers truncate). "
+                "Longest: row %d, prompt %d + answers %d/%d tokens",
                 len(self.truncated),
                 len(self.records),
-                encoder.max_length,
+                encoder.settings.max_length,
                 row,
                 prompt,
                 chosen,
@@ -345,17 +350,20 @@ class PairCollator:
         has_ref = [p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs]
         if any(has_ref) and not all(has_ref):
             raise ValueError(
-                f"rows {[p.row_index for p, h in zip(pairs, has_ref) if not h]} have no cached reference log-probs while others do; recompute the cache"
+                f"rows {[p.row_index for p, h in zip(pairs, has_ref) if not h]} have no cached reference log-probs "
+                "while others do; recompute the cache"
             )
         has_corrupted_ref = [
             p.ref_corrupted_chosen_logps is not None and p.ref_corrupted_rejected_logps is not None for p in pairs
         ]
         if any(has_corrupted_ref) and not all(has_corrupted_ref):
             raise ValueError(
-                f"rows {[p.row_index for p, h in zip(pairs, has_corrupted_ref) if not h]} have no cached corrupted-image reference log-probs while others do; recompute the cache"
+                f"rows {[p.row_index for p, h in zip(pairs, has_corrupted_ref) if not h]} have no cached "
+                "corrupted-image reference log-probs while others do; recompute the cache"
             )
         has_severity = any(p.chosen_severity is not None or p.rejected_severity is not None for p in pairs)
-        # (prompt, answer, corrected, ref, corrupted-image ref, severity) per row: chosen rows first, then rejected rows.
+        # (prompt, answer, corrected, ref, corrupted-image ref, severity) per row: chosen rows first, then
+        # rejected rows.
         rows = [
             (
                 p.prompt_ids,

@@ -87,7 +87,8 @@ def convert(
     missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in ds.column_names]
     if missing:
         raise DataError(
-            f"{input_path}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format needs {', '.join(REQUIRED_COLUMNS[fmt])}"
+            f"{input_path}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} "
+            f"format needs {', '.join(REQUIRED_COLUMNS[fmt])}"
         )
     trl = ds.map(
         to_trl_row,
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-bad-rows",
         action="store_true",
-        help="drop malformed rows (bad texts, missing or corrupt images) with a counted, logged summary instead of stopping at the first (as data.skip_bad_rows)",
+        help="drop malformed rows (bad texts, missing or corrupt images) with a counted, logged summary instead of "
+        "stopping at the first (as data.skip_bad_rows)",
     )
     parser.add_argument("--push-to-hub", action="store_true", help="also push the result to the Hugging Face Hub")
     parser.add_argument("--repo-id", default=None, help="hub dataset repo for --push-to-hub")
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.push_to_hub:
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             print(
-                "ddpo convert: --push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it (and log in with `hf auth login`), or upload DIR later",
+                "ddpo convert: --push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it (and log in with "
+                "`hf auth login`), or upload DIR later",
                 file=sys.stderr,
             )
             return 2
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             splits.push_to_hub(args.repo_id)
         except Exception as e:  # network, auth, permissions: all mean the same to the user
             print(
-                f"ddpo convert: could not push to {args.repo_id} ({type(e).__name__}: {str(e)[:200]}); check the network and your login (`hf auth login`); the local copy in {out} is complete",
+                f"ddpo convert: could not push to {args.repo_id} ({type(e).__name__}: {str(e)[:200]}); check the "
+                f"network and your login (`hf auth login`); the local copy in {out} is complete",
                 file=sys.stderr,
             )
             return 2

@@ -86,7 +86,8 @@ def _text(value: Any, where: str, field: str) -> str:
         raise DataError(f"{where}, field '{field}': missing; every row needs a non-empty '{field}' string")
     if not isinstance(value, str):
         raise DataError(
-            f"{where}, field '{field}': expected a string, got {type(value).__name__} ({str(value)[:40]!r}); fix the row's type"
+            f"{where}, field '{field}': expected a string, got {type(value).__name__} ({str(value)[:40]!r}); "
+            "fix the row's type"
         )
     if not value.strip():
         raise DataError(f"{where}, field '{field}': empty; fill it in or drop the row (data.skip_bad_rows)")
@@ -123,7 +124,8 @@ def _spans(value: Any, text: str, where: str, field: str) -> list[tuple[int, int
     for s, e in spans:
         if not 0 <= s < e <= len(text):
             raise DataError(
-                f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer (need 0 <= start < end <= length)"
+                f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer "
+                "(need 0 <= start < end <= length)"
             )
     return spans
 
@@ -142,13 +144,15 @@ def _severity(value: Any, text: str, where: str, field: str) -> list[tuple[int, 
     )
     if not ok:
         raise DataError(
-            f"{where}, field '{field}': expected a list of [start, end, weight] (two integers and a number), got {str(value)[:60]}"
+            f"{where}, field '{field}': expected a list of [start, end, weight] (two integers and a number), got "
+            f"{str(value)[:60]}"
         )
     spans = [(int(s), int(e), float(w)) for s, e, w in value]
     for s, e, w in spans:
         if not 0 <= s < e <= len(text):
             raise DataError(
-                f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer (need 0 <= start < end <= length)"
+                f"{where}, field '{field}': span [{s}, {e}] is not inside the {len(text)}-character answer "
+                "(need 0 <= start < end <= length)"
             )
         if not w > 0 or w != w or w == float("inf"):
             raise DataError(
@@ -193,7 +197,8 @@ def _rlhfv_texts(row: dict, where: str) -> tuple[str, str, str]:
         ) from None
     if not isinstance(text, dict):
         raise DataError(
-            f"{where}, field 'text': expected a JSON object with question/chosen/rejected, got a JSON {type(text).__name__}"
+            f"{where}, field 'text': expected a JSON object with question/chosen/rejected, got a JSON "
+            f"{type(text).__name__}"
         )
     return parse_pair_texts(text.get("question"), text.get("chosen"), text.get("rejected"), where + " (in 'text')")
 
@@ -253,11 +258,13 @@ def _trl_row(row: dict, i: int, source: str) -> PreferenceRecord:
     images = row.get("images")
     if not isinstance(images, list) or len(images) != 1:
         raise DataError(
-            f"{where}, field 'images': expected a list with exactly one image, got {len(images) if isinstance(images, list) else type(images).__name__}"
+            f"{where}, field 'images': expected a list with exactly one image, got "
+            f"{len(images) if isinstance(images, list) else type(images).__name__}"
         )
     if image_parts != 1:
         raise DataError(
-            f"{where}, field 'prompt': the user message has {image_parts} image parts; it needs exactly one ({{'type': 'image'}}) for its one image"
+            f"{where}, field 'prompt': the user message has {image_parts} image parts; "
+            "it needs exactly one ({'type': 'image'}) for its one image"
         )
     return PreferenceRecord(
         images=[row_image(images[0], where, "images")],
@@ -326,7 +333,8 @@ def open_dataset(path: str, split: str) -> datasets.Dataset:
                 raise
             except Exception as e:  # offline, unknown id, no access: all end the same way
                 raise DataError(
-                    f"{path}: could not reach hub dataset '{path}' ({type(e).__name__}: {str(e)[:200]}); download it and pass a local path as data.path"
+                    f"{path}: could not reach hub dataset '{path}' ({type(e).__name__}: {str(e)[:200]}); download it "
+                    "and pass a local path as data.path"
                 ) from None
     except DataError:
         raise
@@ -350,7 +358,8 @@ def _dataset_rows(data_cfg: Any, fmt: str) -> tuple[Iterator[tuple[int, Any]], C
     missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in ds.column_names]
     if missing:
         raise DataError(
-            f"{source}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format needs {', '.join(REQUIRED_COLUMNS[fmt])}"
+            f"{source}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format "
+            f"needs {', '.join(REQUIRED_COLUMNS[fmt])}"
         )
     if fmt == "trl":
         return enumerate(ds), lambda row, i: _in_arrow(_trl_row(row, i, source), ds, i, "images", 0)

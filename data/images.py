@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -44,7 +44,8 @@ def decode_image(
         path = Path(path)
         if not path.is_file():
             raise DataError(
-                f"{where}, field '{field}': image file not found: {path}; check the path or the image folder (data.image_dir)"
+                f"{where}, field '{field}': image file not found: {path}; check the path or the image folder "
+                "(data.image_dir)"
             )
         data = path.read_bytes()
     if not isinstance(data, (bytes, bytearray)):
@@ -54,12 +55,14 @@ def decode_image(
         image.load()  # decode now: a truncated or corrupt file fails here, with the row in the message
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(
-            f"{where}, field '{field}': image could not be decoded ({type(e).__name__}: {e}); re-export the image or drop the row (data.skip_bad_rows)"
+            f"{where}, field '{field}': image could not be decoded ({type(e).__name__}: {e}); re-export the image or "
+            "drop the row (data.skip_bad_rows)"
         ) from None
     width, height = image.size
     if min(width, height) < MIN_IMAGE_SIDE:
         raise DataError(
-            f"{where}, field '{field}': image is {width}x{height} pixels, each side must be >= {MIN_IMAGE_SIDE}; fix or drop the row (data.skip_bad_rows)"
+            f"{where}, field '{field}': image is {width}x{height} pixels, each side must be >= {MIN_IMAGE_SIDE}; "
+            "fix or drop the row (data.skip_bad_rows)"
         )
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -119,7 +122,7 @@ class ArrowImage:
         return decode_image(self.data, where=self.where, field=self.field)
 
 
-StoredImage = Union[EncodedImage, ArrowImage]  # what records hold: checked, compressed, decoded on use
+StoredImage = EncodedImage | ArrowImage  # what records hold: checked, compressed, decoded on use
 
 
 def as_pil(image: Image.Image | StoredImage) -> Image.Image:

@@ -22,7 +22,7 @@ Where this differs from the original code (thunlp/Muffin `utils/diff_lib.py`, ca
     so the only observable effects are: (a) a short match at the very start of the answer (e.g. "The"
     in "The cat ..." vs "The dog ...") was kept in the original because it extended the long prompt
     match, while here it is shorter than `min_match` and becomes part of the replacement; (b) the
-    padding of a batch can no longer leak into the diff.
+    padding of a batch cannot leak into the diff.
   - The original used difflib's default `autojunk=True`: when the second sequence (chosen) has 200+
     items, every id filling more than 1% of it is "popular" and no match can start on it. With 64-576
     image tokens in the diffed sequence, image ids and common text ids were popular, so the segments

@@ -1,7 +1,8 @@
 """Conversation templates: a question + image -> prompt token ids; an answer -> labelled token ids.
 
 Templates (the `data.template` config values):
-  vicuna_v0      Muffin / RLHF-V:  "<s>{system}\\n\\n### Human: {image}\\n{question}\\n### Assistant:" + " {answer}\\n###"
+  vicuna_v0      Muffin / RLHF-V:  "<s>{system}\\n\\n### Human: {image}\\n{question}\\n### Assistant:"
+                                   + " {answer}\\n###"
   llava_v1       LLaVA-1.5:        "<s>{system} USER: {image}\\n{question} ASSISTANT:" + " {answer}" + "</s>"
   chat_template  the tokenizer's own `apply_chat_template`, the user turn being [image part, text part]
   rlhfv_eval     generation only, RLHF-V's evaluation prompt (Muffin `muffin_vqa.py`): the image *after*
@@ -134,7 +135,8 @@ def prompt_text(template: str, tokenizer: PreTrainedTokenizerBase, question: str
     rendered = _render_chat_prompt(tokenizer, question)
     if rendered.count(IMAGE_MARKER) != 1:
         raise ValueError(
-            f"the tokenizer's chat template rendered {rendered.count(IMAGE_MARKER)} '{IMAGE_MARKER}' markers for one image part (need exactly 1); use a multimodal chat template or vicuna_v0/llava_v1"
+            f"the tokenizer's chat template rendered {rendered.count(IMAGE_MARKER)} '{IMAGE_MARKER}' markers for one "
+            "image part (need exactly 1); use a multimodal chat template or vicuna_v0/llava_v1"
         )
     return rendered.replace(IMAGE_MARKER, image_placeholder)
 
@@ -150,7 +152,8 @@ def answer_text(template: str, tokenizer: PreTrainedTokenizerBase, answer: str) 
     full = tokenizer.apply_chat_template(_chat_messages(question, answer), tokenize=False)
     if not full.startswith(prompt) or answer not in full[len(prompt) :]:
         raise ValueError(
-            "the tokenizer's chat template does not render a conversation as prompt (with generation prompt) + answer; use vicuna_v0 or llava_v1"
+            "the tokenizer's chat template does not render a conversation as prompt (with generation prompt) + "
+            "answer; use vicuna_v0 or llava_v1"
         )
     text = full[len(prompt) :]
     start = text.index(answer)
@@ -256,5 +259,6 @@ def check_image_tokens(prompt_ids: Sequence[int], placeholder_ids: Sequence[int]
     contiguous = list(prompt_ids[start : start + len(placeholder_ids)]) == list(placeholder_ids)
     if wrong or not contiguous:
         raise DataError(
-            f"{where}: the prompt must hold the image tokens exactly once ({dict(expected)} by id), found {wrong or 'them split apart'}; remove image markers such as '<image>' from the question text"
+            f"{where}: the prompt must hold the image tokens exactly once ({dict(expected)} by id), found "
+            f"{wrong or 'them split apart'}; remove image markers such as '<image>' from the question text"
         )

@@ -171,7 +171,8 @@ def find(output_dir: str | os.PathLike, resume: str) -> Path | None:
         reason = incomplete_reason(path)
         if reason:
             raise CheckpointError(
-                f"train.resume={resume}: not a complete checkpoint: {reason}. Pass another checkpoints/step-* directory or 'auto'"
+                f"train.resume={resume}: not a complete checkpoint: {reason}. Pass another checkpoints/step-* "
+                "directory or 'auto'"
             )
         return path
     root = checkpoint_root(output_dir)
@@ -186,7 +187,10 @@ def find(output_dir: str | os.PathLike, resume: str) -> Path | None:
         if problem is None:
             if newest_complete is None or _step_of(newest_complete) <= _step_of(root / name):
                 return root / name
-            problem = f"{latest_file} names '{name}', but {newest_complete.name} is newer and complete (a save stopped before updating 'latest')"
+            problem = (
+                f"{latest_file} names '{name}', but {newest_complete.name} is newer and complete (a save stopped "
+                "before updating 'latest')"
+            )
         else:
             problem = f"{latest_file} names '{name}', but {problem}"
     else:
@@ -225,14 +229,14 @@ def safe_load(file: str | os.PathLike, map_location=None) -> Any:
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if unsupported:
             raise CheckpointError(
-                f"{file}: refused by torch.load(weights_only=True): it holds {unsupported.group(1)} besides tensors and "
-                "plain data, which loading it would have to run. ddpo does not unpickle such objects; resume from a "
-                "checkpoint ddpo wrote"
+                f"{file}: refused by torch.load(weights_only=True): it holds {unsupported.group(1)} besides tensors "
+                "and plain data, which loading it would have to run. ddpo does not unpickle such objects; resume "
+                "from a checkpoint ddpo wrote"
             ) from None
         raise CheckpointError(
-            f"{file}: cannot be read ({type(e).__name__}: {_first_line(e)}); the file is damaged. Delete its checkpoint "
-            f"folder {Path(file).parent} to resume from the previous one (train.resume auto), or set train.resume "
-            "to an older checkpoints/step-* directory"
+            f"{file}: cannot be read ({type(e).__name__}: {_first_line(e)}); the file is damaged. Delete its "
+            f"checkpoint folder {Path(file).parent} to resume from the previous one (train.resume auto), or set "
+            "train.resume to an older checkpoints/step-* directory"
         ) from None
 
 

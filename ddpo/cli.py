@@ -40,7 +40,8 @@ def config_command(name: str, summary: str, run: Callable[[Config], None]) -> Co
         argv = [a for a in argv if a != "--debug"]
         if not argv or argv[0] in ("-h", "--help"):
             print(
-                f"usage: ddpo {name} CONFIG.yaml [--<section>.<field> VALUE ...] [--debug]\n\n{summary}\n\nFields (any can be set in the YAML or overridden on the command line):{fields_help()}"
+                f"usage: ddpo {name} CONFIG.yaml [--<section>.<field> VALUE ...] [--debug]\n\n{summary}\n\n"
+                f"Fields (any can be set in the YAML or overridden on the command line):{fields_help()}"
             )
             return 0
         try:

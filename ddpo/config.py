@@ -1,4 +1,6 @@
-"""Typed experiment configuration: the dataclasses below are the single source of truth.
+"""Typed experiment configuration: typed dataclasses, one per section, are the single source of truth.
+A section lives with the package that reads it where there is one (`model:` in ddpo/models/config.py,
+`loss:` in ddpo/loss.py); this module holds the others and composes them all into `Config`.
 
 A YAML file in `configs/` fills them section by section; any field can then be overridden on the
 command line as `--<section>.<field> VALUE` (`--loss.gamma 5`). Every field carries a one-line doc
@@ -20,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ddpo.loss import check_settings as check_loss_settings
+from ddpo.loss import LossConfig
 from ddpo.models.config import ConfigError, ModelConfig, config_field
 
 
@@ -28,18 +30,21 @@ from ddpo.models.config import ConfigError, ModelConfig, config_field
 class DataConfig:
     format: Literal["rlhf-v", "rlaif-v", "trl", "jsonl", "synthetic"] = config_field(
         "rlhf-v",
-        "Dataset schema: RLHF-V-Dataset, RLAIF-V-Dataset, TRL conversational preference, JSONL + image folder, or the synthetic world.",
+        "Dataset schema: RLHF-V-Dataset, RLAIF-V-Dataset, TRL conversational preference, JSONL + image folder, or the "
+        "synthetic world.",
     )
     path: str | None = config_field(None, "Local file/directory or hub id of the dataset (unused for 'synthetic').")
     split: str = config_field("train", "Split to train on.")
     image_dir: str | None = config_field(None, "Folder that JSONL `image` paths are relative to (format 'jsonl').")
     template: Literal["vicuna_v0", "llava_v1", "chat_template"] = config_field(
         "vicuna_v0",
-        "Conversation template: Vicuna v0 (### Human/### Assistant, Muffin), LLaVA v1 (USER/ASSISTANT), or the tokenizer's own chat template.",
+        "Conversation template: Vicuna v0 (### Human/### Assistant, Muffin), LLaVA v1 (USER/ASSISTANT), or the "
+        "tokenizer's own chat template.",
     )
     max_length: int = config_field(
         2048,
-        "Longest prompt + image tokens + answer; longer answers are cut from their end (counted), a prompt that cannot fit is an error or a counted skip.",
+        "Longest prompt + image tokens + answer; longer answers are cut from their end (counted), a prompt that cannot "
+        "fit is an error or a counted skip.",
     )
     max_samples: int | None = config_field(None, "Use only the first N rows (after filtering); null = all.")
     padding_side: Literal["right", "left"] = config_field("right", "Side that batches are padded on.")
@@ -48,11 +53,14 @@ class DataConfig:
     )
     long_answers: Literal["truncate", "error"] = config_field(
         "truncate",
-        "An answer longer than the room max_length leaves after its prompt: 'truncate' cuts it from its end (the pairs cut are counted in one log line at start), 'error' stops naming the row and its lengths (with skip_bad_rows: a counted skip).",
+        "An answer longer than the room max_length leaves after its prompt: 'truncate' cuts it from its end (the pairs "
+        "cut are counted in one log line at start), 'error' stops naming the row and its lengths (with skip_bad_rows: "
+        "a counted skip).",
     )
     segments: Literal["token_diff", "word_diff", "spans", "none"] = config_field(
         "token_diff",
-        "How corrected segments are found: RLHF-V token-id diff, a word-level diff mapped to tokens, explicit character spans in the data, or none (vanilla DPO weights).",
+        "How corrected segments are found: RLHF-V token-id diff, a word-level diff mapped to tokens, explicit "
+        "character spans in the data, or none (vanilla DPO weights).",
     )
     min_match: int = config_field(
         3, "Diff matching blocks shorter than this many tokens are absorbed into the surrounding edit (RLHF-V: 3)."
@@ -62,69 +70,18 @@ class DataConfig:
     )
     segment_diff: Literal["answer", "muffin"] = config_field(
         "answer",
-        "token_diff input: 'answer' = the two answers, plain longest-match diff; 'muffin' = exact replication of the released code: prompt (minus BOS) + answer, difflib autojunk on (changes which tokens get gamma on long sequences).",
+        "token_diff input: 'answer' = the two answers, plain longest-match diff; 'muffin' = exact replication of the "
+        "released code: prompt (minus BOS) + answer, difflib autojunk on (changes which tokens get gamma on long "
+        "sequences).",
     )
     label_span: Literal["answer", "muffin"] = config_field(
         "answer",
-        "Labelled tokens: 'answer' = the answer and its end marker; 'muffin' = also the '### Assistant:' role prefix, as the released Muffin code (vicuna_v0 only).",
+        "Labelled tokens: 'answer' = the answer and its end marker; 'muffin' = also the '### Assistant:' role prefix, "
+        "as the released Muffin code (vicuna_v0 only).",
     )
     synthetic_pairs: int = config_field(64, "Number of preference pairs generated when format is 'synthetic'.")
     length_grouping: bool = config_field(
         False, "Group pairs of similar length into batches to cut padding (changes the data order, seeded)."
-    )
-
-
-@dataclass
-class LossConfig:
-    beta: float = config_field(0.5, "DPO temperature beta (RLHF-V paper 0.5, released command 0.1).")
-    gamma: float = config_field(
-        5.0, "Weight of tokens inside corrected segments; unchanged tokens weigh 1; gamma 1 = vanilla DPO."
-    )
-    normalize: Literal["mean", "sum"] = config_field(
-        "mean", "Sequence log-prob: 'mean' = weighted mean (paper Eq. 5), 'sum' = weighted sum (released RLHF-V code)."
-    )
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = config_field(
-        "sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge."
-    )
-    label_smoothing: float = config_field(0.0, "Conservative DPO epsilon in [0, 0.5) (sigmoid only).")
-    reference_free: bool = config_field(False, "Ignore the reference model (its log-ratio is taken as 0).")
-    sft_weight: float = config_field(
-        0.0, "Weight alpha of an SFT term: mean negative token log-prob of the chosen answer (RPO-style mixing)."
-    )
-    sft_form: Literal["token_mean", "released"] = config_field(
-        "token_mean",
-        "SFT term: 'token_mean' = unweighted mean NLL per chosen answer token in the batch; 'released' = minus the chosen answer's weighted sequence log-prob (gamma weights, loss.normalize), averaged over pairs, as the released RLHF-V code (SFT_weight env).",
-    )
-    # The dense methods (docs/DENSE_METHODS.md): one weight source, and extra terms that are off at 0.
-    token_weights: Literal["segments", "severity", "visual", "length"] = config_field(
-        "segments",
-        "Where token weights come from: 'segments' = gamma on corrected segments (DDPO); 'severity' = the data's annotated severity weights (HSA-DPO/OPA-DPO style; loss.gamma must be 1); 'visual' = TPO's self-calibrated weights from the policy's log-prob gap between the real and the corrupted image (loss.corruption); 'length' = LD-DPO: the longer answer's tail weighs loss.ld_alpha.",
-    )
-    ld_alpha: float = config_field(
-        1.0, "LD-DPO: weight in [0, 1] of the answer tokens past the shorter answer's length (token_weights 'length')."
-    )
-    image_conditional_weight: float = config_field(
-        0.0,
-        "mDPO's conditional preference term (chosen answer given the real image preferred to it given the corrupted image, loss.corruption); its weight, 0 = off. One extra policy forward per step.",
-    )
-    anchor_weight: float = config_field(
-        0.0, "mDPO's reward anchor -log sigmoid(beta * chosen log-ratio); its weight, 0 = off."
-    )
-    tdpo_alpha: float = config_field(
-        0.0,
-        "TDPO's sequential-KL weight alpha inside the margin (CHiP uses it); 0 = off. Needs train.reference live (the full reference distribution at each answer position).",
-    )
-    corruption: Literal["mask_tokens", "mask_patches", "noise"] = config_field(
-        "noise",
-        "Corrupted image of the conditional term and the visual weights: mask_tokens (zero a share of the image tokens' features), mask_patches (blank a share of the pixel grid cells), noise (forward diffusion at level loss.corruption_strength). Seeded per pair.",
-    )
-    corruption_strength: float = config_field(
-        0.5,
-        "Share of image tokens / grid cells masked, or the diffusion noise level s (sqrt(1-s) x + sqrt(s) eps); in (0, 1].",
-    )
-    corruption_seed: int = config_field(
-        0,
-        "Seed of the corruptions (each pair: this seed and its source row), so a pair's corrupted view is the same in every epoch and in the reference cache.",
     )
 
 
@@ -156,7 +113,8 @@ class TrainConfig:
     )
     reference: Literal["cached", "live"] = config_field(
         "cached",
-        "Reference log-probs: 'cached' = precomputed per-token cache, no reference model held; 'live' = a frozen reference model.",
+        "Reference log-probs: 'cached' = precomputed per-token cache, no reference model held; 'live' = a frozen "
+        "reference model.",
     )
     reference_cache: str | None = config_field(
         None, "Directory of the reference log-prob cache; null = <output_dir>/reference_cache."
@@ -200,95 +158,117 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> Config:
-        """Cross-field checks; each message names the key(s) and the fix."""
-        m, d, l, t, ds = self.model, self.data, self.loss, self.train, self.deepspeed
+        """Every check, section by section, then across sections; each message names the key(s) and the fix."""
         try:  # the loss section's checks live with the loss (one home)
-            check_loss_settings(
-                l.beta,
-                l.gamma,
-                l.normalize,
-                l.loss_type,
-                l.label_smoothing,
-                l.sft_weight,
-                l.sft_form,
-                l.token_weights,
-                l.ld_alpha,
-                l.image_conditional_weight,
-                l.anchor_weight,
-                l.tdpo_alpha,
-                l.corruption,
-                l.corruption_strength,
-            )
+            self.loss.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
         checks = [
-            (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
-            (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
-            (t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0"),
-            (t.learning_rate >= 0, "train.learning_rate must be >= 0"),
-            (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
-            (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping)"),
-            (t.save_steps >= 0 and t.logging_steps >= 1, "train.save_steps must be >= 0 and train.logging_steps >= 1"),
-            (ds.zero_stage in (None, 0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}"),
-            (
-                ds.config is None or Path(ds.config).is_file(),
-                f"deepspeed.config: file not found: {ds.config} (see configs/deepspeed/)",
-            ),
-            (d.max_length >= 16, "data.max_length must be >= 16"),
-            (d.min_match >= 1, "data.min_match must be >= 1"),
-            (
-                d.format == "synthetic" or d.path,
-                f"data.path is required for data.format '{d.format}' (a local path or hub id)",
-            ),
-            (d.format != "jsonl" or d.image_dir, "data.image_dir is required for data.format 'jsonl'"),
-            (
-                d.label_span == "answer" or d.template == "vicuna_v0",
-                f"data.label_span 'muffin' labels vicuna_v0's '### Assistant:' role prefix (Muffin's layout); data.template is '{d.template}'",
-            ),
-            (
-                d.segment_diff == "answer" or d.segments == "token_diff",
-                f"data.segment_diff 'muffin' is the released token-id diff: it needs data.segments 'token_diff', not '{d.segments}'",
-            ),
-            (m.image_size is None or m.image_size > 0, "model.image_size must be > 0"),
-            (
-                not (t.reference == "cached" and l.reference_free),
-                "loss.reference_free needs no reference: set train.reference to 'live' or drop reference_free",
-            ),
-            (
-                l.tdpo_alpha == 0 or (t.reference == "live" and not l.reference_free),
-                f"loss.tdpo_alpha {l.tdpo_alpha} (TDPO's sequential KL) needs the reference's full next-token distribution at every "
-                "answer position, which the per-token reference cache does not hold (docs/DENSE_METHODS.md measures why): set "
-                "train.reference live (and loss.reference_free false), or loss.tdpo_alpha 0",
-            ),
-            (
-                l.tdpo_alpha == 0 or ds.zero_stage != 3,
-                "loss.tdpo_alpha > 0 reads the LM heads outside the forward pass, which "
-                "ZeRO-3 partitions: use deepspeed.zero_stage 0, 1 or 2, or loss.tdpo_alpha 0",
-            ),
-            (m.logps_chunk_size >= 1, "model.logps_chunk_size must be >= 1"),
-            (
-                m.attn_implementation != "flex_attention"
-                or importlib.util.find_spec("torch.nn.attention.flex_attention") is not None,
-                "model.attn_implementation 'flex_attention' needs torch >= 2.5 (torch.nn.attention.flex_attention); upgrade torch or use 'sdpa'",
-            ),
-            (m.lora_r >= 0, "model.lora_r must be >= 0 (0 = full fine-tuning)"),
-            (
-                not (m.freeze_vision_tower and m.freeze_projector and m.freeze_llm and m.lora_r == 0),
-                "model.freeze_vision_tower, freeze_projector and freeze_llm are all true: nothing would train",
-            ),
-            (
-                not m.freeze_vision_experts or m.arch == "muffin",
-                "model.freeze_vision_experts applies to model.arch 'muffin' only",
-            ),
-            (
-                t.resume in ("none", "auto") or Path(t.resume).is_dir(),
-                f"train.resume must be 'none', 'auto' or an existing checkpoint directory, got '{t.resume}'",
-            ),
+            *_train_checks(self.train),
+            *_deepspeed_checks(self.deepspeed),
+            *_data_checks(self.data),
+            *_model_checks(self.model),
+            *_method_checks(self.loss, self.train, self.deepspeed),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+Checks = list[tuple[bool, str]]  # (condition that must hold, message naming the key and the fix)
+
+
+def _train_checks(t: TrainConfig) -> Checks:
+    return [
+        (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+        (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
+        (t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0"),
+        (t.learning_rate >= 0, "train.learning_rate must be >= 0"),
+        (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping)"),
+        (t.save_steps >= 0 and t.logging_steps >= 1, "train.save_steps must be >= 0 and train.logging_steps >= 1"),
+        (
+            t.resume in ("none", "auto") or Path(t.resume).is_dir(),
+            f"train.resume must be 'none', 'auto' or an existing checkpoint directory, got '{t.resume}'",
+        ),
+    ]
+
+
+def _deepspeed_checks(ds: DeepSpeedConfig) -> Checks:
+    return [
+        (ds.zero_stage in (None, 0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}"),
+        (
+            ds.config is None or Path(ds.config).is_file(),
+            f"deepspeed.config: file not found: {ds.config} (see configs/deepspeed/)",
+        ),
+    ]
+
+
+def _data_checks(d: DataConfig) -> Checks:
+    return [
+        (d.max_length >= 16, "data.max_length must be >= 16"),
+        (d.min_match >= 1, "data.min_match must be >= 1"),
+        (
+            d.format == "synthetic" or d.path,
+            f"data.path is required for data.format '{d.format}' (a local path or hub id)",
+        ),
+        (d.format != "jsonl" or d.image_dir, "data.image_dir is required for data.format 'jsonl'"),
+        (
+            d.label_span == "answer" or d.template == "vicuna_v0",
+            "data.label_span 'muffin' labels vicuna_v0's '### Assistant:' role prefix (Muffin's layout); "
+            f"data.template is '{d.template}'",
+        ),
+        (
+            d.segment_diff == "answer" or d.segments == "token_diff",
+            "data.segment_diff 'muffin' is the released token-id diff: it needs data.segments 'token_diff', "
+            f"not '{d.segments}'",
+        ),
+    ]
+
+
+def _model_checks(m: ModelConfig) -> Checks:
+    return [
+        (m.image_size is None or m.image_size > 0, "model.image_size must be > 0"),
+        (m.logps_chunk_size >= 1, "model.logps_chunk_size must be >= 1"),
+        (
+            m.attn_implementation != "flex_attention"
+            or importlib.util.find_spec("torch.nn.attention.flex_attention") is not None,
+            "model.attn_implementation 'flex_attention' needs torch >= 2.5 (torch.nn.attention.flex_attention); "
+            "upgrade torch or use 'sdpa'",
+        ),
+        (m.lora_r >= 0, "model.lora_r must be >= 0 (0 = full fine-tuning)"),
+        (
+            not (m.freeze_vision_tower and m.freeze_projector and m.freeze_llm and m.lora_r == 0),
+            "model.freeze_vision_tower, freeze_projector and freeze_llm are all true: nothing would train",
+        ),
+        (
+            not m.freeze_vision_experts or m.arch == "muffin",
+            "model.freeze_vision_experts applies to model.arch 'muffin' only",
+        ),
+    ]
+
+
+def _method_checks(loss: LossConfig, t: TrainConfig, ds: DeepSpeedConfig) -> Checks:
+    """What the loss settings ask of the reference and the engine."""
+    return [
+        (
+            not (t.reference == "cached" and loss.reference_free),
+            "loss.reference_free needs no reference: set train.reference to 'live' or drop reference_free",
+        ),
+        (
+            loss.tdpo_alpha == 0 or (t.reference == "live" and not loss.reference_free),
+            f"loss.tdpo_alpha {loss.tdpo_alpha} (TDPO's sequential KL) needs the reference's full next-token "
+            "distribution at every answer position, which the per-token reference cache does not hold "
+            "(docs/DENSE_METHODS.md measures why): set train.reference live (and loss.reference_free false), "
+            "or loss.tdpo_alpha 0",
+        ),
+        (
+            loss.tdpo_alpha == 0 or ds.zero_stage != 3,
+            "loss.tdpo_alpha > 0 reads the LM heads outside the forward pass, which "
+            "ZeRO-3 partitions: use deepspeed.zero_stage 0, 1 or 2, or loss.tdpo_alpha 0",
+        ),
+    ]
 
 
 SECTIONS: dict[str, type] = {

@@ -78,8 +78,9 @@ def run_plan(cfg: Config, num_pairs: int, world_size: int = 1) -> RunPlan:
     steps_per_epoch = num_pairs // global_batch
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"{num_pairs} pairs cannot fill one optimizer step of global batch {global_batch} ({world_size} processes x "
-            f"train.micro_batch_size {t.micro_batch_size} x train.gradient_accumulation_steps {t.gradient_accumulation_steps}): "
+            f"{num_pairs} pairs cannot fill one optimizer step of global batch {global_batch} ({world_size} "
+            f"processes x train.micro_batch_size {t.micro_batch_size} x train.gradient_accumulation_steps "
+            f"{t.gradient_accumulation_steps}): "
             "use more data or a smaller batch"
         )
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)

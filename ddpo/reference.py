@@ -185,8 +185,9 @@ def read_cache(directory: str | os.PathLike, expected: dict[str, str]) -> dict[i
     if differing:
         details = "; ".join(f"{k}: cache {found.get(k)!r} vs now {expected[k]!r}" for k in differing)
         raise ReferenceCacheError(
-            f"reference cache {directory} was computed under different settings ({', '.join(differing)} differ: {details}). "
-            "Recompute it with `ddpo precompute-ref` (or delete the directory), or point train.reference_cache elsewhere."
+            f"reference cache {directory} was computed under different settings ({', '.join(differing)} differ: "
+            f"{details}). Recompute it with `ddpo precompute-ref` (or delete the directory), or point "
+            "train.reference_cache elsewhere."
         )
     table = pq.read_table(directory / LOGPS_FILE).to_pydict()
     return {r: (c, j) for r, c, j in zip(table["row_index"], table["chosen_logps"], table["rejected_logps"])}

@@ -96,7 +96,8 @@ class SweepSpec:
         unknown = set(data) - SPEC_KEYS
         if unknown:
             raise ConfigError(
-                f"{source}: unknown key(s) {', '.join(sorted(unknown))}; a sweep spec has {', '.join(sorted(SPEC_KEYS))}"
+                f"{source}: unknown key(s) {', '.join(sorted(unknown))}; "
+                f"a sweep spec has {', '.join(sorted(SPEC_KEYS))}"
             )
         for key in ("base", "output_dir", "grid"):
             if key not in data:
@@ -161,7 +162,7 @@ def _as_override(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def resolve(spec: SweepSpec, point: Point):
+def resolve_point_config(spec: SweepSpec, point: Point):
     """The point's full config: base <- fixed overrides <- grid values, in the point's own directory."""
     overrides: list[str] = []
     for key, value in {**spec.overrides, **point.values}.items():
@@ -175,7 +176,7 @@ def resolve(spec: SweepSpec, point: Point):
 
 def write_configs(spec: SweepSpec, points: list[Point]) -> None:
     """Resolve (and so validate) every point first, then write each point's config.yaml."""
-    configs = [resolve(spec, point) for point in points]
+    configs = [resolve_point_config(spec, point) for point in points]
     for point, cfg in zip(points, configs):
         point.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, point.config_path)
@@ -434,8 +435,9 @@ def write_markdown(spec: SweepSpec, path: Path, rows: list[dict], summary: list[
     path.write_text("\n".join(text), encoding="utf-8")
 
 
-def plot(spec: SweepSpec, summary: list[dict], path: Path) -> Path | None:
-    """Each metric against the first grid key, one line per combination of the other keys, error bars = std over seeds."""
+def plot_summary(spec: SweepSpec, summary: list[dict], path: Path) -> Path | None:
+    """Each metric against the first grid key, one line per combination of the other keys, error bars =
+    std over seeds; None (no file) when no run has logged any of the metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -491,7 +493,7 @@ def aggregate(spec: SweepSpec, points: list[Point]) -> dict[str, Path]:
     write_csv(out["csv"], rows)
     write_csv(out["summary_csv"], summary)
     write_markdown(spec, out["markdown"], rows, summary)
-    figure = plot(spec, summary, spec.output_dir / "plot.png")
+    figure = plot_summary(spec, summary, spec.output_dir / "plot.png")
     if figure is not None:
         out["plot"] = figure
     return out

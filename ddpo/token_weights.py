@@ -72,7 +72,8 @@ def length_weights(answer_mask: Tensor, alpha: float) -> Tensor:
     |rejected_i|) (the shared length) and alpha after it (the longer answer's tail)."""
     if answer_mask.shape[0] % 2:
         raise ValueError(
-            f"length_weights: the answer mask holds {answer_mask.shape[0]} rows; pass [2B, T] (chosen rows, then rejected)"
+            f"length_weights: the answer mask holds {answer_mask.shape[0]} rows; pass [2B, T] (chosen rows, "
+            "then rejected)"
         )
     b = answer_mask.shape[0] // 2
     position = answer_mask.long().cumsum(dim=1) - 1  # k of each answer token

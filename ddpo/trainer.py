@@ -13,7 +13,8 @@ One optimizer step, top to bottom (see `train`):
         chosen, rejected = policy per-token log-probs            [B, T-1] each, image encoded once per pair
         ref_chosen, ref_rejected = cached (or live) reference    [B, T-1] each
         extras, only when their loss setting is on                corrupted-image forward (mDPO, TPO), KL (TDPO)
-        loss = DDPOLoss(...)                                      weights from the corrected mask and loss.gamma (or another source)
+        loss = DDPOLoss(cfg.loss)(...)                            weights from the corrected mask and loss.gamma
+                                                                  (or another source)
         engine.backward(loss)                                     DeepSpeed scales by 1/accumulation
     engine.step()                                                 clip, AdamW, LR schedule
 """
@@ -42,9 +43,9 @@ from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
 from ddpo.data.formats import load_records
 from ddpo.data.images import DataError
 from ddpo.data.tokenizer import build_word_tokenizer
-from ddpo.loss import DDPOLoss
+from ddpo.loss import DDPOLoss, LossExtras
 from ddpo.models.build import build_model
-from ddpo.models.logps import chunked_token_kl
+from ddpo.models.logps import HiddenAndHead, chunked_token_kl
 from ddpo.plan import run_plan
 from ddpo.progress import progress_bar
 from ddpo.sampler import PairOrder
@@ -122,7 +123,7 @@ class Trainer:
 
         self._setup_data_and_model()
         self.reference_cache_dir = Path(cfg.train.reference_cache or self.output_dir / "reference_cache")
-        self.loss_fn = DDPOLoss.from_config(cfg.loss)
+        self.loss_fn = DDPOLoss(cfg.loss)
         if for_reference_cache:
             self._compute_reference_cache()
             if self.loss_fn.needs_corrupted_reference:  # mDPO's conditional term: the corrupted-image view too
@@ -286,7 +287,7 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg.train
-        # fused: one kernel for all parameters; the per-tensor loop was ~30% of a small model's CPU step.
+        # fused: one kernel for all parameters; the per-tensor loop costs ~30% of a small model's CPU step.
         optimizer = torch.optim.AdamW(
             self._param_groups(),
             lr=cfg.learning_rate,
@@ -425,15 +426,15 @@ class Trainer:
             ref_chosen, ref_rejected = batch.ref_token_logps[:b], batch.ref_token_logps[b:]
         else:  # loss.reference_free
             ref_chosen = ref_rejected = None
-        extras = {}  # the dense methods' inputs (docs/DENSE_METHODS.md), each computed only when its setting is on
-        if self.loss_fn.token_weights == "severity":
-            extras["severity"] = batch.severity
+        extras = LossExtras()  # the dense methods' inputs (docs/DENSE_METHODS.md), each only when its setting is on
+        if self.cfg.loss.token_weights == "severity":
+            extras.severity = batch.severity
         if self.loss_fn.needs_corrupted_view:
-            extras.update(self._corrupted_view(batch))
+            extras.corrupted, extras.ref_corrupted_chosen_token_logps = self._corrupted_view(batch)
         if tdpo:
-            extras["kl"] = self._token_kl(batch, hidden[0], ref_hidden[0])
+            extras.kl = self._token_kl(batch, hidden[0], ref_hidden[0])
         loss, metrics = self.loss_fn(
-            chosen_logps, rejected_logps, ref_chosen, ref_rejected, batch.answer_mask, batch.corrected, **extras
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, batch.answer_mask, batch.corrected, extras
         )
         finite = torch.tensor([float(torch.isfinite(loss))], device=loss.device)
         if dist.world_size() > 1:
@@ -441,36 +442,33 @@ class Trainer:
         if finite.item() < 1:
             raise FloatingPointError(
                 f"non-finite loss at optimizer step {self.step + 1}, micro-batch {micro}; this rank's pairs come from "
-                f"source rows {batch.row_indices}. Lower train.learning_rate, check those rows, or resume from the last checkpoint."
+                f"source rows {batch.row_indices}. Lower train.learning_rate, check those rows, or resume from the "
+                "last checkpoint."
             )
         return loss, metrics
 
-    def _corrupted_view(self, batch) -> dict:
-        """The policy's (and, for mDPO's conditional term, the reference's) log-probs of the answers given
-        corrupted images: one more policy forward, with gradient only when the conditional term is on."""
+    def _corrupted_view(self, batch) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """The policy's (chosen, rejected) log-probs of the answers given corrupted images, and, for mDPO's
+        conditional term, the reference's of the chosen answers (else None): one more policy forward, with
+        gradient only when the conditional term is on."""
         corrupted = self._corrupt(batch)
-        with torch.set_grad_enabled(self.loss_fn.image_conditional_weight > 0):  # TPO's weights need none
-            out = {"corrupted": self.engine(corrupted)}
-        if self.loss_fn.needs_corrupted_reference:
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    out["ref_corrupted_chosen_token_logps"] = self.ref_model(corrupted)[0].float()
-            else:
-                out["ref_corrupted_chosen_token_logps"] = batch.ref_corrupted_token_logps[: batch.num_pairs]
-        return out
+        with torch.set_grad_enabled(self.cfg.loss.image_conditional_weight > 0):  # TPO's weights need none
+            policy = self.engine(corrupted)
+        if not self.loss_fn.needs_corrupted_reference:
+            return policy, None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                return policy, self.ref_model(corrupted)[0].float()
+        return policy, batch.ref_corrupted_token_logps[: batch.num_pairs]
 
     def _token_kl(self, batch, hidden, ref_hidden) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position KL(reference || policy) of the chosen and the rejected rows (TDPO), [B, T-1] each."""
         policy_head, reference_head = self.model.lm_head, self.ref_model.lm_head
         kl = chunked_token_kl(
-            hidden,
-            policy_head.weight,
-            ref_hidden,
-            reference_head.weight,
+            HiddenAndHead(hidden, policy_head.weight, policy_head.bias),
+            HiddenAndHead(ref_hidden, reference_head.weight, reference_head.bias),
             batch.labels,
             chunk_size=self.model.logps_chunk_size,
-            policy_bias=policy_head.bias,
-            reference_bias=reference_head.bias,
         )
         return kl[: batch.num_pairs], kl[batch.num_pairs :]
 

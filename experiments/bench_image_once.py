@@ -144,7 +144,8 @@ def main() -> None:
     print(f"{'variant':<12}{'median ms':>10}{'min ms':>9}{'max ms':>9}{'peak +MB':>10}")
     for variant, ts in times.items():
         print(
-            f"{variant:<12}{1e3 * statistics.median(ts):>10.1f}{1e3 * min(ts):>9.1f}{1e3 * max(ts):>9.1f}{memory[variant]:>10.1f}"
+            f"{variant:<12}{1e3 * statistics.median(ts):>10.1f}{1e3 * min(ts):>9.1f}{1e3 * max(ts):>9.1f}"
+            f"{memory[variant]:>10.1f}"
         )
     print(f"memory_ratio={memory['shared'] / memory['duplicated']:.3f}")
     print(f"time_ratio={statistics.median(times['shared']) / statistics.median(times['duplicated']):.3f}")

@@ -30,7 +30,8 @@ per pair and for packed rows. The last line is `ratio_vs_trl=<best of ours / TRL
 TRL is an optional benchmark dependency (requirements-bench.txt: trl==1.16.0, installed with
 `pip install --no-deps -r requirements-bench.txt` next to requirements.txt).
 
-    .venv/bin/python experiments/bench_step.py [--steps 15] [--warmup 3] [--repeats 2] [--threads 2] [--modes trl,shared,...]
+    .venv/bin/python experiments/bench_step.py [--steps 15] [--warmup 3] [--repeats 2] [--threads 2]
+                                               [--modes trl,shared,...]
     python experiments/bench_step.py --device cuda     # on a GPU: TRL and ours in bf16 (DeepSpeed bf16 / TRL's
                                                        # autocast); step times after a synchronize; peak memory
                                                        # from the CUDA allocator
@@ -522,7 +523,8 @@ def main() -> None:
     padding = padding_report(workdir)
     print(
         f"{PAIRS} pairs, batch {BATCH_PAIRS}, prompt {padding.pop('prompt tokens (mean)'):.1f} tokens "
-        f"(64 image), answers {padding.pop('answer tokens (mean)'):.1f} tokens; {args.threads} threads; {args.device}; fixture {workdir}"
+        f"(64 image), answers {padding.pop('answer tokens (mean)'):.1f} tokens; {args.threads} threads; {args.device}; "
+        f"fixture {workdir}"
     )
     if any(LADDER.get(m, ("",))[0] == "cached" for m in modes):
         spawn("prepare", args, workdir, modes, 1, 0)
@@ -554,9 +556,8 @@ def main() -> None:
         q = statistics.quantiles(step_s[m], n=4)
         vs_trl = f"{ms[m] / ms['trl']:.3f}" if "trl" in ms else "-"
         vs_floor = f"{ms[m] / ms['floor']:.2f}" if "floor" in ms else "-"
-        print(
-            f"{m:<12}{ms[m]:>9.1f}{f'{1e3 * q[0]:.0f}-{1e3 * q[2]:.0f}':>14}{peak_mb[m]:>10.0f}{vs_trl:>8}{vs_floor:>10}"
-        )
+        iqr = f"{1e3 * q[0]:.0f}-{1e3 * q[2]:.0f}"
+        print(f"{m:<12}{ms[m]:>9.1f}{iqr:>14}{peak_mb[m]:>10.0f}{vs_trl:>8}{vs_floor:>10}")
     ours = [m for m in modes if m in OURS]
     if "trl" in ms and ours:
         print(f"ratio_vs_trl={min(ms[m] for m in ours) / ms['trl']:.3f}")

@@ -37,26 +37,37 @@ seeded draw) / best-of-N / oracle-of-N for N in --ns (default 1 4 16), samples a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import shlex
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ddpo.config import load_config
 from ddpo.data.synthetic.metrics import evaluate
-from ddpo.lab.demo import DemoSettings, evaluate_model, generation_options, run, split, synthetic_config
+from ddpo.lab.evaluation import evaluate_model
+from ddpo.lab.recipes import PRIMARY_POLICIES
+from ddpo.lab.report import format_interval, format_mean_std, pyplot, save_figure, table_head
+from ddpo.lab.settings import DemoSettings, base_config, generation_options
+from ddpo.lab.stages import run
+from ddpo.lab.stats import holm, interval, mean_std, paired_differences, paired_test
+from ddpo.lab.world import split, synthetic_config
+from ddpo.models.base import GenerationOptions, answer_token_logps
 from ddpo.models.build import load_model
 from ddpo.online.best_of_n import pair_agreement, pick_best, sample_candidates, score_candidates
 from ddpo.online.feedback import OracleFeedback, Query
-from ddpo.online.scoring import answer_token_logps, rewards_from_logps, segment_weights
+from ddpo.online.scoring import RewardSettings, rewards_from_logps, segment_weights
 
-REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
+
+
+def sampling(settings: DemoSettings, template: str, temperature: float, seed: int) -> GenerationOptions:
+    """Samples at the lab's answer length and generation batch."""
+    return replace(generation_options(settings, template), do_sample=True, temperature=temperature, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,7 +85,7 @@ def experiment(args: argparse.Namespace) -> dict:
     """The v1 study (module doc)."""
     settings = demo_settings(args)
     run(settings, ("sft", "sample", "annotate", "train"))
-    template = load_config(settings.train_config).data.template
+    template = base_config(settings).data.template
     n_images = args.images or settings.test_images
     ns = sorted(set(args.ns))
     demo = Path(settings.output_dir)
@@ -88,23 +99,12 @@ def experiment(args: argparse.Namespace) -> dict:
 
     scenes, images, prompts, _ = split(settings, args.split, n_images)
     started = time.perf_counter()
-    options = generation_options(settings, template)
-    candidates = sample_candidates(
-        policy,
-        images,
-        prompts,
-        max(ns),
-        template,
-        temperature=args.temperature,
-        seed=args.seed,
-        max_new_tokens=options["max_new_tokens"],
-        batch_size=options["batch_size"],
-    )
+    options = sampling(settings, template, args.temperature, args.seed)
+    candidates = sample_candidates(policy, images, prompts, max(ns), options)
     timings["sample"] = time.perf_counter() - started
     started = time.perf_counter()
-    rewards = score_candidates(
-        policy, reference, images, prompts, candidates, args.beta, template, args.variant, args.batch_size
-    )
+    reward = RewardSettings(args.beta, template, args.variant, batch_size=args.batch_size)
+    rewards = score_candidates(policy, reference, images, prompts, candidates, reward)
     timings["score"] = time.perf_counter() - started
     oracle = OracleFeedback()
     oracle_scores = [
@@ -160,8 +160,16 @@ def results_table(results: dict, command: str) -> str:
         "",
         f"    {command}",
         "",
-        "| method | response hallucination | mention hallucination | object recall | words / answer | attribute err. | position err. | count err. |",
-        "|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "method",
+            "response hallucination",
+            "mention hallucination",
+            "object recall",
+            "words / answer",
+            "attribute err.",
+            "position err.",
+            "count err.",
+        ),
     ]
     for name, m in results["methods"].items():
         lines.append(
@@ -171,22 +179,18 @@ def results_table(results: dict, command: str) -> str:
         )
     lines += [
         "",
-        f"Implicit reward vs oracle on pairs of samples of one image with different oracle scores: "
-        f"{results['reward_oracle_pair_agreement']:.3f} agreement over {results['pairs_compared']} pairs (0.5 = chance).",
+        "Implicit reward vs oracle on pairs of samples of one image with different oracle scores: "
+        f"{results['reward_oracle_pair_agreement']:.3f} agreement over {results['pairs_compared']} pairs "
+        "(0.5 = chance).",
         f"Timings (s): {results['timings_s']}",
     ]
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ns, methods = results["ns"], results["methods"]
     names = ("response_hallucination_rate", "mention_hallucination_rate", "object_recall")
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = pyplot().subplots(1, 3, figsize=(11, 3.2))
     for ax, metric in zip(axes, names):
         for kind, style in (("best", "o-"), ("random", "s--"), ("oracle", "^:")):
             ax.plot(ns, [methods[f"{kind}-of-{n}"][metric] for n in ns], style, label=f"{kind}-of-N")
@@ -196,18 +200,12 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("N")
         ax.set_title(metric.replace("_", " "), fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
 # v2 world: SFT samples, every implicit reward of both trained policies, several seeds
 # ------------------------------------------------------------------------------------------------
-V2_POLICIES = {
-    "dpo_mean": {"loss.gamma": 1.0},
-    "ddpo_mean_g5": {"loss.gamma": 5.0},
-}  # demo.yaml: Eq. 5 mean, beta 0.5, lr 3e-6
 VARIANTS = ("sum", "mean", "segment")
 SEGMENT_GAMMA = 5.0  # the segment variant's weight on tokens that differ from the SFT model's greedy answer
 METRICS = (
@@ -224,21 +222,58 @@ METRICS = (
 
 
 def reward_names() -> list[str]:
-    return [f"{policy}/{variant}" for policy in V2_POLICIES for variant in VARIANTS]
+    return [f"{policy}/{variant}" for policy in PRIMARY_POLICIES for variant in VARIANTS]
 
 
-def lab_statistics():
-    """experiments/synthetic_v2.py's paired statistics (t-interval, t-test p, Holm): one definition for the v2 studies."""
-    spec = importlib.util.spec_from_file_location("synthetic_v2", Path(__file__).with_name("synthetic_v2.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def v2_rewards(sft, policies: dict, data: tuple, reward: RewardSettings) -> tuple[dict, list[torch.Tensor]]:
+    """Every implicit reward variant of every policy for the candidates, shaped like them, from one
+    reference pass; and the segment variant's weights (gamma on tokens that differ from the SFT model's
+    greedy answer to the image). `data`: (images, prompts, candidates, greedy SFT answers)."""
+    images, prompts, candidates, greedy_sft = data
+    n_max, template = len(candidates[0]), reward.template
+    flat_images = [image for image in images for _ in range(n_max)]
+    flat_prompts = [prompt for prompt in prompts for _ in range(n_max)]
+    flat = [answer for group in candidates for answer in group]
+    reference = answer_token_logps(sft, flat_images, flat_prompts, flat, template, reward.batch_size)
+    weights = [
+        segment_weights(sft.tokenizer, template, answer, greedy_sft[i // n_max], reward.gamma)
+        for i, answer in enumerate(flat)
+    ]
+    rewards: dict[str, list[list[float]]] = {}
+    for name, model in policies.items():
+        logps = answer_token_logps(model, flat_images, flat_prompts, flat, template, reward.batch_size)
+        for variant in VARIANTS:
+            values = rewards_from_logps(logps, reference, reward.beta, variant, weights)
+            rewards[f"{name}/{variant}"] = [values[i * n_max : (i + 1) * n_max] for i in range(len(images))]
+    return rewards, weights
+
+
+def v2_rows(cfg, scenes, greedy: dict, candidates: list[list[str]], scores: dict, ns: list[int]) -> dict:
+    """The rows' metrics (module doc); `scores`: every reward's and the oracle's ("oracle") scores."""
+
+    def score(answers):
+        return evaluate(scenes, answers, cfg.world.partners, cfg.empty_cells)
+
+    rows = {f"greedy:{name}": score(answers) for name, answers in greedy.items()}
+    for n in ns:
+        pooled = [(scene, answer) for scene, group in zip(scenes, candidates) for answer in group[:n]]
+        rows[f"random-of-{n}"] = evaluate(
+            [sc for sc, _ in pooled], [a for _, a in pooled], cfg.world.partners, cfg.empty_cells
+        )
+        for name, values in scores.items():
+            if name != "oracle":
+                rows[f"best-of-{n}:{name}"] = score(pick_best(candidates, values, first_n=n))
+        rows[f"oracle-of-{n}"] = score(pick_best(candidates, scores["oracle"], first_n=n))
+    return rows
 
 
 def v2_seed(args: argparse.Namespace, seed: int) -> dict:
     """One seed's rows and agreements (module doc); cached as JSON next to the seed's models."""
     settings = DemoSettings(
-        output_dir=str(args.lab_dir / f"seed{seed}"), seed=seed, num_threads=args.num_threads, methods=dict(V2_POLICIES)
+        output_dir=str(args.lab_dir / f"seed{seed}"),
+        seed=seed,
+        num_threads=args.num_threads,
+        methods=dict(PRIMARY_POLICIES),
     )
     lab = Path(settings.output_dir)
     ns = sorted(set(args.ns))
@@ -248,46 +283,25 @@ def v2_seed(args: argparse.Namespace, seed: int) -> dict:
         return json.loads(cache.read_text())
     run(settings, ("sft", "gate", "sample", "annotate", "train"))  # each stage is skipped when its outputs exist
     cfg = synthetic_config(settings)
-    template = load_config(settings.train_config).data.template
+    template = base_config(settings).data.template
     options = generation_options(settings, template)
     scenes, images, prompts, _ = split(settings, args.split, n_images)
-    score = lambda answers: evaluate(scenes, answers, cfg.world.partners, cfg.empty_cells)  # noqa: E731
     sft = load_model(lab / "sft")
-    policies = {name: load_model(lab / "runs" / name / "final") for name in V2_POLICIES}
+    policies = {name: load_model(lab / "runs" / name / "final") for name in PRIMARY_POLICIES}
     timings, started = {}, time.perf_counter()
-    greedy = {"sft": sft.generate(images, prompts, **options)}
-    greedy.update({name: model.generate(images, prompts, **options) for name, model in policies.items()})
+    greedy = {"sft": sft.generate(images, prompts, options)}
+    greedy.update({name: model.generate(images, prompts, options) for name, model in policies.items()})
     timings["greedy"] = time.perf_counter() - started
 
     started = time.perf_counter()
     n_max = max(ns)
     candidates = sample_candidates(
-        sft,
-        images,
-        prompts,
-        n_max,
-        template,
-        temperature=args.temperature,
-        seed=seed * 1000 + 7,
-        max_new_tokens=options["max_new_tokens"],
-        batch_size=options["batch_size"],
+        sft, images, prompts, n_max, sampling(settings, template, args.temperature, seed * 1000 + 7)
     )
     timings["sample"] = time.perf_counter() - started
     started = time.perf_counter()
-    flat_images = [image for image in images for _ in range(n_max)]
-    flat_prompts = [prompt for prompt in prompts for _ in range(n_max)]
-    flat = [answer for group in candidates for answer in group]
-    reference = answer_token_logps(sft, flat_images, flat_prompts, flat, template, args.batch_size)
-    weights = [
-        segment_weights(sft.tokenizer, template, answer, greedy["sft"][i // n_max], SEGMENT_GAMMA)
-        for i, answer in enumerate(flat)
-    ]
-    rewards: dict[str, list[list[float]]] = {}
-    for name, model in policies.items():
-        logps = answer_token_logps(model, flat_images, flat_prompts, flat, template, args.batch_size)
-        for variant in VARIANTS:
-            values = rewards_from_logps(logps, reference, args.beta, variant, weights)
-            rewards[f"{name}/{variant}"] = [values[i * n_max : (i + 1) * n_max] for i in range(len(images))]
+    reward = RewardSettings(args.beta, template, batch_size=args.batch_size, gamma=SEGMENT_GAMMA)
+    rewards, weights = v2_rewards(sft, policies, (images, prompts, candidates, greedy["sft"]), reward)
     timings["score"] = time.perf_counter() - started
     started = time.perf_counter()
     oracle = OracleFeedback(cfg.empty_cells)
@@ -295,15 +309,7 @@ def v2_seed(args: argparse.Namespace, seed: int) -> dict:
         oracle.score(Query(image, prompt, {"scene": scene}), group)
         for scene, image, prompt, group in zip(scenes, images, prompts, candidates)
     ]
-    rows = {f"greedy:{name}": score(answers) for name, answers in greedy.items()}
-    for n in ns:
-        pooled = [(scene, answer) for scene, group in zip(scenes, candidates) for answer in group[:n]]
-        rows[f"random-of-{n}"] = evaluate(
-            [sc for sc, _ in pooled], [a for _, a in pooled], cfg.world.partners, cfg.empty_cells
-        )
-        for name, values in rewards.items():
-            rows[f"best-of-{n}:{name}"] = score(pick_best(candidates, values, first_n=n))
-        rows[f"oracle-of-{n}"] = score(pick_best(candidates, oracle_scores, first_n=n))
+    rows = v2_rows(cfg, scenes, greedy, candidates, {**rewards, "oracle": oracle_scores}, ns)
     agreement = {}
     for name, values in rewards.items():
         agree, pairs = pair_agreement(values, oracle_scores)
@@ -326,7 +332,7 @@ def v2_seed(args: argparse.Namespace, seed: int) -> dict:
             "segment_gamma": SEGMENT_GAMMA,
             "template": template,
             "sampler": "sft",
-            "policies": V2_POLICIES,
+            "policies": PRIMARY_POLICIES,
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "examples": {
@@ -370,22 +376,12 @@ def v2_comparisons(ns: list[int], primary: str) -> dict[str, tuple[str, str]]:
 
 
 def v2_aggregate(per_seed: dict[int, dict], primary: str) -> dict:
-    stats = lab_statistics()
     seeds = sorted(per_seed)
     ns = per_seed[seeds[0]]["ns"]
     rows = list(per_seed[seeds[0]]["rows"])
-    summary = {
-        row: {
-            m: (
-                statistics.fmean(per_seed[s]["rows"][row][m] for s in seeds),
-                statistics.stdev([per_seed[s]["rows"][row][m] for s in seeds]) if len(seeds) > 1 else 0.0,
-            )
-            for m in METRICS
-        }
-        for row in rows
-    }
+    summary = {row: {m: mean_std([per_seed[s]["rows"][row][m] for s in seeds]) for m in METRICS} for row in rows}
     agreement = {
-        name: stats.interval([per_seed[s]["agreement"][name]["agreement"] for s in seeds]) for name in reward_names()
+        name: interval([per_seed[s]["agreement"][name]["agreement"] for s in seeds]) for name in reward_names()
     }
     agreement_differences = {}
     for a, b in (
@@ -394,17 +390,20 @@ def v2_aggregate(per_seed: dict[int, dict], primary: str) -> dict:
         ("ddpo_mean_g5/segment", "ddpo_mean_g5/sum"),
         ("dpo_mean/segment", "dpo_mean/sum"),
     ):
-        agreement_differences[f"{a} - {b}"] = stats.interval(
+        agreement_differences[f"{a} - {b}"] = interval(
             [per_seed[s]["agreement"][a]["agreement"] - per_seed[s]["agreement"][b]["agreement"] for s in seeds]
         )
     differences = {}
     for label, (a, b) in v2_comparisons(ns, primary).items():
         differences[label] = {}
         for m in ("mention_hallucination_rate", "response_hallucination_rate", "object_recall", "mean_response_words"):
-            diffs = [per_seed[s]["rows"][a][m] - per_seed[s]["rows"][b][m] for s in seeds]
-            differences[label][m] = (*stats.interval(diffs), stats.p_value(diffs))
+            differences[label][m] = paired_test(
+                paired_differences(
+                    [per_seed[s]["rows"][a][m] for s in seeds], [per_seed[s]["rows"][b][m] for s in seeds]
+                )
+            )
     primary_label = next(iter(differences))
-    holm = stats.holm({k: v["mention_hallucination_rate"][3] for k, v in differences.items() if k != primary_label})
+    adjusted = holm({k: v["mention_hallucination_rate"][3] for k, v in differences.items() if k != primary_label})
     return {
         "seeds": seeds,
         "ns": ns,
@@ -413,7 +412,7 @@ def v2_aggregate(per_seed: dict[int, dict], primary: str) -> dict:
         "agreement": agreement,
         "agreement_differences": agreement_differences,
         "differences": differences,
-        "holm": holm,
+        "holm": adjusted,
         "primary_label": primary_label,
     }
 
@@ -421,28 +420,42 @@ def v2_aggregate(per_seed: dict[int, dict], primary: str) -> dict:
 def v2_table(agg: dict, per_seed: dict[int, dict], command: str) -> str:
     seeds, first = agg["seeds"], per_seed[agg["seeds"][0]]
     s = first["settings"]
-    f3 = lambda mean, sd: f"{mean:.3f} ± {sd:.3f}"  # noqa: E731
+
+    def mean(key: str) -> float:
+        return statistics.fmean(per_seed[k][key] for k in seeds)
+
     lines = [
-        f"Best-of-N on the v2 world: {first['images']} {first['split']} images per seed, seeds {seeds}; candidates sampled from "
-        f"the SFT model at T {s['temperature']}; rewards beta {s['beta']} * (log pi - log pi_sft) of the DPO (gamma 1) and DDPO "
-        f"(gamma 5) policies (Eq. 5 mean, lr 3e-6), variants sum / mean / segment (gamma {s['segment_gamma']} on tokens that "
-        f"differ from the SFT model's greedy answer); greedy decoding for the greedy rows. Primary reward: {agg['primary']}.",
+        f"Best-of-N on the v2 world: {first['images']} {first['split']} images per seed, seeds {seeds}; candidates "
+        f"sampled from the SFT model at T {s['temperature']}; rewards beta {s['beta']} * (log pi - log pi_sft) of "
+        f"the DPO (gamma 1) and DDPO (gamma 5) policies (Eq. 5 mean, lr 3e-6), variants sum / mean / segment "
+        f"(gamma {s['segment_gamma']} on tokens that differ from the SFT model's greedy answer); greedy decoding for "
+        f"the greedy rows. Primary reward: {agg['primary']}.",
         "",
         "Command:",
         "",
         f"    {command}",
         "",
-        f"Oracle errors per sample (mean over seeds): {statistics.fmean(per_seed[k]['oracle_errors_per_sample'] for k in seeds):.2f}; "
-        f"answer tokens {statistics.fmean(per_seed[k]['answer_tokens'] for k in seeds):.1f}; share of tokens the segment variant "
-        f"weights by gamma: {statistics.fmean(per_seed[k]['segment_token_share'] for k in seeds):.3f}.",
+        f"Oracle errors per sample (mean over seeds): {mean('oracle_errors_per_sample'):.2f}; answer tokens "
+        f"{mean('answer_tokens'):.1f}; share of tokens the segment variant weights by gamma: "
+        f"{mean('segment_token_share'):.3f}.",
         "",
         "### Rows: mean ± std over seeds",
         "",
-        "| row | mention hall. | response hall. | companion rate | recall | words | attribute err. | position err. | count err. | empty-cell err. |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "row",
+            "mention hall.",
+            "response hall.",
+            "companion rate",
+            "recall",
+            "words",
+            "attribute err.",
+            "position err.",
+            "count err.",
+            "empty-cell err.",
+        ),
     ]
     for row, m in agg["summary"].items():
-        cells = [f3(*m[k]) for k in METRICS if k != "mean_response_words"]
+        cells = [format_mean_std(*m[k]) for k in METRICS if k != "mean_response_words"]
         cells.insert(4, f"{m['mean_response_words'][0]:.1f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += [
@@ -477,13 +490,18 @@ def v2_table(agg: dict, per_seed: dict[int, dict], command: str) -> str:
         "| comparison | mention hall. | p (Holm) | response hall. | recall | words |",
         "|---|---|---|---|---|---|",
     ]
-    fmt = lambda v, d=3: f"{v[0]:+.{d}f} [{v[1]:+.{d}f}, {v[2]:+.{d}f}]"  # noqa: E731
     for label, row in agg["differences"].items():
         p = row["mention_hallucination_rate"][3] if label == agg["primary_label"] else agg["holm"][label]
-        lines.append(
-            f"| {label} | {fmt(row['mention_hallucination_rate'])} | {p:.3f} | {fmt(row['response_hallucination_rate'])} | "
-            f"{fmt(row['object_recall'])} | {fmt(row['mean_response_words'], 1)} |"
-        )
+        cells = [
+            format_interval(*row[m][:3], digits=1 if m == "mean_response_words" else 3)
+            for m in (
+                "mention_hallucination_rate",
+                "response_hallucination_rate",
+                "object_recall",
+                "mean_response_words",
+            )
+        ]
+        lines.append(f"| {label} | {cells[0]} | {p:.3f} | " + " | ".join(cells[1:]) + " |")
     times = {k: round(sum(per_seed[s]["timings_s"].get(k, 0) for s in seeds), 1) for k in first["timings_s"]}
     lines += [
         "",
@@ -494,13 +512,8 @@ def v2_table(agg: dict, per_seed: dict[int, dict], command: str) -> str:
 
 
 def v2_plot(agg: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ns, summary = agg["ns"], agg["summary"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.8))
     for ax, metric, label in zip(
         axes,
         ("mention_hallucination_rate", "object_recall", "mean_response_words"),
@@ -535,9 +548,7 @@ def v2_plot(agg: dict, path: Path) -> None:
         ax.set_xlabel("N (candidates per image)")
         ax.set_ylabel(f"{label}\n(test, mean over seeds {agg['seeds']})", fontsize=8)
     axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main_v2(args: argparse.Namespace, command: str) -> int:
@@ -607,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     args.ns = args.ns or ([1, 4, 16, 64] if v2 else [1, 4, 16])
     args.temperature = args.temperature if args.temperature is not None else (0.7 if v2 else 1.0)
     args.beta = args.beta if args.beta is not None else (0.5 if v2 else 0.1)
-    args.results = args.results or REPO / "experiments" / "results" / ("best_of_n_v2" if v2 else "best_of_n")
+    args.results = args.results or RESULTS / ("best_of_n_v2" if v2 else "best_of_n")
     torch.set_num_threads(args.num_threads)
     command = "python experiments/best_of_n.py " + " ".join(shlex.quote(a) for a in argv)
     if v2:

@@ -1,34 +1,31 @@
 """Which part of the CHiP recipe undoes its preference term on the v2 lab? (seed 0, validation only)
 
-    python experiments/chip_parts.py      # after `python -m experiments.methods lr-grid` made runs/methods/seed0
+    python experiments/chip_parts.py      # after `python experiments/methods.py lr-grid` made runs/methods/seed0
 
 Trains the chip recipe (configs/methods/chip.yaml) at lr 3e-6 three ways from seed 0's SFT model on its
-pairs: without TDPO's KL, without the cross-modal (conditional) term, and with the KL alone (gamma 1,
-no conditional term); prints validation mention-level hallucination, recall and drift per run.
+pairs (ddpo/lab/recipes.py `chip_part_runs`): without TDPO's KL, without the cross-modal (conditional)
+term, and with the KL alone (gamma 1, no conditional term); prints validation mention-level
+hallucination, recall and drift per run.
 """
 
 import json
 from pathlib import Path
 
-from ddpo.lab.demo import DemoSettings, run
-from experiments.methods import recipe_overrides
+from ddpo.lab.recipes import chip_part_runs
+from ddpo.lab.settings import DemoSettings
+from ddpo.lab.stages import run
 
 SOURCE = Path("runs/methods/seed0")  # the methods comparison's seed 0: SFT model and pairs with severity
 OUT = Path("runs/chip_parts/seed0")
 
 
 def main() -> None:
-    chip = {**recipe_overrides("chip"), "train.learning_rate": 3e-6}
     OUT.mkdir(parents=True, exist_ok=True)
     for name in ("sft", "gate.json", "pairs"):  # read only: linked, not copied
         if not (OUT / name).exists():
             (OUT / name).symlink_to((SOURCE / name).resolve())
-    methods = {
-        "chip_no_kl": {**chip, "loss.tdpo_alpha": 0.0, "train.reference": "cached"},
-        "chip_no_cond": {**chip, "loss.image_conditional_weight": 0.0},
-        "chip_kl_only": {**chip, "loss.image_conditional_weight": 0.0, "loss.gamma": 1.0},
-    }
-    run(DemoSettings(output_dir=str(OUT), seed=0, methods=methods, validation_only=True, num_threads=2))
+    settings = DemoSettings(output_dir=str(OUT), seed=0, methods=chip_part_runs(3e-6), validation_only=True)
+    run(settings)
     results = json.loads((OUT / "results.json").read_text())
     for name, m in results["validation"].items():
         print(

@@ -6,9 +6,10 @@ gradients, so they compress like photos rather than flat colour), then loads it 
 (data.format rlaif-v) in a fresh child process per variant and reports that child's growth in private
 resident memory (RssAnon; the mapped Arrow file's pages are shared page cache, RssFile, also shown):
 
-  arrow      what the reader does now: images stay in the dataset's memory-mapped Arrow cache,
-             records hold a row reference (`data.images.ArrowImage`);
-  in-memory  the previous behaviour: every row's compressed bytes copied into its record (`EncodedImage`).
+  arrow      what the reader does: images stay in the dataset's memory-mapped Arrow cache, records hold
+             a row reference (`data.images.ArrowImage`);
+  in-memory  the baseline it is measured against: every row's compressed bytes copied into its record
+             (`EncodedImage`).
 
 Then it scales the per-row numbers to RLAIF-V's 83,132 rows. Its 14 parquet shards hold ~13 GB, nearly
 all image bytes (~160 KB per row), which is what the in-memory variant keeps on every rank.
@@ -142,7 +143,8 @@ def main() -> None:
             else:  # what a row holds scales with its image bytes
                 at_scale = (per_row - total / args.rows + RLAIFV_IMAGE_BYTES_PER_ROW) * RLAIFV_ROWS
             print(
-                f"{variant:10s} ({r['kind']}): private memory +{r['rss_growth_kib'] / 1024:.1f} MB = {per_row / 1024:.2f} KB per row"
+                f"{variant:10s} ({r['kind']}): private memory +{r['rss_growth_kib'] / 1024:.1f} MB = "
+                f"{per_row / 1024:.2f} KB per row"
                 f" -> RLAIF-V's {RLAIFV_ROWS} rows: {at_scale / 2**30:.2f} GB per rank"
                 f" (mapped-file pages touched: {r['file_growth_kib'] / 1024:.0f} MB, shared)"
             )

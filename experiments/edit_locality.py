@@ -22,7 +22,7 @@ import torch
 
 from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
 from ddpo.data.formats import load_records
-from ddpo.lab.demo import DemoSettings, train_config
+from ddpo.lab.settings import DemoSettings, train_config
 from ddpo.models.build import load_model
 
 

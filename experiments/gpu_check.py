@@ -18,7 +18,8 @@ optimizer steps (median step time reported). On CPU, packed_flex is skipped with
     python experiments/gpu_check.py --preset 7b          # LLaVA-1.5-7B dims: ZeRO-3 needs ~115 GB (an H200), 1 GPU
     python experiments/gpu_check.py --preset 7b-16l      # 7B widths, 16 of 32 decoder layers: fits an 80 GB H100
     python experiments/gpu_check.py --preset tiny        # the CPU default: checks the code path in seconds
-    python experiments/gpu_check.py --ladder             # also the step benchmark's ladder (experiments/bench_step.py, on the GPU)
+    python experiments/gpu_check.py --ladder             # also the step benchmark's ladder (experiments/bench_step.py,
+                                                         # on the GPU)
     python experiments/gpu_check.py --head-bench         # also chunked vs naive LM head (experiments/bench_logps.py)
 
 --time-budget-s (default 540) bounds the run: a case that would start past the budget is skipped and
@@ -227,7 +228,7 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
     # parameter, 28 GB at 7B) would not fit beside a 7B model's optimizer state on one GPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, fused=cuda)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16=True))
-    loss_fn = DDPOLoss.from_config(cfg.loss)
+    loss_fn = DDPOLoss(cfg.loss)
     batch = random_batch(model, args.pairs, args.prompt_len, args.answer_len, size.vocab, seed=0).to(engine.device)
     b = batch.num_pairs
     layouts = [(layout, layout_skip_reason(layout, cuda)) for layout in args.layouts]
@@ -365,11 +366,13 @@ def markdown_table(report: dict) -> str:
     head = (
         f"GPU check: {report['device']}; preset {report['preset']} ({report['parameters'] / 1e6:.1f} M parameters); "
         f"{report['args']['pairs']} pair(s)/step, prompt {report['args']['prompt_len']} + image tokens, answers "
-        f"{report['args']['answer_len']}; bf16, gradient checkpointing {'on' if report['args']['checkpointing'] else 'off'}; "
+        f"{report['args']['answer_len']}; bf16, gradient checkpointing "
+        f"{'on' if report['args']['checkpointing'] else 'off'}; "
         f"median of {report['args']['steps']} steps after {report['args']['warmup']}; wall {report['wall_s']:.0f} s\n\n"
     )
     lines = [
-        "| ZeRO | layout | decoder tokens/step | s/step | pair tokens/s | vs two rows | peak memory GiB | MFU | max abs Δlogp vs two rows |",
+        "| ZeRO | layout | decoder tokens/step | s/step | pair tokens/s | vs two rows | peak memory GiB | MFU "
+        "| max abs Δlogp vs two rows |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
@@ -402,7 +405,8 @@ def markdown_table(report: dict) -> str:
         table += f"\nLM-head log-probs, chunked / naive (`{bench['command']}`): {status(bench)}\n"
         for head in ("frozen", "trainable"):
             if head in bench:
-                table += f"- {head} head: memory_ratio={bench[head]['memory_ratio']} time_ratio={bench[head]['time_ratio']}\n"
+                ratios = bench[head]
+                table += f"- {head} head: memory_ratio={ratios['memory_ratio']} time_ratio={ratios['time_ratio']}\n"
     return table
 
 

@@ -21,10 +21,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ddpo.config import load_config
 from ddpo.data.synthetic.annotator import ground
 from ddpo.data.synthetic.language import parse
-from ddpo.lab.demo import DemoSettings, generation_options, split, synthetic_config
+from ddpo.lab.settings import DemoSettings, base_config, generation_options
+from ddpo.lab.world import split, synthetic_config
 from ddpo.models.build import load_model
 
 KINDS = ("partner", "other-absent", "present-shape", "extra", "count")
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     settings = DemoSettings.v1(output_dir=str(args.demo_dir), seed=args.seed)  # the v1 world's analysis
-    template = load_config(settings.train_config).data.template
+    template = base_config(settings).data.template
     partners = synthetic_config(settings).world.partners
     scenes, images, prompts, _ = split(settings, args.split, args.images)
     print(f"hallucinated object mentions on {len(scenes)} {args.split} images (greedy)\n")
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     print("|---|" + "---|" * (len(KINDS) + 1))
     for name in args.models:
         path = args.demo_dir / "sft" if name == "sft" else args.demo_dir / "runs" / name / "final"
-        answers = load_model(path).generate(images, prompts, **generation_options(settings, template))
+        answers = load_model(path).generate(images, prompts, generation_options(settings, template))
         total: Counter = Counter()
         for scene, answer in zip(scenes, answers):
             total += kinds(scene, answer, partners)

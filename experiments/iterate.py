@@ -22,7 +22,7 @@ Per seed, round 0 is the demo's SFT model (`ddpo demo` stage sft, trained if mis
              policy; the reference is the current policy too: each round has its own cache directory,
              which the trainer fills from the model it starts from. Exports every 1/4 epoch (and at the end).
   5. select  every export answers the validation images greedily; the best becomes the next round's
-             policy (`select`): v2, the lab's rule (experiments/synthetic_v2.py): the lowest mention-level
+             policy (ddpo/lab/selection.py `select_checkpoint`): v2, the lab's rule: the lowest mention-level
              hallucination among exports whose recall is within 0.02 of the SFT model's; v1, object recall
              minus response hallucination rate. Its test metrics are the round's row in the results.
 
@@ -37,7 +37,6 @@ SFT model (mean per-token log-ratio on the SFT model's greedy validation answers
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import shlex
@@ -45,21 +44,20 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ddpo.config import load_config
-from ddpo.lab.demo import (
-    DemoSettings,
-    answer_token_logps,
-    drift,
-    evaluate_model,
-    generation_options,
-    run,
-    split,
-    synthetic_config,
-)
+from ddpo.lab.evaluation import LOGPS_BATCH, drift, evaluate_model
+from ddpo.lab.pairs import write_pairs
+from ddpo.lab.report import format_interval, format_mean_std, metric_digits, pyplot, save_figure, table_head
+from ddpo.lab.selection import select_checkpoint
+from ddpo.lab.settings import DemoSettings, base_config, generation_options
+from ddpo.lab.stages import run
+from ddpo.lab.stats import holm, mean_std, paired_differences, paired_test
+from ddpo.lab.world import split, synthetic_config
+from ddpo.models.base import answer_token_logps
 from ddpo.models.build import load_model
 from ddpo.online.best_of_n import sample_candidates
 from ddpo.online.feedback import (
@@ -73,7 +71,7 @@ from ddpo.online.pairs import build_pairs
 from ddpo.plan import run_plan
 from ddpo.trainer import Trainer, TrainerCallback
 
-REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 
 logger = logging.getLogger("iterate")
 SHOWN = (
@@ -96,7 +94,15 @@ SHOWN_V2 = (
     "count_error_rate",
     "empty_error_rate",
 )
-RECALL_SLACK = 0.02  # v2 selection: an export may not cost more validation recall than this vs SFT (the lab's rule)
+DIFFERENCE_METRICS = (
+    "mention_hallucination_rate",
+    "response_hallucination_rate",
+    "companion_rate",
+    "object_recall",
+    "position_error_rate",
+    "attribute_error_rate",
+    "mean_response_words",
+)
 
 
 class ExportAtCheckpoints(TrainerCallback):
@@ -107,25 +113,14 @@ class ExportAtCheckpoints(TrainerCallback):
         trainer.save(trainer.output_dir / "exports" / f"step-{trainer.step:06d}")
 
 
-def selection_score(metrics: dict) -> float:
-    """v1's rule: object recall minus response hallucination (hallucination alone would reward saying less)."""
-    return metrics["object_recall"] - metrics["response_hallucination_rate"]
+@dataclass
+class Seed:
+    """What every round of one seed shares."""
 
-
-def select(validation: dict[str, dict], world: str, sft_validation: dict | None = None) -> str:
-    """The name of the best candidate by its validation metrics. v2: the lab's rule, the lowest
-    mention-level hallucination among candidates whose recall is within RECALL_SLACK of the SFT model's
-    (none: the highest recall); ties go to the earliest. v1: the highest `selection_score`."""
-    names = list(validation)
-    if world == "v1":
-        return max(names, key=lambda n: (selection_score(validation[n]), -names.index(n)))
-    if sft_validation is None:
-        raise ValueError("the v2 selection rule needs the SFT model's validation metrics (its recall is the bar)")
-    bar = sft_validation["object_recall"] - RECALL_SLACK
-    allowed = [n for n in names if validation[n]["object_recall"] >= bar]
-    if not allowed:
-        return max(names, key=lambda n: (validation[n]["object_recall"], -names.index(n)))
-    return min(allowed, key=lambda n: (validation[n]["mention_hallucination_rate"], names.index(n)))
+    settings: DemoSettings
+    template: str
+    feedback: object
+    sft_validation: dict
 
 
 def make_feedback(args: argparse.Namespace, template: str, settings: DemoSettings):
@@ -133,33 +128,7 @@ def make_feedback(args: argparse.Namespace, template: str, settings: DemoSetting
         return OracleFeedback(synthetic_config(settings).empty_cells)
     if not args.labeler:
         raise SystemExit("--feedback divide-and-conquer needs --labeler DIR (a model directory that load_model reads)")
-
     return DivideAndConquerFeedback(SyntheticClaimSplitter(), ModelYesNoLabeler(load_model(args.labeler), template))
-
-
-def write_pairs(pairs, images, prompts, directory: Path) -> Path:
-    """Pairs as `data.format: jsonl` (+ an image folder); images named by prompt index."""
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    with open(directory / "train.jsonl", "w", encoding="utf-8") as f:
-        for i, p in enumerate(pairs):
-            name = f"{p.prompt_index:05d}.png"
-            if not (directory / "images" / name).is_file():
-                images[p.prompt_index].save(directory / "images" / name)
-            f.write(
-                json.dumps(
-                    {
-                        "idx": f"r-{i}",
-                        "image": name,
-                        "question": prompts[p.prompt_index],
-                        "chosen": p.chosen,
-                        "rejected": p.rejected,
-                        "chosen_score": p.chosen_score,
-                        "rejected_score": p.rejected_score,
-                    }
-                )
-                + "\n"
-            )
-    return directory / "train.jsonl"
 
 
 def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_pairs: int, out: Path) -> list[Path]:
@@ -193,7 +162,7 @@ def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_
         "false",
         *settings.train_overrides,
     ]
-    cfg = load_config(settings.train_config, overrides)
+    cfg = base_config(settings, *overrides)
     plan = run_plan(cfg, num_pairs)
     shutil.rmtree(out, ignore_errors=True)  # an interrupted round restarts clean (no stale exports)
     cfg.train.save_steps = max(1, round(plan.steps_per_epoch / 4))
@@ -201,56 +170,41 @@ def train_round(args, settings: DemoSettings, base: Path, train_file: Path, num_
     return sorted((out / "exports").iterdir())
 
 
-def run_round(
-    args,
-    settings: DemoSettings,
-    directory: Path,
-    base: Path,
-    prompt_range: tuple[int, int],
-    sample_seed: int,
-    template: str,
-    feedback,
-    sft_validation: dict | None,
-) -> dict:
+def label_and_pair(args, seed: Seed, data: tuple, candidates: list[list[str]], sample_seed: int):
+    """Feedback scores of every sample -> pairs (score gap >= 1, length balanced) and their statistics."""
+    scores = [
+        seed.feedback.score(Query(image, prompt, {"scene": scene}), group)
+        for scene, image, prompt, group in zip(*data, candidates)
+    ]
+    return build_pairs(candidates, scores, per_prompt=args.pairs_per_prompt, seed=sample_seed)
+
+
+def run_round(args, seed: Seed, directory: Path, base: Path, prompt_range: tuple[int, int], sample_seed: int) -> dict:
     """One sample -> label -> pairs -> train -> select round from `base` on the preference images
     [lo, hi) -> its record (cached in DIRECTORY/selected.json)."""
     if (directory / "selected.json").is_file():
         return json.loads((directory / "selected.json").read_text())
     started = time.perf_counter()
+    settings, template = seed.settings, seed.template
     lo, hi = prompt_range
     scenes, images, prompts, _ = split(settings, "preference", args.prompts * args.rounds)
     scenes, images, prompts = scenes[lo:hi], images[lo:hi], prompts[lo:hi]
-    policy = load_model(base)
-    options = generation_options(settings, template)
-    candidates = sample_candidates(
-        policy,
-        images,
-        prompts,
-        args.samples,
-        template,
-        temperature=args.temperature,
-        seed=sample_seed,
-        max_new_tokens=options["max_new_tokens"],
-        batch_size=options["batch_size"],
-    )
-    scores = [
-        feedback.score(Query(image, prompt, {"scene": scene}), group)
-        for scene, image, prompt, group in zip(scenes, images, prompts, candidates)
-    ]
-    pairs, pair_stats = build_pairs(candidates, scores, per_prompt=args.pairs_per_prompt, seed=sample_seed)
+    options = replace(generation_options(settings, template), temperature=args.temperature, seed=sample_seed)
+    candidates = sample_candidates(load_model(base), images, prompts, args.samples, options)
+    pairs, pair_stats = label_and_pair(args, seed, (scenes, images, prompts), candidates, sample_seed)
     logger.info("%s: %s", directory.name, pair_stats)
     if not pairs:
         raise SystemExit(
-            f"{directory}: no pair has a score gap >= 1 among {args.samples} samples of {len(prompts)} prompts; sample more"
+            f"{directory}: no pair has a score gap >= 1 among {args.samples} samples of {len(prompts)} prompts; "
+            "sample more"
         )
     train_file = write_pairs(pairs, images, prompts, directory / "pairs")
     exports = train_round(args, settings, base, train_file, len(pairs), directory / "run")
     validation = {}
     for export in exports:
         validation[export.name], _ = evaluate_model(load_model(export), settings, "val", settings.val_images, template)
-    best = (
-        directory / "run" / "exports" / select(validation, args.world, sft_validation)
-    )  # validation only: test is not read
+    # chosen on validation only: the test split is read for the chosen export alone
+    best = directory / "run" / "exports" / select_checkpoint(validation, args.world, seed.sft_validation)
     test, samples = evaluate_model(load_model(best), settings, "test", settings.test_images, template)
     record = {
         "round": directory.name,
@@ -285,53 +239,37 @@ def run_seed(args, seed: int) -> dict:
         if (source / "gate.json").is_file():
             shutil.copy(source / "gate.json", out / "gate.json")
     run(settings, ("sft",) if args.world == "v1" else ("sft", "gate"))
-    template = load_config(settings.train_config).data.template
-    feedback = make_feedback(args, template, settings)
+    template = base_config(settings).data.template
     sft = out / "sft"
     sft_model = load_model(sft)
     sft_validation, val_answers = evaluate_model(sft_model, settings, "val", settings.val_images, template)
+    context = Seed(settings, template, make_feedback(args, template, settings), sft_validation)
     _, val_images, val_prompts, _ = split(settings, "val", settings.val_images)
-    reference_logps = answer_token_logps(sft_model, val_prompts, val_answers, val_images, template)
+
+    def val_logps(model) -> list[torch.Tensor]:
+        return answer_token_logps(model, val_images, val_prompts, val_answers, template, batch_size=LOGPS_BATCH)
+
+    reference_logps = val_logps(sft_model)
 
     def drift_of(path: str) -> float:
-        return drift(
-            answer_token_logps(load_model(path), val_prompts, val_answers, val_images, template), reference_logps
-        )
+        return drift(val_logps(load_model(path)), reference_logps)
 
     test, _ = evaluate_model(sft_model, settings, "test", settings.test_images, template)
     rounds = [{"round": 0, "selected": str(sft), "test": test, "validation": {"sft": sft_validation}, "drift": 0.0}]
     base = sft
     for k in range(1, args.rounds + 1):
-        record = run_round(
-            args,
-            settings,
-            out / "iterate" / f"round{k}",
-            base,
-            ((k - 1) * args.prompts, k * args.prompts),
-            settings.seed * 1000 + k,
-            template,
-            feedback,
-            sft_validation,
-        )
+        prompt_range = ((k - 1) * args.prompts, k * args.prompts)
+        record = run_round(args, context, out / "iterate" / f"round{k}", base, prompt_range, settings.seed * 1000 + k)
         rounds.append({**record, "round": k, "drift": drift_of(record["selected"])})
         base = Path(rounds[-1]["selected"])
     result = {"rounds": rounds}
     if args.world == "v2":
         # the checkpoint to ship: rounds 0..K, each by its selected export's validation metrics
         chosen = {str(r["round"]): r["validation"][Path(r["selected"]).name if r["round"] else "sft"] for r in rounds}
-        result["picked_round"] = int(select(chosen, "v2", sft_validation))
+        result["picked_round"] = int(select_checkpoint(chosen, "v2", sft_validation))
     if args.one_round:
-        record = run_round(
-            args,
-            settings,
-            out / "one_round" / "round1",
-            sft,
-            (0, args.rounds * args.prompts),
-            settings.seed * 1000 + 101,
-            template,
-            feedback,
-            sft_validation,
-        )
+        prompt_range = (0, args.rounds * args.prompts)
+        record = run_round(args, context, out / "one_round" / "round1", sft, prompt_range, settings.seed * 1000 + 101)
         result["one_round"] = {**record, "drift": drift_of(record["selected"])}
     return result
 
@@ -354,8 +292,7 @@ def aggregate(per_seed: dict[int, dict], metrics: tuple[str, ...]) -> list[dict]
         records = [rows[name] for rows in per_row.values()]
         row = {"row": name}
         for metric in metrics:
-            values = [r["test"][metric] for r in records]
-            row[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+            row[metric] = mean_std([r["test"][metric] for r in records])
         row["pairs"] = statistics.fmean(r["pairs"]["pairs"] if "pairs" in r else 0 for r in records)
         row["drift"] = statistics.fmean(r.get("drift", 0.0) for r in records)
         table.append(row)
@@ -366,9 +303,6 @@ def differences(per_seed: dict[int, dict], rounds: int) -> dict:
     """Paired differences over seeds (v2): the primary first (the validation-picked checkpoint of the
     loop minus the one-round baseline), then each round and the baseline against SFT, and the last round
     against the baseline; Holm over all but the primary."""
-    spec = importlib.util.spec_from_file_location("synthetic_v2", Path(__file__).with_name("synthetic_v2.py"))
-    stats = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stats)
     rows = {seed: rows_of(result) for seed, result in per_seed.items()}
     pairs = {
         "picked on validation - one round (primary)": ("picked on validation", "one round, same prompts"),
@@ -380,36 +314,51 @@ def differences(per_seed: dict[int, dict], rounds: int) -> dict:
     for label, (a, b) in pairs.items():
         if not all(a in r and b in r for r in rows.values()):
             continue
-        out[label] = {}
-        for metric in (
-            "mention_hallucination_rate",
-            "response_hallucination_rate",
-            "companion_rate",
-            "object_recall",
-            "position_error_rate",
-            "attribute_error_rate",
-            "mean_response_words",
-        ):
-            diffs = [r[a]["test"][metric] - r[b]["test"][metric] for r in rows.values()]
-            out[label][metric] = (*stats.interval(diffs), stats.p_value(diffs))
+        out[label] = {
+            metric: paired_test(
+                paired_differences(
+                    [r[a]["test"][metric] for r in rows.values()], [r[b]["test"][metric] for r in rows.values()]
+                )
+            )
+            for metric in DIFFERENCE_METRICS
+        }
     primary = next(iter(out), None)
-    holm = stats.holm({k: v["mention_hallucination_rate"][3] for k, v in out.items() if k != primary})
-    return {"differences": out, "holm": holm, "primary": primary}
+    adjusted = holm({k: v["mention_hallucination_rate"][3] for k, v in out.items() if k != primary})
+    return {"differences": out, "holm": adjusted, "primary": primary}
 
 
-def results_table(
-    table: list[dict],
-    args: argparse.Namespace,
-    command: str,
-    metrics: tuple[str, ...],
-    per_seed: dict[int, dict],
-    diffs: dict | None,
-) -> str:
+def difference_lines(diffs: dict) -> list[str]:
     lines = [
-        f"Iterative online DDPO on the synthetic world {args.world} ({args.feedback} feedback): {args.prompts} prompts x {args.samples} "
-        f"samples per round at temperature {args.temperature}, {args.pairs_per_prompt} pairs per prompt, gamma {args.gamma}, "
-        f"{args.epochs if args.max_steps < 0 else args.max_steps} {'epochs' if args.max_steps < 0 else 'steps'} per round; test split, greedy, "
-        f"mean ± std over seeds {args.seeds}. Round 0 = SFT.",
+        "",
+        "Paired differences (a - b), test: mean [95% t-interval over seeds]; p: paired t-test on mention-level "
+        "hallucination, Holm-adjusted over the secondary comparisons (the primary is not adjusted)",
+        "",
+        *table_head(
+            "comparison",
+            "mention hall.",
+            "p (Holm)",
+            "response hall.",
+            "companion rate",
+            "recall",
+            "position err.",
+            "attribute err.",
+            "words",
+        ),
+    ]
+    for label, row in diffs["differences"].items():
+        p = row["mention_hallucination_rate"][3] if label == diffs["primary"] else diffs["holm"][label]
+        cells = [format_interval(*row[m][:3], digits=metric_digits(m)) for m in DIFFERENCE_METRICS]
+        lines.append(f"| {label} | {cells[0]} | {p:.3f} | " + " | ".join(cells[1:]) + " |")
+    return lines
+
+
+def results_table(table: list[dict], args: argparse.Namespace, command: str, per_seed: dict[int, dict], diffs) -> str:
+    per_round = f"{args.epochs} epochs" if args.max_steps < 0 else f"{args.max_steps} steps"
+    lines = [
+        f"Iterative online DDPO on the synthetic world {args.world} ({args.feedback} feedback): {args.prompts} "
+        f"prompts x {args.samples} samples per round at temperature {args.temperature}, {args.pairs_per_prompt} "
+        f"pairs per prompt, gamma {args.gamma}, {per_round} per round; test split, greedy, mean ± std over seeds "
+        f"{args.seeds}. Round 0 = SFT.",
         "",
         "Command:",
         "",
@@ -424,51 +373,24 @@ def results_table(
             "Drift: mean per-token log-ratio of the row's model to SFT on SFT's greedy validation answers.",
             "",
         ]
-    names = {m: m.replace("_rate", "").replace("_", " ").replace("mean response words", "words") for m in metrics}
-    lines += [
-        "| row | pairs | " + " | ".join(names[m] for m in metrics) + " | drift |",
-        "|---" * (len(metrics) + 3) + "|",
-    ]
+    metrics = SHOWN_V2 if args.world == "v2" else SHOWN
+    names = [m.replace("_rate", "").replace("_", " ").replace("mean response words", "words") for m in metrics]
+    lines += table_head("row", "pairs", *names, "drift")
     for row in table:
-        cells = " | ".join(
-            f"{row[m][0]:.3f} ± {row[m][1]:.3f}" if m != "mean_response_words" else f"{row[m][0]:.1f} ± {row[m][1]:.1f}"
-            for m in metrics
-        )
+        cells = " | ".join(format_mean_std(*row[m], metric_digits(m)) for m in metrics)
         lines.append(f"| {row['row']} | {row['pairs']:.0f} | {cells} | {row['drift']:+.4f} |")
     if diffs and diffs["differences"]:
-        fmt = lambda v, d=3: f"{v[0]:+.{d}f} [{v[1]:+.{d}f}, {v[2]:+.{d}f}]"  # noqa: E731
-        lines += [
-            "",
-            "Paired differences (a - b), test: mean [95% t-interval over seeds]; p: paired t-test on mention-level "
-            "hallucination, Holm-adjusted over the secondary comparisons (the primary is not adjusted)",
-            "",
-            "| comparison | mention hall. | p (Holm) | response hall. | companion rate | recall | position err. | attribute err. | words |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for label, row in diffs["differences"].items():
-            p = row["mention_hallucination_rate"][3] if label == diffs["primary"] else diffs["holm"][label]
-            lines.append(
-                f"| {label} | {fmt(row['mention_hallucination_rate'])} | {p:.3f} | {fmt(row['response_hallucination_rate'])} | "
-                f"{fmt(row['companion_rate'])} | {fmt(row['object_recall'])} | {fmt(row['position_error_rate'])} | "
-                f"{fmt(row['attribute_error_rate'])} | {fmt(row['mean_response_words'], 1)} |"
-            )
-    seconds = sum(
-        r.get("seconds", 0) for result in per_seed.values() for r in [*result["rounds"], result.get("one_round", {})]
-    )
+        lines += difference_lines(diffs)
+    rows = [r for result in per_seed.values() for r in [*result["rounds"], result.get("one_round", {})]]
     lines += [
         "",
-        f"Wall time of the rounds (sample, label, train, validation and test evaluation; summed over seeds and rows; "
-        f"on a shared machine it exceeds the CPU time): {seconds:.0f} s",
+        "Wall time of the rounds (sample, label, train, validation and test evaluation; summed over seeds and rows; "
+        f"on a shared machine it exceeds the CPU time): {sum(r.get('seconds', 0) for r in rows):.0f} s",
     ]
     return "\n".join(lines) + "\n"
 
 
 def plot(table: list[dict], path: Path, metrics: tuple[str, ...]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = (
         ("mention_hallucination_rate", "object_recall", "position_error_rate")
         if "companion_rate" in metrics
@@ -476,7 +398,7 @@ def plot(table: list[dict], path: Path, metrics: tuple[str, ...]) -> None:
     )
     rounds = [row for row in table if row["row"].startswith("round ")]
     extra = [row for row in table if not row["row"].startswith("round ")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(12, 3.6))
     x = [int(row["row"].split()[1]) for row in rounds]
     for ax, metric in zip(axes, shown):
         ax.errorbar(
@@ -500,9 +422,7 @@ def plot(table: list[dict], path: Path, metrics: tuple[str, ...]) -> None:
         ax.set_xlabel("round (0 = SFT)")
         ax.set_ylabel(f"{metric.replace('_', ' ')}\n(test, greedy; mean ± std over seeds)", fontsize=8)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,9 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         help="results directory (default experiments/results/iterate_v2; v1: experiments/results/iterate)",
     )
     args = parser.parse_args(argv)
-    args.results = args.results or REPO / "experiments" / "results" / (
-        "iterate_v2" if args.world == "v2" else "iterate"
-    )
+    args.results = args.results or RESULTS / ("iterate_v2" if args.world == "v2" else "iterate")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.num_threads)
     per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
@@ -557,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.results / "results.json").write_text(
         json.dumps({"command": command, "rows": table, "differences": diffs, "per_seed": per_seed}, indent=2)
     )
-    text = results_table(table, args, command, metrics, per_seed, diffs)
+    text = results_table(table, args, command, per_seed, diffs)
     (args.results / "results.md").write_text(text)
     plot(table, args.results / "plot.png", metrics)
     print(text)

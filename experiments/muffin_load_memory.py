@@ -6,10 +6,10 @@ to dominate (default: hidden 1024, 8 layers, FFN 2816, ~400 MB in float32 over 8
 in a fresh child process per variant and reports that child's RSS high-water mark minus its RSS right
 before the load:
 
-  streamed   what `model.muffin_checkpoint: DIR` does now (`models.build`): parameters on the meta device,
+  streamed   what `model.muffin_checkpoint: DIR` does (`models.build`): parameters on the meta device,
              one shard read (memory-mapped) at a time, each tensor cast to bfloat16 as it is assigned.
-  all-at-once  the previous path: a float32 model initialised at random, every shard read into one
-             state dict, then copied in (the same tensors exist twice, in float32).
+  all-at-once  the plain baseline it is measured against: a float32 model initialised at random, every
+             shard read into one state dict, then copied in (the same tensors exist twice, in float32).
 
 The claim checked: streamed peak ~ final bf16 model + about one shard; all-at-once ~ fp32 model + the
 whole fp32 checkpoint. At 13B (26 GB in bf16, 52 GB in fp32, ~10 GB shards) that is ~36 GB vs ~104 GB
@@ -119,7 +119,8 @@ def main() -> None:
             r = json.loads(out)
             over = r["peak_above_start_mb"] - r["model_mb"]
             print(
-                f"{variant:12s} peak RSS growth {r['peak_above_start_mb']:7.0f} MB = final model {r['model_mb']:.0f} MB "
+                f"{variant:12s} peak RSS growth {r['peak_above_start_mb']:7.0f} MB = final model "
+                f"{r['model_mb']:.0f} MB "
                 f"({r['dtype']}) + {over:.0f} MB ({over * MB / largest:.2f} x the largest shard, "
                 f"{over * MB / total:.2f} x the checkpoint)"
             )

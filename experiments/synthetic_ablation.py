@@ -8,7 +8,8 @@ that same model on those same pairs (a subset for the pair-count axis), evaluate
 seed's validation and test images. Aggregates mean ± std over seeds into RESULTS/results.{md,csv,json}
 and plots hallucination vs gamma and vs pairs. Finished stages and runs are skipped on a re-run.
 
-Runs (the paper's Figure 2 axis is the pair count; gamma 1 is vanilla DPO):
+Runs (ddpo/lab/recipes.py `v1_ablation_runs`; the paper's Figure 2 axis is the pair count; gamma 1 is
+vanilla DPO):
     dpo_sum, ddpo_sum_g{2,5,10}            released-code normalisation (sum), beta 0.5 (the demo's)
     dpo_mean, ddpo_mean_g{2,5,10}          paper Eq. 5 (weighted mean), beta 16: a mean log-prob is ~N
                                            times smaller than the sum (N ~ 33 answer tokens), and the
@@ -22,49 +23,33 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from ddpo.lab.demo import METRICS, DemoSettings, run
+from ddpo.lab.evaluation import CLAIM_ERRORS, METRICS
+from ddpo.lab.recipes import v1_ablation_runs
+from ddpo.lab.report import format_mean_std, metric_digits, pyplot, save_figure, table_head
+from ddpo.lab.settings import DemoSettings
+from ddpo.lab.stages import run
+from ddpo.lab.stats import mean_std
 
-REPO = Path(__file__).resolve().parents[1]
-
-MEAN_BETA = 16.0
-CLAIM_ERRORS = ("attribute_error_rate", "position_error_rate", "count_error_rate")
-
-
-def grid() -> dict[str, dict]:
-    runs: dict[str, dict] = {"dpo_sum": {"loss.gamma": 1.0, "loss.normalize": "sum"}}
-    runs.update({f"ddpo_sum_g{g}": {"loss.gamma": float(g), "loss.normalize": "sum"} for g in (2, 5, 10)})
-    runs["dpo_mean"] = {"loss.gamma": 1.0, "loss.normalize": "mean", "loss.beta": MEAN_BETA}
-    runs.update(
-        {
-            f"ddpo_mean_g{g}": {"loss.gamma": float(g), "loss.normalize": "mean", "loss.beta": MEAN_BETA}
-            for g in (2, 5, 10)
-        }
-    )
-    for pairs in (200, 800):
-        runs[f"dpo_sum_p{pairs}"] = {"loss.gamma": 1.0, "loss.normalize": "sum", "data.max_samples": pairs}
-        runs[f"ddpo_sum_g5_p{pairs}"] = {"loss.gamma": 5.0, "loss.normalize": "sum", "data.max_samples": pairs}
-    return runs
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "synthetic_ablation"
+CLAIMS = CLAIM_ERRORS[:3]  # the v1 world's captions never say a cell is empty
 
 
 def aggregate(per_seed: dict[int, dict], split: str) -> dict[str, dict[str, tuple[float, float]]]:
     """{method: {metric: (mean, std)}} over seeds (std 0 with one seed)."""
     methods = next(iter(per_seed.values()))[split].keys()
-    table = {}
-    for method in methods:
-        table[method] = {}
-        for metric in (*METRICS, *CLAIM_ERRORS):
-            values = [r[split][method][metric] for r in per_seed.values()]
-            table[method][metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-    return table
+    return {
+        method: {
+            metric: mean_std([r[split][method][metric] for r in per_seed.values()]) for metric in (*METRICS, *CLAIMS)
+        }
+        for method in methods
+    }
 
 
 def write_tables(table: dict, seeds: list[int], pairs: dict, results_dir: Path, command: str) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
-    header = "| method | response hallucination | mention hallucination | object recall | words / answer |"
     lines = [
         f"Synthetic ablation, test split, mean ± std over seeds {seeds}. Command:",
         "",
@@ -72,24 +57,19 @@ def write_tables(table: dict, seeds: list[int], pairs: dict, results_dir: Path, 
         "",
         f"Preference pairs per seed: {pairs}",
         "",
-        header,
-        "|---|---|---|---|---|",
+        *table_head("method", "response hallucination", "mention hallucination", "object recall", "words / answer"),
     ]
     for method, m in table.items():
-        cells = " | ".join(
-            f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k != "mean_response_words" else f"{m[k][0]:.1f} ± {m[k][1]:.1f}"
-            for k in METRICS
-        )
+        cells = " | ".join(format_mean_std(*m[k], metric_digits(k)) for k in METRICS)
         lines.append(f"| {method} | {cells} |")
     lines += [
         "",
         "Claim errors (wrong claims / claims of the type, about correctly named objects):",
         "",
-        "| method | attribute | position | count |",
-        "|---|---|---|---|",
+        *table_head("method", "attribute", "position", "count"),
     ]
     for method, m in table.items():
-        lines.append(f"| {method} | " + " | ".join(f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in CLAIM_ERRORS) + " |")
+        lines.append(f"| {method} | " + " | ".join(format_mean_std(*m[k]) for k in CLAIMS) + " |")
     (results_dir / "results.md").write_text("\n".join(lines) + "\n")
     with open(results_dir / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -99,13 +79,8 @@ def write_tables(table: dict, seeds: list[int], pairs: dict, results_dir: Path, 
 
 
 def plot(table: dict, results_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     key = "response_hallucination_rate"
-    fig, (ax_gamma, ax_pairs) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_gamma, ax_pairs) = pyplot().subplots(1, 2, figsize=(10, 3.6))
     for norm in ("sum", "mean"):
         names = [f"dpo_{norm}"] + [f"ddpo_{norm}_g{g}" for g in (2, 5, 10)]
         means = [table[n][key][0] for n in names]
@@ -131,22 +106,22 @@ def plot(table: dict, results_dir: Path) -> None:
     ax_pairs.axhline(table["sft"][key][0], color="gray", ls="--", label="SFT")
     ax_pairs.set(xlabel="preference pairs (1400 = all, capped)", title="vs preference data (paper Fig. 2 axis)")
     ax_pairs.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(results_dir / "hallucination.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, results_dir / "hallucination.png")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output-dir", default="runs/synthetic_ablation")
-    parser.add_argument("--results", default=str(REPO / "experiments" / "results" / "synthetic_ablation"))
+    parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--aggregate-only", action="store_true", help="tables and plots from the seeds' results.json")
     args = parser.parse_args(argv)
     per_seed, pairs = {}, {}
     for seed in args.seeds:
         # the v1 world (misperception): this ablation's committed results are the v2 lab's negative control
-        settings = DemoSettings.v1(output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, methods=grid())
+        settings = DemoSettings.v1(
+            output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, methods=v1_ablation_runs()
+        )
         if not args.aggregate_only:
             run(settings)
         per_seed[seed] = json.loads((Path(settings.output_dir) / "results.json").read_text())

@@ -11,7 +11,8 @@ module holds what is shared:
   padding give the same log-probs. With `shared_prompt` (on by default, `model.shared_prompt`), a pair's
   prompt runs through the decoder once: `models.shared_prompt` packs [prompt | chosen | rejected] into
   one row with a mask and position ids under which the result equals the two-row computation.
-* `generate(images, prompts, ...)`: batched, left-padded generation through the HF model's `generate`.
+* `generate(images, prompts, GenerationOptions(...))`: batched, left-padded generation through the HF model's
+  `generate`.
 * freezing (`ModelConfig.freeze_*`), learning-rate-0 parameters, gradient checkpointing, saving.
 """
 
@@ -160,6 +161,47 @@ class StopOnStrings(StoppingCriteria):
         )
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How `PreferenceModel.generate` decodes: the one settings object of generation, from evaluation,
+    the demo and online sampling alike (vary it with `dataclasses.replace`).
+
+    `template` None = the model's (`PreferenceModel.template`). `stop_strings` are used as given;
+    `data.templates.default_stop_strings(template)` are the template's, which `ddpo eval` applies. With
+    `seed`, sampling is reproducible: the batch that starts at prompt i is seeded `seed + i`, and the
+    global RNG state is restored afterwards.
+    """
+
+    template: str | None = None
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_strings: Sequence[str] = ()
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "num_beams", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GenerationOptions.{name} is {getattr(self, name)}; it must be >= 1")
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"GenerationOptions.repetition_penalty is {self.repetition_penalty}; it must be > 0 (1.0 = none)"
+            )
+        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise ValueError(
+                f"GenerationOptions: sampling needs temperature > 0 and top_p in (0, 1], got temperature "
+                f"{self.temperature} and top_p {self.top_p}; use do_sample=False for greedy decoding"
+            )
+        if isinstance(self.stop_strings, str):
+            raise TypeError(
+                f"GenerationOptions.stop_strings is the string {self.stop_strings!r}; give a list of strings"
+            )
+
+
 class PreferenceModel(nn.Module):
     """Interface + shared logic; subclasses: `models.llava.LlavaPreferenceModel`, `models.muffin.MuffinPreferenceModel`.
 
@@ -221,8 +263,9 @@ class PreferenceModel(nn.Module):
         ):
             raise RuntimeError(
                 f"model.attn_implementation 'flex_attention': PyTorch's FlexAttention has no backward pass on CPU "
-                f"(torch {torch.__version__}); train on a CUDA device, or set model.attn_implementation: sdpa (the same "
-                "mask as a dense bias, same results). Forward-only use on CPU (torch.no_grad: reference log-probs, eval) works."
+                f"(torch {torch.__version__}); train on a CUDA device, or set model.attn_implementation: sdpa "
+                "(the same mask as a dense bias, same results). Forward-only use on CPU (torch.no_grad: "
+                "reference log-probs, eval) works."
             )
         out = decoder(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -379,70 +422,60 @@ class PreferenceModel(nn.Module):
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
-        self,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        template: str | None = None,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        num_beams: int = 1,
-        seed: int | None = None,
-        stop_strings: Sequence[str] | None = None,
-        batch_size: int = 8,
-        repetition_penalty: float = 1.0,
+        self, images: Sequence[Image.Image], prompts: Sequence[str], options: GenerationOptions | None = None
     ) -> list[str]:
-        """Answers to `prompts` (one image each), generated in left-padded batches.
+        """Answers to `prompts` (one image each), generated in left-padded batches of `options.batch_size`.
 
         Returns the generated text only: no prompt, cut before the first stop string, no eos/pad, stripped,
         and without a role prefix the template makes the model write (rlhfv_eval's 'Assistant:').
-        `template` None = the model's (`self.template`). `stop_strings` are used as given (None = none);
-        `data.templates.default_stop_strings(template)` are the template's, which `ddpo eval` applies.
-        With `seed`, sampling is reproducible (the global RNG state is restored afterwards).
+        `options` None = `GenerationOptions()` (greedy, the model's template, no stop strings).
         """
-        template = template or self.template
+        options = options or GenerationOptions()
+        template = options.template or self.template
         prefix = generated_prefix(template)
-
         if len(images) != len(prompts):
             raise ValueError(f"generate: {len(images)} images for {len(prompts)} prompts; give one image per prompt")
         was_training = self.training
         self.eval()
         answers: list[str] = []
         try:
-            for start in range(0, len(prompts), batch_size):
-                ids = [
-                    encode_prompt(template, self.tokenizer, p, self.image_placeholder)
-                    for p in prompts[start : start + batch_size]
-                ]
+            for start in range(0, len(prompts), options.batch_size):
+                stop = start + options.batch_size
+                ids = [encode_prompt(template, self.tokenizer, p, self.image_placeholder) for p in prompts[start:stop]]
                 input_ids, attention_mask = self._left_pad(ids)
-                pixel_values = self.preprocess_images(images[start : start + batch_size]).to(self.device, self.dtype)
-                options = dict(
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    num_beams=num_beams,
-                    repetition_penalty=repetition_penalty,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                )
-                if do_sample:
-                    options.update(temperature=temperature, top_p=top_p)
-                if stop_strings:
-                    options.update(
-                        stopping_criteria=StoppingCriteriaList(
-                            [StopOnStrings(self.tokenizer, stop_strings, input_ids.shape[1])]
-                        )
-                    )
+                pixel_values = self.preprocess_images(images[start:stop]).to(self.device, self.dtype)
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                    if seed is not None:
-                        torch.manual_seed(seed + start)
+                    if options.seed is not None:
+                        # seeded per batch, so a batch's samples do not depend on the batches before it
+                        torch.manual_seed(options.seed + start)
                     out = self.hf_model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **options
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        pixel_values=pixel_values,
+                        **self._hf_generate_kwargs(options, input_ids.shape[1]),
                     )
-                answers += [self._decode_answer(row, stop_strings, prefix) for row in out[:, input_ids.shape[1] :]]
+                new_tokens = out[:, input_ids.shape[1] :]
+                answers += [self._decode_answer(row, options.stop_strings, prefix) for row in new_tokens]
         finally:
             self.train(was_training)
         return answers
+
+    def _hf_generate_kwargs(self, options: GenerationOptions, prompt_length: int) -> dict:
+        """`options` as the keyword arguments of the HF model's `generate` for a batch of `prompt_length` tokens."""
+        kwargs = dict(
+            max_new_tokens=options.max_new_tokens,
+            do_sample=options.do_sample,
+            num_beams=options.num_beams,
+            repetition_penalty=options.repetition_penalty,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        if options.do_sample:  # greedy decoding takes no temperature / top_p (transformers warns about them)
+            kwargs.update(temperature=options.temperature, top_p=options.top_p)
+        if options.stop_strings:
+            stop = StopOnStrings(self.tokenizer, options.stop_strings, prompt_length)
+            kwargs.update(stopping_criteria=StoppingCriteriaList([stop]))
+        return kwargs
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         length = max(len(s) for s in sequences)

@@ -3,11 +3,13 @@
 Random-init presets (`model.preset`, when `model.name_or_path` is null); both architectures share the
 sizes, Muffin's vision tower being BEiT-3 of that width and its image tokens the learnable queries:
 
-| preset | vision width / layers / heads / FFN | image px / patch | LLaVA image tokens | Muffin queries | Llama hidden / layers / heads / FFN |
-|--------|-------------------------------------|------------------|--------------------|----------------|-------------------------------------|
-| tiny   | 64 / 2 / 4 / 256                    | 32 / 8           | 16                 | 8              | 64 / 2 / 4 / 256                    |
-| small  | 128 / 2 / 4 / 512                   | 48 / 8           | 36                 | 16             | 128 / 2 / 4 / 512                   |
-| bench  | 256 / 4 / 4 / 1024                  | 64 / 8           | 64                 | 64             | 256 / 4 / 4 / 1024                  |
+| preset | vision W/L/H/FFN | image/patch px | LLaVA image tokens | Muffin queries | LLM W/L/H/FFN |
+|--------|------------------|----------------|--------------------|----------------|---------------|
+| tiny   | 64/2/4/256       | 32/8           | 16                 | 8              | 64/2/4/256    |
+| small  | 128/2/4/512      | 48/8           | 36                 | 16             | 128/2/4/512   |
+| bench  | 256/4/4/1024     | 64/8           | 64                 | 64             | 256/4/4/1024  |
+
+W/L/H/FFN: width, layers, attention heads, FFN width; the LLM is Llama.
 
 The vocabulary is the tokenizer's (`len(tokenizer)`), so a random-init model needs one: the trainer
 passes it (or `model.tokenizer` names one). `bench` with an 8192-word vocabulary is the 11.5 M-parameter

@@ -37,30 +37,37 @@ class ModelConfig:
     )
     muffin_checkpoint: str | None = config_field(
         None,
-        "Original RLHF-V/Muffin checkpoint (a .safetensors/.bin state dict or a directory of them) mapped onto our parameter names.",
+        "Original RLHF-V/Muffin checkpoint (a .safetensors/.bin state dict or a directory of them) mapped onto our "
+        "parameter names.",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = config_field(
         "auto", "Weights/compute dtype: auto = bfloat16 on a GPU that supports it, float32 on CPU."
     )
     image_size: int | None = config_field(
         None,
-        "Input image side in pixels for a random-init model; null = the preset's (or an original Muffin checkpoint's; a different value needs interpolate_positions).",
+        "Input image side in pixels for a random-init model; null = the preset's (or an original Muffin "
+        "checkpoint's; a different value needs interpolate_positions).",
     )
     patch_size: int | None = config_field(
         None,
-        "Vision patch side in pixels for a random-init model; null = the preset's. image_size must be a multiple of it.",
+        "Vision patch side in pixels for a random-init model; null = the preset's. image_size must be a "
+        "multiple of it.",
     )
     image_mode: Literal["pad", "crop", "resize"] | None = config_field(
         None,
-        "How a non-square image becomes square: pad (LLaVA-1.5), crop (llava-hf processor, RLAIF-V training), resize (Muffin); null = the checkpoint's preprocessor config, else pad for LLaVA and resize for Muffin.",
+        "How a non-square image becomes square: pad (LLaVA-1.5), crop (llava-hf processor, RLAIF-V training), resize "
+        "(Muffin); null = the checkpoint's preprocessor config, else pad for LLaVA and resize for Muffin.",
     )
     interpolate_positions: bool = config_field(
         False,
-        "With model.muffin_checkpoint: resize BEiT-3's vision position embeddings (bicubic) when model.image_size differs from the checkpoint's resolution (e.g. Muffin-13B's 672 px -> 448); off = such a mismatch is an error.",
+        "With model.muffin_checkpoint: resize BEiT-3's vision position embeddings (bicubic) when model.image_size "
+        "differs from the checkpoint's resolution (e.g. Muffin-13B's 672 px -> 448); off = such a mismatch is "
+        "an error.",
     )
     vision_feature_layer: int = config_field(
         -2,
-        "Random-init LLaVA: the vision-tower layer whose output feeds the projector (LLaVA-1.5: -2, the penultimate; a 2-layer tower needs -1 not to waste its last layer).",
+        "Random-init LLaVA: the vision-tower layer whose output feeds the projector (LLaVA-1.5: -2, the penultimate; "
+        "a 2-layer tower needs -1 not to waste its last layer).",
     )
     freeze_vision_tower: bool = config_field(
         False, "Freeze the whole vision encoder (no gradients, not in the optimizer)."
@@ -69,21 +76,25 @@ class ModelConfig:
     freeze_llm: bool = config_field(False, "Freeze the language model (decoder and LM head).")
     freeze_vision_experts: bool = config_field(
         False,
-        "RLHF-V policy for Muffin: learning rate 0 on BEiT-3 vision experts ('A') and the patch embedding; queries and language experts train.",
+        "RLHF-V policy for Muffin: learning rate 0 on BEiT-3 vision experts ('A') and the patch embedding; queries "
+        "and language experts train.",
     )
     gradient_checkpointing: bool = config_field(
         False, "Recompute decoder-layer activations in the backward pass to save memory."
     )
     shared_prompt: bool = config_field(
         True,
-        "Run each pair as one packed [prompt | chosen | rejected] row (prompt and image once; exact: same log-probs and gradients as two rows).",
+        "Run each pair as one packed [prompt | chosen | rejected] row (prompt and image once; exact: same log-probs "
+        "and gradients as two rows).",
     )
     logps_chunk_size: int = config_field(
         256, "Answer tokens per chunk in the LM-head log-prob pass (bounds the [tokens, vocab] logits held at once)."
     )
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = config_field(
         "sdpa",
-        "Attention kernel of the decoder: sdpa (shared-prompt rows as a dense 4-D bias), eager, or flex_attention (a block mask from the [prompt | chosen | rejected] structure; skips masked blocks; needs a CUDA device to train: PyTorch has no FlexAttention backward on CPU). Vision towers always use sdpa.",
+        "Attention kernel of the decoder: sdpa (shared-prompt rows as a dense 4-D bias), eager, or flex_attention (a "
+        "block mask from the [prompt | chosen | rejected] structure; skips masked blocks; needs a CUDA device to "
+        "train: PyTorch has no FlexAttention backward on CPU). Vision towers always use sdpa.",
     )
     trust_remote_code: bool = config_field(
         False, "Allow a checkpoint's own Python code to run on load. Off: only enable for sources you trust."

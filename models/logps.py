@@ -24,6 +24,8 @@ head); logsumexp, softmax and the gradient sums over the vocabulary run in float
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -321,7 +323,8 @@ def _head_gradients(ctx, grad_output: Tensor):
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor) -> Tensor:
-    """[C, H] @ [V, H].T (+ [V]) in the inputs' dtype -> [C, V] written into the first C rows of `buffer` (compute dtype)."""
+    """[C, H] @ [V, H].T (+ [V]) in the inputs' dtype -> [C, V] written into the first C rows of `buffer`
+    (compute dtype)."""
     out = buffer[: len(hidden)]
     if hidden.dtype == buffer.dtype:
         torch.mm(hidden, weight.t(), out=out)
@@ -360,11 +363,13 @@ def chunked_token_logps(
         )
     if lm_head_bias is not None and tuple(lm_head_bias.shape) != (lm_head_weight.shape[0],):
         raise ValueError(
-            f"chunked_token_logps: lm_head_bias must be [V] = [{lm_head_weight.shape[0]}], got {tuple(lm_head_bias.shape)}"
+            f"chunked_token_logps: lm_head_bias must be [V] = [{lm_head_weight.shape[0]}], "
+            f"got {tuple(lm_head_bias.shape)}"
         )
     if not hidden.is_floating_point() or labels.is_floating_point():
         raise ValueError(
-            f"chunked_token_logps: hidden must be floating point and labels integer, got {hidden.dtype} and {labels.dtype}"
+            f"chunked_token_logps: hidden must be floating point and labels integer, "
+            f"got {hidden.dtype} and {labels.dtype}"
         )
     if chunk_size < 1:
         raise ValueError(f"chunked_token_logps: chunk_size must be >= 1, got {chunk_size}")
@@ -373,42 +378,48 @@ def chunked_token_logps(
     return _ChunkedTokenLogps.apply(hidden, lm_head_weight, lm_head_bias, labels, ignore_index, chunk_size)
 
 
+@dataclass(frozen=True)
+class HiddenAndHead:
+    """One model's side of `chunked_token_kl`: final hidden states [B, T, H] (after the last norm) and
+    its LM head, weight [V, H] and bias [V] or None (`HiddenAndHead(hidden, head.weight, head.bias)`)."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+
 def chunked_token_kl(
-    policy_hidden: Tensor,
-    policy_head: Tensor,
-    reference_hidden: Tensor,
-    reference_head: Tensor,
+    policy: HiddenAndHead,
+    reference: HiddenAndHead,
     labels: Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 256,
-    policy_bias: Tensor | None = None,
-    reference_bias: Tensor | None = None,
 ) -> Tensor:
     """Per-position KL(reference || policy) of the next-token distributions, [B, T-1] float32 aligned with
     labels[:, 1:], 0 where the next label is `ignore_index` (TDPO's sequential KL sums it over an answer).
 
-    hidden [B, T, H] of each model (final hidden states) with its LM head [V, H] (and bias [V]). Only the
-    labelled positions are computed, `chunk_size` at a time, so no [B, T, V] logits exist at once; the
-    gradient flows to the policy's hidden states and head through plain autograd (each chunk's [chunk, V]
-    softmax is kept for the backward pass: memory grows with answer tokens x vocabulary)."""
-    if policy_hidden.shape != reference_hidden.shape or policy_hidden.shape[:2] != labels.shape:
+    Each side's logits are its hidden states through its LM head. Only the labelled positions are computed,
+    `chunk_size` at a time, so no [B, T, V] logits exist at once; the gradient flows to the policy's hidden
+    states and head through plain autograd (each chunk's [chunk, V] softmax is kept for the backward pass:
+    memory grows with answer tokens x vocabulary)."""
+    if policy.hidden.shape != reference.hidden.shape or policy.hidden.shape[:2] != labels.shape:
         raise ValueError(
             f"chunked_token_kl: policy and reference hidden states must be [B, T, H] with labels [B, T]; got "
-            f"{tuple(policy_hidden.shape)}, {tuple(reference_hidden.shape)} and {tuple(labels.shape)}"
+            f"{tuple(policy.hidden.shape)}, {tuple(reference.hidden.shape)} and {tuple(labels.shape)}"
         )
-    out = policy_hidden.new_zeros(labels.shape[0], max(labels.shape[1] - 1, 0), dtype=torch.float32)
+    out = policy.hidden.new_zeros(labels.shape[0], max(labels.shape[1] - 1, 0), dtype=torch.float32)
     if labels.shape[1] < 2:
         return out
     rows, cols = (labels[:, 1:] != ignore_index).nonzero(as_tuple=True)
     # float32 views of the heads made once (a no-op for float32 weights), not once per chunk
-    policy_head, reference_head = policy_head.float(), reference_head.float()
-    policy_bias = None if policy_bias is None else policy_bias.float()
-    reference_bias = None if reference_bias is None else reference_bias.float()
+    policy_head, reference_head = policy.weight.float(), reference.weight.float()
+    policy_bias = None if policy.bias is None else policy.bias.float()
+    reference_bias = None if reference.bias is None else reference.bias.float()
     values = []
     for start in range(0, len(rows), chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
-        policy_logits = F.linear(policy_hidden[r, c].float(), policy_head, policy_bias)
-        reference_logits = F.linear(reference_hidden[r, c].float(), reference_head, reference_bias)
+        policy_logits = F.linear(policy.hidden[r, c].float(), policy_head, policy_bias)
+        reference_logits = F.linear(reference.hidden[r, c].float(), reference_head, reference_bias)
         reference_logp = reference_logits.log_softmax(-1)
         values.append((reference_logp.exp() * (reference_logp - policy_logits.log_softmax(-1))).sum(-1))
     if values:

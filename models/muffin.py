@@ -25,7 +25,9 @@ vision tower is torchscale's BEiT-3 inside `BEiT3Wrapper`) map onto ours by pref
 | `model.query` [num_query, D_vision]             | same                                             |
 | `model.mm_projector.{weight,bias}`              | same                                             |
 | `lm_head.weight`                                | same                                             |
-| `model.vision_tower.beit3.text_embed.weight`, `...vision_embed.mask_token`, `model.layers.{i}.self_attn.rotary_emb.inv_freq` | dropped (unused: Muffin deletes the first two before training; the last is a recomputed buffer) |
+
+Dropped (unused): `model.vision_tower.beit3.text_embed.weight` and `...vision_embed.mask_token`, which Muffin
+deletes before training, and `model.layers.{i}.self_attn.rotary_emb.inv_freq`, a buffer that is recomputed.
 
 RLHF-V freezing policy (`freeze_vision_experts`): learning rate 0 on every BEiT-3 parameter of a
 vision expert (`.A.` in its name, the vision position embedding included) and on the patch embedding
@@ -181,21 +183,22 @@ class MuffinForCausalLM(MuffinPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """HF causal-LM forward. `cache` and `use_cache`, only passed on, travel in `kwargs` to
+        `MuffinModel.forward`, which names them (llava-hf's `LlavaForConditionalGeneration.forward` does the
+        same with `use_cache`). `position_ids` and `logits_to_keep` must stay named: transformers' `generate`
+        reads this signature to decide whether to make position ids from the attention mask and whether to
+        compute only the last position's logits at each step."""
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))

@@ -94,7 +94,8 @@ def chat_template(template: str) -> str:
             "{%- set turns = messages[1:] if system is not none else messages -%}",
             "{%- if turns | length == 0 or turns | length > 2 or turns[0].role != 'user' or "
             "(turns | length == 2 and turns[1].role != 'assistant') -%}",
-            "{{ raise_exception('this chat template renders one user turn, optionally followed by one assistant turn') }}",
+            "{{ raise_exception('this chat template renders one user turn, "
+            "optionally followed by one assistant turn') }}",
             "{%- endif -%}",
             "{%- if bos_token %}{{ bos_token }}{% endif -%}",
             _literal(before_system),

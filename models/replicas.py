@@ -35,7 +35,8 @@ MUFFIN_ADDED_TOKENS = ("[PAD]", "<im_patch>", "<im_start>", "<im_end>")  # ids V
 LLAVA_HF_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 _SPM_TEXTS = [
@@ -238,15 +239,7 @@ def write_llava_hf_checkpoint(
     a Llama tokenizer with `<image>` and `<pad>` added, and llava-hf's chat template. `hub_layout`
     also writes `preprocessor_config.json`, as the hub repos have it (transformers 5 nests the image
     processor in `processor_config.json` instead)."""
-    from transformers import (
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
     from ddpo.models.llava import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 
@@ -275,6 +268,21 @@ def write_llava_hf_checkpoint(
         num_additional_image_tokens=1,
         chat_template=LLAVA_HF_CHAT_TEMPLATE,
     )
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(_tiny_llava_config(tokenizer, image_size, patch_size)).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    if hub_layout:  # the hub repos (saved by transformers 4.x) keep the image processor in its own file
+        image_processor.save_pretrained(directory)
+    for file in spm_dir.iterdir():
+        file.unlink()
+    spm_dir.rmdir()
+    return directory
+
+
+def _tiny_llava_config(tokenizer, image_size: int, patch_size: int):
+    """A 2-layer LLaVA-1.5 config (CLIP tower, Llama decoder) for `tokenizer`'s vocabulary and image tokens."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -294,7 +302,7 @@ def write_llava_hf_checkpoint(
         image_size=image_size,
         patch_size=patch_size,
     )
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -302,15 +310,6 @@ def write_llava_hf_checkpoint(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    torch.manual_seed(seed)
-    LlavaForConditionalGeneration(config).save_pretrained(directory)
-    processor.save_pretrained(directory)
-    if hub_layout:  # the hub repos (saved by transformers 4.x) keep the image processor in its own file
-        image_processor.save_pretrained(directory)
-    for file in spm_dir.iterdir():
-        file.unlink()
-    spm_dir.rmdir()
-    return directory
 
 
 def muffin_vision_sizes_for_tests(width: int = 32, layers: int = 2, heads: int = 4) -> dict[str, tuple[int, int, int]]:

@@ -149,7 +149,8 @@ def shared_prompt_layout(
     )
     packed_ids = input_ids[src_row, col].masked_fill(segments == PAD, pad_token_id)
 
-    # Row r, position t -> packed position: t - start for the chosen row; the rejected row's answer sits after the chosen one.
+    # Row r, position t -> packed position: t - start for the chosen row; the rejected row's answer sits after
+    # the chosen one.
     rel = index[None, :] - start[:, None]  # [2B, T]
     shift = torch.cat([torch.zeros_like(A_c), A_c])[:, None]
     packed_pos = torch.where(rel >= prompt_len[:, None], rel + shift, rel)

@@ -73,6 +73,7 @@ def _values(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("samples_per_s", "tokens_per_s")}
 
 
+@pytest.mark.slow
 def test_truncated_weights_in_latest_fall_back_to_the_previous_checkpoint(saved_run, run):
     weights = run / "checkpoints" / "step-000004" / "mp_rank_00_model_states.pt"
     _truncate(weights)
@@ -81,23 +82,27 @@ def test_truncated_weights_in_latest_fall_back_to_the_previous_checkpoint(saved_
     _resumes_from_step_2(saved_run, run, f"{weights} is {weights.stat().st_size} bytes but was saved with")
 
 
+@pytest.mark.slow
 def test_truncated_rng_file_falls_back_to_the_previous_checkpoint(saved_run, run):
     rng = run / "checkpoints" / "step-000004" / "rng_rank0.pt"
     _truncate(rng)
     _resumes_from_step_2(saved_run, run, f"{rng} is {rng.stat().st_size} bytes")
 
 
+@pytest.mark.slow
 def test_missing_state_file_falls_back_to_the_previous_checkpoint(saved_run, run):
     (run / "checkpoints" / "step-000004" / "trainer_state.json").unlink()
     _resumes_from_step_2(saved_run, run, "step-000004 has no trainer_state.json")
 
 
+@pytest.mark.slow
 def test_dangling_latest_falls_back_to_the_newest_complete_checkpoint(saved_run, run):
     shutil.rmtree(run / "checkpoints" / "step-000004")
     (run / "checkpoints" / "latest").write_text("step-000006")
     _resumes_from_step_2(saved_run, run, "latest names 'step-000006', but")
 
 
+@pytest.mark.slow
 def test_crash_mid_write_resumes_from_the_last_complete_checkpoint(saved_run, run):
     """Killed while writing step 4: its files sit in `.tmp-step-000004`, `latest` still names step-2."""
     root = run / "checkpoints"
@@ -117,6 +122,7 @@ def test_crash_between_rename_and_latest_uses_the_newer_checkpoint(run):
     assert checkpoint.find(run, "auto") == run / "checkpoints" / "step-000004"
 
 
+@pytest.mark.slow
 def test_no_complete_checkpoint_is_an_error_not_a_fresh_start(run):
     for step in ("step-000002", "step-000004"):
         (run / "checkpoints" / step / "trainer_state.json").unlink()
@@ -130,6 +136,7 @@ def test_no_complete_checkpoint_is_an_error_not_a_fresh_start(run):
     assert len(metrics(run)) == 4  # nothing trained, nothing logged
 
 
+@pytest.mark.slow
 def test_damaged_file_of_the_right_size_is_an_error_naming_it(run):
     """Corruption the size check cannot see: the load names the file and what to do."""
     weights = run / "checkpoints" / "step-000004" / "mp_rank_00_model_states.pt"
@@ -151,6 +158,7 @@ def test_truncated_rng_without_a_file_list_is_named(tmp_path):
         checkpoint.safe_load(rng)
 
 
+@pytest.mark.slow
 def test_checkpoint_files_load_without_pickle(run):
     """A model-states file holding a Python object other than tensors and plain data is refused: DeepSpeed's
     files go through torch.load(weights_only=True) too."""
@@ -188,6 +196,7 @@ def test_zero_checkpoints_resume_exactly_under_weights_only_loading(tmp_path):
     assert [_values(m) for m in metrics(out)[-2:]] == [_values(m) for m in straight[2:]]
 
 
+@pytest.mark.slow
 def test_resume_with_a_longer_run_replans_the_schedule_with_a_warning(tmp_path):
     """3 steps, then resumed with train.max_steps 6: no step at the old schedule's final rate 0; steps
     4-6 use the 6-step schedule's rates, and the log says the schedule was re-planned."""

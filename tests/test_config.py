@@ -27,7 +27,9 @@ def test_every_shipped_yaml_loads(path, monkeypatch):
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
-        "loss:\n  beta: 0.1\n  gamma: 1.1\n  normalize: sum\ntrain:\n  learning_rate: 5e-7\n  max_steps: 10\ndata:\n  format: synthetic\n"
+        "loss:\n  beta: 0.1\n  gamma: 1.1\n  normalize: sum\n"
+        "train:\n  learning_rate: 5e-7\n  max_steps: 10\n"
+        "data:\n  format: synthetic\n"
     )
     cfg = load_config(path, ["--loss.gamma", "5", "--train.seed=7", "--model.name_or_path", "null"])
     assert (cfg.loss.beta, cfg.loss.gamma, cfg.loss.normalize) == (0.1, 5.0, "sum")
@@ -97,6 +99,7 @@ def test_every_field_is_documented_in_help():
             assert f"--{name}.{f.name} " in text
 
 
+@pytest.mark.slow
 def test_train_help_from_the_console():
     out = subprocess.run(
         [sys.executable, "-m", "ddpo", "train", "--help"], capture_output=True, text=True, check=True
@@ -116,6 +119,7 @@ def test_train_help_from_the_console():
         assert key in out
 
 
+@pytest.mark.slow
 def test_train_with_bad_config_exits_2_and_names_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("loss:\n  gamma: 0\n")
     run = subprocess.run(

@@ -7,9 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from ddpo.lab import demo, stages
+from ddpo.lab.gate import GateError
+from ddpo.lab.settings import DemoSettings
+from ddpo.models.build import load_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_results(tmp_path):
     env = {
         k: v
@@ -59,22 +68,18 @@ def test_quick_demo_writes_results(tmp_path):
 def check_eval_is_cached_and_sft_continues(out):
     """A second eval reuses each model's eval.json (no answer is generated again) and gives the same
     tables; an SFT stage with `sft_init` continues that model with its tower frozen."""
-    import torch
-
-    from ddpo.lab import demo
-
     before = json.loads((out / "results.json").read_text())
-    settings = demo.DemoSettings.quick(output_dir=str(out))
-    original = demo.evaluate_model
-    demo.evaluate_model = lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated again"))
+    settings = DemoSettings.quick(output_dir=str(out))
+    original = stages.evaluate_model
+    stages.evaluate_model = lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated again"))
     try:
-        again = demo.run(settings, ["eval"])
+        again = stages.run(settings, ["eval"])
     finally:
-        demo.evaluate_model = original
+        stages.evaluate_model = original
     for table in ("methods", "validation", "sampled", "drift"):
         assert again[table] == before[table]
 
-    longer = demo.DemoSettings.quick(
+    longer = DemoSettings.quick(
         output_dir=str(out / "longer"),
         answer_words=45,
         sft_init=str(out / "sft"),
@@ -82,8 +87,8 @@ def check_eval_is_cached_and_sft_continues(out):
         sft_examples=24,
         sft_batch_size=8,
     )
-    demo.run(longer, ["sft"])
-    start, after = demo.load_model(out / "sft"), demo.load_model(out / "longer" / "sft")
+    stages.run(longer, ["sft"])
+    start, after = load_model(out / "sft"), load_model(out / "longer" / "sft")
     tower = [k for k in start.state_dict() if "vision_tower" in k]
     assert tower and all(torch.equal(start.state_dict()[k], after.state_dict()[k]) for k in tower)
     assert any(not torch.equal(v, after.state_dict()[k]) for k, v in start.state_dict().items() if k not in tower)
@@ -91,8 +96,6 @@ def check_eval_is_cached_and_sft_continues(out):
 
 def test_demo_fails_loudly_when_the_sft_model_misses_the_gate(tmp_path, monkeypatch):
     """A gate miss names the figure and stops the demo before any preference pair is made."""
-    from ddpo.lab import demo
-
     out = tmp_path / "demo"
     (out / "sft").mkdir(parents=True)
     (out / "sft" / "sft_losses.json").write_text("[1.0, 0.5]")
@@ -103,16 +106,14 @@ def test_demo_fails_loudly_when_the_sft_model_misses_the_gate(tmp_path, monkeypa
         "passed": False,
         "failed": ["single_object_accuracy 0.790 < 0.98"],
     }
-    monkeypatch.setattr(demo, "load_model", lambda path: None, raising=False)
-    monkeypatch.setattr(demo, "perception_gate", lambda model, settings, template: dict(figures))
-    settings = demo.DemoSettings(output_dir=str(out))
-    import pytest
-
-    with pytest.raises(demo.GateError, match="single_object_accuracy 0.790 < 0.98"):
-        demo.stage_gate(settings, out)
+    monkeypatch.setattr(stages, "load_model", lambda path: None)
+    monkeypatch.setattr(stages, "perception_gate", lambda model, settings, template: dict(figures))
+    settings = DemoSettings(output_dir=str(out))
+    with pytest.raises(GateError, match="single_object_accuracy 0.790 < 0.98"):
+        stages.stage_gate(settings, out)
     assert json.loads((out / "gate.json").read_text())["passed"] is False
     # a model that sees but names too few absent companions is told apart from one that cannot see
     figures.update(single_object_accuracy=0.99, companion_rate=0.2, failed=["companion_rate 0.200 < 0.3"])
-    with pytest.raises(demo.GateError, match="It sees, but names too few absent companions"):
-        demo.stage_gate(settings, out)
+    with pytest.raises(GateError, match="It sees, but names too few absent companions"):
+        stages.stage_gate(settings, out)
     assert demo.main(["--output-dir", str(out), "--stages", "gate"]) == 2  # the CLI: one clear message, exit 2

@@ -150,8 +150,8 @@ def test_divide_and_conquer_scores_minus_rejected_claims():
 
 def test_model_labeler_reads_the_yes_and_no_word_log_probs(word_tokenizer):
     from ddpo.config import ModelConfig
+    from ddpo.models.base import answer_token_logps
     from ddpo.models.build import build_model
-    from ddpo.online.scoring import answer_token_logps
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="llava", preset="tiny"), tokenizer=word_tokenizer).eval()
@@ -177,10 +177,12 @@ def test_model_labeler_reads_the_yes_and_no_word_log_probs(word_tokenizer):
 # ------------------------------------------------------------------------------------------------
 # one tiny round end to end
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_one_tiny_round_end_to_end(tmp_path):
     from ddpo.config import ModelConfig
     from ddpo.data.synthetic.language import build_tokenizer
-    from ddpo.lab.demo import DemoSettings, synthetic_config
+    from ddpo.lab.settings import DemoSettings
+    from ddpo.lab.world import synthetic_config
     from ddpo.models.build import build_model
 
     out = tmp_path / "iterate"

@@ -1,4 +1,4 @@
-"""The v2 lab's perception pretraining and the demo's pieces around the SFT model: per-cell labels,
+"""The v2 lab's perception pretraining and the lab's pieces around the SFT model: per-cell labels,
 the loss plateau, the drift measure."""
 
 import pytest
@@ -7,8 +7,11 @@ import torch
 from ddpo.config import ModelConfig
 from ddpo.data.synthetic.language import build_tokenizer
 from ddpo.data.synthetic.world import Scene, WorldObject, render
-from ddpo.lab.demo import DemoSettings, cell_targets, drift, loss_plateau, synthetic_config
+from ddpo.lab.evaluation import drift
+from ddpo.lab.gate import loss_plateau
+from ddpo.lab.settings import DemoSettings
 from ddpo.lab.sft import PerceptionSettings, pretrain_perception
+from ddpo.lab.world import cell_targets, synthetic_config
 from ddpo.models.build import build_model
 
 

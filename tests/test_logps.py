@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddpo.models.logps import chunked_token_logps, token_logps
+from ddpo.models.logps import HiddenAndHead, chunked_token_kl, chunked_token_logps, token_logps
 
 IGNORE = -100
 
@@ -334,3 +334,38 @@ def test_chunked_errors_name_the_problem():
     hidden[0, 4, 1] = float("inf")
     with pytest.raises(ValueError, match=r"non-finite log-probs at output positions \[0, 4\]"):
         chunked_token_logps(hidden, weight, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# chunked_token_kl (TDPO's per-position KL, each side from hidden states + its LM head)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_chunked_kl_equals_the_full_softmax_kl_with_biases(chunk_size):
+    policy_hidden, policy_weight, policy_bias, labels = random_lm(seed=0)
+    reference_hidden, reference_weight, reference_bias, _ = random_lm(seed=1)
+    inputs = [t.requires_grad_() for t in (policy_hidden, policy_weight, policy_bias)]
+    kl = chunked_token_kl(
+        HiddenAndHead(policy_hidden, policy_weight, policy_bias),
+        HiddenAndHead(reference_hidden, reference_weight, reference_bias),
+        labels,
+        chunk_size=chunk_size,
+    )
+    reference_logp = F.linear(reference_hidden, reference_weight, reference_bias).log_softmax(-1)[:, :-1]
+    policy_logp = F.linear(policy_hidden, policy_weight, policy_bias).log_softmax(-1)[:, :-1]
+    full = (reference_logp.exp() * (reference_logp - policy_logp)).sum(-1)
+    naive = torch.where(labels[:, 1:] != IGNORE, full, torch.zeros_like(full))
+    assert kl.dtype == torch.float32 and kl.shape == (3, 12) and torch.all(kl[1] == 0)  # row 1: all ignored
+    torch.testing.assert_close(kl.double(), naive, atol=1e-5, rtol=1e-5)  # float32 inside
+    weights = torch.rand(kl.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ours = torch.autograd.grad((kl * weights).sum(), inputs)
+    theirs = torch.autograd.grad((naive * weights).sum(), inputs)
+    for mine, expected in zip(ours, theirs):
+        torch.testing.assert_close(mine.double(), expected, atol=1e-5, rtol=1e-5)
+    same = HiddenAndHead(reference_hidden, reference_weight, reference_bias)
+    assert torch.equal(chunked_token_kl(same, same, labels), torch.zeros(3, 12))
+
+
+def test_chunked_kl_names_mismatched_shapes():
+    hidden, weight, _, labels = random_lm()
+    with pytest.raises(ValueError, match=r"chunked_token_kl: .*got \(3, 13, 6\), \(3, 12, 6\) and \(3, 13\)"):
+        chunked_token_kl(HiddenAndHead(hidden, weight), HiddenAndHead(hidden[:, :-1], weight), labels)

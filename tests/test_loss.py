@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from ddpo.loss import DDPOLoss, check_settings, dpo_loss, token_weights, weighted_logps
+from ddpo.loss import DDPOLoss, LossConfig, dpo_loss, token_weights, weighted_logps
 
 
 def L(x: float) -> float:
@@ -86,56 +86,58 @@ PC, PR, RC, RR = t(-1, -4, -2), t(-3, -3, -2), t(-2, -2, -1), t(-2, -4, -3)
     ],
 )
 def test_dpo_loss_by_hand(loss_type, smoothing, expected):
-    losses, chosen, rejected = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type=loss_type, label_smoothing=smoothing)
+    losses, chosen, rejected = dpo_loss(
+        PC, PR, RC, RR, LossConfig(beta=0.5, loss_type=loss_type, label_smoothing=smoothing)
+    )
     torch.testing.assert_close(losses, t(*expected))
     torch.testing.assert_close(chosen, t(0.5, -1.0, -0.5))  # 0.5 * (pc - rc) = 0.5 * [1, -2, -1]
     torch.testing.assert_close(rejected, t(-0.5, 0.5, 0.5))  # 0.5 * (pr - rr) = 0.5 * [-1, 1, 1]
 
 
 def test_dpo_loss_smoothed_numbers_written_out():
-    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.2)
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, LossConfig(beta=0.5, label_smoothing=0.2))
     torch.testing.assert_close(losses, t(0.5132617, 1.4014133, 1.1132617), atol=1e-7, rtol=0)
 
 
 def test_dpo_loss_reference_free():
     # h = pc - pr = [2, -1, 0], beta*h = [1, -0.5, 0]; rewards beta*pc, beta*pr
-    losses, chosen, rejected = dpo_loss(PC, PR, RC, RR, beta=0.5, reference_free=True)
+    losses, chosen, rejected = dpo_loss(PC, PR, RC, RR, LossConfig(beta=0.5, reference_free=True))
     torch.testing.assert_close(losses, t(0.3132617, 0.9740770, math.log(2)), atol=1e-7, rtol=0)
     torch.testing.assert_close(chosen, t(-0.5, -2.0, -1.0))
     torch.testing.assert_close(rejected, t(-1.5, -1.5, -1.0))
-    same, _, _ = dpo_loss(PC, PR, None, None, beta=0.5, reference_free=True)
+    same, _, _ = dpo_loss(PC, PR, None, None, LossConfig(beta=0.5, reference_free=True))
     torch.testing.assert_close(same, losses)
 
 
 def test_dpo_loss_rewards_are_detached():
     pc = PC.clone().requires_grad_()
-    losses, chosen, rejected = dpo_loss(pc, PR, RC, RR, beta=0.5)
+    losses, chosen, rejected = dpo_loss(pc, PR, RC, RR, LossConfig(beta=0.5))
     assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
 
 
 def test_settings_are_checked_in_one_place():
     with pytest.raises(ValueError, match="loss.beta must be > 0, got 0"):
-        check_settings(beta=0)
+        LossConfig(beta=0).validate()
     with pytest.raises(ValueError, match="loss.gamma must be >= 1"):
-        check_settings(gamma=0.5)
+        LossConfig(gamma=0.5).validate()
     with pytest.raises(ValueError, match=r"loss.loss_type must be one of \('sigmoid', 'ipo', 'hinge'\), got 'kto'"):
-        check_settings(loss_type="kto")
+        LossConfig(loss_type="kto").validate()
     with pytest.raises(ValueError, match=r"loss.label_smoothing must be in \[0, 0.5\), got 0.5"):
-        check_settings(label_smoothing=0.5)
+        LossConfig(label_smoothing=0.5).validate()
     with pytest.raises(ValueError, match="only defined for loss.loss_type 'sigmoid'"):
-        check_settings(loss_type="ipo", label_smoothing=0.1)
-    check_settings()  # the defaults are valid
+        LossConfig(loss_type="ipo", label_smoothing=0.1).validate()
+    LossConfig().validate()  # the defaults are valid
 
 
 def test_dpo_loss_errors():
     with pytest.raises(
         ValueError, match=r"dpo_loss: loss_type must be one of \('sigmoid', 'ipo', 'hinge'\), got 'kto'"
     ):
-        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="kto")
+        dpo_loss(PC, PR, RC, RR, LossConfig(beta=0.1, loss_type="kto"))
     with pytest.raises(ValueError, match=r"must all be \[B\]; got \[\(3,\), \(2,\), \(3,\), \(3,\)\]"):
-        dpo_loss(PC, PR[:2], RC, RR, beta=0.1)
+        dpo_loss(PC, PR[:2], RC, RR, LossConfig(beta=0.1))
     with pytest.raises(ValueError, match="reference log-probs are None"):
-        dpo_loss(PC, PR, None, RR, beta=0.1)
+        dpo_loss(PC, PR, None, RR, LossConfig(beta=0.1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +168,8 @@ def masks(wc, wr, gamma: float = G3):
 
 
 def two_pairs():
-    """Token log-probs and weights (gamma = 3 on corrected tokens; `masks` gives the loss's inputs) for two pairs, T = 4.
+    """Token log-probs and weights (gamma = 3 on corrected tokens; `masks` gives the loss's inputs) for two
+    pairs, T = 4.
 
     pair 0: chosen   [-1, -2, -3] w [1, 3, 1]: sum -10, N 5, mean -2
             rejected [-2, -4]     w [1, 3]:    sum -14, N 4, mean -3.5
@@ -188,7 +191,7 @@ def two_pairs():
 
 def test_ddpo_loss_mean_normalisation_by_hand():
     pc, pr, wc, wr, rc, rr = two_pairs()
-    loss, m = DDPOLoss(beta=1.0, gamma=G3, normalize="mean")(pc, pr, rc, rr, *masks(wc, wr))
+    loss, m = DDPOLoss(LossConfig(beta=1.0, gamma=G3, normalize="mean"))(pc, pr, rc, rr, *masks(wc, wr))
     # h0 = (-2 + 3.5) - (-1 + 2) = 0.5; h1 = (-0.5 + 1) - (0 + 4) = -3.5
     torch.testing.assert_close(loss, torch.tensor((L(0.5) + L(-3.5)) / 2, dtype=torch.float64))
     assert loss.item() == pytest.approx(2.0019137, abs=1e-7)
@@ -212,11 +215,13 @@ def test_ddpo_loss_mean_normalisation_by_hand():
 def test_ddpo_loss_sum_normalisation_and_sft_by_hand():
     pc, pr, wc, wr, rc, rr = two_pairs()
     # h0 = (-10 + 14) - (-5 + 8) = 1; h1 = (-1 + 3) - (0 + 12) = -10
-    loss, m = DDPOLoss(beta=1.0, gamma=G3, normalize="sum")(pc, pr, rc, rr, *masks(wc, wr))
+    loss, m = DDPOLoss(LossConfig(beta=1.0, gamma=G3, normalize="sum"))(pc, pr, rc, rr, *masks(wc, wr))
     assert loss.item() == pytest.approx((L(1) + L(-10)) / 2, abs=1e-12)
     assert m["rewards/margins"].item() == pytest.approx(((-10 + 5) - (-14 + 8) + (-1 - 0) - (-3 + 12)) / 2)
     # SFT: chosen answer tokens -1, -2, -3, -0.5, -0.5 (unweighted) -> mean NLL 7/5 = 1.4; x 0.5 = 0.7
-    with_sft, m_sft = DDPOLoss(beta=1.0, gamma=G3, normalize="sum", sft_weight=0.5)(pc, pr, rc, rr, *masks(wc, wr))
+    with_sft, m_sft = DDPOLoss(LossConfig(beta=1.0, gamma=G3, normalize="sum", sft_weight=0.5))(
+        pc, pr, rc, rr, *masks(wc, wr)
+    )
     assert with_sft.item() == pytest.approx(loss.item() + 0.7, abs=1e-12)
     assert m_sft["loss"].item() == pytest.approx(with_sft.item())
 
@@ -230,7 +235,9 @@ def test_gamma_one_with_sum_is_standard_dpo_on_summed_logps():
         mask[:, 0] = 1  # every answer non-empty
     pc, pr, rc, rr = lps
     corrected = torch.rand(2 * batch, steps, generator=g) > 0.5  # any mask: gamma 1 weighs every answer token 1
-    loss, _ = DDPOLoss(beta=0.1, gamma=1.0, normalize="sum")(pc, pr, rc, rr, torch.cat(answers).bool(), corrected)
+    loss, _ = DDPOLoss(LossConfig(beta=0.1, gamma=1.0, normalize="sum"))(
+        pc, pr, rc, rr, torch.cat(answers).bool(), corrected
+    )
     # standard DPO: sequence log-prob = plain sum over answer tokens
     h = ((pc * answers[0]).sum(1) - (pr * answers[1]).sum(1)) - ((rc * answers[0]).sum(1) - (rr * answers[1]).sum(1))
     torch.testing.assert_close(loss, torch.log1p(torch.exp(-0.1 * h)).mean())
@@ -265,7 +272,7 @@ def test_gradients_match_naive_formula(loss_type, eps, normalize):
     wc[:, -2:] = 0  # outside the answer
     wr[0, :3] = 0
     beta = 0.7
-    loss, _ = DDPOLoss(beta=beta, gamma=5.0, normalize=normalize, loss_type=loss_type, label_smoothing=eps)(
+    loss, _ = DDPOLoss(LossConfig(beta=beta, gamma=5.0, normalize=normalize, loss_type=loss_type, label_smoothing=eps))(
         pc, pr, rc, rr, *masks(wc, wr, 5.0)
     )
     grads = torch.autograd.grad(loss, (pc, pr))
@@ -282,7 +289,7 @@ def test_sigmoid_gradient_in_closed_form():
     """d loss / d logp[i, t] (chosen) = -beta * sigma(-beta h_i) * w[i, t] / N_i / B under 'mean'."""
     pc, pr, wc, wr, rc, rr = two_pairs()
     pc = torch.nan_to_num(pc).requires_grad_()
-    loss, _ = DDPOLoss(beta=1.0, gamma=G3, normalize="mean")(pc, pr, rc, rr, *masks(wc, wr))
+    loss, _ = DDPOLoss(LossConfig(beta=1.0, gamma=G3, normalize="mean"))(pc, pr, rc, rr, *masks(wc, wr))
     (grad,) = torch.autograd.grad(loss, pc)
     h = t(0.5, -3.5)
     expected = -torch.sigmoid(-h)[:, None] * wc / wc.sum(1, keepdim=True) / 2
@@ -291,51 +298,46 @@ def test_sigmoid_gradient_in_closed_form():
 
 def test_reference_free_module_ignores_reference():
     pc, pr, wc, wr, rc, rr = two_pairs()
-    loss_none, m = DDPOLoss(beta=1.0, gamma=G3, reference_free=True)(pc, pr, None, None, *masks(wc, wr))
-    loss_ref, _ = DDPOLoss(beta=1.0, gamma=G3, reference_free=True)(pc, pr, rc, rr, *masks(wc, wr))
+    loss_none, m = DDPOLoss(LossConfig(beta=1.0, gamma=G3, reference_free=True))(pc, pr, None, None, *masks(wc, wr))
+    loss_ref, _ = DDPOLoss(LossConfig(beta=1.0, gamma=G3, reference_free=True))(pc, pr, rc, rr, *masks(wc, wr))
     # h = pi_c - pi_r = [-2 + 3.5, -0.5 + 1] = [1.5, 0.5]
     assert loss_none.item() == pytest.approx((L(1.5) + L(0.5)) / 2, abs=1e-12)
     assert loss_ref.item() == pytest.approx(loss_none.item(), abs=1e-12)
     assert m["rewards/chosen"].item() == pytest.approx((-2 - 0.5) / 2)
     with pytest.raises(ValueError, match="reference token log-probs are None"):
-        DDPOLoss(beta=1.0)(pc, pr, None, None, *masks(wc, wr))
+        DDPOLoss(LossConfig(beta=1.0))(pc, pr, None, None, *masks(wc, wr))
 
 
 def test_module_errors_and_config():
-    from ddpo.config import LossConfig
-
     with pytest.raises(ValueError, match="normalize must be one of"):
-        DDPOLoss(normalize="avg")
+        DDPOLoss(LossConfig(normalize="avg"))
     with pytest.raises(ValueError, match="sft_weight must be >= 0"):
-        DDPOLoss(sft_weight=-1)
+        DDPOLoss(LossConfig(sft_weight=-1))
     with pytest.raises(ValueError, match="beta must be > 0"):
-        DDPOLoss(beta=-0.1)
+        DDPOLoss(LossConfig(beta=-0.1))
     with pytest.raises(ValueError, match="gamma must be >= 1"):
-        DDPOLoss(gamma=0.5)
-    module = DDPOLoss.from_config(LossConfig(beta=0.1, gamma=2.5, normalize="sum", loss_type="ipo", sft_weight=0.2))
-    assert (module.beta, module.gamma, module.normalize, module.loss_type, module.sft_weight) == (
-        0.1,
-        2.5,
-        "sum",
-        "ipo",
-        0.2,
-    )
-    assert (module.label_smoothing, module.reference_free) == (0.0, False)
+        DDPOLoss(LossConfig(gamma=0.5))
+    settings = LossConfig(beta=0.1, gamma=2.5, normalize="sum", loss_type="ipo", sft_weight=0.2)
+    module = DDPOLoss(settings)
+    assert module.settings is settings  # stored whole: the config's loss section is the module's settings
+    s = module.settings
+    assert (s.beta, s.gamma, s.normalize, s.loss_type, s.sft_weight) == (0.1, 2.5, "sum", "ipo", 0.2)
+    assert (s.label_smoothing, s.reference_free) == (0.0, False)
 
     pc, pr, wc, wr, rc, rr = two_pairs()
     pc[1, 1] = float("inf")
     with pytest.raises(ValueError, match=r"NaN/inf token log-probs inside the response \(weight > 0\) in rows \[1\]"):
-        DDPOLoss(gamma=G3)(pc, pr, rc, rr, *masks(wc, wr))
+        DDPOLoss(LossConfig(gamma=G3))(pc, pr, rc, rr, *masks(wc, wr))
     with pytest.raises(ValueError, match=r"got \(2, 3\) and \(2, 4\)"):
-        DDPOLoss()(pr[:, :3], pr, rc, rr, *masks(wc, wr))
+        DDPOLoss(LossConfig())(pr[:, :3], pr, rc, rr, *masks(wc, wr))
     with pytest.raises(ValueError, match=r"masks hold 2 rows for 2 pairs; pass them in PairBatch layout"):
-        DDPOLoss()(pc, pr, rc, rr, wc > 0, wc == G3)
+        DDPOLoss(LossConfig())(pc, pr, rc, rr, wc > 0, wc == G3)
 
 
 def test_policy_equal_to_reference_gives_log2_and_no_accuracy():
     """At initialisation (policy == reference) h = 0: sigmoid loss = log 2, rewards 0, ties are not wins."""
     pc, pr, wc, wr, _, _ = two_pairs()
-    loss, m = DDPOLoss(beta=0.3, gamma=G3)(pc, pr, pc.clone(), pr.clone(), *masks(wc, wr))
+    loss, m = DDPOLoss(LossConfig(beta=0.3, gamma=G3))(pc, pr, pc.clone(), pr.clone(), *masks(wc, wr))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
     assert m["rewards/accuracies"].item() == 0.0
     assert m["rewards/chosen"].item() == m["rewards/rejected"].item() == m["rewards/margins"].item() == 0.0
@@ -346,17 +348,17 @@ def test_released_sft_form_by_hand():
     weighted sequence log-probs. With normalize 'sum': pair 0 -1 + 3(-2) - 3 = -10, pair 1 -1 -> mean -5.5,
     x 0.5 = 2.75, about 4x the token-mean form's 0.7 here (sum over ~2.5 tokens, gamma 3 on one)."""
     pc, pr, wc, wr, rc, rr = two_pairs()
-    plain, _ = DDPOLoss(beta=1.0, gamma=G3, normalize="sum")(pc, pr, rc, rr, *masks(wc, wr))
-    released, _ = DDPOLoss(beta=1.0, gamma=G3, normalize="sum", sft_weight=0.5, sft_form="released")(
+    plain, _ = DDPOLoss(LossConfig(beta=1.0, gamma=G3, normalize="sum"))(pc, pr, rc, rr, *masks(wc, wr))
+    released, _ = DDPOLoss(LossConfig(beta=1.0, gamma=G3, normalize="sum", sft_weight=0.5, sft_form="released"))(
         pc, pr, rc, rr, *masks(wc, wr)
     )
     assert released.item() == pytest.approx(plain.item() + 2.75, abs=1e-12)
     # with normalize 'mean' it is the weighted mean: pair 0 -10 / 5 = -2, pair 1 -0.5 -> 0.5 x 1.25 = 0.625
-    plain_mean, _ = DDPOLoss(beta=1.0, gamma=G3)(pc, pr, rc, rr, *masks(wc, wr))
-    released_mean, _ = DDPOLoss(beta=1.0, gamma=G3, sft_weight=0.5, sft_form="released")(pc, pr, rc, rr, *masks(wc, wr))
+    plain_mean, _ = DDPOLoss(LossConfig(beta=1.0, gamma=G3))(pc, pr, rc, rr, *masks(wc, wr))
+    released_mean, _ = DDPOLoss(LossConfig(beta=1.0, gamma=G3, sft_weight=0.5, sft_form="released"))(
+        pc, pr, rc, rr, *masks(wc, wr)
+    )
     assert released_mean.item() == pytest.approx(plain_mean.item() + 0.625, abs=1e-12)
     with pytest.raises(ValueError, match="sft_form must be one of"):
-        DDPOLoss(sft_form="sum")
-    from ddpo.config import LossConfig
-
-    assert DDPOLoss.from_config(LossConfig(sft_weight=1.0, sft_form="released")).sft_form == "released"
+        DDPOLoss(LossConfig(sft_form="sum"))
+    assert DDPOLoss(LossConfig(sft_weight=1.0, sft_form="released")).settings.sft_form == "released"

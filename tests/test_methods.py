@@ -17,10 +17,10 @@ from PIL import Image
 
 from ddpo.config import ConfigError, load_config
 from ddpo.corruption import corrupt_batch
-from ddpo.data.collator import PairCollator, PairEncoder
+from ddpo.data.collator import EncodingSettings, PairCollator, PairEncoder
 from ddpo.data.records import PairBatch, PreferenceRecord
-from ddpo.loss import DDPOLoss, dpo_loss, weighted_logps
-from ddpo.models.logps import chunked_token_kl
+from ddpo.loss import DDPOLoss, LossConfig, LossExtras, dpo_loss, weighted_logps
+from ddpo.models.logps import HiddenAndHead, chunked_token_kl
 from ddpo.token_weights import length_weights, severity_weights, visual_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_each_weight_source_equals_the_naive_loss_value_and_gradient(source, gam
     x = random_batch()
     for k in ("pc", "pr", "cc"):
         x[k].requires_grad_(True)
-    loss_fn = DDPOLoss(beta=0.7, gamma=gamma, normalize=normalize, token_weights=source, ld_alpha=alpha)
+    loss_fn = DDPOLoss(LossConfig(beta=0.7, gamma=gamma, normalize=normalize, token_weights=source, ld_alpha=alpha))
     loss, _ = loss_fn(
         x["pc"],
         x["pr"],
@@ -159,8 +159,7 @@ def test_each_weight_source_equals_the_naive_loss_value_and_gradient(source, gam
         x["rr"],
         x["answer"],
         x["corrected"],
-        severity=x["severity"],
-        corrupted=(x["cc"], x["cr"]),
+        LossExtras(severity=x["severity"], corrupted=(x["cc"], x["cr"])),
     )
     naive = naive_total(x, 0.7, normalize, hand_weights(x, source, gamma, alpha))
     torch.testing.assert_close(loss, naive)
@@ -180,16 +179,32 @@ def test_conditional_and_anchor_terms_by_hand():
     pc, pr = t([-1.0, -2.0]), t([-2.0, -2.0])  # pi_c = -3, pi_r = -4
     rc, rr = t([-1.5, -2.0]), t([-1.0, -2.0])  # ref_c = -3.5, ref_r = -3: D_w = 0.5, D_l = -1 -> h = 1.5
     cc, rcc = t([-1.0, -1.5]), t([-1.0, -1.0])  # D(y_w | I') = -2.5 + 2 = -0.5 -> conditional margin 1
-    loss_fn = DDPOLoss(beta=1.0, gamma=1.0, normalize="sum", image_conditional_weight=1.0, anchor_weight=1.0)
+    loss_fn = DDPOLoss(
+        LossConfig(beta=1.0, gamma=1.0, normalize="sum", image_conditional_weight=1.0, anchor_weight=1.0)
+    )
     loss, metrics = loss_fn(
-        pc, pr, rc, rr, answer, torch.zeros_like(answer), corrupted=(cc, cc), ref_corrupted_chosen_token_logps=rcc
+        pc,
+        pr,
+        rc,
+        rr,
+        answer,
+        torch.zeros_like(answer),
+        LossExtras(corrupted=(cc, cc), ref_corrupted_chosen_token_logps=rcc),
     )
     assert loss.item() == pytest.approx(L(1.5) + L(1.0) + L(0.5), abs=1e-12)
     assert metrics["loss/conditional"].item() == pytest.approx(L(1.0), abs=1e-12)
     assert metrics["loss/anchor"].item() == pytest.approx(L(0.5), abs=1e-12)
-    weighted = DDPOLoss(beta=1.0, gamma=1.0, normalize="sum", image_conditional_weight=0.2, anchor_weight=3.0)
+    weighted = DDPOLoss(
+        LossConfig(beta=1.0, gamma=1.0, normalize="sum", image_conditional_weight=0.2, anchor_weight=3.0)
+    )
     value, _ = weighted(
-        pc, pr, rc, rr, answer, torch.zeros_like(answer), corrupted=(cc, cc), ref_corrupted_chosen_token_logps=rcc
+        pc,
+        pr,
+        rc,
+        rr,
+        answer,
+        torch.zeros_like(answer),
+        LossExtras(corrupted=(cc, cc), ref_corrupted_chosen_token_logps=rcc),
     )
     assert value.item() == pytest.approx(L(1.5) + 0.2 * L(1.0) + 3.0 * L(0.5), abs=1e-12)
 
@@ -200,7 +215,9 @@ def test_conditional_anchor_and_tdpo_value_and_gradient_against_the_naive_formul
     for k in ("pc", "pr", "cc", "klc", "klr"):
         x[k].requires_grad_(True)
     loss_fn = DDPOLoss(
-        beta=0.4, gamma=3.0, normalize=normalize, image_conditional_weight=0.5, anchor_weight=2.0, tdpo_alpha=0.3
+        LossConfig(
+            beta=0.4, gamma=3.0, normalize=normalize, image_conditional_weight=0.5, anchor_weight=2.0, tdpo_alpha=0.3
+        )
     )
     loss, metrics = loss_fn(
         x["pc"],
@@ -209,9 +226,7 @@ def test_conditional_anchor_and_tdpo_value_and_gradient_against_the_naive_formul
         x["rr"],
         x["answer"],
         x["corrected"],
-        corrupted=(x["cc"], x["cr"]),
-        ref_corrupted_chosen_token_logps=x["rcc"],
-        kl=(x["klc"], x["klr"]),
+        LossExtras(corrupted=(x["cc"], x["cr"]), ref_corrupted_chosen_token_logps=x["rcc"], kl=(x["klc"], x["klr"])),
     )
     naive = naive_total(x, 0.4, normalize, hand_weights(x, "segments", 3.0), cond=0.5, anchor=2.0, alpha=0.3)
     torch.testing.assert_close(loss, naive)
@@ -229,8 +244,8 @@ def test_tdpo_gradient_in_closed_form():
     answer = torch.tensor([[True, True, False], [True, False, False]])
     z = torch.zeros(1, 3, dtype=torch.float64)
     klc, klr = t([0.2, 0.1, 9.0]).requires_grad_(True), t([0.4, 9.0, 9.0]).requires_grad_(True)
-    loss, _ = DDPOLoss(beta=2.0, gamma=1.0, normalize="sum", tdpo_alpha=0.5)(
-        z, z, z, z, answer, torch.zeros_like(answer), kl=(klc, klr)
+    loss, _ = DDPOLoss(LossConfig(beta=2.0, gamma=1.0, normalize="sum", tdpo_alpha=0.5))(
+        z, z, z, z, answer, torch.zeros_like(answer), LossExtras(kl=(klc, klr))
     )
     h = -0.5 * (0.4 - 0.3)  # h = 0 from the log-probs; the offset uses answer tokens only
     assert loss.item() == pytest.approx(L(2.0 * h), abs=1e-12)
@@ -243,7 +258,7 @@ def test_tdpo_gradient_in_closed_form():
 def test_every_extra_off_or_neutral_reduces_to_dpo():
     x = random_batch(seed=5)
     for normalize in ("sum", "mean"):
-        plain, _ = DDPOLoss(beta=0.3, gamma=1.0, normalize=normalize)(
+        plain, _ = DDPOLoss(LossConfig(beta=0.3, gamma=1.0, normalize=normalize))(
             x["pc"], x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"]
         )
         b = x["pc"].shape[0]
@@ -253,7 +268,7 @@ def test_every_extra_off_or_neutral_reduces_to_dpo():
             weighted_logps(x["pr"], w[b:], normalize),
             weighted_logps(x["rc"], w[:b], normalize),
             weighted_logps(x["rr"], w[b:], normalize),
-            0.3,
+            LossConfig(beta=0.3),
         )
         torch.testing.assert_close(plain, dpo.mean())
         neutral = {  # each source / term at its neutral input gives the same loss
@@ -263,21 +278,23 @@ def test_every_extra_off_or_neutral_reduces_to_dpo():
             "tdpo": dict(tdpo_alpha=0.7),
         }
         for name, settings in neutral.items():
-            loss, _ = DDPOLoss(beta=0.3, gamma=1.0, normalize=normalize, **settings)(
+            loss, _ = DDPOLoss(LossConfig(beta=0.3, gamma=1.0, normalize=normalize, **settings))(
                 x["pc"],
                 x["pr"],
                 x["rc"],
                 x["rr"],
                 x["answer"],
                 x["corrected"],
-                severity=torch.zeros_like(x["severity"]),
-                corrupted=(x["pc"], x["pr"]),
-                kl=(torch.zeros_like(x["klc"]), torch.zeros_like(x["klr"])),
+                LossExtras(
+                    severity=torch.zeros_like(x["severity"]),
+                    corrupted=(x["pc"], x["pr"]),
+                    kl=(torch.zeros_like(x["klc"]), torch.zeros_like(x["klr"])),
+                ),
             )
             torch.testing.assert_close(loss, plain, msg=name)
     # the conditional term with the corrupted view equal to the real one is log 2 and pushes nothing
     pc = x["pc"].clone().requires_grad_(True)
-    loss_fn = DDPOLoss(beta=0.3, gamma=1.0, normalize="sum", image_conditional_weight=1.0)
+    loss_fn = DDPOLoss(LossConfig(beta=0.3, gamma=1.0, normalize="sum", image_conditional_weight=1.0))
     loss, metrics = loss_fn(
         pc,
         x["pr"],
@@ -285,12 +302,11 @@ def test_every_extra_off_or_neutral_reduces_to_dpo():
         x["rr"],
         x["answer"],
         x["corrected"],
-        corrupted=(pc, x["pr"]),
-        ref_corrupted_chosen_token_logps=x["rc"],
+        LossExtras(corrupted=(pc, x["pr"]), ref_corrupted_chosen_token_logps=x["rc"]),
     )
     assert metrics["loss/conditional"].item() == pytest.approx(LOG2)
     plain_pc = x["pc"].clone().requires_grad_(True)
-    plain, _ = DDPOLoss(beta=0.3, gamma=1.0, normalize="sum")(
+    plain, _ = DDPOLoss(LossConfig(beta=0.3, gamma=1.0, normalize="sum"))(
         plain_pc, x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"]
     )
     torch.testing.assert_close(torch.autograd.grad(loss, pc)[0], torch.autograd.grad(plain, plain_pc)[0])
@@ -300,15 +316,15 @@ def test_missing_inputs_and_bad_settings_are_named():
     x = random_batch()
     args = (x["pc"], x["pr"], x["rc"], x["rr"], x["answer"], x["corrected"])
     with pytest.raises(ValueError, match="no severity annotations"):
-        DDPOLoss(gamma=1.0, token_weights="severity")(*args)
+        DDPOLoss(LossConfig(gamma=1.0, token_weights="severity"))(*args)
     with pytest.raises(ValueError, match="corrupted images"):
-        DDPOLoss(gamma=1.0, image_conditional_weight=1.0)(*args)
+        DDPOLoss(LossConfig(gamma=1.0, image_conditional_weight=1.0))(*args)
     with pytest.raises(ValueError, match="needs the per-token KL"):
-        DDPOLoss(gamma=1.0, tdpo_alpha=1.0)(*args)
+        DDPOLoss(LossConfig(gamma=1.0, tdpo_alpha=1.0))(*args)
     with pytest.raises(ValueError, match="loss.gamma 5.0 weighs corrected segments"):
-        DDPOLoss(gamma=5.0, token_weights="visual")
+        DDPOLoss(LossConfig(gamma=5.0, token_weights="visual"))
     with pytest.raises(ValueError, match="loss.ld_alpha 0.5 only acts"):
-        DDPOLoss(gamma=1.0, ld_alpha=0.5)
+        DDPOLoss(LossConfig(gamma=1.0, ld_alpha=0.5))
 
 
 @pytest.mark.parametrize(
@@ -340,7 +356,7 @@ def test_chunked_token_kl_equals_the_full_softmax_kl_in_value_and_gradient():
     )
     labels = torch.randint(11, (3, 6), generator=g)
     labels[0, :3], labels[2, 4:] = -100, -100
-    kl = chunked_token_kl(hidden, head, ref_hidden, ref_head, labels, chunk_size=4)
+    kl = chunked_token_kl(HiddenAndHead(hidden, head), HiddenAndHead(ref_hidden, ref_head), labels, chunk_size=4)
     ref_logp = (ref_hidden @ ref_head.T).log_softmax(-1)[:, :-1]
     full = (ref_logp.exp() * (ref_logp - (hidden @ head.T).log_softmax(-1)[:, :-1])).sum(-1)
     naive = torch.where(labels[:, 1:] != -100, full, torch.zeros_like(full))
@@ -350,7 +366,8 @@ def test_chunked_token_kl_equals_the_full_softmax_kl_in_value_and_gradient():
         torch.autograd.grad((kl * w).sum(), [hidden, head]), torch.autograd.grad((naive * w).sum(), [hidden, head])
     ):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
-    assert torch.equal(chunked_token_kl(ref_hidden, ref_head, ref_hidden, ref_head, labels), torch.zeros(3, 5))
+    same = HiddenAndHead(ref_hidden, ref_head)
+    assert torch.equal(chunked_token_kl(same, same, labels), torch.zeros(3, 5))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,7 +441,7 @@ def tiny_batch(model, severity=None):
         row_index=4,
         rejected_severity=severity,
     )
-    encoder = PairEncoder(model.tokenizer, "vicuna_v0", model.image_placeholder, 256)
+    encoder = PairEncoder(model.tokenizer, model.image_placeholder, EncodingSettings("vicuna_v0", max_length=256))
     return PairCollator(model.tokenizer.pad_token_id, image_transform=model.preprocess_images)([encoder.encode(record)])
 
 
@@ -493,6 +510,7 @@ def test_recipe_values_match_the_doc(name, monkeypatch):
 TERMS_AT_START = {"chip": 2, "mdpo": 3}
 
 
+@pytest.mark.slow
 def test_every_recipe_trains_through_ddpo_train(tmp_path):
     """`ddpo train configs/methods/NAME.yaml` for every recipe, in one fresh process (the CLI's own entry,
     called once per recipe: one interpreter start instead of seven)."""

@@ -1,8 +1,7 @@
 """The v2 studies' new pieces: rewards from cached log-probs, the reward/oracle pair agreement, the oracle's
 reading of "at X is nothing.", the v2 checkpoint selection rule, and both experiment scripts end to end on
-tiny models (best-of-N on a two-seed lab, the online loop with the one-round baseline)."""
+tiny models (best-of-N on a two-seed lab, the online loop with the one-round baseline), as subprocesses."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,18 +12,36 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpo.lab.recipes import PRIMARY_POLICIES
+from ddpo.lab.selection import select_checkpoint
+from ddpo.lab.settings import DemoSettings
+from ddpo.lab.world import synthetic_config
 from ddpo.online.best_of_n import pair_agreement
 from ddpo.online.feedback import OracleFeedback, Query
 from ddpo.online.scoring import rewards_from_logps
 
 REPO = Path(__file__).resolve().parents[1]
+REWARDS = [f"{policy}/{variant}" for policy in PRIMARY_POLICIES for variant in ("sum", "mean", "segment")]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_script(name: str, argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """experiments/<name>.py run as a command, as a user runs it."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)
+    )
+    return subprocess.run(
+        [sys.executable, f"experiments/{name}.py", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def test_rewards_from_logps_by_hand():
@@ -75,7 +92,6 @@ def test_oracle_counts_a_nothing_claim_at_an_occupied_cell_as_one_error():
 
 
 def test_v2_selection_takes_the_least_hallucination_within_the_recall_bar():
-    select = load_script("iterate").select
     sft = {"object_recall": 0.93, "mention_hallucination_rate": 0.13, "response_hallucination_rate": 0.3}
     validation = {
         "a": {"object_recall": 0.92, "mention_hallucination_rate": 0.11, "response_hallucination_rate": 0.20},
@@ -86,18 +102,19 @@ def test_v2_selection_takes_the_least_hallucination_within_the_recall_bar():
         },  # recall 0.03 below SFT
         "c": {"object_recall": 0.95, "mention_hallucination_rate": 0.11, "response_hallucination_rate": 0.25},
     }
-    assert select(validation, "v2", sft) == "a"  # b is out (recall); a and c tie on hallucination: the earlier
-    assert select(validation, "v1") == "b"  # recall - response hallucination: 0.72, 0.80, 0.70
+    assert (
+        select_checkpoint(validation, "v2", sft) == "a"
+    )  # b is out (recall); a and c tie on hallucination: the earlier
+    assert select_checkpoint(validation, "v1") == "b"  # recall - response hallucination: 0.72, 0.80, 0.70
     low = {k: {**v, "object_recall": v["object_recall"] - 0.2} for k, v in validation.items()}
-    assert select(low, "v2", sft) == "c"  # nobody keeps recall: the highest recall
+    assert select_checkpoint(low, "v2", sft) == "c"  # nobody keeps recall: the highest recall
     with pytest.raises(ValueError, match="SFT model's validation metrics"):
-        select(validation, "v2")
+        select_checkpoint(validation, "v2")
 
 
 def tiny_models(seed_dirs, methods):
     from ddpo.config import ModelConfig
     from ddpo.data.synthetic.language import build_tokenizer
-    from ddpo.lab.demo import DemoSettings, synthetic_config
     from ddpo.models.build import build_model
 
     tokenizer = build_tokenizer(synthetic_config(DemoSettings()).world)
@@ -110,11 +127,11 @@ def tiny_models(seed_dirs, methods):
         (directory / "gate.json").write_text(json.dumps({"passed": True}))
 
 
+@pytest.mark.slow
 def test_best_of_n_v2_end_to_end(tmp_path):
-    module = load_script("best_of_n")
     lab = tmp_path / "lab"
     seeds = [lab / "seed0", lab / "seed1"]
-    tiny_models(seeds, module.V2_POLICIES)
+    tiny_models(seeds, PRIMARY_POLICIES)
     for directory in seeds:
         (directory / "pairs").mkdir()
         for name in ("answers.jsonl", "train.jsonl"):
@@ -139,7 +156,8 @@ def test_best_of_n_v2_end_to_end(tmp_path):
         "--results",
         str(results),
     ]
-    assert module.main(argv) == 0
+    proc = run_script("best_of_n", argv)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads((results / "validation.json").read_text())
     seed0 = out["per_seed"]["0"]
     rows = seed0["rows"]
@@ -148,42 +166,34 @@ def test_best_of_n_v2_end_to_end(tmp_path):
         "greedy:dpo_mean",
         "greedy:ddpo_mean_g5",
         *[f"{k}-of-{n}" for n in (1, 2, 4) for k in ("random", "oracle")],
-        *[f"best-of-{n}:{r}" for n in (1, 2, 4) for r in module.reward_names()],
+        *[f"best-of-{n}:{r}" for n in (1, 2, 4) for r in REWARDS],
     }
     # N = 1: nothing to choose, every pick is the first sample; random-of-N pools the first N samples
-    assert all(rows[f"best-of-1:{r}"] == rows["random-of-1"] == rows["oracle-of-1"] for r in module.reward_names())
+    assert all(rows[f"best-of-1:{r}"] == rows["random-of-1"] == rows["oracle-of-1"] for r in REWARDS)
     assert rows["random-of-4"]["num_responses"] == 12.0 and rows["best-of-4:dpo_mean/sum"]["num_responses"] == 3.0
     # the agreement is recomputed from the cached samples: same number
     samples = json.loads(next((lab / "seed0" / "best_of_n").glob("*.samples.json")).read_text())
-    for name in module.reward_names():
+    for name in REWARDS:
         agree, pairs = pair_agreement(samples["rewards"][name], samples["oracle"])
         assert seed0["agreement"][name] == {"agreement": pytest.approx(agree / max(pairs, 1)), "pairs": pairs}
-    # the oracle pick never has more oracle errors than any candidate among the first N
+    # the primary: the pre-registered reward against random at the largest N (no 16 among 1, 2, 4)
     assert out["primary_label"].startswith("best-of-4:ddpo_mean_g5/sum - random-of-4")
     assert (results / "validation.png").stat().st_size > 0
     # a rerun reads the per-seed cache: identical numbers
-    assert module.main(argv) == 0
+    assert run_script("best_of_n", argv).returncode == 0
     assert json.loads((results / "validation.json").read_text())["per_seed"] == out["per_seed"]
-    with pytest.raises(SystemExit, match="--primary must be one of"):
-        module.main([*argv, "--primary", "dpo/sum"])
+    proc = run_script("best_of_n", [*argv, "--primary", "dpo/sum"])
+    assert proc.returncode != 0 and "--primary must be one of" in proc.stderr
 
 
+@pytest.mark.slow
 def test_iterate_v2_rounds_and_one_round_baseline_end_to_end(tmp_path):
     out = tmp_path / "iterate"
     tiny_models([out / "seed0", out / "seed1"], [])
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(
-        HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)
-    )
     results = tmp_path / "results"
-    proc = subprocess.run(
+    proc = run_script(
+        "iterate",
         [
-            sys.executable,
-            "experiments/iterate.py",
             "--quick",
             "--seeds",
             "0",
@@ -204,11 +214,6 @@ def test_iterate_v2_rounds_and_one_round_baseline_end_to_end(tmp_path):
             "--results",
             str(results),
         ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     seed0 = out / "seed0"
@@ -227,8 +232,7 @@ def test_iterate_v2_rounds_and_one_round_baseline_end_to_end(tmp_path):
     # the pick is the v2 rule over the rounds' validation metrics (round 0: SFT's)
     rounds = saved["per_seed"]["0"]["rounds"]
     chosen = {str(r["round"]): r["validation"][Path(r["selected"]).name if r["round"] else "sft"] for r in rounds}
-    select = load_script("iterate").select
-    assert picked == int(select(chosen, "v2", rounds[0]["validation"]["sft"]))
+    assert picked == int(select_checkpoint(chosen, "v2", rounds[0]["validation"]["sft"]))
     assert rounds[0]["drift"] == 0.0 and all(isinstance(r["drift"], float) for r in rounds)
     assert "picked on validation - one round (primary)" in saved["differences"]["differences"]
     assert "python experiments/iterate.py --quick" in (results / "results.md").read_text()

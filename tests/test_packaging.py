@@ -36,6 +36,7 @@ def test_the_wheel_holds_ddpo_only(tmp_path):
         assert module in names, f"{module} missing from the wheel"
 
 
+@pytest.mark.slow
 def test_a_users_own_data_and_models_packages_are_not_shadowed(tmp_path):
     for name in ("data", "models"):
         (tmp_path / name).mkdir()

@@ -1,7 +1,6 @@
 """Implicit-reward scoring (ddpo.online.scoring), best-of-N (ddpo.online.best_of_n) and its experiment script."""
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,9 +10,10 @@ from PIL import Image
 
 from ddpo.config import ModelConfig
 from ddpo.data.templates import encode_answer, encode_prompt
+from ddpo.models.base import GenerationOptions, answer_token_logps
 from ddpo.models.build import build_model
 from ddpo.online.best_of_n import best_of_n, pick_best, sample_candidates
-from ddpo.online.scoring import answer_token_logps, implicit_rewards
+from ddpo.online.scoring import RewardSettings, implicit_rewards
 from ddpo.online.scoring import main as score_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,9 +66,7 @@ def test_policy_equal_to_reference_gives_zero_reward(models):
             images,
             [PROMPT] * 3,
             ANSWERS,
-            beta=0.5,
-            template=TEMPLATE,
-            variant=variant,
+            RewardSettings(beta=0.5, template=TEMPLATE, variant=variant),
             reference_answers=[ANSWERS[0]] * 3,
         )
         assert rewards == pytest.approx([0.0, 0.0, 0.0], abs=1e-5)
@@ -82,11 +80,16 @@ def test_rewards_are_beta_times_log_prob_differences(models):
         for im, a in zip(images, ANSWERS)
     ]
     # Batched (padding, several rows) equals the one-row full-logit computation.
-    for got, (p, _) in zip(answer_token_logps(policy, images, [PROMPT] * 3, ANSWERS, TEMPLATE, batch_size=3), naive):
+    batched = answer_token_logps(policy, images, [PROMPT] * 3, ANSWERS, TEMPLATE, batch_size=3)
+    for got, (p, _) in zip(batched, naive, strict=True):
         torch.testing.assert_close(got, p, atol=1e-5, rtol=1e-5)
     beta = 0.25
-    sums = implicit_rewards(policy, reference, images, [PROMPT] * 3, ANSWERS, beta, TEMPLATE, "sum", batch_size=2)
-    means = implicit_rewards(policy, reference, images, [PROMPT] * 3, ANSWERS, beta, TEMPLATE, "mean", batch_size=1)
+    sums = implicit_rewards(
+        policy, reference, images, [PROMPT] * 3, ANSWERS, RewardSettings(beta, TEMPLATE, "sum", batch_size=2)
+    )
+    means = implicit_rewards(
+        policy, reference, images, [PROMPT] * 3, ANSWERS, RewardSettings(beta, TEMPLATE, "mean", batch_size=1)
+    )
     assert sums == pytest.approx([beta * float((p - r).sum()) for p, r in naive], abs=1e-4)
     assert means == pytest.approx([beta * float((p - r).mean()) for p, r in naive], abs=1e-5)
     # Ranking by the summed reward is the ranking by the log-prob difference.
@@ -101,21 +104,11 @@ def test_segment_reward_upweights_tokens_that_differ_from_the_reference_answer(m
     delta = naive_answer_logps(policy, img, PROMPT, answer) - naive_answer_logps(reference, img, PROMPT, answer)
     red = answer.split().index("red")  # word-level tokenizer: token i = word i; only "red" is replaced
     gamma, beta = 5.0, 1.0
-    segment = implicit_rewards(
-        policy,
-        reference,
-        [img],
-        [PROMPT],
-        [answer],
-        beta,
-        TEMPLATE,
-        "segment",
-        reference_answers=[ref_answer],
-        gamma=gamma,
-    )[0]
+    settings = RewardSettings(beta, TEMPLATE, "segment", gamma=gamma)
+    segment = implicit_rewards(policy, reference, [img], [PROMPT], [answer], settings, [ref_answer])[0]
     assert segment == pytest.approx(float(delta.sum()) + (gamma - 1) * float(delta[red]), abs=1e-4)
     # Without a reference answer, every weight is 1: the summed reward.
-    plain = implicit_rewards(policy, reference, [img], [PROMPT], [answer], beta, TEMPLATE, "segment")[0]
+    plain = implicit_rewards(policy, reference, [img], [PROMPT], [answer], settings)[0]
     assert plain == pytest.approx(float(delta.sum()), abs=1e-4)
 
 
@@ -134,7 +127,7 @@ def test_a_policy_trained_to_prefer_an_answer_ranks_it_first(models):
         SFTSettings(steps=15, batch_size=4, learning_rate=1e-2, template=TEMPLATE),
     )
     candidates = [[ANSWERS[0], ANSWERS[2], target]]
-    best, rewards = best_of_n(policy, reference, [img], [PROMPT], candidates, beta=0.1, template=TEMPLATE)
+    best, rewards = best_of_n(policy, reference, [img], [PROMPT], candidates, RewardSettings(0.1, TEMPLATE))
     assert best == [target]
     assert rewards[0][2] > max(rewards[0][:2])
 
@@ -150,8 +143,9 @@ def test_pick_best_ties_and_first_n():
 def test_sample_candidates_shape_and_seed(models):
     policy, _ = models
     images, prompts = [image(0), image(1)], [PROMPT, PROMPT]
-    first = sample_candidates(policy, images, prompts, n=3, template=TEMPLATE, seed=7, max_new_tokens=6)
-    again = sample_candidates(policy, images, prompts, n=3, template=TEMPLATE, seed=7, max_new_tokens=6)
+    options = GenerationOptions(template=TEMPLATE, seed=7, max_new_tokens=6, batch_size=64)
+    first = sample_candidates(policy, images, prompts, 3, options)
+    again = sample_candidates(policy, images, prompts, 3, options)
     assert [len(g) for g in first] == [3, 3] and first == again
     assert len({a for g in first for a in g}) > 1  # sampling, not greedy
 
@@ -188,7 +182,9 @@ def test_score_command_writes_rewards_next_to_the_answers(models, tmp_path):
         == 0
     )
     scored = [json.loads(line) for line in (tmp_path / "answers.scored.jsonl").read_text().splitlines()]
-    expected = implicit_rewards(policy, reference, [image(0)] * 3, [PROMPT] * 3, ANSWERS, 0.5, TEMPLATE, "mean")
+    expected = implicit_rewards(
+        policy, reference, [image(0)] * 3, [PROMPT] * 3, ANSWERS, RewardSettings(0.5, TEMPLATE, "mean")
+    )
     assert scored[0]["reward"] == pytest.approx(expected[0], abs=1e-5)
     assert scored[1]["rewards"] == pytest.approx(expected[1:], abs=1e-5)
     assert scored[1]["reference"] == ANSWERS[0]
@@ -213,10 +209,17 @@ def test_score_command_names_the_bad_row(tmp_path, capsys):
     assert "row 0 (line 1)" in err and "'answer'/'answers'" in err
 
 
+@pytest.mark.slow
 def test_best_of_n_experiment_end_to_end(tmp_path):
-    """The experiment script on a --quick demo directory whose models are tiny (made here, so no stage trains)."""
+    """The experiment script, run as a command, on a --quick demo directory whose models are tiny (made here, so
+    no stage trains)."""
+    import os
+    import subprocess
+    import sys
+
     from ddpo.data.synthetic.language import build_tokenizer
-    from ddpo.lab.demo import DemoSettings, synthetic_config
+    from ddpo.lab.settings import DemoSettings
+    from ddpo.lab.world import synthetic_config
 
     demo = tmp_path / "demo"
     tokenizer = build_tokenizer(synthetic_config(DemoSettings.quick()).world)
@@ -226,32 +229,17 @@ def test_best_of_n_experiment_end_to_end(tmp_path):
     (demo / "pairs").mkdir()
     for name in ("answers.jsonl", "train.jsonl"):
         (demo / "pairs" / name).write_text("")
-    spec = importlib.util.spec_from_file_location("best_of_n_experiment", REPO / "experiments" / "best_of_n.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     results_dir = tmp_path / "results"
-    assert (
-        module.main(
-            [
-                "--world",
-                "v1",
-                "--demo-dir",
-                str(demo),
-                "--quick",
-                "--images",
-                "6",
-                "--ns",
-                "1",
-                "2",
-                "4",
-                "--num-threads",
-                "1",
-                "--results",
-                str(results_dir),
-            ]
-        )
-        == 0
+    argv = ["--world", "v1", "--demo-dir", str(demo), "--quick", "--images", "6", "--ns", "1", "2", "4"]
+    proc = subprocess.run(
+        [sys.executable, "experiments/best_of_n.py", *argv, "--num-threads", "1", "--results", str(results_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        timeout=600,
     )
+    assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((results_dir / "results.json").read_text())
     assert list(results["methods"]) == ["greedy"] + [
         f"{k}-of-{n}" for n in (1, 2, 4) for k in ("random", "best", "oracle")

@@ -69,7 +69,7 @@ def test_resolved_config_is_base_then_overrides_then_point(tmp_path, monkeypatch
     monkeypatch.chdir(REPO)
     spec = _spec(tmp_path, overrides={"train.max_steps": 3, "loss.gamma": 2.0, "train.learning_rate": "5e-7"})
     point = sweep.expand(spec)[3]  # gamma 5, sum, seed 0
-    cfg = sweep.resolve(spec, point)
+    cfg = sweep.resolve_point_config(spec, point)
     base = load_config(REPO / "configs" / "tiny.yaml")
     assert (cfg.loss.gamma, cfg.loss.normalize, cfg.train.seed) == (5.0, "sum", 0)  # the grid wins over overrides
     assert cfg.train.max_steps == 3 and cfg.train.learning_rate == 5e-7
@@ -187,6 +187,7 @@ def test_wandb_export_and_point_lookup(tmp_path):
         sweep.point_from_args(spec, ["--loss.gamma=2.0", "--loss.normalize=sum", "--train.seed=0"])
 
 
+@pytest.mark.slow
 def test_four_tiny_points_run_locally_from_one_command(tmp_path):
     spec = yaml.safe_load((REPO / "experiments" / "sweeps" / "tiny.yaml").read_text())
     spec["output_dir"] = str(tmp_path / "sweep")
@@ -229,6 +230,7 @@ def test_four_tiny_points_run_locally_from_one_command(tmp_path):
     assert logs == {r["run"]: (out / r["run"] / "train.log").read_text() for r in rows}
 
 
+@pytest.mark.slow
 def test_inline_launcher_trains_bit_for_bit_like_a_local_process(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     spec = yaml.safe_load((REPO / "experiments" / "sweeps" / "tiny.yaml").read_text())
@@ -282,7 +284,7 @@ def test_shipped_sweep_specs_resolve_every_point(path, monkeypatch):
     points = sweep.expand(spec)
     assert len(points) == math.prod(len(v) for v in spec.grid.values()) * len(spec.seeds or [None])
     for point in points:
-        cfg = sweep.resolve(spec, point)
+        cfg = sweep.resolve_point_config(spec, point)
         for key, value in point.values.items():
             section, field = key.split(".")
             assert getattr(getattr(cfg, section), field) == value, (point.name, key)

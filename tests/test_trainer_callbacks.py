@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_trainer import TINY, _env
 
 SCRIPT = """
@@ -22,10 +24,12 @@ class Recorder(TrainerCallback):
     def on_log(self, trainer, record):
         self.logged.append(dict(record, trainer_step=trainer.step))
     def on_checkpoint(self, trainer, path):
-        self.checkpoints.append({"path": str(path), "step": trainer.step, "files": sorted(p.name for p in path.iterdir())})
+        files = sorted(p.name for p in path.iterdir())
+        self.checkpoints.append({"path": str(path), "step": trainer.step, "files": files})
 
-cfg = load_config(sys.argv[2], ["--train.output_dir", str(out), "--train.max_steps", "5", "--train.save_steps", "2",
-                                "--train.logging_steps", "2", "--train.num_threads", "1", "--logging.progress_bar", "false"])
+overrides = ["--train.output_dir", str(out), "--train.max_steps", "5", "--train.save_steps", "2",
+             "--train.logging_steps", "2", "--train.num_threads", "1", "--logging.progress_bar", "false"]
+cfg = load_config(sys.argv[2], overrides)
 recorder = Recorder()
 trainer = Trainer(cfg, callbacks=[recorder]).setup()
 trainer.train()
@@ -33,6 +37,7 @@ trainer.train()
 """
 
 
+@pytest.mark.slow
 def test_callbacks_see_every_logged_record_and_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(

@@ -24,6 +24,7 @@ def _train(out, *overrides, expect_ok=True):
     )
 
 
+@pytest.mark.slow
 def test_cut_answers_train_with_a_cached_reference_as_with_a_live_one(tmp_path):
     cached = _train(tmp_path / "cached", "--train.reference", "cached")
     live = _train(tmp_path / "live", "--train.reference", "live")
@@ -37,6 +38,7 @@ def test_cut_answers_train_with_a_cached_reference_as_with_a_live_one(tmp_path):
             assert mc[key] == pytest.approx(ml[key], abs=logp_noise(mc)), key
 
 
+@pytest.mark.slow
 def test_long_answers_error_stops_naming_the_row(tmp_path):
     proc = _train(tmp_path / "run", "--data.long_answers", "error", expect_ok=False)
     assert proc.returncode != 0

@@ -12,14 +12,15 @@ objects, best agreement first: the object satisfying most of the phrase's claims
 size, position -- (ties: same shape, then same position, then reading order). "a purple triangle at
 the top left" where a purple square sits at the top left and a red triangle elsewhere is the square
 misnamed (one word to change), not the triangle with a wrong colour and place: correcting it the
-other way would push the position and colour words *away* from what the image shows. In the v2 world's
-language (`empty_cells`: texts may say "at the <cell> is nothing.") a phrase is only matched to an object
-that has its shape or stands at its position: "a blue star at the top center" where the top center is
-empty and no star is left to describe is an invented object, replaced by "at the top center is
-nothing.", not some other undescribed object renamed and moved. A mention whose object has another shape, or that is left
-without one (a second "a red circle" in a scene with one circle), is a hallucinated object. Definite mentions ("the ...") refer back to the best object of
-their shape and may share it. The claims that disagree with the matched object are its errors: the
-minimal set of words to change.
+other way would push the position and colour words *away* from what the image shows. In the v2
+world's language (`empty_cells`: texts may say "at the <cell> is nothing.") a phrase is only matched to
+an object that has its shape or stands at its position: "a blue star at the top center" where the top
+center is empty and no star is left to describe is an invented object, replaced by "at the top center
+is nothing.", not some other undescribed object renamed and moved. A mention whose object has another
+shape, or that is left without one (a second "a red circle" in a scene with one circle), is a
+hallucinated object. Definite mentions ("the ...") refer back to the best object of their shape and
+may share it. The claims that disagree with the matched object are its errors: the minimal set of
+words to change.
 """
 
 from __future__ import annotations

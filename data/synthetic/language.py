@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
@@ -182,7 +182,7 @@ class ObjectList:
         return "there is " + " and ".join(f"{i.phrase()} at the {POSITIONS[i.cell]}" for i in self.instances) + "."
 
 
-Item = Union[Overview, Group, Instance, Empty, Relation, Filler, ObjectList]
+Item = Overview | Group | Instance | Empty | Relation | Filler | ObjectList
 
 
 def realize(plan: list[Item]) -> str:

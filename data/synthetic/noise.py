@@ -17,13 +17,14 @@ Each error type fires in a specific *context* with probability p (per opportunit
 Why these defaults give an SFT model that hallucinates under greedy decoding: an error made with
 p < 0.5 in a context is a minority the model learns to out-vote, so greedy decoding would not
 reproduce it. With p = 0.6 > 0.5 in a context the model can see, the mode of the caption distribution
-*is* the error, so the SFT model makes it every time the context occurs, even greedily (the
-prototype: p = 0.5 sat on the edge, 0.6 was stable). The response-level object hallucination rate of
-the SFT model is then about the share of scenes with an object-error context: with the default world
-(4 partner pairs, co-occurrence 0.25, 1-4 objects) that is 41% (`expected_errors(..., only("object"))`,
-3000 scenes), inside the 30-60% of the paper's baselines; the captions themselves carry it at
-~0.6 x that (25%). Fewer partner pairs or a higher co-occurrence probability lower it (2 pairs: 14%). `calibrate` instead sets the probabilities for a target number of errors per answer in a
-target type mix (e.g. the paper's, `PAPER_MIX`), for the v1 dense-regime study (experiments/results/dense_regime/v1).
+*is* the error, so the SFT model makes it every time the context occurs, even greedily (p = 0.5 sits
+on the edge; 0.6 is stable). The response-level object hallucination rate of the SFT model is then
+about the share of scenes with an object-error context: with the default world (4 partner pairs,
+co-occurrence 0.25, 1-4 objects) that is 41% (`expected_errors(..., only("object"))`, 3000 scenes),
+inside the 30-60% of the paper's baselines; the captions themselves carry it at ~0.6 x that (25%).
+Fewer partner pairs or a higher co-occurrence probability lower it (2 pairs: 14%). `calibrate` instead
+sets the probabilities for a target number of errors per answer in a target type mix (e.g. the
+paper's, `PAPER_MIX`), for the v1 dense-regime study (experiments/results/dense_regime/v1).
 """
 
 from __future__ import annotations

@@ -151,8 +151,9 @@ def _sample_adjacent(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
 
 
 def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
-    """Draw one scene (v2, `adjacent_partners`: see `_sample_adjacent`): a number of objects, each a new random object, a repeat of an existing one
-    (same shape and colour) or the partner of a present shape, at distinct random cells."""
+    """Draw one scene (v2, `adjacent_partners`: see `_sample_adjacent`): a number of objects, each a new
+    random object, a repeat of an existing one (same shape and colour) or the partner of a present shape,
+    at distinct random cells."""
     if cfg.adjacent_partners:
         return _sample_adjacent(rng, cfg)
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))

@@ -1,16 +1,20 @@
 """`ddpo eval`: generate answers for a benchmark and score them, or score an existing answers file.
 
     ddpo eval --benchmark objhal --answers ANSWERS.jsonl --annotations COCO_DIR --output OUT.json
-    ddpo eval --benchmark objhal --model CKPT --questions Q.jsonl --image-dir IMGS --annotations COCO_DIR --output OUT.json
+    ddpo eval --benchmark objhal --model CKPT --questions Q.jsonl --image-dir IMGS --annotations COCO_DIR \
+        --output OUT.json
     ddpo eval --benchmark mmhal  --model CKPT --image-dir MMHAL_IMAGES --output OUT.json   (judge key: $OPENAI_API_KEY)
     ddpo eval --benchmark pope   --model CKPT --questions coco_pope_random.jsonl --image-dir val2014 --output OUT.json
-    ddpo eval --benchmark amber  --answers A.json --questions query_discriminative.json --annotations annotations.json --output OUT.json
-    ddpo eval --benchmark synthetic --model demo_output/runs/ddpo/final --max-new-tokens 84 --template llava_v1 --output OUT.json
-    ddpo eval --benchmark objhal --protocol rlhfv --model RLHF-V_CKPT ...   (RLHF-V's prompt layout, 3 beams, 1024 tokens, rep. 1.1, stop ###)
+    ddpo eval --benchmark amber  --answers A.json --questions query_discriminative.json \
+        --annotations annotations.json --output OUT.json
+    ddpo eval --benchmark synthetic --model demo_output/runs/ddpo/final --max-new-tokens 84 --template llava_v1 \
+        --output OUT.json
+    ddpo eval --benchmark objhal --protocol rlhfv --model RLHF-V_CKPT ...
+        (RLHF-V's prompt layout, 3 beams, 1024 tokens, rep. 1.1, stop ###)
 
 Generation settings: a --protocol preset (ddpo/eval/protocols.py: the papers' settings), each of which
---template / --num-beams / --max-new-tokens / --repetition-penalty / --stop / --image-mode overrides; without a preset,
-the model's template and its stop strings, greedy, 512 new tokens. The resolved settings are written to
+--template / --num-beams / --max-new-tokens / --repetition-penalty / --stop / --image-mode overrides; without a
+preset, the model's template and its stop strings, greedy, 512 new tokens. The resolved settings are written to
 OUT.json under "generation".
 
 Writes OUT.json (metrics; rates are fractions in [0, 1]), OUT.samples.jsonl (per-answer scoring details)
@@ -37,9 +41,11 @@ from ddpo.data.jsonl import json_objects
 from ddpo.data.synthetic.metrics import evaluate
 from ddpo.data.templates import default_stop_strings
 from ddpo.eval import mmhal, objhal, protocols, yesno
-from ddpo.eval.generation import GenerationConfig, generate_answers
+from ddpo.eval.generation import generate_answers
 from ddpo.eval.judge import DEFAULT_BASE_URL, JudgeCache, JudgeClient, JudgeError
-from ddpo.lab.demo import DemoSettings, split
+from ddpo.lab.settings import DemoSettings
+from ddpo.lab.world import split, synthetic_config
+from ddpo.models.base import GenerationOptions
 from ddpo.models.build import load_model, resolve_dtype
 
 Rows = list[dict[str, Any]]
@@ -132,7 +138,7 @@ def _mmhal_questions(args: argparse.Namespace) -> Rows:
 
 def _mmhal_read_answers(args: argparse.Namespace) -> Rows:
     questions = mmhal.load_questions(args.questions)
-    return [{"index": i, "answer": a} for i, a in enumerate(mmhal.read_answers(args.answers, questions))]
+    return [{"index": i, "answer": a} for i, a in enumerate(mmhal.read_mmhal_answers(args.answers, questions))]
 
 
 def _mmhal_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any], Rows]:
@@ -175,8 +181,6 @@ def _synthetic_split(args: argparse.Namespace):
 
 def _synthetic_world():
     """The demo world's anchor -> companion map and whether its texts may say a cell is empty."""
-    from ddpo.lab.demo import DemoSettings, synthetic_config  # noqa: PLC0415
-
     cfg = synthetic_config(DemoSettings())
     return cfg.world.partners, cfg.empty_cells
 
@@ -210,7 +214,7 @@ def _synthetic_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, An
 
 BENCHMARKS: dict[str, Benchmark] = {
     "synthetic": Benchmark(_synthetic_questions, _synthetic_read_answers, _synthetic_score),
-    "objhal": Benchmark(_objhal_questions, lambda a: objhal.read_answers(a.answers), _objhal_score),
+    "objhal": Benchmark(_objhal_questions, lambda a: objhal.read_objhal_answers(a.answers), _objhal_score),
     "mmhal": Benchmark(_mmhal_questions, _mmhal_read_answers, _mmhal_score),
     "pope": Benchmark(
         _pope_questions, _yesno_read_answers(_pope_questions), lambda a, rows: yesno.score_yes_no(rows, positive="yes")
@@ -238,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="metrics JSON; OUT.samples.jsonl / OUT.answers.jsonl go next to it")
     p.add_argument(
         "--questions",
-        help="objhal: JSONL {image_id, image[, question]}; mmhal: template JSON (default: the shipped 96); pope: JSONL {question_id, image, text, label}; amber: query_discriminative*.json",
+        help="objhal: JSONL {image_id, image[, question]}; mmhal: template JSON (default: the shipped 96); "
+        "pope: JSONL {question_id, image, text, label}; amber: query_discriminative*.json",
     )
     p.add_argument(
         "--annotations",
@@ -254,10 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="rules",
         help="objhal object extraction: rule-based CHAIR (offline) or a chat model",
     )
+    _add_judge_arguments(p)
+    _add_generation_arguments(p)
+    return p
+
+
+def _add_judge_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("judge / LLM extractor (OpenAI-compatible chat completions)")
     g.add_argument(
         "--judge-model",
-        help=f"default: {mmhal.JUDGE_MODEL} (mmhal), {objhal.LLM_EXTRACTOR_MODEL} (objhal) — the papers' models, since retired",
+        help=f"default: {mmhal.JUDGE_MODEL} (mmhal), {objhal.LLM_EXTRACTOR_MODEL} (objhal) "
+        "— the papers' models, since retired",
     )
     g.add_argument("--judge-base-url", default=DEFAULT_BASE_URL)
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
@@ -267,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge-retries", type=int, default=5, help="retries of failed requests (429/5xx/timeouts), with backoff"
     )
     g.add_argument("--judge-cache", help="JSONL cache of judged items (default OUT.judge_cache.jsonl)")
+
+
+def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     gen = p.add_argument_group(
         "generation (defaults: the --protocol preset, else the model's template, greedy, 512 tokens)"
     )
@@ -295,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop",
         action="append",
         default=None,
-        help="stop string (repeatable); default: the template's ('###' for vicuna_v0/rlhfv_eval, none for EOS templates)",
+        help="stop string (repeatable); default: the template's ('###' for vicuna_v0/rlhfv_eval, "
+        "none for EOS templates)",
     )
     gen.add_argument(
         "--image-mode",
@@ -307,13 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--template", default=None, help="conversation template (default: the protocol's, else the model's)"
     )
     gen.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. ' Answer yes or no.'")
-    return p
 
 
-def generation_config(args: argparse.Namespace, model_template: str) -> GenerationConfig:
+def eval_generation_options(args: argparse.Namespace, model_template: str) -> GenerationOptions:
     """The settings answers are generated with: the preset, each flag given overriding it; the template
     falls back to the model's and the stop strings to the template's."""
-    preset = protocols.resolve(args.protocol)
+    preset = protocols.resolve_protocol(args.protocol)
     template = args.template or preset.template or model_template
     if args.stop is not None:
         stops = list(args.stop)
@@ -322,7 +337,7 @@ def generation_config(args: argparse.Namespace, model_template: str) -> Generati
     else:
         stops = list(default_stop_strings(template))
     pick = lambda flag, default: default if flag is None else flag  # noqa: E731
-    return GenerationConfig(
+    return GenerationOptions(
         max_new_tokens=pick(args.max_new_tokens, preset.max_new_tokens),
         do_sample=args.do_sample,
         temperature=args.temperature,
@@ -340,11 +355,11 @@ def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
     questions = bench.questions(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
-    config = generation_config(args, model.template)
-    image_mode = args.image_mode or protocols.resolve(args.protocol).image_mode
+    options = eval_generation_options(args, model.template)
+    image_mode = args.image_mode or protocols.resolve_protocol(args.protocol).image_mode
     if image_mode:
         model.image_transform = replace(model.image_transform, mode=image_mode)
-    args.generation = {"protocol": args.protocol, **asdict(config), "image_mode": model.image_transform.mode}
+    args.generation = {"protocol": args.protocol, **asdict(options), "image_mode": model.image_transform.mode}
     answers_path = _sibling(args.output, ".answers.jsonl")
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     with answers_path.open("w", encoding="utf-8") as f:
@@ -358,7 +373,7 @@ def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
             model,
             [q["image"] for q in questions],
             [q["question"] + args.prompt_suffix for q in questions],
-            config,
+            options,
             on_batch=write,
         )
     print(f"ddpo eval: wrote {len(answers)} answers to {answers_path}")

@@ -161,7 +161,7 @@ class JudgeCache:
         self.path = Path(path) if path else None
         self.entries: dict[str, dict[str, Any]] = {}
         if self.path and self.path.exists():
-            for line_no, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
+            for line in self.path.read_text(encoding="utf-8").splitlines():
                 if not line.strip():
                     continue
                 try:

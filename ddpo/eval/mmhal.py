@@ -94,8 +94,8 @@ def mmhal_metrics(ratings: Sequence[int | None], question_types: Sequence[str]) 
     }
 
 
-def read_answers(path: str | Path, questions: Sequence[dict[str, Any]]) -> list[str]:
-    """Answers aligned with the questions, from either
+def read_mmhal_answers(path: str | Path, questions: Sequence[dict[str, Any]]) -> list[str]:
+    """A model's MMHal-Bench answers aligned with the questions, from either
     - a JSON list in the MMHal template with `model_answer` filled (the format RLHF-V writes), or
     - JSONL with one {"index": i, "answer": str} per line (what `ddpo eval --benchmark mmhal` writes)."""
     path = Path(path)
@@ -108,7 +108,8 @@ def read_answers(path: str | Path, questions: Sequence[dict[str, Any]]) -> list[
         for i, r in enumerate(records):
             if r.get("question") != questions[i]["question"]:
                 raise ValueError(
-                    f"{path}: record {i} asks {r.get('question')!r}, expected {questions[i]['question']!r}; keep the question order"
+                    f"{path}: record {i} asks {r.get('question')!r}, expected {questions[i]['question']!r}; "
+                    "keep the question order"
                 )
             answers[i] = r.get("model_answer")
     else:

@@ -147,8 +147,8 @@ def extract_with_llm(
     return cached_judge(client, cache, item, extraction_messages(question, answer), parse_object_list).parsed
 
 
-def read_answers(path: str | Path) -> list[dict[str, Any]]:
-    """Answers JSONL: one {"image_id": int, "answer": str} per line (optional "question")."""
+def read_objhal_answers(path: str | Path) -> list[dict[str, Any]]:
+    """A model's Object HalBench answers JSONL: one {"image_id": int, "answer": str} per line (optional "question")."""
     return [normalize_answer_row(row, where) for where, row in json_objects(path)]
 
 

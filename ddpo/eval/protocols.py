@@ -6,10 +6,12 @@ beam search and a repetition penalty change answer length and object mentions. A
 setting the paper's released evaluation used, and `ddpo eval` records the resolved settings in its output
 JSON (`generation`), so a number always says how its answers were made.
 
-| preset         | for                                     | template (image)                  | beams | new tokens | rep. penalty | stop          | images |
-|----------------|-----------------------------------------|-----------------------------------|-------|------------|--------------|---------------|--------|
-| `rlhfv`        | RLHF-V / Muffin: Object HalBench, MMHal | `rlhfv_eval` (after the question) | 3     | 1024       | 1.1          | `###` (+ EOS) | resize |
-| `rlaifv-llava` | RLAIF-V, LLaVA-1.5 models               | `llava_v1` (before the question)  | 3     | 1024       | 1.0          | EOS           | pad    |
+| preset         | template (image)                  | beams | new tokens | rep. penalty | stop          | images |
+|----------------|-----------------------------------|-------|------------|--------------|---------------|--------|
+| `rlhfv`        | `rlhfv_eval` (after the question) | 3     | 1024       | 1.1          | `###` (+ EOS) | resize |
+| `rlaifv-llava` | `llava_v1` (before the question)  | 3     | 1024       | 1.0          | EOS           | pad    |
+
+`rlhfv` is for RLHF-V / Muffin models (Object HalBench, MMHal-Bench), `rlaifv-llava` for RLAIF-V's LLaVA-1.5 models.
 
 Sources (docs/REPRODUCING.md has the commands): RLHF-V's `muffin/eval/muffin_vqa.py` builds
 "{system}\\n###Human: {question}\\n<im_start><im_patch>x64<im_end>\\n###" (conversation `default` with
@@ -74,7 +76,8 @@ DEFAULT = Protocol(
 )
 
 
-def resolve(name: str | None) -> Protocol:
+def resolve_protocol(name: str | None) -> Protocol:
+    """The preset called `name`; None = the model's own settings (`DEFAULT`)."""
     if name is None:
         return DEFAULT
     if name not in PROTOCOLS:

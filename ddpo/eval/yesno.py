@@ -81,7 +81,8 @@ def score_yes_no(rows: Sequence[dict[str, Any]], positive: str) -> tuple[dict[st
         label = str(row.get("label", "")).strip().lower()
         if label not in ("yes", "no"):
             raise ValueError(
-                f"row {i} (question_id {row.get('question_id')!r}): label must be 'yes' or 'no', got {row.get('label')!r}"
+                f"row {i} (question_id {row.get('question_id')!r}): label must be 'yes' or 'no', "
+                f"got {row.get('label')!r}"
             )
         if not isinstance(row.get("answer"), str):
             raise ValueError(f"row {i} (question_id {row.get('question_id')!r}): 'answer' must be a string")

@@ -1,8 +1,9 @@
 """Supervised fine-tuning on (image, prompt, answer) triples: the stage before preference learning.
 
-A plain, single-process loop (AdamW, warm-up + cosine from ddpo/schedule.py, clipping): the synthetic benchmark uses it to
-create the SFT model whose hallucinations DPO and DDPO then correct. Loss = mean negative log-prob of
-the answer tokens, computed through the same `sequence_token_logps` path as preference training.
+A plain, single-process loop (AdamW, warm-up + cosine from ddpo/schedule.py, clipping): the synthetic
+benchmark uses it to create the SFT model whose hallucinations DPO and DDPO then correct. Loss = mean
+negative log-prob of the answer tokens, computed through the same `sequence_token_logps` path as
+preference training.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Best-of-N at inference: sample N answers per prompt, keep the one with the highest implicit reward.
 
-    candidates = sample_candidates(policy, images, prompts, n=16, template="llava_v1", seed=0)
-    answers, rewards = best_of_n(policy, reference, images, prompts, candidates, beta=0.1, template="llava_v1")
+    options = GenerationOptions(template="llava_v1", temperature=1.0, seed=0, batch_size=64)
+    candidates = sample_candidates(policy, images, prompts, 16, options)
+    answers, rewards = best_of_n(policy, reference, images, prompts, candidates, RewardSettings(0.1, "llava_v1"))
 
 The reward is `ddpo.online.scoring.implicit_rewards` (the trained policy against its reference model), so a
 DPO-trained model serves as its own reward model (RLAIF-V's inference-time scaling).
@@ -10,44 +11,29 @@ DPO-trained model serves as its own reward model (RLAIF-V's inference-time scali
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from PIL import Image
 
-from ddpo.online.scoring import implicit_rewards
+from ddpo.models.base import GenerationOptions
+from ddpo.online.scoring import RewardSettings, implicit_rewards
 
 
 def sample_candidates(
-    model,
-    images: Sequence[Image.Image],
-    prompts: Sequence[str],
-    n: int,
-    template: str,
-    temperature: float = 1.0,
-    seed: int = 0,
-    max_new_tokens: int = 64,
-    top_p: float = 1.0,
-    batch_size: int = 64,
+    model, images: Sequence[Image.Image], prompts: Sequence[str], n: int, options: GenerationOptions
 ) -> list[list[str]]:
-    """n sampled answers per prompt ([len(prompts)][n]); reproducible for a given seed and batch size.
+    """n sampled answers per prompt ([len(prompts)][n]), decoded with `options` (template, temperature,
+    top_p, max_new_tokens, seed, batch size) and always sampled, whatever `options.do_sample` says:
+    n greedy answers would be n copies of one. Reproducible for a given `options.seed` and batch size.
 
     The prompts are repeated n times in one generation call, so the N samples share batches.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise ValueError(f"sample_candidates: n is {n}; give the number of candidates per prompt (>= 1)")
     repeated_images = [image for image in images for _ in range(n)]
     repeated_prompts = [prompt for prompt in prompts for _ in range(n)]
-    flat = model.generate(
-        repeated_images,
-        repeated_prompts,
-        template=template,
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        batch_size=batch_size,
-    )
+    flat = model.generate(repeated_images, repeated_prompts, replace(options, do_sample=True))
     return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
@@ -57,18 +43,13 @@ def score_candidates(
     images: Sequence[Image.Image],
     prompts: Sequence[str],
     candidates: Sequence[Sequence[str]],
-    beta: float,
-    template: str,
-    variant: str = "sum",
-    batch_size: int = 16,
+    settings: RewardSettings,
 ) -> list[list[float]]:
     """Implicit rewards of every candidate, shaped like `candidates`; all are scored in shared batches."""
     flat_images = [image for image, group in zip(images, candidates) for _ in group]
     flat_prompts = [prompt for prompt, group in zip(prompts, candidates) for _ in group]
     flat_answers = [answer for group in candidates for answer in group]
-    flat = implicit_rewards(
-        policy, reference, flat_images, flat_prompts, flat_answers, beta, template, variant, batch_size
-    )
+    flat = implicit_rewards(policy, reference, flat_images, flat_prompts, flat_answers, settings)
     out, start = [], 0
     for group in candidates:
         out.append(flat[start : start + len(group)])
@@ -96,13 +77,10 @@ def best_of_n(
     images: Sequence[Image.Image],
     prompts: Sequence[str],
     candidates: Sequence[Sequence[str]],
-    beta: float,
-    template: str,
-    variant: str = "sum",
-    batch_size: int = 16,
+    settings: RewardSettings,
 ) -> tuple[list[str], list[list[float]]]:
     """(the highest-reward candidate per prompt, every candidate's reward)."""
-    rewards = score_candidates(policy, reference, images, prompts, candidates, beta, template, variant, batch_size)
+    rewards = score_candidates(policy, reference, images, prompts, candidates, settings)
     return pick_best(candidates, rewards), rewards
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 from ddpo.data.synthetic.annotator import ground
 from ddpo.data.synthetic.language import parse
 from ddpo.data.templates import encode_answer_with_offsets
-from ddpo.online.scoring import answer_token_logps
+from ddpo.models.base import answer_token_logps
 
 
 @dataclass
@@ -56,7 +56,7 @@ class FeedbackSource(Protocol):
 class OracleFeedback:
     """Exact feedback in the synthetic world: -(wrong claims + unreadable sentences) of each answer.
 
-    `empty_cells`: the world's language may say "at <cell> is nothing." (v2: `SyntheticConfig.empty_cells`);
+    `empty_cells`: whether the world's language may say "at <cell> is nothing." (`SyntheticConfig.empty_cells`);
     it changes which object a phrase is matched to (data.synthetic.annotator.ground), so it must be the
     world's setting, as in the metrics."""
 

@@ -20,9 +20,10 @@ and the pairs that do not shorten are never dropped.
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ddpo.data.synthetic.language import n_words
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,6 @@ class Pair:
     rejected: str
     chosen_score: float
     rejected_score: float
-
-
-def n_words(text: str) -> int:
-    return len(re.findall(r"\w+", text))
 
 
 def candidate_pairs(answers: Sequence[str], scores: Sequence[float], min_gap: float = 1.0) -> list[tuple[int, int]]:

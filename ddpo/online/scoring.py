@@ -33,60 +33,21 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from ddpo.data.collator import collate_sequences, encode_sequences
 from ddpo.data.images import DataError, decode_image
 from ddpo.data.jsonl import jsonl_lines, parse_json_object
-from ddpo.data.records import IGNORE_INDEX
 from ddpo.data.segments import token_corrections
 from ddpo.data.templates import TEMPLATES, encode_answer
-from ddpo.loss import token_weights
+from ddpo.models.base import answer_token_logps
 from ddpo.models.build import load_model
-from ddpo.reference import answer_logps
+from ddpo.token_weights import token_weights
 
 VARIANTS = ("sum", "mean", "segment")
-
-
-@torch.no_grad()
-def answer_token_logps(
-    model,
-    images: Sequence[Image.Image],
-    prompts: Sequence[str],
-    answers: Sequence[str],
-    template: str,
-    batch_size: int = 16,
-) -> list[torch.Tensor]:
-    """Per-answer-token log-probs under `model`: one float32 tensor [n_answer_tokens] per answer.
-
-    Each (image, prompt, answer) is scored as a "chosen"-like sequence: the template's prompt ids, then
-    the labelled answer ids (answer + end marker), exactly the tokens training puts weights on.
-    """
-    if not len(images) == len(prompts) == len(answers):
-        raise ValueError(
-            f"answer_token_logps: {len(images)} images, {len(prompts)} prompts, {len(answers)} answers; pass one of each per answer"
-        )
-    encoded = encode_sequences(model.tokenizer, template, model.image_placeholder, prompts, answers)
-    was_training = model.training
-    model.eval()
-    out: list[torch.Tensor] = []
-    try:
-        for start in range(0, len(encoded), batch_size):
-            ids, mask, labels = collate_sequences(encoded[start : start + batch_size], model.tokenizer.pad_token_id)
-            pixels = model.preprocess_images(images[start : start + batch_size]).to(model.device, model.dtype)
-            logps = model.sequence_token_logps(
-                ids.to(model.device), mask.to(model.device), labels.to(model.device), pixels
-            )
-            out += [
-                torch.tensor(row, dtype=torch.float32)
-                for row in answer_logps(logps.cpu(), labels[:, 1:] != IGNORE_INDEX)
-            ]
-    finally:
-        model.train(was_training)
-    return out
 
 
 def segment_weights(
@@ -94,12 +55,33 @@ def segment_weights(
 ) -> torch.Tensor:
     """[n_answer_tokens] weights of `answer`: gamma where its tokens replace tokens of `reference_answer`
     (RLHF-V's token diff), 1 elsewhere; all ones without a reference answer. The same corrected mask ->
-    weights path as training (`data.segments` finds the tokens, `ddpo.loss.token_weights` weighs them)."""
+    weights path as training (`data.segments` finds the tokens, `ddpo.token_weights.token_weights` weighs them)."""
     ids = encode_answer(template, tokenizer, answer)
     corrected = [False] * len(ids)
     if reference_answer is not None:
         corrected, _ = token_corrections(ids, encode_answer(template, tokenizer, reference_answer), min_match)
     return token_weights(torch.ones(len(ids), dtype=torch.bool), torch.tensor(corrected, dtype=torch.bool), gamma)
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """How the implicit reward of an answer is computed (module doc): the policy's DPO `beta`, the
+    `variant` over its answer tokens, the `segment` variant's `gamma`, the conversation `template` the
+    policy was trained with, and how many answers go through a model at once (`batch_size`)."""
+
+    beta: float
+    template: str
+    variant: str = "sum"
+    gamma: float = 5.0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"RewardSettings.variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
+        if not self.beta > 0:
+            raise ValueError(f"RewardSettings.beta must be > 0 (the beta the policy was trained with), got {self.beta}")
+        if self.batch_size < 1:
+            raise ValueError(f"RewardSettings.batch_size must be >= 1, got {self.batch_size}")
 
 
 def implicit_rewards(
@@ -108,37 +90,29 @@ def implicit_rewards(
     images: Sequence[Image.Image],
     prompts: Sequence[str],
     answers: Sequence[str],
-    beta: float,
-    template: str,
-    variant: str = "sum",
-    batch_size: int = 16,
+    settings: RewardSettings,
     reference_answers: Sequence[str | None] | None = None,
-    gamma: float = 5.0,
 ) -> list[float]:
     """The implicit reward of each answer (module doc): a list of floats, one per answer.
 
     `policy` and `reference` are `PreferenceModel`s sharing a tokenizer; `reference_answers` (one per
     answer, entries may be None) only matter for the `segment` variant.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got '{variant}'")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
     if reference_answers is not None and len(reference_answers) != len(answers):
         raise ValueError(
             f"{len(reference_answers)} reference answers for {len(answers)} answers; give one (or None) per answer"
         )
+    template, batch_size = settings.template, settings.batch_size
     policy_logps = answer_token_logps(policy, images, prompts, answers, template, batch_size)
     reference_logps = answer_token_logps(reference, images, prompts, answers, template, batch_size)
     weights = None
-    if variant == "segment":
+    if settings.variant == "segment":
+        references = reference_answers if reference_answers is not None else [None] * len(answers)
         weights = [
-            segment_weights(
-                policy.tokenizer, template, answer, None if reference_answers is None else reference_answers[i], gamma
-            )
-            for i, answer in enumerate(answers)
+            segment_weights(policy.tokenizer, template, answer, reference_answer, settings.gamma)
+            for answer, reference_answer in zip(answers, references)
         ]
-    return rewards_from_logps(policy_logps, reference_logps, beta, variant, weights)
+    return rewards_from_logps(policy_logps, reference_logps, settings.beta, settings.variant, weights)
 
 
 def rewards_from_logps(
@@ -178,8 +152,9 @@ def rewards_from_logps(
 # ------------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------------
-def read_answers(path: Path, image_dir: Path) -> tuple[list[dict], list[Image.Image]]:
-    """Rows of the answers JSONL (module doc) and their images; a bad row raises DataError naming it."""
+def read_candidate_answers(path: Path, image_dir: Path) -> tuple[list[dict], list[Image.Image]]:
+    """Rows of `ddpo score`'s answers JSONL (module doc: one prompt, image and candidate answer(s) per
+    row) and their images; a bad row raises DataError naming it."""
     rows, images = [], []
     for i, line in jsonl_lines(path):
         where = f"row {i} (line {i + 1}) of {path}"
@@ -192,7 +167,8 @@ def read_answers(path: Path, image_dir: Path) -> tuple[list[dict], list[Image.Im
         has_one, has_many = isinstance(row.get("answer"), str), isinstance(row.get("answers"), list)
         if has_one == has_many:
             raise DataError(
-                f"{where}, field 'answer'/'answers': give exactly one of `answer` (a string) or `answers` (a list of strings)"
+                f"{where}, field 'answer'/'answers': give exactly one of `answer` (a string) "
+                "or `answers` (a list of strings)"
             )
         if has_many and not all(isinstance(a, str) for a in row["answers"]):
             raise DataError(f"{where}, field 'answers': every candidate must be a string")
@@ -205,17 +181,7 @@ def read_answers(path: Path, image_dir: Path) -> tuple[list[dict], list[Image.Im
     return rows, images
 
 
-def score_rows(
-    policy,
-    reference,
-    rows: list[dict],
-    images: list[Image.Image],
-    beta: float,
-    template: str,
-    variant: str,
-    batch_size: int,
-    gamma: float,
-) -> list[dict]:
+def score_rows(policy, reference, rows: list[dict], images: list[Image.Image], settings: RewardSettings) -> list[dict]:
     """Rows with `reward` / `rewards` added; all candidates of all rows are scored in shared batches."""
     flat_images, flat_prompts, flat_answers, flat_refs, owners = [], [], [], [], []
     for k, (row, image) in enumerate(zip(rows, images)):
@@ -226,19 +192,7 @@ def score_rows(
             flat_answers.append(answer)
             flat_refs.append(row.get("reference"))
             owners.append(k)
-    rewards = implicit_rewards(
-        policy,
-        reference,
-        flat_images,
-        flat_prompts,
-        flat_answers,
-        beta,
-        template,
-        variant,
-        batch_size,
-        flat_refs,
-        gamma,
-    )
+    rewards = implicit_rewards(policy, reference, flat_images, flat_prompts, flat_answers, settings, flat_refs)
     per_row: list[list[float]] = [[] for _ in rows]
     for k, reward in zip(owners, rewards):
         per_row[k].append(reward)
@@ -288,21 +242,19 @@ def main(argv: list[str] | None = None) -> int:
     answers_path = Path(args.answers)
     output = Path(args.output) if args.output else answers_path.with_name(answers_path.stem + ".scored.jsonl")
     try:
-        rows, images = read_answers(answers_path, Path(args.image_dir))
-    except (DataError, FileNotFoundError) as e:
+        settings = RewardSettings(args.beta, args.template, args.variant, args.gamma, args.batch_size)
+        rows, images = read_candidate_answers(answers_path, Path(args.image_dir))
+    except (ValueError, FileNotFoundError) as e:
         print(f"ddpo score: {e}", file=sys.stderr)
         return 2
     policy, reference = load_model(args.policy), load_model(args.reference)
-    scored = score_rows(
-        policy, reference, rows, images, args.beta, args.template, args.variant, args.batch_size, args.gamma
-    )
+    scored = score_rows(policy, reference, rows, images, settings)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
         for row in scored:
             f.write(json.dumps(row) + "\n")
-    print(
-        f"scored {sum(len(r.get('rewards', [0])) for r in scored)} answers of {len(scored)} rows ({args.variant}, beta {args.beta}) -> {output}"
-    )
+    n_answers = sum(len(r.get("rewards", [0])) for r in scored)
+    print(f"scored {n_answers} answers of {len(scored)} rows ({args.variant}, beta {args.beta}) -> {output}")
     return 0
 
 

@@ -8,7 +8,7 @@ import torch
 from fixtures import COLORS, PAIRS, all_texts
 from PIL import Image
 
-from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
+from ddpo.data.collator import EncodingSettings, PairCollator, PairDataset, PairEncoder
 from ddpo.data.images import DataError
 from ddpo.data.records import PreferenceRecord
 from ddpo.data.segments import corrected_word_spans
@@ -36,10 +36,8 @@ def make_records() -> list[PreferenceRecord]:
     ]
 
 
-def encoder(tokenizer, **kw) -> PairEncoder:
-    args = dict(template="vicuna_v0", image_placeholder=PLACEHOLDER, max_length=128)
-    args.update(kw)
-    return PairEncoder(tokenizer, **args)
+def encoder(tokenizer, **settings) -> PairEncoder:
+    return PairEncoder(tokenizer, PLACEHOLDER, EncodingSettings(**{"max_length": 128, **settings}))
 
 
 def add_ref(record: PreferenceRecord, enc: PairEncoder) -> PreferenceRecord:
@@ -154,7 +152,8 @@ def test_ref_logps_of_the_wrong_length_are_a_data_error(tokenizer):
     record.ref_chosen_logps, record.ref_rejected_logps = [-0.1] * 3, [-0.1] * 3
     with pytest.raises(
         DataError,
-        match="row 10, field 'ref_chosen_logps': the reference cache holds 3 log-probs for this answer's 11 tokens; the cache does not match",
+        match="row 10, field 'ref_chosen_logps': the reference cache holds 3 log-probs for this answer's 11 tokens; "
+        "the cache does not match",
     ):
         encoder(tokenizer).encode(record)
 
@@ -168,7 +167,10 @@ def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, cap
     with caplog.at_level(logging.WARNING, logger="ddpo.data.collator"):
         dataset = PairDataset([record], enc)
     assert dataset.truncated == [(12, len(whole.prompt_ids), len(whole.chosen_ids), len(whole.rejected_ids))]
-    assert f"1 of 1 pairs have an answer longer than the room data.max_length {enc.max_length} leaves" in caplog.text
+    assert (
+        f"1 of 1 pairs have an answer longer than the room data.max_length {enc.settings.max_length} leaves"
+        in caplog.text
+    )
     assert (
         f"row 12, prompt {len(whole.prompt_ids)} + answers {len(whole.chosen_ids)}/{len(whole.rejected_ids)} tokens"
         in caplog.text
@@ -182,7 +184,7 @@ def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, cap
         assert getattr(cut, name) == getattr(whole, name)[:4]
     assert cut.ref_chosen_logps == [-0.01, -0.02, -0.03, -0.04] and cut.ref_rejected_logps == [-0.1, -0.2, -0.3, -0.4]
     batch = PairCollator(tokenizer.pad_token_id)([cut])
-    assert batch.input_ids.shape[1] == enc.max_length
+    assert batch.input_ids.shape[1] == enc.settings.max_length
     check_image_tokens(batch.input_ids[0].tolist(), enc.placeholder_ids)
     # Segments come from the whole answers "there are two objects : a red square ..." vs "... three ...":
     # the long match after "objects" anchors the edit, and the 2-token match "there are" at the start
@@ -192,7 +194,8 @@ def test_long_answers_are_cut_from_the_end_never_the_image_tokens(tokenizer, cap
     record.ref_chosen_logps = [-0.1] * len(whole.chosen_ids)
     with pytest.raises(
         DataError,
-        match=f"holds {len(whole.chosen_ids)} log-probs for this answer's 4 tokens \\({len(whole.chosen_ids)} before cutting to data.max_length {enc.max_length}\\)",
+        match=f"holds {len(whole.chosen_ids)} log-probs for this answer's 4 tokens \\({len(whole.chosen_ids)} before "
+        f"cutting to data.max_length {enc.settings.max_length}\\)",
     ):
         enc.encode(record)
 
@@ -201,7 +204,10 @@ def test_long_answers_error_names_the_row_and_its_lengths(tokenizer):
     record = make_records()[2]
     whole = encoder(tokenizer).encode(record)
     enc = encoder(tokenizer, max_length=len(whole.prompt_ids) + 4, long_answers="error")
-    message = f"row 12, fields 'chosen'/'rejected': prompt {len(whole.prompt_ids)} \\+ answers {len(whole.chosen_ids)}/{len(whole.rejected_ids)} tokens exceed data.max_length {enc.max_length}"
+    message = (
+        f"row 12, fields 'chosen'/'rejected': prompt {len(whole.prompt_ids)} \\+ answers "
+        f"{len(whole.chosen_ids)}/{len(whole.rejected_ids)} tokens exceed data.max_length {enc.settings.max_length}"
+    )
     with pytest.raises(DataError, match=message):
         PairDataset([record], enc)
     dataset = PairDataset(make_records(), enc, skip_bad_rows=True)  # every answer is longer than 4 tokens
@@ -236,6 +242,28 @@ def test_dataset_is_lazy_and_deterministic_and_batches_through_a_dataloader(toke
     b = batches[0]
     n = len(dataset[0].prompt_ids)
     assert torch.equal(b.input_ids[0, :n], b.input_ids[4, :n])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(long_answers="drop"), "data.long_answers must be one of truncate, error, got 'drop'"),
+        (dict(segments="lines"), "data.segments must be one of token_diff, word_diff, spans, none"),
+        (dict(label_span="both"), "data.segment_diff and data.label_span must be 'answer' or 'muffin'"),
+    ],
+)
+def test_encoding_settings_name_a_bad_value(settings, message):
+    with pytest.raises(ValueError, match=message):
+        EncodingSettings(**settings)
+
+
+def test_encoder_from_the_data_config_takes_its_fields(tokenizer):
+    from ddpo.config import DataConfig
+
+    data = DataConfig(template="llava_v1", max_length=77, segments="word_diff", min_match=2, long_answers="error")
+    enc = PairEncoder.from_config(data, tokenizer, PLACEHOLDER)
+    assert enc.settings == EncodingSettings("llava_v1", 77, "word_diff", 2, long_answers="error")
+    assert EncodingSettings() == PairEncoder.from_config(DataConfig(), tokenizer, PLACEHOLDER).settings
 
 
 def test_segment_modes(tokenizer):

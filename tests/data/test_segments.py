@@ -200,7 +200,7 @@ def naive_released_marks(context, chosen, rejected, min_match=3):
 
 def test_muffin_diff_applies_autojunk_on_long_sequences():
     """With >= 200 tokens difflib's autojunk lets no match *start* on an id filling > 1% of the chosen
-    sequence (here '.', 4 of 211): a run of dots between two edits is no longer matched, so the whole
+    sequence (here '.', 4 of 211): a run of dots between two edits is not matched, so the whole
     answer becomes one corrected segment. The plain diff keeps the dots unchanged. 'muffin' mode equals
     the released procedure."""
     context = [1] + [7] * 64 + list(range(100, 240))  # system/question ids + 64 image-patch ids: 205 tokens

@@ -20,7 +20,8 @@ LLAVA_IMAGE = "<image>" * 4
 MUFFIN_IMAGE = "<im_start>" + "<im_patch>" * 4 + "<im_end>"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'user' %}USER : {% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n{% else %}{{ p['text'] }}{% endif %}{% endfor %}{{ '\n' }}"
+    "{% if m['role'] == 'user' %}USER : {% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>\n{% else %}{{ p['text'] }}{% endif %}{% endfor %}{{ '\n' }}"
     "{% else %}ASSISTANT : {{ m['content'][0]['text'] }}{{ eos_token }}{{ '\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
 )

@@ -8,7 +8,7 @@ from fixtures import PAIRS, all_texts, png_bytes, rlhfv_rows, write_rlaifv, writ
 
 from ddpo.cli import main as ddpo_main
 from ddpo.config import DataConfig
-from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
+from ddpo.data.collator import EncodingSettings, PairCollator, PairDataset, PairEncoder
 from ddpo.data.convert import main
 from ddpo.data.formats import load_records
 from ddpo.data.tokenizer import build_word_tokenizer
@@ -49,9 +49,10 @@ def test_rlaifv_round_trip_convert_load_encode_collate(tmp_path):
 
     records = load_records(DataConfig(format="trl", path=str(out), split="train"))
     sources = {p[1]: p for p in PAIRS}
+    assert len(records) == 4
     assert all((r.prompt, r.chosen, r.rejected) == sources[r.chosen] for r in records)
     tokenizer = build_word_tokenizer(all_texts())
-    encoder = PairEncoder(tokenizer, "llava_v1", "<image>" * 4, max_length=96)
+    encoder = PairEncoder(tokenizer, "<image>" * 4, EncodingSettings("llava_v1", max_length=96))
     batch = PairCollator(tokenizer.pad_token_id)([item for item in PairDataset(records, encoder)])
     assert batch.input_ids.shape[0] == 8 and batch.corrected.shape == (8, batch.input_ids.shape[1] - 1)
     assert batch.corrected.any() and not (batch.corrected & (batch.labels[:, 1:] == -100)).any()

@@ -6,12 +6,12 @@ import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Union
+from typing import Any
 
 import pytest
 
 # A scripted reply: (status, body dict or raw str[, headers]) or a function of the request JSON.
-Reply = Union[tuple, Callable[[dict[str, Any]], tuple]]
+Reply = tuple | Callable[[dict[str, Any]], tuple]
 
 
 def chat_body(content: str, model: str = "judge-test") -> dict[str, Any]:

@@ -2,14 +2,15 @@
 
 import json
 import random
+from dataclasses import asdict, replace
 
 import pytest
 from PIL import Image
 
 from ddpo.eval import cli as eval_cli
 from ddpo.eval.cli import main as eval_main
-from ddpo.eval.generation import GenerationConfig, generate_answers, truncate_at_stop
-from ddpo.models.base import ImageTransform
+from ddpo.eval.generation import DECODE_BATCH_SIZE, generate_answers, truncate_at_stop
+from ddpo.models.base import GenerationOptions, ImageTransform
 
 
 class FakeModel:
@@ -22,10 +23,10 @@ class FakeModel:
         self.calls = []
         self.answer_fn = answer_fn or (lambda prompt, rng: f"{prompt} -> {rng.randint(0, 10**6)}### trailing")
 
-    def generate(self, images, prompts, **kwargs):
+    def generate(self, images, prompts, options):
         assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in images)
-        self.calls.append({"n": len(prompts), "sizes": [im.size for im in images], **kwargs})
-        rng = random.Random(kwargs["seed"])
+        self.calls.append({"n": len(prompts), "sizes": [im.size for im in images], **asdict(options)})
+        rng = random.Random(options.seed)
         return [self.answer_fn(p, rng) for p in prompts]
 
 
@@ -41,7 +42,7 @@ def make_images(dir_, n):
 def test_batches_seeds_kwargs_and_stop_strings(tmp_path):
     paths = make_images(tmp_path, 5)
     prompts = [f"q{i}" for i in range(5)]
-    config = GenerationConfig(
+    options = GenerationOptions(
         max_new_tokens=7,
         do_sample=True,
         temperature=0.7,
@@ -54,9 +55,10 @@ def test_batches_seeds_kwargs_and_stop_strings(tmp_path):
     )
     model = FakeModel()
     seen = []
-    answers = generate_answers(model, paths, prompts, config, on_batch=lambda start, a: seen.append((start, a)))
+    answers = generate_answers(model, paths, prompts, options, on_batch=lambda start, a: seen.append((start, a)))
     assert [c["n"] for c in model.calls] == [2, 2, 1]
     assert [c["seed"] for c in model.calls] == [11, 12, 13]
+    assert [c["batch_size"] for c in model.calls] == [DECODE_BATCH_SIZE] * 3  # the model's own split is fixed
     assert [c["sizes"] for c in model.calls][2] == [(12, 8)]
     assert {
         k: model.calls[0][k]
@@ -70,22 +72,23 @@ def test_batches_seeds_kwargs_and_stop_strings(tmp_path):
         "stop_strings": ["###"],
         "template": "llava_v1",
     }
+    assert len(answers) == 5
     assert all(a.startswith(f"q{i} -> ") and "###" not in a and not a.endswith(" ") for i, a in enumerate(answers))
     assert [s for s, _ in seen] == [0, 2, 4] and sum((a for _, a in seen), []) == answers
-    assert generate_answers(FakeModel(), paths, prompts, config) == answers  # same seed, same answers
-    assert generate_answers(FakeModel(), paths, prompts, GenerationConfig(**{**config.__dict__, "seed": 12})) != answers
+    assert generate_answers(FakeModel(), paths, prompts, options) == answers  # same seed, same answers
+    assert generate_answers(FakeModel(), paths, prompts, replace(options, seed=12)) != answers
 
 
 def test_template_left_to_model_when_unset_and_bad_configs(tmp_path):
     model = FakeModel()
-    generate_answers(model, make_images(tmp_path, 1), ["q"], GenerationConfig())
+    generate_answers(model, make_images(tmp_path, 1), ["q"], GenerationOptions())
     assert (
-        "template" not in model.calls[0] and model.calls[0]["do_sample"] is False and model.calls[0]["num_beams"] == 1
+        model.calls[0]["template"] is None and model.calls[0]["do_sample"] is False and model.calls[0]["num_beams"] == 1
     )
     with pytest.raises(ValueError, match="temperature > 0"):
-        GenerationConfig(do_sample=True, temperature=0.0)
+        GenerationOptions(do_sample=True, temperature=0.0)
     with pytest.raises(FileNotFoundError, match="cannot open image .*missing.png"):
-        generate_answers(model, [tmp_path / "missing.png"], ["q"], GenerationConfig())
+        generate_answers(model, [tmp_path / "missing.png"], ["q"], GenerationOptions())
 
 
 def test_truncate_at_stop():
@@ -233,7 +236,8 @@ def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
     import numpy as np
 
     from ddpo.data.synthetic.language import LanguageConfig, describe
-    from ddpo.lab.demo import DemoSettings, split
+    from ddpo.lab.settings import DemoSettings
+    from ddpo.lab.world import split
 
     scenes, _, _, _ = split(DemoSettings(seed=0), "test", 4)
     rng = np.random.default_rng(0)
@@ -247,7 +251,7 @@ def test_synthetic_benchmark_scores_answers_against_the_world(tmp_path):
     )
     metrics = json.loads(out.read_text())
     from ddpo.data.synthetic.metrics import evaluate
-    from ddpo.lab.demo import synthetic_config
+    from ddpo.lab.world import synthetic_config
 
     world = synthetic_config(DemoSettings(seed=0))
     expected = evaluate(scenes, answers, world.world.partners, world.empty_cells)

@@ -65,6 +65,8 @@ def test_metrics_by_hand():
 
 def test_scores_answers_file_with_fake_judge(tmp_path, chat_server):
     questions = mmhal.load_questions()
+    # The "bad" answers below go to the questions at index % 8 == 1: all 12 adversarial ones.
+    assert [i for i, q in enumerate(questions) if q["question_type"] == "adversarial"] == list(range(1, 96, 8))
 
     # The judge rates by the answer text: "good i" -> 6, "bad i" -> 1, "odd" -> unparseable.
     def reply(body):
@@ -122,7 +124,7 @@ def test_template_answers_must_keep_question_order(tmp_path):
     path = tmp_path / "answers.json"
     path.write_text(json.dumps(records))
     with pytest.raises(ValueError, match=re.escape("record 0 asks")):
-        mmhal.read_answers(path, questions)
+        mmhal.read_mmhal_answers(path, questions)
     records[0], records[1] = records[1], records[0]
     path.write_text(json.dumps(records))
-    assert mmhal.read_answers(path, questions) == ["x"] * 96
+    assert mmhal.read_mmhal_answers(path, questions) == ["x"] * 96

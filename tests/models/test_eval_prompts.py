@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from ddpo.data.templates import SYSTEM_PROMPT, default_stop_strings, encode_prompt, prompt_text
+from ddpo.models.base import GenerationOptions
 from ddpo.models.build import load_model
 from tests.models.helpers import tiny_model
 
@@ -11,7 +12,8 @@ QUESTION = "Describe the image in detail ."
 
 
 def test_rlhfv_eval_prompt_is_muffins_layout(word_tokenizer):
-    """muffin_vqa.py: BOS + system + '\\n###' + 'Human: ' + question + '\\n' + <im_start><im_patch>xN<im_end> + '\\n###'."""
+    """muffin_vqa.py: BOS + system + '\\n###' + 'Human: ' + question + '\\n'
+    + <im_start><im_patch>xN<im_end> + '\\n###'."""
     model = tiny_model("muffin", word_tokenizer)
     placeholder = "<im_start>" + "<im_patch>" * model.num_image_tokens + "<im_end>"
     assert model.image_placeholder == placeholder
@@ -41,8 +43,8 @@ def test_default_template_is_the_architectures_then_the_trained_one(word_tokeniz
     assert (llava.template, muffin.template) == ("llava_v1", "vicuna_v0")
     image = [Image.new("RGB", (30, 20), (200, 10, 10))]
     # generate() without a template uses the model's: same answer as naming it
-    assert llava.generate(image, [QUESTION], max_new_tokens=3) == llava.generate(
-        image, [QUESTION], template="llava_v1", max_new_tokens=3
+    assert llava.generate(image, [QUESTION], GenerationOptions(max_new_tokens=3)) == llava.generate(
+        image, [QUESTION], GenerationOptions(template="llava_v1", max_new_tokens=3)
     )
     muffin.template = "llava_v1"  # what the trainer records (data.template)
     muffin.save_pretrained(tmp_path / "m")

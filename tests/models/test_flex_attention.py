@@ -37,6 +37,7 @@ def _logps_and_grads(model, batch, weights, shared: bool):
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.slow
 def test_flex_shared_prompt_equals_two_rows_values_and_grads(arch, word_tokenizer, padding_side, eager_flex):
     model = tiny_model(arch, word_tokenizer, attn_implementation="flex_attention")
     assert model.decoder_attention == "flex_attention"
@@ -65,6 +66,7 @@ def test_flex_shared_prompt_equals_two_rows_values_and_grads(arch, word_tokenize
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.slow
 def test_flex_two_rows_equals_sdpa(word_tokenizer, eager_flex):
     """Without the shared prompt, transformers builds its own block mask from the 2-D padding mask."""
     model = tiny_model("llava", word_tokenizer, attn_implementation="flex_attention")
@@ -87,7 +89,8 @@ def test_block_mask_is_the_dense_mask(word_tokenizer):
     allowed = block_mask.mask_mod(torch.arange(rows)[:, None, None], 0, index[None, :, None], index[None, None, :])
     assert torch.equal(allowed, layout.attention_bias(torch.float32)[:, 0] == 0)
     assert block_mask.shape == (rows, 1, length, length)
-    # By hand for pair 0 (answer lengths: rows 0, 1 chosen 5, 2; rows 2, 3 rejected 1, 6): no rejected query sees a chosen key.
+    # By hand for pair 0 (answer lengths: rows 0, 1 chosen 5, 2; rows 2, 3 rejected 1, 6): no rejected query
+    # sees a chosen key.
     seg = layout.segments[0]
     rejected_q, chosen_k = (seg == 2).nonzero()[:, 0], (seg == 1).nonzero()[:, 0]
     assert len(rejected_q) == 1 and len(chosen_k) == 5

@@ -94,6 +94,7 @@ def test_adapters_alone_round_trip_onto_their_base(word_tokenizer, tmp_path):
     torch.testing.assert_close(_logps(reloaded, batch), _logps(model, batch), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_trainer_runs_lora_and_exports_a_plain_checkpoint(tmp_path):
     """`ddpo train --model.lora_r 4` end to end (fresh process, as users run it)."""
     import json

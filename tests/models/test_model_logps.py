@@ -42,11 +42,11 @@ def test_left_and_right_padding_give_the_same_answer_logps(arch, word_tokenizer)
     left = pair_batch(model, word_tokenizer, [2, 6], [3, 7, 5, 2], padding_side="left", seed=3)
     assert not torch.equal(right.input_ids, left.input_ids)  # really padded differently
     with torch.no_grad():
-        r = torch.cat(model.pair_token_logps(right))
-        l = torch.cat(model.pair_token_logps(left))
-    for row in range(r.shape[0]):
-        r_answer = r[row][right.labels[row, 1:] != -100]
-        l_answer = l[row][left.labels[row, 1:] != -100]
+        from_right = torch.cat(model.pair_token_logps(right))
+        from_left = torch.cat(model.pair_token_logps(left))
+    for row in range(from_right.shape[0]):
+        r_answer = from_right[row][right.labels[row, 1:] != -100]
+        l_answer = from_left[row][left.labels[row, 1:] != -100]
         assert len(r_answer) == len(l_answer) > 0
         torch.testing.assert_close(r_answer, l_answer, atol=1e-5, rtol=1e-5)
 

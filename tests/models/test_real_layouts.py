@@ -5,6 +5,7 @@ the released config keys; llava-hf: what save_pretrained of the model and its pr
 """
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 
 import ddpo.models.muffin as muffin
 from ddpo.data.templates import encode_answer, encode_prompt
+from ddpo.models.base import GenerationOptions
 from ddpo.models.build import build_model, load_model
 from ddpo.models.config import ConfigError, ModelConfig
 from ddpo.models.muffin import (
@@ -49,7 +51,7 @@ def test_muffin_layout_loads_with_its_sentencepiece_tokenizer(tiny_beit3, tmp_pa
     assert not (ckpt / "tokenizer.json").exists()  # SentencePiece only: needs the sentencepiece package
     # the index names the shards; training_args.bin (a pickled object) is never read as weights
     assert [f.name for f in checkpoint_shards(ckpt)] == [f"pytorch_model-0000{k}-of-00003.bin" for k in (1, 2, 3)]
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         torch.load(ckpt / "training_args.bin", weights_only=True)
     model = load_muffin(ckpt, dtype="float32")
     tok = model.tokenizer
@@ -64,19 +66,26 @@ def test_muffin_layout_loads_with_its_sentencepiece_tokenizer(tiny_beit3, tmp_pa
     assert set(loaded) == set(ours)
     assert all(torch.equal(ours[k], v) for k, v in loaded.items())
     assert all(p.device.type == "cpu" for p in model.parameters())
-    # and it runs: the RLHF-V eval prompt tokenizes with SentencePiece and the model answers
+    # and it runs: the RLHF-V eval prompt tokenizes with SentencePiece and the model answers with what the
+    # HF model's own beam search gives on those ids and pixels
     ids = encode_prompt("rlhfv_eval", tok, "Describe the image in detail.", model.image_placeholder)
     assert ids[0] == 1 and ids.count(401) == model.num_image_tokens and tok.unk_token_id not in ids
+    image = Image.new("RGB", (64, 48), (9, 99, 199))
+    beams = dict(max_new_tokens=4, num_beams=3, repetition_penalty=1.1)
     answer = model.generate(
-        [Image.new("RGB", (64, 48), (9, 99, 199))],
+        [image],
         ["Describe the image in detail."],
-        template="rlhfv_eval",
-        max_new_tokens=4,
-        num_beams=3,
-        repetition_penalty=1.1,
-        stop_strings=["###"],
+        GenerationOptions(template="rlhfv_eval", stop_strings=["###"], **beams),
     )
-    assert isinstance(answer[0], str)
+    out = model.hf_model.generate(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pixel_values=model.preprocess_images([image]),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **beams,
+    )
+    assert answer == [tok.decode(out[0, len(ids) :], skip_special_tokens=True).split("###")[0].strip()]
 
 
 def test_muffin_shards_stream_in_bfloat16(tiny_beit3, tmp_path):
@@ -198,6 +207,7 @@ def test_llava_hf_chat_template_gets_bos_and_eos(tmp_path):
     assert tok.convert_ids_to_tokens(answer[-2:-1]) != ["▁"]
 
 
+@pytest.mark.slow
 def test_shards_are_read_one_at_a_time(tiny_beit3, tmp_path, monkeypatch):
     """Streaming: when a shard is opened, no earlier shard is still referenced (host memory ~ one shard;
     experiments/muffin_load_memory.py measures it)."""

@@ -1,4 +1,5 @@
-"""Shared-prompt forward: one packed [prompt | chosen | rejected] row per pair gives the two-row log-probs and gradients."""
+"""Shared-prompt forward: one packed [prompt | chosen | rejected] row per pair gives the two-row log-probs and
+gradients."""
 
 import pytest
 import torch
@@ -105,12 +106,21 @@ def test_pairs_with_different_prompts_are_refused_by_name():
         shared_prompt_layout(ids, mask, labels, pad_token_id=0)
 
 
-def test_config_default_is_shared_prompt_and_model_default_matches():
-    from ddpo.models.base import PreferenceModel
-    from ddpo.models.config import ModelConfig
+def test_model_shared_prompt_is_on_by_default_and_decides_the_default_forward(word_tokenizer, monkeypatch):
+    """model.shared_prompt reaches the built model (on unless the config turns it off), and a forward without
+    an explicit `shared_prompt` takes the packed path exactly when it is on."""
 
-    assert ModelConfig().shared_prompt is True
-    assert PreferenceModel.shared_prompt is True
+    def packed_forwards(model) -> int:
+        calls = []
+        run_packed = model.shared_prompt_hidden_states
+        monkeypatch.setattr(model, "shared_prompt_hidden_states", lambda b: calls.append(b) or run_packed(b))
+        with torch.no_grad():
+            model.pair_token_logps(pair_batch(model, word_tokenizer, [2], [3, 2]))
+        return len(calls)
+
+    default, off = tiny_model("llava", word_tokenizer), tiny_model("llava", word_tokenizer, shared_prompt=False)
+    assert (default.shared_prompt, off.shared_prompt) == (True, False)
+    assert (packed_forwards(default), packed_forwards(off)) == (1, 0)
 
 
 @pytest.mark.parametrize("template,padding_side", [("vicuna_v0", "right"), ("llava_v1", "left")])
@@ -118,7 +128,7 @@ def test_shared_prompt_on_collated_batches_with_cached_reference(word_tokenizer,
     """Through the real encoder and collator (templates, end markers, padding side): same log-probs both ways."""
     from PIL import Image
 
-    from ddpo.data.collator import PairCollator, PairEncoder
+    from ddpo.data.collator import EncodingSettings, PairCollator, PairEncoder
     from ddpo.data.records import PreferenceRecord
 
     model = tiny_model("llava", word_tokenizer)
@@ -132,7 +142,7 @@ def test_shared_prompt_on_collated_batches_with_cached_reference(word_tokenizer,
         )
         for i, (q, c, r) in enumerate(texts)
     ]
-    encoder = PairEncoder(word_tokenizer, template, model.image_placeholder, max_length=256)
+    encoder = PairEncoder(word_tokenizer, model.image_placeholder, EncodingSettings(template, max_length=256))
     pairs = [encoder.encode(r) for r in records]
     for p in pairs:  # a cached reference travels in the batch unchanged
         p.ref_chosen_logps, p.ref_rejected_logps = [-1.0] * len(p.chosen_ids), [-2.0] * len(p.rejected_ids)
@@ -167,5 +177,6 @@ def test_shared_prompt_with_gradient_checkpointing(word_tokenizer):
     two_rows, two_row_grads = _logps_and_grads(model, batch, weights, shared=False)
     shared, shared_grads = _logps_and_grads(model, batch, weights, shared=True)
     torch.testing.assert_close(shared, two_rows, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == two_row_grads.keys() and any("vision_tower" in n for n in shared_grads)
     for name in two_row_grads:
         torch.testing.assert_close(shared_grads[name], two_row_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -1,4 +1,5 @@
-"""Training through the shared interface: a DPO step, freezing, RLHF-V's lr-0 vision experts, checkpointing, save/load."""
+"""Training through the shared interface: a DPO step, freezing, RLHF-V's lr-0 vision experts, checkpointing,
+save/load."""
 
 import json
 

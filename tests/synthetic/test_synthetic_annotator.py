@@ -67,7 +67,10 @@ def test_hand_made_corrections():
 
 def test_absent_object_is_renamed_when_its_position_holds_a_free_object():
     # the square at the bottom right is called a large yellow diamond: rename it, keep the rest
-    text = "there is a small red circle at the top left and a large red circle at the center and a large yellow diamond at the bottom right."
+    text = (
+        "there is a small red circle at the top left and a large red circle at the center and a large yellow diamond "
+        "at the bottom right."
+    )
     a = correct(SCENE, text)
     assert a.corrections == [Correction("object", (text.index("yellow"), text.index("diamond") + 7), "blue square")]
     assert a.corrected.endswith("a large blue square at the bottom right.")
@@ -78,7 +81,10 @@ def test_absent_object_is_renamed_when_its_position_holds_a_free_object():
         == "there is a large red circle at the center and a small red circle at the top left."
     )
     # every object described already: nothing to rename into, the list item goes, with its "and"
-    rest = " and a small red circle at the top left and a large red circle at the center and a large blue square at the bottom right."
+    rest = (
+        " and a small red circle at the top left and a large red circle at the center and a large blue square at the "
+        "bottom right."
+    )
     assert correct(SCENE, "there is a small green triangle at the top right" + rest).corrected == "there is" + rest[4:]
 
 

@@ -43,7 +43,10 @@ def test_hand_made_responses():
 
 
 def test_saying_less_does_not_look_better_on_recall():
-    full = "there is a small red circle at the top left and a large red circle at the center and a large blue square at the bottom right."
+    full = (
+        "there is a small red circle at the top left and a large red circle at the center and a large blue square at "
+        "the bottom right."
+    )
     terse = "there is a large blue square at the bottom right."
     assert evaluate([SCENE], [full])["object_recall"] == 1.0
     assert evaluate([SCENE], [terse])["object_recall"] == pytest.approx(1 / 3)

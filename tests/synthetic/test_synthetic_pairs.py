@@ -38,7 +38,8 @@ def test_records_from_answers_counts_every_outcome():
     answers = [
         "there is a small red circle at the top left and a large blue square at the bottom right.",  # clean
         "there is a small red circle at the top left and a large blue square at the center.",  # 1 position error
-        "there is a small red circle at the top left and a small green triangle at the top right.",  # 1 object rewritten
+        # 1 object rewritten
+        "there is a small red circle at the top left and a small green triangle at the top right.",
         "circle circle circle",  # unparseable
     ]
     records, stats = records_from_answers([scene] * 4, [image] * 4, ["describe the image in detail."] * 4, answers)

@@ -35,7 +35,10 @@ def test_render_is_deterministic_and_draws_each_object_in_its_cell():
     assert image.tobytes() == render(scene, cfg).tobytes()
     cell = 64 / GRID
     px = np.asarray(image)
-    center = lambda r, c: px[int((r + 0.5) * cell), int((c + 0.5) * cell)]
+
+    def center(r, c):
+        return px[int((r + 0.5) * cell), int((c + 0.5) * cell)]
+
     assert tuple(center(0, 0)) == COLOR_RGB["red"]
     assert tuple(center(2, 1)) == COLOR_RGB["blue"]
     assert tuple(center(1, 1)) == cfg.background
