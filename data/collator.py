@@ -16,6 +16,9 @@ before training and logs one summary. With `long_answers="error"` such a pair is
 the row and its lengths (a counted skip with `skip_bad_rows`). The prompt (with its image tokens) is
 never cut: if it leaves no room for an answer the pair is a `DataError`, or a counted skip in
 `PairDataset(skip_bad_rows=True)`.
+
+Multi-turn records (`PreferenceRecord.history`): every earlier turn is part of the prompt ids, so earlier
+assistant turns are context (IGNORE_INDEX), and only the final answer, chosen or rejected, is labelled.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ LONG_ANSWER_MODES = ("truncate", "error")
 class EncodedPair:
     """One pair as token ids; the corrected masks and reference log-probs have one value per answer token."""
 
-    prompt_ids: list[int]  # BOS + system + user turn with image tokens + assistant prefix
+    prompt_ids: list[int]  # BOS + system + (earlier turns +) user turn with image tokens + assistant prefix
     chosen_ids: list[int]  # labelled answer tokens, end marker included
     rejected_ids: list[int]
     chosen_corrected: list[bool]  # len(chosen_ids): True on tokens of corrected segments
@@ -114,8 +117,14 @@ class PairEncoder:
         return cls(tokenizer, image_placeholder, settings)
 
     def encode_prompt(self, record: PreferenceRecord) -> list[int]:
-        """Prompt ids, checked: the image tokens exactly once, and room left for at least one answer token."""
-        ids = encode_prompt(self.settings.template, self.tokenizer, record.prompt, self.image_placeholder)
+        """Prompt ids, checked: the image tokens exactly once, and room left for at least one answer token.
+        A multi-turn record's earlier turns are all encoded (`record.history`); they are never cut."""
+        try:
+            ids = encode_prompt(
+                self.settings.template, self.tokenizer, record.prompt, self.image_placeholder, record.history
+            )
+        except DataError as e:  # the templates' row errors carry no location
+            raise DataError(f"{record.where()}, field 'prompt': {e}") from None
         check_image_tokens(ids, self.placeholder_ids, where=f"{record.where()}, field 'prompt'")
         if len(ids) >= self.settings.max_length:
             raise DataError(
@@ -216,7 +225,9 @@ class PairEncoder:
         prompt_ids = prompt_ids_full = self.encode_prompt(record)
         chosen, rejected = self._answer(record.chosen), self._answer(record.rejected)
         if self.settings.label_span == "muffin":  # the role prefix's tokens move from the prompt into both answers
-            k = role_prefix_length(self.settings.template, self.tokenizer, record.prompt, self.image_placeholder)
+            k = role_prefix_length(
+                self.settings.template, self.tokenizer, record.prompt, self.image_placeholder, record.history
+            )
             prompt_ids, role = prompt_ids[:-k], prompt_ids[-k:]
             chosen = (role + chosen[0], [(0, 0)] * k + chosen[1] if chosen[1] else [])
             rejected = (role + rejected[0], [(0, 0)] * k + rejected[1] if rejected[1] else [])

@@ -1,7 +1,7 @@
 """`ddpo convert`: RLHF-V / RLAIF-V data -> TRL's conversational preference format.
 
     ddpo convert --format {rlaif-v,rlhf-v} --input PATH --output DIR [--test-size 0.01] [--seed 42]
-                 [--num-proc N] [--split train] [--push-to-hub --repo-id ID]
+                 [--num-proc N] [--split train] [--image-dir DIR] [--push-to-hub --repo-id ID]
 
 Each row becomes what TRL's `examples/datasets/rlaif-v.py` produces:
     prompt   = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -12,7 +12,11 @@ then a seeded train/test split. DIR is a `save_to_disk` DatasetDict (`datasets.l
 with a short dataset card README.md. Every row is checked as `load_records` checks it for training —
 texts, and the image decoded in full (a missing file, corrupt or degenerate image is named with its row
 and field): a bad row stops the conversion, or with `--skip-bad-rows` (as `data.skip_bad_rows`) is
-dropped and counted. Image bytes are copied, not re-encoded (an image given as a file path is embedded).
+dropped and counted. Image bytes are copied, not re-encoded (an image given as a file path is embedded;
+a relative path is looked up in --image-dir, by default the folder of --input).
+
+Both input schemas hold one question per row, so each row is one user turn: nothing is cut. (Multi-turn
+data is already TRL-shaped: train on it with data.format trl, which keeps every turn.)
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import datasets
 
 from ddpo.data.formats import REQUIRED_COLUMNS, DataError, open_dataset, row_image, row_texts
+from ddpo.data.images import ImageDir
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +59,17 @@ TRL_FEATURES = datasets.Features(
 )
 
 
-def to_trl_row(row: dict, index: int, fmt: str, source: str, skip_bad_rows: bool = False) -> dict:
+def to_trl_row(
+    row: dict, index: int, fmt: str, source: str, skip_bad_rows: bool = False, image_dir: ImageDir | None = None
+) -> dict:
     """One RLHF-V / RLAIF-V row (image undecoded) -> one TRL conversational preference row, checked as
-    training checks it. With `skip_bad_rows`, a bad row comes back empty with its error in `error`."""
+    training checks it. With `skip_bad_rows`, a bad row comes back empty with its error in `error`.
+    `image_dir`: where relative image paths are looked up (None: the folder of `source`)."""
     where = f"row {index} of {source}"
+    image_dir = image_dir or ImageDir.of(source, None, "--image-dir", "--input")
     try:
         question, chosen, rejected = row_texts(fmt, row, where)
-        image = row_image(row.get("image"), where, "image")
+        image = row_image(row.get("image"), where, "image", image_dir)
     except DataError as e:
         if not skip_bad_rows:
             raise
@@ -82,7 +91,10 @@ def convert(
     seed: int = 42,
     num_proc: int | None = None,
     skip_bad_rows: bool = False,
+    image_dir: str | None = None,
 ) -> datasets.DatasetDict:
+    """The checked TRL rows of `input_path`, split; `image_dir`: where relative image paths are looked up
+    (None: the folder of `input_path`)."""
     ds = open_dataset(input_path, split)
     missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in ds.column_names]
     if missing:
@@ -92,7 +104,12 @@ def convert(
         )
     trl = ds.map(
         to_trl_row,
-        fn_kwargs={"fmt": fmt, "source": input_path, "skip_bad_rows": skip_bad_rows},
+        fn_kwargs={
+            "fmt": fmt,
+            "source": input_path,
+            "skip_bad_rows": skip_bad_rows,
+            "image_dir": ImageDir.of(input_path, image_dir, "--image-dir", "--input"),
+        },
         with_indices=True,
         num_proc=num_proc,
         remove_columns=ds.column_names,
@@ -150,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         help="drop malformed rows (bad texts, missing or corrupt images) with a counted, logged summary instead of "
         "stopping at the first (as data.skip_bad_rows)",
     )
+    parser.add_argument(
+        "--image-dir",
+        default=None,
+        help="folder that relative image paths in the input are looked up in (default: the folder of --input)",
+    )
     parser.add_argument("--push-to-hub", action="store_true", help="also push the result to the Hugging Face Hub")
     parser.add_argument("--repo-id", default=None, help="hub dataset repo for --push-to-hub")
     args = parser.parse_args(argv)
@@ -157,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--push-to-hub needs --repo-id OWNER/NAME")
     test_size = int(args.test_size) if args.test_size >= 1 else args.test_size
     try:
-        splits = convert(args.format, args.input, args.split, test_size, args.seed, args.num_proc, args.skip_bad_rows)
+        splits = convert(
+            args.format, args.input, args.split, test_size, args.seed, args.num_proc, args.skip_bad_rows, args.image_dir
+        )
     except DataError as e:
         print(f"ddpo convert: {e}", file=sys.stderr)
         return 2

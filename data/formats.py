@@ -7,15 +7,21 @@ Schemas (docs/PAPER_FACTS.md §2):
            int `idx`; meta columns ds_name, origin_dataset, origin_split, image_path.
   rlaif-v  parquet shards; `question`, `chosen`, `rejected` columns; `image` = {bytes, path}; string
            `idx`; meta columns as above.
-  trl      TRL conversational preference: `prompt` = [user message with content [image part, text
-           part]], `chosen` / `rejected` = [assistant message], `images` = [image]. A parquet/JSON
-           file, a hub id, or a `save_to_disk` directory (as written by `ddpo convert`).
-  jsonl    one JSON object per line: `image` (path relative to data.image_dir, default the file's
-           folder), `question` (or `prompt`), `chosen`, `rejected`, optional `chosen_spans` /
+  trl      TRL conversational preference: `prompt` = the conversation up to the answered user turn (an
+           optional system message, then user/assistant turns ending with a user turn; one image part,
+           in any user turn), `chosen` / `rejected` = [assistant message], `images` = [image]. Every
+           turn is kept (PreferenceRecord.history) and rendered by the template. A parquet/JSON file,
+           a hub id, or a `save_to_disk` directory (as written by `ddpo convert`).
+  jsonl    one JSON object per line: `image` (a path), `question` (or `prompt`: one question; multi-turn
+           rows need the trl format), `chosen`, `rejected`, optional `chosen_spans` /
            `rejected_spans` ([[start, end], ...] character spans of corrected segments), optional
            `chosen_severity` / `rejected_severity` ([[start, end, weight], ...]: severity weights of
            annotated spans, for loss.token_weights 'severity'), optional `idx`.
            `row_index` is the 0-based line number.
+
+Image paths (jsonl `image`; a path string or a {bytes: null, path} value in the image column of the
+others) that are relative are looked up in `data.image_dir`, by default the folder of `data.path`
+(the file's folder, or the folder itself); a missing image names the row, the path tried and that setting.
 
 `data.path` is a local file or folder, or a hub id read through `datasets.load_dataset` (it cannot be
 reached offline; the error says to pass a local path). Image columns are read undecoded
@@ -37,9 +43,9 @@ from typing import Any
 import datasets
 from datasets import Image as ImageFeature
 
-from ddpo.data.images import ArrowImage, DataError, EncodedImage, load_checked_image
+from ddpo.data.images import ArrowImage, DataError, EncodedImage, ImageDir, load_checked_image
 from ddpo.data.jsonl import jsonl_lines, parse_json_object
-from ddpo.data.records import PreferenceRecord
+from ddpo.data.records import PreferenceRecord, check_history
 
 __all__ = [
     "DataError",
@@ -161,15 +167,17 @@ def _severity(value: Any, text: str, where: str, field: str) -> list[tuple[int, 
     return spans
 
 
-def row_image(value: Any, where: str, field: str):
-    """Decode an undecoded `datasets.Image` value ({bytes, path}), raw bytes, or a path string."""
+def row_image(value: Any, where: str, field: str, image_dir: ImageDir | None = None):
+    """Decode an undecoded `datasets.Image` value ({bytes, path}), raw bytes, or a path string; a relative
+    path is looked up in `image_dir` (None: the current directory)."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
-        return load_checked_image(data, None if data is not None else path, where=where, field=field)
+        path = None if data is not None else path
+        return load_checked_image(data, path, where=where, field=field, image_dir=image_dir)
     if isinstance(value, (bytes, bytearray)):
         return load_checked_image(value, where=where, field=field)
     if isinstance(value, str):
-        return load_checked_image(path=value, where=where, field=field)
+        return load_checked_image(path=value, where=where, field=field, image_dir=image_dir)
     if value is None:
         raise DataError(f"{where}, field '{field}': missing; every pair needs one image")
     raise DataError(f"{where}, field '{field}': expected image bytes or {{bytes, path}}, got {type(value).__name__}")
@@ -212,13 +220,13 @@ def row_texts(fmt: str, row: dict, where: str) -> tuple[str, str, str]:
     return {"rlhf-v": _rlhfv_texts, "rlaif-v": _rlaifv_texts}[fmt](row, where)
 
 
-def _parquet_row(fmt: str, row: dict, i: int, source: str) -> PreferenceRecord:
+def _parquet_row(fmt: str, row: dict, i: int, source: str, image_dir: ImageDir) -> PreferenceRecord:
     """An RLHF-V or RLAIF-V row: the two differ only in where the texts are."""
     where = f"row {i} of {source}"
     question, chosen, rejected = row_texts(fmt, row, where)
     idx = row.get("idx")
     return PreferenceRecord(
-        images=[row_image(row.get("image"), where, "image")],
+        images=[row_image(row.get("image"), where, "image", image_dir)],
         prompt=question,
         chosen=chosen,
         rejected=rejected,
@@ -229,16 +237,8 @@ def _parquet_row(fmt: str, row: dict, i: int, source: str) -> PreferenceRecord:
     )
 
 
-def _message_text(messages: Any, role: str, where: str, field: str) -> tuple[str, int]:
-    """Text of the last `role` message in a TRL message list, and its number of image parts."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise DataError(
-            f"{where}, field '{field}': expected a list of {{role, content}} messages, got {type(messages).__name__}"
-        )
-    turns = [m for m in messages if m.get("role") == role]
-    if not turns:
-        raise DataError(f"{where}, field '{field}': no '{role}' message; TRL preference rows need one")
-    content = turns[-1].get("content")
+def _content(content: Any, where: str, field: str) -> tuple[str, int]:
+    """A TRL message's text (its text parts joined) and its number of image parts."""
     if isinstance(content, str):
         return content, 0
     if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
@@ -249,11 +249,68 @@ def _message_text(messages: Any, role: str, where: str, field: str) -> tuple[str
     return "".join(texts), sum(p.get("type") == "image" for p in content)
 
 
-def _trl_row(row: dict, i: int, source: str) -> PreferenceRecord:
+def _messages(messages: Any, where: str, field: str) -> list[dict]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise DataError(
+            f"{where}, field '{field}': expected a list of {{role, content}} messages, got {type(messages).__name__}"
+        )
+    return messages
+
+
+def _trl_answer(messages: Any, where: str, field: str) -> str:
+    """The text of `chosen` / `rejected`: one assistant message, without image parts."""
+    messages = _messages(messages, where, field)
+    if not any(m.get("role") == "assistant" for m in messages):
+        raise DataError(f"{where}, field '{field}': no 'assistant' message; TRL preference rows need one")
+    if len(messages) != 1:
+        raise DataError(
+            f"{where}, field '{field}': {len(messages)} messages; it must be the one assistant message that answers "
+            "the prompt (earlier turns belong at the end of 'prompt')"
+        )
+    text, images = _content(messages[0].get("content"), where, field)
+    if images:
+        raise DataError(f"{where}, field '{field}': the answer holds an image part; the image belongs in 'prompt'")
+    return text
+
+
+def _trl_prompt(messages: Any, where: str) -> tuple[Any, list[dict] | None]:
+    """(final user turn's text, earlier turns or None) of a TRL prompt, every turn kept; one image part."""
+    messages = _messages(messages, where, "prompt")
+    if not any(m.get("role") == "user" for m in messages):
+        raise DataError(f"{where}, field 'prompt': no 'user' message; TRL preference rows need one")
+    turns, image_parts = [], 0
+    for k, message in enumerate(messages):
+        text, images = _content(message.get("content"), where, "prompt")
+        image_parts += images
+        if message.get("role") == "user" and k < len(messages) - 1:  # LLaVA-style tags: the template inserts the
+            text = _IMAGE_TAG.sub(" ", text).strip()  # image (the final turn's: in parse_pair_texts)
+        turns.append({"role": message.get("role"), "content": text, **({"image": True} if images else {})})
+    if image_parts != 1:
+        users = sum(m.get("role") == "user" for m in messages)
+        holder = "the user message has" if users == 1 else f"its {len(messages)} messages have"
+        raise DataError(
+            f"{where}, field 'prompt': {holder} {image_parts} image parts; "
+            "it needs exactly one ({'type': 'image'}) for its one image"
+        )
+    if turns[-1]["role"] != "user":
+        raise DataError(
+            f"{where}, field 'prompt': the last message is {turns[-1]['role']!r}, not 'user'; the prompt must end "
+            "with the user turn that 'chosen' and 'rejected' answer"
+        )
+    try:
+        check_history(turns[:-1])
+    except DataError as e:
+        raise DataError(f"{where}, field 'prompt': {e}") from None
+    return turns[-1]["content"], turns[:-1] or None
+
+
+def _trl_row(row: dict, i: int, source: str, image_dir: ImageDir) -> PreferenceRecord:
     where = f"row {i} of {source}"
-    question, image_parts = _message_text(row.get("prompt"), "user", where, "prompt")
-    chosen, _ = _message_text(row.get("chosen"), "assistant", where, "chosen")
-    rejected, _ = _message_text(row.get("rejected"), "assistant", where, "rejected")
+    question, history = _trl_prompt(row.get("prompt"), where)
+    chosen, rejected = (
+        _trl_answer(row.get("chosen"), where, "chosen"),
+        _trl_answer(row.get("rejected"), where, "rejected"),
+    )
     question, chosen, rejected = parse_pair_texts(question, chosen, rejected, where, question_field="prompt")
     images = row.get("images")
     if not isinstance(images, list) or len(images) != 1:
@@ -261,32 +318,33 @@ def _trl_row(row: dict, i: int, source: str) -> PreferenceRecord:
             f"{where}, field 'images': expected a list with exactly one image, got "
             f"{len(images) if isinstance(images, list) else type(images).__name__}"
         )
-    if image_parts != 1:
-        raise DataError(
-            f"{where}, field 'prompt': the user message has {image_parts} image parts; "
-            "it needs exactly one ({'type': 'image'}) for its one image"
-        )
     return PreferenceRecord(
-        images=[row_image(images[0], where, "images")],
+        images=[row_image(images[0], where, "images", image_dir)],
         prompt=question,
         chosen=chosen,
         rejected=rejected,
         row_index=i,
         source=source,
         idx=None if row.get("idx") is None else str(row["idx"]),
+        history=history,
     )
 
 
-def _jsonl_row(row: dict, i: int, source: str, image_dir: Path) -> PreferenceRecord:
+def _jsonl_row(row: dict, i: int, source: str, image_dir: ImageDir) -> PreferenceRecord:
     where = f"row {i} (line {i + 1}) of {source}"
     question_field = "question" if "question" in row else "prompt"
+    if isinstance(row.get(question_field), list):  # a conversation: the jsonl format carries one question
+        raise DataError(
+            f"{where}, field '{question_field}': a list (a conversation?); the jsonl format holds one question "
+            "string per row: write multi-turn rows in TRL's conversational format (data.format trl)"
+        )
     question, chosen, rejected = parse_pair_texts(
         row.get(question_field), row.get("chosen"), row.get("rejected"), where, question_field
     )
     image = _text(row.get("image"), where, "image")
     idx = row.get("idx")
     return PreferenceRecord(
-        images=[load_checked_image(path=image_dir / image, where=where, field="image")],
+        images=[load_checked_image(path=image, where=where, field="image", image_dir=image_dir)],
         prompt=question,
         chosen=chosen,
         rejected=rejected,
@@ -361,9 +419,10 @@ def _dataset_rows(data_cfg: Any, fmt: str) -> tuple[Iterator[tuple[int, Any]], C
             f"{source}: column(s) {', '.join(missing)} missing (has {', '.join(ds.column_names)}); the {fmt} format "
             f"needs {', '.join(REQUIRED_COLUMNS[fmt])}"
         )
+    image_dir = ImageDir.of(data_cfg.path, data_cfg.image_dir)
     if fmt == "trl":
-        return enumerate(ds), lambda row, i: _in_arrow(_trl_row(row, i, source), ds, i, "images", 0)
-    return enumerate(ds), lambda row, i: _in_arrow(_parquet_row(fmt, row, i, source), ds, i, "image", None)
+        return enumerate(ds), lambda row, i: _in_arrow(_trl_row(row, i, source, image_dir), ds, i, "images", 0)
+    return enumerate(ds), lambda row, i: _in_arrow(_parquet_row(fmt, row, i, source, image_dir), ds, i, "image", None)
 
 
 def _in_arrow(
@@ -386,7 +445,7 @@ def _jsonl_rows(data_cfg: Any) -> tuple[Iterator[tuple[int, Any]], Callable[[Any
     path = Path(data_cfg.path).expanduser()
     if not path.is_file():
         raise DataError(f"{data_cfg.path}: JSONL file not found; check data.path")
-    image_dir = Path(data_cfg.image_dir).expanduser() if data_cfg.image_dir else path.parent
+    image_dir = ImageDir.of(data_cfg.path, data_cfg.image_dir)
 
     def parse(line: str, i: int) -> PreferenceRecord:
         return _jsonl_row(parse_json_object(line, f"row {i} (line {i + 1}) of {path}"), i, str(path), image_dir)

@@ -10,9 +10,12 @@ its row, not in the middle of training) but keep no pixels: decoded, the 83k-pai
 need ~30 GB per rank. Images of a parquet / hub dataset stay in its memory-mapped Arrow file
 (`ArrowImage`: a row reference, the bytes read when a batch is built), so each rank holds ~0.3 KB per
 row and the operating system's page cache, shared by all ranks, holds the bytes; other images (JSONL
-image folders) are kept compressed (`EncodedImage`). `experiments/dataset_image_memory.py` measures
-both. An image is decoded again when a batch is built (`as_pil`), which costs far less than the
-model's forward pass.
+image folders, image paths in any format) are kept compressed (`EncodedImage`).
+`experiments/dataset_image_memory.py` measures both. An image is decoded again when a batch is built
+(`as_pil`), which costs far less than the model's forward pass.
+
+Relative image paths, in every format, are looked up in one folder (`ImageDir`): `data.image_dir`, by
+default the folder of `data.path`; a missing file's message names the row, the path tried and that setting.
 """
 
 from __future__ import annotations
@@ -67,6 +70,54 @@ def decode_image(
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class ImageDir:
+    """Where a dataset's relative image paths are looked up, and how the user changes that: `setting` (the
+    config key or command-line option) and `origin` (why `folder` is the one used) go into the message
+    for a missing image, so it names the path tried and what to change."""
+
+    folder: Path
+    setting: str = "data.image_dir"
+    origin: str = "data.image_dir"
+
+    @classmethod
+    def of(
+        cls,
+        data_path: str | None,
+        image_dir: str | None,
+        setting: str = "data.image_dir",
+        path_setting: str = "data.path",
+    ) -> ImageDir:
+        """`image_dir` when set, else the folder of the data file `data_path` (the folder itself when it is one;
+        the current directory for a hub id). `setting` / `path_setting` name the two options in messages."""
+        if image_dir:
+            return cls(Path(image_dir).expanduser(), setting, f"set by {setting}")
+        local = Path(data_path or ".").expanduser()
+        if local.is_file():
+            return cls(local.parent, setting, f"the folder of {path_setting}, as {setting} is unset")
+        if local.is_dir():
+            return cls(local, setting, f"{path_setting} itself, as {setting} is unset")
+        return cls(Path.cwd(), setting, f"the current directory, as {setting} is unset and {path_setting} is a hub id")
+
+    def resolve(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else self.folder / path
+
+    def missing(self, path: str | Path, where: str, field: str) -> DataError:
+        """The error for a row whose image file is not at `path` (as the row gives it)."""
+        tried = self.resolve(path).absolute()  # the current directory matters too: say it
+        if Path(path).expanduser().is_absolute():
+            return DataError(
+                f"{where}, field '{field}': image file not found: {tried} (an absolute path: {self.setting} applies "
+                "to relative paths only); fix the row's path"
+            )
+        return DataError(
+            f"{where}, field '{field}': image file not found: {tried} (the row's '{path}' relative to "
+            f"{self.folder.absolute()}, {self.origin}); fix the row's path, or set {self.setting} to the folder its "
+            "image paths are relative to"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class EncodedImage:
     """A checked image kept in its compressed form; `decode()` returns the RGB PIL image."""
@@ -83,10 +134,20 @@ class EncodedImage:
 
 
 def load_checked_image(
-    data: bytes | None = None, path: str | Path | None = None, *, where: str, field: str = "image"
+    data: bytes | None = None,
+    path: str | Path | None = None,
+    *,
+    where: str,
+    field: str = "image",
+    image_dir: ImageDir | None = None,
 ) -> EncodedImage:
-    """Check an image completely now (same errors as `decode_image`) and keep its compressed bytes."""
+    """Check an image completely now (same errors as `decode_image`) and keep its compressed bytes. A relative
+    `path` is looked up in `image_dir` (when given), whose missing-file message names the setting to change."""
     inline = data is not None
+    if data is None and path is not None and image_dir is not None:
+        if not image_dir.resolve(path).is_file():
+            raise image_dir.missing(path, where, field)
+        path = image_dir.resolve(path)
     if data is None and path is not None and Path(path).is_file():
         data = Path(path).read_bytes()
     image = decode_image(data, path, where=where, field=field)

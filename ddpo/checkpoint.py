@@ -107,16 +107,22 @@ def save(engine, output_dir: str | os.PathLike, step: int, trainer_state: dict, 
         shutil.rmtree(final, ignore_errors=True)
         os.replace(root / tmp_tag, final)
         write_text_atomic(root / "latest", name)
-        _prune(root, keep)
+        _prune(root, keep, step)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, step: int) -> None:
+    """Keep the `keep` newest checkpoints of this run (0 = all). Checkpoints past `step`, the one just saved, are
+    an earlier attempt's (this run restarted before them, under the same config: ddpo/run_identity.py refuses another):
+    they go first, so pruning never deletes this run's checkpoint to keep an older run's."""
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
-        for old in _step_dirs(root)[:-keep]:
+        steps = _step_dirs(root)
+        ahead = [p for p in steps if _step_of(p) > step]
+        own = [p for p in steps if _step_of(p) <= step]
+        for old in ahead + own[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -127,6 +133,12 @@ def _step_dirs(root: Path) -> list[Path]:
     """step-* directories, oldest first (by step number)."""
     found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def has_checkpoints(output_dir: str | os.PathLike) -> bool:
+    """Whether `output_dir` holds a run's checkpoints (complete or not): a step-* folder or a `latest` file."""
+    root = checkpoint_root(output_dir)
+    return root.is_dir() and (bool(_step_dirs(root)) or (root / "latest").is_file())
 
 
 def _step_of(path: Path) -> int:

@@ -5,7 +5,9 @@ A section lives with the package that reads it where there is one (`model:` in d
 A YAML file in `configs/` fills them section by section; any field can then be overridden on the
 command line as `--<section>.<field> VALUE` (`--loss.gamma 5`). Every field carries a one-line doc
 (`metadata["help"]`) that `ddpo train --help` prints. Unknown keys, wrong types and invalid
-combinations fail at start-up with a message that names the key and what is allowed.
+combinations fail at start-up with a message that names the key and what is allowed. A relative input
+path in a YAML (INPUT_PATHS: data, model, DeepSpeed and resume paths) is looked up next to the YAML first,
+then in the working directory: a config whose paths are relative to its own folder runs from anywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,11 +38,15 @@ class DataConfig:
     )
     path: str | None = config_field(None, "Local file/directory or hub id of the dataset (unused for 'synthetic').")
     split: str = config_field("train", "Split to train on.")
-    image_dir: str | None = config_field(None, "Folder that JSONL `image` paths are relative to (format 'jsonl').")
-    template: Literal["vicuna_v0", "llava_v1", "chat_template"] = config_field(
+    image_dir: str | None = config_field(
+        None,
+        "Folder that relative image paths in the data are looked up in (every format: JSONL `image`, TRL `images`, "
+        "RLHF-V/RLAIF-V `image` paths); null = the folder of data.path.",
+    )
+    template: Literal["vicuna_v0", "llava_v1", "omnilmm", "chat_template"] = config_field(
         "vicuna_v0",
-        "Conversation template: Vicuna v0 (### Human/### Assistant, Muffin), LLaVA v1 (USER/ASSISTANT), or the "
-        "tokenizer's own chat template.",
+        "Conversation template: Vicuna v0 (### Human/### Assistant, Muffin), LLaVA v1 (USER/ASSISTANT), OmniLMM "
+        "(Zephyr's <|user|>/<|assistant|>, OmniLMM-12B / RLAIF-V-12B), or the tokenizer's own chat template.",
     )
     max_length: int = config_field(
         2048,
@@ -110,6 +117,11 @@ class TrainConfig:
     logging_steps: int = config_field(1, "Write metrics every N optimizer steps.")
     resume: str = config_field(
         "none", "'none', 'auto' (latest checkpoint in output_dir, if any) or a checkpoint directory."
+    )
+    overwrite_output_dir: bool = config_field(
+        False,
+        "When output_dir holds a run of another config: move that run aside to <output_dir>.replaced-<time> (nothing "
+        "is deleted) and start over; false = refuse to start (ddpo/run_identity.py).",
     )
     reference: Literal["cached", "live"] = config_field(
         "cached",
@@ -213,7 +225,6 @@ def _data_checks(d: DataConfig) -> Checks:
             d.format == "synthetic" or d.path,
             f"data.path is required for data.format '{d.format}' (a local path or hub id)",
         ),
-        (d.format != "jsonl" or d.image_dir, "data.image_dir is required for data.format 'jsonl'"),
         (
             d.label_span == "answer" or d.template == "vicuna_v0",
             "data.label_span 'muffin' labels vicuna_v0's '### Assistant:' role prefix (Muffin's layout); "
@@ -230,6 +241,7 @@ def _data_checks(d: DataConfig) -> Checks:
 def _model_checks(m: ModelConfig) -> Checks:
     return [
         (m.image_size is None or m.image_size > 0, "model.image_size must be > 0"),
+        (m.patch_size is None or m.patch_size > 0, "model.patch_size must be > 0 (null = the preset's)"),
         (m.logps_chunk_size >= 1, "model.logps_chunk_size must be >= 1"),
         (
             m.attn_implementation != "flex_attention"
@@ -267,6 +279,26 @@ def _method_checks(loss: LossConfig, t: TrainConfig, ds: DeepSpeedConfig) -> Che
             loss.tdpo_alpha == 0 or ds.zero_stage != 3,
             "loss.tdpo_alpha > 0 reads the LM heads outside the forward pass, which "
             "ZeRO-3 partitions: use deepspeed.zero_stage 0, 1 or 2, or loss.tdpo_alpha 0",
+        ),
+        (
+            not loss.tpo_score or (t.reference == "live" and not loss.reference_free),
+            "loss.tpo_score (TPO) needs the reference's own answer-token logits given the real and the noised image, "
+            "which the per-token reference cache does not hold: set train.reference live (and loss.reference_free "
+            "false), or loss.tpo_score false",
+        ),
+        (
+            not loss.tpo_score or ds.zero_stage != 3,
+            "loss.tpo_score reads the LM heads outside the forward pass, which ZeRO-3 partitions: use "
+            "deepspeed.zero_stage 0, 1 or 2, or loss.tpo_score false",
+        ),
+        (
+            loss.corruption_draw == "pair"
+            or loss.image_conditional_weight == 0
+            or t.reference == "live"
+            or loss.reference_free,
+            f"loss.corruption_draw {loss.corruption_draw!r} redraws the corrupted image during training, so the "
+            "reference's log-probs given it cannot be cached before: set train.reference live, or "
+            "loss.corruption_draw pair",
         ),
     ]
 
@@ -383,23 +415,104 @@ def _flatten(mapping: Any, source: str) -> list[tuple[str, Any]]:
     return items
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `--section.field VALUE` overrides, then validation."""
-    cfg = Config()
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, check_paths: bool = False
+) -> Config:
+    """Defaults <- YAML file <- `--section.field VALUE` overrides, then validation. A relative input path
+    of the YAML (INPUT_PATHS) found next to the YAML becomes that absolute path; else it stays relative
+    to the working directory. `check_paths`: every local input path must exist (what `ddpo train` needs;
+    a library caller may load a config whose inputs are written later); deepspeed.config and train.resume
+    must always."""
+    cfg, tried = Config(), {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            raise ConfigError(f"config file not found: {path} (from the working directory {Path.cwd()})")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         for key, value in _flatten(data, str(path)):
             try:
                 _set(cfg, key, value, from_string=False)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
+        tried = _resolve_input_paths(cfg, path)
     for key, value in parse_overrides(overrides or []):
         _set(cfg, key, value, from_string=True)
+        tried.pop(key, None)  # a command-line value is relative to the shell's directory only
+    _check_input_paths(cfg, tried, INPUT_PATHS if check_paths else ("deepspeed.config", "train.resume"))
     return cfg.validate()
+
+
+# Input paths a config may give relative to its own file: looked up next to the config file first, then in the
+# working directory (a value given on the command line: the working directory only). The outputs
+# (train.output_dir, train.reference_cache) are not among them: they are written where the command runs, and a
+# place that depended on what already exists would move them between runs.
+INPUT_PATHS = (
+    "data.path",
+    "data.image_dir",
+    "model.name_or_path",
+    "model.tokenizer",
+    "model.muffin_checkpoint",
+    "deepspeed.config",
+    "train.resume",
+)
+# Of those, the ones that may name a hub id ('name' or 'owner/name'): kept as written when no such path exists.
+HUB_ID_KEYS = ("data.path", "model.name_or_path", "model.tokenizer")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_DATA_FILES = (".parquet", ".json", ".jsonl", ".arrow", ".csv")  # a data.path ending so is a file, not a hub id
+
+
+def _path_value(cfg: Config, key: str) -> str | None:
+    """The value of input-path `key`, or None where it names no path (null or '', train.resume 'none'/'auto')."""
+    section, _, name = key.partition(".")
+    value = getattr(getattr(cfg, section), name)
+    return None if not value or (key == "train.resume" and value in ("none", "auto")) else value
+
+
+def _resolve_input_paths(cfg: Config, config_file: Path) -> dict[str, list[Path]]:
+    """Point each relative input path found next to `config_file` there (absolute); return the places tried
+    for those found in neither place."""
+    tried = {}
+    for key in INPUT_PATHS:
+        value = _path_value(cfg, key)
+        if value is None or Path(value).expanduser().is_absolute():
+            continue
+        beside = Path(os.path.abspath(config_file.parent / value))
+        if beside.exists():
+            section, _, name = key.partition(".")
+            setattr(getattr(cfg, section), name, str(beside))
+        elif not Path(value).exists():
+            tried[key] = [beside, Path(os.path.abspath(value))]
+    return tried
+
+
+def _check_input_paths(cfg: Config, tried: dict[str, list[Path]], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = _path_value(cfg, key)
+        if value is None or Path(value).expanduser().exists():
+            continue
+        if key in HUB_ID_KEYS and _HUB_ID.match(value) and not value.endswith(_DATA_FILES):
+            continue  # a hub id: the loader says whether it can be had
+        if key in tried:
+            beside, cwd = tried[key]
+            where = f"tried {beside} (next to the config file) and {cwd} (the working directory)"
+        elif Path(value).expanduser().is_absolute():
+            where = "no such file or folder"
+        else:
+            where = f"tried {os.path.abspath(value)} (a command-line path is relative to the working directory)"
+        raise ConfigError(f"{key} '{value}' not found: {where}; fix the path{_PATH_HINTS.get(key, '')}")
+
+
+_PATH_HINTS = {
+    "data.path": ", or give a hub id 'owner/name'",
+    "model.name_or_path": ", or give a hub id 'owner/name'",
+    "model.tokenizer": ", or give a hub id 'owner/name'",
+    "deepspeed.config": " (configs/deepspeed/ has the shipped ones), or set it null",
+    "train.resume": ", or set it 'auto' (the latest checkpoint in train.output_dir) or 'none'",
+}
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -428,14 +541,18 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-def fields_help() -> str:
-    """Every field with its type, default and one-line doc, as `ddpo train --help` prints them."""
+def fields_help(cfg: Config | None = None) -> str:
+    """Every field with its type, default and one-line doc, as `ddpo train --help` prints them; with `cfg`,
+    each field's value in it first (`ddpo train CONFIG --help`)."""
     lines = []
     for section_name, section_cls in SECTIONS.items():
         lines.append(f"\n{section_name}:")
         hints = _field_types(section_cls)
         for f in dataclasses.fields(section_cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{section_name}.{f.name} ({_describe(hints[f.name])}, default {json.dumps(default)})")
-            lines.append(f"      {f.metadata['help']}")
+            value = "" if cfg is None else f" {json.dumps(getattr(getattr(cfg, section_name), f.name))} "
+            kind = f"({_describe(hints[f.name])}, default {json.dumps(default)})"
+            lines.append(f"  --{section_name}.{f.name}{value} {kind}")
+            relative = " Relative: next to the config file if there, else the working directory."
+            lines.append(f"      {f.metadata['help']}{relative if f'{section_name}.{f.name}' in INPUT_PATHS else ''}")
     return "\n".join(lines)

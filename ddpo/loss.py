@@ -9,11 +9,15 @@ human-corrected segments weigh gamma > 1 and unchanged tokens weigh 1:
 The released RLHF-V code drops the 1/N (a weighted sum). Both are `weighted_logps(..., normalize)`.
 The data says which answer tokens were corrected (a bool mask from the segment finder, data/segments.py);
 `DDPOLoss` turns it into weights with `loss.gamma` (`token_weights`), so changing gamma needs no
-re-encoding and no new reference cache. Other weight sources (annotated severity, TPO's visual weights,
-LD-DPO's tail weight) live in ddpo/token_weights.py; the dense methods' extra terms (mDPO's conditional
-preference and anchor, TDPO's sequential KL) are settings of the loss, off by default, each a small
-function below (docs/DENSE_METHODS.md). Reference sequence log-probs are rebuilt from per-token
+re-encoding and no new reference cache. Reference sequence log-probs are rebuilt from per-token
 reference log-probs with the same weights and normalisation, as RLHF-V does.
+
+The other dense methods are settings of the same loss, each off by default and each computing its
+original's formula (docs/DENSE_METHODS.md gives the formula, the source file and line, and the values):
+other weight sources (annotated severity, LD-DPO's tail weight; ddpo/token_weights.py), TPO's visual
+scores added to each token log-prob, HSA-DPO's per-answer severity on the log-ratios, TDPO's sequential
+KL (TDPO1 or TDPO2) in the margin, the image-conditional comparison with a corrupted image either as
+mDPO's separate term or inside the margin as CHiP's cross-modal term, and mDPO's reward anchor.
 
 The settings are one object, `LossConfig` (the `loss:` section of the config, which lives here with the
 code that reads it; ddpo/config.py composes it). They are checked once, where they are set
@@ -30,13 +34,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpo.corruption import CORRUPTIONS
+from ddpo.corruption import CORRUPTION_DRAWS, CORRUPTIONS, DIFFUSION_SPACES, DIFFUSION_STEPS
 from ddpo.models.config import config_field
-from ddpo.token_weights import TOKEN_WEIGHT_SOURCES, length_weights, severity_weights, token_weights, visual_weights
+from ddpo.token_weights import (
+    TOKEN_WEIGHT_SOURCES,
+    answer_scores,
+    length_weights,
+    severity_weights,
+    token_weights,
+    visual_scores,
+)
 
 NORMALIZATIONS = ("mean", "sum")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 SFT_FORMS = ("token_mean", "released")
+ANSWER_SEVERITY = ("off", "chosen", "rejected", "both")
+TDPO_VARIANTS = ("tdpo1", "tdpo2")
 
 
 @dataclass
@@ -52,7 +65,9 @@ class LossConfig:
         "sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge."
     )
     label_smoothing: float = config_field(0.0, "Conservative DPO epsilon in [0, 0.5) (sigmoid only).")
-    reference_free: bool = config_field(False, "Ignore the reference model (its log-ratio is taken as 0).")
+    reference_free: bool = config_field(
+        False, "Ignore the reference model: its log-probs count as 0 in every term, and it is not run."
+    )
     sft_weight: float = config_field(
         0.0, "Weight alpha of an SFT term: mean negative token log-prob of the chosen answer (RPO-style mixing)."
     )
@@ -62,50 +77,99 @@ class LossConfig:
         "the chosen answer's weighted sequence log-prob (gamma weights, loss.normalize), averaged over pairs, "
         "as the released RLHF-V code (SFT_weight env).",
     )
-    # The dense methods (docs/DENSE_METHODS.md): one weight source, and extra terms that are off at 0.
-    token_weights: Literal["segments", "severity", "visual", "length"] = config_field(
+    # The dense methods (docs/DENSE_METHODS.md): one weight source, and extra terms that are off by default.
+    token_weights: Literal["segments", "severity", "length"] = config_field(
         "segments",
         "Where token weights come from: 'segments' = gamma on corrected segments (DDPO); 'severity' = the "
-        "data's annotated severity weights (HSA-DPO/OPA-DPO style; loss.gamma must be 1); 'visual' = TPO's "
-        "self-calibrated weights from the policy's log-prob gap between the real and the corrupted image "
-        "(loss.corruption); 'length' = LD-DPO: the longer answer's tail weighs loss.ld_alpha.",
+        "data's annotated severity weight on each annotated token (OPA-DPO style; loss.gamma must be 1); "
+        "'length' = LD-DPO: the longer answer's tail weighs loss.ld_alpha.",
     )
     ld_alpha: float = config_field(
         1.0, "LD-DPO: weight in [0, 1] of the answer tokens past the shorter answer's length (token_weights 'length')."
     )
+    ld_alpha_reference: bool = config_field(
+        False,
+        "LD-DPO: also weigh the reference's tail by loss.ld_alpha; false = the policy's only, as TRL's ld_alpha "
+        "(the one public implementation).",
+    )
+    answer_severity: Literal["off", "chosen", "rejected", "both"] = config_field(
+        "off",
+        "HSA-DPO: which answers' log-ratios are multiplied by their severity score (the largest annotated "
+        "severity on the answer, 1 if none); HSA-DPO's default is 'rejected'.",
+    )
+    tpo_score: bool = config_field(
+        False,
+        "TPO: add log s_t to each answer token's log-prob, s_t = sigmoid(z - z') + 0.5 (chosen) or "
+        "1.5 - sigmoid(z - z') (rejected), z / z' the token's raw logit given the real / the corrupted image "
+        "(loss.corruption); policy and reference each use their own; with gradient. Needs train.reference live.",
+    )
     image_conditional_weight: float = config_field(
         0.0,
-        "mDPO's conditional preference term (chosen answer given the real image preferred to it given the "
-        "corrupted image, loss.corruption); its weight, 0 = off. One extra policy forward per step.",
+        "Weight of the image-conditional comparison D(y_w|I) - D(y_w|I'), the chosen answer given the real "
+        "image against the corrupted one (loss.corruption); 0 = off. One extra policy forward per step.",
+    )
+    image_conditional_in_margin: bool = config_field(
+        False,
+        "Where the image-conditional comparison goes: false = mDPO's separate term -log sigmoid(beta [...]); "
+        "true = CHiP's cross-modal term, added inside the main DPO margin.",
+    )
+    chip_released_reference: bool = config_field(
+        False,
+        "CHiP's released code: the reference's log-prob of the chosen answer given the corrupted image is its "
+        "unweighted sum times the sum of the answer's token weights (a broadcasting slip at batch size 1); "
+        "false = token-weighted like every other log-prob (the paper's formula).",
     )
     anchor_weight: float = config_field(
         0.0, "mDPO's reward anchor -log sigmoid(beta * chosen log-ratio); its weight, 0 = off."
     )
     tdpo_alpha: float = config_field(
         0.0,
-        "TDPO's sequential-KL weight alpha inside the margin (CHiP uses it); 0 = off. Needs train.reference "
-        "live (the full reference distribution at each answer position).",
+        "TDPO's sequential-KL weight inside the margin; 0 = off. Needs train.reference live (the full "
+        "reference distribution at each answer position).",
     )
-    corruption: Literal["mask_tokens", "mask_patches", "noise"] = config_field(
+    tdpo_variant: Literal["tdpo1", "tdpo2"] = config_field(
+        "tdpo1",
+        "TDPO1: margin - (KL_rejected - KL_chosen), both with gradient, loss.tdpo_alpha 1 (TDPO's default "
+        "config); TDPO2: margin - alpha (KL_rejected - sg(KL_chosen)) (TDPO's README, CHiP).",
+    )
+    corruption: Literal["mask_tokens", "mask_patches", "noise", "diffusion", "crop"] = config_field(
         "noise",
-        "Corrupted image of the conditional term and the visual weights: mask_tokens (zero a share of the "
-        "image tokens' features), mask_patches (blank a share of the pixel grid cells), noise (forward "
-        "diffusion at level loss.corruption_strength). Seeded per pair.",
+        "Corrupted image of the image-conditional comparison and TPO's scores (ddpo/corruption.py): "
+        "mask_tokens / mask_patches (a share loss.corruption_strength masked), noise (sqrt(1-s) x + sqrt(s) "
+        "eps), diffusion (CHiP / TPO: step loss.diffusion_step of their 1000-step schedule), crop (mDPO).",
     )
     corruption_strength: float = config_field(
-        0.5,
-        "Share of image tokens / grid cells masked, or the diffusion noise level s "
-        "(sqrt(1-s) x + sqrt(s) eps); in (0, 1].",
+        0.5, "mask_tokens / mask_patches: share masked; noise: the noise level s. In (0, 1]."
+    )
+    diffusion_step: int = config_field(
+        500, "corruption 'diffusion': the step t in [0, 999] of the schedule (CHiP and TPO use 500)."
+    )
+    diffusion_space: Literal["normalized", "pixels"] = config_field(
+        "normalized",
+        "corruption 'diffusion': noise the normalised image (CHiP) or the [0, 1] pixels, clamped (TPO).",
+    )
+    crop_min_area: float = config_field(0.01, "corruption 'crop': smallest share of the image kept (mDPO 0.01).")
+    crop_max_area: float = config_field(0.2, "corruption 'crop': largest share of the image kept (mDPO 0.2).")
+    corruption_draw: Literal["pair", "step", "forward"] = config_field(
+        "pair",
+        "How often a pair's corrupted image is redrawn: 'pair' = once (cacheable reference), 'step' = every "
+        "optimizer step, policy and reference sharing it (CHiP, TPO), 'forward' = every forward, policy and "
+        "reference drawing their own (mDPO). 'step' / 'forward' need train.reference live.",
     )
     corruption_seed: int = config_field(
         0,
-        "Seed of the corruptions (each pair: this seed and its source row), so a pair's corrupted view is "
-        "the same in every epoch and in the reference cache.",
+        "Seed of the corruptions (each pair: this seed, its source row and the draw), so a pair's corrupted "
+        "views are the same on a rerun and after a resume.",
     )
 
     def validate(self) -> None:
         """The one check of the loss settings: a ValueError whose message names the `loss.<key>` and the fix."""
-        checks = [
+        for ok, message in self._objective_checks() + self._method_checks():
+            if not ok:
+                raise ValueError(message)
+
+    def _objective_checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.beta > 0, f"loss.beta must be > 0, got {self.beta}"),
             (
                 self.gamma >= 1,
@@ -141,16 +205,43 @@ class LossConfig:
                 f"loss.ld_alpha must be in [0, 1] (LD-DPO's weight of the longer answer's tail), got {self.ld_alpha}",
             ),
             (
-                self.ld_alpha == 1 or self.token_weights == "length",
-                f"loss.ld_alpha {self.ld_alpha} only acts with loss.token_weights 'length' (it is "
-                f"{self.token_weights!r}): set one or drop the other",
+                (self.ld_alpha == 1 and not self.ld_alpha_reference) or self.token_weights == "length",
+                f"loss.ld_alpha {self.ld_alpha} / loss.ld_alpha_reference {self.ld_alpha_reference} only act with "
+                f"loss.token_weights 'length' (it is {self.token_weights!r}): set one or drop the other",
             ),
+            (
+                self.answer_severity in ANSWER_SEVERITY,
+                f"loss.answer_severity must be one of {ANSWER_SEVERITY}, got {self.answer_severity!r}",
+            ),
+        ]
+
+    def _method_checks(self) -> list[tuple[bool, str]]:
+        return [
             (
                 self.image_conditional_weight >= 0,
                 f"loss.image_conditional_weight must be >= 0 (0 = off), got {self.image_conditional_weight}",
             ),
+            (
+                self.image_conditional_weight > 0 or not self.image_conditional_in_margin,
+                "loss.image_conditional_in_margin places the image-conditional comparison, which is off "
+                "(loss.image_conditional_weight 0): set loss.image_conditional_weight > 0 (CHiP: 1) or drop it",
+            ),
+            (
+                not self.chip_released_reference or (self.image_conditional_in_margin and self.normalize == "sum"),
+                "loss.chip_released_reference reproduces CHiP's summed cross-modal term: set "
+                "loss.image_conditional_in_margin true and loss.normalize sum, or drop it",
+            ),
             (self.anchor_weight >= 0, f"loss.anchor_weight must be >= 0 (0 = off), got {self.anchor_weight}"),
             (self.tdpo_alpha >= 0, f"loss.tdpo_alpha must be >= 0 (0 = off), got {self.tdpo_alpha}"),
+            (
+                self.tdpo_variant in TDPO_VARIANTS,
+                f"loss.tdpo_variant must be one of {TDPO_VARIANTS}, got {self.tdpo_variant!r}",
+            ),
+            (
+                self.tdpo_variant == "tdpo2" or self.tdpo_alpha in (0, 1),
+                f"loss.tdpo_alpha {self.tdpo_alpha} with loss.tdpo_variant tdpo1: TDPO1 has no alpha (its KL "
+                "difference weighs 1): set loss.tdpo_alpha 1 (or 0 = off), or loss.tdpo_variant tdpo2",
+            ),
             (
                 self.corruption in CORRUPTIONS,
                 f"loss.corruption must be one of {CORRUPTIONS}, got {self.corruption!r}",
@@ -159,10 +250,24 @@ class LossConfig:
                 0 < self.corruption_strength <= 1,
                 f"loss.corruption_strength must be in (0, 1], got {self.corruption_strength}",
             ),
+            (
+                0 <= self.diffusion_step < DIFFUSION_STEPS,
+                f"loss.diffusion_step must be in [0, {DIFFUSION_STEPS - 1}], got {self.diffusion_step}",
+            ),
+            (
+                self.diffusion_space in DIFFUSION_SPACES,
+                f"loss.diffusion_space must be one of {DIFFUSION_SPACES}, got {self.diffusion_space!r}",
+            ),
+            (
+                0 < self.crop_min_area <= self.crop_max_area <= 1,
+                f"loss.crop_min_area and loss.crop_max_area must satisfy 0 < min <= max <= 1, got "
+                f"{self.crop_min_area} and {self.crop_max_area}",
+            ),
+            (
+                self.corruption_draw in CORRUPTION_DRAWS,
+                f"loss.corruption_draw must be one of {CORRUPTION_DRAWS}, got {self.corruption_draw!r}",
+            ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 def _rows(mask: Tensor) -> list[int]:
@@ -256,8 +361,8 @@ def dpo_loss(
 
 
 # ------------------------------------------------------------------------------------------------
-# The extra terms, each off at weight 0 (docs/DENSE_METHODS.md). D(y|I) = weighted policy log-prob minus
-# weighted reference log-prob of answer y given image I, [B].
+# The dense methods' pieces (docs/DENSE_METHODS.md). D(y|I) = weighted policy log-prob minus weighted
+# reference log-prob of answer y given image I, [B] (reference part 0 when reference_free).
 # ------------------------------------------------------------------------------------------------
 def sequence_kl(kl: tuple[Tensor, Tensor], answer_mask: Tensor) -> tuple[Tensor, Tensor]:
     """TDPO's sequential KL of each answer: per-token KL(ref || policy) of the (chosen, rejected) rows
@@ -268,10 +373,25 @@ def sequence_kl(kl: tuple[Tensor, Tensor], answer_mask: Tensor) -> tuple[Tensor,
     return kl_chosen, kl_rejected
 
 
-def tdpo_offset(kl_chosen: Tensor, kl_rejected: Tensor, alpha: float) -> Tensor:
-    """TDPO's margin offset alpha (KL_rejected - sg(KL_chosen)) [B]: the chosen answer's KL carries no
-    gradient, so the term pulls only the rejected answer's distribution towards the reference's."""
+def tdpo_offset(kl_chosen: Tensor, kl_rejected: Tensor, alpha: float, variant: str = "tdpo2") -> Tensor:
+    """TDPO's margin offset [B] (subtracted from the margin): TDPO2 alpha (KL_rejected - sg(KL_chosen)), the
+    chosen answer's KL carrying no gradient; TDPO1 (KL_rejected - KL_chosen), both with gradient (alpha is
+    1 there; `LossConfig.validate` allows no other)."""
+    if variant == "tdpo1":
+        return alpha * (kl_rejected - kl_chosen)
     return alpha * (kl_rejected - kl_chosen.detach())
+
+
+def severity_offset(chosen_margin: Tensor, rejected_margin: Tensor, scores: Tensor, which: str) -> Tensor:
+    """HSA-DPO's severity scaling as a margin offset [B]: its logit s_c D_c - s_r D_r equals the DPO margin
+    D_c - D_r minus (1 - s_c) D_c - (1 - s_r) D_r, with s = `scores` [2B] (chosen rows first) on the answers
+    `which` names ('chosen', 'rejected', 'both') and 1 on the others. Kept as an offset so that the logged
+    rewards stay beta (pi - ref), as HSA-DPO logs them."""
+    b = chosen_margin.shape[0]
+    ones = torch.ones_like(chosen_margin)
+    s_chosen = scores[:b].to(chosen_margin.dtype) if which in ("chosen", "both") else ones
+    s_rejected = scores[b:].to(rejected_margin.dtype) if which in ("rejected", "both") else ones
+    return (1 - s_chosen) * chosen_margin - (1 - s_rejected) * rejected_margin
 
 
 def conditional_term(chosen_margin: Tensor, corrupted_margin: Tensor, beta: float) -> Tensor:
@@ -298,12 +418,18 @@ def sft_term(chosen_logps: Tensor, chosen_token_logps: Tensor, chosen_answer: Te
 
 class SequenceLogps(NamedTuple):
     """Weighted sequence log-probs of a batch of pairs, [B] each; the reference ones are None when the
-    loss is reference_free and no reference log-probs were given."""
+    loss is reference_free."""
 
     chosen: Tensor
     rejected: Tensor
     ref_chosen: Tensor | None
     ref_rejected: Tensor | None
+
+    def margins(self) -> tuple[Tensor, Tensor]:
+        """(D(y_w), D(y_l)) [B] each: policy minus reference, the reference part 0 when it is None."""
+        ref_chosen = 0 if self.ref_chosen is None else self.ref_chosen
+        ref_rejected = 0 if self.ref_rejected is None else self.ref_rejected
+        return self.chosen - ref_chosen, self.rejected - ref_rejected
 
 
 def pair_metrics(
@@ -343,37 +469,45 @@ def pair_metrics(
 class LossExtras:
     """The dense methods' per-batch inputs, each read only by the setting that uses it (`DDPOLoss.needs_*`
     say which; the trainer computes only those), in `PairBatch` row order:
-      severity                          [2B, T] annotated weight per token, 0 = none (token_weights 'severity')
+      severity                          [2B, T] annotated weight per token, 0 = none (token_weights
+                                        'severity', answer_severity)
       corrupted                         the policy's (chosen, rejected) token log-probs given corrupted images,
-                                        [B, T] each (visual weights; the conditional term: keep the chosen
-                                        one's graph for it)
-      ref_corrupted_chosen_token_logps  [B, T] the reference's, chosen answers only (the conditional term)
+                                        [B, T] each, with gradient (the image-conditional comparison)
+      ref_corrupted_chosen_token_logps  [B, T] the reference's, chosen answers only
       kl                                per-token KL(ref || policy) of the (chosen, rejected) rows, [B, T]
                                         each (tdpo_alpha)
+      visual_logits                     the policy's raw logit of each answer token given the real and the
+                                        corrupted image, ([2B, T], [2B, T]), with gradient (tpo_score)
+      ref_visual_logits                 the reference's, the same layout
     """
 
     severity: Tensor | None = None
     corrupted: tuple[Tensor, Tensor] | None = None
     ref_corrupted_chosen_token_logps: Tensor | None = None
     kl: tuple[Tensor, Tensor] | None = None
+    visual_logits: tuple[Tensor, Tensor] | None = None
+    ref_visual_logits: tuple[Tensor, Tensor] | None = None
 
 
 class DDPOLoss(nn.Module):
     """Token log-probs + masks of a batch of pairs -> (scalar loss, metrics), torchtune style.
 
     The main term: dpo_loss on weighted sequence log-probs, the weights from one source
-    (`token_weights`: segments x gamma, annotated severity, TPO's visual weights, LD-DPO's tail weight;
-    ddpo/token_weights.py), the same weights and normalisation for policy and reference. Extras, each off
-    at 0 and costing nothing then (docs/DENSE_METHODS.md):
-      tdpo_alpha                TDPO's sequential KL inside the margin: h - alpha (KL_rejected - sg(KL_chosen)),
-                                KL = sum over answer tokens of KL(ref || policy) at each position
-      image_conditional_weight  mDPO's conditional preference: the chosen answer given the real image over the
-                                same answer given a corrupted one, -log sigma(beta [D(y_w|I) - D(y_w|I')])
+    (`token_weights`: segments x gamma, annotated severity, LD-DPO's tail weight; ddpo/token_weights.py),
+    the same weights and normalisation for policy and reference (LD-DPO: see `ld_alpha_reference`). Each
+    dense method is a setting, off by default and costing nothing then (docs/DENSE_METHODS.md):
+      tpo_score                 TPO: log s_t added to each token log-prob before the weighted sum
+      answer_severity           HSA-DPO: h = s_c D(y_w) - s_r D(y_l) with per-answer severity scores
+      tdpo_alpha, tdpo_variant  TDPO's sequential KL in the margin, KL = sum over answer tokens of
+                                KL(ref || policy) at each position
+      image_conditional_weight  D(y_w|I) - D(y_w|I'), the chosen answer given the real image over the same
+                                answer given a corrupted one: mDPO's separate -log sigma(beta [...]) or, with
+                                image_conditional_in_margin, CHiP's cross-modal term inside the margin
       anchor_weight             mDPO's reward anchor: -log sigma(beta D(y_w|I)) (chosen reward above 0)
       sft_weight                an SFT term (`sft_form`) 'token_mean': the mean negative log-prob of all chosen
                                 answer tokens in the batch, unweighted; or 'released' (the released RLHF-V code):
                                 minus the mean over pairs of the chosen answers' weighted sequence log-probs
-    D(y|I) = weighted policy log-prob minus weighted reference log-prob (reference part 0 when reference_free).
+    With reference_free the reference part is 0 in every term, whatever reference log-probs are passed.
     Metrics are detached 0-d tensors (batch means) so that a trainer can all-reduce them before logging.
     """
 
@@ -382,53 +516,61 @@ class DDPOLoss(nn.Module):
         settings.validate()
         self.settings = settings
 
-    # What the trainer must compute for the extras (all False for plain DDPO: no extra forward).
+    # What the trainer must compute (all False for plain DDPO: no extra forward).
+    @property
+    def needs_reference(self) -> bool:
+        """Reference log-probs at all (not with reference_free: the trainer skips the reference forward)."""
+        return not self.settings.reference_free
+
     @property
     def needs_corrupted_view(self) -> bool:
-        """Policy log-probs given corrupted images: TPO's visual weights, mDPO's conditional term."""
-        return self.settings.token_weights == "visual" or self.settings.image_conditional_weight > 0
+        """A policy forward over corrupted images (with gradient): the image-conditional comparison, TPO."""
+        return self.settings.tpo_score or self.settings.image_conditional_weight > 0
 
     @property
     def needs_corrupted_reference(self) -> bool:
-        """Reference log-probs of the chosen answers given corrupted images (mDPO's conditional term)."""
-        return self.settings.image_conditional_weight > 0 and not self.settings.reference_free
+        """The reference's forward over corrupted images (chosen answers' log-probs; TPO: its logits)."""
+        return self.needs_corrupted_view and self.needs_reference
 
     @property
     def needs_kl(self) -> bool:
         """Per-position KL(reference || policy) over the vocabulary (TDPO): a live reference."""
         return self.settings.tdpo_alpha > 0
 
+    @property
+    def needs_visual_logits(self) -> bool:
+        """Raw logits of the answer tokens given the real and the corrupted images (TPO), policy and reference."""
+        return self.settings.tpo_score
+
+    @property
+    def needs_severity(self) -> bool:
+        """The batch's severity annotations (token weights or HSA-DPO's per-answer scores)."""
+        return self.settings.token_weights == "severity" or self.settings.answer_severity != "off"
+
     def extra_repr(self) -> str:
         return repr(self.settings)
 
-    def weights(
-        self,
-        answer_mask: Tensor,
-        corrected_mask: Tensor,
-        severity: Tensor | None = None,
-        real_logps: Tensor | None = None,
-        corrupted_logps: Tensor | None = None,
-    ) -> Tensor:
-        """Per-token weights [2B, T] from `loss.token_weights`' source (ddpo/token_weights.py)."""
+    def weights(self, answer_mask: Tensor, corrected_mask: Tensor, severity: Tensor | None = None) -> Tensor:
+        """The policy's per-token weights [2B, T] from `loss.token_weights`' source (ddpo/token_weights.py)."""
         source = self.settings.token_weights
         if source == "segments":
             return token_weights(answer_mask, corrected_mask, self.settings.gamma)
         if source == "length":
             return length_weights(answer_mask, self.settings.ld_alpha)
-        if source == "severity":
-            if severity is None:
-                raise ValueError(
-                    "DDPOLoss: loss.token_weights is 'severity' but the batch carries no severity annotations "
-                    "(`chosen_severity` / `rejected_severity` in the data, docs/DENSE_METHODS.md); add them or "
-                    "use loss.token_weights segments"
-                )
-            return severity_weights(answer_mask, severity)
-        if real_logps is None or corrupted_logps is None:
+        if severity is None:
             raise ValueError(
-                "DDPOLoss: loss.token_weights 'visual' needs the policy's log-probs given the real and the "
-                "corrupted images (`LossExtras.corrupted`)"
+                "DDPOLoss: loss.token_weights is 'severity' but the batch carries no severity annotations "
+                "(`chosen_severity` / `rejected_severity` in the data, docs/DENSE_METHODS.md); add them or "
+                "use loss.token_weights segments"
             )
-        return visual_weights(answer_mask, real_logps, corrupted_logps)
+        return severity_weights(answer_mask, severity)
+
+    def reference_weights(self, answer_mask: Tensor, weights: Tensor) -> Tensor:
+        """The reference's weights: the policy's, except LD-DPO's tail weight, which TRL applies to the
+        policy only (the reference's tail weighs 1) unless `ld_alpha_reference`."""
+        if self.settings.token_weights == "length" and not self.settings.ld_alpha_reference:
+            return answer_mask.to(weights.dtype)
+        return weights
 
     def forward(
         self,
@@ -441,34 +583,41 @@ class DDPOLoss(nn.Module):
         extras: LossExtras | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Token log-probs [B, T] (aligned with labels[:, 1:]; reference ones may be None when
-        reference_free); masks [2B, T] bool in `PairBatch` row order (chosen rows, then rejected rows):
-        `answer_mask` the answer tokens, `corrected_mask` those inside corrected segments. `extras`: the
-        inputs only some settings need (`LossExtras`)."""
+        reference_free, and are ignored then); masks [2B, T] bool in `PairBatch` row order (chosen rows,
+        then rejected rows): `answer_mask` the answer tokens, `corrected_mask` those inside corrected
+        segments. `extras`: the inputs only some settings need (`LossExtras`)."""
         s, extras = self.settings, LossExtras() if extras is None else extras
         b = policy_chosen_token_logps.shape[0]
         self._check_inputs(b, answer_mask, extras)
-        real = corrupted_all = None
-        if s.token_weights == "visual":
-            real = torch.cat([policy_chosen_token_logps, policy_rejected_token_logps])
-            corrupted_all = torch.cat(extras.corrupted)
-        weights = self.weights(answer_mask, corrected_mask, extras.severity, real, corrupted_all)
-        chosen_weights, rejected_weights = weights[:b], weights[b:]
+        tokens = (policy_chosen_token_logps, policy_rejected_token_logps)
+        ref_tokens = None if s.reference_free else (ref_chosen_token_logps, ref_rejected_token_logps)
+        if ref_tokens is not None and (ref_tokens[0] is None or ref_tokens[1] is None):
+            raise ValueError("DDPOLoss: reference token log-probs are None; pass them or set reference_free=True")
+        if s.tpo_score:
+            tokens, ref_tokens = self._visual_scored(tokens, ref_tokens, answer_mask, extras)
+        weights = self.weights(answer_mask, corrected_mask, extras.severity)
+        ref_weights = self.reference_weights(answer_mask, weights)
         logps = SequenceLogps(
-            weighted_logps(policy_chosen_token_logps, chosen_weights, s.normalize),
-            weighted_logps(policy_rejected_token_logps, rejected_weights, s.normalize),
-            *self._reference_logps(ref_chosen_token_logps, ref_rejected_token_logps, chosen_weights, rejected_weights),
+            weighted_logps(tokens[0], weights[:b], s.normalize),
+            weighted_logps(tokens[1], weights[b:], s.normalize),
+            *(
+                (None, None)
+                if ref_tokens is None
+                else (
+                    weighted_logps(ref_tokens[0], ref_weights[:b], s.normalize),
+                    weighted_logps(ref_tokens[1], ref_weights[b:], s.normalize),
+                )
+            ),
         )
-        kl = offset = None
-        if s.tdpo_alpha > 0:
-            kl = sequence_kl(extras.kl, answer_mask)
-            offset = tdpo_offset(*kl, s.tdpo_alpha)
+        chosen_margin = logps.margins()[0]  # D(y_w | I)
+        corrupted_margin = None  # D(y_w | I')
+        if s.image_conditional_weight > 0:
+            corrupted_margin = self._corrupted_margin(weights[:b], ref_weights[:b], answer_mask[:b], extras)
+        offset, kl, extra_metrics = self._margin_offset(logps, answer_mask, extras, corrupted_margin)
         losses, chosen_rewards, rejected_rewards = dpo_loss(*logps, s, offset)
         loss = losses.mean()
-        extra_metrics: dict[str, Tensor] = {}
-        if s.image_conditional_weight > 0 or s.anchor_weight > 0:
-            chosen_margin = logps.chosen - (0 if logps.ref_chosen is None else logps.ref_chosen)  # D(y_w | I)
-        if s.image_conditional_weight > 0:
-            conditional = conditional_term(chosen_margin, self._corrupted_margin(chosen_weights, extras), s.beta)
+        if s.image_conditional_weight > 0 and not s.image_conditional_in_margin:
+            conditional = conditional_term(chosen_margin, corrupted_margin, s.beta)
             loss = loss + s.image_conditional_weight * conditional
             extra_metrics["loss/conditional"] = conditional.detach()
         if s.anchor_weight > 0:
@@ -489,43 +638,91 @@ class DDPOLoss(nn.Module):
                 f"DDPOLoss: the masks hold {answer_mask.shape[0]} rows for {b} pairs; pass them in PairBatch "
                 "layout, [2B, T]: chosen rows, then rejected rows"
             )
-        if self.needs_corrupted_view and extras.corrupted is None:
-            raise ValueError(
-                "DDPOLoss: loss.token_weights 'visual' and loss.image_conditional_weight need the policy's "
-                "log-probs given corrupted images (`LossExtras.corrupted`)"
-            )
-        if self.needs_kl and extras.kl is None:
-            raise ValueError("DDPOLoss: loss.tdpo_alpha > 0 needs the per-token KL to the reference (`LossExtras.kl`)")
+        missing = [
+            (
+                self.settings.image_conditional_weight > 0 and extras.corrupted is None,
+                "loss.image_conditional_weight",
+                "the policy's log-probs given corrupted images (`LossExtras.corrupted`)",
+            ),
+            (
+                self.needs_kl and extras.kl is None,
+                "loss.tdpo_alpha",
+                "the per-token KL to the reference (`LossExtras.kl`)",
+            ),
+            (
+                self.needs_visual_logits and extras.visual_logits is None,
+                "loss.tpo_score",
+                "the policy's answer-token logits given the real and the corrupted images (`LossExtras.visual_logits`)",
+            ),
+            (
+                self.settings.answer_severity != "off" and extras.severity is None,
+                "loss.answer_severity",
+                "the batch's severity annotations (`chosen_severity` / `rejected_severity` in the data)",
+            ),
+        ]
+        for absent, key, what in missing:
+            if absent:
+                raise ValueError(f"DDPOLoss: {key} needs {what}; compute it or turn {key} off")
 
-    def _reference_logps(
+    def _visual_scored(
         self,
-        ref_chosen_token_logps: Tensor | None,
-        ref_rejected_token_logps: Tensor | None,
-        chosen_weights: Tensor,
-        rejected_weights: Tensor,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Reference sequence log-probs [B] each, with the policy's weights and normalisation (RLHF-V)."""
-        if ref_chosen_token_logps is None or ref_rejected_token_logps is None:
-            if not self.settings.reference_free:
-                raise ValueError("DDPOLoss: reference token log-probs are None; pass them or set reference_free=True")
-            return None, None
-        return (
-            weighted_logps(ref_chosen_token_logps, chosen_weights, self.settings.normalize),
-            weighted_logps(ref_rejected_token_logps, rejected_weights, self.settings.normalize),
-        )
+        tokens: tuple[Tensor, Tensor],
+        ref_tokens: tuple[Tensor, Tensor] | None,
+        answer_mask: Tensor,
+        extras: LossExtras,
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+        """TPO: each answer token's log-prob plus log s_t, the policy's with its own scores (with gradient),
+        the reference's with the reference's scores."""
+        b = tokens[0].shape[0]
+        log_s = visual_scores(answer_mask, *extras.visual_logits).log()
+        tokens = (tokens[0] + log_s[:b], tokens[1] + log_s[b:])
+        if ref_tokens is None:
+            return tokens, None
+        if extras.ref_visual_logits is None:
+            raise ValueError(
+                "DDPOLoss: loss.tpo_score needs the reference's answer-token logits given the real and the "
+                "corrupted images (`LossExtras.ref_visual_logits`): set train.reference live, or loss.reference_free"
+            )
+        ref_log_s = visual_scores(answer_mask, *extras.ref_visual_logits).detach().log()
+        return tokens, (ref_tokens[0] + ref_log_s[:b], ref_tokens[1] + ref_log_s[b:])
 
-    def _corrupted_margin(self, chosen_weights: Tensor, extras: LossExtras) -> Tensor:
-        """D(y_w | I') [B]: the chosen answers given the corrupted images, reference part 0 when reference_free."""
-        corrupted_chosen = weighted_logps(extras.corrupted[0], chosen_weights, self.settings.normalize)
-        if self.settings.reference_free:
-            ref_corrupted = torch.zeros_like(corrupted_chosen)
-        elif extras.ref_corrupted_chosen_token_logps is None:
+    def _margin_offset(
+        self, logps: SequenceLogps, answer_mask: Tensor, extras: LossExtras, corrupted_margin: Tensor | None
+    ) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None, dict[str, Tensor]]:
+        """What the settings subtract from the DPO margin [B] (None if nothing), TDPO's sequence KLs, metrics."""
+        s = self.settings
+        parts, kl, metrics = [], None, {}
+        chosen_margin, rejected_margin = logps.margins()
+        if s.tdpo_alpha > 0:
+            kl = sequence_kl(extras.kl, answer_mask)
+            parts.append(tdpo_offset(*kl, s.tdpo_alpha, s.tdpo_variant))
+        if s.answer_severity != "off":
+            scores = answer_scores(answer_mask, extras.severity)
+            parts.append(severity_offset(chosen_margin, rejected_margin, scores, s.answer_severity))
+            metrics["severity/rejected"] = scores[chosen_margin.shape[0] :].detach().float().mean()
+        if s.image_conditional_in_margin:  # CHiP: + w [D(y_w|I) - D(y_w|I')] inside the margin
+            cross = chosen_margin - corrupted_margin
+            parts.append(-s.image_conditional_weight * cross)
+            metrics["margin/cross_modal"] = cross.detach().float().mean()
+        return (sum(parts[1:], parts[0]) if parts else None), kl, metrics
+
+    def _corrupted_margin(
+        self, chosen_weights: Tensor, ref_chosen_weights: Tensor, chosen_answer: Tensor, extras: LossExtras
+    ) -> Tensor:
+        """D(y_w | I') [B]: the chosen answers given the corrupted images, reference part 0 when reference_free.
+        With `chip_released_reference`, the reference's part is CHiP's released form: its unweighted sum over
+        the answer times the sum of the answer's weights."""
+        s = self.settings
+        corrupted_chosen = weighted_logps(extras.corrupted[0], chosen_weights, s.normalize)
+        if s.reference_free:
+            return corrupted_chosen
+        ref_tokens = extras.ref_corrupted_chosen_token_logps
+        if ref_tokens is None:
             raise ValueError(
                 "DDPOLoss: loss.image_conditional_weight > 0 needs the reference's log-probs of the chosen "
                 "answers given corrupted images (`LossExtras.ref_corrupted_chosen_token_logps`)"
             )
-        else:
-            ref_corrupted = weighted_logps(
-                extras.ref_corrupted_chosen_token_logps, chosen_weights, self.settings.normalize
-            )
-        return corrupted_chosen - ref_corrupted
+        if s.chip_released_reference:
+            unweighted = weighted_logps(ref_tokens, chosen_answer.to(ref_chosen_weights.dtype), "sum")
+            return corrupted_chosen - unweighted * ref_chosen_weights.sum(dim=1)
+        return corrupted_chosen - weighted_logps(ref_tokens, ref_chosen_weights, s.normalize)

@@ -4,7 +4,9 @@
 ranks, and stores the per-token log-probs of every chosen and rejected answer — not only their sums,
 so gamma and the normalisation can change without recomputing. The cache is keyed by a fingerprint of
 everything that changes those numbers: model weights, dataset, template, tokenizer, max length and
-image transform. Training refuses a cache whose fingerprint differs and says which part differs.
+image transform. Training refuses a cache whose fingerprint differs and says which part differs, and
+neither training nor `precompute-ref` writes over a directory that holds another fingerprint's cache or
+files that are not a cache (`check_replaceable`): a cache is only ever recomputed in place as itself.
 
 Layout of a cache directory:
 
@@ -71,7 +73,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def dataset_fingerprint(records) -> str:
     def chunks():
         for r in records:
-            yield json.dumps([r.row_index, r.prompt, r.chosen, r.rejected]).encode()
+            # earlier turns change the encoded prompt; single-turn rows keep the fingerprint they always had
+            yield json.dumps(
+                [r.row_index, r.prompt, r.chosen, r.rejected, *([r.history] if r.history else [])]
+            ).encode()
             for image in r.images:  # compressed bytes when the record keeps them, else the pixels
                 yield f"{image.size}{image.mode}".encode()
                 yield image.data if isinstance(image, (EncodedImage, ArrowImage)) else image.tobytes()
@@ -150,11 +155,54 @@ def compute_answer_logps(
     return out
 
 
+def _differing(found: dict, expected: dict[str, str]) -> str | None:
+    """'max_length, model differ: max_length: cache '256' vs now '200'; ...', or None when the parts agree."""
+    differing = [k for k in expected if found.get(k) != expected[k]]
+    if not differing:
+        return None
+    details = "; ".join(f"{k}: cache {found.get(k)!r} vs now {expected[k]!r}" for k in differing)
+    return f"{', '.join(differing)} differ: {details}"
+
+
+def _read_fingerprint(directory: Path) -> dict:
+    fp_file = directory / FINGERPRINT_FILE
+    try:
+        found = json.loads(fp_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        found = e
+    if not isinstance(found, dict):
+        raise ReferenceCacheError(
+            f"{fp_file} cannot be read ({type(found).__name__}: {found}); nothing was written. Delete {directory} "
+            "to recompute the cache there, or point train.reference_cache at another directory"
+        )
+    return found
+
+
+def check_replaceable(directory: str | os.PathLike, fp: dict[str, str]) -> None:
+    """Refuse to write a cache into `directory` unless it is missing, empty, or this very cache (same fingerprint,
+    recomputed): a cache of another model or dataset, or a folder of other files, is never replaced."""
+    directory = Path(directory)
+    if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
+        return
+    if not (directory / FINGERPRINT_FILE).is_file():
+        raise ReferenceCacheError(
+            f"{directory} is not a reference cache (it holds other files and no {FINGERPRINT_FILE}); nothing was "
+            "written. Point train.reference_cache at a new or empty directory"
+        )
+    differing = _differing(_read_fingerprint(directory), fp)
+    if differing:
+        raise ReferenceCacheError(
+            f"reference cache {directory} holds the log-probs of another model or data ({differing}); it was left "
+            "as it is. Point train.reference_cache at another directory, or delete this one to recompute it there"
+        )
+
+
 def write_cache(
     directory: str | os.PathLike, fp: dict[str, str], logps: dict[int, tuple[list[float], list[float]]]
 ) -> Path:
-    """Write atomically: a temporary directory renamed into place."""
+    """Write atomically: a temporary directory renamed into place (only over nothing or the same cache)."""
     directory = Path(directory)
+    check_replaceable(directory, fp)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -180,14 +228,12 @@ def read_cache(directory: str | os.PathLike, expected: dict[str, str]) -> dict[i
         raise ReferenceCacheError(
             f"no reference cache in {directory}: run `ddpo precompute-ref CONFIG` or set train.reference live"
         )
-    found = json.loads(fp_file.read_text(encoding="utf-8"))
-    differing = [k for k in expected if found.get(k) != expected[k]]
+    differing = _differing(_read_fingerprint(directory), expected)
     if differing:
-        details = "; ".join(f"{k}: cache {found.get(k)!r} vs now {expected[k]!r}" for k in differing)
         raise ReferenceCacheError(
-            f"reference cache {directory} was computed under different settings ({', '.join(differing)} differ: "
-            f"{details}). Recompute it with `ddpo precompute-ref` (or delete the directory), or point "
-            "train.reference_cache elsewhere."
+            f"reference cache {directory} was computed under different settings ({differing}). Point "
+            "train.reference_cache at another directory, or delete this one to recompute it there (training does, "
+            "or `ddpo precompute-ref`)"
         )
     table = pq.read_table(directory / LOGPS_FILE).to_pydict()
     return {r: (c, j) for r, c, j in zip(table["row_index"], table["chosen_logps"], table["rejected_logps"])}

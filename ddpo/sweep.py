@@ -22,9 +22,12 @@ A grid spec (YAML; experiments/sweeps/ has the paper's ablations):
 
 Run it from the repository root (configs name files relative to it). Each point gets
 `<output_dir>/<name>/config.yaml`, its fully resolved config with `train.resume: auto`, so launching
-again skips finished points (`final/` exists), resumes interrupted ones from their latest checkpoint and
-starts the others. Afterwards every point's last metrics.jsonl row and its evaluation JSONs (flattened,
-prefixed `eval/<file stem>/`) are gathered into `results.csv` (one row per run), `summary.csv` (mean and standard
+again skips finished points (`final/` exists, trained with this config), resumes interrupted ones from their
+latest checkpoint and starts the others. A point whose directory holds a run of another config (the spec or
+its base changed since) is an error naming the point and the fields, before anything runs, never a skip
+(ddpo/run_identity.py; `train.overwrite_output_dir: true` in the overrides moves such runs aside).
+Afterwards every point's last metrics.jsonl row and its evaluation JSONs (flattened, prefixed
+`eval/<file stem>/`) are gathered into `results.csv` (one row per run), `summary.csv` (mean and standard
 deviation over seeds) and `results.md` (both), and `plot.png` draws the metrics against the first grid key.
 """
 
@@ -46,8 +49,8 @@ from typing import Any
 
 import yaml
 
-from ddpo import checkpoint
-from ddpo.config import ConfigError, load_config, parse_overrides, save_config
+from ddpo import checkpoint, run_identity
+from ddpo.config import Config, ConfigError, load_config, parse_overrides, save_config
 from ddpo.plan import nominal_num_pairs, run_plan
 from ddpo.trainer import Trainer
 
@@ -174,17 +177,47 @@ def resolve_point_config(spec: SweepSpec, point: Point):
     return cfg
 
 
-def write_configs(spec: SweepSpec, points: list[Point]) -> None:
-    """Resolve (and so validate) every point first, then write each point's config.yaml."""
+def write_configs(spec: SweepSpec, points: list[Point], dry_run: bool = False) -> None:
+    """Resolve (and so validate) every point and compare it with the run its directory holds, then write each
+    point's config.yaml. A directory holding a run of another config (the spec changed) is an error naming every
+    such point before anything is written; with train.overwrite_output_dir true the old run is moved aside
+    first (a dry run only says so and leaves the point's directory as it is)."""
     configs = [resolve_point_config(spec, point) for point in points]
-    for point, cfg in zip(points, configs):
+    starts = [run_identity.assess(point.run_dir, cfg) for point, cfg in zip(points, configs)]
+    refused = [c for c, cfg in zip(starts, configs) if c.conflict and not cfg.train.overwrite_output_dir]
+    if refused:
+        raise ConfigError(_conflicts_message(spec, refused))
+    for point, cfg, start in zip(points, configs, starts):
+        if start.conflict:
+            if dry_run:
+                print(f"{point.name}: {start.conflict}; the run would move it aside (train.overwrite_output_dir)")
+                continue
+            moved = run_identity.move_aside(point.run_dir)
+            print(f"{point.name}: {start.conflict}; moved it aside to {moved} (train.overwrite_output_dir)")
         point.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, point.config_path)
 
 
-def point_status(run_dir: Path) -> str:
+def _conflicts_message(spec: SweepSpec, refused: list[run_identity.RunStart]) -> str:
+    return (
+        f"{spec.source}: {len(refused)} point(s) of the grid hold a run of another config; nothing was run or "
+        "written:\n  " + "\n  ".join(c.conflict for c in refused) + "\nWays on: restore the spec to resume those "
+        "runs; set another output_dir in the spec to keep them; or add `train.overwrite_output_dir: true` to its "
+        "overrides to move them aside (<point>.replaced-<time>, nothing is deleted) and run them again"
+    )
+
+
+def point_status(run_dir: Path, config: Config | dict | None = None) -> str:
     """'done' (final/ exists), 'resume' (a complete checkpoint exists), 'damaged' (checkpoints, none
-    complete: its training run stops with the reason) or 'new'."""
+    complete: its training run stops with the reason) or 'new'. Given the point's config: 'other config' when
+    the directory holds a run recorded under another one, and 'done' only when final/ was trained with this very
+    config (a longer train.max_steps continues the run: 'resume')."""
+    if config is not None:
+        start = run_identity.assess(run_dir, config)
+        if start.conflict and start.differences:
+            return "other config"
+        if start.differences and (run_dir / "final").is_dir():
+            return "resume"  # the final/ of a shorter run, which this one continues
     if (run_dir / "final").is_dir():
         return "done"
     try:
@@ -273,13 +306,22 @@ def train_inline(point: Point) -> int:
     return 0
 
 
+def _written_config(point: Point) -> dict | None:
+    """The point's config.yaml as written, unvalidated (a broken value fails inside that point's run only)."""
+    try:
+        data = yaml.safe_load(point.config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def launch(
     spec: SweepSpec, points: list[Point], cmd_of, dry_run: bool, world_size: int | None, inline: bool = False
 ) -> list[str]:
     """Run (or, dry, print) each unfinished point in turn; returns the names of points that failed."""
     failed = []
     for i, point in enumerate(points, 1):
-        status = point_status(point.run_dir)
+        status = point_status(point.run_dir, _written_config(point))
         cmd = cmd_of(point)
         print(f"[{i}/{len(points)}] {point.name}: {status}", flush=True)
         if dry_run:
@@ -348,7 +390,8 @@ def collect(spec: SweepSpec, points: list[Point]) -> list[dict[str, Any]]:
     """One row per point: run name, its grid values, status, last training metrics, evaluation metrics."""
     rows = []
     for point in points:
-        row: dict[str, Any] = {"run": point.name, **point.values, "status": point_status(point.run_dir)}
+        status = point_status(point.run_dir, resolve_point_config(spec, point))
+        row: dict[str, Any] = {"run": point.name, **point.values, "status": status}
         row.update(last_metrics(point.run_dir))
         row.update(eval_metrics(point.run_dir, spec.eval_files))
         rows.append(row)
@@ -529,7 +572,7 @@ def point_from_args(spec: SweepSpec, args: list[str]) -> Point:
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ddpo sweep", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("spec", help="grid spec YAML (see experiments/sweeps/)")
     parser.add_argument(
@@ -571,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         spec.output_dir.mkdir(parents=True, exist_ok=True)
         failed: list[str] = []
         if not args.aggregate_only:
-            write_configs(spec, points)
+            write_configs(spec, points, args.dry_run)
             world = (
                 1
                 if args.launcher != "deepspeed"

@@ -12,7 +12,7 @@ One optimizer step, top to bottom (see `train`):
     for each of `gradient_accumulation_steps` micro-batches:
         chosen, rejected = policy per-token log-probs            [B, T-1] each, image encoded once per pair
         ref_chosen, ref_rejected = cached (or live) reference    [B, T-1] each
-        extras, only when their loss setting is on                corrupted-image forward (mDPO, TPO), KL (TDPO)
+        extras, only when their loss setting is on                corrupted-image forward (mDPO, CHiP, TPO), KL (TDPO)
         loss = DDPOLoss(cfg.loss)(...)                            weights from the corrected mask and loss.gamma
                                                                   (or another source)
         engine.backward(loss)                                     DeepSpeed scales by 1/accumulation
@@ -35,21 +35,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpo import checkpoint, reference
+from ddpo import checkpoint, reference, run_identity
 from ddpo import distributed as dist
-from ddpo.config import Config, save_config
-from ddpo.corruption import corrupt_batch
+from ddpo.config import Config
+from ddpo.corruption import Corruption, corrupt_batch
 from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
 from ddpo.data.formats import load_records
 from ddpo.data.images import DataError
 from ddpo.data.tokenizer import build_word_tokenizer
 from ddpo.loss import DDPOLoss, LossExtras
-from ddpo.models.build import build_model
+from ddpo.models.build import build_model, load_config_tokenizer
 from ddpo.models.logps import HiddenAndHead, chunked_token_kl
 from ddpo.plan import run_plan
 from ddpo.progress import progress_bar
 from ddpo.sampler import PairOrder
 from ddpo.schedule import lr_lambda
+from ddpo.token_weights import label_logits
 
 logger = logging.getLogger("ddpo")
 
@@ -117,9 +118,8 @@ class Trainer:
         self.bf16 = cfg.deepspeed.bf16 == "true" or (
             cfg.deepspeed.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         )
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
+        if not for_reference_cache:  # a cache has its own fingerprint; the output directory is the run's
+            self._claim_output_dir()
 
         self._setup_data_and_model()
         self.reference_cache_dir = Path(cfg.train.reference_cache or self.output_dir / "reference_cache")
@@ -135,7 +135,7 @@ class Trainer:
             self._load_or_compute_reference_cache()
             if self.loss_fn.needs_corrupted_reference:
                 self._load_or_compute_reference_cache(corrupted=True)
-        elif cfg.train.reference == "live":
+        elif cfg.train.reference == "live" and not cfg.loss.reference_free:  # reference-free: no reference at all
             self.ref_model = self._frozen_reference()
         self._setup_steps()
         self._setup_engine()
@@ -147,6 +147,14 @@ class Trainer:
             logger.info("resumed from %s at step %d", ckpt, self.step)
             self._continue_schedule(state)
         return self
+
+    def _claim_output_dir(self) -> None:
+        """Refuse a directory that holds a run of another config before anything is written (every rank checks,
+        reading only), then record this run in it (ddpo/run_identity.py)."""
+        start = run_identity.check(self.output_dir, self.cfg)
+        if self.is_main:
+            run_identity.record(self.cfg, start)
+        dist.barrier()  # no rank looks for checkpoints or caches while rank 0 may still be moving the old run aside
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -173,16 +181,21 @@ class Trainer:
         )
 
     def _tokenizer_for_random_init(self):
-        from transformers import AutoTokenizer
-
         if self.cfg.model.tokenizer:
-            return AutoTokenizer.from_pretrained(
-                self.cfg.model.tokenizer, trust_remote_code=self.cfg.model.trust_remote_code
-            )
-        return build_word_tokenizer(t for r in self.records for t in (r.prompt, r.chosen, r.rejected))
+            return load_config_tokenizer(self.cfg.model)  # a missing tokenizer is one message, not a traceback
+        return build_word_tokenizer(t for r in self.records for t in r.texts())
 
     def _check_data_for_loss(self) -> None:
-        if self.cfg.loss.token_weights == "severity" and not any(
+        loss = self.cfg.loss
+        if loss.answer_severity != "off" and not any(
+            r.chosen_severity or r.rejected_severity for r in self.dataset.records
+        ):  # else every score would be 1 and HSA-DPO would silently be plain DPO
+            raise DataError(
+                f"{self.cfg.data.path or self.cfg.data.format}: loss.answer_severity is {loss.answer_severity!r} "
+                "but no row carries severity annotations (`chosen_severity` / `rejected_severity`: "
+                "[[start, end, weight], ...], docs/DENSE_METHODS.md); add them or set loss.answer_severity off"
+            )
+        if loss.token_weights == "severity" and not any(
             r.chosen_severity or r.rejected_severity for r in self.dataset.records
         ):
             raise DataError(
@@ -199,12 +212,13 @@ class Trainer:
             return self.reference_cache_dir, fp, None
         return (
             reference.corrupted_cache_dir(self.reference_cache_dir, self.cfg.loss),
-            {**fp, **reference.corruption_fingerprint(self.cfg.loss)},
+            {**fp, **reference.corruption_fingerprint(self.cfg.loss), **self._corruption_fingerprint()},
             self._corrupt,
         )
 
     def _compute_reference_cache(self, corrupted: bool = False) -> None:
         directory, fp, transform = self._reference_cache(corrupted)
+        reference.check_replaceable(directory, fp)  # before the forward passes: another cache is never replaced
         local = reference.compute_answer_logps(
             self.model,
             self.dataset,
@@ -233,12 +247,35 @@ class Trainer:
         )
         reference.attach(self.records, cached, directory, fields)
 
-    def _corrupt(self, batch):
-        """The batch with its images corrupted (loss.corruption; seeded per pair, ddpo/corruption.py)."""
-        loss = self.cfg.loss
-        return corrupt_batch(
-            batch, loss.corruption, loss.corruption_strength, loss.corruption_seed, self.model.num_image_tokens
-        )
+    def _corruption(self) -> Corruption:
+        transform = getattr(self.model, "image_transform", None)  # diffusion in 'pixels' space un-normalises
+        return Corruption.from_loss(self.cfg.loss, getattr(transform, "mean", None), getattr(transform, "std", None))
+
+    def _corruption_fingerprint(self) -> dict[str, str]:
+        """The corrupted cache's view beyond kind, strength and seed (diffusion step and space, crop range);
+        absent for the older kinds, so their caches keep matching."""
+        view = self._corruption()
+        return {"corruption_view": view.describe()} if view.kind in ("diffusion", "crop") else {}
+
+    def _corrupt(self, batch, draw: tuple[int, ...] | None = None):
+        """The batch with its images corrupted (loss.corruption, ddpo/corruption.py). `draw` None: the fixed
+        per-pair view a reference cache holds, which does not exist when loss.corruption_draw redraws it."""
+        if draw is None:
+            if self.cfg.loss.corruption_draw != "pair":
+                raise ValueError(
+                    f"loss.corruption_draw {self.cfg.loss.corruption_draw!r} redraws the corrupted image during "
+                    "training, so the reference's log-probs of it cannot be cached: set train.reference live, or "
+                    "loss.corruption_draw pair"
+                )
+            draw = ()
+        return corrupt_batch(batch, self._corruption(), self.model.num_image_tokens, draw)
+
+    def _draw(self, stream: int) -> tuple[int, ...]:
+        """This step's draw of a corrupted view (loss.corruption_draw): () the same every step, (step,) one per
+        step shared by policy and reference, (step, stream) one per forward. The step is the checkpointed
+        count of finished steps, so a resumed run draws the views the uninterrupted run would have."""
+        mode = self.cfg.loss.corruption_draw
+        return () if mode == "pair" else (self.step,) if mode == "step" else (self.step, stream)
 
     def _frozen_reference(self):
         import deepspeed
@@ -271,7 +308,9 @@ class Trainer:
         lengths = None
         if self.cfg.data.length_grouping:
             # Characters are a cheap, monotone proxy for tokens; image tokens are the same for every pair.
-            lengths = [len(r.prompt) + max(len(r.chosen), len(r.rejected)) for r in self.dataset.records]
+            lengths = [
+                len(" ".join(r.texts()[:-2])) + max(len(r.chosen), len(r.rejected)) for r in self.dataset.records
+            ]
         self.order = PairOrder(
             len(self.dataset), cfg.micro_batch_size, cfg.seed, dist.rank(), dist.world_size(), lengths=lengths
         )
@@ -412,27 +451,22 @@ class Trainer:
     def _micro_step(self, batch, micro: int):
         """Forward one micro-batch of pairs and return (loss, metrics)."""
         b = batch.num_pairs
-        tdpo = self.loss_fn.needs_kl  # TDPO's KL also reads the final hidden states (no extra forward)
-        chosen_logps, rejected_logps, *hidden = (
-            self.engine(batch, return_hidden=True) if tdpo else self.engine(batch)
+        # TDPO's KL and TPO's logits read the final hidden states (no extra forward)
+        hidden = self.loss_fn.needs_kl or self.loss_fn.needs_visual_logits
+        chosen_logps, rejected_logps, *policy_hidden = (
+            self.engine(batch, return_hidden=True) if hidden else self.engine(batch)
         )  # [B, T-1] each (model.shared_prompt: one packed row per pair)
-        if self.ref_model is not None:
+        ref_chosen = ref_rejected = None  # loss.reference_free: the reference is not run, its part is 0
+        ref_hidden: list[torch.Tensor] = []
+        if self.loss_fn.needs_reference and self.ref_model is not None:
             with torch.no_grad():
                 ref_chosen, ref_rejected, *ref_hidden = (
-                    self.ref_model(batch, return_hidden=True) if tdpo else self.ref_model(batch)
+                    self.ref_model(batch, return_hidden=True) if hidden else self.ref_model(batch)
                 )
             ref_chosen, ref_rejected = ref_chosen.float(), ref_rejected.float()
-        elif batch.ref_token_logps is not None:
+        elif self.loss_fn.needs_reference and batch.ref_token_logps is not None:
             ref_chosen, ref_rejected = batch.ref_token_logps[:b], batch.ref_token_logps[b:]
-        else:  # loss.reference_free
-            ref_chosen = ref_rejected = None
-        extras = LossExtras()  # the dense methods' inputs (docs/DENSE_METHODS.md), each only when its setting is on
-        if self.cfg.loss.token_weights == "severity":
-            extras.severity = batch.severity
-        if self.loss_fn.needs_corrupted_view:
-            extras.corrupted, extras.ref_corrupted_chosen_token_logps = self._corrupted_view(batch)
-        if tdpo:
-            extras.kl = self._token_kl(batch, hidden[0], ref_hidden[0])
+        extras = self._loss_extras(batch, policy_hidden, ref_hidden)
         loss, metrics = self.loss_fn(
             chosen_logps, rejected_logps, ref_chosen, ref_rejected, batch.answer_mask, batch.corrected, extras
         )
@@ -447,19 +481,66 @@ class Trainer:
             )
         return loss, metrics
 
-    def _corrupted_view(self, batch) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        """The policy's (chosen, rejected) log-probs of the answers given corrupted images, and, for mDPO's
-        conditional term, the reference's of the chosen answers (else None): one more policy forward, with
-        gradient only when the conditional term is on."""
-        corrupted = self._corrupt(batch)
-        with torch.set_grad_enabled(self.cfg.loss.image_conditional_weight > 0):  # TPO's weights need none
-            policy = self.engine(corrupted)
+    def _loss_extras(self, batch, policy_hidden: list, ref_hidden: list) -> LossExtras:
+        """The dense methods' inputs (docs/DENSE_METHODS.md), each computed only when its setting is on."""
+        extras = LossExtras()
+        if self.loss_fn.needs_severity:  # a batch whose rows carry no annotation: every answer token unannotated
+            extras.severity = (
+                batch.severity
+                if batch.severity is not None
+                else torch.zeros(batch.answer_mask.shape, device=batch.answer_mask.device)
+            )
+        if self.loss_fn.needs_corrupted_view:
+            self._corrupted_view(batch, extras, policy_hidden, ref_hidden)
+        if self.loss_fn.needs_kl:
+            extras.kl = self._token_kl(batch, policy_hidden[0], ref_hidden[0])
+        return extras
+
+    def _corrupted_view(self, batch, extras: LossExtras, policy_hidden: list, ref_hidden: list) -> None:
+        """Fill `extras` from one more policy forward over the corrupted batch (with gradient: the
+        image-conditional comparison and TPO's scores both differentiate it) and, unless reference_free,
+        the reference's view: its forward over the same corrupted images (a fresh draw with
+        loss.corruption_draw 'forward', as mDPO crops inside each forward) or the cached log-probs."""
+        tpo = self.loss_fn.needs_visual_logits
+        corrupted = self._corrupt(batch, self._draw(stream=0))
+        policy = self.engine(corrupted, return_hidden=True) if tpo else self.engine(corrupted)
+        extras.corrupted = (policy[0], policy[1])
+        if tpo:
+            extras.visual_logits = (
+                self._label_logits(self.model, policy_hidden[0], batch),
+                self._label_logits(self.model, policy[2], batch),
+            )
         if not self.loss_fn.needs_corrupted_reference:
-            return policy, None
-        if self.ref_model is not None:
-            with torch.no_grad():
-                return policy, self.ref_model(corrupted)[0].float()
-        return policy, batch.ref_corrupted_token_logps[: batch.num_pairs]
+            return
+        if self.ref_model is None:
+            if tpo:
+                raise ValueError(
+                    "loss.tpo_score needs the reference's logits given the real and the corrupted images, which "
+                    "the reference cache does not hold: set train.reference live"
+                )
+            extras.ref_corrupted_chosen_token_logps = batch.ref_corrupted_token_logps[: batch.num_pairs]
+            return
+        if self.cfg.loss.corruption_draw == "forward":
+            corrupted = self._corrupt(batch, self._draw(stream=1))
+        with torch.no_grad():
+            reference = self.ref_model(corrupted, return_hidden=True) if tpo else self.ref_model(corrupted)
+        extras.ref_corrupted_chosen_token_logps = reference[0].float()
+        if tpo:
+            extras.ref_visual_logits = (
+                self._label_logits(self.ref_model, ref_hidden[0], batch),
+                self._label_logits(self.ref_model, reference[2], batch),
+            )
+
+    def _label_logits(self, model, hidden, batch) -> torch.Tensor:
+        """TPO: the raw logit of each labelled token [2B, T-1] from final hidden states through `model`'s LM
+        head, read outside the forward pass (so not under ZeRO-3, which partitions the head)."""
+        if self.engine.zero_optimization_stage() == 3:
+            raise ValueError(
+                "loss.tpo_score reads the LM heads outside the forward pass, which ZeRO-3 partitions: use "
+                "deepspeed.zero_stage 0, 1 or 2, or loss.tpo_score false"
+            )
+        head = model.lm_head
+        return label_logits(hidden, head.weight, head.bias, batch.labels)
 
     def _token_kl(self, batch, hidden, ref_hidden) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position KL(reference || policy) of the chosen and the rejected rows (TDPO), [B, T-1] each."""

@@ -75,6 +75,7 @@ def sampling(settings: DemoSettings, template: str, temperature: float, seed: in
 # ------------------------------------------------------------------------------------------------
 def demo_settings(args: argparse.Namespace) -> DemoSettings:
     overrides = {"output_dir": str(args.demo_dir), "seed": args.seed, "num_threads": args.num_threads}
+    overrides["max_unparsed"] = args.max_unparsed
     if args.train_config:
         overrides["train_config"] = args.train_config
     # built on the v1 world (its committed results); the v2 world is the demo's default
@@ -115,9 +116,14 @@ def experiment(args: argparse.Namespace) -> dict:
     methods: dict[str, dict] = {"greedy": greedy}
     for n in ns:
         rng = random.Random(args.seed * 1000 + n)
-        methods[f"random-of-{n}"] = evaluate(scenes, [group[rng.randrange(n)] for group in candidates])
-        methods[f"best-of-{n}"] = evaluate(scenes, pick_best(candidates, rewards, first_n=n))
-        methods[f"oracle-of-{n}"] = evaluate(scenes, pick_best(candidates, oracle_scores, first_n=n))
+        limit = args.max_unparsed
+        methods[f"random-of-{n}"] = evaluate(
+            scenes, [group[rng.randrange(n)] for group in candidates], max_unparsed=limit
+        )
+        methods[f"best-of-{n}"] = evaluate(scenes, pick_best(candidates, rewards, first_n=n), max_unparsed=limit)
+        methods[f"oracle-of-{n}"] = evaluate(
+            scenes, pick_best(candidates, oracle_scores, first_n=n), max_unparsed=limit
+        )
     # How well the implicit reward ranks a prompt's samples: agreement with the oracle on sample pairs
     # whose oracle scores differ (0.5 = chance).
     agree = total = 0
@@ -248,17 +254,17 @@ def v2_rewards(sft, policies: dict, data: tuple, reward: RewardSettings) -> tupl
     return rewards, weights
 
 
-def v2_rows(cfg, scenes, greedy: dict, candidates: list[list[str]], scores: dict, ns: list[int]) -> dict:
+def v2_rows(cfg, scenes, greedy: dict, candidates: list[list[str]], scores: dict, ns: list[int], limit: float) -> dict:
     """The rows' metrics (module doc); `scores`: every reward's and the oracle's ("oracle") scores."""
 
     def score(answers):
-        return evaluate(scenes, answers, cfg.world.partners, cfg.empty_cells)
+        return evaluate(scenes, answers, cfg.world.partners, cfg.empty_cells, max_unparsed=limit)
 
     rows = {f"greedy:{name}": score(answers) for name, answers in greedy.items()}
     for n in ns:
         pooled = [(scene, answer) for scene, group in zip(scenes, candidates) for answer in group[:n]]
         rows[f"random-of-{n}"] = evaluate(
-            [sc for sc, _ in pooled], [a for _, a in pooled], cfg.world.partners, cfg.empty_cells
+            [sc for sc, _ in pooled], [a for _, a in pooled], cfg.world.partners, cfg.empty_cells, max_unparsed=limit
         )
         for name, values in scores.items():
             if name != "oracle":
@@ -309,7 +315,7 @@ def v2_seed(args: argparse.Namespace, seed: int) -> dict:
         oracle.score(Query(image, prompt, {"scene": scene}), group)
         for scene, image, prompt, group in zip(scenes, images, prompts, candidates)
     ]
-    rows = v2_rows(cfg, scenes, greedy, candidates, {**rewards, "oracle": oracle_scores}, ns)
+    rows = v2_rows(cfg, scenes, greedy, candidates, {**rewards, "oracle": oracle_scores}, ns, args.max_unparsed)
     agreement = {}
     for name, values in rewards.items():
         agree, pairs = pair_agreement(values, oracle_scores)
@@ -606,6 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--variant", choices=("sum", "mean", "segment"), default="sum", help="v1: the reward variant")
     parser.add_argument("--batch-size", type=int, default=64, help="scoring batch")
+    parser.add_argument(
+        "--max-unparsed",
+        type=float,
+        default=0.05,
+        help="the largest share of unparsed answers a row may have and still be scored (the lab's rule; 1 = any)",
+    )
     parser.add_argument("--num-threads", type=int, default=2)
     parser.add_argument(
         "--results",

@@ -33,6 +33,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ddpo.data.collator import collate_sequences, encode_sequences
 from ddpo.data.records import IGNORE_INDEX, PairBatch
 from ddpo.data.templates import encode_prompt, generated_prefix
+from ddpo.models.config import ConfigError
 from ddpo.models.logps import chunked_token_logps
 from ddpo.models.lora import merged_lora_state_dict
 from ddpo.models.processor import save_processor
@@ -261,7 +262,7 @@ class PreferenceModel(nn.Module):
             and (inputs_embeds.requires_grad or any(p.requires_grad for p in decoder.parameters()))
             and not flex_attention_has_cpu_backward()
         ):
-            raise RuntimeError(
+            raise ConfigError(
                 f"model.attn_implementation 'flex_attention': PyTorch's FlexAttention has no backward pass on CPU "
                 f"(torch {torch.__version__}); train on a CUDA device, or set model.attn_implementation: sdpa "
                 "(the same mask as a dense bias, same results). Forward-only use on CPU (torch.no_grad: "

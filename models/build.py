@@ -11,6 +11,11 @@ sizes, Muffin's vision tower being BEiT-3 of that width and its image tokens the
 
 W/L/H/FFN: width, layers, attention heads, FFN width; the LLM is Llama.
 
+OmniLMM (`arch: omnilmm`, models/omnilmm.py) takes the same sizes: an EVA tower of the vision sizes, the
+largest square number of queries not above Muffin's (4 / 16 / 64) and a Mistral decoder of the LLM sizes
+(half as many key/value heads); `model.name_or_path` may also name a released OmniLMM-12B / RLAIF-V-12B
+checkpoint (a directory or hub id), loaded shard by shard onto the meta-device model.
+
 The vocabulary is the tokenizer's (`len(tokenizer)`), so a random-init model needs one: the trainer
 passes it (or `model.tokenizer` names one). `bench` with an 8192-word vocabulary is the 11.5 M-parameter
 LLaVA of the benchmarks.
@@ -23,6 +28,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +51,15 @@ from ddpo.models.muffin import (
     checkpoint_image_size,
     load_muffin_checkpoint,
     muffin_config_from_original,
+)
+from ddpo.models.omnilmm import (
+    ORIGINAL_OMNILMM_TYPE,
+    OmniLMMConfig,
+    OmniLMMForCausalLM,
+    OmniLMMLoad,
+    OmniLMMPreferenceModel,
+    load_original_omnilmm,
+    random_omnilmm,
 )
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -118,6 +135,12 @@ def random_llava(
     size, patch = image_size or p["image_size"], patch_size or p["patch"]
     if size % patch:
         raise ConfigError(f"model.image_size {size} must be a multiple of the patch size {patch} (model.patch_size)")
+    layers = p["vision_layers"]
+    if not -(layers + 1) <= vision_feature_layer <= layers:  # else an IndexError at the first forward pass
+        raise ConfigError(
+            f"model.vision_feature_layer {vision_feature_layer} is out of range for the '{preset_name}' preset's "
+            f"{layers}-layer vision tower: use -1 (its last layer) down to -{layers + 1} (its patch embeddings)"
+        )
     vision = CLIPVisionConfig(
         hidden_size=p["vision_width"],
         intermediate_size=4 * p["vision_width"],
@@ -185,21 +208,29 @@ def build_model(cfg: ModelConfig, tokenizer=None, device: torch.device | str | N
         )
     dtype = resolve_dtype(cfg.dtype)
     if tokenizer is None and cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+        tokenizer = load_config_tokenizer(cfg)
     if cfg.name_or_path:
-        model = load_model(
-            cfg.name_or_path,
-            tokenizer=tokenizer,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-            logps_chunk_size=cfg.logps_chunk_size,
-            freeze_vision_experts=cfg.freeze_vision_experts,
-        )
+        with _loading("model.name_or_path", cfg.name_or_path, ("config.json", ADAPTER_CONFIG_FILE)):
+            model = load_model(
+                cfg.name_or_path,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+                logps_chunk_size=cfg.logps_chunk_size,
+                freeze_vision_experts=cfg.freeze_vision_experts,
+                device=device,  # a released OmniLMM's shards go straight to the trainer's device
+            )
         if model.arch != cfg.arch:
             raise ConfigError(f"model.arch is '{cfg.arch}' but {cfg.name_or_path} holds a '{model.arch}' model")
     else:
-        model = _random_init(cfg, tokenizer, device).to(dtype)
+        key, value = (
+            ("model.muffin_checkpoint", cfg.muffin_checkpoint)
+            if cfg.muffin_checkpoint
+            else ("model.preset", cfg.preset)
+        )
+        with _loading(key, value):
+            model = _random_init(cfg, tokenizer, device).to(dtype)
     if cfg.image_mode:
         model.image_transform = replace(model.image_transform, mode=cfg.image_mode)
     model.apply_freezing(cfg.freeze_vision_tower, cfg.freeze_projector, cfg.freeze_llm)
@@ -230,6 +261,10 @@ def _random_init(cfg: ModelConfig, tokenizer, device: torch.device | str | None 
             tokenizer,
             logps_chunk_size=cfg.logps_chunk_size,
         )
+    if cfg.arch == "omnilmm":
+        preset = dict(PRESETS[cfg.preset], patch=cfg.patch_size or PRESETS[cfg.preset]["patch"])
+        hf = random_omnilmm(preset, tokenizer, cfg.image_size, cfg.attn_implementation)
+        return OmniLMMPreferenceModel(hf, tokenizer, logps_chunk_size=cfg.logps_chunk_size)
     if muffin_dir is not None and (muffin_dir / "config.json").is_file():  # a full original checkpoint directory
         hf = _load_original_muffin(cfg, muffin_dir, tokenizer, device)
     else:
@@ -259,6 +294,79 @@ def _load_original_muffin(cfg: ModelConfig, muffin_dir: Path, tokenizer, device)
         hf, muffin_dir, dtype=resolve_dtype(cfg.dtype), device=device, interpolate_positions=cfg.interpolate_positions
     )
     return hf
+
+
+class ModelLoadError(Exception):
+    """A model or tokenizer could not be loaded or built: no such directory, a hub id that is unknown or not
+    in the cache (offline), files that are not a checkpoint, out of memory. The message names the config
+    key, the path and what to do; `ddpo train` prints it without a traceback."""
+
+    def __init__(self, key: str, path: str | os.PathLike, problem: str):
+        super().__init__(f"{key} '{path}': {problem}")
+        self.key, self.path, self.problem = key, str(path), problem
+
+
+# Each process builds the whole model before DeepSpeed shards anything (no zero.Init), so ZeRO, LoRA and freezing
+# do not help here; only the model's own size does.
+OUT_OF_MEMORY_AT_LOAD = (
+    "every process holds the whole model while it is built: use model.dtype bfloat16 (half of float32), a smaller "
+    "model (model.preset, model.name_or_path), fewer processes per machine, or a device with more memory"
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# A hub id is 'name' or 'owner/name' (huggingface_hub's rule); anything else can only be a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@contextmanager
+def _loading(key: str, path: str | os.PathLike, needs: tuple[str, ...] = ()) -> Iterator[None]:
+    """What loading `path` (the value of config `key`) raises, as one ModelLoadError that says what to do:
+    transformers and huggingface_hub report a missing directory or hub id as an OSError whose chained
+    tracebacks run to a hundred lines. `needs`: files of which a local folder must hold one (checked first:
+    a folder of something else fails deep in transformers with a ValueError)."""
+    folder = Path(path).expanduser()
+    if needs and folder.is_dir() and not any((folder / name).is_file() for name in needs):
+        raise ModelLoadError(
+            key, path, f"{folder.absolute()} is a folder but holds no {' or '.join(needs)}: point it at a checkpoint"
+        )
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            key, path, f"out of memory while building or loading it ({reason}): {OUT_OF_MEMORY_AT_LOAD}"
+        ) from e
+    except OSError as e:
+        raise ModelLoadError(key, path, _load_problem(path, e)) from e
+
+
+def _load_problem(path: str | os.PathLike, e: OSError) -> str:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    local = Path(path).expanduser()
+    if local.exists():
+        return (
+            f"{local.absolute()} could not be read ({reason}); point it at a checkpoint directory (config.json, "
+            "weights and tokenizer files, e.g. a `ddpo train` output_dir/final)"
+        )
+    missing = f"no such file or directory: {local.absolute()}"
+    if not _HUB_ID.match(str(path)):
+        return (
+            f"{missing}; fix the path (in a config, relative paths are looked up next to the config file, then in "
+            "the working directory)"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        hub = (
+            "is not in the local hub cache, and HF_HUB_OFFLINE=1 reads nothing else: download it first where there "
+            f"is network (`huggingface-cli download {path}`) or unset HF_HUB_OFFLINE"
+        )
+    else:
+        hub = f"could not be loaded from the hub ({reason}); check the id and your network or access token"
+    return f"{missing}; as a hub id, it {hub}"
+
+
+def load_config_tokenizer(cfg: ModelConfig):
+    """The tokenizer `model.tokenizer` names, or a ModelLoadError naming that key and the fix."""
+    with _loading("model.tokenizer", cfg.tokenizer, TOKENIZER_FILES):
+        return load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
@@ -338,6 +446,10 @@ def load_model(
             **({"logps_chunk_size": logps_chunk_size} if logps_chunk_size else {}),
         )
         return _random_init(cfg, tokenizer, device)
+    if not info and _model_type(path, trust_remote_code) == ORIGINAL_OMNILMM_TYPE:  # released OmniLMM / RLAIF-V-12B
+        return load_original_omnilmm(
+            path, tokenizer, OmniLMMLoad(dtype, device, attn_implementation, logps_chunk_size or 256)
+        )
     options = dict(
         dtype=dtype or torch.float32, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
     )
@@ -354,8 +466,13 @@ def load_model(
     elif arch == "muffin":
         hf = MuffinForCausalLM.from_pretrained(path, **options)
         model = MuffinPreferenceModel(hf, tokenizer, transform, chunk, freeze_vision_experts=freeze_vision_experts)
+    elif arch == "omnilmm":
+        model = OmniLMMPreferenceModel(OmniLMMForCausalLM.from_pretrained(path, **options), tokenizer, transform, chunk)
     else:
-        raise ConfigError(f"{path}: unsupported model type '{arch}' (expected a LLaVA or a ddpo Muffin checkpoint)")
+        raise ConfigError(
+            f"{path}: unsupported model type '{arch}' (expected a LLaVA, a ddpo Muffin or OmniLMM checkpoint, or a "
+            "released RLHF-V / Muffin or OmniLMM / RLAIF-V-12B one)"
+        )
     if info.get("template"):  # what it was trained with; else the architecture's
         model.template = info["template"]
     return model if device is None else model.to(device)
@@ -364,15 +481,23 @@ def load_model(
 ORIGINAL_MUFFIN_TYPE = "beit3_llava"  # model_type of the released RLHF-V / Muffin config.json
 
 
-def _arch_of_checkpoint(path: str, trust_remote_code: bool) -> str:
+def _model_type(path: str, trust_remote_code: bool) -> str | None:
+    """`model_type` of a checkpoint's config.json (local, else from the hub; AutoConfig as the last resort)."""
     from transformers import AutoConfig
 
     config_file = Path(path) / "config.json"
     if config_file.is_file():
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    else:
-        model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
-    return {"llava": "llava", MuffinConfig.model_type: "muffin"}.get(model_type, model_type)
+        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    hub_config = _checkpoint_json(path, "config.json")  # read as JSON: AutoConfig does not know 'omnilmm'
+    if hub_config is not None:
+        return hub_config.get("model_type")
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+
+
+def _arch_of_checkpoint(path: str, trust_remote_code: bool) -> str:
+    model_type = _model_type(path, trust_remote_code)
+    mapping = {"llava": "llava", MuffinConfig.model_type: "muffin", OmniLMMConfig.model_type: "omnilmm"}
+    return mapping.get(model_type, model_type)
 
 
 def _hf_image_transform(path: str) -> ImageTransform | None:

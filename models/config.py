@@ -21,12 +21,15 @@ def config_field(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["llava", "muffin"] = config_field(
+    arch: Literal["llava", "muffin", "omnilmm"] = config_field(
         "llava",
-        "Architecture: 'llava' (LLaVA-1.5, transformers Llava*) or 'muffin' (BEiT-3 + 64 queries + LLaMA, RLHF-V).",
+        "Architecture: 'llava' (LLaVA-1.5, transformers Llava*), 'muffin' (BEiT-3 + 64 queries + LLaMA, RLHF-V) or "
+        "'omnilmm' (EVA02-E tower + resampler + Mistral: OmniLMM-12B / RLAIF-V-12B).",
     )
     name_or_path: str | None = config_field(
-        None, "Checkpoint directory or hub id loaded with from_pretrained; null = random init from `preset`."
+        None,
+        "Checkpoint directory or hub id (a ddpo export, llava-hf, or a released RLHF-V / OmniLMM / RLAIF-V-12B "
+        "checkpoint); null = random init from `preset`.",
     )
     preset: Literal["tiny", "small", "bench"] = config_field(
         "tiny", "Size of a randomly initialised model when name_or_path is null (models/build.py lists the sizes)."

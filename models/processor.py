@@ -29,7 +29,7 @@ from pathlib import Path
 
 from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaProcessor
 
-from ddpo.data.templates import IMAGE_MARKER, SYSTEM_PROMPT, TEXT_TEMPLATES
+from ddpo.data.templates import IMAGE_MARKER, TEXT_TEMPLATES
 
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 
@@ -102,7 +102,7 @@ def chat_template(template: str) -> str:
             "{%- if system is not none %}{% set message = messages[0] %}",
             text_of,
             "{% else %}",
-            _literal(SYSTEM_PROMPT),
+            _literal(spec.system),
             "{% endif -%}",
             _literal(after_system),
             "{%- set message = turns[0] -%}",

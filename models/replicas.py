@@ -12,6 +12,14 @@ config keys), not on sizes. These writers produce what a user downloads, at any 
   `tokenizer_config.json` (`LlamaTokenizer`, old AddedToken dicts) + `special_tokens_map.json` +
   `added_tokens.json` (`[PAD]`, `<im_patch>`, `<im_start>`, `<im_end>` after the SentencePiece vocabulary).
   The BEiT-3 width comes from `BEIT3_SIZES[size]`, so a test can make "large" tiny.
+* `write_omnilmm_checkpoint`: OmniLMM-12B / RLAIF-V-12B (`openbmb/OmniLMM-12B`, `openbmb/RLAIF-V-12B`):
+  `model-0000k-of-0000n.safetensors` shards under the released names (`OmniLMMForCausalLM`: Mistral's
+  `model.layers.*`, timm's `model.vision_tower.*` without the dropped last block, `model.resampler.*`) +
+  `model.safetensors.index.json` + `config.json` (model_type `omnilmm`, the released keys: `mm_vision_tower`,
+  `num_query`, `image_size`, pad 2, sliding window, ...) + a SentencePiece `tokenizer.model` whose
+  `tokenizer_config.json` adds `<im_patch>`, `<im_start>`, `<im_end>` and the six box/ref/quad tokens after
+  the SentencePiece vocabulary (as `initialize_vision_tokenizer` does) and carries Zephyr's chat template.
+  The EVA tower's sizes come from `EVA_TOWERS[name]`, so a test can make the 'enormous' tower tiny.
 * `write_llava_hf_checkpoint`: llava-hf (`llava-hf/llava-1.5-7b-hf`): what `save_pretrained` of
   `LlavaForConditionalGeneration` and of its `LlavaProcessor` (CLIP image processor: short side + centre
   crop; Llama tokenizer with `<image>` and `<pad>`; llava-hf's chat template) write.
@@ -321,3 +329,163 @@ def replica_bytes(directory: str | Path, pattern: str = "pytorch_model-*.bin") -
     """(total, largest) bytes of a replica's weight shards."""
     sizes = [f.stat().st_size for f in Path(directory).glob(pattern)]
     return sum(sizes), max(sizes)
+
+
+# ------------------------------------------------------------------------------------------------
+# OmniLMM-12B / RLAIF-V-12B
+# ------------------------------------------------------------------------------------------------
+# Zephyr-7B-beta's chat template, which OmniLMM's tokenizer renders conversations with: its
+# `omni_preprocess` searches the rendered ids for the '\n<|user|>\n' and '\n<|assistant|>\n' markers.
+ZEPHYR_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+
+def write_omnilmm_tokenizer(directory: Path) -> int:
+    """OmniLMM's tokenizer files (a Mistral-style SentencePiece model + 9 added tokens, pad = EOS as the
+    released config's pad_token_id 2, Zephyr's chat template); returns the full vocabulary size."""
+    from ddpo.models.omnilmm import OMNILMM_ADDED_TOKENS
+
+    base = write_sentencepiece_tokenizer(directory)
+    special = {"<unk>": 0, "<s>": 1, "</s>": 2, **{t: base + i for i, t in enumerate(OMNILMM_ADDED_TOKENS)}}
+    decoder = {
+        str(i): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for token, i in special.items()
+    }
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"})
+    )
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": decoder,
+        "bos_token": "<s>",
+        "chat_template": ZEPHYR_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": True,
+        "model_max_length": 2048,
+        "pad_token": "</s>",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return base + len(OMNILMM_ADDED_TOKENS)
+
+
+def omnilmm_original_config(
+    vocab_size: int,
+    hidden: int = 256,
+    layers: int = 2,
+    heads: int = 8,
+    kv_heads: int = 2,
+    intermediate: int = 512,
+    num_query: int = 9,
+    image_size: int = 56,
+) -> dict:
+    """The released `config.json` keys (openbmb/RLAIF-V-12B), with the sizes given."""
+    return {
+        "_name_or_path": "replica",
+        "architectures": ["OmniLMMForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "fully_tune": True,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "image_size": image_size,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate,
+        "max_position_embeddings": 32768,
+        "mm_use_im_start_end": True,
+        "mm_vision_tower": "eva02_enormous_patch14_clip_224.laion2b_plus",
+        "model_type": "omnilmm",
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads,
+        "num_query": num_query,
+        "pad_token_id": 2,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.36.0",
+        "tune_CLIP": True,
+        "tune_mm_mlp_adapter": False,
+        "use_cache": False,
+        "use_mm_proj": True,
+        "vocab_size": vocab_size,
+    }
+
+
+def original_omnilmm_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our OmniLMMForCausalLM's weights (and the resampler's position table) under the released names:
+    the inverse of `models.omnilmm.map_omnilmm_key`."""
+    state = model.state_dict()
+    return {name.replace("model.language_model.", "model.", 1): tensor.clone() for name, tensor in state.items()}
+
+
+def write_sharded_safetensors(directory: Path, state: dict[str, torch.Tensor], num_shards: int) -> list[Path]:
+    """`model-0000k-of-0000n.safetensors` shards of about equal bytes + `model.safetensors.index.json`."""
+    from safetensors.torch import save_file
+
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    filled = 0
+    for name, tensor in state.items():
+        shards[min(num_shards - 1, filled * num_shards // max(total, 1))][name] = tensor.contiguous()
+        filled += tensor.numel() * tensor.element_size()
+    files, weight_map = [], {}
+    for k, shard in enumerate(shards, start=1):
+        file = directory / f"model-{k:05d}-of-{num_shards:05d}.safetensors"
+        save_file(shard, file, metadata={"format": "pt"})
+        files.append(file)
+        weight_map.update({name: file.name for name in shard})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    return files
+
+
+def write_omnilmm_checkpoint(directory: str | Path, num_shards: int = 2, seed: int = 0, **sizes) -> Path:
+    """A released-layout OmniLMM-12B / RLAIF-V-12B checkpoint with random weights (module docstring).
+    `sizes`: the Mistral part's and the resampler's (`omnilmm_original_config`); the EVA tower's come from
+    `EVA_TOWERS` (monkeypatch `eva_tower_sizes_for_tests()` in for a tiny one). Weights are stored in
+    bfloat16, as released."""
+    from ddpo.models.omnilmm import OMNILMM_ADDED_TOKENS, OmniLMMForCausalLM, omnilmm_config_from_original
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = write_omnilmm_tokenizer(directory)
+    original = omnilmm_original_config(vocab, **sizes)
+    (directory / "config.json").write_text(json.dumps(original, indent=2))
+    (directory / "generation_config.json").write_text(
+        json.dumps({"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.36.0"})
+    )
+    torch.manual_seed(seed)
+    image_token_id = vocab - len(OMNILMM_ADDED_TOKENS)  # <im_patch>, the first added token
+    model = OmniLMMForCausalLM(omnilmm_config_from_original(original, image_token_id))
+    state = {k: v.to(torch.bfloat16) for k, v in original_omnilmm_state_dict(model).items()}
+    write_sharded_safetensors(directory, state, num_shards)
+    return directory
+
+
+def eva_tower_sizes_for_tests(width: int = 64, depth: int = 3, heads: int = 4, mlp_dim: int = 160) -> dict:
+    """An EVA_TOWERS table whose 'eva02_enormous_patch14_clip_224' is tiny (monkeypatch it in) so replicas keep
+    the released tower name: patch 14, positions trained for 28 px (a 2 x 2 grid, resized at run time)."""
+    from ddpo.models.omnilmm import EvaTowerSize
+
+    return {"eva02_enormous_patch14_clip_224": EvaTowerSize(width, depth, heads, mlp_dim, 14, 28)}

@@ -1,6 +1,7 @@
 """Typed config: YAML loading, command-line overrides, validation messages, every shipped YAML loads."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,9 @@ def test_resolved_config_round_trips(tmp_path):
         (["--data.format", "rlhf-v"], "data.path is required for data.format 'rlhf-v'"),
         (["--loss.reference_free", "true"], "loss.reference_free needs no reference"),
         (["--model.freeze_vision_experts", "true"], "applies to model.arch 'muffin' only"),
-        (["--deepspeed.config", "nope.json"], "deepspeed.config: file not found"),
-        (["--train.resume", "/no/such/dir"], "train.resume must be 'none', 'auto' or an existing checkpoint directory"),
+        (["--deepspeed.config", "nope.json"], "deepspeed.config 'nope.json' not found: tried "),
+        (["--model.patch_size", "0"], "model.patch_size must be > 0"),
+        (["--train.resume", "/no/such/dir"], "train.resume '/no/such/dir' not found: no such file or folder"),
         (["--data.template", "llava_v1", "--data.label_span", "muffin"], "data.label_span 'muffin' labels vicuna_v0's"),
         (
             ["--data.segments", "word_diff", "--data.segment_diff", "muffin"],
@@ -133,3 +135,101 @@ def test_attn_implementation_choices():
     assert cfg.model.attn_implementation == "flex_attention"
     with pytest.raises(ConfigError, match="model.attn_implementation.*flex_attention"):
         load_config(None, ["--data.format", "synthetic", "--model.attn_implementation", "flash_attention_2"])
+
+
+# --- relative paths: next to the config file, else the working directory -----------------------------------
+def _layout(tmp_path, monkeypatch, yaml_text: str) -> Path:
+    """A config folder (tmp/cfg) and a separate working directory (tmp/work, the cwd); returns the YAML."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    (tmp_path / "cfg" / "run.yaml").write_text(yaml_text)
+    return tmp_path / "cfg" / "run.yaml"
+
+
+def test_relative_input_paths_are_found_next_to_the_config_then_in_the_working_directory(tmp_path, monkeypatch):
+    config = _layout(
+        tmp_path,
+        monkeypatch,
+        "data:\n  format: trl\n  path: pairs.jsonl\n  image_dir: images\n"
+        "model:\n  tokenizer: tok\n"
+        "deepspeed:\n  config: ds.json\n"
+        "train:\n  output_dir: runs/x\n  reference_cache: cache\n",
+    )
+    for beside in ("pairs.jsonl", "ds.json", "tok/tokenizer.json"):
+        (tmp_path / "cfg" / beside).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cfg" / beside).write_text("{}")
+    (tmp_path / "work" / "images").mkdir()  # only in the working directory
+    (tmp_path / "work" / "tok").mkdir()  # in both: the config's folder wins
+    cfg = load_config(config, check_paths=True)
+    assert cfg.data.path == str(tmp_path / "cfg" / "pairs.jsonl")
+    assert cfg.deepspeed.config == str(tmp_path / "cfg" / "ds.json")
+    assert cfg.model.tokenizer == str(tmp_path / "cfg" / "tok")
+    assert cfg.data.image_dir == "images"  # found in the working directory: as written
+    # outputs are written where the command runs, whatever exists next to the config
+    (tmp_path / "cfg" / "runs" / "x").mkdir(parents=True)
+    assert load_config(config).train.output_dir == "runs/x" and cfg.train.reference_cache == "cache"
+
+
+def test_the_resolved_config_reloads_from_anywhere(tmp_path, monkeypatch):
+    config = _layout(tmp_path, monkeypatch, "data:\n  format: synthetic\ndeepspeed:\n  config: ds.json\n")
+    (tmp_path / "cfg" / "ds.json").write_text("{}")
+    cfg = load_config(config)
+    save_config(cfg, tmp_path / "work" / "resolved.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(tmp_path / "work" / "resolved.yaml") == cfg
+
+
+def test_a_relative_path_found_nowhere_names_both_places_tried(tmp_path, monkeypatch):
+    config = _layout(tmp_path, monkeypatch, "data:\n  format: jsonl\n  path: pairs.jsonl\n  image_dir: images\n")
+    (tmp_path / "cfg" / "pairs.jsonl").write_text("{}")
+    with pytest.raises(ConfigError) as info:
+        load_config(config, check_paths=True)
+    message = str(info.value)
+    assert message.startswith("data.image_dir 'images' not found: tried ")
+    assert f"{tmp_path / 'cfg' / 'images'} (next to the config file)" in message
+    assert f"{tmp_path / 'work' / 'images'} (the working directory)" in message
+    assert load_config(config).data.image_dir == "images"  # a library caller may create its inputs later
+
+
+def test_a_command_line_path_is_relative_to_the_working_directory_only(tmp_path, monkeypatch):
+    config = _layout(tmp_path, monkeypatch, "data:\n  format: synthetic\n")
+    (tmp_path / "cfg" / "ds.json").write_text("{}")
+    with pytest.raises(
+        ConfigError, match=r"deepspeed.config 'ds.json' not found: tried .*work/ds.json \(a command-line"
+    ):
+        load_config(config, ["--deepspeed.config", "ds.json"])
+    (tmp_path / "work" / "ds.json").write_text("{}")
+    assert load_config(config, ["--deepspeed.config", "ds.json"]).deepspeed.config == "ds.json"
+
+
+@pytest.mark.parametrize("key", ["data.path", "model.name_or_path", "model.tokenizer"])
+def test_a_hub_id_stays_a_hub_id(tmp_path, monkeypatch, key):
+    section, name = key.split(".")
+    extra = "  format: rlhf-v\n" if section == "data" else ""
+    config = _layout(
+        tmp_path,
+        monkeypatch,
+        f"data:\n  format: rlhf-v\n  path: x/y\n{section}:\n{extra}  {name}: openbmb/RLHF-V-Dataset\n",
+    )
+    assert getattr(getattr(load_config(config, check_paths=True), section), name) == "openbmb/RLHF-V-Dataset"
+
+
+@pytest.mark.parametrize("value", ["pairs.jsonl", "./pairs", "data/rlhfv/pairs"])
+def test_a_data_path_that_cannot_be_a_hub_id_must_exist(tmp_path, monkeypatch, value):
+    config = _layout(tmp_path, monkeypatch, f"data:\n  format: trl\n  path: {value}\n")
+    with pytest.raises(ConfigError, match=rf"data.path '{re.escape(value)}' not found: tried "):
+        load_config(config, check_paths=True)
+
+
+def test_yaml_syntax_error_is_a_config_error(tmp_path):
+    (tmp_path / "c.yaml").write_text("loss:\n  gamma: [1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: "):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_fields_help_with_a_config_shows_its_values():
+    cfg = load_config(None, ["--data.format", "synthetic", "--loss.gamma", "3"])
+    text = fields_help(cfg)
+    assert "--loss.gamma 3.0  (" in text and '--data.format "synthetic"  (' in text
+    assert "Relative: next to the config file if there, else the working directory." in text

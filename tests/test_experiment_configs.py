@@ -85,6 +85,8 @@ EXPECTED = {
     "rlaifv/llava15_7b_lora.yaml": dict(
         RLAIFV, learning_rate=1e-5, lora_r=64, lora_alpha=16, lora_dropout=0.05, lora_target="all-linear"
     ),
+    # RLAIF-V released no 12B training script: its LLaVA-1.5 values, ZeRO-3 for 12B, OmniLMM's own template
+    "rlaifv/omnilmm12b.yaml": dict(RLAIFV, arch="omnilmm", zero_stage=3, template="omnilmm"),
     "ablations/vanilla_dpo.yaml": dict(PAPER, gamma=1.0, segments="none"),
     "ablations/sum_normalization.yaml": dict(PAPER, normalize="sum"),
     "ablations/data_200.yaml": dict(PAPER, num_pairs=200, total_steps=42),
@@ -99,7 +101,13 @@ ABLATED = {
     "ablations/data_800.yaml": {"data.max_samples": 800},
     "ablations/data_1400.yaml": {"data.max_samples": 1400},
 }
-HUB_IDS = {"HaoyeZhang/RLHF-V-Dataset", "openbmb/RLHF-V-Dataset", "openbmb/RLAIF-V-Dataset", "llava-hf/llava-1.5-7b-hf"}
+HUB_IDS = {
+    "HaoyeZhang/RLHF-V-Dataset",
+    "openbmb/RLHF-V-Dataset",
+    "openbmb/RLAIF-V-Dataset",
+    "llava-hf/llava-1.5-7b-hf",
+    "openbmb/OmniLMM-12B",
+}
 
 
 @pytest.fixture(autouse=True)

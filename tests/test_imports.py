@@ -23,6 +23,7 @@ CORE = {
     "ddpo.plan",
     "ddpo.progress",
     "ddpo.reference",
+    "ddpo.run_identity",
     "ddpo.sampler",
     "ddpo.schedule",
     "ddpo.token_weights",

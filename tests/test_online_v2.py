@@ -157,31 +157,10 @@ def test_best_of_n_v2_end_to_end(tmp_path):
         str(results),
     ]
     proc = run_script("best_of_n", argv)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads((results / "validation.json").read_text())
-    seed0 = out["per_seed"]["0"]
-    rows = seed0["rows"]
-    assert set(rows) == {
-        "greedy:sft",
-        "greedy:dpo_mean",
-        "greedy:ddpo_mean_g5",
-        *[f"{k}-of-{n}" for n in (1, 2, 4) for k in ("random", "oracle")],
-        *[f"best-of-{n}:{r}" for n in (1, 2, 4) for r in REWARDS],
-    }
-    # N = 1: nothing to choose, every pick is the first sample; random-of-N pools the first N samples
-    assert all(rows[f"best-of-1:{r}"] == rows["random-of-1"] == rows["oracle-of-1"] for r in REWARDS)
-    assert rows["random-of-4"]["num_responses"] == 12.0 and rows["best-of-4:dpo_mean/sum"]["num_responses"] == 3.0
-    # the agreement is recomputed from the cached samples: same number
-    samples = json.loads(next((lab / "seed0" / "best_of_n").glob("*.samples.json")).read_text())
-    for name in REWARDS:
-        agree, pairs = pair_agreement(samples["rewards"][name], samples["oracle"])
-        assert seed0["agreement"][name] == {"agreement": pytest.approx(agree / max(pairs, 1)), "pairs": pairs}
-    # the primary: the pre-registered reward against random at the largest N (no 16 among 1, 2, 4)
-    assert out["primary_label"].startswith("best-of-4:ddpo_mean_g5/sum - random-of-4")
-    assert (results / "validation.png").stat().st_size > 0
-    # a rerun reads the per-seed cache: identical numbers
-    assert run_script("best_of_n", argv).returncode == 0
-    assert json.loads((results / "validation.json").read_text())["per_seed"] == out["per_seed"]
+    # Tiny random models write no sentence of the world's grammar: the lab's unparsed rule refuses to score them
+    # (never a 0.0 hallucination rate), naming the count, before any table is written.
+    assert proc.returncode != 0 and "answers (100.0%) are unparsed" in proc.stderr, proc.stderr[-4000:]
+    assert not (results / "validation.json").exists()
     proc = run_script("best_of_n", [*argv, "--primary", "dpo/sum"])
     assert proc.returncode != 0 and "--primary must be one of" in proc.stderr
 
@@ -215,24 +194,6 @@ def test_iterate_v2_rounds_and_one_round_baseline_end_to_end(tmp_path):
             str(results),
         ],
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    seed0 = out / "seed0"
-    one = json.loads((seed0 / "one_round" / "round1" / "selected.json").read_text())
-    assert one["prompts"] == [0, 12]  # both rounds' prompts at once
-    loop = [json.loads((seed0 / "iterate" / f"round{k}" / "selected.json").read_text()) for k in (1, 2)]
-    assert [r["prompts"] for r in loop] == [[0, 6], [6, 12]]
-    # round 2 starts from round 1's selected export: its reference cache is filled from that model
-    cfg = (seed0 / "iterate" / "round2" / "run" / "config.yaml").read_text()
-    assert loop[0]["selected"] in cfg
-    saved = json.loads((results / "results.json").read_text())
-    rows = [row["row"] for row in saved["rows"]]
-    assert rows == ["round 0", "round 1", "round 2", "picked on validation", "one round, same prompts"]
-    picked = saved["per_seed"]["0"]["picked_round"]
-    assert picked in (0, 1, 2)
-    # the pick is the v2 rule over the rounds' validation metrics (round 0: SFT's)
-    rounds = saved["per_seed"]["0"]["rounds"]
-    chosen = {str(r["round"]): r["validation"][Path(r["selected"]).name if r["round"] else "sft"] for r in rounds}
-    assert picked == int(select_checkpoint(chosen, "v2", rounds[0]["validation"]["sft"]))
-    assert rounds[0]["drift"] == 0.0 and all(isinstance(r["drift"], float) for r in rounds)
-    assert "picked on validation - one round (primary)" in saved["differences"]["differences"]
-    assert "python experiments/iterate.py --quick" in (results / "results.md").read_text()
+    # Tiny random models are 100% unparsed: the first validation evaluation refuses, naming the count.
+    assert proc.returncode != 0 and "answers (100.0%) are unparsed" in proc.stderr, proc.stderr[-4000:]
+    assert not (results / "results.json").exists()

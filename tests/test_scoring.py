@@ -212,7 +212,7 @@ def test_score_command_names_the_bad_row(tmp_path, capsys):
 @pytest.mark.slow
 def test_best_of_n_experiment_end_to_end(tmp_path):
     """The experiment script, run as a command, on a --quick demo directory whose models are tiny (made here, so
-    no stage trains)."""
+    no stage trains): it loads the demo's models and evaluates through the lab's rules."""
     import os
     import subprocess
     import sys
@@ -239,15 +239,7 @@ def test_best_of_n_experiment_end_to_end(tmp_path):
         cwd=REPO,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads((results_dir / "results.json").read_text())
-    assert list(results["methods"]) == ["greedy"] + [
-        f"{k}-of-{n}" for n in (1, 2, 4) for k in ("random", "best", "oracle")
-    ]
-    for metrics in results["methods"].values():
-        assert metrics["num_responses"] == 6.0
-    # With N = 1 there is nothing to choose: best, random and oracle pick the same sample.
-    one = [results["methods"][f"{k}-of-1"] for k in ("random", "best", "oracle")]
-    assert one[0] == one[1] == one[2]
-    assert "python experiments/best_of_n.py --world v1 --demo-dir" in (results_dir / "results.md").read_text()
-    assert (results_dir / "plot.png").stat().st_size > 0
+    # Random tiny models write no sentence of the world's grammar: the script must refuse to score them (the
+    # lab's unparsed rule), naming the count, rather than report 0.0 hallucination.
+    assert proc.returncode != 0 and "6 of 6 answers (100.0%) are unparsed" in proc.stderr, proc.stderr[-4000:]
+    assert not (results_dir / "results.json").exists()

@@ -3,7 +3,12 @@
 Object hallucination (a mention of a shape the scene does not hold) is reported per response and per
 mention, next to object recall and answer length, so that saying less cannot pass for hallucinating
 less; the other claim types get their own error rates. Sentences the parser cannot read contribute no
-claims; `unparsed_rate` reports how many responses had any.
+claims; `unparsed_rate` reports how many responses had any, and above `max_unparsed` (default 5%)
+`evaluate` gives no score at all but raises `UnparsedError`, naming the count and a few examples: an
+unread sentence can hide a hallucination, and a run of unread answers would score 0.0 hallucination.
+
+`UnparsedError` and `check_unparsed` are the one unparsed-answer rule of every evaluation (the benchmarks
+of ddpo/eval use them too).
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from collections.abc import Sequence
 from ddpo.data.synthetic.annotator import ground
 from ddpo.data.synthetic.language import n_words, parse
 from ddpo.data.synthetic.world import Scene, partner_cell
+
+DEFAULT_MAX_UNPARSED = 0.05  # share of unparsed answers above which no score is given
+EXAMPLES_SHOWN = 3  # unparsed answers quoted in the error; the rest are counted
+EXAMPLE_CHARS = 80  # an example is cut to this many characters, so the message stays a few lines
 
 CLAIM_GROUPS = {
     "attribute": ("color", "size"),
@@ -34,8 +43,59 @@ def companion_context(scene: Scene, partners: dict[str, str]) -> set[str]:
     }
 
 
+class UnparsedError(ValueError):
+    """Too many answers could not be parsed for a score to mean anything. `count` of `total` answers;
+    `examples`: (which answer, the text that failed) for the first few."""
+
+    def __init__(self, message: str, count: int, total: int, examples: list[tuple[str, str]]):
+        super().__init__(message)
+        self.count, self.total, self.examples = count, total, examples
+
+
+def check_max_unparsed(max_unparsed: float) -> float:
+    """`max_unparsed` itself, if it is a share in [0, 1); 1 is refused so that a run whose every answer is
+    unparsed can never be scored."""
+    if not 0 <= max_unparsed < 1:
+        raise ValueError(
+            f"max_unparsed (--max-unparsed) must be a share in [0, 1), got {max_unparsed!r}: "
+            "e.g. 0.05 gives no score when more than 5% of the answers are unparsed"
+        )
+    return max_unparsed
+
+
+def _quote(text: str) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= EXAMPLE_CHARS else text[: EXAMPLE_CHARS - 3] + "...")
+
+
+def check_unparsed(
+    what: str, how: str, unparsed: Sequence[tuple[str, str]], total: int, max_unparsed: float, fix: str
+) -> None:
+    """Raise UnparsedError when more than `max_unparsed` of `total` answers are unparsed. `what`: the
+    evaluation; `how`: what unparsed means there; `unparsed`: (which answer, the text that failed) per
+    unparsed answer; `fix`: what to do about it."""
+    check_max_unparsed(max_unparsed)
+    count = len(unparsed)
+    if not count or count / total <= max_unparsed:
+        return
+    examples = list(unparsed[:EXAMPLES_SHOWN])
+    shown = "; ".join(f"{where}: {_quote(text)}" for where, text in examples)
+    raise UnparsedError(
+        f"{what}: {count} of {total} answers ({count / total:.1%}) are unparsed ({how}), more than max_unparsed "
+        f"{max_unparsed:g} allows (--max-unparsed), so no score is given. First {len(examples)}: {shown}. "
+        f"Fix: {fix}; to score the parsed answers anyway, raise max_unparsed (below 1).",
+        count,
+        total,
+        examples,
+    )
+
+
 def evaluate(
-    scenes: Sequence[Scene], answers: Sequence[str], partners: dict[str, str] | None = None, empty_cells: bool = False
+    scenes: Sequence[Scene],
+    answers: Sequence[str],
+    partners: dict[str, str] | None = None,
+    empty_cells: bool = False,
+    max_unparsed: float = DEFAULT_MAX_UNPARSED,
 ) -> dict[str, float]:
     """Metrics over paired `scenes` and `answers`:
 
@@ -46,20 +106,44 @@ def evaluate(
     <type>_error_rate            wrong claims / claims, for attribute (colour, size), position, count, relation
                                  (claims about a hallucinated object are counted in the object rates only)
     unparsed_rate                responses with a sentence that fits no grammar rule / all responses
+    num_unparsed                 those responses
     With `partners` (the world's anchor -> partner map), the co-occurrence prior's share:
     companion_rate               scenes with a companion context (`companion_context`) whose answer names
                                  one of those absent partners / scenes with a context
     target_mention_rate          hallucinated mentions of a context's partner / all object mentions
     nontarget_mention_rate       the other hallucinated mentions / all object mentions (displacement)
     `empty_cells`: the v2 world's language (see annotator.ground).
+
+    Mentions and claims exist only in parsed sentences, so the mention, claim and response rates are over
+    parsed text; recall, length and the companion rate count an unread sentence as naming nothing, which
+    `max_unparsed` bounds: above that share of unparsed responses, UnparsedError instead of a score.
     """
+    check_max_unparsed(max_unparsed)
+    out, unparsed = _metrics(scenes, answers, partners, empty_cells)
+    check_unparsed(
+        "synthetic evaluation",
+        "a sentence fits no rule of the world's grammar",
+        unparsed,
+        len(answers),
+        max_unparsed,
+        "score answers of a model trained on this world, generated with its template and enough new tokens to "
+        "finish the last sentence (ddpo eval: --template, --max-new-tokens)",
+    )
+    return out
+
+
+def _metrics(
+    scenes: Sequence[Scene], answers: Sequence[str], partners: dict[str, str] | None, empty_cells: bool
+) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """`evaluate`'s metrics, and (answer k, its first unparsed sentence) per unparsed answer, unchecked."""
     if len(scenes) != len(answers):
         raise ValueError(f"evaluate: {len(scenes)} scenes but {len(answers)} answers; pass one answer per scene")
-    mentioning = hallucinating = mentions = hallucinated = recalled = objects = words = unparsed = 0
+    mentioning = hallucinating = mentions = hallucinated = recalled = objects = words = 0
     contexts = companions = targeted = 0
+    unparsed: list[tuple[str, str]] = []
     wrong = {g: 0 for g in CLAIM_GROUPS}
     total = {g: 0 for g in CLAIM_GROUPS}
-    for scene, answer in zip(scenes, answers):
+    for k, (scene, answer) in enumerate(zip(scenes, answers)):
         g = ground(scene, parse(answer), empty_cells)
         n_hallucinated = sum(g.hallucinated)
         if partners is not None:
@@ -75,7 +159,9 @@ def evaluate(
         recalled += len(g.mentioned_objects())
         objects += len(scene.objects)
         words += n_words(answer)
-        unparsed += bool(g.parse.unparsed)
+        if g.parse.unparsed:
+            start, end = g.parse.unparsed[0]
+            unparsed.append((f"answer {k}", answer[start:end]))
         for v in g.verdicts:
             for group, kinds in CLAIM_GROUPS.items():
                 if v.claim.kind in kinds:
@@ -93,9 +179,10 @@ def evaluate(
         out["companion_rate"] = companions / max(contexts, 1)
         out["target_mention_rate"] = targeted / max(mentions, 1)
         out["nontarget_mention_rate"] = (hallucinated - targeted) / max(mentions, 1)
-    out["unparsed_rate"] = unparsed / n
+    out["unparsed_rate"] = len(unparsed) / n
     out["num_responses"] = float(len(answers))
-    return out
+    out["num_unparsed"] = float(len(unparsed))
+    return out, unparsed
 
 
 def gate_figures(
@@ -112,18 +199,22 @@ def gate_figures(
     recall_without_anchor   object recall on the `scenes` that hold no anchor (no key of `partners`)
     companion_rate          `scenes` with a companion context whose answer names an absent companion /
                             scenes with a context (see `evaluate`)
+    unparsed_rate           answers (one-object and `scenes`) with a sentence that fits no grammar rule / answers
+    No unparsed limit: an unread answer names nothing, so it can only lower the gate's figures (a model that
+    writes unreadable text misses the gate); `unparsed_rate` tells that cause apart.
     """
     if any(len(s.objects) != 1 for s in single_scenes):
         raise ValueError("gate_figures: single_scenes must each hold exactly one object")
-    single = evaluate(single_scenes, single_answers, empty_cells=empty_cells)["object_recall"]
+    single, single_unparsed = _metrics(single_scenes, single_answers, None, empty_cells)
     plain = [k for k, s in enumerate(scenes) if not s.shapes() & set(partners)]
-    recall = evaluate([scenes[k] for k in plain], [answers[k] for k in plain], empty_cells=empty_cells)["object_recall"]
-    companion = evaluate(scenes, answers, partners, empty_cells)["companion_rate"]
+    plain_metrics, _ = _metrics([scenes[k] for k in plain], [answers[k] for k in plain], None, empty_cells)
+    every, every_unparsed = _metrics(scenes, answers, partners, empty_cells)
     return {
-        "single_object_accuracy": single,
-        "recall_without_anchor": recall,
-        "companion_rate": companion,
+        "single_object_accuracy": single["object_recall"],
+        "recall_without_anchor": plain_metrics["object_recall"],
+        "companion_rate": every["companion_rate"],
         "single_object_images": float(len(single_scenes)),
         "scenes_without_anchor": float(len(plain)),
         "scenes_with_companion_context": float(sum(bool(companion_context(s, partners)) for s in scenes)),
+        "unparsed_rate": (len(single_unparsed) + len(every_unparsed)) / max(len(single_answers) + len(answers), 1),
     }

@@ -1,14 +1,32 @@
 """CHAIR word pipeline and metrics (Rohrbach et al., 2018) as the RLHF-V Object HalBench computes them.
 
-Text -> COCO object mentions, the rule-based way:
+The rules follow RLHF-V's evaluator, `eval/eval_gpt_obj_halbench.py` of RLHF-V/RLHF-V (commit 8daac8a):
+
+Free text (COCO reference captions; answers under `--extractor rules`), its `caption_to_words`:
   lowercase -> word tokens -> noun lemmas -> merge known bigrams ("hot dog", "baby cat" -> cat, ...)
   -> drop "seat" when "toilet" is present -> keep words of the synonym vocabulary -> map to the class.
+  Every occurrence is a mention, so "coffee cup" counts as a cup here.
 
-RLHF-V uses NLTK's tokenizer and WordNet lemmatizer, whose data must be downloaded at run time. Here the
-tokenizer is a regular expression and noun lemmas come from `lemminflect`, which ships its dictionary
-inside the wheel (offline, ~1 MB). Two deliberate differences, both so that vocabulary words survive:
-a word that is itself in the synonym vocabulary is kept as it is ("corgi" would otherwise become
-"corgus" through lemminflect's rules for unknown words), and the vocabulary is lower-cased ("iPhone").
+Object names extracted by a chat model, its `get_pred_objs_match`: each name is read as "a {name}";
+  if it holds known bigrams, those alone are its objects; otherwise each run of consecutive nouns is
+  one object, the nouns' lemmas joined by spaces ("cup of coffee" -> "cup", "coffee"; "coffee cup" ->
+  "coffee cup"). Objects are de-duplicated per answer, then the "seat"/"toilet" rule and the vocabulary
+  filter apply to the whole object: a noun compound outside the vocabulary ("coffee cup", "baseball
+  player") is no COCO mention at all.
+
+RLHF-V uses NLTK's tokenizer and WordNet lemmatizer for free text and spaCy's `en_core_web_trf` tagger and
+lemmas for names; their data and model must be downloaded at run time. Here the tokenizer is a regular
+expression and lemmas come from `lemminflect`, which ships its dictionary inside the wheel (offline, ~1 MB):
+  - a word lemminflect knows as a noun takes its dictionary lemma ("children" -> "child", "men" -> "man",
+    "glasses" -> "glass", as WordNet and spaCy); any other word in the synonym vocabulary is kept as it is
+    ("corgi" would otherwise become "corgus" through lemminflect's rules for unknown words); every other
+    word goes through lemminflect's noun rules ("frisbees" -> "frisbee"); the vocabulary is lower-cased
+    ("iPhone").
+  - spaCy's part-of-speech tags are approximated for names (`_noun_flags`): function words, numbers and
+    punctuation are not nouns; a word lemminflect does not know is a noun; the head of a phrase (the last
+    word before a non-word) is a noun unless lemminflect knows it only as a verb or adverb ("parked"); a
+    word before the head is a noun only when lemminflect knows it as a noun and not as an adjective ("red
+    car" -> car, "wooden table" -> table, but "glass table", "coffee cup" stay compounds).
 """
 
 from __future__ import annotations
@@ -40,7 +58,20 @@ _YOUNG_OR_ADULT = (
 )
 _PASSENGER = ("jet", "train")
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # hyphenated compounds stay one token, like NLTK
+# Hyphenated compounds stay one token and punctuation is a token of its own, like NLTK's word_tokenize: a
+# comma between two words keeps them from forming a bigram ("hot, dog").
+_TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*|'s\b|[^\sa-z0-9]")
+# spaCy splits hyphens off inside words ("t-shirt" -> t, -, shirt); names are tokenized that way.
+_NAME_TOKEN = re.compile(r"[a-z0-9]+|'s\b|[^\sa-z0-9]")
+# Closed-class words spaCy never tags as nouns, which lemminflect either lacks or lists as nouns too ("his",
+# "two"): determiners, pronouns, prepositions, conjunctions and number words.
+_NOT_NOUNS = frozenset(
+    "a an the this that these those some any each every all both either neither no other another such "
+    "his her hers its their theirs my mine our ours your yours it they them he she we you i "
+    "of and or but nor with without on in at by for from to into onto over under near next beside behind "
+    "above below between among around across along against through inside outside off up down "
+    "one two three four five six seven eight nine ten eleven twelve dozen several few many much more most".split()
+)
 
 
 @dataclass(frozen=True)
@@ -89,21 +120,35 @@ def default_vocabulary() -> CocoVocabulary:
 
 
 @functools.lru_cache(maxsize=65536)
-def _noun_lemma(word: str) -> str:
-    from lemminflect import getLemma  # noqa: PLC0415 (import cost only when used)
+def _readings(word: str) -> frozenset[str]:
+    """The parts of speech lemminflect's dictionary lists for `word` (empty: a word it does not know)."""
+    from lemminflect import getAllLemmas  # noqa: PLC0415 (import cost only when used)
 
-    lemmas = getLemma(word, upos="NOUN")
-    return lemmas[0] if lemmas else word
+    return frozenset(getAllLemmas(word))
+
+
+@functools.lru_cache(maxsize=65536)
+def _noun_lemma(word: str, in_vocabulary: bool) -> str:
+    from lemminflect import getAllLemmas, getLemma  # noqa: PLC0415 (import cost only when used)
+
+    known = getAllLemmas(word).get("NOUN")
+    if known:
+        return known[0]
+    if in_vocabulary or not word.isalpha():
+        return word
+    # Lemminflect's noun rules, as WordNet's lemmatizer reads every word as a noun ("frisbees" -> frisbee,
+    # "sailboards" -> sailboard, and also WordNet's "has" -> "ha").
+    return getLemma(word, upos="NOUN")[0]
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens; punctuation and possessive 's are separators."""
+    """Lower-cased tokens: words (hyphenated ones whole), possessive 's, and each punctuation mark."""
     return _TOKEN.findall(text.lower())
 
 
 def lemmatize(words: Iterable[str], vocab: CocoVocabulary) -> list[str]:
-    """Noun lemma of each word ("dogs" -> "dog", "children" -> "child"); vocabulary words stay as they are."""
-    return [w if w in vocab.synonym_to_class else _noun_lemma(w) for w in words]
+    """Noun lemma of each word ("dogs" -> "dog", "children" -> "child"); other vocabulary words stay as they are."""
+    return [_noun_lemma(w, w in vocab.synonym_to_class) for w in words]
 
 
 def merge_bigrams(words: Sequence[str], vocab: CocoVocabulary, keep_unmatched: bool = True) -> list[str]:
@@ -142,26 +187,52 @@ def text_to_mentions(text: str, vocab: CocoVocabulary | None = None) -> list[tup
     return words_to_mentions(merge_bigrams(lemmatize(tokenize(text), vocab), vocab), vocab)
 
 
-def names_to_mentions(names: Sequence[str], vocab: CocoVocabulary | None = None) -> list[tuple[str, str]]:
-    """COCO mentions from object names extracted by an LLM (one name per object, e.g. "red car").
+def _noun_flags(tokens: Sequence[str], vocab: CocoVocabulary) -> list[bool]:
+    """Which tokens of a short noun phrase spaCy would tag NN/NNS/NNP/NNPS (the approximation of the module doc)."""
+    content = [t.isalpha() and t not in _NOT_NOUNS for t in tokens]
+    flags = []
+    for i, token in enumerate(tokens):
+        readings = _readings(token) if content[i] else frozenset()
+        head = i + 1 == len(tokens) or not content[i + 1]
+        if not content[i]:
+            flags.append(False)
+        elif not readings:
+            flags.append(True)  # unknown words in a noun phrase ("frisbee", "teddy") are tagged nouns
+        elif head:
+            flags.append(bool(readings & {"NOUN", "ADJ"}) or token in vocab.synonym_to_class)
+        else:
+            flags.append("NOUN" in readings and "ADJ" not in readings)
+    return flags
 
-    RLHF-V parses "a {name}" with spaCy: a known bigram wins, else runs of nouns. Without a POS tagger we
-    take, in order: known bigrams of the lemmas, else the whole lemmatized name, else its last word (the
-    head noun of an English noun phrase: "red car" -> car). Raw results are de-duplicated per answer.
+
+def name_to_objects(name: str, vocab: CocoVocabulary | None = None) -> list[str]:
+    """The objects RLHF-V reads in one extracted name: its known bigrams if it holds any, else its runs
+    of consecutive nouns, each run's lemmas joined by spaces (not yet filtered by the vocabulary).
+
+    >>> name_to_objects("cup of coffee"), name_to_objects("coffee cup"), name_to_objects("baby elephant")
+    (['cup', 'coffee'], ['coffee cup'], ['elephant'])
     """
     vocab = vocab or default_vocabulary()
-    objects: list[str] = []
-    for name in names:
-        lemmas = lemmatize(tokenize(name), vocab)
-        if not lemmas:
-            continue
-        found = merge_bigrams(lemmas, vocab, keep_unmatched=False)
-        if not found:
-            phrase = " ".join(lemmas)
-            found = [phrase if phrase in vocab.synonym_to_class else lemmas[-1]]
-        objects.extend(found)
-    unique = list(dict.fromkeys(objects))
-    return words_to_mentions(unique, vocab)
+    tokens = ["a", *_NAME_TOKEN.findall(name.lower())]  # RLHF-V tags "a {name}"
+    lemmas = lemmatize(tokens, vocab)
+    found = merge_bigrams(lemmas, vocab, keep_unmatched=False)
+    if found:
+        return found
+    runs: list[list[str]] = [[]]
+    for lemma, noun in zip(lemmas, _noun_flags(tokens, vocab)):
+        if noun:
+            runs[-1].append(lemma)
+        elif runs[-1]:
+            runs.append([])
+    return [" ".join(run) for run in runs if run]
+
+
+def names_to_mentions(names: Sequence[str], vocab: CocoVocabulary | None = None) -> list[tuple[str, str]]:
+    """COCO mentions from object names extracted by an LLM (one name per object, e.g. "red car"):
+    `name_to_objects` of each name, de-duplicated per answer, then the "seat" rule and the vocabulary."""
+    vocab = vocab or default_vocabulary()
+    objects = [obj for name in names for obj in name_to_objects(name, vocab)]
+    return words_to_mentions(list(dict.fromkeys(objects)), vocab)
 
 
 @dataclass
@@ -193,7 +264,7 @@ def chair_metrics(samples: Sequence[ChairSample]) -> dict[str, float | None]:
     - mention_hallucination_rate: hallucinated mentions / all COCO mentions (`CHAIRi`, "Mention").
     - chair_s: answers with >= 1 hallucinated mention / all answers (original CHAIR_s).
     - recall: sum over answers of correctly mentioned classes / sum of ground-truth classes.
-    - mean_response_words: whitespace-separated words per answer.
+    - mean_response_words: `num_words` per answer (objhal counts pieces between single spaces, as RLHF-V).
     A rate whose denominator is 0 is null.
     """
     n = len(samples)

@@ -18,7 +18,13 @@ preset, the model's template and its stop strings, greedy, 512 new tokens. The r
 OUT.json under "generation".
 
 Writes OUT.json (metrics; rates are fractions in [0, 1]), OUT.samples.jsonl (per-answer scoring details)
-and, when generating, OUT.answers.jsonl (the answers, re-scorable with --answers). Judge verdicts are
+and, when generating, OUT.answers.jsonl (the answers, re-scorable with --answers).
+
+Unparsed answers (synthetic: a sentence outside the world's grammar; POPE/AMBER: no yes or no; MMHal-Bench:
+no "Rating: N" in the judge's reply; Object HalBench --extractor llm: no JSON list in the extractor's reply)
+are counted in every OUT.json as `num_unparsed` and `unparsed_rate`. When more than --max-unparsed of them
+(default 0.05) are unparsed, no score is given: `ddpo eval` exits 1 with an error naming the count and the
+first few, and writes no OUT.json / OUT.samples.jsonl (an answers file it generated is kept). Judge verdicts are
 cached in OUT.judge_cache.jsonl (or --judge-cache): a re-run only asks for what is not judged yet.
 
 A benchmark is an entry of BENCHMARKS: name -> Benchmark(questions, read_answers, score), three plain
@@ -38,7 +44,13 @@ from typing import Any, NamedTuple
 import torch
 
 from ddpo.data.jsonl import json_objects
-from ddpo.data.synthetic.metrics import evaluate
+from ddpo.data.synthetic.metrics import (
+    DEFAULT_MAX_UNPARSED,
+    UnparsedError,
+    check_max_unparsed,
+    check_unparsed,
+    evaluate,
+)
 from ddpo.data.templates import default_stop_strings
 from ddpo.eval import mmhal, objhal, protocols, yesno
 from ddpo.eval.generation import generate_answers
@@ -113,7 +125,19 @@ def _objhal_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any],
             args, objhal.LLM_EXTRACTOR_MODEL, objhal.LLM_EXTRACTOR_TEMPERATURE, objhal.LLM_EXTRACTOR_MAX_TOKENS
         )
         extractor = (client, _judge_cache(args))
-    return objhal.score_objhal(rows, args.annotations, extractor)
+    metrics, details = objhal.score_objhal(rows, args.annotations, extractor)
+    # score_objhal leaves unparsed extractions out of CHAIR and counts them; the limit is applied here.
+    check_unparsed(
+        f"Object HalBench ({metrics['extractor']})",
+        "the extractor's reply holds no JSON list of object names",
+        [(f"image {d['image_id']}", d.get("extractor_reply") or d["answer"]) for d in details if d.get("unparsed")],
+        len(details),
+        args.max_unparsed,
+        "extract with a chat model that answers with a JSON list (--judge-model), or with the rules "
+        "(--extractor rules); unparsed replies are not cached, so a re-run asks only for those",
+    )
+    metrics.setdefault("unparsed_rate", metrics["num_unparsed"] / len(details) if details else None)
+    return metrics, details
 
 
 # --- MMHal-Bench -----------------------------------------------------------------------------------
@@ -144,9 +168,8 @@ def _mmhal_read_answers(args: argparse.Namespace) -> Rows:
 def _mmhal_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any], Rows]:
     questions = mmhal.load_questions(args.questions)
     client = _judge_client(args, mmhal.JUDGE_MODEL, temperature=0.0, max_tokens=None)
-    return mmhal.score_mmhal(
-        questions, [r["answer"] for r in sorted(rows, key=lambda r: r["index"])], client, _judge_cache(args)
-    )
+    answers = [r["answer"] for r in sorted(rows, key=lambda r: r["index"])]
+    return mmhal.score_mmhal(questions, answers, client, _judge_cache(args), max_unparsed=args.max_unparsed)
 
 
 # --- POPE / AMBER ----------------------------------------------------------------------------------
@@ -208,7 +231,8 @@ def _synthetic_read_answers(args: argparse.Namespace) -> Rows:
 def _synthetic_score(args: argparse.Namespace, rows: Rows) -> tuple[dict[str, Any], Rows]:
     args.num_images = max(args.num_images, 1 + max(r["index"] for r in rows))
     scenes, _, _ = _synthetic_split(args)
-    metrics = evaluate([scenes[r["index"]] for r in rows], [r["answer"] for r in rows], *_synthetic_world())
+    answers = [r["answer"] for r in rows]
+    metrics = evaluate([scenes[r["index"]] for r in rows], answers, *_synthetic_world(), args.max_unparsed)
     return metrics, [{"index": r["index"], "answer": r["answer"]} for r in rows]
 
 
@@ -217,10 +241,14 @@ BENCHMARKS: dict[str, Benchmark] = {
     "objhal": Benchmark(_objhal_questions, lambda a: objhal.read_objhal_answers(a.answers), _objhal_score),
     "mmhal": Benchmark(_mmhal_questions, _mmhal_read_answers, _mmhal_score),
     "pope": Benchmark(
-        _pope_questions, _yesno_read_answers(_pope_questions), lambda a, rows: yesno.score_yes_no(rows, positive="yes")
+        _pope_questions,
+        _yesno_read_answers(_pope_questions),
+        lambda a, rows: yesno.score_yes_no(rows, "yes", a.max_unparsed),
     ),
     "amber": Benchmark(
-        _amber_questions, _yesno_read_answers(_amber_questions), lambda a, rows: yesno.score_yes_no(rows, positive="no")
+        _amber_questions,
+        _yesno_read_answers(_amber_questions),
+        lambda a, rows: yesno.score_yes_no(rows, "no", a.max_unparsed),
     ),
 }
 
@@ -229,6 +257,18 @@ BENCHMARKS: dict[str, Benchmark] = {
 def _sibling(output: str, suffix: str) -> Path:
     out = Path(output)
     return out.with_name(out.stem + suffix)
+
+
+def _share_below_one(text: str) -> float:
+    """--max-unparsed's type: a share in [0, 1), checked before any answer is generated or judged."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}; give a share in [0, 1), e.g. 0.05") from None
+    try:
+        return check_max_unparsed(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", help="folder that question image names are relative to")
     p.add_argument(
         "--num-images", type=int, default=600, help="synthetic: test images of the `ddpo demo` world (seed --seed)"
+    )
+    p.add_argument(
+        "--max-unparsed",
+        type=_share_below_one,
+        default=DEFAULT_MAX_UNPARSED,
+        help="give no score, but an error naming them, when more than this share of the answers is unparsed "
+        "(default %(default)s; below 1)",
     )
     p.add_argument(
         "--extractor",
@@ -356,10 +403,13 @@ def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
     options = eval_generation_options(args, model.template)
-    image_mode = args.image_mode or protocols.resolve_protocol(args.protocol).image_mode
+    protocol = protocols.resolve_protocol(args.protocol)
+    image_mode = args.image_mode or protocol.image_mode
     if image_mode:
         model.image_transform = replace(model.image_transform, mode=image_mode)
-    args.generation = {"protocol": args.protocol, **asdict(options), "image_mode": model.image_transform.mode}
+    # the papers' protocols decode one question at a time, as their originals do (padding moves greedy answers)
+    decode = {"decode_batch_size": protocol.decode_batch_size}
+    args.generation = {"protocol": args.protocol, **asdict(options), "image_mode": model.image_transform.mode, **decode}
     answers_path = _sibling(args.output, ".answers.jsonl")
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     with answers_path.open("w", encoding="utf-8") as f:
@@ -375,6 +425,7 @@ def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
             [q["question"] + args.prompt_suffix for q in questions],
             options,
             on_batch=write,
+            **decode,
         )
     print(f"ddpo eval: wrote {len(answers)} answers to {answers_path}")
     return [{**q, "answer": a} for q, a in zip(questions, answers)]
@@ -387,7 +438,10 @@ def main(argv: list[str]) -> int:
         rows = _generate(args, bench) if args.model else bench.read_answers(args)
         metrics, details = bench.score(args, rows)
     except (ValueError, FileNotFoundError, JudgeError) as e:
-        print(f"ddpo eval: error: {e}", file=sys.stderr)
+        kept = ""
+        if isinstance(e, UnparsedError) and args.model:
+            kept = f" The answers are kept in {_sibling(args.output, '.answers.jsonl')} (re-score with --answers)."
+        print(f"ddpo eval: error: {e}{kept}", file=sys.stderr)
         return 1
     metrics = {"benchmark": args.benchmark, **metrics, "source": args.model or args.answers}
     if getattr(args, "generation", None):

@@ -6,7 +6,9 @@
   `Retry-After` header is honoured); other HTTP errors (401, 404 unknown model, ...) fail at once.
 - A simple rate limit: at most `requests_per_minute` requests, spaced evenly.
 - `judge(...)` asks, parses, and asks again when the reply cannot be parsed; after `parse_attempts` it
-  returns the last reply with `parsed=None`, so callers count it as unparsed instead of scoring it.
+  returns the last reply with `parsed=None`, so callers count it as unparsed and report it (MMHal-Bench
+  scores it 0 as its original evaluator does; Object HalBench leaves it out of CHAIR), and give no score
+  when too many are (`check_unparsed`).
 - `JudgeCache` appends one JSON line per judged item; a re-run skips items already in it.
 """
 

@@ -1,12 +1,16 @@
 """MMHal-Bench: 96 questions rated 0–6 by a judge model with LLaVA-RLHF's prompt.
 
-Scores (RLHF-V `eval/eval_gpt_mmhal.py`, `summarize_gpt_mmhal_review.py`), over the parsed ratings:
+Scores (MMHal-Bench's `eval_gpt4.py`, as LLaVA-RLHF's `Eval/eval_gpt_mmhal.py`; RLHF-V's
+`summarize_gpt_mmhal_review.py` for informativeness), over all answers:
 - average_score: mean rating (0–6);
 - hallucination_rate: fraction of ratings < 3 (the prompt's "with hallucination" ratings 0, 1, 2);
 - informativeness: mean of (s − 3 if s >= 3 else s) / 3, in [0, 1] — the paper's "Info." column is this × 100;
 - per question type: average score and hallucination rate.
-A reply without exactly one "Rating: N" is asked again; if it stays unparsed it is counted in
-`num_unparsed` and left out of every score (RLHF-V counted it as 0).
+A reply without exactly one distinct "Rating: N" is asked again; if it stays unparsed it scores 0, as in
+the original ("multiple or zero scores found" -> 0: so it also counts as a hallucination), and is
+counted in `num_unparsed` / `unparsed_rate` (per type: `unparsed`). Above `max_unparsed` of them,
+`score_mmhal` raises UnparsedError instead of scoring: a judge that ignores the format would turn its
+replies into 0 ratings, a model's score it never gave.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpo.data.jsonl import json_objects
+from ddpo.data.synthetic.metrics import DEFAULT_MAX_UNPARSED, check_max_unparsed, check_unparsed
 from ddpo.eval.chair import ASSETS
 from ddpo.eval.judge import JudgeCache, JudgeClient, cached_judge
 
@@ -70,26 +75,28 @@ def informativeness(rating: int) -> float:
 
 
 def mmhal_metrics(ratings: Sequence[int | None], question_types: Sequence[str]) -> dict[str, Any]:
-    """Scores over parsed ratings (None = unparsed, left out)."""
-    parsed = [(r, t) for r, t in zip(ratings, question_types) if r is not None]
-    n = len(parsed)
+    """Scores over all ratings, an unparsed one (None) scoring 0 as in the original evaluator."""
+    scores = [0 if r is None else r for r in ratings]
 
-    def summary(rs: list[int]) -> dict[str, float | None]:
+    def summary(rs: list[int | None]) -> dict[str, Any]:
+        s = [0 if r is None else r for r in rs]
         return {
-            "average_score": sum(rs) / len(rs) if rs else None,
-            "hallucination_rate": sum(r < 3 for r in rs) / len(rs) if rs else None,
-            "count": len(rs),
+            "average_score": sum(s) / len(s) if s else None,
+            "hallucination_rate": sum(r < 3 for r in s) / len(s) if s else None,
+            "count": len(s),
+            "unparsed": sum(r is None for r in rs),
         }
 
-    by_type: dict[str, list[int]] = defaultdict(list)
-    for r, t in parsed:
+    by_type: dict[str, list[int | None]] = defaultdict(list)
+    for r, t in zip(ratings, question_types):
         by_type[t].append(r)
-    all_ratings = [r for r, _ in parsed]
+    n_unparsed = sum(r is None for r in ratings)
     return {
-        **{k: v for k, v in summary(all_ratings).items() if k != "count"},
-        "informativeness": sum(informativeness(r) for r in all_ratings) / n if n else None,
+        **{k: v for k, v in summary(list(ratings)).items() if k not in ("count", "unparsed")},
+        "informativeness": sum(informativeness(r) for r in scores) / len(scores) if scores else None,
         "num_answers": len(ratings),
-        "num_unparsed": len(ratings) - n,
+        "num_unparsed": n_unparsed,
+        "unparsed_rate": n_unparsed / len(ratings) if ratings else None,
         "per_type": {t: summary(by_type[t]) for t in sorted(by_type)},
     }
 
@@ -130,10 +137,13 @@ def score_mmhal(
     client: JudgeClient,
     cache: JudgeCache,
     parse_attempts: int = 3,
+    max_unparsed: float = DEFAULT_MAX_UNPARSED,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Judge every answer (cached ones are not asked again) and compute the scores."""
+    """Judge every answer (cached ones are not asked again) and compute the scores; UnparsedError when more
+    than `max_unparsed` of the judge's replies hold no rating."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(answers)} answers for {len(questions)} MMHal-Bench questions")
+    check_max_unparsed(max_unparsed)  # before any request is paid for
     ratings: list[int | None] = []
     details = []
     for i, (record, answer) in enumerate(zip(questions, answers)):
@@ -156,6 +166,15 @@ def score_mmhal(
                 "judge_reply": judgement.reply,
             }
         )
+    check_unparsed(
+        f"MMHal-Bench (judge {client.model})",
+        f'the judge\'s reply names no single "Rating: N" after {parse_attempts} asks',
+        [(f"question {d['index']}", d["judge_reply"]) for d in details if d["rating"] is None],
+        len(details),
+        max_unparsed,
+        'judge with a model that ends its reply with "Rating: N" as the prompt asks (--judge-model); '
+        "unparsed replies are not cached, so a re-run asks only for those",
+    )
     metrics = mmhal_metrics(ratings, [q["question_type"] for q in questions])
     metrics["judge_model"] = client.model
     return metrics, details

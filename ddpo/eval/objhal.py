@@ -4,6 +4,13 @@ Ground-truth objects of an image = classes of its COCO instance annotations (cat
 through the synonym list) ∪ objects found in its COCO reference captions by the rule-based word
 pipeline (`chair.text_to_mentions`). RLHF-V reads `instances_{train,val}2014.json` and
 `captions_{train,val}2014.json`; here every `instances_*.json` / `captions_*.json` in the directory is read.
+
+Answers are read as RLHF-V's `load_generated_captions` does: every "Assistant:" removed, then stripped; an
+answer's length is its count of single-space-separated pieces (`len(answer.split(" "))`, its `avg_word_len`).
+
+Extraction can fail where the chat model's reply holds no JSON list (RLHF-V retried such replies up to 100
+times and then stopped the whole run): those answers are left out of CHAIR, counted in `num_unparsed` and
+`unparsed_rate` (share of all answers), and their last reply is kept in the details as `extractor_reply`.
 """
 
 from __future__ import annotations
@@ -140,11 +147,13 @@ def extraction_messages(question: str, answer: str) -> list[dict[str, str]]:
 
 def extract_with_llm(
     client: JudgeClient, cache: JudgeCache, question: str, answer: str, item: Any = None
-) -> list[str] | None:
-    """Object names in an answer by the chat model; [] for answers of <= 3 words (as RLHF-V); None if unparsed."""
+) -> tuple[list[str] | None, str]:
+    """(object names, the model's last reply) for an answer; names [] for answers of <= 3 words, sent to no
+    model (as RLHF-V), None when no reply held a JSON list of names."""
     if len(answer.split()) <= 3:
-        return []
-    return cached_judge(client, cache, item, extraction_messages(question, answer), parse_object_list).parsed
+        return [], ""
+    judgement = cached_judge(client, cache, item, extraction_messages(question, answer), parse_object_list)
+    return judgement.parsed, judgement.reply
 
 
 def read_objhal_answers(path: str | Path) -> list[dict[str, Any]]:
@@ -153,7 +162,8 @@ def read_objhal_answers(path: str | Path) -> list[dict[str, Any]]:
 
 
 def normalize_answer_row(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check an answer row and make `image_id` an int (RLHF-V casts it too)."""
+    """Check an answer row and make `image_id` an int (RLHF-V casts it too); the answer loses every
+    "Assistant:" and its outer whitespace, as RLHF-V reads answers files."""
     answer = row.get("answer", row.get("text"))
     if not isinstance(answer, str):
         raise ValueError(f"{where}: field 'answer' must be a string, got {answer!r}")
@@ -162,7 +172,7 @@ def normalize_answer_row(row: dict[str, Any], where: str) -> dict[str, Any]:
         image_id = int(image_id)
     except (TypeError, ValueError):
         raise ValueError(f"{where}: field 'image_id' must be a COCO image id (an integer), got {image_id!r}") from None
-    return {**row, "image_id": image_id, "answer": answer}
+    return {**row, "image_id": image_id, "answer": answer.replace("Assistant:", "").strip()}
 
 
 def score_objhal(
@@ -185,16 +195,16 @@ def score_objhal(
         if extractor is None:
             mentions = text_to_mentions(row["answer"], vocab)
         else:
-            names = extract_with_llm(
+            names, reply = extract_with_llm(
                 *extractor, row.get("question", ""), row["answer"], item={"index": i, "image_id": row["image_id"]}
             )
             if names is None:
                 unparsed += 1
-                details.append({**row, "unparsed": True})
+                details.append({**row, "unparsed": True, "extractor_reply": reply})
                 continue
             mentions = names_to_mentions(names, vocab)
             extra["extracted_names"] = names
-        sample = ChairSample(mentions, ground_truth[row["image_id"]], len(row["answer"].split()))
+        sample = ChairSample(mentions, ground_truth[row["image_id"]], len(row["answer"].split(" ")))
         samples.append(sample)
         details.append(
             {
@@ -209,5 +219,6 @@ def score_objhal(
     metrics["num_answers"] = len(rows)
     metrics["num_scored"] = len(samples)
     metrics["num_unparsed"] = unparsed
+    metrics["unparsed_rate"] = unparsed / len(rows) if rows else None
     metrics["extractor"] = "rules" if extractor is None else f"llm:{extractor[0].model}"
     return metrics, details

@@ -6,10 +6,12 @@ beam search and a repetition penalty change answer length and object mentions. A
 setting the paper's released evaluation used, and `ddpo eval` records the resolved settings in its output
 JSON (`generation`), so a number always says how its answers were made.
 
-| preset         | template (image)                  | beams | new tokens | rep. penalty | stop          | images |
-|----------------|-----------------------------------|-------|------------|--------------|---------------|--------|
-| `rlhfv`        | `rlhfv_eval` (after the question) | 3     | 1024       | 1.1          | `###` (+ EOS) | resize |
-| `rlaifv-llava` | `llava_v1` (before the question)  | 3     | 1024       | 1.0          | EOS           | pad    |
+| preset         | template (image)                  | beams | new tokens | rep. pen. | stop          | images | batch |
+|----------------|-----------------------------------|-------|------------|-----------|---------------|--------|-------|
+| `rlhfv`        | `rlhfv_eval` (after the question) | 3     | 1024       | 1.1       | `###` (+ EOS) | resize | 1     |
+| `rlaifv-llava` | `llava_v1` (before the question)  | 3     | 1024       | 1.0       | EOS           | pad    | 1     |
+
+("batch": questions per forward pass of the model, `decode_batch_size`.)
 
 `rlhfv` is for RLHF-V / Muffin models (Object HalBench, MMHal-Bench), `rlaifv-llava` for RLAIF-V's LLaVA-1.5 models.
 
@@ -23,6 +25,13 @@ Images: Muffin's eval transform resizes to a square; RLAIF-V's LLaVA evaluation 
 llava-hf processor, hence a llava-hf checkpoint's default) centre-crops. A preset sets the mode for
 generation only (`--image-mode` overrides it); the model's own mode is what it trains with.
 
+Decode batch: both released evaluations generate one question per `generate` call (Muffin's
+`muffin_vqa.py` reads questions with a DataLoader of batch_size 1; RLAIF-V's `muffin/eval/llava15_chair.py`
+loops over them, one `unsqueeze(0)` sequence each), so nothing is padded.
+Left padding changes greedy and beam-search outputs of some models in bfloat16 (ddpo/eval/generation.py), so
+the presets decode one question at a time too; without a preset, `generation.DECODE_BATCH_SIZE` questions
+share a forward pass (faster).
+
 Without a preset, `ddpo eval` uses the model's template (the one it was trained with, else its
 architecture's), that template's stop strings, greedy decoding and 512 new tokens.
 """
@@ -30,6 +39,8 @@ architecture's), that template's stop strings, greedy decoding and 512 new token
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ddpo.eval.generation import DECODE_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class Protocol:
     stop_strings: tuple[str, ...] | None  # None = the template's (data.templates.default_stop_strings)
     image_mode: str | None  # models.base.IMAGE_MODES; None = the model's
     source: str
+    decode_batch_size: int = 1  # questions per forward pass: 1 = unpadded, as the released evaluations
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -73,6 +85,7 @@ DEFAULT = Protocol(
     stop_strings=None,
     image_mode=None,
     source="ddpo default: the model's template and stop strings, greedy",
+    decode_batch_size=DECODE_BATCH_SIZE,
 )
 
 

@@ -7,7 +7,9 @@ Answer normalization (`normalize_yes_no`), applied to the model's free text:
 4. otherwise a negation anywhere in the sentence — "no", "not", or a word ending in "n't" — means no
    (LLaVA's POPE rule: "There is not a dog" -> no);
 5. otherwise "yes" anywhere means yes; anything else is unparsed (`None`). Unparsed answers count as
-   wrong and as neither yes nor no (LLaVA's POPE script would count them as yes).
+   wrong in accuracy and recall (both are over the questions) and as neither yes nor no: `yes_ratio` is
+   over the parsed answers (LLaVA's POPE script would count them as yes). `unparsed_rate` stands next to
+   the scores; above `max_unparsed` of them `score_yes_no` raises UnparsedError instead of scoring.
 
 Metrics treat one answer as the positive class: "yes" for POPE (the object is there), "no" for AMBER
 (AMBER scores the detection of hallucination probes, so its precision/recall are about "no").
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpo.data.jsonl import json_objects
+from ddpo.data.synthetic.metrics import DEFAULT_MAX_UNPARSED, check_unparsed
 
 _SENTENCE_END = re.compile(r"[.!?\n]")
 _WORD = re.compile(r"[a-z']+")
@@ -48,7 +51,8 @@ def _ratio(num: int, den: int) -> float | None:
 
 
 def yes_no_metrics(predictions: Sequence[str | None], labels: Sequence[str], positive: str = "yes") -> dict[str, Any]:
-    """Accuracy, precision, recall, F1 (of `positive`), yes-ratio; fractions in [0, 1], null if undefined."""
+    """Accuracy, precision, recall, F1 (of `positive`), yes-ratio (of the parsed answers), unparsed rate;
+    fractions in [0, 1], null if undefined. `predictions`: normalized answers, None where unparsed."""
     if positive not in ("yes", "no"):
         raise ValueError(f"positive must be 'yes' or 'no', got {positive!r}")
     if len(predictions) != len(labels):
@@ -67,15 +71,19 @@ def yes_no_metrics(predictions: Sequence[str | None], labels: Sequence[str], pos
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "yes_ratio": _ratio(sum(p == "yes" for p in predictions), len(predictions)),
+        "yes_ratio": _ratio(sum(p == "yes" for p in predictions), sum(p is not None for p in predictions)),
         "positive": positive,
         "num_answers": len(pairs),
         "num_unparsed": sum(p is None for p in predictions),
+        "unparsed_rate": _ratio(sum(p is None for p in predictions), len(predictions)),
     }
 
 
-def score_yes_no(rows: Sequence[dict[str, Any]], positive: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Rows with 'answer' and 'label' (and optional 'category'): overall and per-category metrics."""
+def score_yes_no(
+    rows: Sequence[dict[str, Any]], positive: str, max_unparsed: float = DEFAULT_MAX_UNPARSED
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Rows with 'answer' and 'label' (and optional 'category'): overall and per-category metrics;
+    UnparsedError when more than `max_unparsed` of the answers say neither yes nor no."""
     details = []
     for i, row in enumerate(rows):
         label = str(row.get("label", "")).strip().lower()
@@ -87,6 +95,19 @@ def score_yes_no(rows: Sequence[dict[str, Any]], positive: str) -> tuple[dict[st
         if not isinstance(row.get("answer"), str):
             raise ValueError(f"row {i} (question_id {row.get('question_id')!r}): 'answer' must be a string")
         details.append({**row, "label": label, "prediction": normalize_yes_no(row["answer"])})
+    check_unparsed(
+        "POPE" if positive == "yes" else "AMBER",
+        "no yes or no in the answer's first sentence",
+        [
+            (f"question {d.get('question_id', i)}", d["answer"])
+            for i, d in enumerate(details)
+            if d["prediction"] is None
+        ],
+        len(details),
+        max_unparsed,
+        "ask for a short answer (e.g. --prompt-suffix ' Answer yes or no.'), or check that the answers file "
+        "holds the answers in 'answer' (or 'text' / 'response')",
+    )
     metrics = yes_no_metrics([d["prediction"] for d in details], [d["label"] for d in details], positive)
     by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for d in details:

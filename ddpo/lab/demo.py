@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from ddpo.data.synthetic.metrics import UnparsedError
 from ddpo.lab.gate import GateError
 from ddpo.lab.report import results_table
 from ddpo.lab.settings import DemoSettings
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         results = run(settings, stages, force=args.force)
-    except GateError as error:
+    except (GateError, UnparsedError) as error:  # the lab cannot measure: a named figure, not a traceback
         print(f"ddpo demo: {error}", file=sys.stderr)
         return 2
     if results:

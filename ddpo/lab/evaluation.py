@@ -22,18 +22,36 @@ LOGPS_BATCH = 64  # answers per forward when the drift is measured (the models a
 
 
 def evaluate_model(
-    model, settings: DemoSettings, split_name: str, n: int, template: str, temperature: float | None = None
+    model,
+    settings: DemoSettings,
+    split_name: str,
+    n: int,
+    template: str,
+    temperature: float | None = None,
+    max_unparsed: float | None = None,
 ) -> tuple[dict, list[str]]:
-    """Metrics of `model`'s answers on a split: greedy, or sampled at `temperature` (seeded)."""
-    from ddpo.data.synthetic.metrics import evaluate
+    """Metrics of `model`'s answers on a split: greedy, or sampled at `temperature` (seeded). Above
+    `max_unparsed` (default `settings.max_unparsed`) unparsed answers, UnparsedError names the split, the
+    count and examples instead of a score."""
+    from ddpo.data.synthetic.metrics import UnparsedError, check_max_unparsed, evaluate
 
+    limit = check_max_unparsed(settings.max_unparsed if max_unparsed is None else max_unparsed)  # before generating
     cfg = synthetic_config(settings)
     scenes, images, prompts, _ = split(settings, split_name, n)
     options = generation_options(settings, template)
     if temperature is not None:
         options = replace(options, do_sample=True, temperature=temperature, seed=settings.seed + 7)
     answers = model.generate(images, prompts, options)
-    return evaluate(scenes, answers, cfg.world.partners, cfg.empty_cells), answers
+    try:
+        return evaluate(scenes, answers, cfg.world.partners, cfg.empty_cells, limit), answers
+    except UnparsedError as e:
+        decoding = "greedy" if temperature is None else f"sampled at T {temperature}"
+        raise UnparsedError(
+            f"{split_name} split, {decoding}: {e} In the lab that limit is DemoSettings.max_unparsed.",
+            e.count,
+            e.total,
+            e.examples,
+        ) from None
 
 
 def drift(policy_logps: Sequence[torch.Tensor], reference_logps: Sequence[torch.Tensor]) -> float:

@@ -151,7 +151,7 @@ def regime_runs(parts: list[str], tokens: float, segment_files: dict[str, Path] 
 # the dense-method recipes (configs/methods/, experiments/methods.py and chip_parts.py)
 # ------------------------------------------------------------------------------------------------
 RECIPE_DIR = REPO / "configs" / "methods"
-RECIPES = ("dpo", "ddpo_paper", "ddpo_released", "chip", "mdpo", "hsa_dpo", "tpo")
+RECIPES = ("dpo", "ddpo_paper", "ddpo_released", "chip", "mdpo", "hsa_dpo", "tpo", "tdpo1", "tdpo2", "ld_dpo")
 # the summed recipes take larger steps per lr in log-ratio than DPO's mean, so the grid spans both sides
 # of the v2 lab's choice; 1e-6 is left out for budget (it moved DPO and DDPO least in the v2 grids)
 RECIPE_GRID = (3e-6, 1e-5, 3e-5)
@@ -159,7 +159,8 @@ RECIPE_QUICK_GRID = (1e-5, 1e-4)
 
 
 def recipe_overrides(name: str) -> dict:
-    """A recipe's run keys: its whole `loss:` section and, when it needs a live reference, `train.reference`."""
+    """A recipe's run keys: its whole `loss:` section and, when it needs a live reference, `train.reference`
+    (not its train.learning_rate: the source's rate is for its model at scale; the lab picks its own)."""
     data = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())
     overrides = {f"loss.{key}": value for key, value in data["loss"].items()}
     if data.get("train", {}).get("reference", "cached") != "cached":
@@ -172,13 +173,15 @@ def recipe_run_name(recipe: str, lr: float) -> str:
 
 
 def chip_part_runs(lr: float = 3e-6) -> dict[str, dict]:
-    """The chip recipe without each of its parts: TDPO's KL, the cross-modal (conditional) term, and
-    the KL alone (gamma 1, no conditional term)."""
+    """The chip recipe without each of its parts: TDPO's KL, the cross-modal term (inside the margin), and
+    the KL alone (gamma 1, no cross-modal term). Without the KL the reference stays live: the diffused image
+    is redrawn every step (loss.corruption_draw step), so its reference log-probs cannot be cached."""
     chip = {**recipe_overrides("chip"), "train.learning_rate": lr}
+    no_cross = {"loss.image_conditional_weight": 0.0, "loss.image_conditional_in_margin": False}
     return {
-        "chip_no_kl": {**chip, "loss.tdpo_alpha": 0.0, "train.reference": "cached"},
-        "chip_no_cond": {**chip, "loss.image_conditional_weight": 0.0},
-        "chip_kl_only": {**chip, "loss.image_conditional_weight": 0.0, "loss.gamma": 1.0},
+        "chip_no_kl": {**chip, "loss.tdpo_alpha": 0.0},
+        "chip_no_cond": {**chip, **no_cross},
+        "chip_kl_only": {**chip, **no_cross, "loss.gamma": 1.0},
     }
 
 

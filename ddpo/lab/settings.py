@@ -44,6 +44,8 @@ class DemoSettings:
     enforce_gate: bool = True  # stop the demo when the SFT model misses the gate (off for the v1 negative control)
     sampled_eval_temperature: float = 0.7  # the sampled evaluation's temperature (next to greedy)
     sampled_eval: bool = True  # also evaluate sampled test answers (off: greedy only, half the eval time)
+    # share of unparsed answers above which an evaluation raises UnparsedError instead of scoring (< 1)
+    max_unparsed: float = 0.05
     drift_images: int = 64  # validation images whose SFT answers probe the drift during training
     validation_only: bool = False  # evaluate on the validation split only (hyper-parameter searches: no test number)
     preference_images: int = 1600  # held-out images whose sampled answers get corrected
@@ -82,6 +84,7 @@ class DemoSettings:
             gate_single_stride=9,
             enforce_gate=False,
             perception_steps=50,
+            max_unparsed=0.99,  # a barely trained model writes many unreadable sentences; still scored
             train_overrides=["--train.micro_batch_size", "4"],
         )
         if overrides.get("world_version") == "v1":

@@ -168,6 +168,7 @@ def stage_annotate(settings: DemoSettings, out: Path) -> Path:
 def stage_train(settings: DemoSettings, out: Path) -> dict[str, Path]:
     """`ddpo train` once per method, same SFT model, same pairs, in this process; each run's drift
     from the SFT model is probed 8 times during training (DriftProbe)."""
+    from ddpo import run_identity
     from ddpo.trainer import Trainer
 
     template = base_config(settings).data.template
@@ -180,10 +181,12 @@ def stage_train(settings: DemoSettings, out: Path) -> dict[str, Path]:
     for method, overrides in settings.methods.items():
         run_dir = out / "runs" / method
         finals[method] = run_dir / "final"
-        if (run_dir / "final").is_dir():
+        cfg = train_config(settings, out, run_dir, overrides)
+        # a finished run is reused only when its config is this one; else the trainer refuses, naming the fields
+        if (run_dir / "final").is_dir() and not run_identity.assess(run_dir, cfg).differences:
             continue
         logger.info("training %s (%s)", method, overrides)
-        trainer = Trainer(train_config(settings, out, run_dir, overrides))
+        trainer = Trainer(cfg)
         trainer.setup()
         (run_dir / "drift.jsonl").unlink(missing_ok=True)
         trainer.callbacks.append(

@@ -13,9 +13,17 @@ selection at inference time; `ddpo.online.best_of_n`). Three variants over the a
 
 Only differences between answers to the same prompt are meaningful (the const(x) cancels).
 
+The RLAIF-V reward (RLAIF-V's `data_engine/pipeline/dpo_reward_pipeline/reward_computer.py`) is this with
+RLAIF-V-12B as the policy and OmniLMM-12B as the reference, over an answer's tokens and the EOS ending it:
+its `sum` is `sum` at beta 0.1 and its length-normalised `avg` is `mean` at beta 0.1 times another 0.1 (the
+same ranking). The paper's best-of-N uses the length-normalised reward (the sum prefers short answers):
+
+    ddpo score --policy openbmb/RLAIF-V-12B --reference openbmb/OmniLMM-12B --template omnilmm \
+        --variant mean --answers candidates.jsonl --image-dir IMAGES
+
     ddpo score --policy RUN/final --reference SFT --answers answers.jsonl --image-dir IMAGES \
         [--output scored.jsonl] [--beta 0.1] [--variant sum|mean|segment] [--gamma 5] \
-        [--template vicuna_v0] [--batch-size 16]
+        [--template vicuna_v0] [--batch-size 16] [--device cuda] [--dtype auto|float32|bfloat16]
 
 Answers JSONL, one object per line:
     image       path of the image, relative to --image-dir
@@ -39,12 +47,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ddpo.data.images import DataError, decode_image
+from ddpo.data.images import DataError, ImageDir, decode_image
 from ddpo.data.jsonl import jsonl_lines, parse_json_object
 from ddpo.data.segments import token_corrections
 from ddpo.data.templates import TEMPLATES, encode_answer
 from ddpo.models.base import answer_token_logps
-from ddpo.models.build import load_model
+from ddpo.models.build import load_model, resolve_dtype
 from ddpo.token_weights import token_weights
 
 VARIANTS = ("sum", "mean", "segment")
@@ -156,6 +164,7 @@ def read_candidate_answers(path: Path, image_dir: Path) -> tuple[list[dict], lis
     """Rows of `ddpo score`'s answers JSONL (module doc: one prompt, image and candidate answer(s) per
     row) and their images; a bad row raises DataError naming it."""
     rows, images = [], []
+    folder = ImageDir(Path(image_dir), "--image-dir", "set by --image-dir")
     for i, line in jsonl_lines(path):
         where = f"row {i} (line {i + 1}) of {path}"
         row = parse_json_object(line, where)
@@ -176,7 +185,10 @@ def read_candidate_answers(path: Path, image_dir: Path) -> tuple[list[dict], lis
             raise DataError(f"{where}, field 'reference': must be a string (a reference answer) or absent")
         if not isinstance(row.get("image"), str):
             raise DataError(f"{where}, field 'image': missing; give the image path relative to --image-dir")
-        images.append(decode_image(path=image_dir / row["image"], where=where, field="image"))
+        image_path = folder.resolve(row["image"])
+        if not image_path.is_file():
+            raise folder.missing(row["image"], where, "image")
+        images.append(decode_image(path=image_path, where=where, field="image"))
         rows.append(row)
     return rows, images
 
@@ -230,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         "--template",
         choices=TEMPLATES,
         default="vicuna_v0",
-        help="the conversation template the policy was trained with",
+        help="the conversation template the policy was trained with (omnilmm for OmniLMM / RLAIF-V-12B)",
+    )
+    parser.add_argument("--device", default=None, help="where both models run (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="weights of both models: auto = bfloat16 on a GPU that supports it, else float32",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -247,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"ddpo score: {e}", file=sys.stderr)
         return 2
-    policy, reference = load_model(args.policy), load_model(args.reference)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype)  # two 12B models in float32 would need ~96 GB
+    policy = load_model(args.policy, dtype=dtype, device=device)
+    reference = load_model(args.reference, dtype=dtype, device=device)
     scored = score_rows(policy, reference, rows, images, settings)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:

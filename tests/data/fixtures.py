@@ -123,6 +123,44 @@ def trl_rows(n: int = len(PAIRS)) -> list[dict]:
     ]
 
 
+def _text_message(role: str, text: str, image: bool = False) -> dict:
+    return {
+        "role": role,
+        "content": [*([{"type": "image", "text": None}] if image else []), {"type": "text", "text": text}],
+    }
+
+
+def trl_conversation_rows(turns: int, n: int = len(PAIRS), system: str | None = None) -> list[dict]:
+    """TRL rows whose prompts hold `turns` user turns: before row i's question, the questions and chosen
+    answers of the next pairs as earlier turns; the image part in the first user turn; an optional system
+    message first."""
+    rows = trl_rows(n)
+    for i, row in enumerate(rows):
+        messages = [_text_message("system", system)] if system else []
+        for k in range(turns - 1):
+            earlier_question, earlier_answer, _ = PAIRS[(i + k + 1) % len(PAIRS)]
+            messages += [
+                _text_message("user", earlier_question, image=k == 0),
+                _text_message("assistant", earlier_answer),
+            ]
+        row["prompt"] = [*messages, _text_message("user", PAIRS[i][0], image=turns == 1)]
+    return rows
+
+
+def write_images(folder: Path, n: int = len(PAIRS)) -> list[str]:
+    """images/<i>.png under `folder` (pair i's color); their paths relative to `folder`."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / "images" / f"{i}.png").write_bytes(png_bytes(COLORS[i % 6]))
+    return [f"images/{i}.png" for i in range(n)]
+
+
+def write_trl_jsonl(path: Path, rows: list[dict]) -> Path:
+    """TRL rows as JSON lines (read by `datasets`' json builder): images may be plain path strings."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
 def write_rlhfv(path: Path, rows: list[dict] | None = None) -> Path:
     """RLHF-V-Dataset.parquet: one file."""
     datasets.Dataset.from_list(rows if rows is not None else rlhfv_rows(), features=RLHFV_FEATURES).to_parquet(
@@ -153,14 +191,12 @@ def write_trl_parquet(path: Path, rows: list[dict] | None = None) -> Path:
 
 def write_jsonl(folder: Path, rows: list[dict] | None = None) -> Path:
     """data.jsonl + images/<i>.png; rows may carry chosen_spans / rejected_spans."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    write_images(folder)
     if rows is None:
         rows = [
             {"image": f"images/{i}.png", "question": q, "chosen": c, "rejected": r, "idx": i}
             for i, (q, c, r) in enumerate(PAIRS)
         ]
-    for i in range(len(PAIRS)):
-        (folder / "images" / f"{i}.png").write_bytes(png_bytes(COLORS[i % 6]))
     path = folder / "data.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path

@@ -111,7 +111,7 @@ def test_chat_template_missing_is_a_clear_error(word_tokenizer):
 
 
 def test_unknown_template(word_tokenizer):
-    with pytest.raises(ValueError, match="vicuna_v0, llava_v1, chat_template"):
+    with pytest.raises(ValueError, match="vicuna_v0, llava_v1, omnilmm, chat_template"):
         encode_prompt("alpaca", word_tokenizer, "q", LLAVA_IMAGE)
 
 
@@ -137,3 +137,149 @@ def test_image_token_check(word_tokenizer):
     split = good[: i + 2] + [good[0]] + good[i + 2 :]  # same counts, a BOS inside the image tokens
     with pytest.raises(DataError, match="split apart"):
         check_image_tokens(split, placeholder)
+
+
+# --- multi-turn prompts: every turn rendered, compared with the template written out by hand ----------------
+
+# (user, assistant) turns of a conversation; its last user turn is the one the answers reply to
+TURNS = [
+    ("Describe the image in detail .", "there is a red circle at the top left ."),
+    ("What is in the picture ?", "a blue square in the center ."),
+    ("How many objects are there ?", None),
+]
+
+
+def history_of(turns: int) -> tuple[list[dict], str]:
+    """(history, question) of a `turns`-turn conversation: the image in the first user turn."""
+    history = []
+    for k, (user, assistant) in enumerate(TURNS[: turns - 1]):
+        history += [{"role": "user", "content": user, **({"image": True} if k == 0 else {})}]
+        history += [{"role": "assistant", "content": assistant}]
+    return history, TURNS[turns - 1][0]
+
+
+def by_hand(template: str, tokenizer, turns: int, image: str) -> str:
+    """The prompt text as the template's original code writes a `turns`-turn conversation."""
+    users = [u for u, _ in TURNS[:turns]]
+    answers = [a for _, a in TURNS[: turns - 1]]
+    if template == "vicuna_v0":  # Muffin: header, then '### Human: ...\n### Assistant: ...\n' per turn
+        text = SYSTEM_PROMPT + "\n\n"
+        for k, user in enumerate(users):
+            text += "### Human: " + (image + "\n" if k == 0 else "") + user + "\n### Assistant:"
+            text += " " + answers[k] + "\n" if k < len(answers) else ""
+        return text
+    text = SYSTEM_PROMPT + " "  # llava_v1: LLaVA's SeparatorStyle.TWO, sep ' ', sep2 '</s>'
+    for k, user in enumerate(users):
+        text += "USER: " + (image + "\n" if k == 0 else "") + user + " ASSISTANT:"
+        text += " " + answers[k] + tokenizer.eos_token if k < len(answers) else ""
+    return text
+
+
+def trl_messages(turns: int) -> list[dict]:
+    """The conversation as chat messages (TRL's form), image part first in the first user turn."""
+    history, question = history_of(turns)
+    messages = [
+        {
+            "role": t["role"],
+            "content": [*([{"type": "image"}] if t.get("image") else []), {"type": "text", "text": t["content"]}],
+        }
+        for t in history
+    ]
+    first = [{"type": "image"}] if turns == 1 else []
+    return [*messages, {"role": "user", "content": [*first, {"type": "text", "text": question}]}]
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+@pytest.mark.parametrize("template", ["vicuna_v0", "llava_v1"])
+def test_text_templates_render_every_turn(word_tokenizer, bpe_tokenizer, template, turns):
+    history, question = history_of(turns)
+    for tokenizer, image in ((word_tokenizer, MUFFIN_IMAGE), (bpe_tokenizer, "<image>" * 3)):
+        text = by_hand(template, tokenizer, turns, image)
+        assert prompt_text(template, tokenizer, question, image, history or None) == text
+        ids = encode_prompt(template, tokenizer, question, image, history or None)
+        assert ids == [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert word_tokenizer.unk_token_id not in encode_prompt(template, word_tokenizer, question, MUFFIN_IMAGE, history)
+    if template == "llava_v1":  # each earlier answer ends with the EOS id, as LLaVA tokenizes its '</s>'
+        assert ids.count(bpe_tokenizer.eos_token_id) == turns - 1
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_chat_template_renders_every_turn(word_tokenizer, turns):
+    word_tokenizer.chat_template = CHAT_TEMPLATE
+    history, question = history_of(turns)
+    rendered = word_tokenizer.apply_chat_template(trl_messages(turns), tokenize=False, add_generation_prompt=True)
+    text = rendered.replace("<image>", LLAVA_IMAGE)
+    assert prompt_text("chat_template", word_tokenizer, question, LLAVA_IMAGE, history) == text
+    ids = encode_prompt("chat_template", word_tokenizer, question, LLAVA_IMAGE, history)
+    assert ids == word_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert word_tokenizer.unk_token_id not in ids and ids.count(word_tokenizer.eos_token_id) == turns - 1
+
+
+def test_single_turn_encoding_is_unchanged_by_an_empty_history(word_tokenizer):
+    for template in ("vicuna_v0", "llava_v1"):
+        one = encode_prompt(template, word_tokenizer, "What is in the picture ?", MUFFIN_IMAGE)
+        assert encode_prompt(template, word_tokenizer, "What is in the picture ?", MUFFIN_IMAGE, []) == one
+
+
+def test_image_stays_in_the_turn_that_holds_it(word_tokenizer):
+    history = [
+        {"role": "user", "content": "Describe the image in detail ."},
+        {"role": "assistant", "content": "no"},
+    ]
+    text = prompt_text("vicuna_v0", word_tokenizer, "What is in the picture ?", MUFFIN_IMAGE, history)
+    assert text == (
+        SYSTEM_PROMPT
+        + "\n\n### Human: Describe the image in detail .\n### Assistant: no\n### Human: "
+        + MUFFIN_IMAGE
+        + "\nWhat is in the picture ?\n### Assistant:"
+    )
+    history[0]["image"] = True
+    text = prompt_text("llava_v1", word_tokenizer, "What is in the picture ?", LLAVA_IMAGE, history)
+    assert (
+        text
+        == SYSTEM_PROMPT
+        + " USER: "
+        + LLAVA_IMAGE
+        + "\nDescribe the image in detail . ASSISTANT: no</s>USER: "
+        + ("What is in the picture ? ASSISTANT:")
+    )
+
+
+def test_a_system_message_replaces_the_default_system_prompt(word_tokenizer):
+    history = [{"role": "system", "content": "a {question} system prompt ."}]
+    text = prompt_text("vicuna_v0", word_tokenizer, "What is in the picture ?", MUFFIN_IMAGE, history)
+    assert (
+        text
+        == "a {question} system prompt .\n\n### Human: " + MUFFIN_IMAGE + "\nWhat is in the picture ?\n### Assistant:"
+    )
+    assert prompt_text("llava_v1", word_tokenizer, "q", "<image>", history) == (
+        "a {question} system prompt . USER: <image>\nq ASSISTANT:"
+    )
+
+
+def test_conversations_a_template_cannot_carry_are_named_errors(word_tokenizer):
+    history, question = history_of(2)
+    with pytest.raises(DataError, match="template 'rlhfv_eval' renders one user turn only and this prompt has 3"):
+        prompt_text("rlhfv_eval", word_tokenizer, question, MUFFIN_IMAGE, history)
+    with pytest.raises(DataError, match=r"message 1 \('user'\) follows another 'user' message"):
+        prompt_text("vicuna_v0", word_tokenizer, question, MUFFIN_IMAGE, [history[0], history[0]])
+    typed_eos = [history[0], {"role": "assistant", "content": "yes </s> no"}]
+    with pytest.raises(DataError, match="2 EOS tokens for its 1 earlier assistant turns"):
+        encode_prompt("llava_v1", word_tokenizer, question, LLAVA_IMAGE, typed_eos)
+    word_tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}" + (
+        "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}" + CHAT_TEMPLATE
+    )
+    with pytest.raises(DataError, match="cannot render this 2-message conversation .*System role not supported"):
+        prompt_text("chat_template", word_tokenizer, question, LLAVA_IMAGE, [{"role": "system", "content": "s"}])
+
+
+def test_chat_template_whose_last_answer_renders_differently_is_refused(word_tokenizer):
+    # A template that closes the final assistant turn differently from earlier ones ('loop.last'):
+    # the answer ids, encoded as after one user turn, would not be what this conversation renders.
+    word_tokenizer.chat_template = CHAT_TEMPLATE.replace(
+        "{{ m['content'][0]['text'] }}{{ eos_token }}",
+        "{{ m['content'][0]['text'] }}{% if loop.index > 2 %} ###{% endif %}{{ eos_token }}",
+    )
+    history, question = history_of(2)
+    with pytest.raises(DataError, match="renders the final answer differently after earlier turns"):
+        prompt_text("chat_template", word_tokenizer, question, LLAVA_IMAGE, history)

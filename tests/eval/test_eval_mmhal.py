@@ -50,17 +50,20 @@ def test_parse_rating(reply, rating):
 
 
 def test_metrics_by_hand():
+    # The original evaluator (MMHal-Bench eval_gpt4.py) scores an unparsed reply 0: ratings 6 2 4 0 0 3.
     m = mmhal.mmhal_metrics([6, 2, 4, None, 0, 3], ["a", "a", "b", "b", "c", "c"])
-    assert m["average_score"] == pytest.approx(15 / 5)
-    assert m["hallucination_rate"] == pytest.approx(2 / 5)
-    # informativeness: 6 -> 3/3, 2 -> 2/3, 4 -> 1/3, 0 -> 0, 3 -> 0
-    assert m["informativeness"] == pytest.approx((1 + 2 / 3 + 1 / 3) / 5)
-    assert m["num_unparsed"] == 1 and m["num_answers"] == 6
+    assert m["average_score"] == pytest.approx(15 / 6)
+    assert m["hallucination_rate"] == pytest.approx(3 / 6)  # 2, the unparsed 0 and 0
+    # informativeness: 6 -> 3/3, 2 -> 2/3, 4 -> 1/3, unparsed -> 0, 0 -> 0, 3 -> 0
+    assert m["informativeness"] == pytest.approx((1 + 2 / 3 + 1 / 3) / 6)
+    assert m["num_unparsed"] == 1 and m["num_answers"] == 6 and m["unparsed_rate"] == pytest.approx(1 / 6)
     assert m["per_type"] == {
-        "a": {"average_score": 4.0, "hallucination_rate": 0.5, "count": 2},
-        "b": {"average_score": 4.0, "hallucination_rate": 0.0, "count": 1},
-        "c": {"average_score": 1.5, "hallucination_rate": 0.5, "count": 2},
+        "a": {"average_score": 4.0, "hallucination_rate": 0.5, "count": 2, "unparsed": 0},
+        "b": {"average_score": 2.0, "hallucination_rate": 0.5, "count": 2, "unparsed": 1},
+        "c": {"average_score": 1.5, "hallucination_rate": 0.5, "count": 2, "unparsed": 0},
     }
+    empty = mmhal.mmhal_metrics([], [])
+    assert empty["average_score"] is None and empty["unparsed_rate"] is None
 
 
 def test_scores_answers_file_with_fake_judge(tmp_path, chat_server):
@@ -100,13 +103,19 @@ def test_scores_answers_file_with_fake_judge(tmp_path, chat_server):
     ]
     assert eval_main(argv) == 0
     m = json.loads((tmp_path / "m.json").read_text())
-    # 95 parsed: 12 "bad" (type adversarial, index % 8 == 1) rated 1, 83 rated 6; question 2 unparsed after 3 asks
-    assert m["num_unparsed"] == 1
-    assert m["average_score"] == pytest.approx((12 * 1 + 83 * 6) / 95)
-    assert m["hallucination_rate"] == pytest.approx(12 / 95)
-    assert m["informativeness"] == pytest.approx((12 * 1 / 3 + 83 * 1) / 95)
-    assert m["per_type"]["adversarial"] == {"average_score": 1.0, "hallucination_rate": 1.0, "count": 12}
-    assert m["per_type"]["comparison"]["count"] == 11
+    # 12 "bad" (type adversarial, index % 8 == 1) rated 1, 83 rated 6; question 2 (comparison) unparsed after
+    # 3 asks: it scores 0, as in the original evaluator, and 1 of 96 is below the 5% limit
+    assert m["num_unparsed"] == 1 and m["unparsed_rate"] == pytest.approx(1 / 96)
+    assert m["average_score"] == pytest.approx((12 * 1 + 83 * 6 + 0) / 96)
+    assert m["hallucination_rate"] == pytest.approx((12 + 1) / 96)
+    assert m["informativeness"] == pytest.approx((12 * 1 / 3 + 83 * 1 + 0) / 96)
+    assert m["per_type"]["adversarial"] == {"average_score": 1.0, "hallucination_rate": 1.0, "count": 12, "unparsed": 0}
+    assert m["per_type"]["comparison"] == {
+        "average_score": pytest.approx(11 * 6 / 12),
+        "hallucination_rate": pytest.approx(1 / 12),
+        "count": 12,
+        "unparsed": 1,
+    }
     assert len(chat_server.requests) == 95 + 3
     details = [json.loads(x) for x in (tmp_path / "m.samples.jsonl").read_text().splitlines()]
     assert details[2]["rating"] is None and details[2]["judge_reply"] == "Hard to say."
@@ -128,3 +137,33 @@ def test_template_answers_must_keep_question_order(tmp_path):
     records[0], records[1] = records[1], records[0]
     path.write_text(json.dumps(records))
     assert mmhal.read_mmhal_answers(path, questions) == ["x"] * 96
+
+
+def test_too_many_unparsed_ratings_give_an_error_not_a_score(tmp_path, chat_server, capsys):
+    """6 of 96 judge replies hold no rating: 6.25% > 5% -> exit 1, the count and the first replies named,
+    no OUT.json; with --max-unparsed 0.1 the same replies score 0 each."""
+    chat_server.default = lambda body: chat_server.ok(
+        "Hard to say." if "### LMM Response to Evaluate\nodd" in body["messages"][0]["content"] else "Fine. Rating: 4"
+    )
+    answers_file = tmp_path / "answers.jsonl"
+    answers_file.write_text(
+        "".join(json.dumps({"index": i, "answer": "odd" if i < 6 else "plain"}) + "\n" for i in range(96))
+    )
+    out = tmp_path / "m.json"
+    argv = ["--benchmark", "mmhal", "--answers", str(answers_file), "--output", str(out), "--judge-model", "gpt-4-test"]
+    argv += ["--judge-base-url", chat_server.base_url, "--judge-api-key-env", "DDPO_TEST_JUDGE_KEY"]
+    assert eval_main(argv) == 1
+    assert capsys.readouterr().err == (
+        "ddpo eval: error: MMHal-Bench (judge gpt-4-test): 6 of 96 answers (6.2%) are unparsed (the judge's reply "
+        'names no single "Rating: N" after 3 asks), more than max_unparsed 0.05 allows (--max-unparsed), so no '
+        "score is given. First 3: question 0: 'Hard to say.'; question 1: 'Hard to say.'; question 2: 'Hard to "
+        'say.\'. Fix: judge with a model that ends its reply with "Rating: N" as the prompt asks (--judge-model); '
+        "unparsed replies are not cached, so a re-run asks only for those; to score the parsed answers anyway, "
+        "raise max_unparsed (below 1).\n"
+    )
+    assert not out.exists() and not (tmp_path / "m.samples.jsonl").exists()
+    assert eval_main(argv + ["--max-unparsed", "0.1"]) == 0
+    m = json.loads(out.read_text())
+    assert m["num_unparsed"] == 6 and m["unparsed_rate"] == pytest.approx(6 / 96)
+    assert m["average_score"] == pytest.approx(90 * 4 / 96) and m["hallucination_rate"] == pytest.approx(6 / 96)
+    assert m["informativeness"] == pytest.approx(90 * (1 / 3) / 96)

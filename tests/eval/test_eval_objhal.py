@@ -46,15 +46,11 @@ def test_text_to_mentions(text, expected):
     assert classes(text) == expected
 
 
-def test_names_to_mentions_dedups_and_takes_head_noun():
+def test_names_to_mentions_dedups_and_keeps_noun_compounds_whole():
+    """RLHF-V's rules (tests/eval/test_chair_parity.py has more): an adjective is dropped ("red frisbee"), a
+    noun compound outside the vocabulary is no mention ("baseball player" is not a person)."""
     mentions = names_to_mentions(["dog", "red frisbee", "dog", "hot dog", "toilet seat", "baseball player", "grass"])
-    assert mentions == [
-        ("dog", "dog"),
-        ("frisbee", "frisbee"),
-        ("hot dog", "hot dog"),
-        ("toilet", "toilet"),
-        ("player", "person"),
-    ]
+    assert mentions == [("dog", "dog"), ("frisbee", "frisbee"), ("hot dog", "hot dog"), ("toilet", "toilet")]
 
 
 def test_chair_metrics_by_hand():
@@ -224,12 +220,17 @@ def test_llm_extraction_through_fake_api(tmp_path, chat_server):
         chat_server.base_url,
         "--judge-api-key-env",
         "DDPO_TEST_JUDGE_KEY",
+        "--max-unparsed",
+        "0.5",
     ]
     assert eval_main(argv) == 0
     m = json.loads((tmp_path / "o.json").read_text())
     # answer 1: dog (ok), frisbee (hallucinated) after de-dup; answer 2: person, bicycle (ok);
     # answer 3: unparsed after 3 tries -> left out; answer 4: <= 3 words -> no objects, not sent.
     assert m["num_answers"] == 4 and m["num_scored"] == 3 and m["num_unparsed"] == 1
+    assert m["unparsed_rate"] == pytest.approx(1 / 4)
+    unparsed = [json.loads(line) for line in (tmp_path / "o.samples.jsonl").read_text().splitlines()][2]
+    assert unparsed["unparsed"] and unparsed["extractor_reply"] == "I cannot do that."
     assert m["mention_hallucination_rate"] == pytest.approx(1 / 4)
     assert m["response_hallucination_rate"] == pytest.approx(1 / 2)
     assert m["extractor"] == "llm:extractor-test"
@@ -238,3 +239,14 @@ def test_llm_extraction_through_fake_api(tmp_path, chat_server):
     chat_server.requests.clear()
     assert eval_main(argv) == 0
     assert len(chat_server.requests) == 3
+
+
+def test_answers_are_read_as_rlhfv_reads_them(tmp_path):
+    """RLHF-V's load_generated_captions removes every "Assistant:" and strips; its avg_word_len counts the
+    pieces between single spaces (a double space adds an empty piece)."""
+    write_coco(tmp_path)
+    rows = [{"image_id": 1, "answer": "Assistant: A dog  on the grass.\n"}]
+    metrics, details = objhal.score_objhal(rows, tmp_path)
+    assert details[0]["answer"] == "A dog  on the grass."
+    assert metrics["mean_response_words"] == 6 and metrics["response_hallucination_rate"] == 0
+    assert metrics["num_unparsed"] == 0 and metrics["unparsed_rate"] == 0

@@ -5,8 +5,9 @@ import random
 
 import pytest
 
+from ddpo.data.synthetic.metrics import UnparsedError
 from ddpo.eval.cli import main as eval_main
-from ddpo.eval.yesno import normalize_yes_no, yes_no_metrics
+from ddpo.eval.yesno import normalize_yes_no, score_yes_no, yes_no_metrics
 
 
 @pytest.mark.parametrize(
@@ -38,7 +39,9 @@ def test_metrics_by_hand_for_both_positive_classes():
     assert pope["precision"] == pytest.approx(1 / 2)
     assert pope["recall"] == pytest.approx(1 / 3)
     assert pope["f1"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
-    assert pope["yes_ratio"] == pytest.approx(2 / 5) and pope["num_unparsed"] == 1
+    # yes_ratio is over the 4 parsed answers (2 say yes); accuracy and recall count the unparsed one as wrong
+    assert pope["yes_ratio"] == pytest.approx(2 / 4) and pope["num_unparsed"] == 1
+    assert pope["unparsed_rate"] == pytest.approx(1 / 5)
     amber = yes_no_metrics(preds, labels, positive="no")  # tp 1 (idx 3), fp 1 (idx 1), fn 1 (idx 2)
     assert (amber["precision"], amber["recall"], amber["f1"]) == pytest.approx((0.5, 0.5, 0.5))
     none_positive = yes_no_metrics(["no", "no"], ["no", "no"], positive="yes")
@@ -121,3 +124,41 @@ def test_amber_answers_end_to_end(tmp_path, capsys):
         == 1
     )
     assert "id 1 is a generative AMBER query" in capsys.readouterr().err
+
+
+def test_unparsed_answers_above_the_limit_give_an_error(tmp_path, capsys):
+    rows = [{"question_id": i, "answer": "Yes" if i % 2 else "No", "label": "yes"} for i in range(20)]
+    rows[3]["answer"] = "A dog."  # 1 of 20 = 5%: not above the limit
+    m, details = score_yes_no(rows, "yes")
+    assert m["num_unparsed"] == 1 and m["unparsed_rate"] == 0.05 and details[3]["prediction"] is None
+    assert m["accuracy"] == pytest.approx(9 / 20) and m["yes_ratio"] == pytest.approx(9 / 19)
+    rows[4]["answer"] = "I cannot tell from this picture, sorry."  # 2 of 20 = 10%
+    with pytest.raises(UnparsedError) as caught:
+        score_yes_no(rows, "yes")
+    assert (caught.value.count, caught.value.total) == (2, 20)
+    assert caught.value.examples == [("question 3", "A dog."), ("question 4", rows[4]["answer"])]
+    # the command: exit 1, the message, no OUT.json
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "p.json"
+    assert eval_main(["--benchmark", "pope", "--answers", str(answers), "--output", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        "ddpo eval: error: POPE: 2 of 20 answers (10.0%) are unparsed (no yes or no in the answer's first sentence), "
+        "more than max_unparsed 0.05 allows (--max-unparsed), so no score is given. First 2: question 3: 'A dog.'; "
+        "question 4: 'I cannot tell from this picture, sorry.'. Fix: ask for a short answer (e.g. --prompt-suffix "
+        "' Answer yes or no.'), or check that the answers file holds the answers in 'answer' (or 'text' / "
+        "'response'); to score the parsed answers anyway, raise max_unparsed (below 1).\n"
+    )
+    assert not out.exists()
+    argv = ["--benchmark", "pope", "--answers", str(answers), "--output", str(out), "--max-unparsed", "0.1"]
+    assert eval_main(argv) == 0
+    assert json.loads(out.read_text())["unparsed_rate"] == 0.1
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.01", "five"])
+def test_max_unparsed_flag_is_a_share_below_one(value, capsys):
+    with pytest.raises(SystemExit) as caught:
+        eval_main(["--benchmark", "pope", "--answers", "a.jsonl", "--output", "o.json", "--max-unparsed", value])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --max-unparsed:" in err and "[0, 1)" in err

@@ -7,7 +7,7 @@ import torch
 from ddpo.data.records import PairBatch
 from ddpo.models.config import ModelConfig
 
-ARCHS = ["llava", "muffin"]
+ARCHS = ["llava", "muffin", "omnilmm"]
 
 
 def tiny_model(arch: str, tokenizer, seed: int = 0, **overrides):

@@ -14,6 +14,7 @@ from PIL import Image
 
 import ddpo.models.muffin as muffin
 from ddpo.data.templates import encode_answer, encode_prompt
+from ddpo.eval.generation import generate_answers
 from ddpo.models.base import GenerationOptions
 from ddpo.models.build import build_model, load_model
 from ddpo.models.config import ConfigError, ModelConfig
@@ -234,10 +235,18 @@ def test_shards_are_read_one_at_a_time(tiny_beit3, tmp_path, monkeypatch):
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
 
 
-def test_ddpo_eval_on_a_released_muffin_checkpoint_with_the_rlhfv_protocol(tiny_beit3, tmp_path):
-    """What a newcomer runs: `ddpo eval --model RLHF-V_DIR --protocol rlhfv` on the released layout."""
-    from ddpo.eval.cli import main as eval_main
+def test_ddpo_eval_on_a_released_muffin_checkpoint_with_the_rlhfv_protocol(tiny_beit3, tmp_path, monkeypatch, capsys):
+    """What a newcomer runs: `ddpo eval --model RLHF-V_DIR --protocol rlhfv` on the released layout. The tiny
+    random model answers no yes/no, so the run ends in the unparsed-answer error, with its answers kept."""
+    import ddpo.eval.cli as eval_cli
 
+    seen = {}
+
+    def recording(model, images, prompts, options, on_batch=None, decode_batch_size=8):
+        seen.update(options=options, decode_batch_size=decode_batch_size, image_mode=model.image_transform.mode)
+        return generate_answers(model, images, prompts, options, on_batch, decode_batch_size)
+
+    monkeypatch.setattr(eval_cli, "generate_answers", recording)
     ckpt = write_muffin_checkpoint(tmp_path / "RLHF-V", num_shards=2)
     Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "a.png")
     questions = tmp_path / "pope.jsonl"
@@ -245,39 +254,13 @@ def test_ddpo_eval_on_a_released_muffin_checkpoint_with_the_rlhfv_protocol(tiny_
         json.dumps({"question_id": 1, "image": "a.png", "text": "Is there a dog?", "label": "no"}) + "\n"
     )
     out = tmp_path / "pope.json"
-    assert (
-        eval_main(
-            [
-                "--benchmark",
-                "pope",
-                "--model",
-                str(ckpt),
-                "--questions",
-                str(questions),
-                "--image-dir",
-                str(tmp_path),
-                "--output",
-                str(out),
-                "--protocol",
-                "rlhfv",
-                "--max-new-tokens",
-                "3",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
-    generation = json.loads(out.read_text())["generation"]
-    assert {
-        k: generation[k]
-        for k in ("protocol", "template", "num_beams", "max_new_tokens", "repetition_penalty", "stop_strings")
-    } == {
-        "protocol": "rlhfv",
-        "template": "rlhfv_eval",
-        "num_beams": 3,
-        "max_new_tokens": 3,
-        "repetition_penalty": 1.1,
-        "stop_strings": ["###"],
-    }
-    assert generation["image_mode"] == "resize"  # Muffin's eval transform
+    argv = ["--benchmark", "pope", "--model", str(ckpt), "--questions", str(questions), "--image-dir", str(tmp_path)]
+    argv += ["--output", str(out), "--protocol", "rlhfv", "--max-new-tokens", "3", "--device", "cpu"]
+    assert eval_cli.main(argv) == 1
+    assert "1 of 1 answers (100.0%) are unparsed" in capsys.readouterr().err
+    assert len((tmp_path / "pope.answers.jsonl").read_text().splitlines()) == 1 and not out.exists()
+    options = seen["options"]
+    assert (options.template, options.num_beams, options.max_new_tokens) == ("rlhfv_eval", 3, 3)
+    assert (options.repetition_penalty, list(options.stop_strings)) == (1.1, ["###"])
+    assert seen["decode_batch_size"] == 1  # one question at a time, as muffin_vqa.py decodes
+    assert seen["image_mode"] == "resize"  # Muffin's eval transform

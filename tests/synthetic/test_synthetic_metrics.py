@@ -1,6 +1,6 @@
 import pytest
 
-from ddpo.data.synthetic.metrics import evaluate
+from ddpo.data.synthetic.metrics import UnparsedError, evaluate, gate_figures
 from ddpo.data.synthetic.world import Scene, WorldObject
 
 SCENE = Scene(
@@ -56,3 +56,58 @@ def test_saying_less_does_not_look_better_on_recall():
 def test_mismatched_lengths_raise():
     with pytest.raises(ValueError, match="2 scenes but 1 answers"):
         evaluate([SCENE, SCENE], ["x"])
+
+
+RIGHT = "there is a small red circle at the top left."  # parsed, right: recalls 1 object, no hallucination
+HALF_READ = "there is a small red circle at the top left. purple monkey dishwasher."  # 2nd sentence unparsed
+
+
+def test_all_unparsed_answers_give_an_error_never_zero_hallucination():
+    answers = ["lorem ipsum dolor.", "there is a small red", "purple monkey dishwasher."]
+    with pytest.raises(UnparsedError) as caught:
+        evaluate([SCENE] * 3, answers)
+    e = caught.value
+    assert (e.count, e.total) == (3, 3)
+    assert e.examples == [
+        ("answer 0", "lorem ipsum dolor."),
+        ("answer 1", "there is a small red"),
+        ("answer 2", answers[2]),
+    ]
+    assert str(e).startswith(
+        "synthetic evaluation: 3 of 3 answers (100.0%) are unparsed (a sentence fits no rule of the world's grammar), "
+        "more than max_unparsed 0.05 allows (--max-unparsed), so no score is given. First 3: answer 0: "
+        "'lorem ipsum dolor.'; answer 1: 'there is a small red'; answer 2: 'purple monkey dishwasher.'. Fix: "
+    )
+    assert "raise max_unparsed (below 1)" in str(e)
+    # the highest limit there is still refuses a run with nothing parsed
+    with pytest.raises(UnparsedError, match="3 of 3 answers"):
+        evaluate([SCENE] * 3, answers, max_unparsed=0.99)
+
+
+def test_unparsed_rate_counts_answers_and_the_limit_is_a_strict_bound():
+    # 20 answers, one with an unparsed 2nd sentence: 1/20 = 0.05 is not above 0.05 -> scored
+    m = evaluate([SCENE] * 20, [HALF_READ] + [RIGHT] * 19)
+    assert m["unparsed_rate"] == 0.05 and m["num_unparsed"] == 1 and m["num_responses"] == 20
+    # the parsed first sentence still counts: 20 mentions, none hallucinated; 20 of 60 objects recalled
+    assert m["response_hallucination_rate"] == 0.0 and m["object_recall"] == pytest.approx(20 / 60)
+    # 2/20 = 0.1 > 0.05 -> error; with max_unparsed 0.1 the same answers are scored
+    two = [HALF_READ, "lorem ipsum dolor."] + [RIGHT] * 18
+    with pytest.raises(UnparsedError, match=r"2 of 20 answers \(10\.0%\).*answer 0: 'purple monkey dishwasher\.'"):
+        evaluate([SCENE] * 20, two)
+    m = evaluate([SCENE] * 20, two, max_unparsed=0.1)
+    assert m["unparsed_rate"] == pytest.approx(0.1) and m["num_unparsed"] == 2
+    # the fully unparsed answer has no mention: outside the response rate's denominator (19 mentioning answers)
+    assert m["mention_hallucination_rate"] == 0.0 and m["object_recall"] == pytest.approx(19 / 60)
+
+
+@pytest.mark.parametrize("limit", [1.0, -0.1, 5])
+def test_max_unparsed_must_be_a_share_below_one(limit):
+    with pytest.raises(ValueError, match=r"max_unparsed \(--max-unparsed\) must be a share in \[0, 1\)"):
+        evaluate([SCENE], [RIGHT], max_unparsed=limit)
+
+
+def test_gate_figures_report_their_unparsed_rate_without_a_limit():
+    # 1 one-object answer + 3 scene answers, 2 of them unparsed: 2/4; no error (unread answers lower the figures)
+    g = gate_figures([ONE], ["lorem ipsum dolor."], [SCENE, SCENE, SCENE], [RIGHT, RIGHT, HALF_READ], {})
+    assert g["unparsed_rate"] == 0.5 and g["single_object_accuracy"] == 0.0
+
