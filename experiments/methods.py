@@ -78,6 +78,8 @@ def lr_grid(args) -> dict:
             f"| {name} | {m[PRIMARY]:.3f} | {m['object_recall']:.3f} | {results['drift'][name]:+.3f} | "
             f"{'yes' if chosen else ''} |"
         )
+    for name, message in results.get("unscorable", {}).items():
+        lines.append(f"| {name} | unscorable: {message.split(': ', 2)[-1][:90]}… | | | |")
     lines += [
         "",
         f"choice: {json.dumps(choice)}",

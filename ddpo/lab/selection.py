@@ -20,11 +20,12 @@ def least_hallucination_within_recall(validation: Mapping[str, dict], names: Seq
 
 
 def best_lr(validation: Mapping[str, dict], runs: Mapping[float, str]) -> float:
-    """Of runs {lr: run name}, the lr the rule picks (`validation` holds "sft" and every run)."""
-    by_name = {name: lr for lr, name in runs.items()}
-    return by_name[
-        least_hallucination_within_recall(validation, list(runs.values()), validation["sft"]["object_recall"])
-    ]
+    """Of runs {lr: run name}, the lr the rule picks (`validation` holds "sft" and every scorable run: a run
+    missing from it wrote unreadable text, and is not a candidate)."""
+    by_name = {name: lr for lr, name in runs.items() if name in validation}
+    if not by_name:
+        raise ValueError(f"no run of {sorted(runs.values())} could be scored on validation (all unparsed)")
+    return by_name[least_hallucination_within_recall(validation, list(by_name), validation["sft"]["object_recall"])]
 
 
 def choose_lrs(validation: Mapping[str, dict], norm: str, grid: Sequence[float]) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ddpo.data.synthetic.metrics import UnparsedError
 from ddpo.lab.evaluation import LOGPS_BATCH, DriftProbe, drift, evaluate_model
 from ddpo.lab.gate import gate_error, gate_line, loss_plateau, perception_gate
 from ddpo.lab.report import plot_method_bars, results_table
@@ -301,7 +302,16 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
         cache = path / "eval.json"
         done = json.loads(cache.read_text()) if cache.is_file() else {}
         if done.get("key") != key:
-            done = evaluate_saved_model(settings, path, method, key, yardstick)
+            try:
+                done = evaluate_saved_model(settings, path, method, key, yardstick)
+            except UnparsedError as error:
+                named = UnparsedError(f"{method} ({path}): {error}", error.count, error.total, error.examples)
+                if not settings.validation_only:
+                    raise named from None
+                # an lr grid records a run that writes unreadable text and chooses among the others
+                results.setdefault("unscorable", {})[method] = str(named)
+                logger.warning("%s", named)
+                continue
             cache.write_text(json.dumps(done))
         if method == "sft":
             yardstick.answers = done["val_answers"]
