@@ -110,4 +110,3 @@ def test_gate_figures_report_their_unparsed_rate_without_a_limit():
     # 1 one-object answer + 3 scene answers, 2 of them unparsed: 2/4; no error (unread answers lower the figures)
     g = gate_figures([ONE], ["lorem ipsum dolor."], [SCENE, SCENE, SCENE], [RIGHT, RIGHT, HALF_READ], {})
     assert g["unparsed_rate"] == 0.5 and g["single_object_accuracy"] == 0.0
-
