@@ -97,39 +97,16 @@ class MuffinPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.cls_token, std=std)
 
 
-class MuffinModel(MuffinPreTrainedModel):
-    """Vision tower + queries + projector + LLaMA decoder (no LM head)."""
-
-    def __init__(self, config: MuffinConfig):
-        super().__init__(config)
-        self.vision_tower = Beit3QueryEncoder(
-            image_size=config.vision_image_size,
-            patch_size=config.vision_patch_size,
-            dim=config.vision_hidden_size,
-            num_layers=config.vision_num_layers,
-            num_heads=config.vision_num_heads,
-            ffn_dim=config.vision_ffn_dim,
-            eps=config.vision_layernorm_eps,
-            max_source_positions=config.vision_max_source_positions,
-        )
-        if config.num_query > config.vision_max_source_positions - 2:
-            raise ValueError(
-                f"num_query {config.num_query} exceeds BEiT-3's {config.vision_max_source_positions - 2} text positions"
-            )
-        self.query = nn.Parameter(torch.zeros(config.num_query, config.vision_hidden_size))
-        self.mm_projector = nn.Linear(config.vision_hidden_size, config.text_config.hidden_size)
-        self.language_model = LlamaModel(config.text_config)
-        self.post_init()
+class ImagePatchDecoderMixin:
+    """The decoder forward of an architecture whose `<im_patch>` embeddings are replaced by image features
+    (Muffin's query encoder, OmniLMM's resampler): the class provides `language_model`, `get_image_features`
+    and `config.image_token_id`."""
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.language_model.embed_tokens = value
-
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, num_query, D_llm]."""
-        return self.mm_projector(self.vision_tower(pixel_values, self.query))
 
     def forward(
         self,
@@ -161,12 +138,8 @@ class MuffinModel(MuffinPreTrainedModel):
         )
 
 
-class MuffinForCausalLM(MuffinPreTrainedModel, GenerationMixin):
-    def __init__(self, config: MuffinConfig):
-        super().__init__(config)
-        self.model = MuffinModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+class ImagePatchCausalLMMixin:
+    """The causal-LM head over an `ImagePatchDecoderMixin` decoder at `self.model`, with `self.lm_head`."""
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
@@ -188,9 +161,9 @@ class MuffinForCausalLM(MuffinPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """HF causal-LM forward. `cache` and `use_cache`, only passed on, travel in `kwargs` to
-        `MuffinModel.forward`, which names them (llava-hf's `LlavaForConditionalGeneration.forward` does the
-        same with `use_cache`). `position_ids` and `logits_to_keep` must stay named: transformers' `generate`
+        """HF causal-LM forward. `cache` and `use_cache`, only passed on, travel in `kwargs` to the decoder
+        forward (`ImagePatchDecoderMixin`), which names them (llava-hf's `LlavaForConditionalGeneration.forward`
+        does the same with `use_cache`). `position_ids` and `logits_to_keep` must stay named: transformers' `generate`
         reads this signature to decide whether to make position ids from the attention mask and whether to
         compute only the last position's logits at each step."""
         outputs = self.model(
@@ -208,6 +181,43 @@ class MuffinForCausalLM(MuffinPreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+class MuffinModel(ImagePatchDecoderMixin, MuffinPreTrainedModel):
+    """Vision tower + queries + projector + LLaMA decoder (no LM head)."""
+
+    def __init__(self, config: MuffinConfig):
+        super().__init__(config)
+        self.vision_tower = Beit3QueryEncoder(
+            image_size=config.vision_image_size,
+            patch_size=config.vision_patch_size,
+            dim=config.vision_hidden_size,
+            num_layers=config.vision_num_layers,
+            num_heads=config.vision_num_heads,
+            ffn_dim=config.vision_ffn_dim,
+            eps=config.vision_layernorm_eps,
+            max_source_positions=config.vision_max_source_positions,
+        )
+        if config.num_query > config.vision_max_source_positions - 2:
+            raise ValueError(
+                f"num_query {config.num_query} exceeds BEiT-3's {config.vision_max_source_positions - 2} text positions"
+            )
+        self.query = nn.Parameter(torch.zeros(config.num_query, config.vision_hidden_size))
+        self.mm_projector = nn.Linear(config.vision_hidden_size, config.text_config.hidden_size)
+        self.language_model = LlamaModel(config.text_config)
+        self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, num_query, D_llm]."""
+        return self.mm_projector(self.vision_tower(pixel_values, self.query))
+
+
+class MuffinForCausalLM(ImagePatchCausalLMMixin, MuffinPreTrainedModel, GenerationMixin):
+    def __init__(self, config: MuffinConfig):
+        super().__init__(config)
+        self.model = MuffinModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -62,10 +62,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, MistralConfig, MistralModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 
-from ddpo.models.base import ImageTransform, PreferenceModel, scatter_image_features
+from ddpo.models.base import ImageTransform, PreferenceModel
 from ddpo.models.llava import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 from ddpo.models.muffin import (
     IMAGE_END_TOKEN,
@@ -73,6 +71,8 @@ from ddpo.models.muffin import (
     IMAGE_START_TOKEN,
     INDEX_FILES,
     SINGLE_FILES,
+    ImagePatchCausalLMMixin,
+    ImagePatchDecoderMixin,
     checkpoint_shards,
     read_shard,
 )
@@ -363,7 +363,7 @@ class OmniLMMPreTrainedModel(PreTrainedModel):
             init.normal_(module.proj, std=module.proj.shape[0] ** -0.5)  # the released dim^-0.5 * randn
 
 
-class OmniLMMModel(OmniLMMPreTrainedModel):
+class OmniLMMModel(ImagePatchDecoderMixin, OmniLMMPreTrainedModel):
     """Vision tower + resampler + Mistral decoder (no LM head)."""
 
     def __init__(self, config: OmniLMMConfig):
@@ -379,90 +379,17 @@ class OmniLMMModel(OmniLMMPreTrainedModel):
         self.language_model = MistralModel(config.text_config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.language_model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.language_model.embed_tokens = value
-
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, num_query, D_llm]."""
         return self.resampler(self.vision_tower(pixel_values))
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache=None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.language_model.embed_tokens(input_ids)
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to locate the <im_patch> tokens")
-            features = self.get_image_features(pixel_values.to(inputs_embeds.dtype))
-            inputs_embeds = scatter_image_features(inputs_embeds, input_ids, self.config.image_token_id, features)
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            **kwargs,
-        )
 
-
-class OmniLMMForCausalLM(OmniLMMPreTrainedModel, GenerationMixin):
+class OmniLMMForCausalLM(ImagePatchCausalLMMixin, OmniLMMPreTrainedModel, GenerationMixin):
     def __init__(self, config: OmniLMMConfig):
         super().__init__(config)
         self.model = OmniLMMModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """HF causal-LM forward; `position_ids` and `logits_to_keep` stay named because transformers'
-        `generate` reads this signature (see `MuffinForCausalLM.forward`)."""
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
 
 # ------------------------------------------------------------------------------------------------
