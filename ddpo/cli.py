@@ -11,7 +11,8 @@ A command line that cannot be used (no command, no CONFIG) prints the usage on s
 `--help` prints it on stdout and exits 0 (`ddpo train CONFIG --help`: every field with CONFIG's value).
 A config error exits 2. A data, checkpoint, reference-cache or model-load error, an out-of-memory (and
 a non-finite loss) ends `train` and `precompute-ref` with one message on stderr and exit code 1, on
-each rank that hit it; `--debug` anywhere on the command line, or DDPO_DEBUG=1, shows the traceback
+each rank that hit it, and every other command the same way (`dispatch`: `ddpo eval --model` naming no
+checkpoint, say); `--debug` anywhere on the command line, or DDPO_DEBUG=1, shows the traceback
 instead.
 
 Heavy libraries (torch, transformers, datasets, deepspeed) are imported when a command runs, never when
@@ -158,7 +159,17 @@ def dispatch(commands: dict[str, tuple[str, Command]], argv: list[str]) -> int:
     if command not in commands:
         print(f"ddpo: unknown command '{command}'; commands are {', '.join(commands)}", file=sys.stderr)
         return USAGE_ERROR
-    return commands[command][1](rest) or 0
+    if "--debug" in rest:  # every command accepts it; the environment carries it to the command and its ranks
+        os.environ["DDPO_DEBUG"] = "1"
+        rest = [a for a in rest if a != "--debug"]
+    try:
+        return commands[command][1](rest) or 0
+    except Exception as e:  # what a command let through: a user error is one message here too
+        message = _user_message(e)
+        if message is None or debug_requested(rest):
+            raise
+        print(f"ddpo {command}: error: {message}\n(--debug or DDPO_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

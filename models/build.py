@@ -350,8 +350,8 @@ def _load_problem(path: str | os.PathLike, e: OSError) -> str:
     missing = f"no such file or directory: {local.absolute()}"
     if not _HUB_ID.match(str(path)):
         return (
-            f"{missing}; fix the path (in a config, relative paths are looked up next to the config file, then in "
-            "the working directory)"
+            f"{missing}; fix the path (relative paths in a config are looked up next to the config file, then in "
+            "the working directory; on the command line, in the working directory)"
         )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         hub = (
@@ -361,6 +361,13 @@ def _load_problem(path: str | os.PathLike, e: OSError) -> str:
     else:
         hub = f"could not be loaded from the hub ({reason}); check the id and your network or access token"
     return f"{missing}; as a hub id, it {hub}"
+
+
+def open_checkpoint(argument: str, path: str | os.PathLike, **load_options) -> PreferenceModel:
+    """`load_model(path, **load_options)` for a command-line `argument` (e.g. `--model`): a path that is not a
+    checkpoint, an unknown hub id or an out-of-memory is one ModelLoadError naming the argument and the fix."""
+    with _loading(argument, path, ("config.json", ADAPTER_CONFIG_FILE)):
+        return load_model(path, **load_options)
 
 
 def load_config_tokenizer(cfg: ModelConfig):

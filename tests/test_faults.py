@@ -325,6 +325,37 @@ def test_a_model_that_cannot_be_loaded_is_one_message(tmp_path, mistake, code, m
 
 
 @pytest.mark.slow
+def test_eval_and_score_name_a_model_that_cannot_be_loaded_in_one_message(tmp_path):
+    """`ddpo eval --model` and `ddpo score --policy` load checkpoints outside any config: the same one message,
+    naming the command-line argument."""
+    from PIL import Image
+
+    gone = tmp_path / "gone"
+    proc = _ddpo_from(tmp_path, "eval", "--benchmark", "synthetic", "--model", str(gone), "--num-images", "2",
+                      "--output", str(tmp_path / "eval.json"))  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-2:] == [
+        f"ddpo eval: error: --model '{gone}': no such file or directory: {gone}; fix the path (relative paths in a "
+        "config are looked up next to the config file, then in the working directory; on the command line, in the "
+        "working directory)",
+        "(--debug or DDPO_DEBUG=1 shows the traceback)",
+    ]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"question": "what is here?", "answer": "a cube", "image": "a.png"}) + "\n")
+    proc = _ddpo_from(tmp_path, "score", "--policy", str(tmp_path), "--reference", str(tmp_path),
+                      "--answers", str(answers), "--image-dir", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-2] == (
+        f"ddpo score: error: --policy '{tmp_path}': {tmp_path} is a folder but holds no config.json or "
+        "adapter_config.json: point it at a checkpoint"
+    )
+    proc = _ddpo_from(tmp_path, "eval", "--benchmark", "synthetic", "--model", str(gone), "--num-images", "2",
+                      "--output", str(tmp_path / "eval.json"), "--debug")  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ModelLoadError" in proc.stderr
+
+
+@pytest.mark.slow
 def test_debug_shows_the_model_loads_traceback(tmp_path):
     proc = run_ddpo(
         "train", TINY, "--train.output_dir", str(tmp_path / "run"), "--model.name_or_path", "no-such-org/x",

@@ -58,7 +58,7 @@ from ddpo.eval.judge import DEFAULT_BASE_URL, JudgeCache, JudgeClient, JudgeErro
 from ddpo.lab.settings import DemoSettings
 from ddpo.lab.world import split, synthetic_config
 from ddpo.models.base import GenerationOptions
-from ddpo.models.build import load_model, resolve_dtype
+from ddpo.models.build import open_checkpoint, resolve_dtype
 
 Rows = list[dict[str, Any]]
 
@@ -401,7 +401,7 @@ def eval_generation_options(args: argparse.Namespace, model_template: str) -> Ge
 def _generate(args: argparse.Namespace, bench: Benchmark) -> Rows:
     questions = bench.questions(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
+    model = open_checkpoint("--model", args.model, dtype=resolve_dtype(args.dtype), device=device)
     options = eval_generation_options(args, model.template)
     protocol = protocols.resolve_protocol(args.protocol)
     image_mode = args.image_mode or protocol.image_mode

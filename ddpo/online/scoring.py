@@ -52,7 +52,7 @@ from ddpo.data.jsonl import jsonl_lines, parse_json_object
 from ddpo.data.segments import token_corrections
 from ddpo.data.templates import TEMPLATES, encode_answer
 from ddpo.models.base import answer_token_logps
-from ddpo.models.build import load_model, resolve_dtype
+from ddpo.models.build import open_checkpoint, resolve_dtype
 from ddpo.token_weights import token_weights
 
 VARIANTS = ("sum", "mean", "segment")
@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype)  # two 12B models in float32 would need ~96 GB
-    policy = load_model(args.policy, dtype=dtype, device=device)
-    reference = load_model(args.reference, dtype=dtype, device=device)
+    policy = open_checkpoint("--policy", args.policy, dtype=dtype, device=device)
+    reference = open_checkpoint("--reference", args.reference, dtype=dtype, device=device)
     scored = score_rows(policy, reference, rows, images, settings)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
