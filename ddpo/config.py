@@ -90,6 +90,17 @@ class DataConfig:
     length_grouping: bool = config_field(
         False, "Group pairs of similar length into batches to cut padding (changes the data order, seeded)."
     )
+    eval_fraction: float = config_field(
+        0.0,
+        "Share in [0, 1) of the loaded pairs held out of training and evaluated (train.eval_steps): the first "
+        "round(share x pairs) (at least 1) of a permutation drawn from train.seed, so the same seed holds out the "
+        "same pairs; 0 = none. Excludes data.eval_path.",
+    )
+    eval_path: str | None = config_field(
+        None,
+        "A separate evaluation file in data.format (read like data.path, all its rows; relative images: data.image_dir "
+        "or its own folder); null = none. Excludes data.eval_fraction.",
+    )
 
 
 @dataclass
@@ -115,6 +126,11 @@ class TrainConfig:
     save_steps: int = config_field(0, "Write a resumable checkpoint every N optimizer steps; 0 = only at the end.")
     save_total_limit: int = config_field(2, "Keep this many most recent step checkpoints; 0 = keep all.")
     logging_steps: int = config_field(1, "Write metrics every N optimizer steps.")
+    eval_steps: int = config_field(
+        0,
+        "Evaluate the held-out pairs (data.eval_fraction or data.eval_path) every N optimizer steps, as eval/ rows "
+        "of metrics.jsonl; 0 = only once, at the end. An eval set is always evaluated at the end.",
+    )
     resume: str = config_field(
         "none", "'none', 'auto' (latest checkpoint in output_dir, if any) or a checkpoint directory."
     )
@@ -155,6 +171,9 @@ class LoggingConfig:
     entity: str | None = config_field(None, "wandb entity (team); null = your default.")
     run_name: str | None = config_field(None, "Run name; null = the output directory's name.")
     progress_bar: bool = config_field(True, "Show a tqdm progress bar on rank 0.")
+    tensorboard: bool = config_field(
+        False, "Also write TensorBoard event files to <output_dir>/tensorboard (train/ and eval/ scalars, rank 0)."
+    )
 
 
 @dataclass
@@ -181,6 +200,7 @@ class Config:
             *_data_checks(self.data),
             *_model_checks(self.model),
             *_method_checks(self.loss, self.train, self.deepspeed),
+            *_eval_checks(self.data, self.train),
         ]
         for ok, message in checks:
             if not ok:
@@ -234,6 +254,32 @@ def _data_checks(d: DataConfig) -> Checks:
             d.segment_diff == "answer" or d.segments == "token_diff",
             "data.segment_diff 'muffin' is the released token-id diff: it needs data.segments 'token_diff', "
             f"not '{d.segments}'",
+        ),
+    ]
+
+
+def _eval_checks(d: DataConfig, t: TrainConfig) -> Checks:
+    """The held-out evaluation set: one source at most, and evaluation only where there is one."""
+    return [
+        (
+            0 <= d.eval_fraction < 1,
+            f"data.eval_fraction must be in [0, 1) (the share of pairs held out; 0 = none), got {d.eval_fraction}",
+        ),
+        (
+            not (d.eval_fraction > 0 and d.eval_path),
+            f"data.eval_fraction {d.eval_fraction} and data.eval_path '{d.eval_path}' both name an eval set: keep "
+            "one (set data.eval_fraction 0 or data.eval_path null)",
+        ),
+        (
+            not (d.eval_path and d.format == "synthetic"),
+            "data.eval_path is a file in data.format, and the synthetic world has no files: use data.eval_fraction "
+            "to hold out synthetic pairs, or set data.eval_path null",
+        ),
+        (t.eval_steps >= 0, f"train.eval_steps must be >= 0 (0 = evaluate at the end only), got {t.eval_steps}"),
+        (
+            t.eval_steps == 0 or d.eval_fraction > 0 or bool(d.eval_path),
+            f"train.eval_steps {t.eval_steps} evaluates an eval set, and there is none: set data.eval_fraction "
+            "(e.g. 0.05) or data.eval_path, or set train.eval_steps 0",
         ),
     ]
 
@@ -452,6 +498,7 @@ def load_config(
 # place that depended on what already exists would move them between runs.
 INPUT_PATHS = (
     "data.path",
+    "data.eval_path",
     "data.image_dir",
     "model.name_or_path",
     "model.tokenizer",
@@ -460,7 +507,7 @@ INPUT_PATHS = (
     "train.resume",
 )
 # Of those, the ones that may name a hub id ('name' or 'owner/name'): kept as written when no such path exists.
-HUB_ID_KEYS = ("data.path", "model.name_or_path", "model.tokenizer")
+HUB_ID_KEYS = ("data.path", "data.eval_path", "model.name_or_path", "model.tokenizer")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DATA_FILES = (".parquet", ".json", ".jsonl", ".arrow", ".csv")  # a data.path ending so is a file, not a hub id
 
@@ -508,6 +555,7 @@ def _check_input_paths(cfg: Config, tried: dict[str, list[Path]], keys: tuple[st
 
 _PATH_HINTS = {
     "data.path": ", or give a hub id 'owner/name'",
+    "data.eval_path": ", or give a hub id 'owner/name', or set it null (no separate eval file)",
     "model.name_or_path": ", or give a hub id 'owner/name'",
     "model.tokenizer": ", or give a hub id 'owner/name'",
     "deepspeed.config": " (configs/deepspeed/ has the shipped ones), or set it null",

@@ -465,6 +465,40 @@ def pair_metrics(
     return metrics
 
 
+def margin_split(
+    tokens: tuple[Tensor, Tensor],
+    ref_tokens: tuple[Tensor, Tensor] | None,
+    weights: tuple[Tensor, Tensor],
+    corrected_mask: Tensor,
+    settings: LossConfig,
+) -> dict[str, Tensor]:
+    """rewards/margins split into the corrected-segment tokens' share and the other answer tokens' share
+    (detached batch means; `DDPOLoss` says the definition). `tokens` / `ref_tokens` = the (chosen, rejected)
+    token log-probs [B, T] the loss weighed (ref None when reference_free: its share is 0), `weights` = the
+    (policy, reference) weights [2B, T], `corrected_mask` [2B, T] in PairBatch row order."""
+    b = tokens[0].shape[0]
+
+    def share(token_logps: Tensor, w: Tensor, keep: Tensor) -> Tensor:
+        """The part of `weighted_logps(token_logps, w)` [B] that the tokens of `keep` contribute, in float64: each
+        share is exact, so corrected + unchanged differs from rewards/margins by the margin's own float32
+        rounding only."""
+        token_logps, w = token_logps.double(), w.double()
+        inside = (w > 0) & keep
+        total = torch.where(inside, w * token_logps, torch.zeros_like(token_logps)).sum(dim=1)
+        return total if settings.normalize == "sum" else total / w.sum(dim=1)
+
+    split = {}
+    with torch.no_grad():
+        for name, keep in (("corrected", corrected_mask), ("unchanged", ~corrected_mask)):
+            chosen = share(tokens[0], weights[0][:b], keep[:b])
+            rejected = share(tokens[1], weights[0][b:], keep[b:])
+            if ref_tokens is not None:
+                chosen = chosen - share(ref_tokens[0], weights[1][:b], keep[:b])
+                rejected = rejected - share(ref_tokens[1], weights[1][b:], keep[b:])
+            split[f"rewards/margins_{name}"] = (settings.beta * (chosen - rejected)).float().mean()
+    return split
+
+
 @dataclass
 class LossExtras:
     """The dense methods' per-batch inputs, each read only by the setting that uses it (`DDPOLoss.needs_*`
@@ -509,6 +543,12 @@ class DDPOLoss(nn.Module):
                                 minus the mean over pairs of the chosen answers' weighted sequence log-probs
     With reference_free the reference part is 0 in every term, whatever reference log-probs are passed.
     Metrics are detached 0-d tensors (batch means) so that a trainer can all-reduce them before logging.
+    Beside TRL's names, `rewards/margins_corrected` and `rewards/margins_unchanged` split rewards/margins
+    by token (`margin_split`): each is beta x [(pi_C(y_w) - ref_C(y_w)) - (pi_C(y_l) - ref_C(y_l))] with
+    pi_C(y) = sum over the answer tokens of the set C of w_t log p(y_t) / N, the same weights w_t and the same
+    N as the sequence log-prob (N = sum of all the answer's weights for 'mean', 1 for 'sum'; the reference
+    with its own weights), C = the tokens inside corrected segments or the others. The two add up to
+    rewards/margins (to float32 rounding): whether the policy moved the corrections or everything.
     """
 
     def __init__(self, settings: LossConfig):
@@ -628,6 +668,7 @@ class DDPOLoss(nn.Module):
             loss = loss + sft_term(logps.chosen, policy_chosen_token_logps, answer_mask[:b], s)
         answer_weights = None if s.token_weights == "segments" else weights[answer_mask]
         metrics = pair_metrics(loss, logps, (chosen_rewards, rejected_rewards), kl, answer_weights)
+        metrics.update(margin_split(tokens, ref_tokens, (weights, ref_weights), corrected_mask, s))
         metrics.update(extra_metrics)
         return loss, metrics
 

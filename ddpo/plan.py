@@ -59,14 +59,24 @@ class RunPlan:
 
 def nominal_num_pairs(cfg: Config) -> int | None:
     """Pairs the config will train on, known before loading the data: the synthetic count, or a public
-    set's size (capped by data.max_samples); None when only loading the data can tell."""
+    set's size (capped by data.max_samples, less the data.eval_fraction held out); None when only loading the
+    data can tell."""
     if cfg.data.format == "synthetic":
         size = cfg.data.synthetic_pairs
     else:
         size = DATASET_SIZES.get(cfg.data.path or "")
     if size is not None and cfg.data.max_samples is not None:
-        return min(size, cfg.data.max_samples)
-    return size if size is not None else cfg.data.max_samples
+        size = min(size, cfg.data.max_samples)
+    elif size is None:
+        size = cfg.data.max_samples
+    if size is None or not cfg.data.eval_fraction:
+        return size
+    return size - heldout_count(size, cfg.data.eval_fraction)  # data.eval_fraction's pairs are not trained on
+
+
+def heldout_count(num_pairs: int, fraction: float) -> int:
+    """Pairs data.eval_fraction holds out of `num_pairs`: round(fraction x num_pairs), at least 1."""
+    return max(1, round(fraction * num_pairs))
 
 
 def run_plan(cfg: Config, num_pairs: int, world_size: int = 1) -> RunPlan:

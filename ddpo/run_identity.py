@@ -3,14 +3,14 @@ prunes or overwrites it.
 
 `<output_dir>/run.json` records the run that owns the directory: its resolved config and `config_hash`, a hash
 of its *identity*. The identity is every config field that changes what the run computes, that is all of them
-except `NOT_IDENTITY`: where and how often it writes and logs (train.output_dir, resume, save_steps,
-save_total_limit, logging_steps, overwrite_output_dir, the logging section), and how the same numbers are
-computed (train.num_threads, where the reference log-probs come from, the attention kernel, activation
+except `NOT_IDENTITY`: where and how often it writes, logs and evaluates (train.output_dir, resume, save_steps,
+save_total_limit, logging_steps, overwrite_output_dir, eval_steps, the logging section), and how the same numbers
+are computed (train.num_threads, where the reference log-probs come from, the attention kernel, activation
 recomputation, the log-prob chunking, the packed-pair layout, ZeRO sharding and offload): those change memory,
-speed and float rounding only, so a run may resume with another value of them (a run that ran out of memory
-resumes with model.gradient_checkpointing on). The run's length (`CONTINUATION`: train.max_steps, train.epochs)
-may change when the run resumes from its own checkpoint: a continuation, whose learning-rate schedule is
-re-planned from the resumed step with a warning (`Trainer._continue_schedule`).
+speed and float rounding only, so a run may resume with another value of them (a run that ran out of memory resumes
+with model.gradient_checkpointing on). The run's length (`CONTINUATION`: train.max_steps, train.epochs) may change
+when the run resumes from its own checkpoint: a continuation, whose learning-rate schedule is re-planned from the
+resumed step with a warning (`Trainer._continue_schedule`).
 
 Starting a run (`check` on every rank, reading only, before anything is written; then `record` on rank 0, which
 writes config.yaml and run.json; `ddpo precompute-ref` writes neither, only its fingerprinted cache):
@@ -63,6 +63,7 @@ NOT_IDENTITY = frozenset(
         "train.save_steps",
         "train.save_total_limit",
         "train.logging_steps",
+        "train.eval_steps",  # the held-out pass reads the policy, never trains it
         "train.num_threads",
         "train.reference",  # cached and live give the same log-probs (tests/test_trainer.py checks it)
         "train.reference_cache",  # the cache's own fingerprint guards what it holds

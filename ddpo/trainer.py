@@ -5,7 +5,9 @@
 
 Its parts are one hop away: data (data/formats, data/collator), the model (models/build), the loss
 (ddpo/loss), the reference cache (ddpo/reference), the data order (ddpo/sampler), the run plan
-(ddpo/plan), the learning-rate schedule (ddpo/schedule), checkpoints (ddpo/checkpoint).
+(ddpo/plan), the learning-rate schedule (ddpo/schedule), checkpoints (ddpo/checkpoint), the summary a
+finished run writes (ddpo/run_summary). Held-out pairs (data.eval_fraction or data.eval_path) go through the
+same loss without gradients (`evaluate`, every train.eval_steps and at the end) as eval/ rows of metrics.jsonl.
 `TrainerCallback` lets experiments act at checkpoints and log steps without subclassing.
 
 One optimizer step, top to bottom (see `train`):
@@ -22,6 +24,7 @@ One optimizer step, top to bottom (see `train`):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +40,7 @@ import torch
 
 from ddpo import checkpoint, reference, run_identity
 from ddpo import distributed as dist
-from ddpo.config import Config
+from ddpo.config import Config, ConfigError
 from ddpo.corruption import Corruption, corrupt_batch
 from ddpo.data.collator import PairCollator, PairDataset, PairEncoder
 from ddpo.data.formats import load_records
@@ -46,8 +49,9 @@ from ddpo.data.tokenizer import build_word_tokenizer
 from ddpo.loss import DDPOLoss, LossExtras
 from ddpo.models.build import build_model, load_config_tokenizer
 from ddpo.models.logps import HiddenAndHead, chunked_token_kl
-from ddpo.plan import run_plan
+from ddpo.plan import heldout_count, run_plan
 from ddpo.progress import progress_bar
+from ddpo.run_summary import RunFacts, is_eval_row, read_metrics_rows, summary_markdown, write_run_summary
 from ddpo.sampler import PairOrder
 from ddpo.schedule import lr_lambda
 from ddpo.token_weights import label_logits
@@ -141,11 +145,15 @@ class Trainer:
         self._setup_engine()
         self.step, self.micro_batches_done = 0, 0
         ckpt = checkpoint.find(self.output_dir, cfg.train.resume)
+        state = None
         if ckpt is not None:
             state = checkpoint.load(self.engine, ckpt)
             self.step, self.micro_batches_done = state["step"], state["micro_batches_done"]
             logger.info("resumed from %s at step %d", ckpt, self.step)
             self._continue_schedule(state)
+        from ddpo import export  # LoRA on a random-init base: kept in output_dir/base, checked on resume
+
+        self.lora_base_digest = export.prepare_lora_base(self, state)
         return self
 
     def _claim_output_dir(self) -> None:
@@ -179,6 +187,7 @@ class Trainer:
             padding_side=cfg.data.padding_side,
             image_transform=model.preprocess_images,
         )
+        self.eval_dataset = self._eval_file_dataset()  # data.eval_fraction's pairs are split off in _setup_eval
 
     def _tokenizer_for_random_init(self):
         if self.cfg.model.tokenizer:
@@ -305,6 +314,7 @@ class Trainer:
 
     def _setup_steps(self) -> None:
         cfg = self.cfg.train
+        self._setup_eval()  # before the plan: the held-out pairs leave the training set
         lengths = None
         if self.cfg.data.length_grouping:
             # Characters are a cheap, monotone proxy for tokens; image tokens are the same for every pair.
@@ -386,17 +396,21 @@ class Trainer:
     # train
     # ------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
-        """Run to `total_steps`; returns the logged metrics (also in metrics.jsonl)."""
+        """Run to `total_steps`; returns the logged train rows (also in metrics.jsonl, beside the eval rows of
+        `evaluate`, which `self.eval_logged` holds). At the end rank 0 prints and writes the run's summary
+        (summary.json, summary.md, summary.png: ddpo/run_summary.py)."""
         if not hasattr(self, "engine"):
             self.setup()
         cfg = self.cfg.train
         accumulation = cfg.gradient_accumulation_steps
         data = self.order.iterate(self.micro_batches_done)
-        wandb_run = self._start_wandb()
+        session = {"started": time.perf_counter(), "tokens": 0, "step_seconds": 0.0}  # for the summary
+        sinks = {"wandb": self._start_wandb(), "tensorboard": self._start_tensorboard()}
         metrics_file = self.output_dir / "metrics.jsonl"
         if self.is_main:
             self._keep_logged_steps(metrics_file)
         logged: list[dict] = []
+        self.eval_logged: list[dict] = []
         bar = progress_bar(
             total=self.total_steps,
             initial=self.step,
@@ -425,14 +439,16 @@ class Trainer:
                 pairs += batch.num_pairs
             self.step += 1
             elapsed = time.perf_counter() - started
+            session["tokens"] += tokens * dist.world_size()
+            session["step_seconds"] += elapsed
+            if self._eval_due():  # before the step's train row: the last row of metrics.jsonl stays a train row
+                self.eval_logged.append(self.evaluate())
+                self._write_row(self.eval_logged[-1], metrics_file, sinks)
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                 record = self._log_record(step_metrics, lr, grad_norm, elapsed, pairs, tokens)
                 logged.append(record)
+                self._write_row(record, metrics_file, sinks)
                 if self.is_main:
-                    with open(metrics_file, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if wandb_run is not None:
-                        wandb_run.log(record, step=self.step)
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False
                     )
@@ -444,8 +460,7 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         self.save()
-        if wandb_run is not None:
-            wandb_run.finish()
+        self._finish_run(sinks, metrics_file, session)
         return logged
 
     def _micro_step(self, batch, micro: int):
@@ -557,6 +572,170 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
+    # -- held-out evaluation (data.eval_fraction / data.eval_path, train.eval_steps) ----------------------------
+    def _eval_file_dataset(self) -> PairDataset | None:
+        """data.eval_path's pairs, read as data.path is (its format, template and lengths; all its rows, relative
+        images in data.image_dir or the file's own folder); None without one. Read before any forward, so a bad
+        file stops the run before the reference cache is computed."""
+        path = self.cfg.data.eval_path
+        if not path:
+            return None
+        settings = dataclasses.replace(self.cfg.data, path=path, max_samples=None)
+        records = load_records(settings, seed=self.cfg.train.seed)
+        dataset = PairDataset(records, self.encoder, skip_bad_rows=self.cfg.data.skip_bad_rows)
+        if len(dataset) == 0:
+            raise DataError(
+                f"data.eval_path {path}: no usable pairs to evaluate; fix the file or set data.eval_path null"
+            )
+        return dataset
+
+    def _setup_eval(self) -> None:
+        """The held-out pairs, once the reference log-probs are attached. data.eval_fraction splits them off
+        self.dataset here (`split_heldout`), after the reference cache covered every loaded pair: that cache is
+        the very one a run without an eval set makes and uses. data.eval_path's pairs get theirs from a cache of
+        their own (`_eval_file_reference`)."""
+        if self.cfg.data.eval_fraction > 0:
+            kept, held = split_heldout(len(self.dataset), self.cfg.data.eval_fraction, self.cfg.train.seed)
+            self.eval_dataset, self.dataset = _subset(self.dataset, held), _subset(self.dataset, kept)
+            logger.info(
+                "held out %d of %d pairs for evaluation (data.eval_fraction %g, train.seed %d)",
+                len(held),
+                len(held) + len(kept),
+                self.cfg.data.eval_fraction,
+                self.cfg.train.seed,
+            )
+        elif self.eval_dataset is not None and self.cfg.train.reference == "cached" and self.loss_fn.needs_reference:
+            self._eval_file_reference()
+
+    def _eval_file_reference(self) -> None:
+        """Cached reference log-probs of data.eval_path's pairs (and of their corrupted view, when the loss needs
+        it), computed from the initial policy where missing. They live beside the training cache, in
+        <reference_cache>-eval with a fingerprint of their own: a sibling, as the corrupted cache is, because a
+        recomputed cache replaces its whole directory; the training cache stays the one a run without
+        data.eval_path makes."""
+        records = self.eval_dataset.records
+        base = self.reference_cache_dir.with_name(f"{self.reference_cache_dir.name}-eval")
+        fp = reference.fingerprint(self.model, records, self.cfg)
+        views = [(base, fp, None, ("ref_chosen_logps", "ref_rejected_logps"))]
+        if self.loss_fn.needs_corrupted_reference:
+            views.append(
+                (
+                    reference.corrupted_cache_dir(base, self.cfg.loss),
+                    {**fp, **reference.corruption_fingerprint(self.cfg.loss), **self._corruption_fingerprint()},
+                    self._corrupt,
+                    ("ref_corrupted_chosen_logps", "ref_corrupted_rejected_logps"),
+                )
+            )
+        for directory, expected, transform, fields in views:
+            if not (directory / reference.FINGERPRINT_FILE).is_file():
+                reference.check_replaceable(directory, expected)
+                local = reference.compute_answer_logps(
+                    self.model,
+                    self.eval_dataset,
+                    self.collate,
+                    self.cfg.train.micro_batch_size,
+                    reference.shard(len(self.eval_dataset)),
+                    transform=transform,
+                )
+                merged = reference.gather(local)
+                if self.is_main:
+                    reference.write_cache(directory, expected, merged)
+                    logger.info("wrote reference log-probs of %d eval pairs to %s", len(merged), directory)
+                dist.barrier()
+            reference.attach(records, reference.read_cache(directory, expected), directory, fields)
+
+    def _eval_due(self) -> bool:
+        """Evaluate after this step: every train.eval_steps steps and after the last one, when there is an eval set."""
+        every = self.cfg.train.eval_steps
+        return self.eval_dataset is not None and (self.step == self.total_steps or (every and self.step % every == 0))
+
+    def evaluate(self) -> dict:
+        """One pass over the held-out pairs without gradients (dropout off), through the training loss:
+        {"step", "eval/<metric>": mean over the held-out pairs} for every metric a train row logs (the loss,
+        TRL's rewards/ and logps/ names, ...). The pairs are sharded over the ranks in contiguous blocks and the
+        sums all-reduced, so the values do not depend on the world size beyond float rounding."""
+        if self.eval_dataset is None:
+            raise ValueError("Trainer.evaluate: there is no eval set; set data.eval_fraction or data.eval_path")
+        sums: dict[str, torch.Tensor] = {}
+        was_training = self.model.training  # the module's flag: DeepSpeed's engine.train() sets only the module's
+        self.engine.eval()
+        with torch.no_grad():
+            for indices, counted in self._eval_batches():
+                batch = self.collate([self.eval_dataset[i] for i in indices]).to(self.device)
+                _, metrics = self._micro_step(batch, 0)
+                for name, value in metrics.items():  # batch means -> sums over the batch's pairs
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() * (batch.num_pairs if counted else 0)
+        self.engine.train(was_training)
+        names = sorted(sums)
+        totals = torch.stack([sums[n] for n in names])
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(totals)
+        return {"step": self.step, **{f"eval/{n}": float(v) / len(self.eval_dataset) for n, v in zip(names, totals)}}
+
+    def _eval_batches(self) -> list[tuple[list[int], bool]]:
+        """This rank's (indices, counted) micro-batches of the eval set: a contiguous block of it, then, where the
+        block is short, repeats of pair 0 that are not counted, so that every rank runs as many forwards (ZeRO-3
+        gathers parameters in every forward on every rank)."""
+        size, n = self.cfg.train.micro_batch_size, len(self.eval_dataset)
+        per_rank = -(-n // dist.world_size())
+        start = dist.rank() * per_rank
+        mine = list(range(start, min(start + per_rank, n)))
+        batches = [(mine[i : i + size], True) for i in range(0, len(mine), size)]
+        return batches + [([0], False)] * (-(-per_rank // size) - len(batches))
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _write_row(self, row: dict, metrics_file: Path, sinks: dict) -> None:
+        """A train row or an eval row (`evaluate`) to metrics.jsonl, wandb and TensorBoard; rank 0 only."""
+        if not self.is_main:
+            return
+        with open(metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        evaluation = is_eval_row(row)
+        if sinks["wandb"] is not None:  # an eval row joins the train row of its step
+            sinks["wandb"].log({k: v for k, v in row.items() if k != "step"} if evaluation else row, step=row["step"])
+        writer = sinks["tensorboard"]
+        if writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(key if evaluation else f"train/{key}", value, row["step"])
+            writer.flush()  # a TensorBoard watching the run sees each row as it is logged
+
+    def _start_tensorboard(self):
+        """A SummaryWriter on <output_dir>/tensorboard (logging.tensorboard, rank 0), else None."""
+        if not (self.cfg.logging.tensorboard and self.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(
+                f"logging.tensorboard needs the tensorboard package ({e}): pip install tensorboard (requirements.txt "
+                "pins it), or set logging.tensorboard false"
+            ) from None
+        return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+
+    def _finish_run(self, sinks: dict, metrics_file: Path, session: dict) -> None:
+        """Close the loggers; rank 0 writes and prints the run's summary (ddpo/run_summary.py) from the whole
+        metrics.jsonl (a resumed run's earlier steps included)."""
+        if sinks["tensorboard"] is not None:
+            sinks["tensorboard"].close()
+        if sinks["wandb"] is not None:
+            sinks["wandb"].finish()
+        if not self.is_main:
+            return
+        cfg = self.cfg.train
+        facts = RunFacts(
+            steps=self.step,
+            epochs=round(self.micro_batches_done / self.order.batches_per_epoch, 4),
+            wall_time_s=round(time.perf_counter() - session["started"], 3),
+            pairs_trained=self.step * cfg.micro_batch_size * cfg.gradient_accumulation_steps * dist.world_size(),
+            train_pairs=len(self.dataset),
+            eval_pairs=0 if self.eval_dataset is None else len(self.eval_dataset),
+            tokens_per_s=round(session["tokens"] / session["step_seconds"], 1) if session["step_seconds"] else 0.0,
+            model_dir=str(self.output_dir / run_identity.FINAL_DIR),
+        )
+        summary = write_run_summary(read_metrics_rows(metrics_file), facts, self.output_dir)
+        print(summary_markdown(summary), flush=True)
+
     def _log_record(self, step_metrics: dict, lr: float, grad_norm, elapsed: float, pairs: int, tokens: int) -> dict:
         names = sorted(step_metrics)
         reduced = dist.all_reduce_mean(torch.stack([step_metrics[n] for n in names]))
@@ -616,14 +795,25 @@ class Trainer:
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
         }
-        path = checkpoint.save(self.engine, self.output_dir, self.step, state, self.cfg.train.save_total_limit)
+        if self.lora_base_digest is not None:
+            from ddpo.export import BASE_DIGEST
+
+            state[BASE_DIGEST] = self.lora_base_digest
+        lora = self.cfg.model.lora_r > 0  # the adapters and their optimizer state, not the frozen base
+        path = checkpoint.save(
+            self.engine, self.output_dir, self.step, state, self.cfg.train.save_total_limit, trainable_only=lora
+        )
         for callback in self.callbacks:
             callback.on_checkpoint(self, path)
         return path
 
     def save(self, directory: str | os.PathLike | None = None) -> Path:
-        """Export the policy in Hugging Face format (`models.build.load_model` reloads it)."""
+        """Export the policy in Hugging Face format (`models.build.load_model` reloads it). A LoRA run's: the
+        PEFT adapter alone, on its base (ddpo/export.py; `ddpo export --merge` writes it merged)."""
         import deepspeed
+
+        from ddpo.export import lora_base_path
+        from ddpo.models.lora import save_lora_adapters
 
         directory = Path(directory or self.output_dir / "final")
         tmp = directory.with_name(f".{directory.name}.tmp")
@@ -632,7 +822,10 @@ class Trainer:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-                self.model.save_pretrained(tmp, template=self.cfg.data.template)
+                if self.cfg.model.lora_r > 0:
+                    save_lora_adapters(self.model, tmp, lora_base_path(self.cfg), template=self.cfg.data.template)
+                else:
+                    self.model.save_pretrained(tmp, template=self.cfg.data.template)
                 shutil.rmtree(directory, ignore_errors=True)
                 os.replace(tmp, directory)
         dist.barrier()
@@ -645,6 +838,29 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def split_heldout(num_pairs: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """data.eval_fraction's split of `num_pairs` pairs: (training positions, held-out positions), each in
+    ascending order. The held-out ones are the first round(fraction x num_pairs) (at least 1) of a permutation
+    drawn from a generator seeded with `seed` (train.seed): the same seed and pairs hold out the same pairs."""
+    held_count = heldout_count(num_pairs, fraction)
+    if held_count >= num_pairs:
+        raise ConfigError(
+            f"data.eval_fraction {fraction} holds out {held_count} of {num_pairs} pairs, leaving none to train on: "
+            "lower data.eval_fraction or use more data"
+        )
+    order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = sorted(order[:held_count])
+    held_set = set(held)
+    return [i for i in range(num_pairs) if i not in held_set], held
+
+
+def _subset(dataset: PairDataset, positions: list[int]) -> PairDataset:
+    """The pairs of `dataset` at `positions`, encoded as it encodes them (no second length check)."""
+    part = copy.copy(dataset)
+    part.records = [dataset.records[i] for i in positions]
+    return part
 
 
 def precompute_reference(cfg: Config) -> Path:

@@ -14,17 +14,28 @@ two rows (no_grad; bf16, so differences of ~1e-2 are rounding); then each layout
 optimizer steps (median step time reported). On CPU, packed_flex is skipped with the reason recorded
 (PyTorch has no FlexAttention backward on CPU) and so is any ZeRO stage DeepSpeed cannot initialise.
 
-    python experiments/gpu_check.py                      # on a GPU: the largest preset that fits it
+    python experiments/gpu_check.py                      # on a GPU: preset 7b with, per ZeRO stage, as many
+                                                         # decoder layers as ddpo/estimate.py predicts to fit
     python experiments/gpu_check.py --preset 7b          # LLaVA-1.5-7B dims: ZeRO-3 needs ~115 GB (an H200), 1 GPU
-    python experiments/gpu_check.py --preset 7b-16l      # 7B widths, 16 of 32 decoder layers: fits an 80 GB H100
+    python experiments/gpu_check.py --preset 7b-16l      # 7B widths, 16 of 32 decoder layers: an 80 GB H100
     python experiments/gpu_check.py --preset tiny        # the CPU default: checks the code path in seconds
     python experiments/gpu_check.py --ladder             # also the step benchmark's ladder (experiments/bench_step.py,
                                                          # on the GPU)
     python experiments/gpu_check.py --head-bench         # also chunked vs naive LM head (experiments/bench_logps.py)
 
---time-budget-s (default 540) bounds the run: a case that would start past the budget is skipped and
+--time-budget-s (default 400) bounds the run: a case that would start past the budget is skipped and
 recorded as such, and --head-bench / --ladder get only what is left of it (+45 s), so the script ends
-within 10 minutes on one H200 with its table written.
+within 8 minutes on one H100 / H200 with its table written.
+
+Memory prediction: for every case, ddpo/estimate.py's per-GPU peak (weights, gradients, optimizer, DeepSpeed
+buffers of configs/deepspeed/zero{2,3}.json, saved activations of this batch and backward temporaries; one
+GPU, bf16) is written beside `torch.cuda.max_memory_allocated()` over the case's steps (`predicted_peak_gib`,
+`measured_over_predicted`). `--layers auto` (the default) uses the same arithmetic before anything is built:
+on a GPU, per ZeRO stage, the most decoder layers (at most the preset's, at 7B widths) whose predicted peak fits
+92 % of its memory for every layout (on an 80 GB H100: 15 under ZeRO-2, 18 under ZeRO-3; on an H200: 29 and all
+32), so MFU is measured at the 7B layer shape without an out-of-memory case.
+`estimator_mfu` counts the estimator's FLOPs (each part on its own tokens, causal attention, no recompute)
+instead of 6 x parameters x decoder tokens.
 
 Presets (vision = CLIP ViT; LLM = Llama; vocabulary 32064 except tiny):
 
@@ -89,19 +100,20 @@ PRESETS = {
 }
 
 
+def device_memory() -> int:
+    return torch.cuda.get_device_properties(0).total_memory
+
+
 def auto_preset() -> str:
-    """The largest preset that fits: 7b needs ~115 GB under ZeRO-3, 7b-16l ~62 GB (+ activations)."""
-    if not torch.cuda.is_available():
-        return "tiny"
-    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return "7b" if total_gib >= 125 else "7b-16l"
+    """7b on a GPU (`--layers auto` then keeps as many of its 32 decoder layers as fit), tiny on CPU."""
+    return "7b" if torch.cuda.is_available() else "tiny"
 
 
-def build_model(size: Size, tokenizer, checkpointing: bool = True):
-    """A random-init LLaVA-1.5-shaped model wrapped as the trainer's `LlavaPreferenceModel`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def llava_config(size: Size, tokenizer):
+    """The LlavaConfig of a preset (CLIP tower, 2-layer GELU projector, Llama)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    from ddpo.models.llava import IMAGE_TOKEN, LlavaPreferenceModel
+    from ddpo.models.llava import IMAGE_TOKEN
 
     vision = CLIPVisionConfig(
         hidden_size=size.vision_width,
@@ -121,7 +133,7 @@ def build_model(size: Size, tokenizer, checkpointing: bool = True):
         max_position_embeddings=4096,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -129,6 +141,15 @@ def build_model(size: Size, tokenizer, checkpointing: bool = True):
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+def build_model(size: Size, tokenizer, checkpointing: bool = True):
+    """A random-init LLaVA-1.5-shaped model wrapped as the trainer's `LlavaPreferenceModel`."""
+    from transformers import LlavaForConditionalGeneration
+
+    from ddpo.models.llava import LlavaPreferenceModel
+
+    config = llava_config(size, tokenizer)
     # Build directly in bf16 on the device: a 7B fp32 copy on the host would need 28 GB and minutes.
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     with torch.device(device):
@@ -199,6 +220,38 @@ def decoder_tokens(batch, layout: str) -> int:
     return int((packed.segments != PAD).sum())
 
 
+def predicted_memory(shape, args, stage: int, layout: str):
+    """ddpo/estimate.py's per-GPU peak for this case: one GPU, bf16, the stage's DeepSpeed JSON, the batch's
+    shape (every pair BOS + prompt + image tokens, answers of --answer-len)."""
+    from ddpo import estimate
+
+    plan = estimate.Plan(
+        weight_bytes=2,
+        micro_batch=args.pairs,
+        shared_prompt=layout != "two_rows",
+        flex_attention=layout == "packed_flex",
+        buffers=estimate.ZeroBuffers.from_json(str(REPO / f"configs/deepspeed/zero{stage}.json")),
+    )
+    pair = estimate.PairShape(args.prompt_len + 1, args.answer_len, args.answer_len)
+    setting = estimate.Setting(stage, args.checkpointing, False)
+    return estimate.memory(shape, plan, setting, pair), estimate.pair_flops(shape, plan, pair, args.checkpointing)
+
+
+def layers_that_fit(size: Size, args, tokenizer, device_bytes: int, stage: int) -> int:
+    """The most decoder layers (at most the preset's) whose predicted peak under ZeRO-`stage` fits 92 % of the GPU
+    for every layout to run: no device minutes spent on a case the arithmetic says cannot fit."""
+    from ddpo import estimate
+    from ddpo.models.config import ModelConfig
+
+    for layers in range(size.layers, 0, -1):
+        config = llava_config(Size(**{**size.__dict__, "layers": layers}), tokenizer)
+        shape = estimate.model_shape(estimate.meta_model("llava", config, ModelConfig()))
+        peak = max(predicted_memory(shape, args, stage, layout)[0].total for layout in args.layouts)
+        if peak <= 0.92 * device_bytes:
+            return layers
+    return 1
+
+
 def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[dict]:
     """One engine under ZeRO-`stage`; an exactness check of every layout, then warm-up + measured steps per layout."""
     import deepspeed
@@ -224,6 +277,9 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
     torch.manual_seed(0)
     model = build_model(size, tokenizer, args.checkpointing)
     params = sum(p.numel() for p in model.parameters())
+    from ddpo import estimate
+
+    shape = estimate.model_shape(model)  # before ZeRO-3 partitions the parameters
     # fused on CUDA, as in the trainer: the foreach kernel's temporaries (a float32 copy of every
     # parameter, 28 GB at 7B) would not fit beside a 7B model's optimizer state on one GPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, fused=cuda)
@@ -249,6 +305,7 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
         row = {
             "zero_stage": stage,
             "layout": layout,
+            "decoder_layers": size.layers,
             "parameters": params,
             "bf16": True,
             "gradient_checkpointing": args.checkpointing,
@@ -287,6 +344,8 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
             raise FloatingPointError(f"ZeRO-{stage} {layout}: non-finite loss {losses}")
         step_time = statistics.median(times)
         pair_tokens, run_tokens = int(batch.attention_mask.sum()), decoder_tokens(batch, layout)
+        predicted, flops = predicted_memory(shape, args, stage, layout)
+        measured = torch.cuda.max_memory_allocated() if cuda else None
         results.append(
             {
                 **row,
@@ -297,7 +356,17 @@ def run_stage(stage: int, args, size: Size, tokenizer, deadline: float) -> list[
                 "mfu": None
                 if args.peak_tflops is None
                 else round(6 * params * run_tokens / step_time / (args.peak_tflops * 1e12), 4),
-                "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                # ddpo/estimate.py's FLOPs (each part on its own tokens, attention, no recompute): MFU at this shape
+                "estimator_mfu": None
+                if args.peak_tflops is None
+                else round(flops.model * b / step_time / (args.peak_tflops * 1e12), 4),
+                "peak_gpu_memory_gib": round(measured / 2**30, 2) if cuda else None,
+                "predicted_peak_gib": round(predicted.total / 2**30, 2),
+                "predicted_parts_gib": {
+                    k: round(getattr(predicted, k) / 2**30, 6)
+                    for k in ("weights", "gradients", "optimizer", "buffers", "activations", "transient")
+                },
+                "measured_over_predicted": round(measured / predicted.total, 3) if cuda else None,
                 "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "max_abs_logp_diff_vs_two_rows": max_diff[layout],
                 "losses": [round(x, 5) for x in losses],
@@ -364,28 +433,31 @@ def run_head_bench(args, seconds_left: int) -> dict:
 
 def markdown_table(report: dict) -> str:
     head = (
-        f"GPU check: {report['device']}; preset {report['preset']} ({report['parameters'] / 1e6:.1f} M parameters); "
+        f"GPU check: {report['device']}; preset {report['preset']}, decoder layers by ZeRO stage "
+        f"{report['decoder_layers']} ({report['parameters'] / 1e6:.1f} M parameters in the first); "
         f"{report['args']['pairs']} pair(s)/step, prompt {report['args']['prompt_len']} + image tokens, answers "
         f"{report['args']['answer_len']}; bf16, gradient checkpointing "
         f"{'on' if report['args']['checkpointing'] else 'off'}; "
         f"median of {report['args']['steps']} steps after {report['args']['warmup']}; wall {report['wall_s']:.0f} s\n\n"
     )
     lines = [
-        "| ZeRO | layout | decoder tokens/step | s/step | pair tokens/s | vs two rows | peak memory GiB | MFU "
-        "| max abs Δlogp vs two rows |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| ZeRO | layout | decoder tokens/step | s/step | pair tokens/s | vs two rows | peak memory GiB "
+        "| predicted GiB | measured / predicted | MFU | MFU (estimator FLOPs) | max abs Δlogp vs two rows |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         if "skipped" in r:
-            lines.append(f"| {r['zero_stage']} | {r['layout']} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['zero_stage']} | {r['layout']} | skipped: {r['skipped']} | | | | | | | | | |")
             continue
         memory = (
             r["peak_gpu_memory_gib"] if r["peak_gpu_memory_gib"] is not None else f"{r['peak_host_rss_gib']} (host RSS)"
         )
-        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+        mfu, mfu_estimator = ("n/a" if v is None else f"{100 * v:.1f} %" for v in (r["mfu"], r["estimator_mfu"]))
+        ratio = "n/a" if r["measured_over_predicted"] is None else f"{r['measured_over_predicted']:.2f}"
         lines.append(
             f"| {r['zero_stage']} | {r['layout']} | {r['decoder_tokens_per_step']} | {r['step_time_s']:.3f} | "
-            f"{r['pair_tokens_per_s']:.0f} | {r.get('speedup_vs_two_rows', float('nan')):.2f} | {memory} | {mfu} | "
+            f"{r['pair_tokens_per_s']:.0f} | {r.get('speedup_vs_two_rows', float('nan')):.2f} | {memory} | "
+            f"{r['predicted_peak_gib']} | {ratio} | {mfu} | {mfu_estimator} | "
             f"{r['max_abs_logp_diff_vs_two_rows']:.2e} |"
         )
     table = head + "\n".join(lines) + "\n"
@@ -415,7 +487,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--preset", choices=["auto", *PRESETS], default="auto", help="model size (auto: largest that fits; tiny on CPU)"
     )
-    parser.add_argument("--layers", type=int, help="override the preset's number of decoder layers")
+    parser.add_argument(
+        "--layers",
+        default="auto",
+        help="decoder layers (default auto: the preset's, or on a GPU the most that ddpo/estimate.py predicts to "
+        "fit 92 %% of its memory for every stage and layout)",
+    )
     parser.add_argument(
         "--stages",
         type=int,
@@ -442,7 +519,7 @@ def main(argv=None) -> int:
         help="peak bf16 dense TFLOP/s of one GPU for MFU (default: 989, H100/H200 SXM, on a GPU; none on CPU)",
     )
     parser.add_argument(
-        "--time-budget-s", type=float, default=540, help="skip (and record) cases that would start later than this"
+        "--time-budget-s", type=float, default=400, help="skip (and record) cases that would start later than this"
     )
     parser.add_argument(
         "--ladder",
@@ -486,12 +563,18 @@ def main(argv=None) -> int:
         args.ladder_args += " --device cuda"
     preset = auto_preset() if args.preset == "auto" else args.preset
     size = PRESETS[preset]
-    if args.layers:
-        size = Size(**{**size.__dict__, "layers": args.layers})
     tokenizer = build_word_tokenizer(["a random weights check"])
+    if args.layers != "auto":
+        size = Size(**{**size.__dict__, "layers": int(args.layers)})
+    sizes = {stage: size for stage in args.stages}  # the model of each stage's engine
+    if args.layers == "auto" and cuda:
+        for stage in args.stages:
+            layers = layers_that_fit(size, args, tokenizer, device_memory(), stage)
+            sizes[stage] = Size(**{**size.__dict__, "layers": layers})
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
     print(
-        f"device {device}; preset {preset} ({size.layers} decoder layers); {args.pairs} pair(s)/step, "
+        f"device {device}; preset {preset}, decoder layers by ZeRO stage "
+        f"{ {stage: sizes[stage].layers for stage in args.stages} }; {args.pairs} pair(s)/step, "
         f"prompt {args.prompt_len} + image tokens, answers {args.answer_len}; bf16, gradient checkpointing "
         f"{'on' if args.checkpointing else 'off'}",
         flush=True,
@@ -506,7 +589,7 @@ def main(argv=None) -> int:
             ]
             continue
         try:
-            rows = run_stage(stage, args, size, tokenizer, deadline)
+            rows = run_stage(stage, args, sizes[stage], tokenizer, deadline)
         except Exception as error:  # noqa: BLE001 - recorded in the table (a GPU run must still write it)
             rows = [
                 {
@@ -525,6 +608,7 @@ def main(argv=None) -> int:
     report = {
         "device": device,
         "preset": preset,
+        "decoder_layers": {stage: sizes[stage].layers for stage in args.stages},
         "parameters": next((r["parameters"] for r in results if "parameters" in r), 0),
         "torch": torch.__version__,
         "args": vars(args),

@@ -21,7 +21,7 @@ passes it (or `model.tokenizer` names one). `bench` with an 8192-word vocabulary
 LLaVA of the benchmarks.
 
 LoRA adapters (`model.lora_r > 0`) are models/lora.py; `load_model` on a directory written by
-`save_lora_adapters` rebuilds base + adapters.
+`models.lora.save_lora_adapters` (a LoRA run's final/) rebuilds base + adapters.
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConf
 from ddpo.models.base import DDPO_MODEL_FILE, ImageTransform, PreferenceModel
 from ddpo.models.config import ConfigError, ModelConfig
 from ddpo.models.llava import IMAGE_TOKEN, LlavaPreferenceModel
-from ddpo.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LORA_ADAPTER, apply_lora
+from ddpo.models.lora import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    LORA_ADAPTER,
+    apply_lora,
+    has_lora,
+    merge_lora_in_place,
+)
 from ddpo.models.muffin import (
     IMAGE_PATCH_TOKEN,
     MuffinConfig,
@@ -235,6 +242,8 @@ def build_model(cfg: ModelConfig, tokenizer=None, device: torch.device | str | N
         model.image_transform = replace(model.image_transform, mode=cfg.image_mode)
     model.apply_freezing(cfg.freeze_vision_tower, cfg.freeze_projector, cfg.freeze_llm)
     if cfg.lora_r > 0:  # after the freezing: LoRA freezes everything but its adapters
+        if has_lora(model):  # model.name_or_path is a LoRA run's final/: its adapters become part of the base
+            merge_lora_in_place(model.hf_model)
         apply_lora(model, cfg)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -391,15 +400,21 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 
 
 def _load_lora_adapters(path: Path, **load_options) -> PreferenceModel:
+    """A peft adapter directory (`models.lora.save_lora_adapters`): its base_model_name_or_path, loaded as
+    any checkpoint, with the adapters injected and filled; the template and image transform the adapters
+    were trained with (their ddpo_model.json) replace the base's."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     config = LoraConfig.from_pretrained(str(path))
+    config_file = path / ADAPTER_CONFIG_FILE
     if not config.base_model_name_or_path:
-        raise ConfigError(
-            f"{path / ADAPTER_CONFIG_FILE}: base_model_name_or_path is empty; set it to the base checkpoint"
-        )
-    model = load_model(config.base_model_name_or_path, **load_options)
+        raise ConfigError(f"{config_file}: base_model_name_or_path is empty; set it to the base checkpoint")
+    base, needs = config.base_model_name_or_path, ("config.json", ADAPTER_CONFIG_FILE)
+    with _loading(f"base_model_name_or_path of {config_file}", base, needs):
+        model = load_model(base, **load_options)
+    if has_lora(model):  # the base is itself an adapter (a LoRA run started from another's final/): merged first
+        merge_lora_in_place(model.hf_model)
     inject_adapter_in_model(config, model.hf_model, adapter_name=LORA_ADAPTER)
     result = set_peft_model_state_dict(
         model.hf_model, load_file(path / ADAPTER_WEIGHTS_FILE), adapter_name=LORA_ADAPTER
@@ -409,6 +424,15 @@ def _load_lora_adapters(path: Path, **load_options) -> PreferenceModel:
         raise ConfigError(
             f"{path / ADAPTER_WEIGHTS_FILE} lacks adapter weights, e.g. {missing[0]}: it does not match the base model"
         )
+    info_file = path / DDPO_MODEL_FILE
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    if info.get("template"):
+        model.template = info["template"]
+    if "image_transform" in info:
+        saved = info["image_transform"]
+        model.image_transform = ImageTransform(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    if load_options.get("logps_chunk_size") is None and info.get("logps_chunk_size"):
+        model.logps_chunk_size = info["logps_chunk_size"]
     return model
 
 
@@ -429,7 +453,7 @@ def load_model(
         return load_model(
             path, tokenizer, dtype, "sdpa", trust_remote_code, logps_chunk_size, freeze_vision_experts, device
         ).set_decoder_attention("flex_attention")
-    if (Path(path) / ADAPTER_CONFIG_FILE).is_file():  # save_lora_adapters: base + adapters
+    if (Path(path) / ADAPTER_CONFIG_FILE).is_file():  # models.lora.save_lora_adapters: base + adapters
         return _load_lora_adapters(
             Path(path),
             tokenizer=tokenizer,

@@ -1,6 +1,6 @@
 """The fault and misuse suite: every everyday mistake a user can make ends in a named error (exit code and
-message asserted, files left as they were) or in the correct result — never in a silent wrong one. The
-README's "Troubleshooting" section lists each message and its fix. Mistakes covered elsewhere: a damaged
+message asserted, files left as they were) or in the correct result — never in a silent wrong one.
+docs/TROUBLESHOOTING.md lists each message and its fix. Mistakes covered elsewhere: a damaged
 checkpoint (tests/test_checkpoint.py), a longer max_steps on resume (tests/test_checkpoint.py), malformed
 rows (tests/data/test_formats.py, tests/test_cli_errors.py)."""
 

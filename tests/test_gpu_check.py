@@ -39,6 +39,7 @@ def test_gpu_check_tiny_on_cpu_writes_json_and_table(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["device"] == "CPU" and report["preset"] == "tiny" and report["wall_s"] > 0
+    assert report["decoder_layers"] == {"3": 2, "2": 2}  # the preset's on CPU (--layers auto trims only on a GPU)
     cases = {(r["zero_stage"], r["layout"]): r for r in report["results"]}
     assert set(cases) == {(stage, layout) for stage in (2, 3) for layout in ("two_rows", "shared", "packed_flex")}
     for stage in (2, 3):
@@ -52,6 +53,12 @@ def test_gpu_check_tiny_on_cpu_writes_json_and_table(tmp_path):
         assert shared["pair_tokens_per_step"] == two_rows["pair_tokens_per_step"]
         assert shared["decoder_tokens_per_step"] < two_rows["decoder_tokens_per_step"]
         assert two_rows["max_abs_logp_diff_vs_two_rows"] == 0.0  # a second two-row forward: deterministic
+        # ddpo/estimate.py's peak for the case (no GPU here to measure it against); the packed row saves less
+        for r in (two_rows, shared):
+            assert r["predicted_peak_gib"] > 0 and r["measured_over_predicted"] is None and r["estimator_mfu"] is None
+            parts = r["predicted_parts_gib"]
+            assert parts["weights"] > 0 and parts["optimizer"] > parts["weights"] and parts["activations"] > 0
+        assert shared["predicted_parts_gib"]["activations"] < two_rows["predicted_parts_gib"]["activations"]
         assert shared["max_abs_logp_diff_vs_two_rows"] < 0.1  # bf16 rounding of a different computation order
         # the speed-up is the layout's pair tokens/s over the two-row layout's, as reported beside it
         ratio = shared["pair_tokens_per_s"] / two_rows["pair_tokens_per_s"]
@@ -65,5 +72,5 @@ def test_gpu_check_tiny_on_cpu_writes_json_and_table(tmp_path):
         assert set(bench[head]) == {"memory_ratio", "time_ratio"} and bench[head]["time_ratio"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert f"- trainable head: memory_ratio={bench['trainable']['memory_ratio']}" in table
-    assert "| ZeRO | layout | decoder tokens/step |" in table
+    assert "| ZeRO | layout | decoder tokens/step |" in table and "| predicted GiB | measured / predicted |" in table
     assert table.count("| shared |") == 2 and "skipped: PyTorch" in table

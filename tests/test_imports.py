@@ -19,18 +19,20 @@ CORE = {
     "ddpo.config",
     "ddpo.corruption",
     "ddpo.distributed",
+    "ddpo.export",
     "ddpo.loss",
     "ddpo.plan",
     "ddpo.progress",
     "ddpo.reference",
     "ddpo.run_identity",
+    "ddpo.run_summary",
     "ddpo.sampler",
     "ddpo.schedule",
     "ddpo.token_weights",
     "ddpo.train",
     "ddpo.trainer",
 }
-WINGS = ("ddpo.eval", "ddpo.lab", "ddpo.online", "ddpo.sweep")
+WINGS = ("ddpo.eval", "ddpo.lab", "ddpo.online", "ddpo.sweep", "ddpo.hub", "ddpo.benchmarking", "ddpo.estimate")
 COMMAND = {"ddpo.commands", "ddpo.__main__"}
 FLOORS = ["data", "models", "ddpo core", "ddpo wings", "ddpo command", "experiments"]
 

@@ -205,6 +205,9 @@ def test_ddpo_loss_mean_normalisation_by_hand():
         "logps/rejected": (-3.5 - 1) / 2,
         "logps/ref_chosen": (-1 + 0) / 2,
         "logps/ref_rejected": (-2 - 4) / 2,
+        # pair 0's corrected tokens (weight 3): chosen 3(-2 - -1)/5 = -0.6, rejected 3(-4 - -2)/4 = -1.5; pair 1 none
+        "rewards/margins_corrected": (-0.6 + 1.5 + 0) / 2,
+        "rewards/margins_unchanged": ((0.5 - 0.9) - 3.5) / 2,  # the rest of each pair's margin [0.5, -3.5]
     }
     assert set(m) == set(expected)
     for name, value in expected.items():

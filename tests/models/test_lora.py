@@ -1,8 +1,11 @@
 """LoRA through peft (`model.lora_r > 0`): what trains, what it starts from, how it saves and reloads."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from ddpo.models.base import DDPO_MODEL_FILE
 from ddpo.models.build import load_model
 from ddpo.models.config import ConfigError
 from ddpo.models.lora import lora_target_modules, save_lora_adapters
@@ -86,16 +89,44 @@ def test_adapters_alone_round_trip_onto_their_base(word_tokenizer, tmp_path):
     batch = pair_batch(model, word_tokenizer, [2, 3], [3, 4, 4, 2])
     _dpo_steps(model, batch)
     model.eval()
-    save_lora_adapters(model, tmp_path / "adapters", base_model=str(tmp_path / "base"))
+    model.image_transform = dataclasses.replace(model.image_transform, mode="crop")  # the base: pad, llava_v1
+    save_lora_adapters(model, tmp_path / "adapters", base_model=str(tmp_path / "base"), template="vicuna_v0")
     assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "adapters" / "model.safetensors").exists()  # the base is not copied
     reloaded = load_model(tmp_path / "adapters").eval()
     assert any(".lora_A." in n for n, _ in reloaded.named_parameters())
+    assert (tmp_path / "adapters" / DDPO_MODEL_FILE).is_file()
+    # what the adapters were trained with, not the base's
+    assert (reloaded.template, reloaded.image_transform.mode) == ("vicuna_v0", "crop")
     torch.testing.assert_close(_logps(reloaded, batch), _logps(model, batch), rtol=1e-5, atol=1e-5)
 
 
+def test_a_lora_model_can_start_from_another_lora_models_adapters(word_tokenizer, tmp_path):
+    """model.name_or_path = a LoRA run's final/ with model.lora_r > 0 (RLAIF-V's next iteration): the first
+    adapters are merged into the base, new ones go on top, and the second adapter directory reloads through
+    its base's."""
+    from ddpo.models.build import build_model
+    from ddpo.models.config import ModelConfig
+
+    tiny_model("llava", word_tokenizer, seed=1).save_pretrained(tmp_path / "base")
+    first = tiny_model("llava", word_tokenizer, seed=1, **LORA)
+    batch = pair_batch(first, word_tokenizer, [2, 3], [3, 4, 4, 2])
+    _dpo_steps(first, batch)
+    save_lora_adapters(first.eval(), tmp_path / "first", base_model=str(tmp_path / "base"))
+    second = build_model(ModelConfig(arch="llava", name_or_path=str(tmp_path / "first"), **LORA)).eval()
+    trainable = [n for n, p in second.named_parameters() if p.requires_grad]
+    assert len(trainable) == 28 and all(".lora_" in n and "base_layer.lora" not in n for n in trainable)
+    # B starts at 0: the second model starts as the first one's policy (its adapters merged: float rounding)
+    torch.testing.assert_close(_logps(second, batch), _logps(first, batch), rtol=1e-5, atol=1e-5)
+    _dpo_steps(second.train(), batch)
+    trained = _logps(second.eval(), batch)
+    assert (trained - _logps(first, batch)).abs().max() > 1e-3
+    save_lora_adapters(second, tmp_path / "second", base_model=str(tmp_path / "first"))
+    torch.testing.assert_close(_logps(load_model(tmp_path / "second"), batch), trained, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
-def test_trainer_runs_lora_and_exports_a_plain_checkpoint(tmp_path):
+def test_trainer_runs_lora_and_exports_the_adapters(tmp_path):
     """`ddpo train --model.lora_r 4` end to end (fresh process, as users run it)."""
     import json
     import os
@@ -148,5 +179,6 @@ def test_trainer_runs_lora_and_exports_a_plain_checkpoint(tmp_path):
     # LoRA's B starts at 0: the first step's policy is the reference, so the DPO loss is exactly log 2.
     assert logged[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
     assert logged[1]["logps/chosen"] != logged[1]["logps/ref_chosen"]  # and the adapters did train
-    reloaded = load_model(out / "final")
-    assert not any("lora" in n or "base_layer" in n for n, _ in reloaded.named_parameters())
+    assert (out / "final" / "adapter_config.json").is_file()  # the adapters alone (tests/test_lora_run.py)
+    reloaded = load_model(out / "final")  # on the random-init base the run kept in out/base
+    assert sum(".lora_B." in n for n, _ in reloaded.named_parameters()) == 14
