@@ -103,6 +103,7 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.train.output_dir)
         self.callbacks = list(callbacks)
+        self.eval_dataset: PairDataset | None = None  # held-out pairs (data.eval_fraction / data.eval_path)
 
     # ------------------------------------------------------------------------------------------
     # setup
