@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -54,28 +53,22 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-VOCAB_SIZE, PAIRS, BATCH_PAIRS, IMAGE_SIZE = 8192, 64, 4, 64
-QUESTION_WORDS, ANSWER_WORDS = (10, 16), (36, 60)  # inclusive ranges of words per question / answer
-TEMPLATE = "chat_template"
-# A minimal multimodal chat template (USER: <image>\nquestion ASSISTANT: answer</s>), so prompts are ~80 tokens.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% else %} ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+from ddpo.benchmarking import (
+    BATCH_PAIRS,
+    IMAGE_SIZE,
+    LADDER,
+    PAIRS,
+    TEMPLATE,
+    Baton,
+    reset_rss_peak,
+    rss_peak_mb,
+    step_config,
+    write_step_fixture,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 OURS = ["live", "cached", "image_once", "shared", "grouped"]
 MODES = ["trl", *OURS, "floor"]
-# mode -> (train.reference, image once per pair, model.shared_prompt, data.length_grouping)
-LADDER = {
-    "live": ("live", False, False, False),
-    "cached": ("cached", False, False, False),
-    "image_once": ("cached", True, False, False),
-    "shared": ("cached", True, True, False),
-    "grouped": ("cached", True, True, True),
-    "floor": ("cached", True, True, True),
-}
 TRL_MISSING = (
     "TRL is not installed: .venv/bin/pip install --no-deps -r requirements-bench.txt (trl==1.16.0), "
     "or leave 'trl' out of --modes"
@@ -92,80 +85,8 @@ DEVICE = "cpu"  # the child's --device
 
 
 # ------------------------------------------------------------------------------------------------
-# Fixture: tokenizer, images, pairs (written once, read by every mode)
-# ------------------------------------------------------------------------------------------------
-def write_fixture(workdir: Path, seed: int = 0) -> None:
-    from PIL import Image
-
-    from ddpo.data.tokenizer import build_word_tokenizer
-
-    base = len(build_word_tokenizer([]))
-    words = [f"w{i}" for i in range(VOCAB_SIZE - base)]
-    tokenizer = build_word_tokenizer([" ".join(words)])
-    assert len(tokenizer) == VOCAB_SIZE, len(tokenizer)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(workdir / "tokenizer")
-
-    rng = random.Random(seed)
-    (workdir / "images").mkdir(exist_ok=True)
-    with open(workdir / "pairs.jsonl", "w", encoding="utf-8") as f:
-        for i in range(PAIRS):
-            image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), tuple(rng.randrange(256) for _ in range(3)))
-            for _ in range(4):  # a few rectangles, so images differ in more than colour
-                x, y = rng.randrange(IMAGE_SIZE - 8), rng.randrange(IMAGE_SIZE - 8)
-                image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 8, y + 8))
-            image.save(workdir / "images" / f"{i}.png")
-            question = " ".join(rng.choices(words, k=rng.randint(*QUESTION_WORDS)))
-            chosen = rng.choices(words, k=rng.randint(*ANSWER_WORDS))
-            rejected = [rng.choice(words) if rng.random() < 0.15 else w for w in chosen]  # hallucinated words
-            f.write(
-                json.dumps(
-                    {
-                        "image": f"{i}.png",
-                        "question": question,
-                        "chosen": " ".join(chosen),
-                        "rejected": " ".join(rejected),
-                    }
-                )
-                + "\n"
-            )
-
-
-def ddpo_config(workdir: Path, mode: str, max_steps: int, threads: int, run_dir: Path):
-    from ddpo.config import Config
-
-    reference, _, shared, grouped = LADDER[mode]
-    cfg = Config()
-    cfg.model.arch, cfg.model.preset, cfg.model.tokenizer = "llava", "bench", str(workdir / "tokenizer")
-    cfg.model.dtype, cfg.model.shared_prompt = "float32", shared
-    cfg.data.format, cfg.data.path, cfg.data.image_dir = "jsonl", str(workdir / "pairs.jsonl"), str(workdir / "images")
-    cfg.data.template, cfg.data.max_length, cfg.data.length_grouping = TEMPLATE, 512, grouped
-    cfg.loss.beta, cfg.loss.gamma = 0.1, 5.0
-    t = cfg.train
-    t.output_dir, t.max_steps, t.micro_batch_size, t.gradient_accumulation_steps = (
-        str(run_dir),
-        max_steps,
-        BATCH_PAIRS,
-        1,
-    )
-    t.learning_rate, t.warmup_ratio, t.lr_scheduler, t.max_grad_norm = 1e-5, 0.0, "constant", 1.0
-    t.reference, t.reference_cache, t.num_threads = reference, str(workdir / "reference_cache"), threads
-    cfg.deepspeed.config = str(REPO / "configs" / "deepspeed" / "zero0.json")
-    cfg.logging.wandb, cfg.logging.progress_bar = "disabled", False
-    return cfg.validate()
-
-
-# ------------------------------------------------------------------------------------------------
 # Memory: RSS high-water mark over the measured steps only
 # ------------------------------------------------------------------------------------------------
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 class PeakMemory:
     """`start()` resets the RSS high-water mark (Linux clear_refs 5) and notes the RSS; `peak_mb()` is the growth
     since. On CUDA the same with the allocator's peak of device memory."""
@@ -175,41 +96,17 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated() / 2**20
             return
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        self.base = _status_mb("VmRSS")
+        self.base = reset_rss_peak()
 
     def peak_mb(self) -> float:
         if DEVICE == "cuda":
             return torch.cuda.max_memory_allocated() / 2**20 - self.base
-        return _status_mb("VmHWM") - self.base
+        return rss_peak_mb() - self.base
 
 
 # ------------------------------------------------------------------------------------------------
 # Runners: each mode trains in its own thread; a baton lets one step run at a time, round-robin
 # ------------------------------------------------------------------------------------------------
-class Baton:
-    """Turn-taking between runner threads: exactly one runs a step at a time, modes alternate step by step,
-    so every mode sees the same machine load (this machine is shared and noisy)."""
-
-    def __init__(self, names: list[str]):
-        self.cond = threading.Condition()
-        self.queue = list(names)  # whose turn: queue[0]
-
-    def wait(self, name: str) -> float:
-        with self.cond:
-            self.cond.wait_for(lambda: self.queue[0] == name)
-        return time.perf_counter()
-
-    def pass_on(self, name: str, finished: bool = False) -> None:
-        with self.cond:
-            assert self.queue[0] == name
-            self.queue.pop(0)
-            if not finished:
-                self.queue.append(name)
-            self.cond.notify_all()
-
-
 class Runner:
     """Times one mode's optimizer steps: `begin_step()` waits for the turn, `end_step()` records and hands it on."""
 
@@ -256,7 +153,7 @@ def setup_ours(workdir: Path, mode: str, runner: Runner, threads: int) -> Callab
     from ddpo.trainer import Trainer
 
     run_dir = workdir / "runs" / f"{mode}-{os.getpid()}"
-    trainer = Trainer(ddpo_config(workdir, mode, runner.total, threads, run_dir))
+    trainer = Trainer(step_config(workdir, mode, runner.total, threads, run_dir))
     trainer.setup()
     once = LADDER[mode][1]
     for model in (trainer.model, trainer.ref_model):
@@ -279,7 +176,7 @@ def setup_floor(workdir: Path, runner: Runner, threads: int) -> Callable[[], obj
     from ddpo.trainer import Trainer
 
     run_dir = workdir / "runs" / f"floor-{os.getpid()}"
-    trainer = Trainer(ddpo_config(workdir, "floor", runner.total, threads, run_dir)).setup()
+    trainer = Trainer(step_config(workdir, "floor", runner.total, threads, run_dir)).setup()
     model = trainer.model.train()
     data = trainer.order.iterate(0)
     batches = [
@@ -313,7 +210,7 @@ def setup_trl(workdir: Path, runner: Runner, threads: int) -> Callable[[], objec
 
     run_dir = workdir / "runs" / f"trl-{os.getpid()}"
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
-    cfg = ddpo_config(workdir, "live", runner.total, threads, run_dir)
+    cfg = step_config(workdir, "live", runner.total, threads, run_dir)
     lines = [json.loads(line) for line in open(cfg.data.path, encoding="utf-8")]
     # Exactly our token sequences: our template renders the prompt with one <image>, which the processor
     # expands to the model's 64 image tokens; the answers carry the template's separator and end marker.
@@ -391,7 +288,7 @@ def child(args) -> None:
     if args.child == "prepare":  # the reference cache every cached mode reads (fingerprint-checked)
         from ddpo.trainer import Trainer
 
-        Trainer(ddpo_config(workdir, "cached", 1, args.threads, workdir / "runs" / "prepare")).setup(
+        Trainer(step_config(workdir, "cached", 1, args.threads, workdir / "runs" / "prepare")).setup(
             for_reference_cache=True
         )
         return
@@ -465,7 +362,7 @@ def padding_report(workdir: Path) -> dict[str, float]:
     from ddpo.data.formats import load_records
     from ddpo.sampler import PairOrder
 
-    cfg = ddpo_config(workdir, "grouped", 1, 1, workdir / "runs" / "padding")
+    cfg = step_config(workdir, "grouped", 1, 1, workdir / "runs" / "padding")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     records = load_records(cfg.data, seed=cfg.train.seed)
     encoder = PairEncoder.from_config(cfg.data, tokenizer, "<image>" * 64)
@@ -519,7 +416,7 @@ def main() -> None:
             raise SystemExit(TRL_MISSING) from None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_step_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    write_fixture(workdir)
+    write_step_fixture(workdir)
     padding = padding_report(workdir)
     print(
         f"{PAIRS} pairs, batch {BATCH_PAIRS}, prompt {padding.pop('prompt tokens (mean)'):.1f} tokens "

@@ -17,7 +17,6 @@ import gc
 import io
 import json
 import os
-import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
@@ -171,13 +170,10 @@ def test_flops_follow_6n_per_token_plus_attention():
 # ------------------------------------------------------------------------------------------------
 def bench_config(tmp_path):
     """experiments/bench_step.py's model (preset bench, vocabulary 8192) and data (4 pairs per micro-batch)."""
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import bench_step
-    finally:
-        sys.path.remove(str(REPO / "experiments"))
-    bench_step.write_fixture(tmp_path)
-    return bench_step.ddpo_config(tmp_path, "grouped", 2, 1, tmp_path / "run")
+    from ddpo.benchmarking import step_config, write_step_fixture
+
+    write_step_fixture(tmp_path)
+    return step_config(tmp_path, "grouped", 2, 1, tmp_path / "run")
 
 
 def config_of(name: str, tmp_path, overrides=()):
