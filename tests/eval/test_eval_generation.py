@@ -156,17 +156,17 @@ def test_truncate_at_stop():
 
 @pytest.fixture
 def fake_models_build(monkeypatch):
-    """`ddpo eval`'s `load_model` returning a FakeModel (the real one belongs to the models package)."""
+    """`ddpo eval`'s `open_checkpoint` returning a FakeModel (the real one belongs to the models package)."""
     loaded = {}
 
-    def load_model(path, **options):
+    def open_checkpoint(argument, path, **options):
         loaded["path"], loaded["options"] = path, options
         loaded["model"] = FakeModel(
             lambda prompt, rng: "Yes, there is." if "dog" in prompt else "No, there is not.</s>junk"
         )
         return loaded["model"]
 
-    monkeypatch.setattr(eval_cli, "load_model", load_model)
+    monkeypatch.setattr(eval_cli, "open_checkpoint", open_checkpoint)
     return loaded
 
 
@@ -417,7 +417,7 @@ def test_generated_answers_that_say_neither_yes_nor_no_are_kept_and_not_scored(t
     """A model that never answers yes or no: exit 1 naming the count, no OUT.json, and the generated answers are
     kept for a re-score with --answers."""
     model = FakeModel(lambda prompt, rng: "A picture.")
-    monkeypatch.setattr(eval_cli, "load_model", lambda path, **options: model)
+    monkeypatch.setattr(eval_cli, "open_checkpoint", lambda argument, path, **options: model)
     qfile, out = _pope_question_file(tmp_path), tmp_path / "p.json"
     argv = ["--benchmark", "pope", "--model", "ckpt", "--questions", str(qfile), "--image-dir", str(tmp_path)]
     assert eval_main(argv + ["--output", str(out)]) == 1
