@@ -76,6 +76,13 @@ def check_final(final: Path) -> bool:
     if (final / "adapter_config.json").is_file():
         if not any(_nonempty(final / name) for name in ADAPTER_WEIGHTS):
             raise _incomplete(final, f"an adapter_config.json but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+        base = _adapter_base(final)
+        if not is_hub_id(base):  # a random-init or local base: nobody who downloads the adapter can apply it
+            raise PushError(
+                f"{final} holds LoRA adapters on the local base {base}, which no one downloading them can reach: "
+                f"write the merged model (`ddpo export {run} --merge`) and upload {run / 'final-merged'} "
+                "(`hf upload REPO_ID DIR`), or train the adapters on a hub model (model.name_or_path 'owner/name')"
+            )
         return True
     if not (final / "config.json").is_file():
         raise _incomplete(final, "no config.json (nor adapter_config.json)")

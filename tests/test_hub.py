@@ -317,6 +317,23 @@ def test_sharded_weights_need_every_shard(tmp_path, hub_calls, capsys):
     assert hub.main([str(run), "me/x"]) == 0
 
 
+def test_an_adapter_on_a_local_base_is_refused(tmp_path, hub_calls, capsys):
+    """A random-init LoRA run's adapter names RUN_DIR/base: pushed alone, nobody could apply it."""
+    base = tmp_path / "run" / "base"
+    adapter = {
+        "adapter_config.json": json.dumps({"base_model_name_or_path": str(base)}),
+        "adapter_model.safetensors": "w",
+    }
+    run = make_run(tmp_path, final_files=adapter)
+    assert hub.main([str(run), "me/x"]) == 1
+    assert capsys.readouterr().err == (
+        f"ddpo push: error: {run / 'final'} holds LoRA adapters on the local base {base}, which no one downloading "
+        f"them can reach: write the merged model (`ddpo export {run} --merge`) and upload {run / 'final-merged'} "
+        "(`hf upload REPO_ID DIR`), or train the adapters on a hub model (model.name_or_path 'owner/name')\n"
+    )
+    assert hub_calls == []
+
+
 def test_adapter_config_without_weights_is_incomplete(tmp_path, hub_calls, capsys):
     run = make_run(tmp_path, final_files={"adapter_config.json": "{}"})
     assert hub.main([str(run), "me/x"]) == 1
