@@ -276,10 +276,11 @@ def live_storages() -> dict[int, int]:
             continue
         try:
             storage = obj.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, wrappers)
+            pointer = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # no storage (sparse, wrappers), or fake (left by other tests)
             continue
-        if storage.data_ptr():
-            found[storage.data_ptr()] = max(found.get(storage.data_ptr(), 0), storage.nbytes())
+        if pointer:
+            found[pointer] = max(found.get(pointer, 0), storage.nbytes())
     return found
 
 
