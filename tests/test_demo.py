@@ -1,5 +1,5 @@
 """`ddpo demo --quick`: the whole synthetic pipeline runs and writes well-formed results (numbers at this
-size are meaningless; the full demo's are in README/experiments)."""
+size are meaningless; the full demo's are in docs/LAB.md and experiments/results)."""
 
 import json
 import os
@@ -48,15 +48,25 @@ def test_quick_demo_writes_results(tmp_path):
         ):
             assert 0.0 <= metrics[key] <= 1.0
         assert metrics["mean_response_words"] > 0
+        # RLHF-V Table 3's endpoints: a response with any kind of hallucination counts in "all"
+        rates = [metrics[f"{kind}_response_rate"] for kind in ("object", "position", "number", "attribute")]
+        assert all(0.0 <= r <= metrics["all_response_rate"] <= 1.0 for r in rates)
     assert results["drift"]["sft"] == 0.0  # the SFT model against itself
     # the gate is computed and stored (the quick run reports it without enforcing it)
     gate = results["gate"]
     assert {"single_object_accuracy", "recall_without_anchor", "companion_rate", "passed"} <= set(gate)
     assert gate["single_object_images"] == 48 and "Perception gate" in proc.stdout
+    # per kind, on one-object images and on the gate scenes, and the caption errors against the captions'
+    wanted = {"shape_accuracy", "color_accuracy", "position_accuracy", "count_probe_accuracy"}
+    assert all(wanted <= set(gate["kinds"][probe]) for probe in ("single", "multi"))
+    assert set(gate["kinds"]["caption_errors"]) == {"object", "attribute", "position", "count"}
+    assert "RLHF-V Table 3" in proc.stdout and "| RLHF-V DDPO (paper) |" in proc.stdout
     # drift probed during training, first and last step included
     steps = [r["step"] for r in results["drift_during_training"]["ddpo"]]
     assert steps[0] == 1 and steps[-1] == results["train_steps"]["ddpo"] and len(steps) >= 8
     assert results["pairs"]["pairs_used"] > 0 and results["pairs"]["segments_per_pair"] > 0
+    # the human-like annotator (the demo's default) says what it did
+    assert set(results["pairs"]["annotator"]) == {"missed", "wrong_fix", "deleted", "rewritten"}
     assert (out / "results.md").read_text().startswith("Synthetic hallucination benchmark")
     assert "| ddpo |" in proc.stdout
     # Both runs trained from the same SFT model on the same pairs, with one reference cache.

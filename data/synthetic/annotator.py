@@ -21,6 +21,24 @@ shape, or that is left without one (a second "a red circle" in a scene with one 
 hallucinated object. Definite mentions ("the ...") refer back to the best object of their shape and
 may share it. The claims that disagree with the matched object are its errors: the minimal set of
 words to change.
+
+RLHF-V's annotators were not minimal, clean or replace-only: they deleted hallucinated clauses, rewrote
+more than the wrong words, and sometimes missed an error or fixed it wrongly. `humanize` turns `correct`'s
+minimal annotation into such an annotator's (`AnnotatorStyle`); the lab's (`HUMAN_LIKE`, `ddpo demo`'s
+default; measured on seed 0's pairs in experiments/results/lab_v3/CORRECTIONS.md):
+
+| departure    | rate | per                                       | what the chosen answer gets                      |
+|--------------|------|-------------------------------------------|--------------------------------------------------|
+| missed error | 0.05 | error (correction)                        | the error kept (no pair if every one is missed)  |
+| wrong fix    | 0.03 | one-word colour / position / number fix   | another wrong value (not the truth, not the      |
+|              |      |                                           | answer's)                                        |
+| deletion     | 0.30 | invented object at an empty cell          | its sentence deleted, not "at the X is nothing." |
+| wide rewrite | 0.30 | object sentence holding a fix             | the whole sentence said again, object first      |
+|              |      |                                           | ("a pink square is at the top left.")            |
+
+RLHF-V reports no annotator error rates; these are the lab's choices: slips rare enough that a corrected
+answer stays far better than its original (on seed 0's pairs 130 slips in 1,046 pairs), and deletions and
+rewrites common enough to change the segments the trainer's diff finds (RLHF-V: 2.65 per answer).
 """
 
 from __future__ import annotations
@@ -45,7 +63,7 @@ from ddpo.data.synthetic.language import (
     plural,
     relation_holds,
 )
-from ddpo.data.synthetic.world import Scene, WorldObject
+from ddpo.data.synthetic.world import COLOR_RGB, Scene, WorldObject
 
 # Claim kind -> correction type, in the paper's categories (relations are its "other").
 CORRECTION_TYPE = {
@@ -374,3 +392,103 @@ def correct(scene: Scene, text: str, empty_cells: bool = False) -> Annotation:
     if not corrected.strip():
         return Annotation("empty", text, None, kept)
     return Annotation("hallucinated", text, corrected, kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# A human-like annotator: deletions, wider rewrites and slips on top of the minimal corrections
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class AnnotatorStyle:
+    """How far the annotator departs from `correct`'s minimal, clean, replace-only edits; each rate per
+    opportunity, drawn in a fixed order so changing one rate does not reshuffle the others (table: module
+    `HUMAN_LIKE`, experiments/results/lab_v3/CORRECTIONS.md). All zero = `correct` itself."""
+
+    miss_prob: float = 0.0  # per error: left as it is (the chosen answer keeps it)
+    wrong_fix_prob: float = 0.0  # per colour / position / number fix: another wrong value written
+    delete_prob: float = 0.0  # per invented object's sentence: deleted instead of "at the <cell> is nothing."
+    rewrite_prob: float = 0.0  # per object sentence holding a fix: the whole sentence rewritten, object first
+
+    def __post_init__(self) -> None:
+        for name in ("miss_prob", "wrong_fix_prob", "delete_prob", "rewrite_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"AnnotatorStyle.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+# The lab's human-like annotator (ddpo demo). RLHF-V states no annotator error rates; these are the lab's
+# choices, each small enough that a corrected answer stays far better than its original (CORRECTIONS.md).
+HUMAN_LIKE = AnnotatorStyle(miss_prob=0.05, wrong_fix_prob=0.03, delete_prob=0.3, rewrite_prob=0.3)
+SLIP_VALUES = {"attribute": tuple(COLOR_RGB), "position": tuple(POSITIONS.values()), "count": NUMBERS[1:6]}
+
+
+def _slip(c: Correction, original: str, rng) -> Correction:
+    """`c` with another wrong value written: not the truth, not what the answer said (one-word fixes only)."""
+    options = [v for v in SLIP_VALUES[c.type] if v not in (c.replacement, original)]
+    value = options[int(rng.integers(len(options)))]
+    return Correction(c.type, c.span, value, ((*c.span, value),))
+
+
+def _sentence_of(parsed: Parse, span: tuple[int, int]):
+    return next((s for s in parsed.sentences if s.start <= span[0] and span[1] <= s.end), None)
+
+
+def _rewrite_sentence(text: str, sentence, fixes: list[Correction]) -> Correction | None:
+    """The sentence's fixes applied, then the sentence said object first ("a red cross is at the top left."),
+    as one correction over the whole sentence; None when the fixed sentence is no single object's."""
+    fixed = _splice(text, sentence.start, sentence.end, sorted((*c.span, c.replacement) for c in fixes))
+    again = parse(fixed)
+    if len(again.mentions) != 1 or not again.mentions[0].position or again.sentences[0].kind != "instance":
+        return None
+    m = again.mentions[0]
+    sentence_text = Instance(None, m.color.text if m.color else None, m.shape_name, CELLS[m.position_name]).text()
+    kinds = [c.type for c in fixes]
+    kind = "object" if "object" in kinds else kinds[0]
+    return Correction(
+        kind, (sentence.start, sentence.end), sentence_text, ((sentence.start, sentence.end, sentence_text),)
+    )
+
+
+def humanize(text: str, annotation: Annotation, style: AnnotatorStyle, rng) -> tuple[Annotation, Counter]:
+    """`annotation` (`correct`'s) as a human-like annotator would leave it (`AnnotatorStyle`), and what it did
+    (Counter: missed, wrong_fix, deleted, rewritten). Draws four random numbers per correction whatever the rates."""
+    if annotation.status != "hallucinated":
+        return annotation, Counter()
+    parsed = parse(text)
+    did: Counter = Counter()
+    kept: list[Correction] = []
+    by_sentence: dict[int, list[Correction]] = {}
+    rewrite: dict[int, bool] = {}
+    for c in annotation.corrections:
+        u_miss, u_slip, u_delete, u_rewrite = rng.random(4)
+        sentence = _sentence_of(parsed, c.span)
+        if u_miss < style.miss_prob:
+            did["missed"] += 1
+            continue
+        if c.type == "object" and c.replacement.endswith("is nothing.") and u_delete < style.delete_prob:
+            end = c.span[1] + (len(text[c.span[1] :]) - len(text[c.span[1] :].lstrip()))
+            c = Correction("object", (c.span[0], end), "", ((c.span[0], end, ""),))
+            did["deleted"] += 1
+        elif c.type in SLIP_VALUES and len(c.edits) == 1 and u_slip < style.wrong_fix_prob:
+            c = _slip(c, text[c.span[0] : c.span[1]], rng)
+            did["wrong_fix"] += 1
+        if c.replacement and sentence is not None and sentence.kind == "instance":
+            # one decision per sentence (its first fix's draw): a sentence is rewritten whole or not at all
+            rewrite.setdefault(sentence.start, u_rewrite < style.rewrite_prob)
+            if rewrite[sentence.start]:
+                by_sentence.setdefault(sentence.start, []).append(c)
+                continue
+        kept.append(c)
+    for start, fixes in by_sentence.items():
+        sentence = next(s for s in parsed.sentences if s.start == start)
+        wide = _rewrite_sentence(text, sentence, fixes)
+        if wide is None:
+            kept += fixes
+        else:
+            kept.append(wide)
+            did["rewritten"] += 1
+    kept.sort(key=lambda c: c.span)
+    if not kept:
+        return Annotation("clean", text, text, [], annotation.unparsed), did
+    corrected = _splice(text, 0, len(text), [(*c.span, c.replacement) for c in kept])
+    if not corrected.strip():
+        return Annotation("empty", text, None, kept), did
+    return Annotation("hallucinated", text, corrected, kept), did

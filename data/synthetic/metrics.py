@@ -13,10 +13,11 @@ of ddpo/eval use them too).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 from ddpo.data.synthetic.annotator import ground
-from ddpo.data.synthetic.language import n_words, parse
+from ddpo.data.synthetic.language import NUMBERS, POSITIONS, n_words, parse
 from ddpo.data.synthetic.world import Scene, partner_cell
 
 DEFAULT_MAX_UNPARSED = 0.05  # share of unparsed answers above which no score is given
@@ -30,6 +31,17 @@ CLAIM_GROUPS = {
     "relation": ("relation",),
     "empty": ("empty",),
 }
+# RLHF-V Table 3 (MHumanEval): the share of responses with at least one hallucination of a kind. Claim kinds
+# per Table-3 kind: an invented object is a hallucinated mention, and a false "at the <cell> is nothing." denies
+# an object that is there (both are what the annotator corrects as "object"); relations are positions (the paper's
+# position category covers where things are relative to each other); "number" is the paper's word for counts.
+TABLE3_KINDS = {
+    "object": ("empty",),
+    "position": ("position", "relation"),
+    "number": ("count",),
+    "attribute": ("color", "size"),
+}
+TABLE3_COLUMNS = (*TABLE3_KINDS, "all")
 
 
 def companion_context(scene: Scene, partners: dict[str, str]) -> set[str]:
@@ -103,6 +115,9 @@ def evaluate(
     mention_hallucination_rate   hallucinated object mentions / all object mentions
     object_recall                scene objects described by a correct instance mention / all scene objects (pooled)
     mean_response_words          words per answer, punctuation excluded
+    <kind>_response_rate         RLHF-V Table 3's endpoint: responses with >= 1 hallucination of that kind / all
+                                 responses, for object, position, number, attribute (`TABLE3_KINDS`) and all
+                                 (any wrong claim or hallucinated mention)
     <type>_error_rate            wrong claims / claims, for attribute (colour, size), position, count, relation
                                  (claims about a hallucinated object are counted in the object rates only)
     unparsed_rate                responses with a sentence that fits no grammar rule / all responses
@@ -140,6 +155,7 @@ def _metrics(
         raise ValueError(f"evaluate: {len(scenes)} scenes but {len(answers)} answers; pass one answer per scene")
     mentioning = hallucinating = mentions = hallucinated = recalled = objects = words = 0
     contexts = companions = targeted = 0
+    table3 = dict.fromkeys(TABLE3_COLUMNS, 0)
     unparsed: list[tuple[str, str]] = []
     wrong = {g: 0 for g in CLAIM_GROUPS}
     total = {g: 0 for g in CLAIM_GROUPS}
@@ -162,6 +178,8 @@ def _metrics(
         if g.parse.unparsed:
             start, end = g.parse.unparsed[0]
             unparsed.append((f"answer {k}", answer[start:end]))
+        for kind in response_kinds(g):
+            table3[kind] += 1
         for v in g.verdicts:
             for group, kinds in CLAIM_GROUPS.items():
                 if v.claim.kind in kinds:
@@ -175,6 +193,7 @@ def _metrics(
         "mean_response_words": words / n,
     }
     out.update({f"{group}_error_rate": wrong[group] / max(total[group], 1) for group in CLAIM_GROUPS})
+    out.update({f"{kind}_response_rate": table3[kind] / n for kind in TABLE3_COLUMNS})
     if partners is not None:
         out["companion_rate"] = companions / max(contexts, 1)
         out["target_mention_rate"] = targeted / max(mentions, 1)
@@ -183,6 +202,15 @@ def _metrics(
     out["num_responses"] = float(len(answers))
     out["num_unparsed"] = float(len(unparsed))
     return out, unparsed
+
+
+def response_kinds(g) -> set[str]:
+    """The Table-3 kinds (`TABLE3_COLUMNS`) of which a grounded response holds at least one hallucination."""
+    wrong = {v.claim.kind for v in g.errors}
+    kinds = {kind for kind, claims in TABLE3_KINDS.items() if wrong & set(claims)}
+    if any(g.hallucinated):
+        kinds.add("object")
+    return kinds | ({"all"} if kinds or wrong else set())
 
 
 def gate_figures(
@@ -218,3 +246,66 @@ def gate_figures(
         "scenes_with_companion_context": float(sum(bool(companion_context(s, partners)) for s in scenes)),
         "unparsed_rate": (len(single_unparsed) + len(every_unparsed)) / max(len(single_answers) + len(answers), 1),
     }
+
+
+PERCEPTION_KINDS = ("shape", "color", "position", "count")
+
+
+def kind_accuracy(
+    scenes: Sequence[Scene],
+    answers: Sequence[str],
+    color_confusions: dict[str, str],
+    drift_cells: Sequence[tuple[int, int]],
+    partners: dict[str, str],
+    empty_cells: bool = False,
+    confusion_shapes: Sequence[str] = (),
+) -> dict[str, float]:
+    """Per kind, how often an answer names right what it describes, outside the captions' prior contexts
+    (a model that sees names what is there; inside a context a caption prior may override it).
+
+    shape_accuracy     scene objects named with their shape / scene objects (recall)
+    color_accuracy     described objects (mentions of a present shape) whose colour is right / described
+                       objects, those of a colour the captions confuse (a key of `color_confusions`, on one of
+                       the `confusion_shapes` if any are given) left out
+    position_accuracy  described objects whose position is right / described objects, those in a `drift_cells`
+                       cell while the centre is empty (the captions' centre drift) left out
+    count_accuracy     overviews whose total is right / overviews ("the image shows N objects."), those of scenes
+                       with a companion context left out (a caption that invents the companion counts it)
+    Inside the contexts, the prior's rate: `color_prior_rate` (confused colours said as the mapped colour),
+    `position_prior_rate` (drift-cell objects said at the centre) and `count_prior_rate` (overviews one above the
+    truth: the invented companion counted); each figure comes with its `_n`.
+    """
+    hits: Counter = Counter()
+    seen: Counter = Counter()
+    for scene, answer in zip(scenes, answers):
+        g = ground(scene, parse(answer), empty_cells)
+        seen["shape"] += len(scene.objects)
+        hits["shape"] += len(g.mentioned_objects())
+        centre_empty = scene.at((1, 1)) is None
+        context = bool(companion_context(scene, partners))
+        for k, m in enumerate(g.parse.mentions):
+            o = g.referents[k]
+            if o is None or g.hallucinated[k] or not m.is_instance:
+                continue
+            if m.color is not None:
+                confused = o.color in color_confusions and (o.shape in confusion_shapes or not confusion_shapes)
+                kind = "color_prior" if confused else "color"
+                truth = color_confusions.get(o.color) if kind == "color_prior" else o.color
+                seen[kind] += 1
+                hits[kind] += m.color.text == truth
+            if m.position:
+                kind = "position_prior" if o.cell in drift_cells and centre_empty else "position"
+                truth = POSITIONS[(1, 1)] if kind == "position_prior" else POSITIONS[o.cell]
+                seen[kind] += 1
+                hits[kind] += m.position_name == truth
+        for s in g.parse.sentences:
+            if s.kind == "overview":
+                kind = "count_prior" if context else "count"
+                seen[kind] += 1
+                hits[kind] += s.total.text == NUMBERS[len(scene.objects) + (kind == "count_prior")]
+    out = {}
+    for kind in (*PERCEPTION_KINDS, "color_prior", "position_prior", "count_prior"):
+        name = f"{kind}_rate" if kind.endswith("prior") else f"{kind}_accuracy"
+        out[name] = hits[kind] / seen[kind] if seen[kind] else float("nan")
+        out[f"{name}_n"] = float(seen[kind])
+    return out

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ddpo.data.records import PreferenceRecord
-from ddpo.data.synthetic.annotator import correct
+from ddpo.data.synthetic.annotator import AnnotatorStyle, correct, humanize
 from ddpo.data.synthetic.language import PROMPTS, LanguageConfig, n_words
 from ddpo.data.synthetic.noise import NoiseConfig, noisy_caption
 from ddpo.data.synthetic.priors import PriorConfig, prior_caption
@@ -128,12 +128,16 @@ def records_from_answers(
     answers: Sequence[str],
     source: str = "sampled",
     empty_cells: bool = False,
+    style: AnnotatorStyle | None = None,
+    seed: int = 0,
 ) -> tuple[list[PreferenceRecord], dict]:
-    """Model answers -> preference pairs through the oracle annotator.
+    """Model answers -> preference pairs through the oracle annotator: its minimal corrections, or with
+    `style` a human-like annotator's (annotator.humanize: deletions, wider rewrites, slips; seeded by `seed`).
 
     Returns the records (row_index = the answer's index) and stats: counts of answers, pairs, clean,
     unparseable and empty answers, corrections per type, mean corrections per pair, mean words of the
-    rejected and chosen answers.
+    rejected and chosen answers, and what the human-like annotator did (`annotator`: missed, wrong_fix,
+    deleted, rewritten; answers whose every error it missed count as clean).
     """
     if not len(scenes) == len(images) == len(prompts) == len(answers):
         raise ValueError(
@@ -142,8 +146,13 @@ def records_from_answers(
         )
     records: list[PreferenceRecord] = []
     status: Counter = Counter()
+    did: Counter = Counter()
+    rng = np.random.default_rng(seed)
     for i, (scene, image, prompt, answer) in enumerate(zip(scenes, images, prompts, answers)):
         annotation = correct(scene, answer, empty_cells)
+        if style is not None:
+            annotation, done = humanize(answer, annotation, style, rng)
+            did += done
         status[annotation.status] += 1
         if annotation.status != "hallucinated":
             continue
@@ -160,7 +169,10 @@ def records_from_answers(
                 rejected_severity=severity_spans(annotation.corrections),
             )
         )
-    return records, pair_stats(records, answers=len(answers), status=status)
+    stats = pair_stats(records, answers=len(answers), status=status)
+    if style is not None:
+        stats["annotator"] = {k: did[k] for k in ("missed", "wrong_fix", "deleted", "rewritten")}
+    return records, stats
 
 
 def diff_segments(rejected: str, chosen: str, min_match: int = 3) -> tuple[int, int]:

@@ -11,7 +11,8 @@ probabilities, so changing one bias does not reshuffle the others):
              fluent object sentence in reading order (the overview counts it). When the bias does not
              fire, the caption says "at <that cell> is nothing." -- the truthful sentence in the same
              place, which is also what the oracle writes over an invented partner (a replacement).
-  attribute  colour confusion: an object of a colour in `color_confusions` gets the mapped colour.
+  attribute  colour confusion: an object of a colour in `color_confusions` (and, if `confusion_shapes` is
+             set, of one of those shapes) gets the mapped colour.
   position   centre bias: an object in a cell of `position_bias` is said to be at the centre when the
              believed centre is empty.
 Visible objects are never renamed (v1's misperception noise is gone from this world).
@@ -60,6 +61,10 @@ class PriorConfig:
     companion_prob: float = 0.75
     attribute_prob: float = 0.6  # per object whose colour is a key of color_confusions: the mapped colour is said
     color_confusions: dict[str, str] = field(default_factory=lambda: {"pink": "red"})  # true -> said
+    # the shapes whose colour the confusion touches (empty: every shape, the lab's default). Tried in lab v3 with
+    # ("circle", "ring"), to bring attributes (34% of the corrections) toward RLHF-V's 10%: the SFT model then
+    # blurred pink and red on every shape and missed the colour gate on seed 0 (experiments/results/lab_v3/NOTES.md)
+    confusion_shapes: tuple[str, ...] = ()
     position_prob: float = 0.6  # per object in a cell of position_bias (centre empty): it is said to be at the centre
     position_bias: tuple[str, ...] = ("middle left", "middle right")  # cells whose objects drift to the centre
     overview_prob: float = 0.5  # a caption opens with "the image shows N objects." with this probability
@@ -110,7 +115,9 @@ def believe(scene: Scene, rng: np.random.Generator, world: WorldConfig, cfg: Pri
     for o in scene.objects:
         u_color, u_position = rng.random(), rng.random()
         new = o
-        said = cfg.color_confusions.get(o.color)
+        said = (
+            cfg.color_confusions.get(o.color) if o.shape in cfg.confusion_shapes or not cfg.confusion_shapes else None
+        )
         if said and u_color < cfg.attribute_prob:
             new = dataclasses.replace(new, color=said)
             errors.append(InjectedError("attribute", f"called a {o.color} {o.shape} {said}"))

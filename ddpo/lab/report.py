@@ -108,7 +108,42 @@ def results_table(results: dict) -> str:
                 f"{m.get('nontarget_mention_rate', float('nan')):.3f} | {m['object_recall']:.3f} | "
                 f"{m['mean_response_words']:.1f} | {'' if d is None else f'{d:+.3f}'} |"
             )
+    lines += ["", "RLHF-V Table 3's endpoints: % of responses with >= 1 hallucination of each kind (all: any kind)", ""]
+    lines += table3_lines(results)
     return "\n".join(lines) + "\n"
+
+
+# RLHF-V Table 3 (MHumanEval, % of responses with a hallucination of each kind; docs/PAPER_FACTS.md 4.2): the
+# endpoint the lab's Table-3 rates mirror. The paper reports no attribute column (attributes are within "all").
+PAPER_TABLE3 = {
+    "RLHF-V DDPO": {"object": 21.9, "position": 7.5, "number": 14.4, "all": 55.5},
+    "RLHF-V vanilla DPO": {"object": 21.9, "position": 11.6, "number": 11.6, "all": 57.5},
+}
+
+
+def table3_lines(results: dict) -> list[str]:
+    """RLHF-V Table 3's endpoints per method and decoding: % of responses with at least one hallucination of each
+    kind and of any kind, then the mention-level object rate, recall and length (saying less shows there)."""
+    from ddpo.data.synthetic.metrics import TABLE3_COLUMNS
+
+    s = results["settings"]
+    lines = table_head("method", "decoding", *TABLE3_COLUMNS, "mention hallucination", "object recall", "words")
+    for decoding, table in (
+        ("greedy", results["methods"]),
+        (f"T {s.get('sampled_eval_temperature', 0.7)}", results.get("sampled", {})),
+    ):
+        for method, m in table.items():
+            if f"{TABLE3_COLUMNS[0]}_response_rate" not in m:
+                continue  # metrics of an older version of the lab
+            rates = " | ".join(f"{100 * m[f'{kind}_response_rate']:.1f}" for kind in TABLE3_COLUMNS)
+            lines.append(
+                f"| {method} | {decoding} | {rates} | {100 * m['mention_hallucination_rate']:.1f} | "
+                f"{m['object_recall']:.3f} | {m['mean_response_words']:.1f} |"
+            )
+    for name, paper in PAPER_TABLE3.items():
+        cells = " | ".join(f"{paper[k]:.1f}" if k in paper else "–" for k in TABLE3_COLUMNS)
+        lines.append(f"| {name} (paper) | MHumanEval | {cells} | – | – | – |")
+    return lines
 
 
 def plot_method_bars(results: dict, path: Path) -> Path | None:

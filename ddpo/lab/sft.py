@@ -84,6 +84,24 @@ class PerceptionSettings:
     batch_size: int = 64
     learning_rate: float = 2e-3
     seed: int = 0
+    # std of the vision tower's position embeddings before pretraining (None: the tower's own init). Why 1.0
+    # (lab v3): at CLIP's init (std 0.02) the nine cell tokens of an empty image differ by < 0.005, and 150 steps
+    # of pretraining on a per-token cell label left its loss at ln 9 (nothing learned); at std 1 it fell to 0.04
+    # in 25 steps with shape and colour learned as fast. A pretrained CLIP tower's features do say where they are.
+    position_std: float | None = None
+
+
+def reset_position_embeddings(model, std: float, generator: torch.Generator) -> int:
+    """Redraw every position-embedding table of the vision tower from N(0, std^2); returns how many."""
+    tables = [
+        m
+        for name, m in model.named_modules()
+        if "vision_tower" in name and name.endswith("position_embedding") and isinstance(m, torch.nn.Embedding)
+    ]
+    with torch.no_grad():
+        for table in tables:
+            table.weight.copy_(torch.randn(table.weight.shape, generator=generator) * std)
+    return len(tables)
 
 
 def pretrain_perception(
@@ -107,6 +125,8 @@ def pretrain_perception(
             f"(images, image tokens, labels), got {list(targets.shape)}"
         )
     generator = torch.Generator().manual_seed(settings.seed)
+    if settings.position_std is not None and not reset_position_embeddings(model, settings.position_std, generator):
+        raise ValueError("pretrain_perception: position_std is set, but the vision tower has no position embedding")
     heads = torch.nn.ModuleList(torch.nn.Linear(features.shape[-1], n) for n in num_classes)
     parts = model.parameter_parts()
     params = [*parts["vision_tower"], *parts["projector"], *heads.parameters()]

@@ -38,6 +38,10 @@ from ddpo.progress import progress_bar
 
 logger = logging.getLogger("ddpo.lab")
 STAGES = ("sft", "gate", "sample", "annotate", "train", "eval")
+# bumped when the evaluation gains or changes figures (3: RLHF-V Table 3's per-kind response rates), so that
+# each model's cached eval.json is recomputed instead of read without them
+METRICS_VERSION = 3
+ANNOTATOR_SEED_OFFSET = 6  # the human-like annotator's draws: seed * 100 + 6, next to the splits' offsets 1-5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,10 +66,11 @@ def initial_model(settings: DemoSettings, scenes, images):
     model = build_model(model_cfg, tokenizer=build_tokenizer(world))
     if settings.perception_steps <= 0:
         return model, []
-    targets, classes = cell_targets(scenes, world, model.num_image_tokens)
-    losses = pretrain_perception(
-        model, images, targets, classes, PerceptionSettings(steps=settings.perception_steps, seed=settings.seed)
+    targets, classes = cell_targets(scenes, world, model.num_image_tokens, settings.perception_positions)
+    perception = PerceptionSettings(
+        steps=settings.perception_steps, seed=settings.seed, position_std=1.0 if settings.perception_positions else None
     )
+    losses = pretrain_perception(model, images, targets, classes, perception)
     logger.info(
         "perception pretraining: loss %.3f -> %.3f over %d steps",
         losses[0],
@@ -138,12 +143,20 @@ def stage_sample(settings: DemoSettings, out: Path) -> Path:
 
 def stage_annotate(settings: DemoSettings, out: Path) -> Path:
     """Oracle corrections -> JSONL + image folder (data.format jsonl), at most `max_pairs` pairs."""
+    from ddpo.data.synthetic.annotator import AnnotatorStyle
     from ddpo.data.synthetic.pairs import records_from_answers
 
     scenes, images, prompts, _ = split(settings, "preference", settings.preference_images)
     answers = [json.loads(line)["answer"] for line in (out / "pairs" / "answers.jsonl").read_text().splitlines()]
     records, stats = records_from_answers(
-        scenes, images, prompts, answers, source="demo", empty_cells=synthetic_config(settings).empty_cells
+        scenes,
+        images,
+        prompts,
+        answers,
+        source="demo",
+        empty_cells=synthetic_config(settings).empty_cells,
+        style=AnnotatorStyle(**settings.annotator) if settings.annotator else None,
+        seed=settings.seed * 100 + ANNOTATOR_SEED_OFFSET,
     )
     records = records[: settings.max_pairs]
     stats["pairs_used"] = len(records)
@@ -252,6 +265,7 @@ def eval_key(settings: DemoSettings, out: Path) -> dict:
     """What a model's cached metrics (eval.json) depend on: the world, the splits and the SFT model
     (the drift's yardstick). A study that adds runs to a point evaluates only the new ones."""
     key = {
+        "metrics": METRICS_VERSION,
         "world": [settings.world_version, settings.world, settings.priors],
         "seed": settings.seed,
         "answer_words": settings.answer_words,

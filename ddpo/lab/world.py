@@ -89,9 +89,15 @@ def single_object_scenes(world):
     ]
 
 
-def cell_targets(scenes, world, image_tokens: int) -> tuple[torch.Tensor, list[int]]:
+def cell_targets(scenes, world, image_tokens: int, positions: bool = True) -> tuple[torch.Tensor, list[int]]:
     """Per image token (one per grid cell, row-major: needs patch = cell, 9 tokens), the shape and the
-    colour of the object in its cell (0 = empty): [n, 9, 2] and the class counts."""
+    colour of the object in its cell (0 = empty) and, with `positions`, the cell itself (0-8): [n, 9, 2 or 3]
+    and the class counts.
+
+    Why the cell: the LLM reads image tokens by content (its RoPE positions rotate queries and keys but add
+    nothing to the values it reads), so a caption can name a token's cell only if the token's features say
+    which cell it is; pretrained on shape and colour alone, the tower's features kept too little of that and
+    the SFT model named the wrong cell for objects it saw (experiments/results/lab_v3/NOTES.md)."""
     from ddpo.data.synthetic.world import GRID
 
     if image_tokens != GRID * GRID:
@@ -100,10 +106,14 @@ def cell_targets(scenes, world, image_tokens: int) -> tuple[torch.Tensor, list[i
             f"tokens (model.patch_size = image_size / 3); this model has {image_tokens}; "
             f"set perception_steps 0 or the patch size"
         )
-    targets = torch.zeros(len(scenes), GRID * GRID, 2, dtype=torch.long)
+    labels = 3 if positions else 2
+    targets = torch.zeros(len(scenes), GRID * GRID, labels, dtype=torch.long)
+    if positions:
+        targets[:, :, 2] = torch.arange(GRID * GRID)
     for i, scene in enumerate(scenes):
         for o in scene.objects:
-            targets[i, o.cell[0] * GRID + o.cell[1]] = torch.tensor(
+            targets[i, o.cell[0] * GRID + o.cell[1], :2] = torch.tensor(
                 [world.shapes.index(o.shape) + 1, world.colors.index(o.color) + 1]
             )
-    return targets, [len(world.shapes) + 1, len(world.colors) + 1]
+    classes = [len(world.shapes) + 1, len(world.colors) + 1]
+    return targets, (classes + [GRID * GRID]) if positions else classes
