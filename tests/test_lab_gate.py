@@ -69,8 +69,11 @@ def test_count_probe_reads_the_likeliest_number_after_the_image_shows(monkeypatc
     scenes = [
         Scene((WorldObject("bar", "red", "large", (0, 0)), WorldObject("moon", "red", "large", (2, 2)))),
         Scene((WorldObject("square", "red", "large", (0, 0)),)),  # context: the circle at the top center
+        Scene((WorldObject("circle", "red", "large", (1, 0)),)),  # a lone partner: its anchor (square) absent
+        Scene((WorldObject("circle", "red", "large", (1, 0)),)),
     ]
-    said = [2, 2]  # right for the first; the second counts the invented companion
+    # right for the first; the second counts the invented companion, the third the absent anchor, the fourth not
+    said = [2, 2, 2, 1]
 
     def fake_logps(model, images, prompts, answers, template, batch_size):
         out = []
@@ -81,8 +84,8 @@ def test_count_probe_reads_the_likeliest_number_after_the_image_shows(monkeypatc
         return out
 
     monkeypatch.setattr("ddpo.models.base.answer_token_logps", fake_logps)
-    got = gate.count_probe(None, scenes, [None, None], ["p", "p"], "llava_v1", PARTNERS)
-    assert got == {"count_probe_accuracy": 1.0, "count_probe_prior_rate": 1.0}
+    got = gate.count_probe(None, scenes, [None] * 4, ["p"] * 4, "llava_v1", PARTNERS)
+    assert got == {"count_probe_accuracy": 1.0, "count_probe_prior_rate": 2 / 3}
 
 
 def test_results_table_prints_table3_next_to_the_papers():

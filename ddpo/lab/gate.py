@@ -44,10 +44,19 @@ def prior_contexts(cfg) -> dict:
     return {"color_confusions": dict(n.color_confusions), "drift_cells": [CELLS[c] for c in n.position_bias]}
 
 
+def lone_partner(scene, partners: dict[str, str]) -> bool:
+    """Whether `scene` holds a partner shape whose anchor is absent (a count prior would add the anchor)."""
+    present = scene.shapes()
+    return any(partner in present and anchor not in present for anchor, partner in partners.items())
+
+
 def count_probe(model, scenes, images, prompts, template: str, partners: dict[str, str]) -> dict[str, float]:
     """The count a model gives when asked for one: the answer forced to open with "the image shows" and the
     likeliest number word after it (1 .. 9), against the truth; scenes with a companion context apart
-    (`count_prior_rate`: the number one above the truth, the invented companion counted)."""
+    (`count_prior_rate`: the number one above the truth, the invented companion counted). A partner shape
+    without its anchor is a prior context too (lab v3: seed 0's SFT models counted a lone circle, the square's
+    companion, as two objects in 15 of ~270 one-object images, the co-occurrence read backwards;
+    experiments/results/lab_v3/NOTES.md)."""
     from ddpo.data.synthetic.language import NUMBERS
     from ddpo.data.synthetic.metrics import companion_context
     from ddpo.lab.evaluation import LOGPS_BATCH
@@ -62,7 +71,7 @@ def count_probe(model, scenes, images, prompts, template: str, partners: dict[st
     hits = {"count": [], "count_prior": []}
     for i, scene in enumerate(scenes):
         said = 1 + max(range(len(texts)), key=lambda k: float(logps[i * len(texts) + k][3]))  # token 3: the number
-        if companion_context(scene, partners):
+        if companion_context(scene, partners) or lone_partner(scene, partners):
             hits["count_prior"].append(said == len(scene.objects) + 1)
         else:
             hits["count"].append(said == len(scene.objects))

@@ -37,6 +37,9 @@ class DemoSettings:
     # its own cell, so the frozen tower's features say where they are (lab v3: without it they carried no cell
     # identity and the SFT model named the wrong cell for objects it saw; experiments/results/lab_v3/NOTES.md)
     perception_positions: bool = True
+    # the std those position embeddings start at (a pretrained CLIP tower's are O(1)): 1 left seed 0's SFT model
+    # unsure which cell held which object in 3 runs of 4 (multi-object position accuracy 0.91-0.99); 3 gave 0.989
+    perception_position_std: float = 3.0
     # continue supervised fine-tuning from this SFT model instead of a random init (its pretrained,
     # frozen tower kept; no perception pretraining): the dense-regime map's SFT models at other answer
     # lengths start from the seed's 55-word one and learn only the new length's captions

@@ -68,7 +68,9 @@ def initial_model(settings: DemoSettings, scenes, images):
         return model, []
     targets, classes = cell_targets(scenes, world, model.num_image_tokens, settings.perception_positions)
     perception = PerceptionSettings(
-        steps=settings.perception_steps, seed=settings.seed, position_std=1.0 if settings.perception_positions else None
+        steps=settings.perception_steps,
+        seed=settings.seed,
+        position_std=settings.perception_position_std if settings.perception_positions else None,
     )
     losses = pretrain_perception(model, images, targets, classes, perception)
     logger.info(

@@ -149,3 +149,48 @@ def matched_drift_gaps(
                 row["per_seed"], row["extrapolated"] = diffs, outside
         out[run_name] = row
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# one-sided, equivalence and distribution-free paired tests (lab v3's pre-registered family)
+# ------------------------------------------------------------------------------------------------
+def t_upper_tail(t: float, df: int) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom."""
+    half = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return half if t > 0 else 1.0 - half
+
+
+def one_sided_p(diffs: Sequence[float], below: bool, shift: float = 0.0) -> float:
+    """Paired t-test p of H_a: mean(d) < shift (`below`) or mean(d) > shift."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs) - shift
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    if n < 2 or sd == 0:
+        return 0.0 if (mean < 0 if below else mean > 0) else 1.0
+    above = t_upper_tail(mean / (sd / math.sqrt(n)), n - 1)
+    return 1.0 - above if below else above
+
+
+def tost_p(diffs: Sequence[float], margin: float) -> float:
+    """Equivalence (TOST) p for |mean(d)| < margin: the larger of the two one-sided t-tests' p."""
+    return max(one_sided_p(diffs, below=False, shift=-margin), one_sided_p(diffs, below=True, shift=margin))
+
+
+def sign_test_p(diffs: Sequence[float], below: bool, shift: float = 0.0) -> float:
+    """Exact one-sided sign test of H_a: the median of d is below (above) `shift`; ties with it are dropped."""
+    signs = [d - shift for d in diffs if d != shift]
+    hits = sum(1 for s in signs if (s < 0 if below else s > 0))
+    n = len(signs)
+    return sum(math.comb(n, k) for k in range(hits, n + 1)) / 2**n if n else 1.0
+
+
+def permutation_p(diffs: Sequence[float], below: bool, shift: float = 0.0) -> float:
+    """Exact paired sign-flip permutation test of H_a: mean(d) below (above) `shift`: the share of the
+    2^n sign assignments of |d - shift| whose sum is at least as extreme as the observed one."""
+    values = [d - shift for d in diffs]
+    observed = sum(values)
+    extreme = 0
+    for mask in range(2 ** len(values)):
+        total = sum(-abs(v) if mask >> i & 1 else abs(v) for i, v in enumerate(values))
+        extreme += total <= observed + 1e-12 if below else total >= observed - 1e-12
+    return extreme / 2 ** len(values)
