@@ -1,5 +1,5 @@
 """`ddpo demo --quick`: the whole synthetic pipeline runs and writes well-formed results (numbers at this
-size are meaningless; the full demo's are in README/experiments)."""
+size are meaningless; the full demo's are in docs/LAB.md and experiments/results)."""
 
 import json
 import os
