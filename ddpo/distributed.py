@@ -39,6 +39,13 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def shutdown() -> None:
+    """Destroy the process group before the interpreter exits: a process that leaves gloo's threads running at
+    exit can abort ("terminate called without an active exception") after its work is done."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 

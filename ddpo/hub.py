@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from ddpo.run_summary import read_metrics_rows
+
 CARD_FILE = "README.md"
 CARD_MARKER = "<!-- Written by `ddpo push`, which rewrites it on each push: delete this line to keep your edits. -->"
 CARD_TAGS = ["ddpo", "dpo", "rlhf-v", "vision-language"]
@@ -146,7 +148,7 @@ def read_run(run_dir: Path) -> PushedRun:
         config_source=source,
         adapter=adapter,
         summary=_read_summary(run_dir / SUMMARY_FILE),
-        rows=_read_rows(run_dir / METRICS_FILE),
+        rows=read_metrics_rows(run_dir / METRICS_FILE),
     )
 
 
@@ -158,21 +160,6 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         raise PushError(f"{path} cannot be read ({e}): fix or delete it (the card then shows metrics.jsonl)") from None
     return data if isinstance(data, dict) and data else None
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows; a line cut short by a killed run is skipped (the trainer drops it on resume too)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def is_hub_id(value: Any) -> bool:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import sys
 
+from ddpo import distributed as dist
 from ddpo.cli import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    return cli_main(["train", *argv])
+    try:
+        return cli_main(["train", *argv])
+    finally:
+        dist.shutdown()  # a launched process ends here: its process group goes first
 
 
 if __name__ == "__main__":

@@ -358,6 +358,7 @@ def setup_trl(workdir: Path, point: Point, contender: Contender, threads: int) -
         max_grad_norm=1.0,
         beta=0.1,
         max_length=None,  # the real shape's rows are ~700 tokens; nothing is cut on either side
+        bf16=False,  # TRL defaults to bf16 (CPU autocast: AMX matmuls); ours is fp32, as in bench_step.py
         use_cpu=True,
         seed=0,
         save_strategy="no",

@@ -223,7 +223,36 @@ class MuffinForCausalLM(ImagePatchCausalLMMixin, MuffinPreTrainedModel, Generati
 # ------------------------------------------------------------------------------------------------
 # The interface
 # ------------------------------------------------------------------------------------------------
-class MuffinPreferenceModel(PreferenceModel):
+class ImagePatchPreferenceModel(PreferenceModel):
+    """Muffin's and OmniLMM's interface: the image enters the prompt as <im_start> + num_query x <im_patch> +
+    <im_end>, whose patch token the model config names; `family` names the model in the tokenizer's errors."""
+
+    def __init__(self, hf_model, tokenizer, image_transform: ImageTransform, logps_chunk_size: int, family: str):
+        config = hf_model.config
+        patch_id = tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
+        if patch_id != config.image_token_id:
+            raise ValueError(
+                f"tokenizer id of {IMAGE_PATCH_TOKEN} is {patch_id} but the model config says "
+                f"{config.image_token_id}: use the tokenizer saved with the model"
+            )
+        for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN):
+            if token not in tokenizer.get_vocab():
+                raise ValueError(
+                    f"the tokenizer lacks {token}: add it as a special token ({family}'s image delimiters)"
+                )
+        super().__init__(
+            hf_model, tokenizer, image_transform, config.image_token_id, config.num_query, logps_chunk_size
+        )
+
+    @property
+    def image_placeholder(self) -> str:
+        return IMAGE_START_TOKEN + IMAGE_PATCH_TOKEN * self.num_image_tokens + IMAGE_END_TOKEN
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.hf_model.model.get_image_features(pixel_values)
+
+
+class MuffinPreferenceModel(ImagePatchPreferenceModel):
     arch = "muffin"
     template = "vicuna_v0"
 
@@ -236,29 +265,9 @@ class MuffinPreferenceModel(PreferenceModel):
         freeze_vision_experts: bool = False,
     ):
         config = hf_model.config
-        patch_id = tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
-        if patch_id != config.image_token_id:
-            raise ValueError(
-                f"tokenizer id of {IMAGE_PATCH_TOKEN} is {patch_id} but the model config says "
-                f"{config.image_token_id}: use the tokenizer saved with the model"
-            )
-        for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN):
-            if token not in tokenizer.get_vocab():
-                raise ValueError(f"the tokenizer lacks {token}: add it as a special token (Muffin's image delimiters)")
-        image_transform = image_transform or ImageTransform(
-            config.vision_image_size, MUFFIN_IMAGE_MEAN, MUFFIN_IMAGE_STD
-        )
-        super().__init__(
-            hf_model, tokenizer, image_transform, config.image_token_id, config.num_query, logps_chunk_size
-        )
+        transform = image_transform or ImageTransform(config.vision_image_size, MUFFIN_IMAGE_MEAN, MUFFIN_IMAGE_STD)
+        super().__init__(hf_model, tokenizer, transform, logps_chunk_size, "Muffin")
         self.freeze_vision_experts = freeze_vision_experts
-
-    @property
-    def image_placeholder(self) -> str:
-        return IMAGE_START_TOKEN + IMAGE_PATCH_TOKEN * self.num_image_tokens + IMAGE_END_TOKEN
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.hf_model.model.get_image_features(pixel_values)
 
     def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
         inner = self.hf_model.model

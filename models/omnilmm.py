@@ -63,7 +63,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, MistralConfig, MistralModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
-from ddpo.models.base import ImageTransform, PreferenceModel
+from ddpo.models.base import ImageTransform
 from ddpo.models.llava import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 from ddpo.models.muffin import (
     IMAGE_END_TOKEN,
@@ -73,6 +73,7 @@ from ddpo.models.muffin import (
     SINGLE_FILES,
     ImagePatchCausalLMMixin,
     ImagePatchDecoderMixin,
+    ImagePatchPreferenceModel,
     checkpoint_shards,
     read_shard,
 )
@@ -395,7 +396,7 @@ class OmniLMMForCausalLM(ImagePatchCausalLMMixin, OmniLMMPreTrainedModel, Genera
 # ------------------------------------------------------------------------------------------------
 # The interface
 # ------------------------------------------------------------------------------------------------
-class OmniLMMPreferenceModel(PreferenceModel):
+class OmniLMMPreferenceModel(ImagePatchPreferenceModel):
     arch = "omnilmm"
     template = "omnilmm"
 
@@ -407,28 +408,10 @@ class OmniLMMPreferenceModel(PreferenceModel):
         logps_chunk_size: int = 256,
     ):
         config = hf_model.config
-        patch_id = tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
-        if patch_id != config.image_token_id:
-            raise ValueError(
-                f"tokenizer id of {IMAGE_PATCH_TOKEN} is {patch_id} but the model config says "
-                f"{config.image_token_id}: use the tokenizer saved with the model"
-            )
-        for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN):
-            if token not in tokenizer.get_vocab():
-                raise ValueError(f"the tokenizer lacks {token}: add it as a special token (OmniLMM's image delimiters)")
-        image_transform = image_transform or ImageTransform(
+        transform = image_transform or ImageTransform(
             config.vision_image_size, CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, mode="resize"
         )
-        super().__init__(
-            hf_model, tokenizer, image_transform, config.image_token_id, config.num_query, logps_chunk_size
-        )
-
-    @property
-    def image_placeholder(self) -> str:
-        return IMAGE_START_TOKEN + IMAGE_PATCH_TOKEN * self.num_image_tokens + IMAGE_END_TOKEN
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.hf_model.model.get_image_features(pixel_values)
+        super().__init__(hf_model, tokenizer, transform, logps_chunk_size, "OmniLMM")
 
     def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
         inner = self.hf_model.model
