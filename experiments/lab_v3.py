@@ -27,7 +27,7 @@ from ddpo.lab.gate import GateError
 from ddpo.lab.recipes import run_overrides
 from ddpo.lab.report import format_interval, table_head
 from ddpo.lab.selection import RECALL_SLACK
-from ddpo.lab.settings import DemoSettings
+from ddpo.lab.settings import DemoSettings, base_config
 from ddpo.lab.stages import run
 from ddpo.lab.stats import (
     holm,
@@ -43,6 +43,15 @@ from ddpo.lab.stats import (
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "lab_v3"
 LR_GRID = (3e-6, 1e-5, 3e-5)  # the v2 grid's useful range: from 1e-4 up the policies say "nothing" at real objects
 ENDPOINTS = [f"{kind}_response_rate" for kind in TABLE3_COLUMNS]  # object, position, number, attribute, all
+# the β control (pre-registration section 3): DPO over β wide enough to cover DDPO-sum's effective β, and the
+# DDPO arms tuned alike (16 points each). The sum's grid first ran 1e-6 .. 1e-5 (v2's recall fell from 3e-5 up),
+# then 3e-6 .. 3e-5: both times both sum arms chose the top edge, so the grid grew to 1e-4 for every arm before
+# the test seeds (the 1e-6 runs, which left every policy at the SFT model's rates: lab_v3/NOTES.md)
+BETA_GRID = (0.5, 1.25, 2.5, 5.0)
+BETA_LR_GRID = {"sum": (3e-6, 1e-5, 3e-5, 1e-4), "mean": (3e-6, 1e-5, 3e-5, 1e-4)}
+TUNED_ARMS = {"dpo_sum_tuned": (1.0, "sum"), "ddpo_sum_tuned": (5.0, "sum"), "ddpo_mean_tuned": (5.0, "mean")}
+PAIR_COUNTS = (200, 800)
+SCHEDULES = ("epochs", "steps")  # Figure 2's 200 and 800 (of 1,400); each seed's full set is the primary arm itself
 SELECTION = "all_response_rate"  # the validation rule's figure (within RECALL_SLACK of the SFT model's recall)
 REPORTED = [*ENDPOINTS, "mention_hallucination_rate", "object_recall", "mean_response_words"]
 EQUIVALENCE_MARGIN = 0.03  # δ_obj of the pre-registration: ±3 percentage points of the object response rate
@@ -61,11 +70,34 @@ def primary_arms(lr: float) -> dict[str, dict]:
     return {"dpo_mean": run_overrides(1.0, "mean", lr), "ddpo_mean": run_overrides(5.0, "mean", lr)}
 
 
+def pairs_arms(lr: float, num_pairs: int, batch_size: int, epochs: float) -> dict[str, dict]:
+    """Figure 2's question at equal epochs and at equal optimiser steps: the primary arms on the first
+    PAIR_COUNTS pairs, once for the primary arms' epochs and once for their number of steps (that of all pairs)."""
+    full_steps = int(num_pairs // batch_size * epochs)  # the trainer's plan: whole batches per epoch
+    runs = {}
+    for name, gamma in (("dpo_mean", 1.0), ("ddpo_mean", 5.0)):
+        for n in PAIR_COUNTS:
+            runs[f"{name}_p{n}_{SCHEDULES[0]}"] = run_overrides(gamma, "mean", lr, **{"data.max_samples": n})
+            runs[f"{name}_p{n}_{SCHEDULES[1]}"] = run_overrides(
+                gamma, "mean", lr, **{"data.max_samples": n, "train.max_steps": full_steps}
+            )
+    return runs
+
+
 def grid_arms() -> dict[str, dict]:
     runs = {}
     for lr in LR_GRID:
         runs[f"dpo_mean_lr{lr:g}"] = run_overrides(1.0, "mean", lr)
         runs[f"ddpo_mean_lr{lr:g}"] = run_overrides(5.0, "mean", lr)
+    return runs
+
+
+def beta_grid_arms() -> dict[str, dict]:
+    runs = {}
+    for arm, (gamma, norm) in TUNED_ARMS.items():
+        for beta in BETA_GRID:
+            for lr in BETA_LR_GRID[norm]:
+                runs[f"{arm}_b{beta:g}_lr{lr:g}"] = run_overrides(gamma, norm, lr, **{"loss.beta": beta})
     return runs
 
 
@@ -93,76 +125,128 @@ def run_seed(settings: DemoSettings) -> dict | None:
 # validation: the shared lr
 # ------------------------------------------------------------------------------------------------
 def tune(args) -> int:
+    arms = grid_arms() if args.command == "tune" else beta_grid_arms()
     for seed in args.seeds:
-        run_seed(seed_settings(args, seed, methods=grid_arms(), validation_only=True))
+        run_seed(seed_settings(args, seed, methods=arms, validation_only=True))
     return 0
 
 
-def seed_mean(per_seed: list[dict], run_name: str, key: str) -> float:
-    return statistics.fmean(v[run_name][key] for v in per_seed)
+def validation_runs(args, names: list[str]) -> tuple[list[int], list[dict]]:
+    """Per tuning seed that has every run of `names` trained: {name: validation metrics} (from each model's
+    eval.json; a run that wrote unreadable text has none and is left out, so it cannot be chosen)."""
+    used, per_seed = [], []
+    for seed in args.seeds:
+        folder = Path(args.output_dir) / f"seed{seed}"
+        finals = {n: folder / "runs" / n / "final" for n in names}
+        if not (folder / "sft" / "eval.json").is_file() or not all(p.is_dir() for p in finals.values()):
+            continue
+        metrics = {"sft": json.loads((folder / "sft" / "eval.json").read_text())["validation"]}
+        for name, final in finals.items():
+            if (final / "eval.json").is_file():
+                metrics[name] = json.loads((final / "eval.json").read_text())["validation"]
+        used.append(seed)
+        per_seed.append(metrics)
+    if not per_seed:
+        raise SystemExit(f"no seed of {args.seeds} under {args.output_dir} has these runs: run `tune` first")
+    return used, per_seed
+
+
+def seed_means(per_seed: list[dict], name: str) -> dict | None:
+    """A run's validation metrics averaged over seeds; None if it was unscorable on any of them."""
+    if not all(name in v for v in per_seed):
+        return None
+    return {k: statistics.fmean(v[name][k] for v in per_seed) for k in REPORTED}
 
 
 def choose(args) -> int:
-    """The pre-registered validation rule: the lr with the lowest sum of DPO's and DDPO's seed-mean "all"
-    rate among those where both keep seed-mean recall within RECALL_SLACK of the SFT model's; ties: smaller lr."""
-    per_seed, used = [], []
-    for seed in args.seeds:
-        path = Path(args.output_dir) / f"seed{seed}" / "results.json"
-        if path.is_file():
-            per_seed.append(json.loads(path.read_text())["validation"])
-            used.append(seed)
-    if not per_seed:
-        raise SystemExit(f"no tuned seed of {args.seeds} under {args.output_dir} (run `tune` first)")
-    bar = seed_mean(per_seed, "sft", "object_recall") - RECALL_SLACK
-    rows, keep = {}, []
-    for lr in LR_GRID:
-        names = (f"dpo_mean_lr{lr:g}", f"ddpo_mean_lr{lr:g}")
-        rows[f"{lr:g}"] = {n: {k: seed_mean(per_seed, n, k) for k in REPORTED} for n in names}
-        if all(rows[f"{lr:g}"][n]["object_recall"] >= bar for n in names):
-            keep.append(lr)
+    """The pre-registered validation rule. Primary arms: the one lr with the lowest sum of DPO's and DDPO's
+    seed-mean "all" rate among those where both keep seed-mean recall >= the SFT model's - RECALL_SLACK
+    (ties: the smaller lr). β-control arms: per arm, the (β, lr) with the lowest seed-mean "all" rate under the
+    same recall bar (ties: the smaller lr, then the smaller β)."""
+    seeds, per_seed = validation_runs(args, list(grid_arms()))
+    sft = seed_means(per_seed, "sft")
+    bar = sft["object_recall"] - RECALL_SLACK
+    rows = {name: seed_means(per_seed, name) for name in grid_arms()}
+    keep = [
+        lr
+        for lr in LR_GRID
+        if all(rows[n] and rows[n]["object_recall"] >= bar for n in (f"dpo_mean_lr{lr:g}", f"ddpo_mean_lr{lr:g}"))
+    ]
     if not keep:
         raise SystemExit(f"no lr keeps both arms' recall within {RECALL_SLACK} of SFT's: widen the grid")
-    lr = min(keep, key=lambda x: (sum(rows[f"{x:g}"][n][SELECTION] for n in rows[f"{x:g}"]), x))
+    lr = min(keep, key=lambda x: (rows[f"dpo_mean_lr{x:g}"][SELECTION] + rows[f"ddpo_mean_lr{x:g}"][SELECTION], x))
     # the seed-to-seed SD of the paired differences at the chosen lr (what the seed count rests on)
-    sd = (
-        {
-            k: statistics.stdev(
-                paired_differences(
-                    [v[f"ddpo_mean_lr{lr:g}"][k] for v in per_seed], [v[f"dpo_mean_lr{lr:g}"][k] for v in per_seed]
-                )
-            )
-            for k in ENDPOINTS
-        }
+    ddpo, dpo = f"ddpo_mean_lr{lr:g}", f"dpo_mean_lr{lr:g}"
+    sd = {
+        k: statistics.stdev(paired_differences([v[ddpo][k] for v in per_seed], [v[dpo][k] for v in per_seed]))
+        for k in ENDPOINTS
         if len(per_seed) > 1
-        else {}
-    )
-    choice = {
-        "seeds": used,
-        "rule": f"lowest DPO + DDPO seed-mean {SELECTION} with both recalls >= SFT's - {RECALL_SLACK}",
-        "sft": {k: seed_mean(per_seed, "sft", k) for k in REPORTED},
-        "grid": rows,
-        "lr": lr,
-        "paired_difference_sd": sd,
     }
+    choice = {
+        "rule": f"lowest seed-mean {SELECTION} (primary: DPO + DDPO) with recall >= SFT's - {RECALL_SLACK}",
+        "primary": {"seeds": seeds, "sft": sft, "grid": rows, "lr": lr, "paired_difference_sd": sd},
+    }
+    beta_names = list(beta_grid_arms())
+    try:
+        beta_seeds, beta_per_seed = validation_runs(args, beta_names)
+    except SystemExit:
+        beta_seeds = []
+    if beta_seeds:
+        bar = seed_means(beta_per_seed, "sft")["object_recall"] - RECALL_SLACK
+        grid = {name: seed_means(beta_per_seed, name) for name in beta_names}
+        chosen = {}
+        for arm, (_, norm) in TUNED_ARMS.items():
+            points = [(lr, beta) for lr in BETA_LR_GRID[norm] for beta in BETA_GRID]
+            fine = [
+                p
+                for p in points
+                if grid[f"{arm}_b{p[1]:g}_lr{p[0]:g}"] and grid[f"{arm}_b{p[1]:g}_lr{p[0]:g}"]["object_recall"] >= bar
+            ]
+            if not fine:
+                raise SystemExit(f"no (β, lr) keeps {arm}'s recall within {RECALL_SLACK} of SFT's: widen the grid")
+            best = min(fine, key=lambda p: (grid[f"{arm}_b{p[1]:g}_lr{p[0]:g}"][SELECTION], p))
+            chosen[arm] = {"lr": best[0], "beta": best[1]}
+        choice["beta_control"] = {"seeds": beta_seeds, "grid": grid, "chosen": chosen}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tuning.json").write_text(json.dumps(choice, indent=2))
-    print(json.dumps({"lr": lr, "seeds": used, "paired_difference_sd": sd}, indent=2))
+    print(
+        json.dumps(
+            {"lr": lr, "seeds": seeds, "sd": sd, "beta_control": choice.get("beta_control", {}).get("chosen")}, indent=2
+        )
+    )
     return 0
 
 
 # ------------------------------------------------------------------------------------------------
 # test seeds and the analysis
 # ------------------------------------------------------------------------------------------------
-def chosen_lr() -> float:
+def test_arms() -> dict[str, dict]:
+    """The arms of every test seed, at the points tuning.json chose: the primary pair and the β control."""
     path = RESULTS / "tuning.json"
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run `choose` on the validation seeds first")
-    return json.loads(path.read_text())["lr"]
+    choice = json.loads(path.read_text())
+    arms = primary_arms(choice["primary"]["lr"])
+    for arm, point in choice.get("beta_control", {}).get("chosen", {}).items():
+        gamma, norm = TUNED_ARMS[arm]
+        arms[arm] = run_overrides(gamma, norm, point["lr"], **{"loss.beta": point["beta"]})
+    return arms
 
 
 def test(args) -> int:
+    """Every stage of each test seed with the primary and β-control arms; `--with-pairs` adds the pairs-vs-steps
+    arms (a second pass reuses the finished runs and their evaluations)."""
     for seed in args.seeds:
-        run_seed(seed_settings(args, seed, methods=primary_arms(chosen_lr())))
+        arms = test_arms()
+        if args.with_pairs:
+            stats = Path(args.output_dir) / f"seed{seed}" / "pairs" / "stats.json"
+            if (Path(args.output_dir) / f"seed{seed}" / "excluded.json").is_file() or not stats.is_file():
+                print(f"seed {seed}: excluded or not run yet; run `test` without --with-pairs first", file=sys.stderr)
+                continue
+            train = base_config(DemoSettings()).train
+            pairs = json.loads(stats.read_text())["pairs_used"]
+            arms |= pairs_arms(arms["dpo_mean"]["train.learning_rate"], pairs, train.micro_batch_size, train.epochs)
+        run_seed(seed_settings(args, seed, methods=arms))
     return 0
 
 
@@ -178,12 +262,24 @@ def hypothesis(diffs: list[float], test_kind: str) -> dict:
                 permutation_p(diffs, below=False, shift=-m), permutation_p(diffs, below=True, shift=m)
             ),
         }
+    below = test_kind == "below"
     return {
-        "test": "one-sided paired t, DDPO below DPO",
-        "p": one_sided_p(diffs, below=True),
-        "sign_p": sign_test_p(diffs, below=True),
-        "permutation_p": permutation_p(diffs, below=True),
+        "test": f"one-sided paired t, H_a: mean difference {'<' if below else '>'} 0",
+        "p": one_sided_p(diffs, below=below),
+        "sign_p": sign_test_p(diffs, below=below),
+        "permutation_p": permutation_p(diffs, below=below),
     }
+
+
+def corrected(family: dict) -> dict:
+    """Holm over the family's p values, each test's outcome at ALPHA, and whether a distribution-free
+    companion disagrees with a hit."""
+    for name, p in holm({n: h["p"] for n, h in family.items()}).items():
+        h = family[name]
+        h["p_holm"], h["outcome"] = p, "hit" if p < ALPHA else "miss"
+        fragile = h["outcome"] == "hit" and max(h["sign_p"], h["permutation_p"]) >= ALPHA
+        h["robustness"] = "fragile (a distribution-free test misses)" if fragile else "consistent"
+    return family
 
 
 def analyse(args) -> int:
@@ -200,7 +296,8 @@ def analyse(args) -> int:
         raise SystemExit(f"seeds {missing} have neither results.json nor excluded.json under {args.output_dir}")
     seeds = seeds[: args.count]
     results = {s: json.loads((Path(args.output_dir) / f"seed{s}" / "results.json").read_text()) for s in seeds}
-    arms = ("sft", "dpo_mean", "ddpo_mean")
+    # every arm evaluated on every seed (the SFT model first)
+    arms = [a for a in results[seeds[0]]["methods"] if all(a in results[s]["methods"] for s in seeds)]
     values = {a: {k: [results[s]["methods"][a][k] for s in seeds] for k in REPORTED} for a in arms}
     sampled = {a: {k: [results[s]["sampled"][a][k] for s in seeds] for k in ENDPOINTS} for a in arms}
 
@@ -215,16 +312,35 @@ def analyse(args) -> int:
         }
 
     diffs = difference("ddpo_mean", "dpo_mean")
-    family = {name: hypothesis(diffs[endpoint]["per_seed"], kind) for name, endpoint, kind in PRIMARY_FAMILY}
-    adjusted = holm({name: h["p"] for name, h in family.items()})
-    for name, h in family.items():
-        h["p_holm"] = adjusted[name]
-        h["outcome"] = "hit" if adjusted[name] < ALPHA else "miss"
-        fragile = h["outcome"] == "hit" and max(h["sign_p"], h["permutation_p"]) >= ALPHA
-        h["robustness"] = "fragile (a distribution-free test misses)" if fragile else "consistent"
+    family = corrected({name: hypothesis(diffs[endpoint]["per_seed"], kind) for name, endpoint, kind in PRIMARY_FAMILY})
     secondary = {name: {"p": diffs[k]["p_two_sided"]} for name, k in SECONDARY_NUMBERS}
     for name, p in holm({n: s["p"] for n, s in secondary.items()}).items():
         secondary[name]["p_holm"] = p
+    beta_control = {}
+    if "dpo_sum_tuned" in arms:  # each DDPO arm against DPO tuned over β and lr (one-sided: DDPO lower)
+        for arm in ("ddpo_mean", "ddpo_sum_tuned", "ddpo_mean_tuned"):
+            d = difference(arm, "dpo_sum_tuned")
+            for endpoint in ("position_response_rate", "all_response_rate"):
+                beta_control[f"{arm} - dpo_sum_tuned: {endpoint}"] = {
+                    **{k: d[endpoint][k] for k in ("mean", "low", "high", "per_seed")},
+                    **hypothesis(d[endpoint]["per_seed"], "below"),
+                }
+        corrected(beta_control)
+    pairs_family, pairs_described = {}, {}
+    if all(f"{a}_p{n}_{s}" in arms for a in ("dpo_mean", "ddpo_mean") for n in PAIR_COUNTS for s in SCHEDULES):
+        for arm in ("dpo_mean", "ddpo_mean"):
+            for n in PAIR_COUNTS:
+                for schedule in SCHEDULES:
+                    d = difference(f"{arm}_p{n}_{schedule}", arm)["all_response_rate"]
+                    name = f"{arm}: all({n} pairs, fixed {schedule}) - all(every pair)"
+                    if n == PAIR_COUNTS[0]:  # tested (one-sided: fewer pairs, more hallucination)
+                        pairs_family[name] = {
+                            **{k: d[k] for k in ("mean", "low", "high", "per_seed")},
+                            **hypothesis(d["per_seed"], "above"),
+                        }
+                    else:
+                        pairs_described[name] = {k: d[k] for k in ("mean", "low", "high", "per_seed")}
+        corrected(pairs_family)
     out = {
         "preregistration": "experiments/results/lab_v3/PREREGISTRATION.md",
         "seeds": seeds,
@@ -249,6 +365,10 @@ def analyse(args) -> int:
         },
         "primary_family": family,
         "secondary_numbers_attributes": secondary,
+        "secondary_beta_control": beta_control,
+        "secondary_pairs_vs_steps": pairs_family,
+        "pairs_vs_steps_described": pairs_described,
+        "tuning": json.loads((RESULTS / "tuning.json").read_text()),
     }
     Path(args.results).mkdir(parents=True, exist_ok=True)
     (Path(args.results) / "results.json").write_text(json.dumps(out, indent=2))
@@ -266,7 +386,7 @@ def report(out: dict) -> str:
         f"Excluded at the gate: {out['excluded_seeds'] or 'none'}. Rates are % of responses with at least one "
         "hallucination of the kind (RLHF-V Table 3); mean ± SD over seeds.",
         "",
-        *table_head("arm", "object", "position", "number", "attribute", "all", "mention rate", "recall", "words"),
+        *table_head("arm", "object", "position", "number", "attribute", "all", "mention rate (%)", "recall", "words"),
     ]
     for arm, table in out["greedy"].items():
         cells = [statistics.fmean(table[k]) for k in REPORTED]
@@ -304,19 +424,50 @@ def report(out: dict) -> str:
         ),
         "",
     ]
+    if out["secondary_pairs_vs_steps"]:
+        lines += [
+            'Pairs vs steps (secondary family, Holm over 4; one-sided, H_a: fewer pairs -> higher "all" rate; '
+            "the 800-pair rows are described, not tested)",
+            "",
+            *table_head("comparison", "difference (points)", "p", "p (Holm)", "outcome", "sign p", "permutation p"),
+        ]
+        for name, h in {**out["secondary_pairs_vs_steps"], **out["pairs_vs_steps_described"]}.items():
+            cell = format_interval(100 * h["mean"], 100 * h["low"], 100 * h["high"], 1)
+            tested = [f"{h[k]:.4f}" for k in ("p", "p_holm")] + [h["outcome"]] if "p" in h else ["–"] * 3
+            extra = [f"{h[k]:.4f}" for k in ("sign_p", "permutation_p")] if "p" in h else ["–"] * 2
+            lines.append(f"| {name} | {cell} | " + " | ".join(tested + extra) + " |")
+        lines.append("")
+    if out["secondary_beta_control"]:
+        chosen = out["tuning"]["beta_control"]["chosen"]
+        lines += [
+            "β control (secondary family, Holm over 6; one-sided, DDPO below DPO tuned over β and lr; tuned points "
+            + ", ".join(f"{a} β {c['beta']:g} lr {c['lr']:g}" for a, c in chosen.items())
+            + ")",
+            "",
+            *table_head("comparison", "difference (points)", "p", "p (Holm)", "outcome", "sign p", "permutation p"),
+        ]
+        for name, h in out["secondary_beta_control"].items():
+            cell = format_interval(100 * h["mean"], 100 * h["low"], 100 * h["high"], 1)
+            lines.append(
+                f"| {name} | {cell} | {h['p']:.4f} | {h['p_holm']:.4f} | {h['outcome']} | {h['sign_p']:.4f} | "
+                f"{h['permutation_p']:.4f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("tune", "choose", "test", "analyse"))
+    parser.add_argument("command", choices=("tune", "tune-beta", "choose", "test", "analyse"))
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
     parser.add_argument("--output-dir", default="runs/lab_v3")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--count", type=int, default=8, help="analyse: the first N seeds that passed the gate")
     parser.add_argument("--num-threads", type=int, default=1)
+    parser.add_argument("--with-pairs", action="store_true", help="test: add the pairs-vs-steps arms")
     args = parser.parse_args(argv)
-    return {"tune": tune, "choose": choose, "test": test, "analyse": analyse}[args.command](args)
+    commands = {"tune": tune, "tune-beta": tune, "choose": choose, "test": test, "analyse": analyse}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
