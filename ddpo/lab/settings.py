@@ -33,9 +33,10 @@ class DemoSettings:
     # steps of perception pretraining before SFT (v2): the vision tower and projector learn to tell each
     # cell's shape and colour, as an MLLM starts from a pretrained CLIP tower; 0 = none (v1)
     perception_steps: int = 300
-    # perception pretraining starts the tower's position embeddings at std 1 and also labels each image token with
-    # its own cell, so the frozen tower's features say where they are (lab v3: without it they carried no cell
-    # identity and the SFT model named the wrong cell for objects it saw; experiments/results/lab_v3/NOTES.md)
+    # perception pretraining redraws the tower's position embeddings (at perception_position_std) and also labels
+    # each image token with its own cell, so the frozen tower's features say where they are (lab v3: without it
+    # they carried no cell identity and the SFT model named the wrong cell for objects it saw;
+    # experiments/results/lab_v3/NOTES.md)
     perception_positions: bool = True
     # the std those position embeddings start at (a pretrained CLIP tower's are O(1)): 1 left seed 0's SFT model
     # unsure which cell held which object in 3 runs of 4 (multi-object position accuracy 0.91-0.99); 3 gave 0.989

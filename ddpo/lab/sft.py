@@ -84,10 +84,11 @@ class PerceptionSettings:
     batch_size: int = 64
     learning_rate: float = 2e-3
     seed: int = 0
-    # std of the vision tower's position embeddings before pretraining (None: the tower's own init). Why 1.0
+    # std of the vision tower's position embeddings before pretraining (None: the tower's own init). Why O(1)
     # (lab v3): at CLIP's init (std 0.02) the nine cell tokens of an empty image differ by < 0.005, and 150 steps
     # of pretraining on a per-token cell label left its loss at ln 9 (nothing learned); at std 1 it fell to 0.04
     # in 25 steps with shape and colour learned as fast. A pretrained CLIP tower's features do say where they are.
+    # The lab uses 3 (DemoSettings.perception_position_std): at 1 the SFT model still mixed up cells on seed 0.
     position_std: float | None = None
 
 
