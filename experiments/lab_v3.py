@@ -1,17 +1,21 @@
 """Lab v3: DDPO vs vanilla DPO on RLHF-V Table 3's endpoints, under the pre-registration
-(experiments/results/lab_v3/PREREGISTRATION.md).
+(experiments/results/lab_v3/PREREGISTRATION.md; experiments/results/lab_v3/README.md has the results).
 
-    # 1. validation seeds: SFT model, gate, pairs, then the shared-lr grid (validation split only)
-    python experiments/lab_v3.py tune --seeds 0 1 2 --output-dir runs/lab_v3
-    python experiments/lab_v3.py choose --seeds 0 1 2 --output-dir runs/lab_v3   # -> results/lab_v3/tuning.json
-    # 2. test seeds (after PREREGISTRATION.md is committed): every stage, the primary arms at the chosen lr
-    python experiments/lab_v3.py test --seeds 100 101 102 103 --output-dir runs/lab_v3
-    # 3. the pre-registered analysis of the first 8 seeds that pass the gate -> results.json, RESULTS.md
-    python experiments/lab_v3.py analyse --seeds 100 101 102 103 104 105 106 107 --output-dir runs/lab_v3
+    # 1. validation seeds: SFT model, gate, pairs, the primary lr grid, the β grid (validation split only)
+    python experiments/lab_v3.py tune --seeds 0 1 2 3
+    python experiments/lab_v3.py tune-beta --seeds 0 1
+    python experiments/lab_v3.py choose --seeds 0 1 2 3        # -> experiments/results/lab_v3/tuning.json
+    # 2. test seeds (after PREREGISTRATION.md is committed): every stage, the primary and β-control arms,
+    #    then the pairs-vs-steps arms (a second pass reuses the finished runs)
+    python experiments/lab_v3.py test --seeds 100 101 102 103
+    python experiments/lab_v3.py test --with-pairs --seeds 100 101 102 103
+    # 3. the pre-registered analysis of the first 8 seeds that passed the gate -> results.json, RESULTS.md
+    python experiments/lab_v3.py analyse --seeds 100 101 102 103 104 105 106 107 108 109 110 111
 
-Two processes on different seeds share a 2-core machine well (`--num-threads 1` each). A seed whose SFT model
-misses the per-kind gate is recorded in its folder (`excluded.json`) and gets no arm; `analyse` names it, and
-the pre-registration's rule replaces it with the next seed.
+Runs go under --output-dir (runs/lab_v3/seed<N>). Two processes on different seeds share a 2-core machine well
+(`--num-threads 1` each; never two on one seed). A seed whose SFT model misses the per-kind gate is recorded in
+its folder (`excluded.json`) and gets no arm; `analyse` names it, and the pre-registration's rule replaces it
+with the next seed.
 """
 
 from __future__ import annotations
@@ -41,17 +45,17 @@ from ddpo.lab.stats import (
 )
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "lab_v3"
-LR_GRID = (3e-6, 1e-5, 3e-5)  # the v2 grid's useful range: from 1e-4 up the policies say "nothing" at real objects
+LR_GRID = (3e-6, 1e-5, 3e-5)  # the v2 grid's useful range (from 3e-5 up v2's policies said "nothing" at objects)
 ENDPOINTS = [f"{kind}_response_rate" for kind in TABLE3_COLUMNS]  # object, position, number, attribute, all
 # the β control (pre-registration section 3): DPO over β wide enough to cover DDPO-sum's effective β, and the
 # DDPO arms tuned alike (16 points each). The sum's grid first ran 1e-6 .. 1e-5 (v2's recall fell from 3e-5 up),
 # then 3e-6 .. 3e-5: both times both sum arms chose the top edge, so the grid grew to 1e-4 for every arm before
 # the test seeds (the 1e-6 runs, which left every policy at the SFT model's rates: lab_v3/NOTES.md)
 BETA_GRID = (0.5, 1.25, 2.5, 5.0)
-BETA_LR_GRID = {"sum": (3e-6, 1e-5, 3e-5, 1e-4), "mean": (3e-6, 1e-5, 3e-5, 1e-4)}
+BETA_LR_GRID = (3e-6, 1e-5, 3e-5, 1e-4)
 TUNED_ARMS = {"dpo_sum_tuned": (1.0, "sum"), "ddpo_sum_tuned": (5.0, "sum"), "ddpo_mean_tuned": (5.0, "mean")}
-PAIR_COUNTS = (200, 800)
-SCHEDULES = ("epochs", "steps")  # Figure 2's 200 and 800 (of 1,400); each seed's full set is the primary arm itself
+PAIR_COUNTS = (200, 800)  # Figure 2's 200 and 800 (of 1,400); each seed's full set is the primary arm itself
+SCHEDULES = ("epochs", "steps")  # the primary arms' epochs, or their number of optimiser steps
 SELECTION = "all_response_rate"  # the validation rule's figure (within RECALL_SLACK of the SFT model's recall)
 REPORTED = [*ENDPOINTS, "mention_hallucination_rate", "object_recall", "mean_response_words"]
 EQUIVALENCE_MARGIN = 0.03  # δ_obj of the pre-registration: ±3 percentage points of the object response rate
@@ -96,7 +100,7 @@ def beta_grid_arms() -> dict[str, dict]:
     runs = {}
     for arm, (gamma, norm) in TUNED_ARMS.items():
         for beta in BETA_GRID:
-            for lr in BETA_LR_GRID[norm]:
+            for lr in BETA_LR_GRID:
                 runs[f"{arm}_b{beta:g}_lr{lr:g}"] = run_overrides(gamma, norm, lr, **{"loss.beta": beta})
     return runs
 
@@ -195,8 +199,8 @@ def choose(args) -> int:
         bar = seed_means(beta_per_seed, "sft")["object_recall"] - RECALL_SLACK
         grid = {name: seed_means(beta_per_seed, name) for name in beta_names}
         chosen = {}
-        for arm, (_, norm) in TUNED_ARMS.items():
-            points = [(lr, beta) for lr in BETA_LR_GRID[norm] for beta in BETA_GRID]
+        for arm in TUNED_ARMS:
+            points = [(lr, beta) for lr in BETA_LR_GRID for beta in BETA_GRID]
             fine = [
                 p
                 for p in points
@@ -207,8 +211,8 @@ def choose(args) -> int:
             best = min(fine, key=lambda p: (grid[f"{arm}_b{p[1]:g}_lr{p[0]:g}"][SELECTION], p))
             chosen[arm] = {"lr": best[0], "beta": best[1]}
         choice["beta_control"] = {"seeds": beta_seeds, "grid": grid, "chosen": chosen}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tuning.json").write_text(json.dumps(choice, indent=2))
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    (Path(args.results) / "tuning.json").write_text(json.dumps(choice, indent=2))
     print(
         json.dumps(
             {"lr": lr, "seeds": seeds, "sd": sd, "beta_control": choice.get("beta_control", {}).get("chosen")}, indent=2
@@ -220,9 +224,9 @@ def choose(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # test seeds and the analysis
 # ------------------------------------------------------------------------------------------------
-def test_arms() -> dict[str, dict]:
+def test_arms(results: Path) -> dict[str, dict]:
     """The arms of every test seed, at the points tuning.json chose: the primary pair and the β control."""
-    path = RESULTS / "tuning.json"
+    path = results / "tuning.json"
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run `choose` on the validation seeds first")
     choice = json.loads(path.read_text())
@@ -237,7 +241,7 @@ def test(args) -> int:
     """Every stage of each test seed with the primary and β-control arms; `--with-pairs` adds the pairs-vs-steps
     arms (a second pass reuses the finished runs and their evaluations)."""
     for seed in args.seeds:
-        arms = test_arms()
+        arms = test_arms(Path(args.results))
         if args.with_pairs:
             stats = Path(args.output_dir) / f"seed{seed}" / "pairs" / "stats.json"
             if (Path(args.output_dir) / f"seed{seed}" / "excluded.json").is_file() or not stats.is_file():
@@ -368,7 +372,7 @@ def analyse(args) -> int:
         "secondary_beta_control": beta_control,
         "secondary_pairs_vs_steps": pairs_family,
         "pairs_vs_steps_described": pairs_described,
-        "tuning": json.loads((RESULTS / "tuning.json").read_text()),
+        "tuning": json.loads((Path(args.results) / "tuning.json").read_text()),
     }
     Path(args.results).mkdir(parents=True, exist_ok=True)
     (Path(args.results) / "results.json").write_text(json.dumps(out, indent=2))
@@ -461,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("tune", "tune-beta", "choose", "test", "analyse"))
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
     parser.add_argument("--output-dir", default="runs/lab_v3")
-    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--results", default=str(RESULTS), help="where tuning.json is written and read")
     parser.add_argument("--count", type=int, default=8, help="analyse: the first N seeds that passed the gate")
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--with-pairs", action="store_true", help="test: add the pairs-vs-steps arms")

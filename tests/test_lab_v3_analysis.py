@@ -42,17 +42,15 @@ def write_seed(root, seed: int, k: int) -> None:
     (folder / "results.json").write_text(json.dumps(results))
 
 
-def test_analyse_tests_the_preregistered_families_on_the_seeds_that_passed_the_gate(tmp_path, monkeypatch):
+def test_analyse_tests_the_preregistered_families_on_the_seeds_that_passed_the_gate(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "results"
     for k, seed in enumerate((100, 101, 102, 104)):
         write_seed(runs, seed, k)
     (runs / "seed103").mkdir()
     (runs / "seed103" / "excluded.json").write_text(json.dumps({"failed": ["multi_shape_accuracy 0.93 < 0.95"]}))
-    tuning = tmp_path / "tuning"
-    tuning.mkdir()
+    out.mkdir()
     chosen = {a: {"lr": 1e-6, "beta": 2.5} for a in lab_v3.TUNED_ARMS}
-    (tuning / "tuning.json").write_text(json.dumps({"beta_control": {"chosen": chosen}}))
-    monkeypatch.setattr(lab_v3, "RESULTS", tuning)
+    (out / "tuning.json").write_text(json.dumps({"beta_control": {"chosen": chosen}}))
 
     args = ["analyse", "--seeds", "100", "101", "102", "103", "104", "--output-dir", str(runs), "--results", str(out)]
     assert lab_v3.main(args) == 0
@@ -101,8 +99,7 @@ def write_validation(folder, name: str, every: float, recall: float) -> None:
     (path / "eval.json").write_text(json.dumps({"validation": m}))
 
 
-def test_choose_takes_the_lowest_all_rate_that_keeps_recall(tmp_path, monkeypatch):
-    monkeypatch.setattr(lab_v3, "RESULTS", tmp_path / "results")
+def test_choose_takes_the_lowest_all_rate_that_keeps_recall(tmp_path):
     # 3e-6: both keep recall; 1e-5: lower "all" but DDPO loses 0.03 of recall (bar: 0.98 - 0.02); 3e-5: unreadable
     points = {3e-6: (0.50, 0.98), 1e-5: (0.40, 0.95)}
     for seed in (0, 1):
@@ -113,7 +110,8 @@ def test_choose_takes_the_lowest_all_rate_that_keeps_recall(tmp_path, monkeypatc
             write_validation(folder, f"ddpo_mean_lr{lr:g}", every, recall)
         for name in ("dpo_mean_lr3e-05", "ddpo_mean_lr3e-05"):
             (folder / "runs" / name / "final").mkdir(parents=True)  # trained, no eval.json: unscorable
-    assert lab_v3.main(["choose", "--seeds", "0", "1", "2", "--output-dir", str(tmp_path)]) == 0
+    args = ["choose", "--seeds", "0", "1", "2", "--output-dir", str(tmp_path), "--results", str(tmp_path / "results")]
+    assert lab_v3.main(args) == 0
     choice = json.loads((tmp_path / "results" / "tuning.json").read_text())
     assert choice["primary"]["lr"] == 3e-6 and choice["primary"]["seeds"] == [0, 1]
     assert "beta_control" not in choice  # no β grid on these seeds
