@@ -35,10 +35,9 @@ from ddpo.lab.settings import DemoSettings, base_config
 from ddpo.lab.stages import run
 from ddpo.lab.stats import (
     holm,
-    interval,
     one_sided_p,
-    p_value,
     paired_differences,
+    paired_test,
     permutation_p,
     sign_test_p,
     tost_p,
@@ -96,12 +95,16 @@ def grid_arms() -> dict[str, dict]:
     return runs
 
 
+def beta_run_name(arm: str, beta: float, lr: float) -> str:
+    return f"{arm}_b{beta:g}_lr{lr:g}"
+
+
 def beta_grid_arms() -> dict[str, dict]:
     runs = {}
     for arm, (gamma, norm) in TUNED_ARMS.items():
         for beta in BETA_GRID:
             for lr in BETA_LR_GRID:
-                runs[f"{arm}_b{beta:g}_lr{lr:g}"] = run_overrides(gamma, norm, lr, **{"loss.beta": beta})
+                runs[beta_run_name(arm, beta, lr)] = run_overrides(gamma, norm, lr, **{"loss.beta": beta})
     return runs
 
 
@@ -200,15 +203,11 @@ def choose(args) -> int:
         grid = {name: seed_means(beta_per_seed, name) for name in beta_names}
         chosen = {}
         for arm in TUNED_ARMS:
-            points = [(lr, beta) for lr in BETA_LR_GRID for beta in BETA_GRID]
-            fine = [
-                p
-                for p in points
-                if grid[f"{arm}_b{p[1]:g}_lr{p[0]:g}"] and grid[f"{arm}_b{p[1]:g}_lr{p[0]:g}"]["object_recall"] >= bar
-            ]
+            points = {(lr, beta): grid[beta_run_name(arm, beta, lr)] for lr in BETA_LR_GRID for beta in BETA_GRID}
+            fine = [p for p, m in points.items() if m and m["object_recall"] >= bar]
             if not fine:
                 raise SystemExit(f"no (β, lr) keeps {arm}'s recall within {RECALL_SLACK} of SFT's: widen the grid")
-            best = min(fine, key=lambda p: (grid[f"{arm}_b{p[1]:g}_lr{p[0]:g}"][SELECTION], p))
+            best = min(fine, key=lambda p: (points[p][SELECTION], p))
             chosen[arm] = {"lr": best[0], "beta": best[1]}
         choice["beta_control"] = {"seeds": beta_seeds, "grid": grid, "chosen": chosen}
     Path(args.results).mkdir(parents=True, exist_ok=True)
@@ -306,14 +305,12 @@ def analyse(args) -> int:
     sampled = {a: {k: [results[s]["sampled"][a][k] for s in seeds] for k in ENDPOINTS} for a in arms}
 
     def difference(a: str, b: str, table=values) -> dict:
-        return {
-            k: dict(zip(("mean", "low", "high"), interval(paired_differences(table[a][k], table[b][k]))))
-            | {
-                "per_seed": paired_differences(table[a][k], table[b][k]),
-                "p_two_sided": p_value(paired_differences(table[a][k], table[b][k])),
-            }
-            for k in table[a]
-        }
+        out = {}
+        for k in table[a]:
+            d = paired_differences(table[a][k], table[b][k])
+            mean, low, high, p = paired_test(d)
+            out[k] = {"mean": mean, "low": low, "high": high, "per_seed": d, "p_two_sided": p}
+        return out
 
     diffs = difference("ddpo_mean", "dpo_mean")
     family = corrected({name: hypothesis(diffs[endpoint]["per_seed"], kind) for name, endpoint, kind in PRIMARY_FAMILY})
