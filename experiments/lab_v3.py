@@ -4,6 +4,7 @@
     # 1. validation seeds: SFT model, gate, pairs, the primary lr grid, the β grid (validation split only)
     python experiments/lab_v3.py tune --seeds 0 1 2 3
     python experiments/lab_v3.py tune-beta --seeds 0 1
+    python experiments/lab_v3.py tune-methods --seeds 0 1 2 3
     python experiments/lab_v3.py choose --seeds 0 1 2 3        # -> experiments/results/lab_v3/tuning.json
     # 2. test seeds (after PREREGISTRATION.md is committed): every stage, the primary and β-control arms,
     #    then the pairs-vs-steps arms (a second pass reuses the finished runs)
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from ddpo.data.synthetic.metrics import TABLE3_COLUMNS
 from ddpo.lab.gate import GateError
-from ddpo.lab.recipes import run_overrides
+from ddpo.lab.recipes import recipe_overrides, recipe_run_name, run_overrides
 from ddpo.lab.report import format_interval, table_head
 from ddpo.lab.selection import RECALL_SLACK
 from ddpo.lab.settings import DemoSettings, base_config
@@ -66,6 +67,13 @@ PRIMARY_FAMILY = (
     ("H3_all_lower", "all_response_rate", "below"),
 )
 SECONDARY_NUMBERS = (("numbers", "number_response_rate"), ("attributes", "attribute_response_rate"))
+# the methods family (pre-registration section 4 and its addendum of 2026-12-07): each faithful recipe of
+# configs/methods/ (its `loss:` section and reference mode; the lab's data and schedule) at its own validation
+# lr, against `dpo_mean` on the position and "all" rates, two-sided, Holm over the 16 tests. The recipes' own
+# DPO (configs/methods/dpo.yaml: sum, β 0.1) is tuned alike and described: recipe - dpo is what its parts add
+METHOD_RECIPES = ("ddpo_released", "chip", "mdpo", "hsa_dpo", "tpo", "tdpo1", "tdpo2", "ld_dpo")
+RECIPE_BASELINE = "dpo"
+METHOD_ENDPOINTS = ("position_response_rate", "all_response_rate")
 
 
 def primary_arms(lr: float) -> dict[str, dict]:
@@ -108,6 +116,17 @@ def beta_grid_arms() -> dict[str, dict]:
     return runs
 
 
+def method_arms(lrs: dict[str, float] | None = None) -> dict[str, dict]:
+    """The methods family's recipes (and their DPO) at every lr of LR_GRID, or each at its chosen lr `lrs`
+    (then the arm is named after the recipe)."""
+    recipes = (*METHOD_RECIPES, RECIPE_BASELINE)
+    if lrs is not None:
+        return {r: {**recipe_overrides(r), "train.learning_rate": lrs[r]} for r in recipes}
+    return {
+        recipe_run_name(r, lr): {**recipe_overrides(r), "train.learning_rate": lr} for r in recipes for lr in LR_GRID
+    }
+
+
 def seed_settings(args, seed: int, **overrides) -> DemoSettings:
     settings = DemoSettings(
         output_dir=str(Path(args.output_dir) / f"seed{seed}"), seed=seed, num_threads=args.num_threads, **overrides
@@ -132,7 +151,7 @@ def run_seed(settings: DemoSettings) -> dict | None:
 # validation: the shared lr
 # ------------------------------------------------------------------------------------------------
 def tune(args) -> int:
-    arms = grid_arms() if args.command == "tune" else beta_grid_arms()
+    arms = {"tune": grid_arms, "tune-beta": beta_grid_arms, "tune-methods": method_arms}[args.command]()
     for seed in args.seeds:
         run_seed(seed_settings(args, seed, methods=arms, validation_only=True))
     return 0
@@ -210,11 +229,34 @@ def choose(args) -> int:
             best = min(fine, key=lambda p: (points[p][SELECTION], p))
             chosen[arm] = {"lr": best[0], "beta": best[1]}
         choice["beta_control"] = {"seeds": beta_seeds, "grid": grid, "chosen": chosen}
+    method_names = list(method_arms())
+    try:
+        method_seeds, method_per_seed = validation_runs(args, method_names)
+    except SystemExit:
+        method_seeds = []
+    if method_seeds:
+        bar = seed_means(method_per_seed, "sft")["object_recall"] - RECALL_SLACK
+        grid = {name: seed_means(method_per_seed, name) for name in method_names}
+        chosen, no_point = {}, {}
+        for recipe in (*METHOD_RECIPES, RECIPE_BASELINE):
+            fine = [lr for lr in LR_GRID if (m := grid[recipe_run_name(recipe, lr)]) and m["object_recall"] >= bar]
+            if fine:  # the grid is fixed (the addendum): a recipe with no admissible lr is reported, not tested
+                chosen[recipe] = min(fine, key=lambda lr: (grid[recipe_run_name(recipe, lr)][SELECTION], lr))
+            else:
+                no_point[recipe] = f"no lr of {list(LR_GRID)} keeps recall within {RECALL_SLACK} of SFT's"
+        choice["methods"] = {"seeds": method_seeds, "grid": grid, "chosen": chosen, "no_admissible_lr": no_point}
     Path(args.results).mkdir(parents=True, exist_ok=True)
     (Path(args.results) / "tuning.json").write_text(json.dumps(choice, indent=2))
     print(
         json.dumps(
-            {"lr": lr, "seeds": seeds, "sd": sd, "beta_control": choice.get("beta_control", {}).get("chosen")}, indent=2
+            {
+                "lr": lr,
+                "seeds": seeds,
+                "sd": sd,
+                "beta_control": choice.get("beta_control", {}).get("chosen"),
+                "methods": choice.get("methods", {}).get("chosen"),
+            },
+            indent=2,
         )
     )
     return 0
@@ -223,8 +265,9 @@ def choose(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # test seeds and the analysis
 # ------------------------------------------------------------------------------------------------
-def test_arms(results: Path) -> dict[str, dict]:
-    """The arms of every test seed, at the points tuning.json chose: the primary pair and the β control."""
+def test_arms(results: Path, with_methods: bool = False) -> dict[str, dict]:
+    """The arms of every test seed, at the points tuning.json chose: the primary pair and the β control
+    (`with_methods`: and the methods family's recipes)."""
     path = results / "tuning.json"
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run `choose` on the validation seeds first")
@@ -233,14 +276,19 @@ def test_arms(results: Path) -> dict[str, dict]:
     for arm, point in choice.get("beta_control", {}).get("chosen", {}).items():
         gamma, norm = TUNED_ARMS[arm]
         arms[arm] = run_overrides(gamma, norm, point["lr"], **{"loss.beta": point["beta"]})
+    if with_methods:
+        if "methods" not in choice:
+            raise SystemExit(f"{path} has no methods choice: run `tune-methods` and `choose` first")
+        arms |= method_arms(choice["methods"]["chosen"])
     return arms
 
 
 def test(args) -> int:
     """Every stage of each test seed with the primary and β-control arms; `--with-pairs` adds the pairs-vs-steps
-    arms (a second pass reuses the finished runs and their evaluations)."""
+    arms, `--with-methods` the methods family (a later pass reuses the finished runs and their evaluations; an
+    arm with unparsed answers is recorded as unscorable, pre-registration section 5)."""
     for seed in args.seeds:
-        arms = test_arms(Path(args.results))
+        arms = test_arms(Path(args.results), args.with_methods)
         if args.with_pairs:
             stats = Path(args.output_dir) / f"seed{seed}" / "pairs" / "stats.json"
             if (Path(args.output_dir) / f"seed{seed}" / "excluded.json").is_file() or not stats.is_file():
@@ -249,7 +297,7 @@ def test(args) -> int:
             train = base_config(DemoSettings()).train
             pairs = json.loads(stats.read_text())["pairs_used"]
             arms |= pairs_arms(arms["dpo_mean"]["train.learning_rate"], pairs, train.micro_batch_size, train.epochs)
-        run_seed(seed_settings(args, seed, methods=arms))
+        run_seed(seed_settings(args, seed, methods=arms, record_unscorable=args.with_methods))
     return 0
 
 
@@ -459,15 +507,23 @@ def report(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("tune", "tune-beta", "choose", "test", "analyse"))
+    parser.add_argument("command", choices=("tune", "tune-beta", "tune-methods", "choose", "test", "analyse"))
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
     parser.add_argument("--output-dir", default="runs/lab_v3")
     parser.add_argument("--results", default=str(RESULTS), help="where tuning.json is written and read")
     parser.add_argument("--count", type=int, default=8, help="analyse: the first N seeds that passed the gate")
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--with-pairs", action="store_true", help="test: add the pairs-vs-steps arms")
+    parser.add_argument("--with-methods", action="store_true", help="test: add the methods family's recipes")
     args = parser.parse_args(argv)
-    commands = {"tune": tune, "tune-beta": tune, "choose": choose, "test": test, "analyse": analyse}
+    commands = {
+        "tune": tune,
+        "tune-beta": tune,
+        "tune-methods": tune,
+        "choose": choose,
+        "test": test,
+        "analyse": analyse,
+    }
     return commands[args.command](args)
 
 

@@ -64,6 +64,9 @@ class DemoSettings:
     max_unparsed: float = 0.05
     drift_images: int = 64  # validation images whose SFT answers probe the drift during training
     validation_only: bool = False  # evaluate on the validation split only (hyper-parameter searches: no test number)
+    # record a trained arm whose answers are unparsed as unscorable and go on (a validation grid always does;
+    # a study whose analysis has a rule for unscored arms); off, it raises UnparsedError
+    record_unscorable: bool = False
     preference_images: int = 1600  # held-out images whose sampled answers get corrected
     sample_temperature: float = 0.7  # RLAIF-V samples at 0.7; at 1.0 answers drift far from greedy ones
     max_pairs: int = 1400  # the paper's 1.4k; fewer if fewer sampled answers hallucinate

@@ -322,7 +322,7 @@ def stage_eval(settings: DemoSettings, out: Path, timings: dict) -> dict:
                 done = evaluate_saved_model(settings, path, method, key, yardstick)
             except UnparsedError as error:
                 named = UnparsedError(f"{method} ({path}): {error}", error.count, error.total, error.examples)
-                if not settings.validation_only:
+                if method == "sft" or not (settings.validation_only or settings.record_unscorable):
                     raise named from None
                 # an lr grid records a run that writes unreadable text and chooses among the others
                 results.setdefault("unscorable", {})[method] = str(named)
