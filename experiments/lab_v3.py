@@ -37,6 +37,7 @@ from ddpo.lab.stages import run
 from ddpo.lab.stats import (
     holm,
     one_sided_p,
+    p_value,
     paired_differences,
     paired_test,
     permutation_p,
@@ -313,6 +314,13 @@ def hypothesis(diffs: list[float], test_kind: str) -> dict:
                 permutation_p(diffs, below=False, shift=-m), permutation_p(diffs, below=True, shift=m)
             ),
         }
+    if test_kind == "two_sided":  # the exact tests' two-sided p: twice the smaller one-sided p
+        return {
+            "test": "two-sided paired t",
+            "p": p_value(diffs),
+            "sign_p": min(1.0, 2 * min(sign_test_p(diffs, below=True), sign_test_p(diffs, below=False))),
+            "permutation_p": min(1.0, 2 * min(permutation_p(diffs, below=True), permutation_p(diffs, below=False))),
+        }
     below = test_kind == "below"
     return {
         "test": f"one-sided paired t, H_a: mean difference {'<' if below else '>'} 0",
@@ -331,6 +339,43 @@ def corrected(family: dict) -> dict:
         fragile = h["outcome"] == "hit" and max(h["sign_p"], h["permutation_p"]) >= ALPHA
         h["robustness"] = "fragile (a distribution-free test misses)" if fragile else "consistent"
     return family
+
+
+def paired(results: dict, a: str, b: str, keys: list[str]) -> dict:
+    """a - b per endpoint on the seeds where both arms have a score (an arm with unparsed answers has none)."""
+    seeds = [s for s, r in results.items() if a in r["methods"] and b in r["methods"]]
+    out = {"seeds": seeds}
+    for k in keys:
+        d = paired_differences(
+            [results[s]["methods"][a][k] for s in seeds], [results[s]["methods"][b][k] for s in seeds]
+        )
+        mean, low, high, p = paired_test(d) if d else (float("nan"),) * 4
+        out[k] = {"mean": mean, "low": low, "high": high, "per_seed": d, "p_two_sided": p}
+    return out
+
+
+def methods_family(results: dict, tuning: dict) -> dict:
+    """The addendum's methods family: each recipe - `dpo_mean` on METHOD_ENDPOINTS (two-sided, Holm over the
+    tests that could run; a recipe scored on fewer than all seeds but one is not tested), and the described
+    differences: every endpoint against `dpo_mean` and against the recipes' own DPO."""
+    family, not_tested, described = {}, dict(tuning.get("no_admissible_lr", {})), {}
+    for recipe in METHOD_RECIPES:
+        if recipe in not_tested:
+            continue
+        against = paired(results, recipe, "dpo_mean", REPORTED)
+        if len(against["seeds"]) < len(results) - 1:
+            not_tested[recipe] = f"scored on {len(against['seeds'])} of {len(results)} seeds"
+            continue
+        for endpoint in METHOD_ENDPOINTS:
+            d = against[endpoint]
+            family[f"{recipe} - dpo_mean: {endpoint}"] = {
+                **{k: d[k] for k in ("mean", "low", "high", "per_seed")},
+                "seeds": against["seeds"],
+                **hypothesis(d["per_seed"], "two_sided"),
+            }
+        described[f"{recipe} - dpo_mean"] = against
+        described[f"{recipe} - {RECIPE_BASELINE}"] = paired(results, recipe, RECIPE_BASELINE, REPORTED)
+    return {"family": corrected(family), "not_tested": not_tested, "described": described, "lr": tuning["chosen"]}
 
 
 def analyse(args) -> int:
@@ -375,6 +420,7 @@ def analyse(args) -> int:
                     **hypothesis(d[endpoint]["per_seed"], "below"),
                 }
         corrected(beta_control)
+    tuning = json.loads((Path(args.results) / "tuning.json").read_text())
     pairs_family, pairs_described = {}, {}
     if all(f"{a}_p{n}_{s}" in arms for a in ("dpo_mean", "ddpo_mean") for n in PAIR_COUNTS for s in SCHEDULES):
         for arm in ("dpo_mean", "ddpo_mean"):
@@ -417,13 +463,20 @@ def analyse(args) -> int:
         "secondary_beta_control": beta_control,
         "secondary_pairs_vs_steps": pairs_family,
         "pairs_vs_steps_described": pairs_described,
-        "tuning": json.loads((Path(args.results) / "tuning.json").read_text()),
+        "tuning": tuning,
     }
+    if any(r in results[s]["methods"] for s in seeds for r in METHOD_RECIPES):
+        out["secondary_methods"] = methods_family(results, tuning["methods"])
     Path(args.results).mkdir(parents=True, exist_ok=True)
     (Path(args.results) / "results.json").write_text(json.dumps(out, indent=2))
     (Path(args.results) / "RESULTS.md").write_text(report(out))
     print(report(out))
     return 0
+
+
+def points(d: dict) -> str:
+    """A difference of rates as percentage points: mean [95% interval]."""
+    return format_interval(100 * d["mean"], 100 * d["low"], 100 * d["high"], 1)
 
 
 def report(out: dict) -> str:
@@ -450,9 +503,7 @@ def report(out: dict) -> str:
     ]
     for name, table in out["differences"].items():
         keys = [*ENDPOINTS, "object_recall"] if "object_recall" in table else ENDPOINTS
-        cells = [
-            format_interval(100 * table[k]["mean"], 100 * table[k]["low"], 100 * table[k]["high"], 1) for k in keys
-        ]
+        cells = [points(table[k]) for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells + [""] * (6 - len(cells))) + " |")
     lines += [
         "",
@@ -481,7 +532,7 @@ def report(out: dict) -> str:
             *table_head("comparison", "difference (points)", "p", "p (Holm)", "outcome", "sign p", "permutation p"),
         ]
         for name, h in {**out["secondary_pairs_vs_steps"], **out["pairs_vs_steps_described"]}.items():
-            cell = format_interval(100 * h["mean"], 100 * h["low"], 100 * h["high"], 1)
+            cell = points(h)
             tested = [f"{h[k]:.4f}" for k in ("p", "p_holm")] + [h["outcome"]] if "p" in h else ["–"] * 3
             extra = [f"{h[k]:.4f}" for k in ("sign_p", "permutation_p")] if "p" in h else ["–"] * 2
             lines.append(f"| {name} | {cell} | " + " | ".join(tested + extra) + " |")
@@ -496,13 +547,42 @@ def report(out: dict) -> str:
             *table_head("comparison", "difference (points)", "p", "p (Holm)", "outcome", "sign p", "permutation p"),
         ]
         for name, h in out["secondary_beta_control"].items():
-            cell = format_interval(100 * h["mean"], 100 * h["low"], 100 * h["high"], 1)
+            cell = points(h)
             lines.append(
                 f"| {name} | {cell} | {h['p']:.4f} | {h['p_holm']:.4f} | {h['outcome']} | {h['sign_p']:.4f} | "
                 f"{h['permutation_p']:.4f} |"
             )
         lines.append("")
+    if "secondary_methods" in out:
+        lines += methods_report(out["secondary_methods"])
     return "\n".join(lines)
+
+
+def methods_report(methods: dict) -> list[str]:
+    family = methods["family"]
+    lines = [
+        f"Methods family (secondary, Holm over {len(family)}; two-sided paired t, recipe - dpo_mean; lr per recipe "
+        + ", ".join(f"{r} {lr:g}" for r, lr in methods["lr"].items())
+        + ")",
+        "",
+        *table_head("comparison", "difference (points)", "p", "p (Holm)", "outcome", "sign p", "permutation p"),
+    ]
+    for name, h in family.items():
+        lines.append(
+            f"| {name} | {points(h)} | {h['p']:.4f} | {h['p_holm']:.4f} | {h['outcome']} | {h['sign_p']:.4f} | "
+            f"{h['permutation_p']:.4f} |"
+        )
+    lines += [f"| {r}: not tested ({why}) | | | | | | |" for r, why in methods["not_tested"].items()]
+    lines += [
+        "",
+        "Methods, described (percentage points; mean [95% t-interval]; against `dpo`, the recipes' own summed DPO "
+        "at β 0.1: what each recipe's parts add)",
+        "",
+        *table_head("comparison", "object", "position", "number", "attribute", "all", "recall"),
+    ]
+    for name, d in methods["described"].items():
+        lines.append(f"| {name} | " + " | ".join(points(d[k]) for k in [*ENDPOINTS, "object_recall"]) + " |")
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

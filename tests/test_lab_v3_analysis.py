@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 import experiments.lab_v3 as lab_v3
-from ddpo.lab.stats import holm, one_sided_p, tost_p
+from ddpo.lab.stats import holm, one_sided_p, p_value, tost_p
 
 ARMS = ("sft", "dpo_mean", "ddpo_mean", "dpo_sum_tuned", "ddpo_sum_tuned", "ddpo_mean_tuned")
 # per-seed "all" / position / object rates of DDPO minus DPO (seeds 100, 101, 102, 104; 103 missed the gate)
@@ -115,3 +115,70 @@ def test_choose_takes_the_lowest_all_rate_that_keeps_recall(tmp_path):
     choice = json.loads((tmp_path / "results" / "tuning.json").read_text())
     assert choice["primary"]["lr"] == 3e-6 and choice["primary"]["seeds"] == [0, 1]
     assert "beta_control" not in choice  # no β grid on these seeds
+
+
+# per-seed "all" rate of chip minus dpo_mean (mdpo: unscored on two seeds; tpo: on one; ld_dpo: no admissible lr)
+D_CHIP = [-0.04, -0.06, -0.05, -0.02]
+
+
+def test_the_methods_family_tests_each_recipe_against_dpo_mean_two_sided(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    seeds = (100, 101, 102, 104)
+    for k, seed in enumerate(seeds):
+        write_seed(runs, seed, k)
+        path = runs / f"seed{seed}" / "results.json"
+        results = json.loads(path.read_text())
+        base = 0.3 + 0.01 * k
+        scored = {"chip": metrics(base, every=D_CHIP[k]), "dpo": metrics(base, every=-0.01)}
+        scored |= {r: metrics(base) for r in lab_v3.METHOD_RECIPES if r not in ("chip", "mdpo", "tpo", "ld_dpo")}
+        if k < 2:
+            scored["mdpo"] = metrics(base)
+        if k != 0:
+            scored["tpo"] = metrics(base, pos=0.01 * k)
+        results["methods"] |= scored
+        results["sampled"] |= scored
+        results["drift"] |= {r: 0.0 for r in scored}
+        path.write_text(json.dumps(results))
+    out.mkdir()
+    lrs = {r: 1e-5 for r in (*lab_v3.METHOD_RECIPES, lab_v3.RECIPE_BASELINE) if r != "ld_dpo"}
+    methods = {"chosen": lrs, "no_admissible_lr": {"ld_dpo": "no lr keeps recall"}}
+    beta = {"chosen": {a: {"lr": 1e-6, "beta": 2.5} for a in lab_v3.TUNED_ARMS}}
+    (out / "tuning.json").write_text(json.dumps({"beta_control": beta, "methods": methods}))
+
+    args = ["analyse", "--seeds", *map(str, seeds), "--output-dir", str(runs), "--results", str(out)]
+    assert lab_v3.main(args) == 0
+    got = json.loads((out / "results.json").read_text())["secondary_methods"]
+
+    assert set(got["not_tested"]) == {"mdpo", "ld_dpo"}  # scored on 2 of 4 seeds; no admissible lr
+    family = got["family"]
+    assert len(family) == 2 * 6  # 6 recipes tested on positions and "all"
+    chip = family["chip - dpo_mean: all_response_rate"]
+    assert chip["per_seed"] == pytest.approx(D_CHIP, abs=1e-12) and chip["p"] == pytest.approx(p_value(D_CHIP))
+    assert chip["sign_p"] == pytest.approx(2 / 16)  # 4 of 4 below: one-sided 1/16, two-sided twice that
+    assert {k: h["p_holm"] for k, h in family.items()} == pytest.approx(holm({k: h["p"] for k, h in family.items()}))
+    tpo = family["tpo - dpo_mean: position_response_rate"]
+    assert tpo["seeds"] == [101, 102, 104] and tpo["per_seed"] == pytest.approx([0.01, 0.02, 0.03], abs=1e-12)
+    # described: what chip's parts add beyond the recipes' own DPO
+    assert got["described"]["chip - dpo"]["all_response_rate"]["mean"] == pytest.approx(
+        statistics.fmean(D_CHIP) + 0.01, abs=1e-12
+    )
+    assert "chip - dpo_mean: all_response_rate" in (out / "RESULTS.md").read_text()
+
+
+def test_choose_takes_each_recipes_lr_on_its_own(tmp_path):
+    # per lr: ("all" rate, recall); chip's best "all" (3e-5) loses recall; hsa_dpo keeps none
+    chip = {3e-6: (0.5, 0.98), 1e-5: (0.4, 0.97), 3e-5: (0.2, 0.90)}
+    for seed in (0, 1):
+        folder = tmp_path / f"seed{seed}"
+        write_validation(folder, "sft", 0.6, 0.98)
+        for lr in lab_v3.LR_GRID:
+            for name in lab_v3.grid_arms():
+                write_validation(folder, name, 0.5, 0.98)
+            for recipe in (*lab_v3.METHOD_RECIPES, lab_v3.RECIPE_BASELINE):
+                every, recall = chip[lr] if recipe == "chip" else (0.5, 0.5 if recipe == "hsa_dpo" else 0.98)
+                write_validation(folder, f"{recipe}_lr{lr:g}", every, recall)
+    args = ["choose", "--seeds", "0", "1", "--output-dir", str(tmp_path), "--results", str(tmp_path / "results")]
+    assert lab_v3.main(args) == 0
+    methods = json.loads((tmp_path / "results" / "tuning.json").read_text())["methods"]
+    assert methods["chosen"]["chip"] == 1e-5 and methods["chosen"]["tdpo1"] == 3e-6  # ties: the smaller lr
+    assert "hsa_dpo" not in methods["chosen"] and "hsa_dpo" in methods["no_admissible_lr"]
