@@ -130,16 +130,14 @@ class Trainer:
         self.reference_cache_dir = Path(cfg.train.reference_cache or self.output_dir / "reference_cache")
         self.loss_fn = DDPOLoss(cfg.loss)
         if for_reference_cache:
-            self._compute_reference_cache()
-            if self.loss_fn.needs_corrupted_reference:  # mDPO's conditional term: the corrupted-image view too
-                self._compute_reference_cache(corrupted=True)
+            for corrupted in self._reference_views():
+                self._compute_reference_cache(self.reference_cache_dir, self.records, self.dataset, corrupted)
             return self
         self._check_data_for_loss()
         self.ref_model = None
         if cfg.train.reference == "cached" and not cfg.loss.reference_free:
-            self._load_or_compute_reference_cache()
-            if self.loss_fn.needs_corrupted_reference:
-                self._load_or_compute_reference_cache(corrupted=True)
+            for corrupted in self._reference_views():
+                self._attach_reference_cache(self.reference_cache_dir, self.records, self.dataset, corrupted)
         elif cfg.train.reference == "live" and not cfg.loss.reference_free:  # reference-free: no reference at all
             self.ref_model = self._frozen_reference()
         self._setup_steps()
@@ -215,26 +213,31 @@ class Trainer:
             )
 
     # -- reference ------------------------------------------------------------------------------
-    def _reference_cache(self, corrupted: bool) -> tuple[Path, dict, Callable | None]:
-        """(directory, fingerprint, batch transform) of the plain cache or of the corrupted-image one."""
-        fp = reference.fingerprint(self.model, self.records, self.cfg)
+    def _reference_views(self) -> tuple[bool, ...]:
+        """The cached views of each pair: plain, and corrupted-image too for mDPO's conditional term."""
+        return (False, True) if self.loss_fn.needs_corrupted_reference else (False,)
+
+    def _reference_cache(self, base: Path, records, corrupted: bool) -> tuple[Path, dict, Callable | None]:
+        """(directory, fingerprint, batch transform) of `records`' plain cache at `base` or of its corrupted-image
+        sibling."""
+        fp = reference.fingerprint(self.model, records, self.cfg)
         if not corrupted:
-            return self.reference_cache_dir, fp, None
+            return base, fp, None
         return (
-            reference.corrupted_cache_dir(self.reference_cache_dir, self.cfg.loss),
+            reference.corrupted_cache_dir(base, self.cfg.loss),
             {**fp, **reference.corruption_fingerprint(self.cfg.loss), **self._corruption_fingerprint()},
             self._corrupt,
         )
 
-    def _compute_reference_cache(self, corrupted: bool = False) -> None:
-        directory, fp, transform = self._reference_cache(corrupted)
+    def _compute_reference_cache(self, base: Path, records, dataset: PairDataset, corrupted: bool) -> None:
+        directory, fp, transform = self._reference_cache(base, records, corrupted)
         reference.check_replaceable(directory, fp)  # before the forward passes: another cache is never replaced
         local = reference.compute_answer_logps(
             self.model,
-            self.dataset,
+            dataset,
             self.collate,
             self.cfg.train.micro_batch_size,
-            reference.shard(len(self.dataset)),
+            reference.shard(len(dataset)),
             progress=self.is_main and self.cfg.logging.progress_bar,
             transform=transform,
         )
@@ -244,18 +247,19 @@ class Trainer:
             logger.info("wrote reference log-probs of %d pairs to %s", len(merged), directory)
         dist.barrier()
 
-    def _load_or_compute_reference_cache(self, corrupted: bool = False) -> None:
-        directory, expected, _ = self._reference_cache(corrupted)
+    def _attach_reference_cache(self, base: Path, records, dataset: PairDataset, corrupted: bool) -> None:
+        """`records`' cached reference log-probs, computed from the initial policy where the cache is missing."""
+        directory, expected, _ = self._reference_cache(base, records, corrupted)
         if not (directory / reference.FINGERPRINT_FILE).is_file():
             logger.info("no reference cache at %s: computing it from the initial policy", directory)
-            self._compute_reference_cache(corrupted)
+            self._compute_reference_cache(base, records, dataset, corrupted)
         cached = reference.read_cache(directory, expected)
         fields = (
             ("ref_corrupted_chosen_logps", "ref_corrupted_rejected_logps")
             if corrupted
             else ("ref_chosen_logps", "ref_rejected_logps")
         )
-        reference.attach(self.records, cached, directory, fields)
+        reference.attach(records, cached, directory, fields)
 
     def _corruption(self) -> Corruption:
         transform = getattr(self.model, "image_transform", None)  # diffusion in 'pixels' space un-normalises
@@ -614,36 +618,9 @@ class Trainer:
         <reference_cache>-eval with a fingerprint of their own: a sibling, as the corrupted cache is, because a
         recomputed cache replaces its whole directory; the training cache stays the one a run without
         data.eval_path makes."""
-        records = self.eval_dataset.records
         base = self.reference_cache_dir.with_name(f"{self.reference_cache_dir.name}-eval")
-        fp = reference.fingerprint(self.model, records, self.cfg)
-        views = [(base, fp, None, ("ref_chosen_logps", "ref_rejected_logps"))]
-        if self.loss_fn.needs_corrupted_reference:
-            views.append(
-                (
-                    reference.corrupted_cache_dir(base, self.cfg.loss),
-                    {**fp, **reference.corruption_fingerprint(self.cfg.loss), **self._corruption_fingerprint()},
-                    self._corrupt,
-                    ("ref_corrupted_chosen_logps", "ref_corrupted_rejected_logps"),
-                )
-            )
-        for directory, expected, transform, fields in views:
-            if not (directory / reference.FINGERPRINT_FILE).is_file():
-                reference.check_replaceable(directory, expected)
-                local = reference.compute_answer_logps(
-                    self.model,
-                    self.eval_dataset,
-                    self.collate,
-                    self.cfg.train.micro_batch_size,
-                    reference.shard(len(self.eval_dataset)),
-                    transform=transform,
-                )
-                merged = reference.gather(local)
-                if self.is_main:
-                    reference.write_cache(directory, expected, merged)
-                    logger.info("wrote reference log-probs of %d eval pairs to %s", len(merged), directory)
-                dist.barrier()
-            reference.attach(records, reference.read_cache(directory, expected), directory, fields)
+        for corrupted in self._reference_views():
+            self._attach_reference_cache(base, self.eval_dataset.records, self.eval_dataset, corrupted)
 
     def _eval_due(self) -> bool:
         """Evaluate after this step: every train.eval_steps steps and after the last one, when there is an eval set."""
