@@ -7,9 +7,10 @@
     python experiments/lab_v3.py tune-methods --seeds 0 1 2 3
     python experiments/lab_v3.py choose --seeds 0 1 2 3        # -> experiments/results/lab_v3/tuning.json
     # 2. test seeds (after PREREGISTRATION.md is committed): every stage, the primary and β-control arms,
-    #    then the pairs-vs-steps arms (a second pass reuses the finished runs)
+    #    then the pairs-vs-steps arms and the methods family (a later pass reuses the finished runs)
     python experiments/lab_v3.py test --seeds 100 101 102 103
     python experiments/lab_v3.py test --with-pairs --seeds 100 101 102 103
+    python experiments/lab_v3.py test --with-pairs --with-methods --seeds 100 101 102 103   # + the recipes
     # 3. the pre-registered analysis of the first 8 seeds that passed the gate -> results.json, RESULTS.md
     python experiments/lab_v3.py analyse --seeds 100 101 102 103 104 105 106 107 108 109 110 111
 
@@ -479,6 +480,14 @@ def points(d: dict) -> str:
     return format_interval(100 * d["mean"], 100 * d["low"], 100 * d["high"], 1)
 
 
+def tested_row(name: str, h: dict) -> str:
+    """A secondary test's table row: difference, p, Holm p, outcome and the distribution-free companions."""
+    return (
+        f"| {name} | {points(h)} | {h['p']:.4f} | {h['p_holm']:.4f} | {h['outcome']} | {h['sign_p']:.4f} | "
+        f"{h['permutation_p']:.4f} |"
+    )
+
+
 def report(out: dict) -> str:
     """The tables of results.json: per-arm means, the paired differences with intervals, the family."""
     n = len(out["seeds"])
@@ -546,12 +555,7 @@ def report(out: dict) -> str:
             "",
             *table_head("comparison", "difference (points)", "p", "p (Holm)", "outcome", "sign p", "permutation p"),
         ]
-        for name, h in out["secondary_beta_control"].items():
-            cell = points(h)
-            lines.append(
-                f"| {name} | {cell} | {h['p']:.4f} | {h['p_holm']:.4f} | {h['outcome']} | {h['sign_p']:.4f} | "
-                f"{h['permutation_p']:.4f} |"
-            )
+        lines += [tested_row(name, h) for name, h in out["secondary_beta_control"].items()]
         lines.append("")
     if "secondary_methods" in out:
         lines += methods_report(out["secondary_methods"])
@@ -567,11 +571,7 @@ def methods_report(methods: dict) -> list[str]:
         "",
         *table_head("comparison", "difference (points)", "p", "p (Holm)", "outcome", "sign p", "permutation p"),
     ]
-    for name, h in family.items():
-        lines.append(
-            f"| {name} | {points(h)} | {h['p']:.4f} | {h['p_holm']:.4f} | {h['outcome']} | {h['sign_p']:.4f} | "
-            f"{h['permutation_p']:.4f} |"
-        )
+    lines += [tested_row(name, h) for name, h in family.items()]
     lines += [f"| {r}: not tested ({why}) | | | | | | |" for r, why in methods["not_tested"].items()]
     lines += [
         "",
