@@ -186,6 +186,20 @@ def seed_means(per_seed: list[dict], name: str) -> dict | None:
     return {k: statistics.fmean(v[name][k] for v in per_seed) for k in REPORTED}
 
 
+def validation_grid(args, names: list[str]) -> tuple[list[int], dict, float] | None:
+    """(tuning seeds that trained every run of `names`, each run's seed-mean validation metrics, the recall bar:
+    the SFT model's seed-mean recall - RECALL_SLACK); None when no seed has them."""
+    try:
+        seeds, per_seed = validation_runs(args, names)
+    except SystemExit:
+        return None
+    return (
+        seeds,
+        {name: seed_means(per_seed, name) for name in names},
+        seed_means(per_seed, "sft")["object_recall"] - RECALL_SLACK,
+    )
+
+
 def choose(args) -> int:
     """The pre-registered validation rule. Primary arms: the one lr with the lowest sum of DPO's and DDPO's
     seed-mean "all" rate among those where both keep seed-mean recall >= the SFT model's - RECALL_SLACK
@@ -214,31 +228,19 @@ def choose(args) -> int:
         "rule": f"lowest seed-mean {SELECTION} (primary: DPO + DDPO) with recall >= SFT's - {RECALL_SLACK}",
         "primary": {"seeds": seeds, "sft": sft, "grid": rows, "lr": lr, "paired_difference_sd": sd},
     }
-    beta_names = list(beta_grid_arms())
-    try:
-        beta_seeds, beta_per_seed = validation_runs(args, beta_names)
-    except SystemExit:
-        beta_seeds = []
-    if beta_seeds:
-        bar = seed_means(beta_per_seed, "sft")["object_recall"] - RECALL_SLACK
-        grid = {name: seed_means(beta_per_seed, name) for name in beta_names}
+    if beta := validation_grid(args, list(beta_grid_arms())):
+        beta_seeds, grid, bar = beta
         chosen = {}
         for arm in TUNED_ARMS:
-            points = {(lr, beta): grid[beta_run_name(arm, beta, lr)] for lr in BETA_LR_GRID for beta in BETA_GRID}
-            fine = [p for p, m in points.items() if m and m["object_recall"] >= bar]
+            candidates = {(lr, b): grid[beta_run_name(arm, b, lr)] for lr in BETA_LR_GRID for b in BETA_GRID}
+            fine = [p for p, m in candidates.items() if m and m["object_recall"] >= bar]
             if not fine:
                 raise SystemExit(f"no (β, lr) keeps {arm}'s recall within {RECALL_SLACK} of SFT's: widen the grid")
-            best = min(fine, key=lambda p: (points[p][SELECTION], p))
+            best = min(fine, key=lambda p: (candidates[p][SELECTION], p))
             chosen[arm] = {"lr": best[0], "beta": best[1]}
         choice["beta_control"] = {"seeds": beta_seeds, "grid": grid, "chosen": chosen}
-    method_names = list(method_arms())
-    try:
-        method_seeds, method_per_seed = validation_runs(args, method_names)
-    except SystemExit:
-        method_seeds = []
-    if method_seeds:
-        bar = seed_means(method_per_seed, "sft")["object_recall"] - RECALL_SLACK
-        grid = {name: seed_means(method_per_seed, name) for name in method_names}
+    if methods := validation_grid(args, list(method_arms())):
+        method_seeds, grid, bar = methods
         chosen, no_point = {}, {}
         for recipe in (*METHOD_RECIPES, RECIPE_BASELINE):
             fine = [lr for lr in LR_GRID if (m := grid[recipe_run_name(recipe, lr)]) and m["object_recall"] >= bar]
