@@ -130,14 +130,13 @@ class Trainer:
         self.reference_cache_dir = Path(cfg.train.reference_cache or self.output_dir / "reference_cache")
         self.loss_fn = DDPOLoss(cfg.loss)
         if for_reference_cache:
-            for corrupted in self._reference_views():
-                self._compute_reference_cache(self.reference_cache_dir, self.records, self.dataset, corrupted)
+            for directory, fp, transform, _ in self._reference_caches(self.reference_cache_dir, self.records):
+                self._compute_reference_cache(directory, fp, transform, self.dataset)
             return self
         self._check_data_for_loss()
         self.ref_model = None
         if cfg.train.reference == "cached" and not cfg.loss.reference_free:
-            for corrupted in self._reference_views():
-                self._attach_reference_cache(self.reference_cache_dir, self.records, self.dataset, corrupted)
+            self._attach_reference_caches(self.reference_cache_dir, self.records, self.dataset)
         elif cfg.train.reference == "live" and not cfg.loss.reference_free:  # reference-free: no reference at all
             self.ref_model = self._frozen_reference()
         self._setup_steps()
@@ -213,24 +212,24 @@ class Trainer:
             )
 
     # -- reference ------------------------------------------------------------------------------
-    def _reference_views(self) -> tuple[bool, ...]:
-        """The cached views of each pair: plain, and corrupted-image too for mDPO's conditional term."""
-        return (False, True) if self.loss_fn.needs_corrupted_reference else (False,)
-
-    def _reference_cache(self, base: Path, records, corrupted: bool) -> tuple[Path, dict, Callable | None]:
-        """(directory, fingerprint, batch transform) of `records`' plain cache at `base` or of its corrupted-image
-        sibling."""
+    def _reference_caches(self, base: Path, records) -> list[tuple[Path, dict, Callable | None, tuple[str, str]]]:
+        """(directory, fingerprint, batch transform, record fields) of each cached view of `records`: the plain
+        one at `base`, and for mDPO's conditional term its corrupted-image sibling. The fingerprint hashes every
+        weight, so it is computed once here."""
         fp = reference.fingerprint(self.model, records, self.cfg)
-        if not corrupted:
-            return base, fp, None
-        return (
-            reference.corrupted_cache_dir(base, self.cfg.loss),
-            {**fp, **reference.corruption_fingerprint(self.cfg.loss), **self._corruption_fingerprint()},
-            self._corrupt,
-        )
+        views = [(base, fp, None, ("ref_chosen_logps", "ref_rejected_logps"))]
+        if self.loss_fn.needs_corrupted_reference:
+            views.append(
+                (
+                    reference.corrupted_cache_dir(base, self.cfg.loss),
+                    {**fp, **reference.corruption_fingerprint(self.cfg.loss), **self._corruption_fingerprint()},
+                    self._corrupt,
+                    ("ref_corrupted_chosen_logps", "ref_corrupted_rejected_logps"),
+                )
+            )
+        return views
 
-    def _compute_reference_cache(self, base: Path, records, dataset: PairDataset, corrupted: bool) -> None:
-        directory, fp, transform = self._reference_cache(base, records, corrupted)
+    def _compute_reference_cache(self, directory: Path, fp: dict, transform, dataset: PairDataset) -> None:
         reference.check_replaceable(directory, fp)  # before the forward passes: another cache is never replaced
         local = reference.compute_answer_logps(
             self.model,
@@ -247,19 +246,13 @@ class Trainer:
             logger.info("wrote reference log-probs of %d pairs to %s", len(merged), directory)
         dist.barrier()
 
-    def _attach_reference_cache(self, base: Path, records, dataset: PairDataset, corrupted: bool) -> None:
-        """`records`' cached reference log-probs, computed from the initial policy where the cache is missing."""
-        directory, expected, _ = self._reference_cache(base, records, corrupted)
-        if not (directory / reference.FINGERPRINT_FILE).is_file():
-            logger.info("no reference cache at %s: computing it from the initial policy", directory)
-            self._compute_reference_cache(base, records, dataset, corrupted)
-        cached = reference.read_cache(directory, expected)
-        fields = (
-            ("ref_corrupted_chosen_logps", "ref_corrupted_rejected_logps")
-            if corrupted
-            else ("ref_chosen_logps", "ref_rejected_logps")
-        )
-        reference.attach(records, cached, directory, fields)
+    def _attach_reference_caches(self, base: Path, records, dataset: PairDataset) -> None:
+        """`records`' cached reference log-probs, computed from the initial policy where a cache is missing."""
+        for directory, fp, transform, fields in self._reference_caches(base, records):
+            if not (directory / reference.FINGERPRINT_FILE).is_file():
+                logger.info("no reference cache at %s: computing it from the initial policy", directory)
+                self._compute_reference_cache(directory, fp, transform, dataset)
+            reference.attach(records, reference.read_cache(directory, fp), directory, fields)
 
     def _corruption(self) -> Corruption:
         transform = getattr(self.model, "image_transform", None)  # diffusion in 'pixels' space un-normalises
@@ -619,8 +612,7 @@ class Trainer:
         recomputed cache replaces its whole directory; the training cache stays the one a run without
         data.eval_path makes."""
         base = self.reference_cache_dir.with_name(f"{self.reference_cache_dir.name}-eval")
-        for corrupted in self._reference_views():
-            self._attach_reference_cache(base, self.eval_dataset.records, self.eval_dataset, corrupted)
+        self._attach_reference_caches(base, self.eval_dataset.records, self.eval_dataset)
 
     def _eval_due(self) -> bool:
         """Evaluate after this step: every train.eval_steps steps and after the last one, when there is an eval set."""

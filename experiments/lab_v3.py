@@ -344,17 +344,16 @@ def corrected(family: dict) -> dict:
     return family
 
 
-def paired(results: dict, a: str, b: str, keys: list[str]) -> dict:
-    """a - b per endpoint on the seeds where both arms have a score (an arm with unparsed answers has none)."""
-    seeds = [s for s, r in results.items() if a in r["methods"] and b in r["methods"]]
-    out = {"seeds": seeds}
+def paired(results: dict, a: str, b: str, keys: list[str], table: str = "methods") -> tuple[list[int], dict]:
+    """a - b per endpoint of `table` (greedy "methods" or "sampled") on the seeds where both arms have a score (an
+    arm with unparsed answers has none): (those seeds, {endpoint: mean, interval, per-seed values, p})"""
+    seeds = [s for s, r in results.items() if a in r[table] and b in r[table]]
+    out = {}
     for k in keys:
-        d = paired_differences(
-            [results[s]["methods"][a][k] for s in seeds], [results[s]["methods"][b][k] for s in seeds]
-        )
+        d = paired_differences([results[s][table][a][k] for s in seeds], [results[s][table][b][k] for s in seeds])
         mean, low, high, p = paired_test(d) if d else (float("nan"),) * 4
         out[k] = {"mean": mean, "low": low, "high": high, "per_seed": d, "p_two_sided": p}
-    return out
+    return seeds, out
 
 
 def methods_family(results: dict, tuning: dict) -> dict:
@@ -365,19 +364,20 @@ def methods_family(results: dict, tuning: dict) -> dict:
     for recipe in METHOD_RECIPES:
         if recipe in not_tested:
             continue
-        against = paired(results, recipe, "dpo_mean", REPORTED)
-        if len(against["seeds"]) < len(results) - 1:
-            not_tested[recipe] = f"scored on {len(against['seeds'])} of {len(results)} seeds"
+        seeds, against = paired(results, recipe, "dpo_mean", REPORTED)
+        if len(seeds) < len(results) - 1:
+            not_tested[recipe] = f"scored on {len(seeds)} of {len(results)} seeds"
             continue
         for endpoint in METHOD_ENDPOINTS:
             d = against[endpoint]
             family[f"{recipe} - dpo_mean: {endpoint}"] = {
                 **{k: d[k] for k in ("mean", "low", "high", "per_seed")},
-                "seeds": against["seeds"],
+                "seeds": seeds,
                 **hypothesis(d["per_seed"], "two_sided"),
             }
-        described[f"{recipe} - dpo_mean"] = against
-        described[f"{recipe} - {RECIPE_BASELINE}"] = paired(results, recipe, RECIPE_BASELINE, REPORTED)
+        described[f"{recipe} - dpo_mean"] = {"seeds": seeds, **against}
+        seeds, own = paired(results, recipe, RECIPE_BASELINE, REPORTED)
+        described[f"{recipe} - {RECIPE_BASELINE}"] = {"seeds": seeds, **own}
     return {"family": corrected(family), "not_tested": not_tested, "described": described, "lr": tuning["chosen"]}
 
 
@@ -400,13 +400,8 @@ def analyse(args) -> int:
     values = {a: {k: [results[s]["methods"][a][k] for s in seeds] for k in REPORTED} for a in arms}
     sampled = {a: {k: [results[s]["sampled"][a][k] for s in seeds] for k in ENDPOINTS} for a in arms}
 
-    def difference(a: str, b: str, table=values) -> dict:
-        out = {}
-        for k in table[a]:
-            d = paired_differences(table[a][k], table[b][k])
-            mean, low, high, p = paired_test(d)
-            out[k] = {"mean": mean, "low": low, "high": high, "per_seed": d, "p_two_sided": p}
-        return out
+    def difference(a: str, b: str, table: str = "methods") -> dict:  # arms scored on every seed
+        return paired(results, a, b, REPORTED if table == "methods" else ENDPOINTS, table)[1]
 
     diffs = difference("ddpo_mean", "dpo_mean")
     family = corrected({name: hypothesis(diffs[endpoint]["per_seed"], kind) for name, endpoint, kind in PRIMARY_FAMILY})
@@ -459,7 +454,7 @@ def analyse(args) -> int:
             "ddpo_mean - dpo_mean": diffs,
             "dpo_mean - sft": difference("dpo_mean", "sft"),
             "ddpo_mean - sft": difference("ddpo_mean", "sft"),
-            "ddpo_mean - dpo_mean (sampled T 0.7)": difference("ddpo_mean", "dpo_mean", sampled),
+            "ddpo_mean - dpo_mean (sampled T 0.7)": difference("ddpo_mean", "dpo_mean", "sampled"),
         },
         "primary_family": family,
         "secondary_numbers_attributes": secondary,
