@@ -492,15 +492,19 @@ def report(out: dict) -> str:
         f"# Lab v3 results: {n} test seeds {out['seeds']}, lr {out['lr']:g} (greedy, 600 test images per seed)",
         "",
         f"Excluded at the gate: {out['excluded_seeds'] or 'none'}. Rates are % of responses with at least one "
-        "hallucination of the kind (RLHF-V Table 3); mean ± SD over seeds.",
+        "hallucination of the kind (RLHF-V Table 3); mean ± SD over seeds. Drift: mean per-token log-ratio to the "
+        "SFT model on its own validation answers (seed mean).",
         "",
-        *table_head("arm", "object", "position", "number", "attribute", "all", "mention rate (%)", "recall", "words"),
+        *table_head(
+            "arm", "object", "position", "number", "attribute", "all", "mention rate (%)", "recall", "words", "drift"
+        ),
     ]
     for arm, table in out["greedy"].items():
         cells = [statistics.fmean(table[k]) for k in REPORTED]
         sds = [statistics.stdev(table[k]) if n > 1 else 0.0 for k in REPORTED]
         row = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(cells[:6], sds[:6])]
-        lines.append(f"| {arm} | " + " | ".join([*row, f"{cells[6]:.3f}", f"{cells[7]:.1f}"]) + " |")
+        drift = f"{statistics.fmean(out['drift'][arm]):+.4f}"
+        lines.append(f"| {arm} | " + " | ".join([*row, f"{cells[6]:.3f}", f"{cells[7]:.1f}", drift]) + " |")
     lines += [
         "",
         "Paired differences (percentage points; mean [95% t-interval])",
